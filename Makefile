@@ -1,0 +1,41 @@
+# One command each: `make test`, `make lint`, `make demo`, `make bench`.
+# Works on a fresh Debian machine as root: installs what it needs, then runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: test lint demo bench debs venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,lint]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian's dovecot-imapd for the integration tests, the demo and the benchmarks (the system
+# service is not used: the fixtures start their own Dovecot with a config in a temp dir).
+debs:
+	@command -v dovecot >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-imapd; \
+	  else echo "dovecot is missing: run 'apt-get install dovecot-imapd' as root" >&2; exit 1; fi; }
+
+test: venv debs
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+demo: venv debs
+	$(BIN)/python examples/demo.py
+
+bench: venv debs
+	$(BIN)/python bench/imap_latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""``python -m mailroom``."""
+
+import sys
+
+from mailroom.cli import main
+
+sys.exit(main())

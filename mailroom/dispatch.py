@@ -1,0 +1,436 @@
+"""The dispatcher: parse, route, POST to the webhook, settle. Knows nothing of IMAP.
+
+Each submitted ``Envelope`` gets its own task (owned here, named ``deliver:<mailbox>:<ref>``).
+At most ``webhook.concurrency`` requests are in flight per webhook; a message waiting out a
+retry delay holds no slot. The outcome is settled with ``asyncio.shield`` so a shutdown cannot
+lose an acknowledgement once the webhook has answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import hashlib
+import hmac
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from mailroom import message, routing
+from mailroom.backoff import backoff_delay
+from mailroom.config import Config, ImapMailboxConfig, JwtConfig, WebhookConfig
+from mailroom.envelope import Envelope, Outcome
+from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
+
+__all__ = ["Dispatcher", "build_payload", "sign"]
+
+log = logging.getLogger("mailroom.dispatch")
+
+USER_AGENT = "mailroom/0.1 (+https://github.com/mailroom)"
+MAX_ANSWER_BYTES = 64 * 1024
+# 408/425/429 and 5xx are worth retrying (RFC 9110 §15); 401/403/404 mean a misconfiguration that
+# a fix will cure, so the message waits for it instead of being dead-lettered.
+TRANSIENT = frozenset({408, 425, 429})
+MISCONFIGURED = frozenset({401, 403, 404})
+
+
+@dataclass(frozen=True, slots=True)
+class _Rejected:
+    reason: str
+
+
+def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks ``webhook-signature``: ``v1,<base64 HMAC-SHA256(id.timestamp.body)>``."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_token(config: JwtConfig, now: int) -> str:
+    """HS256 JWT with ``iss`` and ``iat`` claims, as GitLab's MailRoom sends (RFC 7519)."""
+    header = _b64url(json.dumps({"typ": "JWT", "alg": "HS256"}, separators=(",", ":")).encode())
+    claims = {"iss": config.issuer, "iat": now}
+    payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = f"{header}.{payload}".encode()
+    digest = hmac.new(config.secret.reveal().encode(), signing_input, hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64url(digest)}"
+
+
+def _address(address: message.Address | None) -> dict[str, str] | None:
+    return None if address is None else {"name": address.name, "address": address.address}
+
+
+def build_payload(
+    envelope: Envelope, parsed: message.ParsedMessage, decision: routing.Deliver
+) -> dict[str, Any]:
+    """The JSON body of the webhook contract (ARCHITECTURE.md)."""
+    return {
+        "id": envelope.idempotency_key,
+        "mailbox": envelope.mailbox,
+        "key": decision.key,
+        "matched_header": decision.matched_header,
+        "message_id": parsed.message_id,
+        "in_reply_to": parsed.in_reply_to,
+        "references": list(parsed.references),
+        "from": _address(parsed.from_),
+        "reply_to": [_address(a) for a in parsed.reply_to],
+        "to": [_address(a) for a in parsed.to],
+        "cc": [_address(a) for a in parsed.cc],
+        "subject": parsed.subject,
+        "date": parsed.date,
+        "text": parsed.text,
+        "html": parsed.html,
+        "attachments": [
+            {"filename": a.filename, "content_type": a.content_type, "size": a.size}
+            for a in parsed.attachments
+        ],
+        "authentication_results": list(parsed.authentication_results),
+        "size": envelope.size,
+        "raw": base64.b64encode(envelope.raw).decode("ascii"),
+    }
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _ssl_context(config: WebhookConfig) -> ssl.SSLContext | bool:
+    if not config.url.startswith("https:"):
+        return True
+    context = ssl.create_default_context()
+    if config.ca_file:
+        context.load_verify_locations(cafile=config.ca_file)
+    if not config.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class _Webhook:
+    """One configured webhook: its slots, its TLS settings, its request builder."""
+
+    def __init__(self, config: WebhookConfig) -> None:
+        self.config = config
+        self.slots = asyncio.Semaphore(config.concurrency)
+        self.ssl = _ssl_context(config)
+        self.auth = (
+            aiohttp.BasicAuth(config.basic.user, config.basic.password.reveal())
+            if config.basic
+            else None
+        )
+
+    def headers(self, envelope: Envelope, key: str | None, body: bytes) -> dict[str, str]:
+        config = self.config
+        now = int(time.time())
+        headers = {
+            "Content-Type": "application/json" if config.format == "json" else "message/rfc822",
+            "User-Agent": USER_AGENT,
+            "webhook-id": envelope.idempotency_key,
+            "webhook-timestamp": str(now),
+            "X-Mailroom-Mailbox": envelope.mailbox,
+        }
+        if key is not None:
+            headers["X-Mailroom-Key"] = quote(key, safe="!#$&'*+-.^_`|~=@")
+        if config.signing_secret is not None:
+            headers["webhook-signature"] = sign(
+                config.signing_secret.reveal(), envelope.idempotency_key, now, body
+            )
+        if config.jwt is not None:
+            headers[config.jwt.header] = jwt_token(config.jwt, now)
+        if config.token is not None:
+            headers["Authorization"] = f"Bearer {config.token.reveal()}"
+        return headers
+
+
+class Dispatcher:
+    """Takes envelopes from the sources and brings each one to a settled outcome."""
+
+    def __init__(self, config: Config) -> None:
+        self._mailboxes: dict[str, ImapMailboxConfig] = {m.id: m for m in config.mailboxes}
+        self._webhooks: dict[WebhookConfig, _Webhook] = {}
+        for mailbox in config.mailboxes:
+            if mailbox.webhook not in self._webhooks:
+                self._webhooks[mailbox.webhook] = _Webhook(mailbox.webhook)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self.accepting = True
+        self.in_flight = 0
+
+    async def __aenter__(self) -> Dispatcher:
+        # One session for every webhook; per-request timeouts come from each webhook's config.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            trust_env=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.drain(0)
+        if self._session is not None:
+            await self._session.close()
+
+    def submit(self, envelope: Envelope) -> None:
+        """Start bringing ``envelope`` to an outcome. Called by the sources; never blocks."""
+        if not self.accepting:
+            raise RuntimeError("dispatcher is draining; sources must stop submitting first")
+        task = asyncio.get_running_loop().create_task(
+            self._handle(envelope), name=f"deliver:{envelope.mailbox}:{envelope.ref}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop accepting; give in-flight work ``timeout_s`` to finish; cancel the rest.
+
+        Returns how many messages were abandoned (left unsettled: delivered again after a
+        restart, with the same webhook-id).
+        """
+        self.accepting = False
+        if not self._tasks:
+            return 0
+        if timeout_s > 0:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        remaining = set(self._tasks)
+        for task in remaining:
+            task.cancel()
+        if remaining:
+            await asyncio.gather(*remaining, return_exceptions=True)
+            log.warning(
+                "shutdown: %d deliveries did not finish within %.1fs and were abandoned; "
+                "their messages stay unread and are delivered again after a restart",
+                len(remaining),
+                timeout_s,
+            )
+        return len(remaining)
+
+    async def _handle(self, envelope: Envelope) -> None:
+        mailbox = self._mailboxes[envelope.mailbox]
+        fields: dict[str, Any] = {
+            "mailbox": envelope.mailbox,
+            "uid": envelope.ref,
+            "webhook_id": envelope.idempotency_key,
+        }
+        try:
+            outcome = await self._decide(envelope, mailbox, fields)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug must not lose the message: leave it unsettled, say so loudly.
+            log.exception(
+                "%s: %s: internal error; the message is left unsettled",
+                envelope.mailbox,
+                envelope.ref,
+                extra=fields,
+            )
+            return
+        fields["outcome"] = outcome.value
+        # Shield the settlement, not the work (arq worker.py): once the outcome is known, a
+        # cancellation must not lose the acknowledgement.
+        await asyncio.shield(envelope.settle(outcome))
+        log.info("%s: %s: %s", envelope.mailbox, envelope.ref, outcome.value, extra=fields)
+
+    async def _decide(
+        self, envelope: Envelope, mailbox: ImapMailboxConfig, fields: dict[str, Any]
+    ) -> Outcome:
+        parsed = message.parse(envelope.raw)
+        fields["message_id"] = parsed.message_id
+        if envelope.too_large:
+            log.warning(
+                "%s: %s: %d bytes is over max_message_bytes (%d); dead-lettering",
+                envelope.mailbox,
+                envelope.ref,
+                envelope.size,
+                mailbox.max_message_bytes,
+                extra=fields,
+            )
+            return Outcome.DEAD_LETTERED
+        decision = routing.decide(parsed, mailbox.address)
+        if isinstance(decision, routing.Ignore):
+            log.info(
+                "%s: %s: auto-generated (%s); ignored",
+                envelope.mailbox,
+                envelope.ref,
+                decision.rule,
+                extra=fields,
+            )
+            return Outcome.IGNORED
+        if isinstance(decision, routing.Reject):
+            log.info(
+                "%s: %s: rejected: %s",
+                envelope.mailbox,
+                envelope.ref,
+                decision.reason,
+                extra=fields,
+            )
+            return Outcome.REJECTED
+        result = await self._deliver(envelope, parsed, decision, mailbox.webhook, fields)
+        if isinstance(result, _Rejected):
+            log.info(
+                "%s: %s: the application rejected it: %s",
+                envelope.mailbox,
+                envelope.ref,
+                result.reason,
+                extra=fields,
+            )
+            return Outcome.DELIVERED
+        return result
+
+    async def _deliver(
+        self,
+        envelope: Envelope,
+        parsed: message.ParsedMessage,
+        decision: routing.Deliver,
+        config: WebhookConfig,
+        fields: dict[str, Any],
+    ) -> Outcome | _Rejected:
+        webhook = self._webhooks[config]
+        if config.format == "json":
+            body = json.dumps(build_payload(envelope, parsed, decision)).encode()
+        else:
+            body = envelope.raw
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            fields["attempt"] = attempt
+            try:
+                async with webhook.slots:
+                    return await self._post(webhook, envelope, decision.key, body, fields)
+            except PermanentDeliveryError as exc:
+                log.error(
+                    "%s: %s: webhook refused it for good: %s; dead-lettering",
+                    envelope.mailbox,
+                    envelope.ref,
+                    exc,
+                    extra=fields,
+                )
+                return Outcome.DEAD_LETTERED
+            except TransientDeliveryError as exc:
+                retry = config.retry
+                delay = backoff_delay(attempt, initial_s=retry.initial_s, max_s=retry.max_s)
+                if exc.retry_after_s is not None:
+                    delay = min(max(exc.retry_after_s, 0.0), retry.max_s)
+                waited = time.monotonic() - started
+                if retry.give_up_after_s is not None and waited + delay > retry.give_up_after_s:
+                    log.error(
+                        "%s: %s: webhook failed for %.0fs (%d attempts, last: %s); giving up "
+                        "(retry.give_up_after) and dead-lettering",
+                        envelope.mailbox,
+                        envelope.ref,
+                        waited,
+                        attempt,
+                        exc,
+                        extra=fields,
+                    )
+                    return Outcome.DEAD_LETTERED
+                log.log(
+                    logging.ERROR if exc.misconfigured else logging.WARNING,
+                    "%s: %s: webhook attempt %d failed: %s; retrying in %.1fs",
+                    envelope.mailbox,
+                    envelope.ref,
+                    attempt,
+                    exc,
+                    delay,
+                    extra={**fields, "delay_s": round(delay, 3)},
+                )
+                await asyncio.sleep(delay)
+
+    async def _post(
+        self,
+        webhook: _Webhook,
+        envelope: Envelope,
+        key: str | None,
+        body: bytes,
+        fields: dict[str, Any],
+    ) -> Outcome | _Rejected:
+        assert self._session is not None
+        config = webhook.config
+        self.in_flight += 1
+        try:
+            async with self._session.post(
+                config.url,
+                data=body,
+                headers=webhook.headers(envelope, key, body),
+                auth=webhook.auth,
+                timeout=aiohttp.ClientTimeout(total=config.timeout_s),
+                allow_redirects=False,
+                ssl=webhook.ssl,
+            ) as response:
+                answer = await _read_bounded(response, MAX_ANSWER_BYTES)
+                status = response.status
+                retry_after = _retry_after(response.headers.get("Retry-After"))
+        except TimeoutError as exc:
+            raise TransientDeliveryError(f"no answer within {config.timeout_s:g}s") from exc
+        except aiohttp.ClientError as exc:
+            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self.in_flight -= 1
+        fields["status"] = status
+        return _classify(status, answer, retry_after)
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read at most ``limit`` bytes of an answer: we only need a 422's reason."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await response.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _classify(status: int, answer: bytes, retry_after: float | None) -> Outcome | _Rejected:
+    if 200 <= status < 300:
+        return Outcome.DELIVERED
+    if status == 422:
+        reason = _reject_reason(answer)
+        if reason is not None:
+            return _Rejected(reason)
+    if status in TRANSIENT or 500 <= status < 600:
+        raise TransientDeliveryError(f"HTTP {status}", retry_after_s=retry_after)
+    if status in MISCONFIGURED:
+        raise TransientDeliveryError(
+            f"HTTP {status}: check webhook.url and its credentials (retrying until fixed)",
+            retry_after_s=retry_after,
+            misconfigured=True,
+        )
+    if 300 <= status < 400:
+        raise TransientDeliveryError(
+            f"HTTP {status}: redirects are not followed; set webhook.url to the final URL",
+            misconfigured=True,
+        )
+    raise PermanentDeliveryError(f"HTTP {status}")
+
+
+def _reject_reason(answer: bytes) -> str | None:
+    try:
+        document = json.loads(answer)
+    except ValueError:
+        return None
+    if isinstance(document, dict) and isinstance(document.get("reject"), str):
+        return str(document["reject"])
+    return None

@@ -1,0 +1,71 @@
+"""mailroom's exception tree.
+
+::
+
+    MailroomError
+    ├── ConfigError(MailroomError, ValueError)        bad config: dotted path + what to do; exit 2
+    ├── SourceError(MailroomError)                    a mailbox cannot be read right now
+    │   ├── ImapError                                 the IMAP server said NO/BAD or broke protocol
+    │   │   ├── ImapAuthError                         login refused: retried, but says so loudly
+    │   │   └── ImapConnectionLost(ImapError, ConnectionError)
+    │   └── UidValidityChanged                        the mailbox was recreated under us
+    └── DeliveryError(MailroomError)                  the webhook did not take the message
+        ├── TransientDeliveryError                    retry later (5xx, 429, timeouts, ...)
+        └── PermanentDeliveryError                    dead-letter (other 4xx)
+
+Errors never carry secrets: messages name the setting, never its value.
+"""
+
+from __future__ import annotations
+
+
+class MailroomError(Exception):
+    """Base class of every error mailroom raises on purpose."""
+
+
+class ConfigError(MailroomError, ValueError):
+    """The configuration is invalid. ``str()`` is ``<dotted.path>: <what is wrong; what to do>``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class SourceError(MailroomError):
+    """A mailbox could not be read; the watcher reconnects with backoff."""
+
+
+class ImapError(SourceError):
+    """The IMAP server refused a command or answered something we cannot use."""
+
+
+class ImapAuthError(ImapError):
+    """The IMAP server refused the credentials."""
+
+
+class ImapConnectionLost(ImapError, ConnectionError):
+    """The IMAP connection dropped or stopped answering."""
+
+
+class UidValidityChanged(SourceError):
+    """UIDVALIDITY changed: UIDs handed out before no longer name the same messages."""
+
+
+class DeliveryError(MailroomError):
+    """The webhook did not accept a message."""
+
+
+class TransientDeliveryError(DeliveryError):
+    """Worth retrying: 408, 425, 429, 5xx, 401/403/404, timeouts, connection errors."""
+
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, misconfigured: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.misconfigured = misconfigured  # 401/403/404/3xx: logged as errors
+
+
+class PermanentDeliveryError(DeliveryError):
+    """The webhook refused the message for good (any other 4xx): dead-letter it."""

@@ -1,0 +1,366 @@
+"""``ImapWatcher``: sweep → IDLE → sweep, one task per IMAP mailbox.
+
+The loop, on one connection:
+
+1. Apply queued settlements (one UID STORE/MOVE per kind, batched).
+2. When the server said EXISTS (or after a (re)connect or an IDLE timeout): ``UID SEARCH``, then
+   ``UID FETCH (RFC822.SIZE)`` for the new UIDs. The result is the backlog.
+3. Fetch the backlog with ``BODY.PEEK[]`` in batches bounded in count and bytes, and only while
+   fewer than ``MAX_IN_FLIGHT`` messages (``MAX_IN_FLIGHT_BYTES``) await their outcome: a
+   10,000-message backlog is never held in memory at once.
+4. Nothing to do: IDLE until EXISTS, a settlement, stop, or ``idle_timeout``.
+
+Every EXISTS seen on the connection, during any command, sets ``new_mail``; the loop searches
+again before it idles, so a message that lands between a SEARCH and the IDLE never waits.
+A lost connection raises out of the loop; ``run`` reconnects with capped, jittered backoff and
+sweeps again. Settlements queued meanwhile are kept and applied after the reconnect when
+UIDVALIDITY is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mailroom.backoff import backoff_delay
+from mailroom.config import ImapMailboxConfig
+from mailroom.envelope import Envelope, Outcome
+from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError, SourceError
+from mailroom.sources.imap_session import FetchedMessage, ImapSession
+
+__all__ = ["ImapWatcher", "idempotency_key"]
+
+log = logging.getLogger("mailroom.imap")
+
+MAX_IN_FLIGHT = 256  # messages handed to the dispatcher and not yet settled on the server
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+FETCH_BATCH = 128  # messages per UID FETCH BODY.PEEK[]
+FETCH_BATCH_BYTES = 8 * 1024 * 1024
+SIZE_BATCH = 2048  # UIDs per UID FETCH (RFC822.SIZE)
+RECONNECT_INITIAL_S = 1.0
+RECONNECT_MAX_S = 60.0
+FAILED_KEYWORD = "$MailroomFailed"
+
+
+def idempotency_key(mailbox_id: str, uidvalidity: int, uid: int) -> str:
+    """The ``webhook-id``: stable for one message across restarts and replicas."""
+    digest = hashlib.sha256(f"{mailbox_id}\0{uidvalidity}\0{uid}".encode()).hexdigest()
+    return f"msg_{digest[:32]}"
+
+
+@dataclass(slots=True)
+class _Settlement:
+    uid: int
+    uidvalidity: int
+    outcome: Outcome
+    done: asyncio.Future[None] = field(repr=False)
+
+
+class ImapWatcher:
+    """Watches one IMAP mailbox and hands every new message to ``submit``."""
+
+    def __init__(
+        self,
+        config: ImapMailboxConfig,
+        submit: Callable[[Envelope], None],
+        *,
+        stopping: asyncio.Event,
+        drained: asyncio.Event,
+    ) -> None:
+        self.config = config
+        self.id = config.id
+        self._submit = submit
+        self._stopping = stopping
+        self._drained = drained
+        self._wake = asyncio.Event()
+        self._pending: dict[int, int] = {}  # uid → size, handed out and not settled
+        self._stuck: set[int] = (
+            set()
+        )  # settlement refused by the server; not re-sent until reconnect
+        self._settlements: list[_Settlement] = []
+        self._uidvalidity = 0
+        self.state = "starting"
+        self.connected = False
+        self.reconnects = 0
+
+    # -- the task ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Watch until stopped and drained. Never raises: failures are logged and retried."""
+        attempt = 0
+        try:
+            while not (
+                self._stopping.is_set() and self._drained.is_set() and not self._settlements
+            ):
+                session = None
+                try:
+                    self.state = "connecting"
+                    session = await ImapSession.open(self.config)
+                    attempt = 0
+                    self._on_connected(session)
+                    await self._serve(session)
+                except SourceError as exc:
+                    if self._stopping.is_set() and not self._settlements:
+                        return
+                    attempt += 1
+                    delay = backoff_delay(
+                        attempt, initial_s=RECONNECT_INITIAL_S, max_s=RECONNECT_MAX_S
+                    )
+                    level = logging.ERROR if isinstance(exc, ImapAuthError) else logging.WARNING
+                    log.log(
+                        level,
+                        "%s: %s: %s; reconnecting in %.1fs (attempt %d)",
+                        self.id,
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                        attempt,
+                        extra={"mailbox": self.id, "attempt": attempt, "delay_s": round(delay, 3)},
+                    )
+                    self._set_disconnected()
+                    await self._sleep(delay)
+                except Exception:
+                    attempt += 1
+                    delay = backoff_delay(
+                        attempt, initial_s=RECONNECT_INITIAL_S, max_s=RECONNECT_MAX_S
+                    )
+                    log.exception(
+                        "%s: unexpected error; reconnecting in %.1fs",
+                        self.id,
+                        delay,
+                        extra={"mailbox": self.id, "attempt": attempt},
+                    )
+                    self._set_disconnected()
+                    await self._sleep(delay)
+                finally:
+                    if session is not None:
+                        await session.logout()
+        finally:
+            self._set_disconnected()
+            self._abandon_settlements()
+
+    async def _sleep(self, delay_s: float) -> None:
+        """Sleep for a reconnect delay, cut short by stop (when nothing is left to settle)."""
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({stop}, timeout=delay_s)
+        finally:
+            stop.cancel()
+
+    def _on_connected(self, session: ImapSession) -> None:
+        if self._uidvalidity and session.uidvalidity != self._uidvalidity:
+            # RFC 3501 §2.3.1.1: the old UIDs name nothing now; the messages will be found
+            # again by the sweep under their new UIDs (and a new webhook-id).
+            log.warning(
+                "%s: UIDVALIDITY changed from %d to %d; %d unsettled messages will be fetched anew",
+                self.id,
+                self._uidvalidity,
+                session.uidvalidity,
+                len(self._pending),
+                extra={"mailbox": self.id},
+            )
+            self._pending.clear()
+        self._uidvalidity = session.uidvalidity
+        self._stuck.clear()
+        if self.connected is False and self.state != "starting":
+            self.reconnects += 1
+        self.connected = True
+        self.state = "connected"
+        log.info(
+            "%s: connected to %s:%d, mailbox %s (UIDVALIDITY %d, %s)",
+            self.id,
+            self.config.host,
+            self.config.port,
+            self.config.mailbox,
+            session.uidvalidity,
+            "IDLE" if "IDLE" in session.capabilities else "no IDLE: sweeping every idle_timeout",
+            extra={"mailbox": self.id},
+        )
+
+    def _set_disconnected(self) -> None:
+        self.connected = False
+        if self.state != "stopped":
+            self.state = "reconnecting"
+
+    def _abandon_settlements(self) -> None:
+        self.state = "stopped"
+        if self._settlements:
+            log.warning(
+                "%s: stopping with %d settlements not applied; those messages stay unread "
+                "and are delivered again (same webhook-id) after a restart",
+                self.id,
+                len(self._settlements),
+                extra={"mailbox": self.id},
+            )
+        for settlement in self._settlements:
+            if not settlement.done.done():
+                settlement.done.set_result(None)
+        self._settlements.clear()
+
+    # -- the loop on one connection ------------------------------------------------------------
+
+    async def _serve(self, session: ImapSession) -> None:
+        backlog: deque[FetchedMessage] = deque()
+        session.new_mail.set()  # sweep after every (re)connect
+        while True:
+            self._wake.clear()
+            if self._settlements:
+                await self._apply_settlements(session)
+                continue
+            if self._stopping.is_set():
+                if self._drained.is_set():
+                    return
+                self.state = "draining"
+                await self._wait(session, self._drained)
+                continue
+            if session.new_mail.is_set() and not backlog:
+                session.new_mail.clear()
+                self.state = "sweeping"
+                backlog = await self._sweep(session)
+                continue
+            if backlog:
+                if self._has_capacity():
+                    await self._fetch_batch(session, backlog)
+                else:
+                    self.state = "waiting for deliveries"
+                    await self._wait(session, self._stopping)
+                continue
+            self.state = "idling"
+            started = time.monotonic()
+            await session.idle(self._wake, self.config.idle_timeout_s)
+            if time.monotonic() - started >= self.config.idle_timeout_s:
+                session.new_mail.set()  # periodic sweep: also finds mail no push announced
+
+    async def _wait(self, session: ImapSession, event: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, event, session.lost)]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if session.lost.is_set():
+            raise ImapConnectionLost("connection lost")
+
+    async def _sweep(self, session: ImapSession) -> deque[FetchedMessage]:
+        uids = [
+            uid
+            for uid in await session.search(self.config.search_command)
+            if uid not in self._pending and uid not in self._stuck
+        ]
+        backlog: deque[FetchedMessage] = deque()
+        for start in range(0, len(uids), SIZE_BATCH):
+            backlog.extend(await session.fetch(uids[start : start + SIZE_BATCH], "UID RFC822.SIZE"))
+        if backlog:
+            log.debug("%s: sweep found %d new messages", self.id, len(backlog))
+        return backlog
+
+    def _has_capacity(self) -> bool:
+        return (
+            len(self._pending) < MAX_IN_FLIGHT and sum(self._pending.values()) < MAX_IN_FLIGHT_BYTES
+        )
+
+    async def _fetch_batch(self, session: ImapSession, backlog: deque[FetchedMessage]) -> None:
+        room = MAX_IN_FLIGHT - len(self._pending)
+        budget = min(FETCH_BATCH_BYTES, MAX_IN_FLIGHT_BYTES - sum(self._pending.values()))
+        small: list[int] = []
+        large: list[int] = []
+        taken = 0
+        while backlog and len(small) + len(large) < min(room, FETCH_BATCH):
+            item = backlog[0]
+            if item.size > self.config.max_message_bytes:
+                large.append(backlog.popleft().uid)
+                continue
+            if small and taken + item.size > budget:
+                break  # always take at least one message, however large
+            taken += item.size
+            small.append(backlog.popleft().uid)
+        if small:
+            for fetched in await session.fetch(small, "UID RFC822.SIZE BODY.PEEK[]"):
+                self._hand_out(fetched, too_large=False)
+        if large:
+            # RFC822.SIZE told us before fetching: only the header block, for the notice.
+            for fetched in await session.fetch(large, "UID RFC822.SIZE BODY.PEEK[HEADER]"):
+                self._hand_out(fetched, too_large=True)
+
+    def _hand_out(self, fetched: FetchedMessage, *, too_large: bool) -> None:
+        if fetched.body is None:
+            return  # expunged by someone else between SEARCH and FETCH
+        uid, uidvalidity = fetched.uid, self._uidvalidity
+        self._pending[uid] = fetched.size if not too_large else len(fetched.body)
+
+        async def settle(outcome: Outcome) -> None:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._settlements.append(_Settlement(uid, uidvalidity, outcome, done))
+            self._wake.set()
+            await done
+
+        self._submit(
+            Envelope(
+                mailbox=self.id,
+                ref=f"uid {uid}",
+                idempotency_key=idempotency_key(self.id, uidvalidity, uid),
+                raw=fetched.body,
+                size=fetched.size,
+                too_large=too_large,
+                _settle=settle,
+            )
+        )
+
+    # -- settlements ---------------------------------------------------------------------------
+
+    async def _apply_settlements(self, session: ImapSession) -> None:
+        batch, self._settlements = self._settlements, []
+        current = [s for s in batch if s.uidvalidity == session.uidvalidity]
+        for stale in (s for s in batch if s.uidvalidity != session.uidvalidity):
+            stale.done.set_result(None)  # UIDVALIDITY changed: the sweep finds it again
+        groups: dict[str, list[_Settlement]] = {}
+        for settlement in current:
+            groups.setdefault(self._action(settlement.outcome), []).append(settlement)
+        for action, group in groups.items():
+            uids = [s.uid for s in group]
+            try:
+                await self._apply(session, action, uids)
+            except ImapConnectionLost:
+                # Keep the rest for after the reconnect (same UIDVALIDITY: same messages).
+                self._settlements[:0] = [s for s in current if not s.done.done()]
+                raise
+            except ImapError as exc:
+                log.error(
+                    "%s: could not %s uids %s: %s; they stay as they are and are not fetched "
+                    "again until the next reconnect",
+                    self.id,
+                    action,
+                    uids,
+                    exc,
+                    extra={"mailbox": self.id},
+                )
+                self._stuck.update(uids)
+            for settlement in group:
+                self._pending.pop(settlement.uid, None)
+                settlement.done.set_result(None)
+
+    def _action(self, outcome: Outcome) -> str:
+        if not outcome.processed:
+            return f"move to {self.config.failed_folder}" if self.config.failed_folder else "flag"
+        return "delete" if self.config.delete_after_delivery else "mark seen"
+
+    async def _apply(self, session: ImapSession, action: str, uids: list[int]) -> None:
+        config = self.config
+        if action == "mark seen":
+            await session.store(uids, "\\Seen")
+        elif action == "delete":
+            # \Seen as well: with expunge_deleted off the message stays, and must not match
+            # the next UNSEEN sweep.
+            await session.store(uids, "\\Seen \\Deleted")
+            if config.expunge_deleted:
+                await session.expunge(uids)
+        elif action == "flag":
+            await session.store(uids, f"{FAILED_KEYWORD} \\Seen")
+        else:
+            assert config.failed_folder is not None
+            await session.move(uids, config.failed_folder)

@@ -1,0 +1,471 @@
+"""One IMAP connection: the only module that imports aioimaplib.
+
+``ImapSession.open`` connects (implicit TLS, STARTTLS or plain), logs in, asks for CAPABILITY
+and SELECTs. Every command runs under a timeout and races the connection-lost event, so a
+dropped connection surfaces at once as ``ImapConnectionLost`` instead of hanging until a timer.
+Every ``* n EXISTS`` the server sends, whatever command it arrives with, sets ``new_mail``:
+aioimaplib drops untagged responses that arrive during other commands, and without this a
+message appended between a SEARCH and the next IDLE would wait for the next arrival.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import socket
+import ssl
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from aioimaplib import aioimaplib
+
+from mailroom.config import ImapMailboxConfig
+from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
+
+__all__ = ["FetchedMessage", "ImapSession", "uid_set"]
+
+log = logging.getLogger("mailroom.imap")
+
+COMMAND_TIMEOUT_S = 30.0
+LOGOUT_TIMEOUT_S = 5.0
+
+_FETCH_HEAD = re.compile(rb"^\d+ FETCH \(")
+_UID = re.compile(rb"\bUID (\d+)")
+_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+_EXISTS = re.compile(rb"^(?:\* )?\d+ EXISTS")
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedMessage:
+    uid: int
+    size: int
+    body: bytes | None  # None when only the size was asked for
+
+
+def uid_set(uids: Iterable[int]) -> str:
+    """Compress UIDs into an IMAP sequence set: ``1:3,7,9:10`` (RFC 3501 §9, sequence-set)."""
+    ordered = sorted(set(uids))
+    if not ordered:
+        raise ValueError("empty UID set")
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for uid in [*ordered[1:], None]:
+        if uid is not None and uid == prev + 1:
+            prev = uid
+            continue
+        parts.append(str(start) if start == prev else f"{start}:{prev}")
+        if uid is not None:
+            start = prev = uid
+    return ",".join(parts)
+
+
+def mailbox_name(name: str) -> str:
+    """Quote a mailbox name, in modified UTF-7 when it is not ASCII (RFC 3501 §5.1.3)."""
+    if name.upper() == "INBOX":
+        return "INBOX"
+    out: list[str] = []
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            data = "".join(pending).encode("utf-16-be")
+            out.append("&" + base64.b64encode(data).decode().rstrip("=").replace("/", ",") + "-")
+            pending.clear()
+
+    for char in name:
+        if 0x20 <= ord(char) <= 0x7E:
+            flush()
+            out.append("&-" if char == "&" else char)
+        else:
+            pending.append(char)
+    flush()
+    encoded = "".join(out).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{encoded}"'
+
+
+class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
+    """aioimaplib's protocol, telling us about every EXISTS and BYE it sees."""
+
+    session: ImapSession | None = None
+
+    def _untagged_response(self, line: bytes) -> Any:
+        if self.session is not None:
+            self.session._on_untagged(line)
+        return super()._untagged_response(line)
+
+
+class _Client(aioimaplib.IMAP4):  # type: ignore[misc]
+    def create_client(
+        self,
+        host: str,
+        port: int,
+        loop: asyncio.AbstractEventLoop,
+        conn_lost_cb: Any = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        local_loop = loop if loop is not None else asyncio.get_running_loop()
+        self.protocol = _Protocol(local_loop, conn_lost_cb)
+        self._client_task = local_loop.create_task(
+            local_loop.create_connection(lambda: self.protocol, host, port, ssl=ssl_context)
+        )
+
+
+def tls_context(config: ImapMailboxConfig) -> ssl.SSLContext:
+    """Verification on by default; ``ca_file`` adds a private CA to the system's."""
+    context = ssl.create_default_context()
+    if config.ca_file:
+        context.load_verify_locations(cafile=config.ca_file)
+    if not config.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class ImapSession:
+    """An authenticated connection with the configured mailbox selected."""
+
+    def __init__(self, config: ImapMailboxConfig, timeout_s: float) -> None:
+        self.config = config
+        self.id = config.id
+        self.timeout_s = timeout_s
+        self.lost = asyncio.Event()
+        self.new_mail = asyncio.Event()
+        self.bye: str | None = None
+        self.uidvalidity = 0
+        self.capabilities: frozenset[str] = frozenset()
+        self._client: _Client | None = None
+
+    # -- connection ----------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, config: ImapMailboxConfig, *, timeout_s: float = COMMAND_TIMEOUT_S
+    ) -> ImapSession:
+        """Connect, log in and select; ``ImapError`` (or a subclass) says what failed."""
+        session = cls(config, timeout_s)
+        try:
+            await session._connect()
+            await session._login()
+            await session._select()
+        except BaseException:
+            session.abort()
+            raise
+        return session
+
+    async def _connect(self) -> None:
+        config = self.config
+        context = tls_context(config) if config.ssl or config.start_tls else None
+        where = f"{config.host}:{config.port}"
+        try:
+            client = _Client(
+                config.host,
+                config.port,
+                timeout=self.timeout_s,
+                conn_lost_cb=self._on_lost,
+                ssl_context=context if config.ssl else None,
+            )
+            client.protocol.session = self
+            self._client = client
+            await client.wait_hello_from_server()
+        except ssl.SSLCertVerificationError as exc:
+            raise ImapConnectionLost(
+                f"TLS certificate of {where} not trusted ({exc.verify_message}); "
+                "set ca_file to the CA that signed it"
+            ) from exc
+        except ssl.SSLError as exc:
+            raise ImapConnectionLost(
+                f"TLS handshake with {where} failed ({exc.reason}); is ssl/start_tls right for "
+                "this port?"
+            ) from exc
+        except TimeoutError as exc:
+            raise ImapConnectionLost(
+                f"no IMAP greeting from {where} in {self.timeout_s:g}s"
+            ) from exc
+        except OSError as exc:
+            raise ImapConnectionLost(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+        self._keepalive()
+        if config.start_tls:
+            await self._starttls(context)
+
+    def _keepalive(self) -> None:
+        # A peer that vanishes without FIN/RST (a dead NAT, a pulled cable) is noticed by TCP
+        # keepalive within ~30 s, even in the middle of a 29-minute IDLE.
+        assert self._client is not None
+        sock = self._client.protocol.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+    async def _starttls(self, context: ssl.SSLContext | None) -> None:
+        # aioimaplib has no STARTTLS helper: send the command, then upgrade the transport
+        # (RFC 3501 §6.2.1); capabilities must be asked for again afterwards.
+        assert self._client is not None and context is not None
+        protocol = self._client.protocol
+        if "STARTTLS" not in protocol.capabilities:
+            raise ImapError(
+                f"{self.config.host}:{self.config.port} does not offer STARTTLS; "
+                "use ssl: true on its TLS port, or start_tls: false"
+            )
+        command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
+        await self._run("STARTTLS", protocol.execute(command))
+        try:
+            transport = await asyncio.wait_for(
+                protocol.loop.start_tls(
+                    protocol.transport, protocol, context, server_hostname=self.config.host
+                ),
+                self.timeout_s,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            raise ImapConnectionLost(
+                f"TLS certificate of {self.config.host} not trusted ({exc.verify_message}); "
+                "set ca_file to the CA that signed it"
+            ) from exc
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            raise ImapConnectionLost(f"STARTTLS handshake failed: {exc}") from exc
+        protocol.transport = transport
+        await self._run("CAPABILITY", protocol.capability())
+
+    async def _login(self) -> None:
+        assert self._client is not None
+        protocol = self._client.protocol
+        if "LOGINDISABLED" in protocol.capabilities:
+            raise ImapAuthError(
+                "the server refuses LOGIN on this connection (LOGINDISABLED); "
+                "set start_tls: true or ssl: true"
+            )
+        response = await self._run(
+            "LOGIN",
+            self._client.login(self.config.user, self.config.password.reveal()),
+            check=False,
+        )
+        if response.result != "OK":
+            raise ImapAuthError(
+                f"login as {self.config.user} refused: {_text(response)}; check user and password"
+            )
+        # RFC 3501 §6.2.3: capabilities may change after login; ask again.
+        await self._run("CAPABILITY", protocol.capability())
+        self.capabilities = frozenset(c.upper() for c in protocol.capabilities)
+
+    async def _select(self) -> None:
+        assert self._client is not None
+        response = await self._run(
+            "SELECT", self._client.select(mailbox_name(self.config.mailbox)), check=False
+        )
+        if response.result != "OK":
+            raise ImapError(
+                f"cannot select mailbox {self.config.mailbox!r}: {_text(response)}; "
+                "check the mailbox setting"
+            )
+        for line in response.lines:
+            if isinstance(line, bytes) and (match := _UIDVALIDITY.search(line)):
+                self.uidvalidity = int(match.group(1))
+        if not self.uidvalidity:
+            raise ImapError("the server sent no UIDVALIDITY on SELECT; mailroom needs UIDs")
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+    def _on_untagged(self, line: bytes) -> None:
+        if _EXISTS.match(line):
+            self.new_mail.set()
+        elif line.startswith((b"* BYE", b"BYE")):
+            self.bye = line.decode("utf-8", "replace").removeprefix("* ")
+
+    def abort(self) -> None:
+        """Drop the connection without a word (after a loss or a protocol error)."""
+        self.lost.set()
+        if self._client is not None and self._client.protocol.transport is not None:
+            self._client.protocol.transport.abort()
+
+    async def logout(self) -> None:
+        """LOGOUT politely, bounded; the connection is closed either way."""
+        if self._client is not None and not self.lost.is_set():
+            try:
+                await asyncio.wait_for(self._client.logout(), LOGOUT_TIMEOUT_S)
+            except (Exception, asyncio.CancelledError) as exc:
+                log.debug("%s: LOGOUT failed: %r", self.id, exc)
+        self.abort()
+
+    # -- commands ------------------------------------------------------------------------------
+
+    async def _run(
+        self,
+        what: str,
+        awaitable: Awaitable[Any],
+        *,
+        timeout_s: float | None = None,
+        check: bool = True,
+    ) -> Any:
+        """Await one command: ``ImapConnectionLost`` on loss or timeout, ``ImapError`` on NO/BAD."""
+        if self.lost.is_set():
+            raise ImapConnectionLost(f"{what}: connection lost")
+        command = asyncio.ensure_future(awaitable)
+        lost = asyncio.ensure_future(self.lost.wait())
+        limit = timeout_s or self.timeout_s
+        try:
+            done, _ = await asyncio.wait(
+                {command, lost}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            lost.cancel()
+            if not command.done():
+                command.cancel()
+        if command not in done:
+            reason = f"connection lost ({self.bye})" if self.bye else "connection lost"
+            if not self.lost.is_set():
+                reason = f"no answer in {limit:g}s"
+            self.abort()
+            raise ImapConnectionLost(f"{what}: {reason}")
+        try:
+            response = command.result()
+        except (aioimaplib.AioImapException, TimeoutError, OSError) as exc:
+            self.abort()
+            raise ImapConnectionLost(f"{what}: {type(exc).__name__} {exc}") from exc
+        if check and response is not None and response.result != "OK":
+            raise ImapError(f"{what} failed: {response.result} {_text(response)}")
+        return response
+
+    async def search(self, criteria: str) -> list[int]:
+        """``UID SEARCH <criteria>``, ascending."""
+        assert self._client is not None
+        # No CHARSET: Exchange and Yahoo reject CHARSET utf-8 (aioimaplib#126); RFC 3501 §6.4.4.
+        response = await self._run("UID SEARCH", self._client.uid_search(criteria, charset=None))
+        uids: list[int] = []
+        for line in response.lines:
+            if isinstance(line, bytes) and line.startswith(b"SEARCH"):
+                uids.extend(int(token) for token in line.split()[1:] if token.isdigit())
+        return sorted(uids)
+
+    async def fetch(self, uids: Iterable[int], items: str) -> list[FetchedMessage]:
+        """``UID FETCH`` of ``items`` (must include UID and RFC822.SIZE)."""
+        assert self._client is not None
+        response = await self._run(
+            "UID FETCH",
+            self._client.protocol.fetch(
+                uid_set(uids), f"({items})", by_uid=True, timeout=self.timeout_s
+            ),
+            timeout_s=None if self.timeout_s is None else self.timeout_s * 10,
+        )
+        return _parse_fetch(response.lines)
+
+    async def store(self, uids: Iterable[int], flags: str) -> None:
+        """``UID STORE uids +FLAGS.SILENT (flags)``."""
+        assert self._client is not None
+        await self._run(
+            "UID STORE", self._client.uid("store", uid_set(uids), "+FLAGS.SILENT", f"({flags})")
+        )
+
+    async def expunge(self, uids: Iterable[int]) -> None:
+        """``UID EXPUNGE`` (RFC 4315) when the server has UIDPLUS, else plain EXPUNGE."""
+        assert self._client is not None
+        if "UIDPLUS" in self.capabilities:
+            await self._run("UID EXPUNGE", self._client.uid("expunge", uid_set(uids)))
+        else:
+            await self._run("EXPUNGE", self._client.expunge())
+
+    async def create(self, folder: str) -> None:
+        """CREATE ``folder``; an existing folder is fine."""
+        assert self._client is not None
+        response = await self._run("CREATE", self._client.create(mailbox_name(folder)), check=False)
+        if response.result != "OK" and b"ALREADYEXISTS" not in b" ".join(
+            line for line in response.lines if isinstance(line, bytes)
+        ):
+            raise ImapError(f"cannot create folder {folder!r}: {_text(response)}")
+
+    async def move(self, uids: Iterable[int], folder: str) -> None:
+        """Move to ``folder`` (created when missing): UID MOVE (RFC 6851), else COPY + delete."""
+        assert self._client is not None
+        uids = list(uids)
+        target = mailbox_name(folder)
+        verb = "move" if "MOVE" in self.capabilities else "copy"
+        for attempt in (1, 2):
+            response = await self._run(
+                f"UID {verb.upper()}", self._client.uid(verb, uid_set(uids), target), check=False
+            )
+            if response.result == "OK":
+                break
+            if attempt == 1 and b"TRYCREATE" in b" ".join(
+                line for line in response.lines if isinstance(line, bytes)
+            ):
+                await self.create(folder)
+                continue
+            raise ImapError(f"UID {verb.upper()} to {folder!r} failed: {_text(response)}")
+        if verb == "copy":
+            await self.store(uids, "\\Seen \\Deleted")
+            await self.expunge(uids)
+
+    async def idle(self, wake: asyncio.Event, timeout_s: float) -> None:
+        """IDLE (RFC 2177) until new mail, ``wake``, or ``timeout_s``; then DONE."""
+        assert self._client is not None
+        client = self._client
+        if "IDLE" not in self.capabilities:
+            # Without IDLE the periodic sweep is all there is: wait out the interval.
+            await self._wait_any(wake, timeout_s)
+            return
+        # idle_start() can hang when the server answers BYE (aioimaplib#110): bound it.
+        idle = await self._run("IDLE", client.idle_start(timeout=timeout_s + 60), check=False)
+        await self._wait_any(wake, timeout_s)
+        if self.lost.is_set():
+            idle.cancel()
+            raise ImapConnectionLost(f"IDLE: connection lost{f' ({self.bye})' if self.bye else ''}")
+        client.idle_done()
+        await self._run("DONE", idle)
+        queue: asyncio.Queue[Any] = client.protocol.idle_queue
+        while not queue.empty():  # the pushes were seen by _on_untagged already
+            queue.get_nowait()
+
+    async def _wait_any(self, wake: asyncio.Event, timeout_s: float) -> None:
+        waiters = [
+            asyncio.ensure_future(event.wait()) for event in (wake, self.new_mail, self.lost)
+        ]
+        try:
+            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+
+def _text(response: Any) -> str:
+    lines = [line for line in response.lines if isinstance(line, bytes)]
+    return lines[-1].decode("utf-8", "replace") if lines else "(no text)"
+
+
+def _parse_fetch(lines: list[Any]) -> list[FetchedMessage]:
+    """Read aioimaplib's FETCH lines: a ``bytes`` head, a ``bytearray`` literal, ``b')'``..."""
+    found: list[FetchedMessage] = []
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        index += 1
+        if (
+            isinstance(line, bytearray)
+            or not isinstance(line, bytes)
+            or not _FETCH_HEAD.match(line)
+        ):
+            continue
+        meta, body = bytes(line), None
+        if line.endswith(b"}") and index < len(lines) and isinstance(lines[index], bytearray):
+            body = bytes(lines[index])
+            index += 1
+            tail = lines[index] if index < len(lines) else None
+            if isinstance(tail, bytes) and not _FETCH_HEAD.match(tail):
+                meta += b" " + tail  # items after the literal, e.g. " UID 7)"
+                index += 1
+        uid, size = _UID.search(meta), _SIZE.search(meta)
+        if uid is None:
+            continue  # an unsolicited FETCH (another client's flag change)
+        found.append(
+            FetchedMessage(
+                uid=int(uid.group(1)),
+                size=int(size.group(1)) if size else len(body or b""),
+                body=body,
+            )
+        )
+    return found
