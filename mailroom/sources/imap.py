@@ -104,6 +104,7 @@ class ImapWatcher:
                     attempt = 0
                     self._on_connected(session)
                     await self._serve(session)
+                    await session.logout()
                 except SourceError as exc:
                     if self._stopping.is_set() and not self._settlements:
                         return
@@ -139,7 +140,7 @@ class ImapWatcher:
                     await self._sleep(delay)
                 finally:
                     if session is not None:
-                        await session.logout()
+                        session.abort()  # no-op after a LOGOUT
         finally:
             self._set_disconnected()
             self._abandon_settlements()
@@ -232,7 +233,7 @@ class ImapWatcher:
                 continue
             self.state = "idling"
             started = time.monotonic()
-            await session.idle(self._wake, self.config.idle_timeout_s)
+            await session.idle((self._wake, self._stopping), self.config.idle_timeout_s)
             if time.monotonic() - started >= self.config.idle_timeout_s:
                 session.new_mail.set()  # periodic sweep: also finds mail no push announced
 

@@ -289,7 +289,7 @@ class ImapSession:
         if self._client is not None and not self.lost.is_set():
             try:
                 await asyncio.wait_for(self._client.logout(), LOGOUT_TIMEOUT_S)
-            except (Exception, asyncio.CancelledError) as exc:
+            except (aioimaplib.AioImapException, TimeoutError, OSError) as exc:
                 log.debug("%s: LOGOUT failed: %r", self.id, exc)
         self.abort()
 
@@ -337,10 +337,11 @@ class ImapSession:
         assert self._client is not None
         # No CHARSET: Exchange and Yahoo reject CHARSET utf-8 (aioimaplib#126); RFC 3501 §6.4.4.
         response = await self._run("UID SEARCH", self._client.uid_search(criteria, charset=None))
+        # aioimaplib strips "* SEARCH" from the untagged lines; the last line is the tagged one.
         uids: list[int] = []
-        for line in response.lines:
-            if isinstance(line, bytes) and line.startswith(b"SEARCH"):
-                uids.extend(int(token) for token in line.split()[1:] if token.isdigit())
+        for line in response.lines[:-1]:
+            if isinstance(line, bytes):
+                uids.extend(int(token) for token in line.split() if token.isdigit())
         return sorted(uids)
 
     async def fetch(self, uids: Iterable[int], items: str) -> list[FetchedMessage]:
@@ -401,8 +402,8 @@ class ImapSession:
             await self.store(uids, "\\Seen \\Deleted")
             await self.expunge(uids)
 
-    async def idle(self, wake: asyncio.Event, timeout_s: float) -> None:
-        """IDLE (RFC 2177) until new mail, ``wake``, or ``timeout_s``; then DONE."""
+    async def idle(self, wake: Iterable[asyncio.Event], timeout_s: float) -> None:
+        """IDLE (RFC 2177) until new mail, any of ``wake``, or ``timeout_s``; then DONE."""
         assert self._client is not None
         client = self._client
         if "IDLE" not in self.capabilities:
@@ -421,9 +422,9 @@ class ImapSession:
         while not queue.empty():  # the pushes were seen by _on_untagged already
             queue.get_nowait()
 
-    async def _wait_any(self, wake: asyncio.Event, timeout_s: float) -> None:
+    async def _wait_any(self, wake: Iterable[asyncio.Event], timeout_s: float) -> None:
         waiters = [
-            asyncio.ensure_future(event.wait()) for event in (wake, self.new_mail, self.lost)
+            asyncio.ensure_future(event.wait()) for event in (*wake, self.new_mail, self.lost)
         ]
         try:
             await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
