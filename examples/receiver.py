@@ -1,0 +1,99 @@
+"""A tiny webhook receiver for the mailroom demo: prints each message, answers 204.
+
+    python examples/receiver.py --port 8025 [--secret whsec_...]
+
+With --secret, the Standard Webhooks signature (`webhook-signature: v1,<base64 HMAC-SHA256 of
+"{webhook-id}.{webhook-timestamp}.{body}">`) is checked and a mismatch is answered with 401.
+Only the standard library and aiohttp are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from aiohttp import web
+
+TEXT_LINES = 3
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    """True when one of the `v1,` signatures matches (Standard Webhooks)."""
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        return False
+    msg_id, timestamp = headers.get("webhook-id", ""), headers.get("webhook-timestamp", "")
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    for candidate in headers.get("webhook-signature", "").split():
+        version, _, signature = candidate.partition(",")
+        if version == "v1" and hmac.compare_digest(signature, expected):
+            return True
+    return False
+
+
+def _address(value: Any) -> str:
+    if not isinstance(value, dict):
+        return "-"
+    name, address = value.get("name"), value.get("address") or ""
+    return f"{name} <{address}>" if name else address
+
+
+def summary(msg_id: str, payload: dict[str, Any]) -> str:
+    """A few human-readable lines about one webhook payload."""
+    lines = [
+        f"── webhook {msg_id or '-'}  mailbox={payload.get('mailbox')}  key={payload.get('key')}",
+        f"   from:    {_address(payload.get('from'))}",
+        f"   subject: {payload.get('subject') or ''}",
+    ]
+    text = (payload.get("text") or "").strip().splitlines()
+    lines += [f"   | {line}" for line in text[:TEXT_LINES]]
+    if len(text) > TEXT_LINES:
+        lines.append(f"   | … ({len(text) - TEXT_LINES} more lines)")
+    attachments = payload.get("attachments") or []
+    if attachments:
+        lines.append(f"   attachments: {len(attachments)}")
+    return "\n".join(lines)
+
+
+def make_app(secret: str | None) -> web.Application:
+    """The receiver app: POST anywhere."""
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        msg_id = headers.get("webhook-id", "")
+        if secret is not None and not verify(secret, headers, body):
+            print(f"── webhook {msg_id or '-'}: bad signature, answered 401", flush=True)
+            return web.Response(status=401)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            print(f"── webhook {msg_id or '-'}: not JSON ({len(body)} bytes)", flush=True)
+            return web.Response(status=400)
+        print(summary(msg_id, payload if isinstance(payload, dict) else {}), flush=True)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handle)
+    return app
+
+
+def main() -> None:
+    """Command line entry point."""
+    parser = argparse.ArgumentParser(description="Print mailroom webhooks.")
+    parser.add_argument("--port", type=int, default=8025)
+    parser.add_argument("--secret", default=None, help="Standard Webhooks secret (whsec_...)")
+    args = parser.parse_args()
+    print(f"receiver listening on http://127.0.0.1:{args.port}/", flush=True)
+    web.run_app(make_app(args.secret), host="127.0.0.1", port=args.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Shared fixtures: a session-wide Dovecot, fresh accounts, extra Dovecots, a webhook receiver."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from tests.servers.dovecot import DOVECOT, Account, Dovecot
+from tests.servers.webhook import WebhookReceiver
+
+
+def _require_dovecot() -> None:
+    if not os.path.exists(DOVECOT):
+        pytest.fail(
+            f"{DOVECOT} is missing: run `make test` (it installs dovecot-imapd), "
+            "or `apt-get install dovecot-imapd` as root",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[Dovecot]:
+    """One private Dovecot for the whole session; use `account` for isolation."""
+    _require_dovecot()
+    with Dovecot() as server:
+        yield server
+
+
+@pytest.fixture
+def account(dovecot: Dovecot) -> Account:
+    """A fresh user with an empty INBOX on the session Dovecot."""
+    return dovecot.add_user()
+
+
+@pytest.fixture
+def dovecot_factory() -> Iterator[Callable[[], Dovecot]]:
+    """Start extra private Dovecots (for restart/kill tests); all are removed at teardown."""
+    _require_dovecot()
+    started: list[Dovecot] = []
+
+    def factory() -> Dovecot:
+        server = Dovecot()
+        started.append(server)
+        server.start()
+        return server
+
+    yield factory
+    for server in started:
+        server.close()
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[WebhookReceiver]:
+    """A running WebhookReceiver in the test's event loop."""
+    async with WebhookReceiver() as receiver:
+        yield receiver
