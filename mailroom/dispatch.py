@@ -134,11 +134,13 @@ class _Webhook:
         self.config = config
         self.slots = asyncio.Semaphore(config.concurrency)
         self.ssl = _ssl_context(config)
-        self.auth = (
-            aiohttp.BasicAuth(config.basic.user, config.basic.password.reveal())
-            if config.basic
-            else None
-        )
+        self.authorization: str | None = None
+        if config.token is not None:
+            self.authorization = f"Bearer {config.token.reveal()}"
+        elif config.basic is not None:
+            # RFC 7617 with UTF-8 (aiohttp's BasicAuth is deprecated and latin-1 only).
+            pair = f"{config.basic.user}:{config.basic.password.reveal()}".encode()
+            self.authorization = "Basic " + base64.b64encode(pair).decode("ascii")
 
     def headers(self, envelope: Envelope, key: str | None, body: bytes) -> dict[str, str]:
         config = self.config
@@ -158,8 +160,8 @@ class _Webhook:
             )
         if config.jwt is not None:
             headers[config.jwt.header] = jwt_token(config.jwt, now)
-        if config.token is not None:
-            headers["Authorization"] = f"Bearer {config.token.reveal()}"
+        if self.authorization is not None:
+            headers["Authorization"] = self.authorization
         return headers
 
 
@@ -372,7 +374,6 @@ class Dispatcher:
                 config.url,
                 data=body,
                 headers=webhook.headers(envelope, key, body),
-                auth=webhook.auth,
                 timeout=aiohttp.ClientTimeout(total=config.timeout_s),
                 allow_redirects=False,
                 ssl=webhook.ssl,

@@ -1,0 +1,366 @@
+"""IMAP → webhook end to end, against a real Dovecot and a real aiohttp receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from typing import Any
+
+import jwt
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from mailroom.config import parse_config
+from mailroom.sources.imap import idempotency_key
+from tests.helpers import (
+    WHSEC,
+    config_dict,
+    mailbox_dict,
+    make_config,
+    message,
+    running,
+    wait_until,
+)
+from tests.servers.dovecot import Account, Dovecot
+from tests.servers.webhook import WebhookReceiver
+
+
+async def flags_of(dovecot: Dovecot, account: Account, mailbox: str = "INBOX") -> list[set[str]]:
+    return [set(m.flags) for m in await dovecot.amessages(account, mailbox)]
+
+
+async def all_seen(dovecot: Dovecot, account: Account, count: int) -> bool:
+    flags = await flags_of(dovecot, account)
+    return len(flags) == count and all("\\Seen" in f for f in flags)
+
+
+async def test_backlog_at_start_is_delivered_once_signed_and_marked_seen(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    raws = [message(n) for n in range(25)]
+    uids = await dovecot.aappend_many(account, raws)
+    config = make_config(dovecot, account, webhook.url)
+    async with running(config):
+        received = await webhook.wait_for(25)
+        await wait_until(lambda: all_seen(dovecot, account, 25), what="25 messages \\Seen")
+    assert len(webhook.requests) == 25
+    verifier = Webhook(WHSEC)
+    by_raw = {}
+    for request in received:
+        payload = verifier.verify(request.body, dict(request.headers))
+        assert request.headers["Content-Type"] == "application/json"
+        assert request.headers["webhook-id"] == payload["id"]
+        assert request.headers["X-Mailroom-Mailbox"] == account.user
+        by_raw[base64.b64decode(payload["raw"])] = (request, payload)
+    assert set(by_raw) == set(raws)  # byte-exact, each exactly once
+    stored = {m.raw: m.uid for m in await dovecot.amessages(account)}
+    request, payload = by_raw[raws[7]]
+    uidvalidity = await _uidvalidity(dovecot, account)
+    assert payload["id"] == idempotency_key(account.user, uidvalidity, stored[raws[7]])
+    assert stored[raws[7]] == uids[7]
+    assert request.headers["X-Mailroom-Key"] == "key7"
+    assert {k: payload[k] for k in ("key", "matched_header", "subject", "size")} == {
+        "key": "key7",
+        "matched_header": "To",
+        "subject": "test 7",
+        "size": len(raws[7]),
+    }
+    assert payload["from"] == {"name": "Sender 7", "address": "sender7@example.org"}
+    assert payload["to"] == [{"name": "", "address": "incoming+key7@example.com"}]
+    assert payload["text"] == "Message number 7.\n"
+    assert payload["date"] == "2026-11-22T10:00:00+00:00"
+
+
+async def _uidvalidity(dovecot: Dovecot, account: Account) -> int:
+    def read() -> int:
+        with dovecot.imap(account) as conn:
+            typ, data = conn.status("INBOX", "(UIDVALIDITY)")
+            assert typ == "OK"
+            return int(data[0].split(b"UIDVALIDITY ")[1].rstrip(b")"))  # type: ignore[union-attr]
+
+    return await asyncio.to_thread(read)
+
+
+async def test_mail_during_idle_arrives_within_a_second(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailroom")
+    config = make_config(dovecot, account, webhook.url)
+    async with running(config):
+        await wait_until(
+            lambda: _logged(caplog, "connected to"), what="the watcher to connect"
+        )
+        for n in range(3):
+            appended = time.monotonic()
+            await dovecot.aappend(account, message(n))
+            (request, *_) = (await webhook.wait_for(n + 1))[n:]
+            # Dovecot pushes EXISTS 0.5 s after the APPEND; allow generously for a busy CI.
+            assert request.at - appended < 2.0
+    assert len(webhook.requests) == 3
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)
+
+
+async def test_arrival_race_hundreds_of_single_appends_none_waits(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    """Each APPEND is its own command and connection-free of the watcher: no nudges at the end.
+
+    The reference MailRoom leaves a message that lands between its SEARCH and its next IDLE
+    until another one arrives; here the last of 300 must arrive without any further mail.
+    """
+    count = 300
+    config = make_config(dovecot, account, webhook.url)
+    async with running(config):
+
+        def append_one_by_one() -> None:
+            with dovecot.imap(account) as conn:
+                for n in range(count):
+                    typ, _ = conn.append("INBOX", None, None, message(n))
+                    assert typ == "OK"
+
+        await asyncio.to_thread(append_one_by_one)
+        done = time.monotonic()
+        received = await webhook.wait_for(count, timeout=20)
+        assert received[-1].at - done < 3.0
+        await wait_until(lambda: all_seen(dovecot, account, count), what="all \\Seen")
+    ids = [r.headers["webhook-id"] for r in webhook.requests]
+    assert len(ids) == len(set(ids)) == count
+
+
+@pytest.mark.parametrize("mode", ["ssl", "start_tls", "plain"])
+async def test_tls_starttls_and_plain(
+    mode: str, dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    settings: dict[str, Any] = {
+        "ssl": {"port": dovecot.tls_port, "ssl": True},
+        "start_tls": {"port": dovecot.port, "ssl": False, "start_tls": True},
+        "plain": {"port": dovecot.port, "ssl": False, "ca_file": None},
+    }[mode]
+    await dovecot.aappend(account, message(1))
+    async with running(make_config(dovecot, account, webhook.url, **settings)):
+        (request,) = await webhook.wait_for(1)
+        await wait_until(lambda: all_seen(dovecot, account, 1), what="\\Seen")
+    assert request.json()["subject"] == "test 1"
+
+
+async def test_untrusted_certificate_is_refused_and_said_clearly(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    await dovecot.aappend(account, message(1))
+    config = make_config(dovecot, account, webhook.url, ca_file=None)
+    async with running(config):
+        await wait_until(
+            lambda: _logged(caplog, "not trusted"), what="the certificate error to be logged"
+        )
+    assert webhook.requests == []
+    assert "set ca_file to the CA that signed it" in caplog.text
+    assert await flags_of(dovecot, account) == [set()]
+
+
+async def test_webhook_5xx_then_2xx_keeps_message_unsettled_and_the_same_id(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    await dovecot.aappend(account, message(1))
+    webhook.stall()  # hold the first attempt to look at the server meanwhile
+    webhook.fail_next(2, status=503, headers={"Retry-After": "0"})
+    async with running(make_config(dovecot, account, webhook.url)):
+        await webhook.wait_for(1)
+        assert await flags_of(dovecot, account) == [set()]  # nothing settled yet
+        webhook.release()
+        received = await webhook.wait_for(3)
+        await wait_until(lambda: all_seen(dovecot, account, 1), what="\\Seen after 2xx")
+    assert len({r.headers["webhook-id"] for r in received}) == 1
+    assert len(webhook.requests) == 3
+
+
+async def test_webhook_down_then_up(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    await webhook.stop()
+    await dovecot.aappend(account, message(1))
+    async with running(make_config(dovecot, account, webhook.url)):
+        await wait_until(
+            lambda: _logged(caplog, "webhook attempt 2 failed"), what="two failed attempts"
+        )
+        assert await flags_of(dovecot, account) == [set()]
+        await webhook.start()
+        await webhook.wait_for(1)
+        await wait_until(lambda: all_seen(dovecot, account, 1), what="\\Seen")
+    assert "ClientConnectorError" in caplog.text
+
+
+async def test_dropped_connection_is_retried(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    webhook.drop_next(1)
+    await dovecot.aappend(account, message(1))
+    async with running(make_config(dovecot, account, webhook.url)):
+        await webhook.wait_for(2)
+        await wait_until(lambda: all_seen(dovecot, account, 1), what="\\Seen")
+
+
+@pytest.mark.parametrize("failed_folder", [None, "Failed/Mailroom"])
+async def test_permanent_4xx_dead_letters_once(
+    failed_folder: str | None, dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    webhook.respond(400, b"bad")
+    await dovecot.aappend(account, message(1))
+    config = make_config(dovecot, account, webhook.url, failed_folder=failed_folder)
+    async with running(config):
+        await webhook.wait_for(1)
+        if failed_folder is None:
+            await wait_until(
+                lambda: _flags_are(dovecot, account, [{"$MailroomFailed", "\\Seen"}]),
+                what="$MailroomFailed",
+            )
+        else:
+            await wait_until(
+                lambda: _count(dovecot, account, failed_folder, 1), what="moved to failed_folder"
+            )
+            assert await dovecot.amessages(account) == []
+    assert len(webhook.requests) == 1
+
+
+async def _flags_are(dovecot: Dovecot, account: Account, expected: list[set[str]]) -> bool:
+    return await flags_of(dovecot, account) == expected
+
+
+async def _count(dovecot: Dovecot, account: Account, mailbox: str, count: int) -> bool:
+    if mailbox not in await asyncio.to_thread(dovecot.mailboxes, account):
+        return False
+    return len(await dovecot.amessages(account, mailbox)) == count
+
+
+async def test_delete_and_expunge_after_delivery(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    await dovecot.aappend_many(account, [message(n) for n in range(3)])
+    config = make_config(
+        dovecot, account, webhook.url, delete_after_delivery=True, expunge_deleted=True
+    )
+    async with running(config):
+        await webhook.wait_for(3)
+        await wait_until(lambda: _count(dovecot, account, "INBOX", 0), what="expunged")
+
+
+async def test_delete_without_expunge_leaves_deleted_and_seen(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    await dovecot.aappend(account, message(1))
+    config = make_config(dovecot, account, webhook.url, delete_after_delivery=True)
+    async with running(config):
+        await webhook.wait_for(1)
+        await wait_until(
+            lambda: _flags_are(dovecot, account, [{"\\Deleted", "\\Seen"}]), what="\\Deleted"
+        )
+
+
+async def test_too_large_is_not_fetched_and_dead_lettered(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    await dovecot.aappend(account, message(1, size=5000))
+    await dovecot.aappend(account, message(2))
+    config = make_config(dovecot, account, webhook.url, max_message_bytes=2048)
+    async with running(config):
+        (request,) = await webhook.wait_for(1)
+        await wait_until(
+            lambda: _flags_are(dovecot, account, [{"$MailroomFailed", "\\Seen"}, {"\\Seen"}]),
+            what="the large one flagged, the small one seen",
+        )
+    assert request.json()["subject"] == "test 2"
+    assert "over max_message_bytes (2048)" in caplog.text
+
+
+async def test_unknown_recipient_is_settled_without_a_post(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    await dovecot.aappend(account, message(1, to="someone-else@example.net"))
+    await dovecot.aappend(account, message(2))
+    async with running(make_config(dovecot, account, webhook.url)):
+        (request,) = await webhook.wait_for(1)
+        await wait_until(lambda: all_seen(dovecot, account, 2), what="both settled")
+    assert request.json()["key"] == "key2"
+
+
+async def test_raw_format_with_bearer_token_and_jwt(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Any
+) -> None:
+    raw = message(1)
+    await dovecot.aappend(account, raw)
+    (tmp_path / "jwt").write_text("jwt-secret-0123456789abcdef-0123456789\n")
+    hook = {
+        "format": "raw",
+        "token": "t0ken",
+        "jwt": {"secret_file": str(tmp_path / "jwt")},
+    }
+    async with running(make_config(dovecot, account, webhook.url, webhook=hook)):
+        (request,) = await webhook.wait_for(1)
+    assert request.body == raw
+    assert request.headers["Content-Type"] == "message/rfc822"
+    assert request.headers["Authorization"] == "Bearer t0ken"
+    Webhook(WHSEC).verify(request.body, dict(request.headers), json_parse=False)
+    claims = jwt.decode(
+        request.headers["Gitlab-Mailroom-Api-Request"],
+        "jwt-secret-0123456789abcdef-0123456789",
+        algorithms=["HS256"],
+        issuer="gitlab-mailroom",
+    )
+    assert abs(claims["iat"] - time.time()) < 60
+
+
+async def test_basic_auth(dovecot: Dovecot, account: Account, webhook: WebhookReceiver) -> None:
+    await dovecot.aappend(account, message(1))
+    hook = {"basic": {"user": "app", "password": "s3cret"}}
+    async with running(make_config(dovecot, account, webhook.url, webhook=hook)):
+        (request,) = await webhook.wait_for(1)
+    expected = "Basic " + base64.b64encode(b"app:s3cret").decode()
+    assert request.headers["Authorization"] == expected
+
+
+async def test_one_failing_mailbox_never_stops_the_others(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = dovecot.add_user()
+    await dovecot.aappend(account, message(1))
+    await dovecot.aappend(other, message(2))
+    config = parse_config(
+        config_dict(
+            [
+                mailbox_dict(dovecot, account, password="wrong"),
+                mailbox_dict(dovecot, other),
+                mailbox_dict(dovecot, other, id="down", port=1, ssl=False, ca_file=None),
+            ],
+            webhook.url,
+        ),
+        env={},
+    )
+    async with running(config):
+        (request,) = await webhook.wait_for(1)
+        await wait_until(
+            lambda: _logged(caplog, f"login as {account.user} refused"), what="login error"
+        )
+        await wait_until(lambda: _logged(caplog, "cannot connect to 127.0.0.1:1"), what="down")
+    assert request.json()["subject"] == "test 2"
+    assert "wrong" not in caplog.text.replace("wrong password", "")
+
+
+async def test_dovecot_restarted_under_an_idling_watcher(
+    dovecot_factory: Any, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailroom")
+    server: Dovecot = dovecot_factory()
+    account = server.add_user()
+    async with running(make_config(server, account, webhook.url)):
+        await wait_until(lambda: _logged(caplog, "connected to"), what="connected")
+        await asyncio.to_thread(server.restart)
+        await server.aappend(account, message(1))
+        await webhook.wait_for(1, timeout=15)
+        await wait_until(lambda: all_seen(server, account, 1), what="\\Seen")
+    connects = [r for r in caplog.records if "connected to" in r.getMessage()]
+    assert len(connects) == 2
+    assert "reconnecting in" in caplog.text
