@@ -55,7 +55,11 @@ def config_dict(
 
 
 def make_config(
-    dovecot: Dovecot, account: Account, webhook_url: str, *, webhook: dict[str, Any] | None = None,
+    dovecot: Dovecot,
+    account: Account,
+    webhook_url: str,
+    *,
+    webhook: dict[str, Any] | None = None,
     **mailbox: Any,
 ) -> Config:
     return parse_config(

@@ -89,9 +89,7 @@ async def test_mail_during_idle_arrives_within_a_second(
     caplog.set_level(logging.INFO, logger="mailroom")
     config = make_config(dovecot, account, webhook.url)
     async with running(config):
-        await wait_until(
-            lambda: _logged(caplog, "connected to"), what="the watcher to connect"
-        )
+        await wait_until(lambda: _logged(caplog, "connected to"), what="the watcher to connect")
         for n in range(3):
             appended = time.monotonic()
             await dovecot.aappend(account, message(n))

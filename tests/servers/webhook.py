@@ -95,7 +95,7 @@ class WebhookReceiver:
     async def wait_for(
         self,
         count: int,
-        timeout: float | None = 10.0,  # noqa: ASYNC109
+        timeout: float | None = 10.0,
     ) -> list[Received]:
         """Wait until at least `count` requests arrived; return all of them."""
         async with self._arrived:
