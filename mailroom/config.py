@@ -107,7 +107,7 @@ class ImapMailboxConfig:
     """One IMAP mailbox, in the vocabulary of GitLab's ``incoming_email`` settings."""
 
     id: str
-    address: routing.AddressTemplate
+    routing: routing.RoutingRules  # the address template and the routing switches
     host: str
     port: int
     ssl: bool = False
@@ -396,7 +396,7 @@ def _mailbox(section: _Section, webhook_raw: dict[str, Any], index: int) -> Imap
     webhook = _webhook(_Section(merged, section.where("webhook"), section.env, section.base_dir))
     config = ImapMailboxConfig(
         id=section.text("id", f"{user}@{host}/{mailbox}"),
-        address=address,
+        routing=routing.RoutingRules(address=address),
         host=host,
         port=port,
         ssl=ssl,

@@ -267,7 +267,7 @@ class Dispatcher:
                 extra=fields,
             )
             return Outcome.DEAD_LETTERED
-        decision = routing.decide(parsed, mailbox.address)
+        decision = routing.decide(parsed, mailbox.routing)
         if isinstance(decision, routing.Ignore):
             log.info(
                 "%s: %s: auto-generated (%s); ignored",

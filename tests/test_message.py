@@ -1,0 +1,278 @@
+"""message.parse on .eml fixtures: exact fields, and never an exception on damaged mail."""
+
+from __future__ import annotations
+
+import time
+import timeit
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from mailroom.message import (
+    Address,
+    Attachment,
+    ParsedMessage,
+    decode_bytes,
+    decode_words,
+    parse,
+    scan_addresses,
+)
+
+EML = Path(__file__).parent / "eml"
+ALL_FIXTURES = sorted(p.name for p in EML.glob("*.eml"))
+KEY_ADDRESS = "incoming+k-auto@incoming.example.com"
+
+
+def load(name: str) -> bytes:
+    return (EML / name).read_bytes()
+
+
+def strings(parsed: ParsedMessage) -> list[str]:
+    """Every str reachable from ``parsed`` (fields, headers, addresses, attachments)."""
+    found: list[str] = []
+
+    def visit(value: object) -> None:
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, tuple):
+            for item in value:
+                visit(item)
+        elif isinstance(value, Address | Attachment):
+            visit(tuple(getattr(value, f.name) for f in fields(value)))
+
+    for f in fields(parsed):
+        if f.init:
+            visit(getattr(parsed, f.name))
+    return found
+
+
+def test_plain_message() -> None:
+    raw = load("plain_2k.eml")
+    parsed = parse(raw)
+    assert parsed.raw is raw
+    assert parsed.message_id == "plain2k@example.org"
+    assert parsed.from_ == Address("Alice Example", "alice@example.org")
+    assert parsed.to == (Address("", "incoming+k-plain@incoming.example.com"),)
+    assert parsed.subject == "A plain message of about two kilobytes"
+    assert parsed.date == "2024-01-01T10:00:00+00:00"
+    lorem = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n"
+    assert parsed.text == lorem * 20  # line endings as sent
+    assert parsed.html is None
+    assert parsed.attachments == ()
+    assert parsed.return_path == "alice@example.org"
+    assert parsed.content_type == "text/plain"
+    assert parsed.param("charset") == "utf-8"
+    assert len(parsed.authentication_results) == 1
+    assert parsed.defects == ()
+    assert parsed.unparsable is False
+    # Folded Received header comes out unfolded, whitespace after each fold kept.
+    assert parsed.first("received") == (
+        "from mail.example.org (mail.example.org [192.0.2.1])\tby mx.example.com with ESMTPS "
+        "id 4Xyz\tfor <incoming+k-plain@incoming.example.com>; Mon, 01 Jan 2024 10:00:01 +0000"
+    )
+
+
+def test_multipart_bodies_and_attachments() -> None:
+    parsed = parse(load("multipart_alternative.eml"))
+    assert parsed.text == "Café au lait"  # quoted-printable, iso-8859-1
+    assert parsed.html == "<p>Café</p>"  # the CRLF before a boundary belongs to it
+    assert parsed.attachments == (Attachment("Résumé.pdf", "application/pdf", 130),)
+    assert parsed.cc == (Address("Bob", "bob@example.net"),)
+    assert parsed.reply_to == (Address("Alice Replies", "replies@example.org"),)
+    assert parsed.content_type == "multipart/mixed"
+
+
+def test_encoded_folded_to() -> None:
+    parsed = parse(load("key_to_encoded_folded.eml"))
+    assert parsed.to == (
+        Address("Jürgen Müller", "incoming+k-enc@incoming.example.com"),
+        Address("Bob", "bob@example.net"),
+    )
+
+
+def test_references_forms() -> None:
+    spaced = parse(load("key_references.eml"))
+    assert spaced.references == ("abc@example.org", "reply-k-ref@incoming.example.com")
+    assert spaced.in_reply_to == "abc@example.org"
+    exchange = parse(load("key_references_exchange.eml"))  # one comma-joined string
+    assert exchange.references == ("abc@example.org", "reply-k-exch@incoming.example.com")
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_never_raises_and_text_is_clean(name: str) -> None:
+    raw = load(name)
+    parsed = parse(raw)
+    assert parsed.raw == raw
+    for text in strings(parsed):
+        text.encode("utf-8")  # no lone surrogates left from 8-bit bytes
+        assert "\x00" not in text or name == "garbage.eml"
+
+
+def test_no_content_type() -> None:
+    parsed = parse(load("no_content_type.eml"))
+    assert parsed.content_type == "text/plain"
+    assert parsed.text == "Plain body without MIME headers.\n"
+
+
+def test_broken_content_type_is_text_plain() -> None:
+    parsed = parse(load("broken_content_type.eml"))  # "text/; charset=\"utf-8"
+    assert parsed.content_type == "text/plain"
+    assert parsed.text == "Grüße\n"
+
+
+def test_illegal_8bit_bytes() -> None:
+    parsed = parse(load("illegal_8bit.eml"))
+    assert parsed.subject == "café crème"  # Latin-1 bytes: not UTF-8, read as cp1252
+    assert parsed.from_ == Address("Jürgen", "juergen@example.org")  # raw UTF-8 (RFC 6532)
+    assert parsed.text == "naïve \ufffdÿ body\n"  # NUL replaced
+
+
+def test_unknown_charset_falls_back() -> None:
+    parsed = parse(load("unknown_charset.eml"))
+    assert parsed.param("charset") == "x-klingon"
+    assert parsed.text == "Grüße\n"
+
+
+def test_broken_rfc2047_words_stay_as_written() -> None:
+    parsed = parse(load("broken_rfc2047.eml"))
+    assert parsed.subject == "=?utf-8?B?not*base64?= café =?utf-8?q?unterminated"
+    assert parsed.from_ == Address("é =?utf-8?b?!!broken?=", "alice@example.org")
+
+
+def test_broken_base64() -> None:
+    parsed = parse(load("broken_base64.eml"))
+    assert parsed.text is not None
+    assert parsed.attachments == (Attachment("a.pdf", "application/pdf", 5),)
+
+
+def test_nested_200_levels() -> None:
+    started = time.perf_counter()
+    parsed = parse(load("nested_200.eml"))
+    elapsed = time.perf_counter() - started
+    assert elapsed < 1.0
+    assert parsed.to == (Address("", KEY_ADDRESS),)
+    assert parsed.text is None  # the text part sits below MAX_DEPTH (64)
+    assert parsed.defects == ("NestingTooDeep",)
+
+
+def test_nesting_beyond_the_parser_is_read_for_headers_only() -> None:
+    depth = 3000  # the stdlib parser would raise RecursionError at about 1000
+    body = "".join(
+        f'Content-Type: multipart/mixed; boundary="b{i}"\n\n--b{i}\n' for i in range(depth)
+    )
+    raw = f"From: a@example.org\nTo: {KEY_ADDRESS}\nSubject: deep\n{body}".encode()
+    started = time.perf_counter()
+    parsed = parse(raw)
+    assert time.perf_counter() - started < 1.0
+    assert parsed.defects == ("TooManyContainers",)
+    assert parsed.to == (Address("", KEY_ADDRESS),)
+    assert parsed.text is None
+    assert parsed.unparsable is False
+
+
+def test_no_from() -> None:
+    parsed = parse(load("no_from.eml"))
+    assert parsed.from_ is None
+    assert parsed.return_path is None
+    assert parsed.unparsable is False
+
+
+@pytest.mark.parametrize("name", ["empty.eml", "garbage.eml"])
+def test_unparsable(name: str) -> None:
+    parsed = parse(load(name))
+    assert parsed.unparsable is True
+    assert parsed.headers == ()
+    assert parsed.defects == ("NoHeaders",)
+
+
+def test_header_block_only() -> None:
+    # What a source hands over for a message over max_message_bytes: headers, no body.
+    parsed = parse(load("headers_only_large.eml"))
+    assert parsed.subject == "Big scans"
+    assert parsed.message_id == "m1@example.org"
+    assert parsed.content_type == "multipart/mixed"
+    assert parsed.text == ""
+    assert parsed.unparsable is False
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("Return-Path: <>", ""), ("Return-Path: <MAILER-DAEMON>", "MAILER-DAEMON"), ("X: y", None)],
+)
+def test_return_path(header: str, expected: str | None) -> None:
+    assert parse(f"{header}\nSubject: s\n\nbody\n".encode()).return_path == expected
+
+
+def test_headers_are_case_insensitive_in_order() -> None:
+    parsed = parse(b"X-A: 1\nx-a: 2\nSubject: s\n\n")
+    assert parsed.header("X-A") == ("1", "2")
+    assert parsed.first("x-A") == "1"
+    assert parsed.header("Missing") == ()
+
+
+def test_invalid_date() -> None:
+    parsed = parse(b"Date: the day after tomorrow\nSubject: s\n\n")
+    assert parsed.date is None
+    assert parsed.defects == ("InvalidDate",)
+
+
+def test_address_list_edge_cases() -> None:
+    parsed = parse(b'To: "Doe, John" <j@example.org>, Alice a@example.org, <b@example.org>\n\n')
+    assert parsed.to == (
+        Address("Doe, John", "j@example.org"),
+        Address("", "a@example.org"),
+        Address("", "b@example.org"),
+    )
+
+
+def test_huge_address_list_is_scanned_not_parsed() -> None:
+    addresses = [f"user{i}@example.org" for i in range(2000)]  # ~40 KB
+    parsed = parse(f"To: {', '.join(addresses)}\n\n".encode())
+    assert [a.address for a in parsed.to] == addresses
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("=?utf-8?q?a?=\n =?utf-8?q?b?=".replace("\n", ""), "ab"),  # RFC 2047 §6.2
+        ("=?utf-8?q?=C3?= =?utf-8?q?=A9?=", "é"),  # a character split over two words
+        ("x =?ISO-8859-1?Q?caf=E9?= y", "x café y"),
+        ("=?utf-8*en?b?w6k=?=", "é"),  # RFC 2231 language suffix
+        ("=?utf-8?b?w6k?=", "é"),  # missing padding
+        ("=?utf-8?b?!!?=", "=?utf-8?b?!!?="),
+        ("=?x-unknown?q?abc?=", "abc"),
+        ("no words here", "no words here"),
+    ],
+)
+def test_decode_words(value: str, expected: str) -> None:
+    assert decode_words(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "charset", "expected"),
+    [
+        (b"caf\xc3\xa9", None, "café"),
+        (b"caf\xe9", None, "café"),
+        (b"caf\xe9", "iso-8859-1", "café"),
+        (b"caf\xc3\xa9", "base64", "café"),  # not a text encoding: ignored
+        (b"caf\xc3\xa9", '"UTF-8"', "café"),
+        (b"\xb5\xc4\x81\x40", "gb2312", "的丂"),  # read as GBK, its superset
+    ],
+)
+def test_decode_bytes(data: bytes, charset: str | None, expected: str) -> None:
+    assert decode_bytes(data, charset) == expected
+
+
+def test_scan_addresses_is_linear() -> None:
+    started = time.perf_counter()
+    assert scan_addresses("a" * 200_000) == []
+    assert scan_addresses("<" * 200_000 + "x@y.z>") == ["x@y.z"]
+    assert time.perf_counter() - started < 1.0
+
+
+def test_parse_speed() -> None:
+    raw = load("plain_2k.eml")
+    runs = 500
+    mean_s = min(timeit.repeat(lambda: parse(raw), number=runs, repeat=3)) / runs
+    assert mean_s < 0.001  # generous; about 0.1 ms on the development machine
