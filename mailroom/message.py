@@ -293,6 +293,12 @@ def _size(part: Message) -> int:
         return 0
 
 
+def _as_str_text(text: str) -> str:
+    """Text as Python and JSON consumers expect it: LF line ends (RFC 5322 wire form is
+    CRLF), and no NUL."""
+    return text.replace("\r\n", "\n").replace("\x00", "\ufffd")
+
+
 def _bodies(
     msg: Message, defects: list[str]
 ) -> tuple[str | None, str | None, tuple[Attachment, ...]]:
@@ -319,11 +325,11 @@ def _bodies(
         if disposition != "attachment" and filename is None:
             if content_type == "text/plain" and text is None:
                 text = decode_bytes(_payload(part), params.get("charset"))
-                text = text.replace("\x00", "\ufffd")
+                text = _as_str_text(text)
                 continue
             if content_type == "text/html" and html is None:
                 html = decode_bytes(_payload(part), params.get("charset"))
-                html = html.replace("\x00", "\ufffd")
+                html = _as_str_text(html)
                 continue
         if filename is not None:  # Outlook writes RFC 2047 words here
             filename = decode_words(_header_text(filename))

@@ -78,7 +78,7 @@ async def _uidvalidity(dovecot: Dovecot, account: Account) -> int:
         with dovecot.imap(account) as conn:
             typ, data = conn.status("INBOX", "(UIDVALIDITY)")
             assert typ == "OK"
-            return int(data[0].split(b"UIDVALIDITY ")[1].rstrip(b")"))  # type: ignore[union-attr]
+            return int(data[0].split(b"UIDVALIDITY ")[1].rstrip(b")"))
 
     return await asyncio.to_thread(read)
 
@@ -134,11 +134,12 @@ async def test_arrival_race_hundreds_of_single_appends_none_waits(
 async def test_tls_starttls_and_plain(
     mode: str, dovecot: Dovecot, account: Account, webhook: WebhookReceiver
 ) -> None:
-    settings: dict[str, Any] = {
+    modes: dict[str, dict[str, Any]] = {
         "ssl": {"port": dovecot.tls_port, "ssl": True},
         "start_tls": {"port": dovecot.port, "ssl": False, "start_tls": True},
         "plain": {"port": dovecot.port, "ssl": False, "ca_file": None},
-    }[mode]
+    }
+    settings = modes[mode]
     await dovecot.aappend(account, message(1))
     async with running(make_config(dovecot, account, webhook.url, **settings)):
         (request,) = await webhook.wait_for(1)

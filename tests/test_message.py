@@ -56,8 +56,8 @@ def test_plain_message() -> None:
     assert parsed.to == (Address("", "incoming+k-plain@incoming.example.com"),)
     assert parsed.subject == "A plain message of about two kilobytes"
     assert parsed.date == "2024-01-01T10:00:00+00:00"
-    lorem = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n"
-    assert parsed.text == lorem * 20  # line endings as sent
+    lorem = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\n"
+    assert parsed.text == lorem * 20  # CRLF on the wire, LF in str
     assert parsed.html is None
     assert parsed.attachments == ()
     assert parsed.return_path == "alice@example.org"

@@ -87,10 +87,38 @@ def mailbox_name(name: str) -> str:
     return f'"{encoded}"'
 
 
+# aioimaplib parses each received chunk recursively, one stack frame per line: a 256 KB chunk
+# of short FETCH lines (a plain-TCP backlog) overflows the recursion limit. Fed in slices,
+# the depth stays bounded; the protocol already handles lines and literals split anywhere.
+_FEED_SLICE = 4096
+
+
+class _FetchCommand(aioimaplib.FetchCommand):  # type: ignore[misc]
+    """aioimaplib's FetchCommand rescans every line received so far for each new line
+    (quadratic in the batch size); this one remembers where the last FETCH item began."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_item = 0
+
+    def append_to_resp(self, line: Any, result: str = "Pending") -> None:
+        if type(line) is bytes and self.FETCH_MESSAGE_DATA_RE.match(line):
+            self._last_item = len(self._resp_lines)
+        super().append_to_resp(line, result)
+
+    def wait_data(self) -> bool:
+        tail = b"".join(x for x in self._resp_lines[self._last_item :] if type(x) is bytes)
+        return not aioimaplib.matched_parenthesis(tail)
+
+
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     """aioimaplib's protocol, telling us about every EXISTS and BYE it sees."""
 
     session: ImapSession | None = None
+
+    def data_received(self, d: bytes) -> None:
+        for start in range(0, len(d), _FEED_SLICE):
+            super().data_received(d[start : start + _FEED_SLICE])
 
     def _untagged_response(self, line: bytes) -> Any:
         if self.session is not None:
@@ -347,12 +375,19 @@ class ImapSession:
     async def fetch(self, uids: Iterable[int], items: str) -> list[FetchedMessage]:
         """``UID FETCH`` of ``items`` (must include UID and RFC822.SIZE)."""
         assert self._client is not None
+        protocol = self._client.protocol
+        command = _FetchCommand(
+            protocol.new_tag(),
+            uid_set(uids),
+            f"({items})",
+            prefix="UID",
+            loop=protocol.loop,
+            timeout=self.timeout_s,
+        )
         response = await self._run(
             "UID FETCH",
-            self._client.protocol.fetch(
-                uid_set(uids), f"({items})", by_uid=True, timeout=self.timeout_s
-            ),
-            timeout_s=None if self.timeout_s is None else self.timeout_s * 10,
+            protocol.execute(command),
+            timeout_s=self.timeout_s * 10,  # the per-line timer above catches a stall sooner
         )
         return _parse_fetch(response.lines)
 

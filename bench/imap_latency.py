@@ -1,0 +1,212 @@
+"""IMAP benchmarks on one private Dovecot (loopback only). Prints three numbers:
+
+1. the server's own IDLE floor: APPEND OK → ``* n EXISTS`` on a bare IDLE client;
+2. mailroom's APPEND OK → webhook arrival (median, p99) for 50 messages, one at a time,
+   with ``python -m mailroom`` and the receiver as separate processes;
+3. the time to deliver a 1,000-message backlog of 2 KB messages (mailroom in this process,
+   the receiver in another), from ``supervisor.run`` to the last webhook arrival.
+
+Run with ``make bench``. Arrival times are ``time.monotonic()`` in the receiver process,
+comparable with this process's on Linux (CLOCK_MONOTONIC is system-wide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mailroom import supervisor  # noqa: E402
+from mailroom.config import parse_config  # noqa: E402
+from tests.helpers import config_dict, mailbox_dict, message  # noqa: E402
+from tests.servers.dovecot import Account, Dovecot, free_port  # noqa: E402
+
+SAMPLES = 50
+BACKLOG = 1000
+STEP_TIMEOUT_S = 10.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def describe(name: str, values: list[float]) -> str:
+    ms = [v * 1000 for v in values]
+    return (
+        f"{name}: median {statistics.median(ms):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms, "
+        f"min {min(ms):.1f} ms, max {max(ms):.1f} ms (n={len(ms)})"
+    )
+
+
+def idle_floor(dovecot: Dovecot, account: Account) -> list[float]:
+    """A bare client: LOGIN, SELECT, IDLE; another connection APPENDs; time to EXISTS."""
+    sock = socket.create_connection((dovecot.host, dovecot.port), timeout=STEP_TIMEOUT_S)
+    reader = sock.makefile("rb")
+
+    def until(prefix: bytes) -> bytes:
+        for _ in range(1000):
+            line = reader.readline()
+            if not line:
+                raise RuntimeError("connection closed")
+            if line.startswith(prefix):
+                return line
+        raise RuntimeError(f"no line starting with {prefix!r}")
+
+    until(b"* OK")
+    sock.sendall(f"a LOGIN {account.user} {account.password}\r\n".encode())
+    until(b"a OK")
+    sock.sendall(b"b SELECT INBOX\r\n")
+    until(b"b OK")
+    sock.sendall(b"c IDLE\r\n")
+    until(b"+")
+    samples = []
+    with dovecot.imap(account) as appender:
+        for n in range(SAMPLES):
+            typ, _ = appender.append("INBOX", None, None, message(n))
+            appended = time.monotonic()
+            assert typ == "OK"
+            for _ in range(100):
+                line = reader.readline()
+                if line.endswith(b"EXISTS\r\n"):
+                    break
+            samples.append(time.monotonic() - appended)
+    sock.sendall(b"DONE\r\n")
+    sock.close()
+    return samples
+
+
+def receiver(port: int, count: int | None = None) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "tests.servers.webhook", "--port", str(port)]
+    if count is not None:
+        args += ["--count", str(count)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while time.monotonic() < deadline:  # bounded: wait for the port
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("receiver did not start")
+
+
+def read_line(stream: IO[str]) -> str:
+    line = stream.readline()
+    if not line:
+        raise RuntimeError("receiver ended early")
+    return line
+
+
+def settle_and_idle(conn: imaplib.IMAP4) -> None:
+    """Wait (bounded) until every message is \\Seen, then 50 ms for the watcher to IDLE."""
+    for _ in range(200):
+        typ, data = conn.uid("SEARCH", "UNSEEN")
+        if typ == "OK" and not (data[0] or b"").split():
+            break
+        time.sleep(0.005)
+    time.sleep(0.05)
+
+
+def mailroom_latency(dovecot: Dovecot, workdir: Path) -> list[float]:
+    account = dovecot.add_user()
+    port = free_port()
+    hook = receiver(port)
+    assert hook.stdout is not None
+    config = config_dict(
+        [mailbox_dict(dovecot, account, port=dovecot.port, ssl=False, ca_file=None)],
+        f"http://127.0.0.1:{port}/",
+    )
+    config["log"] = {"level": "warning"}
+    path = workdir / "bench.yml"
+    path.write_text(yaml.safe_dump(config))
+    mailroom = subprocess.Popen([sys.executable, "-m", "mailroom", "-c", str(path)], cwd=ROOT)
+    samples = []
+    try:
+        # One warm-up message: it also proves the watcher is connected and idling.
+        dovecot.append(account, message(-1))
+        read_line(hook.stdout)
+        with dovecot.imap(account) as appender:
+            appender.select("INBOX")
+            for n in range(SAMPLES):
+                # Measure the IDLE path: wait until the previous message is settled and the
+                # watcher is back in IDLE, so the APPEND is announced by an IDLE push (an
+                # APPEND that lands during the settle round trip is seen sooner).
+                settle_and_idle(appender)
+                typ, _ = appender.append("INBOX", None, None, message(n))
+                appended = time.monotonic()
+                assert typ == "OK"
+                arrived = float(read_line(hook.stdout).split()[0])
+                samples.append(arrived - appended)
+    finally:
+        mailroom.terminate()
+        mailroom.wait(STEP_TIMEOUT_S)
+        hook.kill()
+        hook.wait(STEP_TIMEOUT_S)
+    return samples
+
+
+async def backlog(dovecot: Dovecot) -> tuple[float, float]:
+    account = dovecot.add_user()
+    await dovecot.aappend_many(account, [message(n, size=2048) for n in range(BACKLOG)])
+    port = free_port()
+    hook = receiver(port, count=BACKLOG)
+    assert hook.stdout is not None
+    config = parse_config(
+        config_dict(
+            [mailbox_dict(dovecot, account, port=dovecot.port, ssl=False, ca_file=None)],
+            f"http://127.0.0.1:{port}/",
+        ),
+        env={},
+    )
+    stop = asyncio.Event()
+    started = time.monotonic()
+    task = asyncio.create_task(supervisor.run(config, stop))
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(read_line, hook.stdout), 60)
+    finally:
+        stop.set()
+        await task
+        hook.kill()
+        hook.wait(STEP_TIMEOUT_S)
+    result = json.loads(line)
+    return result["last"] - started, result["last"] - result["first"]
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    workdir = Path(os.environ.get("TMPDIR", "/tmp"))
+    with Dovecot() as dovecot:
+        dovecot.start()
+        floor = idle_floor(dovecot, dovecot.add_user())
+        print(describe("Dovecot IDLE floor (APPEND OK -> * EXISTS, bare client)", floor))
+        latency = mailroom_latency(dovecot, workdir)
+        print(describe("mailroom APPEND OK -> webhook arrival", latency))
+        print(
+            f"  median over the floor: "
+            f"{(statistics.median(latency) - statistics.median(floor)) * 1000:+.1f} ms"
+        )
+        total, spread = asyncio.run(backlog(dovecot))
+        print(
+            f"{BACKLOG}-message backlog of 2 KB: delivered in {total:.3f} s from start "
+            f"(first to last arrival {spread:.3f} s)"
+        )
+
+
+if __name__ == "__main__":
+    main()
