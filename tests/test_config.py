@@ -99,7 +99,7 @@ def test_mailbox_webhook_override_merges_over_top_level() -> None:
         ({"idle_timeout": 3600}, "mailboxes[0].idle_timeout: 3600 is out of range"),
         ({"colour": "blue"}, "mailboxes[0].colour: unknown key; known keys here:"),
         ({"password": None}, "mailboxes[0].password: is required (or password_file"),
-        ({"address": "in@%{key}.example.com"}, "mailboxes[0].address: 'in@%{key}.example.com': %{key} must"),
+        ({"address": "i@%{key}.ex.com"}, "mailboxes[0].address: 'i@%{key}.ex.com': %{key} must"),
         ({"address": "nobody"}, "mailboxes[0].address: 'nobody' is not an address template"),
         ({"host": "${NOPE}"}, "mailboxes[0].host: environment variable NOPE is not set"),
         ({"inbox_method": "pop3"}, "mailboxes[0].inbox_method: 'pop3' is not one of: imap,"),
