@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailroom: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure(config.log.format, config.log.level)
+    for warning in config.warnings:
+        logging.getLogger("mailroom.config").warning("config: %s", warning)
     try:
         return asyncio.run(supervisor.run(config))
     except Exception:

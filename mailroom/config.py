@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 from urllib.parse import urlsplit
@@ -26,11 +27,17 @@ __all__ = [
     "BasicAuth",
     "Config",
     "ConfigError",
+    "GraphInboxOptions",
+    "GraphMailboxConfig",
     "ImapMailboxConfig",
     "JwtConfig",
     "LogConfig",
+    "MailboxConfig",
+    "OAuthConfig",
+    "RejectNoticesConfig",
     "RetryConfig",
     "Secret",
+    "SmtpConfig",
     "WebhookConfig",
     "load_config",
     "parse_config",
@@ -115,8 +122,9 @@ class ImapMailboxConfig:
     tls_verify: bool = True
     ca_file: str | None = None
     user: str
-    password: Secret = field(repr=False)
-    auth: Literal["password"] = "password"
+    password: Secret | None = field(default=None, repr=False)  # None with auth: xoauth2
+    auth: Literal["password", "xoauth2"] = "password"
+    oauth: OAuthConfig | None = None  # the token source for auth: xoauth2
     mailbox: str = "INBOX"
     idle_timeout_s: float = 60.0
     search_command: str = "UNSEEN"
@@ -125,6 +133,100 @@ class ImapMailboxConfig:
     failed_folder: str | None = None
     max_message_bytes: int = 26_214_400
     webhook: WebhookConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuthConfig:
+    """An Entra ID app registration asking for client-credentials tokens (RFC 6749 §4.4)."""
+
+    tenant_id: str
+    client_id: str
+    client_secret: Secret = field(repr=False)
+    azure_ad_endpoint: str = "https://login.microsoftonline.com"  # authority host, no tenant
+    scope: str = "https://outlook.office365.com/.default"
+    ca_file: str | None = None  # trusted instead of the system store, for a private CA
+    tls_verify: bool = True
+
+    @property
+    def authority(self) -> str:
+        return f"{self.azure_ad_endpoint}/{self.tenant_id}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GraphInboxOptions:
+    """``inbox_options`` of a Microsoft Graph mailbox (GitLab's names)."""
+
+    tenant_id: str
+    client_id: str
+    client_secret: Secret = field(repr=False)
+    poll_interval_s: float = 60.0
+    azure_ad_endpoint: str = "https://login.microsoftonline.com"
+    graph_endpoint: str = "https://graph.microsoft.com"
+    ca_file: str | None = None  # for both endpoints; trusted instead of the system store
+    tls_verify: bool = True
+
+    @property
+    def oauth(self) -> OAuthConfig:
+        """The token source: the same app, scope ``<graph_endpoint>/.default``."""
+        return OAuthConfig(
+            tenant_id=self.tenant_id,
+            client_id=self.client_id,
+            client_secret=self.client_secret,
+            azure_ad_endpoint=self.azure_ad_endpoint,
+            scope=f"{self.graph_endpoint}/.default",
+            ca_file=self.ca_file,
+            tls_verify=self.tls_verify,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GraphMailboxConfig:
+    """One Microsoft 365 mailbox read through Microsoft Graph (``microsoft_graph``)."""
+
+    id: str
+    routing: routing.RoutingRules
+    user: str  # the mailbox's user principal name or object id
+    mailbox: str = "inbox"  # a well-known folder name or a folder id
+    delete_after_delivery: bool = False  # see README: Graph deletes are soft and then purged
+    failed_folder: str | None = None  # None: category MailroomFailed and isRead
+    max_message_bytes: int = 26_214_400
+    webhook: WebhookConfig
+    inbox_options: GraphInboxOptions
+
+
+MailboxConfig = ImapMailboxConfig | GraphMailboxConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SmtpConfig:
+    """The SMTP server that reject notices are sent through."""
+
+    host: str
+    port: int
+    ssl: bool = False  # implicit TLS (port 465)
+    start_tls: bool = False
+    tls_verify: bool = True
+    ca_file: str | None = None
+    user: str | None = None
+    password: Secret | None = field(default=None, repr=False)
+    timeout_s: float = 30.0
+
+
+# A notice holds its message unsettled while it is retried: give up after a day by default.
+NOTICE_RETRY = RetryConfig(initial_s=5.0, max_s=600.0, give_up_after_s=86_400.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectNoticesConfig:
+    """``reject_notices:``; absent (or ``enabled: false``) means no notices are sent."""
+
+    sender: str  # the notice's From: "Example <noreply@example.com>" (config key `from`)
+    sender_address: str  # its addr-spec; also one of our own addresses
+    smtp: SmtpConfig
+    require_authenticated_sender: bool = False
+    trusted_authserv_ids: frozenset[str] = frozenset()
+    footer: str = ""
+    retry: RetryConfig = NOTICE_RETRY  # give_up_after_s is never None here
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,14 +239,17 @@ class LogConfig:
 class Config:
     """The whole validated configuration."""
 
-    mailboxes: tuple[ImapMailboxConfig, ...]
+    mailboxes: tuple[MailboxConfig, ...]
     webhook: WebhookConfig
     log: LogConfig = LogConfig()
     shutdown_timeout_s: float = 20.0
+    reject_notices: RejectNoticesConfig | None = None  # None: notices are off
+    warnings: tuple[str, ...] = ()  # advice found at load, "<dotted.path>: ..."; log them
 
 
 _REQUIRED: Any = object()
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 # RFC 2177 §3: clients should re-issue IDLE at least every 29 minutes.
 IDLE_TIMEOUT_MAX_S = 1740
 
@@ -363,14 +468,14 @@ def _check_whsec(section: _Section, secret: Secret) -> None:
         )
 
 
-def _mailbox(section: _Section, webhook_raw: dict[str, Any], index: int) -> ImapMailboxConfig:
+def _mailbox(section: _Section, webhook_raw: dict[str, Any], index: int) -> MailboxConfig:
     method = section.choice("inbox_method", "imap", ("imap", "microsoft_graph"))
-    if method != "imap":
-        section.fail("inbox_method", "microsoft_graph is not supported by this version; use imap")
     try:
         address = routing.AddressTemplate.parse(section.text("address"))
     except ValueError as exc:
         section.fail("address", str(exc))
+    if method == "microsoft_graph":
+        return _graph_mailbox(section, address, webhook_raw)
     ssl = section.flag("ssl", False)
     start_tls = section.flag("start_tls", False)
     if ssl and start_tls:
@@ -381,22 +486,24 @@ def _mailbox(section: _Section, webhook_raw: dict[str, Any], index: int) -> Imap
     if port == 143 and ssl:
         section.fail("port", "143 with ssl: true; use port 993, or ssl: false with start_tls: true")
     auth = section.choice("auth", "password", ("password", "xoauth2"))
-    if auth != "password":
-        section.fail("auth", "xoauth2 is not supported by this version; use password")
     host = section.text("host")
     user = section.text("user")
     mailbox = section.text("mailbox", "INBOX")
-    password = section.secret("password", required=True)
-    assert password is not None
-    merged = dict(webhook_raw)
-    if (override := section.raw("webhook", None)) is not None:
-        if not isinstance(override, dict):
-            section.fail("webhook", f"expected a mapping of webhook keys, got {_kind(override)}")
-        merged.update(override)
-    webhook = _webhook(_Section(merged, section.where("webhook"), section.env, section.base_dir))
+    password = section.secret("password", required=auth == "password")
+    oauth = None
+    if auth == "xoauth2":
+        if password is not None:
+            section.fail("password", "auth: xoauth2 gets its token from the oauth block; remove it")
+        if (oauth_section := section.section("oauth")) is None:
+            section.fail("oauth", "is required with auth: xoauth2 (tenant_id, client_id, ...)")
+        oauth = _oauth(oauth_section, scope=None)
+        oauth_section.done()
+    elif section.has("oauth"):
+        section.fail("oauth", "is used only with auth: xoauth2; set auth: xoauth2 or remove it")
+    webhook = _mailbox_webhook(section, webhook_raw)
     config = ImapMailboxConfig(
         id=section.text("id", f"{user}@{host}/{mailbox}"),
-        routing=routing.RoutingRules(address=address),
+        routing=_routing_rules(section, address, user),
         host=host,
         port=port,
         ssl=ssl,
@@ -405,7 +512,8 @@ def _mailbox(section: _Section, webhook_raw: dict[str, Any], index: int) -> Imap
         ca_file=section.path_value("ca_file"),
         user=user,
         password=password,
-        auth="password",
+        auth=auth,
+        oauth=oauth,
         mailbox=mailbox,
         idle_timeout_s=section.number("idle_timeout", 60.0, lo=1, hi=IDLE_TIMEOUT_MAX_S),
         search_command=section.text("search_command", "UNSEEN"),
@@ -419,6 +527,227 @@ def _mailbox(section: _Section, webhook_raw: dict[str, Any], index: int) -> Imap
     )
     section.done()
     return config
+
+
+def _mailbox_webhook(section: _Section, webhook_raw: dict[str, Any]) -> WebhookConfig:
+    """The top-level webhook with this mailbox's ``webhook:`` keys laid over it."""
+    merged = dict(webhook_raw)
+    if (override := section.raw("webhook", None)) is not None:
+        if not isinstance(override, dict):
+            section.fail("webhook", f"expected a mapping of webhook keys, got {_kind(override)}")
+        merged.update(override)
+    return _webhook(_Section(merged, section.where("webhook"), section.env, section.base_dir))
+
+
+def _https_endpoint(section: _Section, key: str, default: str) -> str:
+    """An https base URL without a trailing slash (msal accepts only https authorities)."""
+    url = str(section.text(key, default)).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        section.fail(key, f"{url!r} is not an https base URL; write it like {default}")
+    return url
+
+
+def _oauth(section: _Section, *, scope: str | None) -> OAuthConfig:
+    """``oauth:`` of an IMAP mailbox (``scope`` read from it) or a Graph mailbox's options."""
+    tenant_id = section.text("tenant_id")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", tenant_id):
+        section.fail("tenant_id", f"{tenant_id!r} is not a tenant id or domain (Entra portal)")
+    secret = section.secret("client_secret", required=True)
+    assert secret is not None
+    return OAuthConfig(
+        tenant_id=tenant_id,
+        client_id=section.text("client_id"),
+        client_secret=secret,
+        azure_ad_endpoint=_https_endpoint(
+            section, "azure_ad_endpoint", "https://login.microsoftonline.com"
+        ),
+        scope=scope or section.text("scope", "https://outlook.office365.com/.default"),
+        ca_file=section.path_value("ca_file"),
+        tls_verify=section.flag("tls_verify", True),
+    )
+
+
+def _graph_mailbox(
+    section: _Section, address: routing.AddressTemplate, webhook_raw: dict[str, Any]
+) -> GraphMailboxConfig:
+    """``inbox_method: microsoft_graph``: GitLab's keys, with ``inbox_options``."""
+    for key in ("host", "port", "ssl", "start_tls", "password", "password_file", "auth"):
+        if section.has(key):
+            section.fail(key, "is an IMAP setting; a microsoft_graph mailbox uses inbox_options")
+    if (options_section := section.section("inbox_options")) is None:
+        section.fail("inbox_options", "is required with inbox_method: microsoft_graph")
+    graph_endpoint = _https_endpoint(
+        options_section, "graph_endpoint", "https://graph.microsoft.com"
+    )
+    oauth = _oauth(options_section, scope=f"{graph_endpoint}/.default")
+    options = GraphInboxOptions(
+        tenant_id=oauth.tenant_id,
+        client_id=oauth.client_id,
+        client_secret=oauth.client_secret,
+        poll_interval_s=options_section.number("poll_interval", 60.0, lo=0.1, hi=86_400),
+        azure_ad_endpoint=oauth.azure_ad_endpoint,
+        graph_endpoint=graph_endpoint,
+        ca_file=oauth.ca_file,
+        tls_verify=oauth.tls_verify,
+    )
+    options_section.done()
+    user = section.text("user")
+    mailbox = section.text("mailbox", "inbox")
+    config = GraphMailboxConfig(
+        id=section.text("id", f"{user}@graph/{mailbox}"),
+        routing=_routing_rules(section, address, user),
+        user=user,
+        mailbox=mailbox,
+        delete_after_delivery=section.flag("delete_after_delivery", False),
+        failed_folder=section.text("failed_folder", None),
+        max_message_bytes=section.number(
+            "max_message_bytes", 26_214_400, lo=1024, hi=2**31, integer=True
+        ),
+        webhook=_mailbox_webhook(section, webhook_raw),
+        inbox_options=options,
+    )
+    section.done()
+    return config
+
+
+def _address(section: _Section, key: str, value: str) -> str:
+    """The addr-spec of ``value`` (``Name <a@b>`` or ``a@b``), or a ConfigError."""
+    address = email.utils.parseaddr(value)[1]
+    if "@" not in address or not address.partition("@")[0] or " " in address:
+        section.fail(key, f"{value!r} is not an email address; write it like noreply@example.com")
+    return address
+
+
+def _routing_rules(
+    section: _Section, address: routing.AddressTemplate, user: str
+) -> routing.RoutingRules:
+    """``reply_host``, ``ignore_auto_generated`` and ``own_addresses`` of one mailbox."""
+    reply_host = section.text("reply_host", None)
+    if reply_host is not None and not _HOST_RE.fullmatch(reply_host.lower()):
+        section.fail("reply_host", f"{reply_host!r} is not a host name; write it like example.com")
+    enabled = set(routing.AUTO_GENERATED_RULES)
+    if (rules := section.section("ignore_auto_generated")) is not None:
+        known = ", ".join(routing.AUTO_GENERATED_RULES)
+        for name in rules.data:
+            if name not in routing.AUTO_GENERATED_RULES:
+                rules.fail(str(name), f"unknown rule; known rules: {known}")
+            if not rules.flag(name, True):
+                enabled.discard(name)
+        rules.done()
+    own = {user} if "@" in user else set()
+    raw_own = section.raw("own_addresses", [])
+    if not isinstance(raw_own, list):
+        section.fail("own_addresses", f"expected a list of addresses, got {_kind(raw_own)}")
+    for i, item in enumerate(raw_own):
+        if not isinstance(item, str):
+            section.fail(f"own_addresses[{i}]", f"expected an address, got {_kind(item)}")
+        own.add(_address(section, f"own_addresses[{i}]", section._expand("own_addresses", item)))
+    return routing.RoutingRules(
+        address=address,
+        reply_host=reply_host,
+        ignore_auto_generated=frozenset(enabled),
+        own_addresses=frozenset(own),
+    )
+
+
+def _smtp(section: _Section) -> SmtpConfig:
+    ssl = section.flag("ssl", False)
+    start_tls = section.flag("start_tls", False)
+    if ssl and start_tls:
+        section.fail("start_tls", "ssl (implicit TLS) and start_tls exclude each other; pick one")
+    default_port = 465 if ssl else 587 if start_tls else 25
+    port = section.number("port", default_port, lo=1, hi=65535, integer=True)
+    if port == 465 and not ssl:
+        section.fail("port", "465 with ssl: false; set ssl: true or use port 587 with start_tls")
+    if port in (25, 587) and ssl:
+        section.fail(
+            "port", f"{port} with ssl: true; use port 465, or ssl: false with start_tls: true"
+        )
+    user = section.text("user", None)
+    password = section.secret("password", required=user is not None)
+    if password is not None and user is None:
+        section.fail("user", "is required with a password; give both or neither")
+    config = SmtpConfig(
+        host=section.text("host"),
+        port=port,
+        ssl=ssl,
+        start_tls=start_tls,
+        tls_verify=section.flag("tls_verify", True),
+        ca_file=section.path_value("ca_file"),
+        user=user,
+        password=password,
+        timeout_s=section.number("timeout", 30.0, lo=0.1, hi=600),
+    )
+    section.done()
+    return config
+
+
+def _reject_notices(section: _Section) -> tuple[RejectNoticesConfig | None, str | None]:
+    """The notices config (None with ``enabled: false``) and the ``from`` address, if given."""
+    enabled = section.flag("enabled", True)
+    sender = section.text("from", _REQUIRED if enabled else None)
+    sender_address = None if sender is None else _address(section, "from", sender)
+    smtp_section = section.section("smtp")
+    if smtp_section is None and enabled:
+        section.fail(
+            "smtp", "is required, like {host: smtp.example.com, port: 587, start_tls: true}"
+        )
+    smtp = None if smtp_section is None else _smtp(smtp_section)
+    raw_ids = section.raw("trusted_authserv_ids", [])
+    if not isinstance(raw_ids, list) or not all(isinstance(i, str) and i for i in raw_ids):
+        section.fail("trusted_authserv_ids", "expected a list of host names, like [mx.example.com]")
+    retry = NOTICE_RETRY
+    if (retry_section := section.section("retry")) is not None:
+        retry = RetryConfig(
+            initial_s=retry_section.number("initial", retry.initial_s, lo=0.01, hi=3600),
+            max_s=retry_section.number("max", retry.max_s, lo=0.01, hi=86400),
+            # The message waits for its notice: never for ever (null means the default).
+            give_up_after_s=retry_section.number(
+                "give_up_after", retry.give_up_after_s, lo=1, hi=30 * 86400
+            ),
+        )
+        if retry.max_s < retry.initial_s:
+            retry_section.fail("max", "must be at least retry.initial")
+        retry_section.done()
+    require_authenticated_sender = section.flag("require_authenticated_sender", False)
+    footer = section.raw("footer", "")
+    if not isinstance(footer, str):
+        section.fail("footer", f"expected text, got {_kind(footer)}")
+    section.done()
+    if not enabled:
+        return None, sender_address
+    assert sender is not None and sender_address is not None and smtp is not None
+    config = RejectNoticesConfig(
+        sender=sender,
+        sender_address=sender_address,
+        smtp=smtp,
+        require_authenticated_sender=require_authenticated_sender,
+        trusted_authserv_ids=frozenset(
+            section._expand("trusted_authserv_ids", i).lower() for i in raw_ids
+        ),
+        footer=footer,
+        retry=retry,
+    )
+    return config, sender_address
+
+
+def _warnings(
+    mailboxes: tuple[MailboxConfig, ...], notices: RejectNoticesConfig | None
+) -> tuple[str, ...]:
+    """Advice that is not an error, each ``<dotted.path>: <what and what to do>``."""
+    found = [
+        f"mailboxes[{i}].address: {text}"
+        for i, mailbox in enumerate(mailboxes)
+        for text in routing.warnings(mailbox.routing.address)
+    ]
+    smtp = notices.smtp if notices is not None else None
+    if smtp is not None and smtp.user and not (smtp.ssl or smtp.start_tls):
+        found.append(
+            "reject_notices.smtp.user: the SMTP password would cross the network in clear text; "
+            "set start_tls: true (port 587) or ssl: true (port 465)"
+        )
+    return tuple(found)
 
 
 def parse_config(
@@ -442,6 +771,19 @@ def parse_config(
                 f"mailboxes[{i}].id", f"{mailbox.id!r} is used twice; give each mailbox an id"
             )
         seen.add(mailbox.id)
+    notices, notice_address = None, None
+    if (notices_section := root.section("reject_notices")) is not None:
+        notices, notice_address = _reject_notices(notices_section)
+    if notice_address is not None:  # never send a notice to ourselves (nor loop: X-Loop)
+        mailboxes = tuple(
+            replace(
+                m,
+                routing=replace(
+                    m.routing, own_addresses=m.routing.own_addresses | {notice_address}
+                ),
+            )
+            for m in mailboxes
+        )
     log = LogConfig()
     if (log_section := root.section("log")) is not None:
         log = LogConfig(
@@ -454,6 +796,8 @@ def parse_config(
         webhook=top_webhook,
         log=log,
         shutdown_timeout_s=root.number("shutdown_timeout", 20.0, lo=0.1, hi=3600),
+        reject_notices=notices,
+        warnings=_warnings(mailboxes, notices),
     )
     root.done()
     return config

@@ -23,11 +23,12 @@ from urllib.parse import quote
 
 import aiohttp
 
-from mailroom import message, routing
+from mailroom import message, notices, routing
 from mailroom.backoff import backoff_delay
-from mailroom.config import Config, ImapMailboxConfig, JwtConfig, WebhookConfig
+from mailroom.config import Config, JwtConfig, MailboxConfig, WebhookConfig
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
+from mailroom.reject import NoticeResult, Notifier
 
 __all__ = ["Dispatcher", "build_payload", "sign"]
 
@@ -169,11 +170,12 @@ class Dispatcher:
     """Takes envelopes from the sources and brings each one to a settled outcome."""
 
     def __init__(self, config: Config) -> None:
-        self._mailboxes: dict[str, ImapMailboxConfig] = {m.id: m for m in config.mailboxes}
+        self._mailboxes: dict[str, MailboxConfig] = {m.id: m for m in config.mailboxes}
         self._webhooks: dict[WebhookConfig, _Webhook] = {}
         for mailbox in config.mailboxes:
             if mailbox.webhook not in self._webhooks:
                 self._webhooks[mailbox.webhook] = _Webhook(mailbox.webhook)
+        self._notifier = Notifier(config.reject_notices)
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self.accepting = True
@@ -253,7 +255,7 @@ class Dispatcher:
         log.info("%s: %s: %s", envelope.mailbox, envelope.ref, outcome.value, extra=fields)
 
     async def _decide(
-        self, envelope: Envelope, mailbox: ImapMailboxConfig, fields: dict[str, Any]
+        self, envelope: Envelope, mailbox: MailboxConfig, fields: dict[str, Any]
     ) -> Outcome:
         parsed = message.parse(envelope.raw)
         fields["message_id"] = parsed.message_id
@@ -266,7 +268,9 @@ class Dispatcher:
                 mailbox.max_message_bytes,
                 extra=fields,
             )
-            return Outcome.DEAD_LETTERED
+            return await self._notify(
+                Outcome.DEAD_LETTERED, envelope, parsed, notices.TOO_LARGE, fields
+            )
         decision = routing.decide(parsed, mailbox.routing)
         if isinstance(decision, routing.Ignore):
             log.info(
@@ -278,6 +282,15 @@ class Dispatcher:
             )
             return Outcome.IGNORED
         if isinstance(decision, routing.Reject):
+            if decision.reason == routing.UNPARSABLE_MESSAGE:  # no sender to tell
+                log.warning(
+                    "%s: %s: unparsable (%s); dead-lettering",
+                    envelope.mailbox,
+                    envelope.ref,
+                    ", ".join(parsed.defects),
+                    extra=fields,
+                )
+                return Outcome.DEAD_LETTERED
             log.info(
                 "%s: %s: rejected: %s",
                 envelope.mailbox,
@@ -285,7 +298,7 @@ class Dispatcher:
                 decision.reason,
                 extra=fields,
             )
-            return Outcome.REJECTED
+            return await self._notify(Outcome.REJECTED, envelope, parsed, decision.reason, fields)
         result = await self._deliver(envelope, parsed, decision, mailbox.webhook, fields)
         if isinstance(result, _Rejected):
             log.info(
@@ -295,8 +308,30 @@ class Dispatcher:
                 result.reason,
                 extra=fields,
             )
-            return Outcome.DELIVERED
+            return await self._notify(Outcome.DELIVERED, envelope, parsed, result.reason, fields)
         return result
+
+    async def _notify(
+        self,
+        outcome: Outcome,
+        envelope: Envelope,
+        parsed: message.ParsedMessage,
+        reason: str,
+        fields: dict[str, Any],
+    ) -> Outcome:
+        """Send the reject notice if the policy allows, then ``outcome``; dead-lettered instead
+        when the notice could not be sent (nothing is dropped silently)."""
+        mailbox = self._mailboxes[envelope.mailbox]
+        result = await self._notifier.notify(
+            parsed,
+            reason,
+            mailbox=envelope.mailbox,
+            ref=envelope.ref,
+            rules=mailbox.routing,
+            max_message_bytes=mailbox.max_message_bytes,
+            fields=fields,
+        )
+        return Outcome.DEAD_LETTERED if result is NoticeResult.FAILED else outcome
 
     async def _deliver(
         self,

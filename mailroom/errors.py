@@ -8,7 +8,9 @@
     │   ├── ImapError                                 the IMAP server said NO/BAD or broke protocol
     │   │   ├── ImapAuthError                         login refused: retried, but says so loudly
     │   │   └── ImapConnectionLost(ImapError, ConnectionError)
-    │   └── UidValidityChanged                        the mailbox was recreated under us
+    │   ├── UidValidityChanged                        the mailbox was recreated under us
+    │   ├── TokenError                                no OAuth token: Entra refused or unreachable
+    │   └── GraphError                                Graph answered an error or was unreachable
     └── DeliveryError(MailroomError)                  the webhook did not take the message
         ├── TransientDeliveryError                    retry later (5xx, 429, timeouts, ...)
         └── PermanentDeliveryError                    dead-letter (other 4xx)
@@ -50,6 +52,41 @@ class ImapConnectionLost(ImapError, ConnectionError):
 
 class UidValidityChanged(SourceError):
     """UIDVALIDITY changed: UIDs handed out before no longer name the same messages."""
+
+
+class TokenError(SourceError):
+    """No access token: the identity provider refused (``code``) or could not be reached.
+
+    ``code`` and ``description`` are Entra's ``error`` and ``error_description`` (RFC 6749
+    §5.2), e.g. ``invalid_client`` / ``AADSTS7000215: Invalid client secret provided``; they
+    never contain the secret itself.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None, description: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.description = description
+
+
+class GraphError(SourceError):
+    """Microsoft Graph answered an error (``status``, Graph's ``code``) or could not be reached.
+
+    ``retry_after_s`` is the server's ``Retry-After`` (429, 503), to be honoured before the
+    next request.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.retry_after_s = retry_after_s
 
 
 class DeliveryError(MailroomError):

@@ -1,6 +1,7 @@
 """Owns the TaskGroup, the signals and the bounded, ordered shutdown.
 
-Tasks: ``imap:<mailbox>`` per IMAP mailbox and ``dispatch`` (the drain). A mailbox that fails
+Tasks: ``imap:<mailbox>`` per IMAP mailbox, ``graph:<mailbox>`` per Microsoft Graph mailbox
+and ``dispatch`` (the drain). A mailbox that fails
 (bad password, server down) retries on its own and never stops the others.
 
 Shutdown on SIGTERM/SIGINT (a second SIGINT forces exit):
@@ -18,8 +19,9 @@ import logging
 import os
 import signal
 
-from mailroom.config import Config
+from mailroom.config import Config, ImapMailboxConfig
 from mailroom.dispatch import Dispatcher
+from mailroom.sources.graph import GraphPoller
 from mailroom.sources.imap import ImapWatcher
 
 __all__ = ["run"]
@@ -57,12 +59,19 @@ async def run(config: Config, stop: asyncio.Event | None = None) -> int:
     drained = asyncio.Event()
     try:
         async with Dispatcher(config) as dispatcher:
-            watchers = [
+            watchers: list[ImapWatcher | GraphPoller] = [
                 ImapWatcher(mailbox, dispatcher.submit, stopping=stop, drained=drained)
+                if isinstance(mailbox, ImapMailboxConfig)
+                else GraphPoller(mailbox, dispatcher.submit, stopping=stop, drained=drained)
                 for mailbox in config.mailboxes
             ]
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(w.run(), name=f"imap:{w.id}") for w in watchers]
+                tasks = [
+                    group.create_task(
+                        w.run(), name=f"{'imap' if isinstance(w, ImapWatcher) else 'graph'}:{w.id}"
+                    )
+                    for w in watchers
+                ]
                 log.info("mailroom started: %d mailbox(es)", len(watchers))
                 await stop.wait()
                 log.info("stopping: draining deliveries (up to %.0fs)", config.shutdown_timeout_s)

@@ -1,13 +1,16 @@
-"""Shared fixtures: a session-wide Dovecot, fresh accounts, extra Dovecots, a webhook receiver."""
+"""Shared fixtures: a session-wide Dovecot, fresh accounts, extra Dovecots, a webhook receiver,
+SMTP servers."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
 from tests.servers.dovecot import DOVECOT, Account, Dovecot
+from tests.servers.smtp import SmtpServer
 from tests.servers.webhook import WebhookReceiver
 
 
@@ -56,3 +59,26 @@ async def webhook() -> AsyncIterator[WebhookReceiver]:
     """A running WebhookReceiver in the test's event loop."""
     async with WebhookReceiver() as receiver:
         yield receiver
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpServer]:
+    """A running plain-text aiosmtpd server that accepts and records every message."""
+    with SmtpServer() as server:
+        yield server
+
+
+@pytest.fixture
+def smtp_factory() -> Iterator[Callable[..., SmtpServer]]:
+    """Start SMTP servers with other settings (``SmtpServer`` arguments); stopped at teardown."""
+    started: list[SmtpServer] = []
+
+    def factory(*args: Any, **kwargs: Any) -> SmtpServer:
+        server = SmtpServer(*args, **kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()

@@ -42,7 +42,11 @@ def mailbox_dict(dovecot: Dovecot, account: Account, **overrides: Any) -> dict[s
 
 
 def config_dict(
-    mailboxes: list[dict[str, Any]], webhook_url: str, **webhook: Any
+    mailboxes: list[dict[str, Any]],
+    webhook_url: str,
+    *,
+    reject_notices: dict[str, Any] | None = None,
+    **webhook: Any,
 ) -> dict[str, Any]:
     hook: dict[str, Any] = {
         "url": webhook_url,
@@ -51,7 +55,10 @@ def config_dict(
         "timeout": 5,
     }
     hook.update(webhook)
-    return {"mailboxes": mailboxes, "webhook": hook, "shutdown_timeout": 5}
+    config = {"mailboxes": mailboxes, "webhook": hook, "shutdown_timeout": 5}
+    if reject_notices is not None:
+        config["reject_notices"] = reject_notices
+    return config
 
 
 def make_config(
@@ -60,10 +67,16 @@ def make_config(
     webhook_url: str,
     *,
     webhook: dict[str, Any] | None = None,
+    reject_notices: dict[str, Any] | None = None,
     **mailbox: Any,
 ) -> Config:
     return parse_config(
-        config_dict([mailbox_dict(dovecot, account, **mailbox)], webhook_url, **(webhook or {})),
+        config_dict(
+            [mailbox_dict(dovecot, account, **mailbox)],
+            webhook_url,
+            reject_notices=reject_notices,
+            **(webhook or {}),
+        ),
         env={},
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from mailroom.config import Config, ConfigError, Secret, load_config, parse_config
+from mailroom import cli, routing, supervisor
+from mailroom.config import (
+    Config,
+    ConfigError,
+    ImapMailboxConfig,
+    Secret,
+    SmtpConfig,
+    load_config,
+    parse_config,
+)
 
 SECRET = "hunter2-do-not-print"
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -38,6 +48,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
     config = parse_config(minimal(), env={})
     assert isinstance(config, Config)
     (box,) = config.mailboxes
+    assert isinstance(box, ImapMailboxConfig)
     assert box.id == "incoming@example.com@imap.example.com/INBOX"
     assert (box.port, box.ssl, box.start_tls, box.tls_verify) == (143, False, False, True)
     assert (box.mailbox, box.search_command, box.idle_timeout_s) == ("INBOX", "UNSEEN", 60.0)
@@ -60,8 +71,10 @@ def test_minimal_config_gets_documented_defaults() -> None:
 def test_secrets_never_show_in_repr() -> None:
     config = parse_config(minimal(), env={})
     assert SECRET not in repr(config)
-    assert SECRET not in str(config.mailboxes[0].password)
-    assert config.mailboxes[0].password.reveal() == SECRET
+    box = config.mailboxes[0]
+    assert isinstance(box, ImapMailboxConfig) and box.password is not None
+    assert SECRET not in str(box.password)
+    assert box.password.reveal() == SECRET
 
 
 def test_env_and_file_secrets(tmp_path: Path) -> None:
@@ -73,6 +86,7 @@ def test_env_and_file_secrets(tmp_path: Path) -> None:
         data, env={"IMAP_HOST": "mail.test", "IMAP_PORT": "1143", "WHSEC": WHSEC}, base_dir=tmp_path
     )
     box = config.mailboxes[0]
+    assert isinstance(box, ImapMailboxConfig)
     assert (box.host, box.port) == ("mail.test", 1143)
     assert box.password == Secret(SECRET)
     assert config.webhook.signing_secret == Secret(WHSEC)
@@ -188,3 +202,216 @@ def test_cli_config_error_exits_2_without_the_secret(tmp_path: Path) -> None:
         "set ssl: true or use port 143"
     )
     assert SECRET not in result.stdout + result.stderr
+
+
+# -- routing keys, reject_notices and warnings ---------------------------------------------------
+
+NOTICES: dict[str, Any] = {
+    "from": "Example <NoReply@example.com>",
+    "smtp": {"host": "smtp.example.com", "port": 587, "start_tls": True, "user": "mailroom"},
+}
+
+
+def with_notices(**notices: Any) -> dict[str, Any]:
+    data = minimal()
+    block: dict[str, Any] = {**NOTICES, "smtp": {**NOTICES["smtp"], "password": SECRET}}
+    block.update(notices)
+    data["reject_notices"] = block
+    return data
+
+
+def test_routing_defaults_and_no_notices_without_the_block() -> None:
+    config = parse_config(minimal(), env={})
+    rules = config.mailboxes[0].routing
+    assert rules.reply_host is None
+    assert rules.reply_domain == "example.com"
+    assert rules.ignore_auto_generated == frozenset(routing.AUTO_GENERATED_RULES)
+    assert rules.own_addresses == frozenset({"incoming@example.com"})  # the mailbox user
+    assert config.reject_notices is None
+    assert config.warnings == ()
+
+
+def test_routing_keys() -> None:
+    data = minimal(
+        reply_host="Reply.Example.com",
+        ignore_auto_generated={"precedence": False, "x_loop": "yes"},
+        own_addresses=["Help <help@example.com>", "${OWN}"],
+        user="login-name",
+    )
+    rules = parse_config(data, env={"OWN": "desk@example.com"}).mailboxes[0].routing
+    assert rules.reply_domain == "reply.example.com"
+    assert rules.ignore_auto_generated == frozenset(routing.AUTO_GENERATED_RULES) - {"precedence"}
+    assert rules.own_addresses == frozenset({"help@example.com", "desk@example.com"})
+
+
+def test_reject_notices_block_with_defaults(tmp_path: Path) -> None:
+    (tmp_path / "smtp-pw").write_text(SECRET + "\n")
+    data = with_notices(trusted_authserv_ids=["MX.example.com"], footer="Example Inc.\nHelp")
+    data["reject_notices"]["smtp"] = {**NOTICES["smtp"], "password_file": "smtp-pw"}
+    config = parse_config(data, env={}, base_dir=tmp_path)
+    notices = config.reject_notices
+    assert notices is not None
+    assert (notices.sender, notices.sender_address) == (NOTICES["from"], "NoReply@example.com")
+    assert (notices.require_authenticated_sender, notices.footer) == (False, "Example Inc.\nHelp")
+    assert notices.trusted_authserv_ids == frozenset({"mx.example.com"})
+    assert notices.smtp == SmtpConfig(
+        host="smtp.example.com",
+        port=587,
+        ssl=False,
+        start_tls=True,
+        tls_verify=True,
+        ca_file=None,
+        user="mailroom",
+        password=Secret(SECRET),
+        timeout_s=30.0,
+    )
+    assert SECRET not in repr(config)
+    retry = notices.retry
+    assert (retry.initial_s, retry.max_s, retry.give_up_after_s) == (5.0, 600.0, 86_400.0)
+    # The notice's own address is ours: never a notice to it, X-Loop naming it is a loop.
+    assert "noreply@example.com" in config.mailboxes[0].routing.own_addresses
+    assert config.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("smtp", "port"),
+    [({"ssl": True}, 465), ({"start_tls": True}, 587), ({}, 25)],
+)
+def test_smtp_default_ports(smtp: dict[str, Any], port: int) -> None:
+    data = with_notices(smtp={"host": "smtp.example.com", **smtp})
+    notices = parse_config(data, env={}).reject_notices
+    assert notices is not None
+    assert notices.smtp.port == port
+
+
+def test_disabled_notices_still_make_the_from_address_ours() -> None:
+    data = minimal()
+    data["reject_notices"] = {"enabled": False, "from": "noreply@example.com"}
+    config = parse_config(data, env={})
+    assert config.reject_notices is None
+    assert "noreply@example.com" in config.mailboxes[0].routing.own_addresses
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"ignore_auto_generated": {"bogus": False}},
+            "mailboxes[0].ignore_auto_generated.bogus: unknown rule; known rules: "
+            "auto_submitted, x_autoreply, precedence, x_auto_response_suppress, dsn, "
+            "null_sender, mailer_daemon, x_loop",
+        ),
+        (
+            {"ignore_auto_generated": {"dsn": "sometimes"}},
+            "mailboxes[0].ignore_auto_generated.dsn: expected true or false, got 'sometimes'",
+        ),
+        (
+            {"ignore_auto_generated": ["dsn"]},
+            "mailboxes[0].ignore_auto_generated: expected a mapping of keys, got a list",
+        ),
+        (
+            {"own_addresses": "a@example.com"},
+            "mailboxes[0].own_addresses: expected a list of addresses, got str",
+        ),
+        (
+            {"own_addresses": ["not an address"]},
+            "mailboxes[0].own_addresses[0]: 'not an address' is not an email address",
+        ),
+        ({"reply_host": "bad host"}, "mailboxes[0].reply_host: 'bad host' is not a host name"),
+    ],
+)
+def test_routing_key_errors(change: dict[str, Any], expected: str) -> None:
+    assert error_of(minimal(**change)).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("notices", "expected"),
+    [
+        ({"from": None}, "reject_notices.from: is required"),
+        ({"from": "nobody"}, "reject_notices.from: 'nobody' is not an email address"),
+        ({"smtp": None}, "reject_notices.smtp: is required, like {host: smtp.example.com"),
+        ({"smtp": {"port": 25}}, "reject_notices.smtp.host: is required"),
+        (
+            {"smtp": {"host": "h", "port": 465}},
+            "reject_notices.smtp.port: 465 with ssl: false; set ssl: true or use port 587",
+        ),
+        (
+            {"smtp": {"host": "h", "port": 587, "ssl": True}},
+            "reject_notices.smtp.port: 587 with ssl: true; use port 465, or ssl: false with",
+        ),
+        (
+            {"smtp": {"host": "h", "ssl": True, "start_tls": True}},
+            "reject_notices.smtp.start_tls: ssl (implicit TLS) and start_tls exclude each other",
+        ),
+        (
+            {"smtp": {"host": "h", "user": "u"}},
+            "reject_notices.smtp.password: is required (or password_file",
+        ),
+        (
+            {"smtp": {"host": "h", "password": SECRET}},
+            "reject_notices.smtp.user: is required with a password",
+        ),
+        ({"smtp": {"host": "h", "colour": 1}}, "reject_notices.smtp.colour: unknown key"),
+        ({"retry": {"initial": 10, "max": 1}}, "reject_notices.retry.max: must be at least"),
+        ({"retry": {"give_up_after": 0}}, "reject_notices.retry.give_up_after: 0 is out of range"),
+        ({"trusted_authserv_ids": "mx"}, "reject_notices.trusted_authserv_ids: expected a list"),
+        ({"footer": ["x"]}, "reject_notices.footer: expected text, got a list"),
+        ({"enabled": "maybe"}, "reject_notices.enabled: expected true or false, got 'maybe'"),
+        ({"sender": "x"}, "reject_notices.sender: unknown key; known keys here:"),
+    ],
+)
+def test_reject_notices_errors(notices: dict[str, Any], expected: str) -> None:
+    data = with_notices()
+    for key, value in notices.items():
+        if value is None:
+            data["reject_notices"].pop(key)
+        else:
+            data["reject_notices"][key] = value
+    assert error_of(data).startswith(expected)
+
+
+def test_warnings_for_a_long_prefix_and_a_clear_text_smtp_password() -> None:
+    data = with_notices()
+    data["mailboxes"][0]["address"] = "a-very-long-incoming-mail-prefix+%{key}@example.com"
+    data["reject_notices"]["smtp"]["start_tls"] = False
+    data["reject_notices"]["smtp"]["port"] = 25
+    config = parse_config(data, env={})
+    assert config.warnings == (
+        "mailboxes[0].address: the local part before %{key} is 33 characters; providers cap "
+        "local parts at 64 (RFC 5321 §4.5.3.1.1), which leaves 31 for the key: keep it to 31 "
+        "characters or fewer",
+        "reject_notices.smtp.user: the SMTP password would cross the network in clear text; "
+        "set start_tls: true (port 587) or ssl: true (port 465)",
+    )
+    assert SECRET not in " ".join(config.warnings)
+
+
+def test_cli_logs_the_config_warnings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "mailroom.yml"
+    path.write_text(
+        "mailboxes:\n"
+        "  - address: a-very-long-incoming-mail-prefix+%{key}@example.com\n"
+        "    host: imap.example.com\n"
+        "    user: u\n"
+        f"    password: {SECRET}\n"
+        "webhook: {url: https://app.internal/incoming}\n"
+        "log: {format: text}\n"
+    )
+
+    async def run(config: Config) -> int:
+        return 0
+
+    monkeypatch.setattr(supervisor, "run", run)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("mailroom").level)
+    try:
+        assert cli.main(["-c", str(path)]) == 0
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("mailroom").setLevel(saved[2])
+    err = capsys.readouterr().err
+    assert "WARNING mailroom.config config: mailboxes[0].address: the local part before" in err
+    assert SECRET not in err

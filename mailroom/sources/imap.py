@@ -27,10 +27,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mailroom.auth import TokenProvider
 from mailroom.backoff import backoff_delay
 from mailroom.config import ImapMailboxConfig
 from mailroom.envelope import Envelope, Outcome
-from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError, SourceError
+from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError, SourceError, TokenError
 from mailroom.sources.imap_session import FetchedMessage, ImapSession
 
 __all__ = ["ImapWatcher", "idempotency_key"]
@@ -87,6 +88,10 @@ class ImapWatcher:
         self.state = "starting"
         self.connected = False
         self.reconnects = 0
+        # auth: xoauth2: client-credentials tokens from the mailbox's oauth block (via msal).
+        self.tokens = (
+            TokenProvider(config.oauth, label=config.id) if config.oauth is not None else None
+        )
 
     # -- the task ------------------------------------------------------------------------------
 
@@ -100,19 +105,23 @@ class ImapWatcher:
                 session = None
                 try:
                     self.state = "connecting"
-                    session = await ImapSession.open(self.config)
+                    session = await ImapSession.open(
+                        self.config, token=self.tokens.token if self.tokens else None
+                    )
                     attempt = 0
                     self._on_connected(session)
                     await self._serve(session)
                     await session.logout()
                 except SourceError as exc:
+                    self._check_token(exc, session)
                     if self._stopping.is_set() and not self._settlements:
                         return
                     attempt += 1
                     delay = backoff_delay(
                         attempt, initial_s=RECONNECT_INITIAL_S, max_s=RECONNECT_MAX_S
                     )
-                    level = logging.ERROR if isinstance(exc, ImapAuthError) else logging.WARNING
+                    loud = isinstance(exc, ImapAuthError | TokenError)
+                    level = logging.ERROR if loud else logging.WARNING
                     log.log(
                         level,
                         "%s: %s: %s; reconnecting in %.1fs (attempt %d)",
@@ -144,6 +153,20 @@ class ImapWatcher:
         finally:
             self._set_disconnected()
             self._abandon_settlements()
+            if self.tokens is not None:
+                self.tokens.close()
+
+    def _check_token(self, exc: SourceError, session: ImapSession | None) -> None:
+        """Drop the OAuth token the server refused or ended the session over."""
+        if self.tokens is None:
+            return
+        if isinstance(exc, ImapAuthError) or (session is not None and session.token_expired):
+            log.info(
+                "%s: the server refused or expired the access token; getting a new one",
+                self.id,
+                extra={"mailbox": self.id},
+            )
+            self.tokens.invalidate()
 
     async def _sleep(self, delay_s: float) -> None:
         """Sleep for a reconnect delay, cut short by stop (when nothing is left to settle)."""

@@ -16,7 +16,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,15 +115,34 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     """aioimaplib's protocol, telling us about every EXISTS and BYE it sees."""
 
     session: ImapSession | None = None
+    incomplete_line: bytes  # set by aioimaplib's __init__
+    current_command: Any
 
     def data_received(self, d: bytes) -> None:
+        # aioimaplib's own data_received, without its eager `log.debug("..." % d)`, which
+        # formats every received byte (whole messages) even when DEBUG is off.
         for start in range(0, len(d), _FEED_SLICE):
-            super().data_received(d[start : start + _FEED_SLICE])
+            chunk = self.incomplete_line + d[start : start + _FEED_SLICE]
+            try:
+                self._handle_responses(chunk, self._handle_line, self.current_command)
+                self.incomplete_line = b""
+                self.current_command = None
+            except aioimaplib.IncompleteRead as incomplete:
+                self.current_command = incomplete.cmd
+                self.incomplete_line = incomplete.data
 
     def _untagged_response(self, line: bytes) -> Any:
         if self.session is not None:
             self.session._on_untagged(line)
         return super()._untagged_response(line)
+
+    def _continuation(self, line: bytes) -> None:
+        super()._continuation(line)
+        command = self.pending_sync_command
+        if command is not None and command.name == "AUTHENTICATE":
+            # A failed XOAUTH2 gets a "+ <base64 JSON error>" challenge and waits for an empty
+            # client response before its tagged NO (RFC 7628 §3.2.3); aioimaplib sends nothing.
+            self.transport.write(b"\r\n")
 
 
 class _Client(aioimaplib.IMAP4):  # type: ignore[misc]
@@ -166,15 +185,24 @@ class ImapSession:
         self.uidvalidity = 0
         self.capabilities: frozenset[str] = frozenset()
         self._client: _Client | None = None
+        self._token: Callable[[], Awaitable[str]] | None = None
 
     # -- connection ----------------------------------------------------------------------------
 
     @classmethod
     async def open(
-        cls, config: ImapMailboxConfig, *, timeout_s: float = COMMAND_TIMEOUT_S
+        cls,
+        config: ImapMailboxConfig,
+        *,
+        timeout_s: float = COMMAND_TIMEOUT_S,
+        token: Callable[[], Awaitable[str]] | None = None,
     ) -> ImapSession:
-        """Connect, log in and select; ``ImapError`` (or a subclass) says what failed."""
+        """Connect, log in and select; ``ImapError`` (or a subclass) says what failed.
+
+        ``token`` gives the OAuth access token for ``auth: xoauth2`` (``TokenProvider.token``).
+        """
         session = cls(config, timeout_s)
+        session._token = token
         try:
             await session._connect()
             await session._login()
@@ -268,15 +296,31 @@ class ImapSession:
                 "the server refuses LOGIN on this connection (LOGINDISABLED); "
                 "set start_tls: true or ssl: true"
             )
-        response = await self._run(
-            "LOGIN",
-            self._client.login(self.config.user, self.config.password.reveal()),
-            check=False,
-        )
-        if response.result != "OK":
-            raise ImapAuthError(
-                f"login as {self.config.user} refused: {_text(response)}; check user and password"
+        if self.config.auth == "xoauth2":
+            assert self._token is not None, "auth: xoauth2 needs a token source"
+            # SASL XOAUTH2 (Microsoft, "Authenticate an IMAP ... connection using OAuth").
+            response = await self._run(
+                "AUTHENTICATE XOAUTH2",
+                self._client.xoauth2(self.config.user, await self._token()),
+                check=False,
             )
+            if response.result != "OK":
+                raise ImapAuthError(
+                    f"XOAUTH2 as {self.config.user} refused: {_text(response)}; check the app's "
+                    "access to this mailbox and the oauth scope"
+                )
+        else:
+            assert self.config.password is not None
+            response = await self._run(
+                "LOGIN",
+                self._client.login(self.config.user, self.config.password.reveal()),
+                check=False,
+            )
+            if response.result != "OK":
+                raise ImapAuthError(
+                    f"login as {self.config.user} refused: {_text(response)}; "
+                    "check user and password"
+                )
         # RFC 3501 §6.2.3: capabilities may change after login; ask again.
         await self._run("CAPABILITY", protocol.capability())
         self.capabilities = frozenset(c.upper() for c in protocol.capabilities)
@@ -299,6 +343,12 @@ class ImapSession:
 
     def _on_lost(self, exc: Exception | None) -> None:
         self.lost.set()
+
+    @property
+    def token_expired(self) -> bool:
+        """The server ended the session because the OAuth token expired (Exchange Online:
+        ``* BYE Session invalidated - AccessTokenExpired``)."""
+        return self.bye is not None and "AccessTokenExpired" in self.bye
 
     def _on_untagged(self, line: bytes) -> None:
         if _EXISTS.match(line):

@@ -101,6 +101,27 @@ service imap-login {{
 """
 
 
+# Dovecot 2.3's oauth2 passdb (doc.dovecot.org/2.3, "Open Authentication v2.0 database"):
+# every XOAUTH2/OAUTHBEARER login POSTs token=... to the introspection endpoint; the token is
+# good when "active" is true and "username" is the user logging in.
+_OAUTH2_CONFIG = """
+auth_mechanisms = $auth_mechanisms xoauth2 oauthbearer
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {args}
+}}
+"""
+_OAUTH2_ARGS = """\
+introspection_mode = post
+introspection_url = {url}
+force_introspection = yes
+username_attribute = username
+active_attribute = active
+active_value = true
+tls_ca_cert_file = {ca_file}
+"""
+
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
@@ -179,7 +200,7 @@ class Dovecot:
 
     host = "127.0.0.1"
 
-    def __init__(self) -> None:
+    def __init__(self, *, oauth2_introspection_url: str | None = None) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="mailroom-dovecot-"))
         self.root.chmod(0o755)  # the mail user (nobody) must traverse it
         self.port = free_port()
@@ -209,7 +230,14 @@ class Dovecot:
                 port=self.port,
                 tls_port=self.tls_port,
             )
+            + (self._oauth2(oauth2_introspection_url) if oauth2_introspection_url else "")
         )
+
+    def _oauth2(self, introspection_url: str) -> str:
+        """Opt-in XOAUTH2/OAUTHBEARER: an oauth2 passdb asking `introspection_url` (RFC 7662)."""
+        args = self.root / "dovecot-oauth2.conf.ext"
+        args.write_text(_OAUTH2_ARGS.format(url=introspection_url, ca_file=self.ca_file))
+        return _OAUTH2_CONFIG.format(args=args)
 
     # -- process control -------------------------------------------------------------------
 

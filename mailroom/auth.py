@@ -1,0 +1,194 @@
+"""OAuth 2.0 client-credentials tokens from Microsoft Entra ID: the only module importing msal.
+
+One ``TokenProvider`` per mailbox and scope: ``<graph_endpoint>/.default`` for Microsoft Graph,
+``https://outlook.office365.com/.default`` for IMAP XOAUTH2 (Microsoft, "Authenticate an IMAP,
+POP or SMTP connection using OAuth", client credentials grant flow).
+
+msal is synchronous and its ``ConfidentialClientApplication`` constructor already does network
+I/O (OpenID configuration discovery), so both the constructor and ``acquire_token_for_client``
+run in ``asyncio.to_thread`` under a timeout. A token is kept and reused until five minutes
+before it expires (the margin msal itself uses), or half its lifetime when that is shorter; a
+``401`` from the resource (or an IMAP ``AccessTokenExpired``) calls ``invalidate()``.
+
+msal returns an ``error`` dict instead of raising (RFC 6749 §5.2); it becomes a ``TokenError``
+carrying Entra's ``error`` code and ``error_description``. Secrets and tokens are never logged
+and never part of an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msal
+import requests
+
+from mailroom.config import OAuthConfig
+from mailroom.errors import TokenError
+
+__all__ = ["TokenProvider"]
+
+log = logging.getLogger("mailroom.auth")
+
+HTTP_TIMEOUT_S = 15.0  # one request to the identity provider
+ACQUIRE_TIMEOUT_S = 45.0  # the whole constructor or acquisition, retries of msal included
+REFRESH_MARGIN_S = 300.0  # msal treats a token with less than 5 minutes left as expired
+
+
+class _Session(requests.Session):
+    """The HTTP client handed to msal: trust decided by the config, not by the environment.
+
+    ``trust_env = False``: requests would otherwise let ``REQUESTS_CA_BUNDLE`` or
+    ``CURL_CA_BUNDLE`` replace ``verify`` (and pick proxies and .netrc credentials from the
+    environment), so the trust of the identity provider would depend on the machine, not on
+    ``ca_file``. msal applies its own ``timeout=`` only to the session it builds itself, so
+    this one sets a default timeout on every request.
+    """
+
+    def __init__(self, verify: bool | str, timeout_s: float) -> None:
+        super().__init__()
+        self.trust_env = False
+        self.verify = verify
+        self._timeout_s = timeout_s
+
+    def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self._timeout_s)
+        return super().request(method, url, *args, **kwargs)
+
+
+class TokenProvider:
+    """Client-credentials access tokens for one app registration and one scope."""
+
+    def __init__(
+        self,
+        config: OAuthConfig,
+        *,
+        label: str,
+        scope: str | None = None,
+        timeout_s: float = ACQUIRE_TIMEOUT_S,
+    ) -> None:
+        self.label = label  # the mailbox id, first in every log line
+        self.scope = scope or config.scope
+        self._config = config
+        self._timeout_s = timeout_s
+        self._app: Any = None  # msal.ConfidentialClientApplication, built on first use
+        self._session: _Session | None = None
+        self._token: str | None = None
+        self._refresh_at = 0.0  # time.monotonic() after which the token is fetched anew
+        self._stale = False  # invalidated: msal's own cache must be bypassed too
+        self._lock = asyncio.Lock()
+        self.acquisitions = 0  # tokens issued by the identity provider to this provider
+
+    def __repr__(self) -> str:
+        return f"TokenProvider({self.label!r}, scope={self.scope!r})"
+
+    async def token(self) -> str:
+        """A valid access token: the cached one, or a new one from the identity provider."""
+        async with self._lock:
+            if self._token is not None and time.monotonic() < self._refresh_at:
+                return self._token
+            return await self._acquire()
+
+    def close(self) -> None:
+        """Close the HTTP connections to the identity provider (the provider stays usable)."""
+        if self._session is not None:
+            self._session.close()
+
+    def invalidate(self) -> None:
+        """Forget the cached token (the resource refused it); the next ``token()`` asks anew."""
+        self._token = None
+        self._stale = True
+
+    async def _acquire(self) -> str:
+        config = self._config
+        if self._app is None:
+            self._app = await self._in_thread("building the msal client", self._build)
+        started = time.monotonic()
+        result: dict[str, Any] = await self._in_thread("requesting a token", self._request)
+        if "access_token" not in result:
+            code = str(result.get("error") or "unknown_error")
+            description = str(result.get("error_description") or "").split("\r\n")[0]
+            raise TokenError(
+                f"token request to {config.authority} refused: {code}: {description or '-'}"
+                f"{_hint(code)}",
+                code=code,
+                description=description,
+            )
+        lifetime = float(result.get("expires_in") or 0)
+        self._token = str(result["access_token"])
+        self._refresh_at = started + max(lifetime - REFRESH_MARGIN_S, lifetime / 2)
+        self._stale = False
+        if result.get("token_source") != "cache":
+            self.acquisitions += 1
+            log.info(
+                "%s: new access token for %s (valid %.0fs, client %s)",
+                self.label,
+                self.scope,
+                lifetime,
+                config.client_id,
+                extra={"mailbox": self.label},
+            )
+        return self._token
+
+    def _build(self) -> Any:
+        config = self._config
+        verify: bool | str = config.ca_file or True
+        if not config.tls_verify:
+            verify = False
+        self.close()
+        self._session = _Session(verify, HTTP_TIMEOUT_S)
+        return msal.ConfidentialClientApplication(
+            config.client_id,
+            client_credential=config.client_secret.reveal(),
+            authority=config.authority,
+            http_client=self._session,
+            # Instance discovery asks login.microsoftonline.com whether an unfamiliar authority
+            # host is an Entra instance. The public and national clouds are known to msal
+            # without it, and a private or test authority must not depend on it: off.
+            instance_discovery=False,
+        )
+
+    def _request(self) -> dict[str, Any]:
+        if self._stale:
+            # acquire_token_for_client() serves from msal's cache and refuses force_refresh;
+            # removing the app's tokens is msal's documented way to get a fresh one.
+            self._app.remove_tokens_for_client()
+        result: dict[str, Any] = self._app.acquire_token_for_client(scopes=[self.scope])
+        return result
+
+    async def _in_thread(self, what: str, func: Any) -> Any:
+        config = self._config
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await asyncio.to_thread(func)
+        except TimeoutError as exc:
+            # The worker thread cannot be cancelled; it finishes on its own (HTTP_TIMEOUT_S).
+            raise TokenError(
+                f"{what}: no answer from {config.authority} within {self._timeout_s:g}s"
+            ) from exc
+        except requests.exceptions.SSLError as exc:
+            raise TokenError(
+                f"{what}: TLS certificate of {config.azure_ad_endpoint} not trusted; "
+                "set ca_file to the CA that signed it"
+            ) from exc
+        except requests.RequestException as exc:
+            raise TokenError(f"{what}: {type(exc).__name__} talking to {config.authority}") from exc
+        except ValueError as exc:
+            # msal: an authority it cannot use (unknown tenant, no OpenID configuration).
+            raise TokenError(f"{what}: {config.authority}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _hint(code: str) -> str:
+    # Entra's codes (RFC 6749 §5.2 plus AADSTS numbers in the description).
+    return {
+        "invalid_client": "; check client_id and client_secret (secrets expire in Entra)",
+        "unauthorized_client": "; is the app registered in this tenant?",
+        "invalid_scope": "; check graph_endpoint / scope (it must end in /.default)",
+        "invalid_request": "; check tenant_id",
+    }.get(code, "")

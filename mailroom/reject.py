@@ -1,0 +1,282 @@
+"""Sending reject notices: the I/O half of ``notices`` (the only module importing aiosmtplib).
+
+One ``Notifier`` per process holds the rate limit and the SMTP settings. ``notify`` decides
+whether a notice may go (``notices.notice_recipient``, then the rate limit), builds it, and sends
+it; the dispatcher settles the message only after ``notify`` returns:
+
+- ``SENT``, ``REFUSED`` (policy or rate limit) and ``DISABLED``: settle as the caller meant to;
+- ``FAILED``: the SMTP server refused the notice for good (5xx), or it could not be sent within
+  ``retry.give_up_after``: the caller dead-letters the message, so nothing is dropped silently.
+
+Transient failures (connection errors, timeouts, 4xx answers, and authentication or TLS
+problems that a config fix cures) are retried with capped, jittered backoff; the message stays
+unsettled meanwhile. The envelope sender is empty (``MAIL FROM:<>``, RFC 3834 §3.3 and RFC 5321
+§4.5.5: nobody should answer a notice); a server that refuses that gets the ``from`` address
+from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Any
+
+import aiosmtplib
+
+from mailroom import notices, routing
+from mailroom.backoff import backoff_delay
+from mailroom.config import RejectNoticesConfig, SmtpConfig
+from mailroom.message import ParsedMessage
+
+__all__ = ["NoticeResult", "Notifier"]
+
+log = logging.getLogger("mailroom.reject")
+
+# Notices open one SMTP connection each; a flood of rejected mail must not open hundreds.
+MAX_CONNECTIONS = 4
+# RFC 4954 §6 and RFC 3207 §4: 530 authentication required, 534/535 credentials refused,
+# 538 encryption required: a config fix cures these, so they are retried like a 4xx.
+MISCONFIGURED_CODES = frozenset({530, 534, 535, 538})
+
+
+class NoticeResult(enum.Enum):
+    """What became of a reject notice."""
+
+    SENT = "sent"
+    REFUSED = "refused"  # the policy or the rate limit forbade it
+    DISABLED = "disabled"  # no reject_notices block (or enabled: false)
+    FAILED = "failed"  # refused for good, or not sent within retry.give_up_after
+
+
+class _SendError(Exception):
+    """One failed attempt, classified."""
+
+    def __init__(self, message: str, *, transient: bool, misconfigured: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.misconfigured = misconfigured
+
+
+def _tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
+    if not (config.ssl or config.start_tls):
+        return None
+    context = ssl.create_default_context()
+    if config.ca_file:
+        context.load_verify_locations(cafile=config.ca_file)
+    if not config.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _classify(exc: Exception) -> _SendError:
+    """Transient (retry) or permanent (give up), with a message fit for a log line."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
+        exc = exc.recipients[0]
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        text = f"{type(exc).__name__}: {exc.code} {exc.message}"
+        if exc.code in MISCONFIGURED_CODES:
+            hint = "check reject_notices.smtp.user, its password and start_tls/ssl"
+            return _SendError(f"{text} ({hint})", transient=True, misconfigured=True)
+        return _SendError(text, transient=exc.code < 500)
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):  # no STARTTLS, no AUTH on this server
+        return _SendError(f"{type(exc).__name__}: {exc}", transient=True, misconfigured=True)
+    if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):
+        text = f"{type(exc).__name__}: {exc}"
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            text += " (set reject_notices.smtp.ca_file to the CA that signed it)"
+            return _SendError(text, transient=True, misconfigured=True)
+        return _SendError(text, transient=True)
+    # ValueError: an address that aiosmtplib will not put on a command line.
+    return _SendError(f"{type(exc).__name__}: {exc}", transient=False)
+
+
+class Notifier:
+    """Sends the reject notices of every mailbox of one process (one rate limit for all)."""
+
+    def __init__(
+        self,
+        config: RejectNoticesConfig | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.limiter = notices.RateLimiter()
+        self._clock = clock
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._tls = _tls_context(config.smtp) if config is not None else None
+        self._envelope_sender = ""  # MAIL FROM:<> until a server refuses it
+        self.sent = 0
+        self.failed = 0
+
+    async def notify(
+        self,
+        parsed: ParsedMessage,
+        reason: str,
+        *,
+        mailbox: str,
+        ref: str,
+        rules: routing.RoutingRules,
+        max_message_bytes: int,
+        fields: dict[str, Any],
+    ) -> NoticeResult:
+        """Send the notice for ``reason`` if the policy allows; return once that is settled."""
+        config = self.config
+        if config is None:
+            log.info(
+                "%s: %s: no reject notice (reject_notices is not configured)",
+                mailbox,
+                ref,
+                extra=fields,
+            )
+            return NoticeResult.DISABLED
+        recipient = notices.notice_recipient(
+            parsed,
+            rules,
+            require_authenticated_sender=config.require_authenticated_sender,
+            authserv_ids=config.trusted_authserv_ids,
+        )
+        if recipient.address is None:
+            log.info("%s: %s: no reject notice: %s", mailbox, ref, recipient.refused, extra=fields)
+            return NoticeResult.REFUSED
+        if not self.limiter.allow(recipient.address, reason, self._clock()):
+            log.info(
+                "%s: %s: no reject notice: one went to %s for %r within the last %.0f hours",
+                mailbox,
+                ref,
+                recipient.address,
+                reason,
+                self.limiter.window_s / 3600,
+                extra=fields,
+            )
+            return NoticeResult.REFUSED
+        notice = notices.build_notice(
+            parsed,
+            recipient=recipient.address,
+            reason=reason,
+            sender=config.sender,
+            now=datetime.now(UTC),
+            footer=config.footer,
+            max_message_bytes=max_message_bytes,
+        )
+        return await self._send_with_retries(notice, recipient.address, mailbox, ref, fields)
+
+    async def _send_with_retries(
+        self,
+        notice: EmailMessage,
+        recipient: str,
+        mailbox: str,
+        ref: str,
+        fields: dict[str, Any],
+    ) -> NoticeResult:
+        assert self.config is not None
+        retry = self.config.retry
+        give_up_after_s = retry.give_up_after_s or notices.DAY_S
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            fields["attempt"] = attempt
+            try:
+                await self._send(notice, recipient, mailbox)
+            except _SendError as exc:
+                if not exc.transient:
+                    log.error(
+                        "%s: %s: the SMTP server refused the reject notice to %s for good: %s; "
+                        "dead-lettering",
+                        mailbox,
+                        ref,
+                        recipient,
+                        exc,
+                        extra=fields,
+                    )
+                    self.failed += 1
+                    return NoticeResult.FAILED
+                delay = backoff_delay(attempt, initial_s=retry.initial_s, max_s=retry.max_s)
+                waited = time.monotonic() - started
+                if waited + delay > give_up_after_s:
+                    log.error(
+                        "%s: %s: reject notice to %s failed for %.0fs (%d attempts, last: %s); "
+                        "giving up (reject_notices.retry.give_up_after) and dead-lettering",
+                        mailbox,
+                        ref,
+                        recipient,
+                        waited,
+                        attempt,
+                        exc,
+                        extra=fields,
+                    )
+                    self.failed += 1
+                    return NoticeResult.FAILED
+                log.log(
+                    logging.ERROR if exc.misconfigured else logging.WARNING,
+                    "%s: %s: reject notice attempt %d failed: %s; retrying in %.1fs",
+                    mailbox,
+                    ref,
+                    attempt,
+                    exc,
+                    delay,
+                    extra={**fields, "delay_s": round(delay, 3)},
+                )
+                await asyncio.sleep(delay)
+            else:
+                log.info(
+                    "%s: %s: reject notice sent to %s (%s)",
+                    mailbox,
+                    ref,
+                    recipient,
+                    notice["Message-ID"],
+                    extra=fields,
+                )
+                self.sent += 1
+                return NoticeResult.SENT
+
+    async def _send(self, notice: EmailMessage, recipient: str, mailbox: str) -> None:
+        """One attempt; raises ``_SendError``. Falls back from ``MAIL FROM:<>`` to the ``from``
+        address, for good, when a server refuses the null sender."""
+        assert self.config is not None
+        while True:
+            sender = self._envelope_sender
+            try:
+                async with self._slots:
+                    await self._submit(notice, sender, recipient)
+                return
+            except aiosmtplib.SMTPSenderRefused as exc:
+                if sender or exc.code < 500 or exc.code in MISCONFIGURED_CODES:
+                    raise _classify(exc) from exc
+                if self._envelope_sender:  # another notice found out meanwhile
+                    continue
+                self._envelope_sender = self.config.sender_address
+                log.warning(
+                    "%s: the SMTP server refused the null envelope sender (MAIL FROM:<>): "
+                    "%d %s; using %s from now on",
+                    mailbox,
+                    exc.code,
+                    exc.message,
+                    self._envelope_sender,
+                )
+            except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
+                raise _classify(exc) from exc
+
+    async def _submit(self, notice: EmailMessage, sender: str, recipient: str) -> None:
+        assert self.config is not None
+        smtp = self.config.smtp
+        await aiosmtplib.send(
+            notice,
+            sender=sender,
+            recipients=[recipient],
+            hostname=smtp.host,
+            port=smtp.port,
+            username=smtp.user,
+            password=smtp.password.reveal() if smtp.password is not None else None,
+            timeout=smtp.timeout_s,
+            use_tls=smtp.ssl,
+            start_tls=smtp.start_tls,  # False: never upgrade unasked (None would be "if offered")
+            tls_context=self._tls,
+        )

@@ -1,0 +1,160 @@
+"""HTTP to Microsoft Graph v1.0 for one mailbox: bearer tokens, immutable ids, Graph's errors.
+
+One ``aiohttp.ClientSession`` per mailbox (``trust_env=False``: no proxy or CA bundle from the
+environment), TLS verified against the system store or ``ca_file``. Every request carries
+``Prefer: IdType="ImmutableId"`` (Graph, "Obtain immutable identifiers for Outlook
+resources"), so a message keeps its id when moved. A 401 gets one fresh token and one retry;
+every other failure becomes a ``GraphError`` with the status, Graph's error ``code`` and the
+``Retry-After`` seconds (Graph, "Microsoft Graph throttling guidance"; RFC 9110 §10.2.3).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
+
+from mailroom.auth import TokenProvider
+from mailroom.config import GraphInboxOptions
+from mailroom.dispatch import USER_AGENT, _retry_after
+from mailroom.errors import GraphError
+
+__all__ = ["GraphClient", "discard"]
+
+log = logging.getLogger("mailroom.graph")
+
+TIMEOUT = aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=60)
+
+Reader = Callable[[aiohttp.ClientResponse], Awaitable[Any]]
+
+
+def _ssl_context(options: GraphInboxOptions) -> ssl.SSLContext:
+    # ca_file replaces the system store, as it does for msal's requests (verify=<file>).
+    context = ssl.create_default_context(cafile=options.ca_file)
+    if not options.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class GraphClient:
+    """Authenticated requests to one ``graph_endpoint``; ``async with`` owns the session."""
+
+    def __init__(self, options: GraphInboxOptions, tokens: TokenProvider, *, label: str) -> None:
+        self.label = label
+        self.tokens = tokens
+        self._options = options
+        self._origin = urlsplit(options.graph_endpoint)[:2]
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> GraphClient:
+        connector = aiohttp.TCPConnector(ssl=_ssl_context(self._options), limit=8)
+        self._http = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.close()
+        self.tokens.close()
+
+    def next_link(self, page: dict[str, Any]) -> str | None:
+        """``@odata.nextLink`` of a page (Graph, "Paging Microsoft Graph data"), or None."""
+        link = page.get("@odata.nextLink")
+        if link is None:
+            return None
+        # The token goes wherever the link points: only ever back to graph_endpoint.
+        if not isinstance(link, str) or urlsplit(link)[:2] != self._origin:
+            raise GraphError(f"@odata.nextLink {link!r} leaves graph_endpoint; not followed")
+        return link
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: dict[str, Any] | None = None,
+        read: Reader | None = None,
+        accept: str = "application/json",
+    ) -> Any:
+        """One request; ``read`` turns a 2xx answer into the result (default: a JSON object).
+
+        ``url`` is already percent-encoded (it is sent as is, like a server's nextLink).
+        """
+        assert self._http is not None, "use GraphClient in `async with`"
+        for attempt in (1, 2):
+            headers = {
+                "Authorization": f"Bearer {await self.tokens.token()}",
+                "Accept": accept,
+                "Prefer": 'IdType="ImmutableId"',
+                "User-Agent": USER_AGENT,
+            }
+            try:
+                async with self._http.request(
+                    method,
+                    URL(url, encoded=True),
+                    json=body,
+                    headers=headers,
+                    timeout=TIMEOUT,
+                    allow_redirects=False,
+                ) as response:
+                    if response.status == 401 and attempt == 1:
+                        log.warning(
+                            "%s: Graph refused the access token (401); getting a new one",
+                            self.label,
+                            extra={"mailbox": self.label},
+                        )
+                        self.tokens.invalidate()
+                        continue
+                    if not 200 <= response.status < 300:
+                        raise await _error(method, url, response)
+                    return await (read or _json)(response)
+            except TimeoutError as exc:
+                raise GraphError(f"{method} {_path(url)}: no answer in time") from exc
+            except aiohttp.ClientError as exc:
+                raise GraphError(f"{method} {_path(url)}: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+
+def _path(url: str) -> str:
+    return urlsplit(url).path
+
+
+async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:
+    document = await response.json(content_type=None)
+    if not isinstance(document, dict):
+        raise GraphError(f"expected a JSON object from {response.url.path}")
+    return document
+
+
+async def discard(response: aiohttp.ClientResponse) -> None:
+    """A ``read`` for answers whose body is of no interest (204, PATCH echoes)."""
+    await response.read()
+
+
+async def _error(method: str, url: str, response: aiohttp.ClientResponse) -> GraphError:
+    """Graph's error object: ``{"error": {"code": ..., "message": ...}}`` (Graph "Errors")."""
+    code, message = None, ""
+    try:
+        document = await response.json(content_type=None)
+        error = document.get("error") if isinstance(document, dict) else None
+        if isinstance(error, dict):
+            code, message = error.get("code"), str(error.get("message") or "")
+    except (ValueError, aiohttp.ClientError):
+        pass
+    hint = {
+        401: "; is the access token for this graph_endpoint?",
+        403: "; grant the app Mail.ReadWrite and check its application access policy",
+        404: "; check user and mailbox",
+    }.get(response.status, "")
+    text = f"{method} {_path(url)}: HTTP {response.status} {code or ''} {message[:200]}".rstrip()
+    return GraphError(
+        text + hint,
+        status=response.status,
+        code=code,
+        retry_after_s=_retry_after(response.headers.get("Retry-After")),
+    )

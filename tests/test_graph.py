@@ -1,0 +1,336 @@
+"""Microsoft Graph → webhook end to end, against the mock Entra ID + Graph over HTTPS."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from mailroom.auth import TokenProvider
+from mailroom.config import ConfigError, GraphMailboxConfig, parse_config
+from mailroom.sources.graph import FAILED_CATEGORY, idempotency_key
+from tests.helpers import config_dict, message, running, wait_until
+from tests.servers import tls
+from tests.servers.entra import EntraGraph
+from tests.servers.webhook import WebhookReceiver
+
+USER = "incoming@contoso.onmicrosoft.com"
+
+
+@pytest.fixture
+async def entra() -> AsyncIterator[EntraGraph]:
+    async with EntraGraph() as mock:
+        yield mock
+
+
+def graph_mailbox(mock: EntraGraph, **overrides: Any) -> dict[str, Any]:
+    """A Graph mailbox on the mock, polling fast, trusting the test CA."""
+    options: dict[str, Any] = {
+        "tenant_id": mock.tenant,
+        "client_id": "app-client",
+        "client_secret": mock.clients["app-client"],
+        "poll_interval": 0.1,
+        "azure_ad_endpoint": mock.login_endpoint,
+        "graph_endpoint": mock.graph_endpoint,
+        "ca_file": str(tls.ca_file()),
+    }
+    options.update(overrides.pop("inbox_options", {}))
+    box: dict[str, Any] = {
+        "id": "graph",
+        "inbox_method": "microsoft_graph",
+        "address": "incoming+%{key}@example.com",
+        "user": USER,
+        "mailbox": "inbox",
+        "inbox_options": options,
+    }
+    box.update(overrides)
+    return box
+
+
+def graph_config(mock: EntraGraph, webhook_url: str, **overrides: Any) -> Any:
+    return parse_config(config_dict([graph_mailbox(mock, **overrides)], webhook_url), env={})
+
+
+def unread(mock: EntraGraph) -> int:
+    return sum(1 for m in mock.in_folder("inbox") if not m.is_read)
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)
+
+
+async def alogged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return logged(caplog, text)
+
+
+async def test_delivers_then_marks_read_never_before_the_webhook_answered(
+    entra: EntraGraph, webhook: WebhookReceiver
+) -> None:
+    raws = [message(n) for n in range(3)]
+    ids = [entra.add_message(raw) for raw in raws]
+    webhook.stall()
+    async with running(graph_config(entra, webhook.url)):
+        received = await webhook.wait_for(3)
+        await entra.wait_for(lambda: entra.polls_after(received[-1].at) >= 2, what="2 polls")
+        assert entra.of_kind("patch", "delete", "move") == []  # nothing settled while waiting
+        assert unread(entra) == 3
+        webhook.release()
+        await entra.wait_for(lambda: unread(entra) == 0, what="all read")
+    patches = entra.of_kind("patch")
+    assert sorted(r.path.rsplit("/", 1)[1] for r in patches) == sorted(ids)
+    assert all(r.body == b'{"isRead": true}' for r in patches)
+    assert all(p.at > received[-1].at for p in patches)
+    by_raw = {base64.b64decode(r.json()["raw"]): r for r in received}
+    assert set(by_raw) == set(raws)  # byte-exact
+    request = by_raw[raws[1]]
+    assert request.headers["webhook-id"] == idempotency_key("graph", ids[1])
+    assert request.headers["webhook-id"].isascii()
+    assert request.json()["key"] == "key1"
+    listing = entra.of_kind("list")[0]
+    assert listing.query == {"$filter": "isRead eq false", "$select": "id,categories", "$top": "50"}
+    assert listing.headers["Prefer"] == 'IdType="ImmutableId"'
+    assert len(webhook.requests) == 3
+
+
+async def test_webhook_failure_leaves_the_message_unread_then_it_is_delivered(
+    entra: EntraGraph, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    entra.add_message(message(1))
+    await webhook.stop()
+    async with running(graph_config(entra, webhook.url)):
+        await entra.wait_for(lambda: logged(caplog, "webhook attempt 2 failed"), what="2 fails")
+        polls = len(entra.of_kind("list"))
+        await entra.wait_for(lambda: len(entra.of_kind("list")) > polls + 2, what="more polls")
+        assert unread(entra) == 1 and entra.of_kind("patch") == []
+        assert len(entra.of_kind("value")) == 1  # in flight: not fetched again by later polls
+        await webhook.start()
+        await webhook.wait_for(1)
+        await entra.wait_for(lambda: unread(entra) == 0, what="read after delivery")
+    assert len(webhook.requests) == 1
+
+
+async def test_follows_next_link_across_pages(entra: EntraGraph, webhook: WebhookReceiver) -> None:
+    entra.page_size = 7
+    for n in range(25):
+        entra.add_message(message(n))
+    async with running(graph_config(entra, webhook.url)):
+        await webhook.wait_for(25)
+        await entra.wait_for(lambda: unread(entra) == 0, what="all read")
+    first_poll = entra.of_kind("list")[:4]
+    assert [r.query.get("$skip") for r in first_poll] == [None, "7", "14", "21"]
+    assert len({r.headers["webhook-id"] for r in webhook.requests}) == 25
+
+
+async def test_429_honours_retry_after(
+    entra: EntraGraph, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    entra.add_message(message(1))
+    entra.fail_next("list", status=429, headers={"Retry-After": "1"})
+    async with running(graph_config(entra, webhook.url)):
+        await webhook.wait_for(1)
+    throttled, retried = entra.of_kind("list")[:2]
+    assert throttled.status == 429 and retried.status == 200
+    assert 0.95 <= retried.at - throttled.at < 2.0
+    assert logged(caplog, "graph: GraphError: GET /v1.0/users/")
+    assert "retrying in 1.0s" in caplog.text
+
+
+async def test_503_and_value_errors_back_off_and_recover(
+    entra: EntraGraph, webhook: WebhookReceiver
+) -> None:
+    entra.add_message(message(1))
+    entra.fail_next("value", status=503, headers={"Retry-After": "0"})
+    entra.fail_next("patch", status=500)
+    async with running(graph_config(entra, webhook.url)):
+        await entra.wait_for(lambda: unread(entra) == 0, what="read")
+    assert [r.status for r in entra.of_kind("patch")] == [500, 200]
+    assert len(webhook.requests) == 1
+
+
+async def test_token_is_reused_across_polls(entra: EntraGraph, webhook: WebhookReceiver) -> None:
+    async with running(graph_config(entra, webhook.url)):
+        await entra.wait_for(lambda: len(entra.of_kind("list")) >= 5, what="5 polls")
+    assert len(entra.of_kind("token")) == 1
+    assert len(entra.of_kind("discovery")) == 1
+    assert len({r.token for r in entra.of_kind("list")}) == 1
+
+
+async def test_token_is_refreshed_before_it_expires(
+    entra: EntraGraph, webhook: WebhookReceiver
+) -> None:
+    entra.token_lifetime_s = 2  # refreshed at half its life (5 min before, for real tokens)
+    async with running(graph_config(entra, webhook.url)):
+        await entra.wait_for(
+            lambda: len({r.token for r in entra.of_kind("list")}) >= 2, what="a second token"
+        )
+    issued = entra.of_kind("token")
+    assert 0.9 < issued[1].at - issued[0].at < 1.9
+    assert all(r.status == 200 for r in entra.of_kind("list"))  # never sent an expired one
+    assert len({r.token for r in entra.of_kind("list")}) >= 2
+
+
+async def test_401_gets_one_fresh_token(entra: EntraGraph, webhook: WebhookReceiver) -> None:
+    async with running(graph_config(entra, webhook.url)):
+        await entra.wait_for(lambda: bool(entra.of_kind("list")), what="a poll")
+        old = entra.of_kind("list")[0].token
+        assert old is not None
+        entra.revoke(old)
+        entra.add_message(message(1))
+        await webhook.wait_for(1)
+    statuses = [r.status for r in entra.of_kind("list")]
+    assert 401 in statuses and len(entra.of_kind("token")) == 2
+    assert webhook.requests[0].json()["subject"] == "test 1"
+
+
+async def test_national_cloud_endpoints_by_config_alone(webhook: WebhookReceiver) -> None:
+    async with EntraGraph(graph_prefix="/graph.microsoft.us") as mock:
+        mock.add_message(message(1))
+        config = graph_config(mock, webhook.url)
+        box = config.mailboxes[0]
+        assert isinstance(box, GraphMailboxConfig)
+        assert box.inbox_options.oauth.scope == f"{mock.graph_endpoint}/.default"
+        async with running(config):
+            await webhook.wait_for(1)
+            await mock.wait_for(lambda: unread(mock) == 0, what="read")
+    assert all(r.path.startswith("/graph.microsoft.us/v1.0/") for r in mock.of_kind("list"))
+
+
+def test_national_cloud_config() -> None:
+    raw = {
+        "id": "us",
+        "inbox_method": "microsoft_graph",
+        "address": "incoming+%{key}@example.us",
+        "user": "incoming@example.us",
+        "inbox_options": {
+            "tenant_id": "t",
+            "client_id": "c",
+            "client_secret": "s3cr3t-value",
+            "azure_ad_endpoint": "https://login.microsoftonline.us/",
+            "graph_endpoint": "https://graph.microsoft.us",
+        },
+    }
+    config = parse_config({"mailboxes": [raw], "webhook": {"url": "https://app/x"}}, env={})
+    (box,) = config.mailboxes
+    assert isinstance(box, GraphMailboxConfig)
+    oauth = box.inbox_options.oauth
+    assert (oauth.authority, oauth.scope) == (
+        "https://login.microsoftonline.us/t",
+        "https://graph.microsoft.us/.default",
+    )
+    assert box.delete_after_delivery is False and box.inbox_options.poll_interval_s == 60
+    assert "s3cr3t" not in repr(config) and "s3cr3t" not in repr(TokenProvider(oauth, label="us"))
+
+
+async def test_wrong_secret_is_reported_clearly_and_only_that_mailbox_suffers(
+    entra: EntraGraph, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    entra.add_message(message(1))
+    bad = graph_mailbox(entra, id="bad", inbox_options={"client_secret": "wrong-secret-value"})
+    good = graph_mailbox(entra, id="good")
+    config = parse_config(config_dict([bad, good], webhook.url), env={})
+    async with running(config):
+        await webhook.wait_for(1)
+        await entra.wait_for(lambda: logged(caplog, "bad: TokenError"), what="the error")
+    line = next(r for r in caplog.records if r.getMessage().startswith("bad: TokenError"))
+    assert line.levelno == logging.ERROR
+    text = line.getMessage()
+    assert "invalid_client: AADSTS7000215: Invalid client secret provided" in text
+    assert "check client_id and client_secret" in text
+    assert "wrong-secret-value" not in caplog.text
+    assert "Trace ID" not in text
+    assert webhook.requests[0].headers["X-Mailroom-Mailbox"] == "good"
+
+
+async def test_environment_ca_bundle_does_not_decide_trust(
+    entra: EntraGraph,
+    webhook: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # requests would let REQUESTS_CA_BUNDLE replace verify=; mailroom's session ignores it.
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.setenv(name, str(tls.ca_file()))
+    config = graph_config(entra, webhook.url, inbox_options={"ca_file": None})
+    async with running(config):
+        await wait_until(lambda: alogged(caplog, "not trusted"), what="the TLS error")
+    assert "set ca_file to the CA that signed it" in caplog.text
+    assert entra.of_kind("token") == []
+
+
+@pytest.mark.parametrize("failed_folder", [None, "Mailroom Failed"])
+async def test_permanent_webhook_failure_dead_letters(
+    failed_folder: str | None, entra: EntraGraph, webhook: WebhookReceiver
+) -> None:
+    webhook.respond(400, b"bad")
+    message_id = entra.add_message(message(1))
+    entra.messages[message_id].categories = ["Blue"]
+    config = graph_config(entra, webhook.url, failed_folder=failed_folder)
+    async with running(config):
+        if failed_folder is None:
+            await entra.wait_for(lambda: unread(entra) == 0, what="flagged and read")
+        else:
+            await entra.wait_for(lambda: not entra.in_folder("inbox"), what="moved")
+    moved = entra.messages[message_id]
+    if failed_folder is None:
+        assert moved.categories == ["Blue", FAILED_CATEGORY] and moved.folder == "inbox"
+    else:
+        assert moved.folder == entra.folders[failed_folder] and not moved.is_read
+        assert [r.status for r in entra.of_kind("create_folder")] == [201]
+    assert len(webhook.requests) == 1
+
+
+async def test_delete_after_delivery_deletes(entra: EntraGraph, webhook: WebhookReceiver) -> None:
+    entra.add_message(message(1))
+    async with running(graph_config(entra, webhook.url, delete_after_delivery=True)):
+        await entra.wait_for(lambda: not entra.in_folder("inbox"), what="deleted")
+    assert [r.status for r in entra.of_kind("delete")] == [204]
+    assert entra.of_kind("patch") == []
+
+
+async def test_too_large_is_not_read_whole_and_dead_lettered(
+    entra: EntraGraph, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    big = entra.add_message(message(1, size=300_000))
+    entra.add_message(message(2))
+    async with running(graph_config(entra, webhook.url, max_message_bytes=2048)):
+        (request,) = await webhook.wait_for(1)
+        await entra.wait_for(lambda: unread(entra) == 0, what="both settled")
+    assert request.json()["subject"] == "test 2"
+    assert entra.messages[big].categories == [FAILED_CATEGORY]
+    assert "over max_message_bytes (2048)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"host": "imap.example.com"}, "mailboxes[0].host: is an IMAP setting"),
+        ({"inbox_options": None}, "mailboxes[0].inbox_options: is required"),
+        (
+            {"inbox_options": {"graph_endpoint": "http://graph.example"}},
+            "mailboxes[0].inbox_options.graph_endpoint: 'http://graph.example' is not an https",
+        ),
+        (
+            {"inbox_options": {"client_secret": None}},
+            "mailboxes[0].inbox_options.client_secret: is required",
+        ),
+        ({"inbox_options": {"scope": "x"}}, "mailboxes[0].inbox_options.scope: unknown key"),
+    ],
+)
+def test_graph_config_errors(change: dict[str, Any], error: str) -> None:
+    options: dict[str, Any] = {"tenant_id": "t", "client_id": "c", "client_secret": "s"}
+    box: dict[str, Any] = {
+        "inbox_method": "microsoft_graph",
+        "address": "incoming+%{key}@example.com",
+        "user": USER,
+        "inbox_options": options,
+    }
+    if "inbox_options" in change and change["inbox_options"] is not None:
+        options.update(change["inbox_options"])
+    else:
+        box.update(change)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"mailboxes": [box], "webhook": {"url": "https://app/x"}}, env={})
+    assert str(caught.value).startswith(error)
