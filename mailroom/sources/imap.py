@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from mailroom.backoff import backoff_delay
 from mailroom.config import ImapMailboxConfig
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError, SourceError, TokenError
+from mailroom.monitor import Monitor
 from mailroom.sources.imap_session import FetchedMessage, ImapSession
 
 __all__ = ["ImapWatcher", "idempotency_key"]
@@ -42,7 +42,6 @@ MAX_IN_FLIGHT = 256  # messages handed to the dispatcher and not yet settled on 
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 FETCH_BATCH = 128  # messages per UID FETCH BODY.PEEK[]
 FETCH_BATCH_BYTES = 8 * 1024 * 1024
-SIZE_BATCH = 2048  # UIDs per UID FETCH (RFC822.SIZE)
 RECONNECT_INITIAL_S = 1.0
 RECONNECT_MAX_S = 60.0
 FAILED_KEYWORD = "$MailroomFailed"
@@ -72,12 +71,14 @@ class ImapWatcher:
         *,
         stopping: asyncio.Event,
         drained: asyncio.Event,
+        monitor: Monitor | None = None,
     ) -> None:
         self.config = config
         self.id = config.id
         self._submit = submit
         self._stopping = stopping
         self._drained = drained
+        self._monitor = monitor or Monitor()
         self._wake = asyncio.Event()
         self._pending: dict[int, int] = {}  # uid → size, handed out and not settled
         self._stuck: set[int] = (
@@ -132,7 +133,7 @@ class ImapWatcher:
                         attempt,
                         extra={"mailbox": self.id, "attempt": attempt, "delay_s": round(delay, 3)},
                     )
-                    self._set_disconnected()
+                    self._set_disconnected(f"{type(exc).__name__}: {exc}")
                     await self._sleep(delay)
                 except Exception:
                     attempt += 1
@@ -145,7 +146,7 @@ class ImapWatcher:
                         delay,
                         extra={"mailbox": self.id, "attempt": attempt},
                     )
-                    self._set_disconnected()
+                    self._set_disconnected("unexpected error")
                     await self._sleep(delay)
                 finally:
                     if session is not None:
@@ -194,6 +195,7 @@ class ImapWatcher:
         if self.connected is False and self.state != "starting":
             self.reconnects += 1
         self.connected = True
+        self._monitor.connected(self.id)
         self.state = "connected"
         log.info(
             "%s: connected to %s:%d, mailbox %s (UIDVALIDITY %d, %s)",
@@ -206,7 +208,8 @@ class ImapWatcher:
             extra={"mailbox": self.id},
         )
 
-    def _set_disconnected(self) -> None:
+    def _set_disconnected(self, reason: str = "stopped") -> None:
+        self._monitor.disconnected(self.id, reason)
         self.connected = False
         if self.state != "stopped":
             self.state = "reconnecting"
@@ -255,9 +258,7 @@ class ImapWatcher:
                     await self._wait(session, self._stopping)
                 continue
             self.state = "idling"
-            started = time.monotonic()
-            await session.idle((self._wake, self._stopping), self.config.idle_timeout_s)
-            if time.monotonic() - started >= self.config.idle_timeout_s:
+            if await session.idle((self._wake, self._stopping), self.config.idle_timeout_s):
                 session.new_mail.set()  # periodic sweep: also finds mail no push announced
 
     async def _wait(self, session: ImapSession, event: asyncio.Event) -> None:
@@ -271,14 +272,11 @@ class ImapWatcher:
             raise ImapConnectionLost("connection lost")
 
     async def _sweep(self, session: ImapSession) -> deque[FetchedMessage]:
-        uids = [
-            uid
-            for uid in await session.search(self.config.search_command)
-            if uid not in self._pending and uid not in self._stuck
-        ]
-        backlog: deque[FetchedMessage] = deque()
-        for start in range(0, len(uids), SIZE_BATCH):
-            backlog.extend(await session.fetch(uids[start : start + SIZE_BATCH], "UID RFC822.SIZE"))
+        backlog = deque(
+            item
+            for item in await session.search_sizes(self.config.search_command)
+            if item.uid not in self._pending and item.uid not in self._stuck
+        )
         if backlog:
             log.debug("%s: sweep found %d new messages", self.id, len(backlog))
         return backlog

@@ -30,6 +30,7 @@ __all__ = ["FetchedMessage", "ImapSession", "uid_set"]
 log = logging.getLogger("mailroom.imap")
 
 COMMAND_TIMEOUT_S = 30.0
+SIZE_BATCH = 2048  # UIDs per UID FETCH (RFC822.SIZE) without SEARCHRES
 LOGOUT_TIMEOUT_S = 5.0
 
 _FETCH_HEAD = re.compile(rb"^\d+ FETCH \(")
@@ -37,6 +38,7 @@ _UID = re.compile(rb"\bUID (\d+)")
 _SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _EXISTS = re.compile(rb"^(?:\* )?\d+ EXISTS")
+_LIST_FLAGS = re.compile(rb"^\(([^)]*)\) ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,16 +203,49 @@ class ImapSession:
 
         ``token`` gives the OAuth access token for ``auth: xoauth2`` (``TokenProvider.token``).
         """
-        session = cls(config, timeout_s)
-        session._token = token
+        session = await cls.connect(config, timeout_s=timeout_s, token=token)
         try:
-            await session._connect()
-            await session._login()
-            await session._select()
+            await session.login()
+            await session.select()
         except BaseException:
             session.abort()
             raise
         return session
+
+    @classmethod
+    async def connect(
+        cls,
+        config: ImapMailboxConfig,
+        *,
+        timeout_s: float = COMMAND_TIMEOUT_S,
+        token: Callable[[], Awaitable[str]] | None = None,
+    ) -> ImapSession:
+        """Only connect (greeting, implicit TLS or STARTTLS); ``login()`` and ``select()``
+        follow. ``open`` does all three; ``mailroom check`` reports each step on its own."""
+        session = cls(config, timeout_s)
+        session._token = token
+        try:
+            await session._connect()
+        except BaseException:
+            session.abort()
+            raise
+        return session
+
+    async def login(self) -> None:
+        """LOGIN or AUTHENTICATE XOAUTH2, then CAPABILITY again; ``ImapAuthError`` if refused."""
+        await self._login()
+
+    async def select(self) -> None:
+        """SELECT the configured mailbox and read its UIDVALIDITY."""
+        await self._select()
+
+    @property
+    def tls(self) -> ssl.SSLObject | None:
+        """The TLS layer (implicit TLS, or after STARTTLS), or None on a plain connection."""
+        if self._client is None or self._client.protocol.transport is None:
+            return None
+        layer: ssl.SSLObject | None = self._client.protocol.transport.get_extra_info("ssl_object")
+        return layer
 
     async def _connect(self) -> None:
         config = self.config
@@ -424,11 +459,14 @@ class ImapSession:
 
     async def fetch(self, uids: Iterable[int], items: str) -> list[FetchedMessage]:
         """``UID FETCH`` of ``items`` (must include UID and RFC822.SIZE)."""
+        return await self._fetch(uid_set(uids), items)
+
+    async def _fetch(self, message_set: str, items: str) -> list[FetchedMessage]:
         assert self._client is not None
         protocol = self._client.protocol
         command = _FetchCommand(
             protocol.new_tag(),
-            uid_set(uids),
+            message_set,
             f"({items})",
             prefix="UID",
             loop=protocol.loop,
@@ -440,6 +478,50 @@ class ImapSession:
             timeout_s=self.timeout_s * 10,  # the per-line timer above catches a stall sooner
         )
         return _parse_fetch(response.lines)
+
+    async def search_sizes(self, criteria: str) -> list[FetchedMessage]:
+        """UIDs and RFC822.SIZE of the messages matching ``criteria``, ascending.
+
+        With SEARCHRES (RFC 5182) this is one round trip: ``UID SEARCH RETURN (SAVE)`` and
+        ``UID FETCH $ (UID RFC822.SIZE)`` pipelined (§2.1 allows it). Otherwise SEARCH, then
+        FETCH in batches.
+        """
+        assert self._client is not None
+        if "SEARCHRES" not in self.capabilities:
+            uids = await self.search(criteria)
+            found: list[FetchedMessage] = []
+            for start in range(0, len(uids), SIZE_BATCH):
+                found += await self.fetch(uids[start : start + SIZE_BATCH], "UID RFC822.SIZE")
+            return found
+        protocol = self._client.protocol
+        search = aioimaplib.Command(
+            "SEARCH",
+            protocol.new_tag(),
+            "RETURN",
+            "(SAVE)",
+            criteria,
+            prefix="UID",
+            loop=protocol.loop,
+        )
+        fetch = _FetchCommand(
+            protocol.new_tag(),
+            "$",
+            "(UID RFC822.SIZE)",
+            prefix="UID",
+            loop=protocol.loop,
+            timeout=self.timeout_s,
+        )
+        # Created in this order, the two tasks write their commands in this order.
+        both = asyncio.gather(
+            asyncio.ensure_future(protocol.execute(search)),
+            asyncio.ensure_future(protocol.execute(fetch)),
+        )
+        searched, fetched = await self._run("UID SEARCH + UID FETCH $", both, check=False)
+        for what, response in (("UID SEARCH", searched), ("UID FETCH $", fetched)):
+            if response.result != "OK":
+                raise ImapError(f"{what} failed: {response.result} {_text(response)}")
+        sizes = _parse_fetch(fetched.lines)
+        return sorted(sizes, key=lambda item: item.uid)
 
     async def store(self, uids: Iterable[int], flags: str) -> None:
         """``UID STORE uids +FLAGS.SILENT (flags)``."""
@@ -465,6 +547,17 @@ class ImapSession:
         ):
             raise ImapError(f"cannot create folder {folder!r}: {_text(response)}")
 
+    async def folder_exists(self, folder: str) -> bool:
+        """Whether ``folder`` exists and can hold messages (LIST, RFC 3501 §6.3.8)."""
+        assert self._client is not None
+        response = await self._run("LIST", self._client.list('""', mailbox_name(folder)))
+        for line in response.lines[:-1]:  # aioimaplib strips "* LIST"; the last is the tagged one
+            if isinstance(line, bytes) and (match := _LIST_FLAGS.match(line)):
+                flags = match.group(1).lower()
+                if b"\\noselect" not in flags and b"\\nonexistent" not in flags:
+                    return True
+        return False
+
     async def move(self, uids: Iterable[int], folder: str) -> None:
         """Move to ``folder`` (created when missing): UID MOVE (RFC 6851), else COPY + delete."""
         assert self._client is not None
@@ -487,35 +580,50 @@ class ImapSession:
             await self.store(uids, "\\Seen \\Deleted")
             await self.expunge(uids)
 
-    async def idle(self, wake: Iterable[asyncio.Event], timeout_s: float) -> None:
-        """IDLE (RFC 2177) until new mail, any of ``wake``, or ``timeout_s``; then DONE."""
+    async def idle(self, wake: Iterable[asyncio.Event], timeout_s: float) -> bool:
+        """IDLE (RFC 2177) until new mail, any of ``wake``, or ``timeout_s``; then DONE.
+
+        Returns True when ``timeout_s`` ran out with nothing happening.
+        """
         assert self._client is not None
         client = self._client
         if "IDLE" not in self.capabilities:
             # Without IDLE the periodic sweep is all there is: wait out the interval.
-            await self._wait_any(wake, timeout_s)
-            return
+            timed_out = await self._wait_any(wake, timeout_s)
+            self._raise_if_lost("waiting")
+            return timed_out
         # idle_start() can hang when the server answers BYE (aioimaplib#110): bound it.
         idle = await self._run("IDLE", client.idle_start(timeout=timeout_s + 60), check=False)
-        await self._wait_any(wake, timeout_s)
+        timed_out = await self._wait_any(wake, timeout_s)
         if self.lost.is_set():
             idle.cancel()
-            raise ImapConnectionLost(f"IDLE: connection lost{f' ({self.bye})' if self.bye else ''}")
+        self._raise_if_lost("IDLE")
         client.idle_done()
         await self._run("DONE", idle)
         queue: asyncio.Queue[Any] = client.protocol.idle_queue
         while not queue.empty():  # the pushes were seen by _on_untagged already
             queue.get_nowait()
+        return timed_out
 
-    async def _wait_any(self, wake: Iterable[asyncio.Event], timeout_s: float) -> None:
+    def _raise_if_lost(self, what: str) -> None:
+        if self.lost.is_set():
+            raise ImapConnectionLost(
+                f"{what}: connection lost{f' ({self.bye})' if self.bye else ''}"
+            )
+
+    async def _wait_any(self, wake: Iterable[asyncio.Event], timeout_s: float) -> bool:
+        """Wait for any of ``wake``, new mail or a loss; True when ``timeout_s`` ran out."""
         waiters = [
             asyncio.ensure_future(event.wait()) for event in (*wake, self.new_mail, self.lost)
         ]
         try:
-            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for waiter in waiters:
                 waiter.cancel()
+        return not done
 
 
 def _text(response: Any) -> str:
