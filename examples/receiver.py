@@ -10,11 +10,13 @@ Only the standard library and aiohttp are used.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import json
+import signal
 from typing import Any
 
 from aiohttp import web
@@ -62,7 +64,7 @@ def summary(msg_id: str, payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def make_app(secret: str | None) -> web.Application:
+def make_app(secret: str | None, *, once: bool = False) -> web.Application:
     """The receiver app: POST anywhere."""
 
     async def handle(request: web.Request) -> web.Response:
@@ -78,6 +80,8 @@ def make_app(secret: str | None) -> web.Application:
             print(f"── webhook {msg_id or '-'}: not JSON ({len(body)} bytes)", flush=True)
             return web.Response(status=400)
         print(summary(msg_id, payload if isinstance(payload, dict) else {}), flush=True)
+        if once:
+            asyncio.get_running_loop().call_soon(_stop)
         return web.Response(status=204)
 
     app = web.Application()
@@ -85,14 +89,20 @@ def make_app(secret: str | None) -> web.Application:
     return app
 
 
+def _stop() -> None:
+    signal.raise_signal(signal.SIGINT)  # web.run_app shuts down cleanly on SIGINT
+
+
 def main() -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description="Print mailroom webhooks.")
     parser.add_argument("--port", type=int, default=8025)
     parser.add_argument("--secret", default=None, help="Standard Webhooks secret (whsec_...)")
+    parser.add_argument("--once", action="store_true", help="exit after the first message")
     args = parser.parse_args()
     print(f"receiver listening on http://127.0.0.1:{args.port}/", flush=True)
-    web.run_app(make_app(args.secret), host="127.0.0.1", port=args.port, print=None)
+    app = make_app(args.secret, once=args.once)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,9 @@ class Dovecot:
 
     host = "127.0.0.1"
 
-    def __init__(self, *, oauth2_introspection_url: str | None = None) -> None:
+    def __init__(
+        self, *, oauth2_introspection_url: str | None = None, extra_config: str = ""
+    ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="mailroom-dovecot-"))
         self.root.chmod(0o755)  # the mail user (nobody) must traverse it
         self.port = free_port()
@@ -231,6 +233,7 @@ class Dovecot:
                 tls_port=self.tls_port,
             )
             + (self._oauth2(oauth2_introspection_url) if oauth2_introspection_url else "")
+            + extra_config
         )
 
     def _oauth2(self, introspection_url: str) -> str:
@@ -240,6 +243,11 @@ class Dovecot:
         return _OAUTH2_CONFIG.format(args=args)
 
     # -- process control -------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The Dovecot master's pid while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
 
     @property
     def running(self) -> bool:
