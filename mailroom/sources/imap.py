@@ -385,4 +385,4 @@ class ImapWatcher:
             await session.store(uids, f"{FAILED_KEYWORD} \\Seen")
         else:
             assert config.failed_folder is not None
-            await session.move(uids, config.failed_folder)
+            await session.move(uids, config.failed_folder, expunge=config.expunge_deleted)

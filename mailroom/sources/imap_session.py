@@ -558,8 +558,13 @@ class ImapSession:
                     return True
         return False
 
-    async def move(self, uids: Iterable[int], folder: str) -> None:
-        """Move to ``folder`` (created when missing): UID MOVE (RFC 6851), else COPY + delete."""
+    async def move(self, uids: Iterable[int], folder: str, *, expunge: bool) -> None:
+        """Move to ``folder`` (created when missing): UID MOVE (RFC 6851), else COPY + delete.
+
+        Without MOVE the originals are flagged ``\\Seen \\Deleted``, then expunged by UID when
+        the server has UIDPLUS, or by plain EXPUNGE only when ``expunge`` allows it (a plain
+        EXPUNGE also removes other clients' deleted messages).
+        """
         assert self._client is not None
         uids = list(uids)
         target = mailbox_name(folder)
@@ -578,7 +583,8 @@ class ImapSession:
             raise ImapError(f"UID {verb.upper()} to {folder!r} failed: {_text(response)}")
         if verb == "copy":
             await self.store(uids, "\\Seen \\Deleted")
-            await self.expunge(uids)
+            if expunge or "UIDPLUS" in self.capabilities:
+                await self.expunge(uids)
 
     async def idle(self, wake: Iterable[asyncio.Event], timeout_s: float) -> bool:
         """IDLE (RFC 2177) until new mail, any of ``wake``, or ``timeout_s``; then DONE.

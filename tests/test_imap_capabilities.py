@@ -1,0 +1,95 @@
+"""Servers without IDLE, MOVE, UIDPLUS or SEARCHRES: the fallbacks, on a real Dovecot.
+
+Dovecot's ``imap_capability`` replaces the capability list it advertises after login, and
+mailroom chooses its commands from what is advertised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+
+from tests.helpers import make_config, message, running, wait_until
+from tests.servers.dovecot import Account, Dovecot
+from tests.servers.webhook import WebhookReceiver
+
+
+@pytest.fixture
+def bare_dovecot() -> Iterator[Dovecot]:
+    """A Dovecot that advertises neither IDLE nor MOVE, UIDPLUS or SEARCHRES."""
+    with Dovecot(extra_config="imap_capability = IMAP4rev1 LITERAL+ ENABLE\n") as server:
+        server.start()
+        yield server
+
+
+async def flags(dovecot: Dovecot, account: Account, mailbox: str = "INBOX") -> list[set[str]]:
+    return [set(m.flags) for m in await dovecot.amessages(account, mailbox)]
+
+
+def flags_are(
+    dovecot: Dovecot, account: Account, expected: list[set[str]]
+) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await flags(dovecot, account) == expected
+
+    return check
+
+
+async def test_without_idle_the_periodic_sweep_finds_mail(
+    bare_dovecot: Dovecot, webhook: WebhookReceiver
+) -> None:
+    account = bare_dovecot.add_user()
+    config = make_config(bare_dovecot, account, webhook.url, idle_timeout=1)
+    async with running(config):
+        await bare_dovecot.aappend(account, message(0))
+        await webhook.wait_for(1)  # first sweep: either at connect or one interval later
+        appended = time.monotonic()
+        await bare_dovecot.aappend(account, message(1))
+        (_, second) = await webhook.wait_for(2, timeout=5)
+        assert second.at - appended < 2.5  # within one idle_timeout (+ slack), no push needed
+        await wait_until(flags_are(bare_dovecot, account, [{"\\Seen"}] * 2), what="both \\Seen")
+
+
+async def test_without_move_and_uidplus_dead_letters_by_copy_and_leaves_expunge_alone(
+    bare_dovecot: Dovecot, webhook: WebhookReceiver
+) -> None:
+    account = bare_dovecot.add_user()
+    # Another client's deleted-but-not-expunged message must survive: no plain EXPUNGE.
+    await bare_dovecot.aappend(account, message(0), flags="\\Seen \\Deleted")
+    await bare_dovecot.aappend(account, message(1))
+    webhook.respond(400)
+    config = make_config(bare_dovecot, account, webhook.url, failed_folder="Failed", idle_timeout=1)
+    async with running(config):
+        await webhook.wait_for(1)
+
+        async def copied() -> bool:
+            if "Failed" not in await asyncio.to_thread(bare_dovecot.mailboxes, account):
+                return False
+            return len(await bare_dovecot.amessages(account, "Failed")) == 1
+
+        await wait_until(copied, what="the copy in Failed")
+        await wait_until(
+            flags_are(bare_dovecot, account, [{"\\Seen", "\\Deleted"}] * 2),
+            what="the original flagged \\Seen \\Deleted, not expunged",
+        )
+
+
+async def test_without_uidplus_expunge_deleted_uses_plain_expunge(
+    bare_dovecot: Dovecot, webhook: WebhookReceiver
+) -> None:
+    account = bare_dovecot.add_user()
+    await bare_dovecot.aappend_many(account, [message(n) for n in range(3)])
+    config = make_config(
+        bare_dovecot,
+        account,
+        webhook.url,
+        delete_after_delivery=True,
+        expunge_deleted=True,
+        idle_timeout=1,
+    )
+    async with running(config):
+        await webhook.wait_for(3)
+        await wait_until(flags_are(bare_dovecot, account, []), what="expunged")
