@@ -1,0 +1,37 @@
+"""What the sources and the dispatcher tell the health endpoints and the metrics.
+
+The sources and the dispatcher call these methods and know nothing else: no HTTP server, no
+prometheus-client. ``Monitor`` itself ignores every event (tests, ``health: null``);
+``mailroom.health.Health`` records them, logs state changes once each, and serves ``/healthz``,
+``/readyz`` and ``/metrics``.
+"""
+
+from __future__ import annotations
+
+from mailroom.envelope import Outcome
+
+__all__ = ["Monitor"]
+
+
+class Monitor:
+    """The events; every method is cheap, synchronous and never raises."""
+
+    def connected(self, mailbox: str) -> None:
+        """IMAP: logged in and selected. Graph: a poll succeeded (called after every poll)."""
+
+    def disconnected(self, mailbox: str, reason: str) -> None:
+        """The connection was lost or an attempt failed; the source retries with backoff."""
+
+    def accepted(self, mailbox: str) -> int:
+        """The dispatcher took a fetched message; returns the token for ``finished``."""
+        return 0
+
+    def finished(self, mailbox: str, token: int) -> None:
+        """The dispatcher is done with the message of ``token`` (settled, or abandoned)."""
+
+    def outcome(self, mailbox: str, outcome: Outcome, rule: str | None = None) -> None:
+        """A message was settled as ``outcome``; ``rule`` names the auto-generated rule that
+        made it ignored."""
+
+    def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
+        """One webhook request ended: ``2xx``..``5xx``, or ``error`` (no answer)."""
