@@ -4,7 +4,9 @@
 2. mailroom's APPEND OK → webhook arrival (median, p99) for 50 messages, one at a time,
    with ``python -m mailroom`` and the receiver as separate processes;
 3. the time to deliver a 1,000-message backlog of 2 KB messages (mailroom in this process,
-   the receiver in another), from ``supervisor.run`` to the last webhook arrival.
+   the receiver in another), from ``supervisor.run`` to the last webhook arrival;
+4. the Python heap peak (tracemalloc) while delivering a 10,000-message backlog, against the
+   size of the mail itself: the backlog must not be held in memory at once.
 
 Run with ``make bench``. Arrival times are ``time.monotonic()`` in the receiver process,
 comparable with this process's on Linux (CLOCK_MONOTONIC is system-wide).
@@ -22,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import IO
 
@@ -37,6 +40,7 @@ from tests.servers.dovecot import Account, Dovecot, free_port  # noqa: E402
 
 SAMPLES = 50
 BACKLOG = 1000
+BIG_BACKLOG = 10_000
 STEP_TIMEOUT_S = 10.0
 
 
@@ -188,6 +192,41 @@ async def backlog(dovecot: Dovecot) -> tuple[float, float]:
     return result["last"] - started, result["last"] - result["first"]
 
 
+async def big_backlog_memory(dovecot: Dovecot) -> tuple[float, float, int]:
+    """10,000 messages of 2 KB: Python heap peak while delivering, versus the raw total."""
+    account = dovecot.add_user()
+    raws = [message(n, size=2048) for n in range(BIG_BACKLOG)]
+    total_mib = sum(map(len, raws)) / 2**20
+    await dovecot.aappend_many(account, raws)
+    del raws
+    port = free_port()
+    hook = receiver(port, count=BIG_BACKLOG)
+    assert hook.stdout is not None
+    config = parse_config(
+        config_dict(
+            [mailbox_dict(dovecot, account, port=dovecot.port, ssl=False, ca_file=None)],
+            f"http://127.0.0.1:{port}/",
+        ),
+        env={},
+    )
+    stop = asyncio.Event()
+    tracemalloc.start()
+    baseline = tracemalloc.get_traced_memory()[0]
+    started = time.monotonic()
+    task = asyncio.create_task(supervisor.run(config, stop))
+    try:
+        await asyncio.wait_for(asyncio.to_thread(read_line, hook.stdout), 120)
+    finally:
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+        tracemalloc.stop()
+        stop.set()
+        await task
+        hook.kill()
+        hook.wait(STEP_TIMEOUT_S)
+    return total_mib, peak / 2**20, round(BIG_BACKLOG / elapsed)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     workdir = Path(os.environ.get("TMPDIR", "/tmp"))
@@ -205,6 +244,11 @@ def main() -> None:
         print(
             f"{BACKLOG}-message backlog of 2 KB: delivered in {total:.3f} s from start "
             f"(first to last arrival {spread:.3f} s)"
+        )
+        raw_mib, peak_mib, rate = asyncio.run(big_backlog_memory(dovecot))
+        print(
+            f"{BIG_BACKLOG}-message backlog ({raw_mib:.1f} MiB of mail): Python heap peak "
+            f"{peak_mib:.1f} MiB while delivering, {rate} messages/s (under tracemalloc)"
         )
 
 
