@@ -96,13 +96,14 @@ def _stop() -> None:
 def main() -> None:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description="Print mailroom webhooks.")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 in a container")
     parser.add_argument("--port", type=int, default=8025)
     parser.add_argument("--secret", default=None, help="Standard Webhooks secret (whsec_...)")
     parser.add_argument("--once", action="store_true", help="exit after the first message")
     args = parser.parse_args()
-    print(f"receiver listening on http://127.0.0.1:{args.port}/", flush=True)
+    print(f"receiver listening on http://{args.host}:{args.port}/", flush=True)
     app = make_app(args.secret, once=args.once)
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None)
+    web.run_app(app, host=args.host, port=args.port, print=None)
 
 
 if __name__ == "__main__":

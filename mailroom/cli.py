@@ -1,6 +1,6 @@
-"""``mailroom [run] -c FILE`` and ``mailroom version``.
+"""``mailroom [run] -c FILE``, ``check``, ``credentials edit|show|generate-key``, ``version``.
 
-Exit codes: 0 ok, 1 runtime failure, 2 config error.
+Exit codes: 0 ok, 1 runtime failure (or a failed check), 2 config error.
 """
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
-from mailroom import logs, supervisor
-from mailroom.config import load_config
-from mailroom.errors import ConfigError
+from mailroom import check, credentials, logs, supervisor
+from mailroom.config import credentials_config, load_config
+from mailroom.errors import ConfigError, CredentialsError
 
 __all__ = ["main"]
 
@@ -36,7 +38,86 @@ def _parser() -> argparse.ArgumentParser:
     for target in (parser, run):
         target.add_argument("-c", "--config", help="the YAML config file")
     commands.add_parser("version", help="print the version")
+    checks = commands.add_parser(
+        "check", help="check config, mailboxes, webhook and SMTP: one line each, exit 0 if all pass"
+    )
+    checks.add_argument("-c", "--config", help="the YAML config file")
+    checks.add_argument(
+        "--send-test",
+        action="store_true",
+        help='also POST a signed test event {"type": "mailroom.check"}; it must get a 2xx',
+    )
+    stored = commands.add_parser(
+        "credentials", help="the encrypted file of mailbox users and passwords"
+    )
+    actions = stored.add_subparsers(dest="action", required=True)
+    for name, text in (
+        ("edit", "decrypt into $VISUAL/$EDITOR, encrypt again on exit (creates the file)"),
+        ("show", "print the decrypted credentials"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("-c", "--config", required=True, help="the config naming the file")
+        action.add_argument(
+            "--key-file",
+            help="the key file to use (instead of MAILROOM_CREDENTIALS_KEY or "
+            "credentials.key_file)",
+        )
+    generate = actions.add_parser(
+        "generate-key", help="make a new random key (printed, or written to --key-file)"
+    )
+    generate.add_argument("--key-file", help="write it to this new file (mode 0600)")
     return parser
+
+
+def _check(config_path: str | None, *, send_test: bool) -> int:
+    if not config_path:
+        print("mailroom: -c FILE is required (see examples/mailroom.yml)", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure("text", "warning")  # stderr; the report is on stdout
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(check.Result("config", "load", "FAIL", str(exc)).line(), flush=True)
+        print("mailroom check: the config does not load; nothing else was checked")
+        return EXIT_CONFIG
+    report = check.Report(lambda line: print(line, flush=True))
+    ok = asyncio.run(check.run(config, path=config_path, send_test=send_test, report=report))
+    print(report.summary())
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def _credentials(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "generate-key":
+            if args.key_file is None:
+                print(credentials.generate_key())
+                return EXIT_OK
+            credentials.write_key_file(Path(args.key_file))
+            print(f"mailroom: wrote a new key to {args.key_file} (mode 0600)", file=sys.stderr)
+            return EXIT_OK
+        try:
+            settings = credentials_config(args.config)
+        except ConfigError as exc:
+            print(f"mailroom: config error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if args.key_file is not None:  # asked for by name: the environment does not count
+            key = credentials.load_key(key_file=args.key_file, env={})
+        else:
+            key = credentials.load_key(key_file=settings.key_file, env=os.environ)
+        path = Path(settings.file)
+        if args.action == "show":
+            sys.stdout.write(credentials.read_text(path, key))
+            return EXIT_OK
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        if credentials.edit(path, key, editor=editor):
+            count = len(credentials.read(path, key))
+            print(f"mailroom: saved {path} (encrypted; {count} mailbox entries)", file=sys.stderr)
+        else:
+            print(f"mailroom: no changes; {path} not written", file=sys.stderr)
+        return EXIT_OK
+    except CredentialsError as exc:
+        print(f"mailroom: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"mailroom {_version()}")
         return EXIT_OK
+    if args.command == "check":
+        return _check(args.config, send_test=args.send_test)
+    if args.command == "credentials":
+        return _credentials(args)
     if not args.config:
         print("mailroom: -c FILE is required (see examples/mailroom.yml)", file=sys.stderr)
         return EXIT_CONFIG
@@ -56,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     for warning in config.warnings:
         logging.getLogger("mailroom.config").warning("config: %s", warning)
     try:
-        return asyncio.run(supervisor.run(config))
+        # SIGHUP reloads the file the same way (an invalid one is refused).
+        return asyncio.run(supervisor.run(config, load=lambda: load_config(args.config)))
     except Exception:
         logging.getLogger("mailroom").exception("mailroom failed")
         return EXIT_FAILURE

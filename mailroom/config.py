@@ -20,15 +20,17 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from mailroom import routing
-from mailroom.errors import ConfigError
+from mailroom import credentials, routing
+from mailroom.errors import ConfigError, CredentialsError
 
 __all__ = [
     "BasicAuth",
     "Config",
     "ConfigError",
+    "CredentialsConfig",
     "GraphInboxOptions",
     "GraphMailboxConfig",
+    "HealthConfig",
     "ImapMailboxConfig",
     "JwtConfig",
     "LogConfig",
@@ -39,6 +41,7 @@ __all__ = [
     "Secret",
     "SmtpConfig",
     "WebhookConfig",
+    "credentials_config",
     "load_config",
     "parse_config",
 ]
@@ -230,9 +233,30 @@ class RejectNoticesConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialsConfig:
+    """``credentials:``: the encrypted file of mailbox logins and the file holding its key.
+
+    Paths are absolute. Without ``key_file`` the key comes from ``MAILROOM_CREDENTIALS_KEY``,
+    which also wins when both are given (``mailroom.credentials.load_key``).
+    """
+
+    file: str
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     format: Literal["json", "text"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthConfig:
+    """``health:`` where ``/healthz``, ``/readyz`` and ``/metrics`` are served."""
+
+    host: str = "127.0.0.1"  # config key `listen: "host:port"`
+    port: int = 8080  # 0: any free port (logged)
+    stall_after_s: float = 300.0  # the dispatcher is stalled: no progress for this long
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -244,7 +268,9 @@ class Config:
     log: LogConfig = LogConfig()
     shutdown_timeout_s: float = 20.0
     reject_notices: RejectNoticesConfig | None = None  # None: notices are off
+    health: HealthConfig | None = None  # None (absent or null): no health server
     warnings: tuple[str, ...] = ()  # advice found at load, "<dotted.path>: ..."; log them
+    credentials: CredentialsConfig | None = None  # where user/password came from, if anywhere
 
 
 _REQUIRED: Any = object()
@@ -468,14 +494,50 @@ def _check_whsec(section: _Section, secret: Secret) -> None:
         )
 
 
-def _mailbox(section: _Section, webhook_raw: dict[str, Any], index: int) -> MailboxConfig:
+def _stored_login(
+    section: _Section, stored: Mapping[str, credentials.StoredLogin] | None
+) -> credentials.StoredLogin | None:
+    """This mailbox's entry in the credentials file, found by its explicit ``id``."""
+    if stored is None or not section.has("id"):
+        return None
+    return stored.get(str(section.raw("id")))
+
+
+def _user(section: _Section, login: credentials.StoredLogin | None, *, stored: bool) -> str:
+    """``user`` from the config, else from the credentials file."""
+    if section.has("user") or login is None or login.user is None:
+        if not section.has("user") and stored:
+            section.fail(
+                "user",
+                "is required: in the config, or in the credentials file under this mailbox's id "
+                "(give the mailbox an id)",
+            )
+        return str(section.text("user"))
+    section.used.add("user")
+    return login.user
+
+
+def _mailbox(
+    section: _Section,
+    webhook_raw: dict[str, Any],
+    index: int,
+    stored: Mapping[str, credentials.StoredLogin] | None = None,
+) -> MailboxConfig:
     method = section.choice("inbox_method", "imap", ("imap", "microsoft_graph"))
     try:
         address = routing.AddressTemplate.parse(section.text("address"))
     except ValueError as exc:
         section.fail("address", str(exc))
+    login = _stored_login(section, stored)
     if method == "microsoft_graph":
-        return _graph_mailbox(section, address, webhook_raw)
+        if login is not None and login.password is not None:
+            section.fail(
+                "id",
+                "the credentials file gives this microsoft_graph mailbox a password; it takes "
+                "only user there (its secret is inbox_options.client_secret)",
+            )
+        user = _user(section, login, stored=stored is not None)
+        return _graph_mailbox(section, address, webhook_raw, user)
     ssl = section.flag("ssl", False)
     start_tls = section.flag("start_tls", False)
     if ssl and start_tls:
@@ -487,9 +549,18 @@ def _mailbox(section: _Section, webhook_raw: dict[str, Any], index: int) -> Mail
         section.fail("port", "143 with ssl: true; use port 993, or ssl: false with start_tls: true")
     auth = section.choice("auth", "password", ("password", "xoauth2"))
     host = section.text("host")
-    user = section.text("user")
+    user = _user(section, login, stored=stored is not None)
     mailbox = section.text("mailbox", "INBOX")
-    password = section.secret("password", required=auth == "password")
+    from_file = login.password if login is not None else None
+    password = section.secret("password", required=auth == "password" and from_file is None)
+    if password is None and from_file is not None:
+        if auth == "xoauth2":
+            section.fail(
+                "auth",
+                "is xoauth2, but the credentials file gives this mailbox a password; remove it "
+                "there (the token comes from the oauth block)",
+            )
+        password = Secret(from_file)
     oauth = None
     if auth == "xoauth2":
         if password is not None:
@@ -569,7 +640,7 @@ def _oauth(section: _Section, *, scope: str | None) -> OAuthConfig:
 
 
 def _graph_mailbox(
-    section: _Section, address: routing.AddressTemplate, webhook_raw: dict[str, Any]
+    section: _Section, address: routing.AddressTemplate, webhook_raw: dict[str, Any], user: str
 ) -> GraphMailboxConfig:
     """``inbox_method: microsoft_graph``: GitLab's keys, with ``inbox_options``."""
     for key in ("host", "port", "ssl", "start_tls", "password", "password_file", "auth"):
@@ -592,7 +663,6 @@ def _graph_mailbox(
         tls_verify=oauth.tls_verify,
     )
     options_section.done()
-    user = section.text("user")
     mailbox = section.text("mailbox", "inbox")
     config = GraphMailboxConfig(
         id=section.text("id", f"{user}@graph/{mailbox}"),
@@ -750,6 +820,22 @@ def _warnings(
     return tuple(found)
 
 
+def _health(section: _Section) -> HealthConfig:
+    """``health: {listen: "host:port", stall_after: seconds}``."""
+    listen = str(section.text("listen", "127.0.0.1:8080"))
+    host, _, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:8080
+    if not host or not port.isdigit() or int(port) > 65535:
+        section.fail("listen", f"{listen!r} is not host:port; write it like 127.0.0.1:8080")
+    config = HealthConfig(
+        host=host,
+        port=int(port),
+        stall_after_s=section.number("stall_after", 300.0, lo=1, hi=86_400),
+    )
+    section.done()
+    return config
+
+
 def parse_config(
     data: Any, *, env: Mapping[str, str] | None = None, base_dir: Path | None = None
 ) -> Config:
@@ -760,10 +846,20 @@ def parse_config(
     raw_mailboxes = root.raw("mailboxes")
     if not isinstance(raw_mailboxes, list) or not raw_mailboxes:
         root.fail("mailboxes", "expected a list with at least one mailbox")
+    credentials_settings, stored = None, None
+    credentials_warnings: list[str] = []
+    if (credentials_section := root.section("credentials")) is not None:
+        credentials_settings = _credentials_config(credentials_section)
+        stored, credentials_warnings = _load_credentials(credentials_settings, root.env)
     mailboxes = tuple(
-        _mailbox(_Section(item, f"mailboxes[{i}]", root.env, root.base_dir), webhook_raw, i)
+        _mailbox(_Section(item, f"mailboxes[{i}]", root.env, root.base_dir), webhook_raw, i, stored)
         for i, item in enumerate(raw_mailboxes)
     )
+    credentials_warnings += [
+        f"credentials: the entry {name!r} matches no mailbox id; fix its name or remove it "
+        "(mailroom credentials edit)"
+        for name in sorted(set(stored or {}) - {m.id for m in mailboxes})
+    ]
     seen: set[str] = set()
     for i, mailbox in enumerate(mailboxes):
         if mailbox.id in seen:
@@ -791,21 +887,77 @@ def parse_config(
             level=log_section.choice("level", "info", ("debug", "info", "warning", "error")),
         )
         log_section.done()
+    health = None
+    if (health_section := root.section("health")) is not None:
+        health = _health(health_section)
     config = Config(
         mailboxes=mailboxes,
         webhook=top_webhook,
         log=log,
         shutdown_timeout_s=root.number("shutdown_timeout", 20.0, lo=0.1, hi=3600),
         reject_notices=notices,
-        warnings=_warnings(mailboxes, notices),
+        health=health,
+        warnings=_warnings(mailboxes, notices) + tuple(credentials_warnings),
+        credentials=credentials_settings,
     )
     root.done()
     return config
 
 
+def _credentials_config(section: _Section) -> CredentialsConfig:
+    key_file = section.text("key_file", None)
+    config = CredentialsConfig(
+        file=str((section.base_dir / section.text("file")).resolve()),
+        key_file=None if key_file is None else str((section.base_dir / key_file).resolve()),
+    )
+    section.done()
+    return config
+
+
+def _load_credentials(
+    config: CredentialsConfig, env: Mapping[str, str]
+) -> tuple[dict[str, credentials.StoredLogin], list[str]]:
+    """The decrypted logins, and advice about the key file."""
+    try:
+        key = credentials.load_key(key_file=config.key_file, env=env)
+        logins = credentials.read(Path(config.file), key)
+    except CredentialsError as exc:
+        raise ConfigError("credentials", str(exc)) from exc
+    advice = []
+    if (
+        config.key_file is not None
+        and key.source != credentials.KEY_ENV
+        and (warning := credentials.key_file_warning(config.key_file)) is not None
+    ):
+        advice.append(f"credentials.key_file: {warning}")
+    return logins, advice
+
+
+def credentials_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> CredentialsConfig:
+    """Only the ``credentials:`` block of a config file, for ``mailroom credentials``: it
+    must work before the credentials exist, when the whole config cannot load yet."""
+    data = _read_yaml(Path(path))
+    if not isinstance(data, dict) or data.get("credentials") is None:
+        raise ConfigError(
+            "credentials",
+            f"is not set in {path}; add credentials: {{file: mailroom.credentials, "
+            "key_file: mailroom.key}} (or set MAILROOM_CREDENTIALS_KEY instead of key_file)",
+        )
+    root = _Section(data, "", os.environ if env is None else env, Path(path).parent)
+    section = root.section("credentials")
+    assert section is not None
+    return _credentials_config(section)
+
+
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML config file."""
     file = Path(path)
+    return parse_config(_read_yaml(file), env=env, base_dir=file.parent)
+
+
+def _read_yaml(file: Path) -> Any:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -820,4 +972,4 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise ConfigError("", f"{file}: {problem}{where}; fix the YAML syntax") from exc
     if data is None:
         raise ConfigError("", f"{file} is empty; see examples/mailroom.yml")
-    return parse_config(data, env=env, base_dir=file.parent)
+    return data

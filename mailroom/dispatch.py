@@ -28,6 +28,7 @@ from mailroom.backoff import backoff_delay
 from mailroom.config import Config, JwtConfig, MailboxConfig, WebhookConfig
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
+from mailroom.monitor import Monitor
 from mailroom.reject import NoticeResult, Notifier
 
 __all__ = ["Dispatcher", "build_payload", "sign"]
@@ -169,14 +170,14 @@ class _Webhook:
 class Dispatcher:
     """Takes envelopes from the sources and brings each one to a settled outcome."""
 
-    def __init__(self, config: Config) -> None:
-        self._mailboxes: dict[str, MailboxConfig] = {m.id: m for m in config.mailboxes}
+    def __init__(self, config: Config, monitor: Monitor | None = None) -> None:
+        self._monitor = monitor or Monitor()
+        self._mailboxes: dict[str, MailboxConfig] = {}
         self._webhooks: dict[WebhookConfig, _Webhook] = {}
-        for mailbox in config.mailboxes:
-            if mailbox.webhook not in self._webhooks:
-                self._webhooks[mailbox.webhook] = _Webhook(mailbox.webhook)
         self._notifier = Notifier(config.reject_notices)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed: set[str] = set()  # mailboxes a reload is stopping: their mail waits
+        self.reconfigure(config)
+        self._tasks: dict[asyncio.Task[None], str] = {}  # → mailbox id
         self._session: aiohttp.ClientSession | None = None
         self.accepting = True
         self.in_flight = 0
@@ -194,15 +195,44 @@ class Dispatcher:
         if self._session is not None:
             await self._session.close()
 
+    def reconfigure(self, config: Config) -> None:
+        """Take a (re)loaded config: new deliveries use its mailboxes, webhooks and notices.
+
+        Deliveries already under way finish with the settings they started with.
+        """
+        self._mailboxes = {m.id: m for m in config.mailboxes}
+        webhooks: dict[WebhookConfig, _Webhook] = {}
+        for mailbox in config.mailboxes:
+            if mailbox.webhook not in webhooks:  # an unchanged webhook keeps its slots
+                webhooks[mailbox.webhook] = self._webhooks.get(mailbox.webhook) or _Webhook(
+                    mailbox.webhook
+                )
+        self._webhooks = webhooks
+        if config.reject_notices != self._notifier.config:
+            limiter = self._notifier.limiter  # the 24-hour rate limit survives a reload
+            self._notifier = Notifier(config.reject_notices)
+            self._notifier.limiter = limiter
+        self._closed -= set(self._mailboxes)
+
     def submit(self, envelope: Envelope) -> None:
         """Start bringing ``envelope`` to an outcome. Called by the sources; never blocks."""
-        if not self.accepting:
-            raise RuntimeError("dispatcher is draining; sources must stop submitting first")
+        mailbox = envelope.mailbox
+        if not self.accepting or mailbox in self._closed:
+            # Fetched while shutting down, or while a reload stops its mailbox: left unsettled
+            # on the server, found again by the next sweep (or the next start).
+            log.info("%s: %s: stopping; left for the next sweep", mailbox, envelope.ref)
+            return
+        token = self._monitor.accepted(mailbox)
         task = asyncio.get_running_loop().create_task(
-            self._handle(envelope), name=f"deliver:{envelope.mailbox}:{envelope.ref}"
+            self._handle(envelope), name=f"deliver:{mailbox}:{envelope.ref}"
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = mailbox
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.pop(task, None)
+            self._monitor.finished(mailbox, token)
+
+        task.add_done_callback(done)
 
     async def drain(self, timeout_s: float) -> int:
         """Stop accepting; give in-flight work ``timeout_s`` to finish; cancel the rest.
@@ -211,18 +241,28 @@ class Dispatcher:
         restart, with the same webhook-id).
         """
         self.accepting = False
-        if not self._tasks:
+        return await self._finish(set(self._tasks), timeout_s, "shutdown")
+
+    async def drain_mailbox(self, mailbox: str, timeout_s: float) -> int:
+        """Like ``drain``, for one mailbox that a reload stops; the others carry on."""
+        self._closed.add(mailbox)
+        tasks = {task for task, owner in self._tasks.items() if owner == mailbox}
+        return await self._finish(tasks, timeout_s, mailbox)
+
+    async def _finish(self, tasks: set[asyncio.Task[None]], timeout_s: float, who: str) -> int:
+        if not tasks:
             return 0
         if timeout_s > 0:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
-        remaining = set(self._tasks)
+            await asyncio.wait(tasks, timeout=timeout_s)
+        remaining = {task for task in tasks if not task.done()}
         for task in remaining:
             task.cancel()
         if remaining:
             await asyncio.gather(*remaining, return_exceptions=True)
             log.warning(
-                "shutdown: %d deliveries did not finish within %.1fs and were abandoned; "
+                "%s: %d deliveries did not finish within %.1fs and were abandoned; "
                 "their messages stay unread and are delivered again after a restart",
+                who,
                 len(remaining),
                 timeout_s,
             )
@@ -252,6 +292,7 @@ class Dispatcher:
         # Shield the settlement, not the work (arq worker.py): once the outcome is known, a
         # cancellation must not lose the acknowledgement.
         await asyncio.shield(envelope.settle(outcome))
+        self._monitor.outcome(envelope.mailbox, outcome, fields.get("rule"))
         log.info("%s: %s: %s", envelope.mailbox, envelope.ref, outcome.value, extra=fields)
 
     async def _decide(
@@ -273,6 +314,7 @@ class Dispatcher:
             )
         decision = routing.decide(parsed, mailbox.routing)
         if isinstance(decision, routing.Ignore):
+            fields["rule"] = decision.rule
             log.info(
                 "%s: %s: auto-generated (%s); ignored",
                 envelope.mailbox,
@@ -404,6 +446,8 @@ class Dispatcher:
         assert self._session is not None
         config = webhook.config
         self.in_flight += 1
+        started = time.monotonic()
+        status_class = "error"  # no answer: a timeout or a connection error
         try:
             async with self._session.post(
                 config.url,
@@ -415,6 +459,7 @@ class Dispatcher:
             ) as response:
                 answer = await _read_bounded(response, MAX_ANSWER_BYTES)
                 status = response.status
+                status_class = f"{min(max(status // 100, 2), 5)}xx"
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         except TimeoutError as exc:
             raise TransientDeliveryError(f"no answer within {config.timeout_s:g}s") from exc
@@ -422,6 +467,7 @@ class Dispatcher:
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             self.in_flight -= 1
+            self._monitor.webhook(envelope.mailbox, status_class, time.monotonic() - started)
         fields["status"] = status
         return _classify(status, answer, retry_after)
 

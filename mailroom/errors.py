@@ -4,6 +4,7 @@
 
     MailroomError
     ├── ConfigError(MailroomError, ValueError)        bad config: dotted path + what to do; exit 2
+    ├── CredentialsError(MailroomError, ValueError)   no key, wrong key, a changed credentials file
     ├── SourceError(MailroomError)                    a mailbox cannot be read right now
     │   ├── ImapError                                 the IMAP server said NO/BAD or broke protocol
     │   │   ├── ImapAuthError                         login refused: retried, but says so loudly
@@ -32,6 +33,11 @@ class ConfigError(MailroomError, ValueError):
         self.path = path
         self.message = message
         super().__init__(f"{path}: {message}" if path else message)
+
+
+class CredentialsError(MailroomError, ValueError):
+    """The encrypted credentials file cannot be used: no key, the wrong key, a changed or
+    damaged file, or content that is not ``{<mailbox id>: {user, password}}``."""
 
 
 class SourceError(MailroomError):

@@ -23,9 +23,10 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, Literal
 
 import aiosmtplib
 
@@ -34,7 +35,7 @@ from mailroom.backoff import backoff_delay
 from mailroom.config import RejectNoticesConfig, SmtpConfig
 from mailroom.message import ParsedMessage
 
-__all__ = ["NoticeResult", "Notifier"]
+__all__ = ["NoticeResult", "Notifier", "SmtpStep", "check_connection"]
 
 log = logging.getLogger("mailroom.reject")
 
@@ -280,3 +281,94 @@ class Notifier:
             start_tls=smtp.start_tls,  # False: never upgrade unasked (None would be "if offered")
             tls_context=self._tls,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpStep:
+    """One step of ``check_connection``."""
+
+    step: Literal["connect", "tls", "ehlo", "auth"]
+    status: Literal["ok", "warn", "fail"]
+    detail: str
+
+
+def _tls_detail(smtp: aiosmtplib.SMTP, config: SmtpConfig) -> SmtpStep:
+    layer = smtp.get_transport_info("ssl_object")
+    version = layer.version() if isinstance(layer, ssl.SSLObject) else "TLS"
+    how = "implicit TLS" if config.ssl else "STARTTLS"
+    if not config.tls_verify:
+        return SmtpStep("tls", "warn", f"{how}, {version}; certificate NOT verified (tls_verify)")
+    return SmtpStep("tls", "ok", f"{how}, {version}; certificate verified")
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    """Whether a failed connect failed in the TLS handshake (aiosmtplib wraps ``SSLError``)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short, bounded walk down the cause chain
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+async def check_connection(config: SmtpConfig) -> list[SmtpStep]:
+    """Connect, TLS, EHLO and AUTH as a notice would, and send nothing (``mailroom check``).
+
+    One result per step, up to and including the first failure; never raises for the server's
+    sake. Details never contain the password.
+    """
+    where = f"{config.host}:{config.port}"
+    smtp = aiosmtplib.SMTP(
+        hostname=config.host,
+        port=config.port,
+        use_tls=config.ssl,
+        start_tls=False,  # each step on its own below
+        tls_context=_tls_context(config),
+        timeout=config.timeout_s,
+    )
+    steps: list[SmtpStep] = []
+    step: Literal["connect", "tls", "ehlo", "auth"] = "connect"
+    try:
+        greeting = await smtp.connect()
+        if config.ssl:
+            steps.append(SmtpStep("connect", "ok", f"{where} answered over TLS"))
+            steps.append(_tls_detail(smtp, config))
+        else:
+            steps.append(SmtpStep("connect", "ok", f"{where} greets: {greeting.code}"))
+        if config.start_tls:
+            step = "tls"
+            await smtp.starttls()
+            steps.append(_tls_detail(smtp, config))
+        elif not config.ssl:
+            steps.append(
+                SmtpStep("tls", "warn", "none: the password would cross the network in clear text")
+                if config.user
+                else SmtpStep("tls", "ok", "not used (ssl and start_tls are off)")
+            )
+        step = "ehlo"
+        answer = await smtp.ehlo()
+        extensions = ", ".join(sorted(name.upper() for name in smtp.esmtp_extensions)) or "none"
+        steps.append(SmtpStep("ehlo", "ok", f"{answer.code}; extensions: {extensions}"))
+        step = "auth"
+        if config.user is None or config.password is None:
+            steps.append(SmtpStep("auth", "ok", "not configured (no user)"))
+        else:
+            await smtp.login(config.user, config.password.reveal())
+            steps.append(SmtpStep("auth", "ok", f"logged in as {config.user}"))
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        if step == "connect" and config.ssl and _tls_failure(exc):
+            steps.append(SmtpStep("connect", "ok", f"{where} accepted the connection"))
+            step = "tls"
+        text = str(_classify(exc))
+        if step == "connect":
+            text = f"{where}: {text}; is the SMTP server running, and are host and port right?"
+        steps.append(SmtpStep(step, "fail", text))
+    finally:
+        if smtp.is_connected:
+            try:
+                await smtp.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                smtp.close()
+    return steps

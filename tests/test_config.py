@@ -400,7 +400,7 @@ def test_cli_logs_the_config_warnings(
         "log: {format: text}\n"
     )
 
-    async def run(config: Config) -> int:
+    async def run(config: Config, **kwargs: object) -> int:  # kwargs: load= (SIGHUP reload)
         return 0
 
     monkeypatch.setattr(supervisor, "run", run)

@@ -36,6 +36,7 @@ from mailroom.backoff import backoff_delay
 from mailroom.config import GraphMailboxConfig
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import GraphError, SourceError, TokenError
+from mailroom.monitor import Monitor
 from mailroom.sources.graph_client import GraphClient, discard
 
 __all__ = ["GraphPoller", "idempotency_key"]
@@ -86,6 +87,7 @@ class GraphPoller:
         stopping: asyncio.Event,
         drained: asyncio.Event,
         tokens: TokenProvider | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.config = config
         self.id = config.id
@@ -94,6 +96,7 @@ class GraphPoller:
         self._submit = submit
         self._stopping = stopping
         self._drained = drained
+        self._monitor = monitor or Monitor()
         self._user_url = f"{options.graph_endpoint}/v1.0/users/{quote(config.user, safe='@')}"
         self._wake = asyncio.Event()
         self._pending: dict[str, int] = {}  # message id → size, handed out and not settled
@@ -147,7 +150,7 @@ class GraphPoller:
                 retry_after = exc.retry_after_s if isinstance(exc, GraphError) else None
                 if retry_after is not None:
                     delay = min(max(retry_after, 0.0), RETRY_AFTER_MAX_S)
-                self._set_healthy(False)
+                self._set_healthy(False, f"{type(exc).__name__}: {exc}")
                 loud = isinstance(exc, TokenError) or attempt > 3
                 log.log(
                     logging.ERROR if loud else logging.WARNING,
@@ -163,7 +166,7 @@ class GraphPoller:
             except Exception:
                 attempt += 1
                 delay = backoff_delay(attempt, initial_s=BACKOFF_INITIAL_S, max_s=BACKOFF_MAX_S)
-                self._set_healthy(False)
+                self._set_healthy(False, "unexpected error")
                 log.exception(
                     "%s: unexpected error; retrying in %.1fs",
                     self.id,
@@ -172,7 +175,11 @@ class GraphPoller:
                 )
                 await self._pause(delay)
 
-    def _set_healthy(self, healthy: bool) -> None:
+    def _set_healthy(self, healthy: bool, reason: str = "") -> None:
+        if healthy:
+            self._monitor.connected(self.id)  # after every successful poll
+        else:
+            self._monitor.disconnected(self.id, reason)
         if healthy and not self.healthy:
             log.info("%s: Graph mailbox %s reachable", self.id, self.config.mailbox)
         self.healthy = healthy

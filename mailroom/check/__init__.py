@@ -1,0 +1,113 @@
+"""``mailroom check -c FILE``: the whole path from the mailboxes to the webhook, checked.
+
+Each check is a small coroutine answering ``(status, detail)``: what it found, or what failed and
+what to do. The checks of one target (a mailbox, the webhook, the SMTP server) run in order;
+after a failure the checks that depend on it are reported as ``SKIP ... skipped: <why>``. WARN
+is for what works, but worse than it could (no IDLE, no TLS): it does not fail the run. Lines
+are printed as they are found, so a check that hangs until its timeout shows where.
+
+The checks use the code that ``mailroom run`` uses (``ImapSession``, ``TokenProvider``,
+``GraphClient``, ``reject.check_connection``, the webhook signature), so what passes here
+works there. Only TCP and TLS are tried directly with ``asyncio.open_connection``. Details never
+contain a secret: URLs are shown as ``scheme://host:port``, and errors name settings, not values.
+
+Here: the config and address checks and the order of everything. ``report``: the lines and
+the skipping; ``net``: TCP, TLS, certificates; ``mailboxes``: IMAP and Graph; ``endpoints``:
+the webhook and SMTP.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from mailroom import message, routing
+from mailroom.check import endpoints, mailboxes
+from mailroom.check.endpoints import TEST_EVENT
+from mailroom.check.report import Outcome, Report, Result
+from mailroom.config import Config, ImapMailboxConfig
+
+__all__ = ["TEST_EVENT", "Report", "Result", "run"]
+
+
+def _config(report: Report, config: Config, path: str) -> None:
+    imap = sum(1 for m in config.mailboxes if isinstance(m, ImapMailboxConfig))
+    graph = len(config.mailboxes) - imap
+    notices = "on" if config.reject_notices is not None else "off"
+    detail = (
+        f"{path}: {len(config.mailboxes)} mailbox(es) ({imap} imap, {graph} microsoft_graph), "
+        f"reject notices {notices}"
+    )
+    if config.credentials is not None:
+        detail += f", credentials decrypted from {config.credentials.file}"
+    report.add("config", "load", "OK", detail)
+    address_warnings = {
+        f"mailboxes[{i}].address: {text}"
+        for i, mailbox in enumerate(config.mailboxes)
+        for text in routing.warnings(mailbox.routing.address)
+    }
+    for warning in config.warnings:
+        if warning not in address_warnings:  # those are the address checks' own lines
+            report.add("config", "advice", "WARN", warning)
+
+
+def _round_trip(rules: routing.RoutingRules) -> Outcome:
+    """A GitLab-sized key through the template and back through the real routing."""
+    key = secrets.token_hex(16)
+    template = rules.address
+    if template.has_key:
+        address = template.format(key)
+        header = f"To: {address}"
+        shown = f"{address} → "
+    else:
+        header = f"To: {template.template}\r\nReferences: <reply-{key}@{rules.reply_domain}>"
+        shown = f"reply id reply-{key}@{rules.reply_domain} → "
+    raw = (
+        "From: mailroom check <check@example.invalid>\r\n"
+        f"{header}\r\nSubject: mailroom check\r\n"
+        f"Message-ID: <check.{key}@example.invalid>\r\n\r\nmailroom check\r\n"
+    ).encode()
+    decision = routing.decide(message.parse(raw), rules)
+    if isinstance(decision, routing.Deliver) and decision.key == key:
+        return "OK", f"{shown}key {key} ({decision.matched_header})"
+    return "FAIL", f"{shown}{decision!r} instead of key {key}; check address and reply_host"
+
+
+def _addresses(report: Report, config: Config) -> None:
+    for mailbox in config.mailboxes:
+        target = f"address[{mailbox.id}]"
+        template = mailbox.routing.address
+        if template.has_key:
+            kind = f"valid, {routing.KEY_PLACEHOLDER} in the local part"
+        else:
+            kind = f"valid, a dedicated address (replies only, reply ids @{template.domain})"
+        report.add(target, "template", "OK", f"{template.template}: {kind}")
+        if template.has_key:
+            advice = routing.warnings(template)
+            length = len(template.prefix)
+            if advice:
+                report.add(target, "prefix", "WARN", advice[0])
+            else:
+                report.add(
+                    target,
+                    "prefix",
+                    "OK",
+                    f"{length} characters before {routing.KEY_PLACEHOLDER} "
+                    f"(at most {routing.PREFIX_WARN_AFTER})",
+                )
+        status, detail = _round_trip(mailbox.routing)
+        report.add(target, "round trip", status, detail)
+
+
+async def run(config: Config, *, path: str, send_test: bool, report: Report) -> bool:
+    """Run every check in order, adding lines to ``report``; True when none failed."""
+    _config(report, config, path)
+    _addresses(report, config)
+    for mailbox in config.mailboxes:
+        if isinstance(mailbox, ImapMailboxConfig):
+            await mailboxes.imap(report, mailbox)
+        else:
+            await mailboxes.graph(report, mailbox)
+    for webhook in dict.fromkeys(m.webhook for m in config.mailboxes):
+        await endpoints.webhook(report, webhook, send_test=send_test)
+    await endpoints.smtp(report, config)
+    return report.ok

@@ -1,0 +1,182 @@
+"""``mailroom check`` of the webhook (DNS, TCP, TLS, a signed test event) and of SMTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import json
+import secrets
+import socket
+import ssl
+import time
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from mailroom import reject
+from mailroom.check.net import (
+    CONNECT_TIMEOUT_S,
+    certificate,
+    close,
+    is_loopback,
+    open_connection,
+    tcp,
+)
+from mailroom.check.report import Failed, Outcome, Report, Status, Target
+from mailroom.config import Config, WebhookConfig
+from mailroom.dispatch import USER_AGENT, jwt_token, sign
+
+__all__ = ["TEST_EVENT", "smtp", "webhook"]
+
+TEST_EVENT = {"type": "mailroom.check"}
+
+
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``: no user info, path or query (they may hold secrets)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def _webhook_tls(config: WebhookConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if config.ca_file:
+        context.load_verify_locations(cafile=config.ca_file)
+    if not config.tls_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _test_headers(config: WebhookConfig, body: bytes) -> dict[str, str]:
+    """The headers a delivery carries, for a test event (Standard Webhooks, JWT, auth)."""
+    now = int(time.time())
+    webhook_id = f"check_{secrets.token_hex(16)}"
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(now),
+    }
+    if config.signing_secret is not None:
+        headers["webhook-signature"] = sign(config.signing_secret.reveal(), webhook_id, now, body)
+    if config.jwt is not None:
+        headers[config.jwt.header] = jwt_token(config.jwt, now)
+    if config.token is not None:
+        headers["Authorization"] = f"Bearer {config.token.reveal()}"
+    elif config.basic is not None:
+        # RFC 7617 with UTF-8, as the dispatcher sends it.
+        pair = f"{config.basic.user}:{config.basic.password.reveal()}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+    return headers
+
+
+_STATUS_HINTS = {
+    401: "the receiver refused the credentials: check token/basic/jwt on both sides",
+    403: "the receiver refused the request: check the signing secret and credentials",
+    404: "check the path of webhook.url",
+    422: 'answer 2xx to {"type": "mailroom.check"} events',
+}
+
+
+async def webhook(report: Report, config: WebhookConfig, *, send_test: bool) -> None:
+    origin = _origin(config.url)
+    target = Target(report, f"webhook[{origin}]")
+    parts = urlsplit(config.url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    resolved: list[str] = []
+
+    async def dns() -> Outcome:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            resolved.append(host)
+            return "OK", f"{host} is an IP address (no lookup)"
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise Failed(f"cannot resolve {host}: {exc.strerror}; check webhook.url") from exc
+        resolved.extend(dict.fromkeys(str(info[4][0]) for info in infos))
+        return "OK", f"{host} resolves to {', '.join(resolved)}"
+
+    async def tls() -> Outcome:
+        if parts.scheme != "https":
+            if all(is_loopback(a) for a in resolved or [host]):
+                return "OK", "not used (http:// to this machine)"
+            return "WARN", (
+                "not used: messages cross the network in clear text; use an https:// URL"
+            )
+        _, writer = await open_connection(host, port, _webhook_tls(config), "webhook.")
+        try:
+            return certificate(
+                writer.get_extra_info("ssl_object"), verified=config.tls_verify, how="https"
+            )
+        finally:
+            await close(writer)
+
+    async def test_event() -> Outcome:
+        if not send_test:
+            return "SKIP", 'skipped: add --send-test to POST a signed {"type": "mailroom.check"}'
+        body = json.dumps(TEST_EVENT).encode()
+        started = time.monotonic()
+        try:
+            async with (
+                aiohttp.ClientSession(trust_env=False) as http,
+                http.post(
+                    config.url,
+                    data=body,
+                    headers=_test_headers(config, body),
+                    timeout=aiohttp.ClientTimeout(total=config.timeout_s),
+                    allow_redirects=False,
+                    ssl=_webhook_tls(config) if parts.scheme == "https" else True,
+                ) as response,
+            ):
+                status = response.status
+        except TimeoutError as exc:
+            raise Failed(f"no answer within {config.timeout_s:g}s (webhook.timeout)") from exc
+        except aiohttp.ClientError as exc:
+            raise Failed(f"{type(exc).__name__}: the POST did not get an answer") from exc
+        elapsed_ms = (time.monotonic() - started) * 1000
+        if 200 <= status < 300:
+            return "OK", f"signed test event answered HTTP {status} in {elapsed_ms:.0f} ms"
+        hint = _STATUS_HINTS.get(status)
+        if hint is None:
+            hint = (
+                "redirects are not followed; set webhook.url to the final URL"
+                if 300 <= status < 400
+                else "the receiver failed; see its logs"
+            )
+        return "FAIL", f"HTTP {status} to the signed test event (2xx expected); {hint}"
+
+    await target.run("dns", dns)
+    await target.run("tcp", lambda: tcp(host, port))
+    await target.run("tls", tls)
+    await target.run("test event", test_event)
+
+
+# -- SMTP ------------------------------------------------------------------------------------
+
+
+async def smtp(report: Report, config: Config) -> None:
+    notices = config.reject_notices
+    if notices is None:
+        report.add("smtp", "reject notices", "OK", "not configured: rejected mail gets no notice")
+        return
+    smtp = notices.smtp
+    target = f"smtp[{smtp.host}:{smtp.port}]"
+    steps = await reject.check_connection(smtp)
+    statuses: dict[str, Status] = {"ok": "OK", "warn": "WARN", "fail": "FAIL"}
+    for step in steps:
+        report.add(target, step.step, statuses[step.status], step.detail)
+    done = {step.step for step in steps}
+    failed = next((step.step for step in steps if step.status == "fail"), None)
+    for name in ("connect", "tls", "ehlo", "auth"):
+        if name not in done and failed is not None:
+            report.add(target, name, "SKIP", f"skipped: {failed} failed")

@@ -1,0 +1,170 @@
+"""``mailroom check`` of the mailboxes: IMAP (through ``ImapSession``) and Microsoft Graph."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from urllib.parse import quote
+
+from mailroom.auth import TokenProvider
+from mailroom.check.net import certificate, tcp
+from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
+from mailroom.config import GraphMailboxConfig, ImapMailboxConfig
+from mailroom.errors import MailroomError
+from mailroom.sources.graph_client import GraphClient, discard
+from mailroom.sources.imap_session import ImapSession
+
+__all__ = ["graph", "imap"]
+
+
+async def imap(report: Report, config: ImapMailboxConfig) -> None:
+    target = Target(report, f"imap[{config.id}]")
+    tokens = TokenProvider(config.oauth, label=config.id) if config.oauth is not None else None
+    session: ImapSession | None = None
+
+    async def token() -> Outcome:
+        assert tokens is not None and config.oauth is not None
+        await tokens.token()
+        return "OK", f"access token for {tokens.scope} acquired (client {config.oauth.client_id})"
+
+    async def connect() -> Outcome:
+        nonlocal session
+        session = await ImapSession.connect(
+            config, timeout_s=SESSION_TIMEOUT_S, token=tokens.token if tokens else None
+        )
+        if config.ssl or config.start_tls:
+            how = "implicit TLS" if config.ssl else "STARTTLS"
+            return certificate(session.tls, verified=config.tls_verify, how=how)
+        return "WARN", (
+            "IMAP greeting on a plain connection: the password crosses the network in clear "
+            "text; set ssl: true (port 993) or start_tls: true"
+        )
+
+    async def login() -> Outcome:
+        assert session is not None
+        await session.login()
+        how = "XOAUTH2" if config.auth == "xoauth2" else "password"
+        return "OK", f"logged in as {config.user} ({how})"
+
+    async def select() -> Outcome:
+        assert session is not None
+        await session.select()
+        return "OK", f"{config.mailbox} selected (UIDVALIDITY {session.uidvalidity})"
+
+    def capability(name: str, missing: str, present: str) -> Callable[[], Awaitable[Outcome]]:
+        async def check() -> Outcome:
+            assert session is not None
+            if name in session.capabilities:
+                return "OK", f"{name} advertised: {present}"
+            return "WARN", f"{name} not advertised: {missing}"
+
+        return check
+
+    async def failed_folder() -> Outcome:
+        assert session is not None
+        folder = config.failed_folder
+        if folder is None:
+            return "OK", "not set: dead letters are flagged $MailroomFailed and \\Seen in place"
+        if await session.folder_exists(folder):
+            return "OK", f"{folder!r} exists"
+        try:
+            await session.create(folder)
+        except MailroomError as exc:
+            raise Failed(
+                f"{folder!r} does not exist and cannot be created ({exc}); create it by hand, "
+                "or fix failed_folder"
+            ) from exc
+        return "OK", f"{folder!r} did not exist; created it (as the first dead letter would)"
+
+    try:
+        await target.run("tcp", lambda: tcp(config.host, config.port))
+        if tokens is not None:
+            await target.run("oauth token", token)
+        await target.run("tls" if config.ssl or config.start_tls else "connect", connect)
+        await target.run("login", login)
+        await target.run("mailbox", select, blocking=False)
+        await target.run(
+            "idle",
+            capability(
+                "IDLE",
+                f"mail will only be found by the periodic sweep, every {config.idle_timeout_s:g}s "
+                "(idle_timeout)",
+                "new mail is pushed",
+            ),
+            blocking=False,
+        )
+        await target.run(
+            "uidplus",
+            capability(
+                "UIDPLUS",
+                "deleted messages are expunged only with expunge_deleted: true, and then by "
+                "plain EXPUNGE, which also removes messages other clients marked \\Deleted",
+                "only mailroom's own messages are expunged (UID EXPUNGE)",
+            ),
+            blocking=False,
+        )
+        await target.run(
+            "move",
+            capability(
+                "MOVE",
+                "dead letters are copied and the originals flagged \\Deleted: not atomic (a "
+                "crash in between leaves a copy in both folders)",
+                "dead letters are moved atomically (UID MOVE)",
+            ),
+            blocking=False,
+        )
+        await target.run("failed_folder", failed_folder, blocking=False)
+    finally:
+        if session is not None:
+            await session.logout()
+        if tokens is not None:
+            tokens.close()
+
+
+# -- Microsoft Graph -------------------------------------------------------------------------
+
+
+async def graph(report: Report, config: GraphMailboxConfig) -> None:
+    target = Target(report, f"graph[{config.id}]")
+    options = config.inbox_options
+    tokens = TokenProvider(options.oauth, label=config.id)
+    user_url = f"{options.graph_endpoint}/v1.0/users/{quote(config.user, safe='@')}"
+    folder_url = f"{user_url}/mailFolders/{quote(config.mailbox, safe='')}/messages"
+    sample: list[tuple[str, list[str]]] = []  # (id, categories) of one unread message
+
+    async def token() -> Outcome:
+        await tokens.token()
+        return "OK", f"access token for {tokens.scope} acquired (client {options.client_id})"
+
+    async with GraphClient(options, tokens, label=config.id) as client:
+
+        async def folder() -> Outcome:
+            # The poller's own listing, one message long.
+            url = f"{folder_url}?$filter=isRead%20eq%20false&$select=id,categories&$top=1"
+            page = await client.send("GET", url)
+            for item in page.get("value", []):
+                if isinstance(item.get("id"), str):
+                    categories = [c for c in item.get("categories") or [] if isinstance(c, str)]
+                    sample.append((item["id"], categories))
+            unread = "at least one unread message" if sample else "no unread messages"
+            return "OK", f"users/{config.user}/mailFolders/{config.mailbox} readable ({unread})"
+
+        async def patch() -> Outcome:
+            if not sample:
+                return "WARN", (
+                    "not tried: no unread message to PATCH without changing it; send the mailbox "
+                    "a message and check again"
+                )
+            message_id, categories = sample[0]
+            # Writes back the categories it has: a real PATCH needing Mail.ReadWrite that
+            # changes nothing a poller relies on (isRead stays as it is).
+            await client.send(
+                "PATCH",
+                f"{user_url}/messages/{quote(message_id, safe='')}",
+                body={"categories": categories},
+                read=discard,
+            )
+            return "OK", "PATCH of a message allowed (Mail.ReadWrite)"
+
+        await target.run("token", token)
+        await target.run("folder", folder)
+        await target.run("patch", patch)

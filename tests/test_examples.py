@@ -1,0 +1,159 @@
+"""Every example config loads with mailroom's own loader, and the deployment files agree."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mailroom.config import Config, GraphMailboxConfig, ImapMailboxConfig, parse_config
+from tests.helpers import ROOT, WHSEC
+from tests.servers import tls
+
+EXAMPLES = ROOT / "examples"
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def example_configs() -> dict[str, str]:
+    """name → YAML text of every mailroom config among the examples."""
+    found = {}
+    for path in sorted(EXAMPLES.glob("*.yml")):
+        text = path.read_text()
+        if isinstance(data := yaml.safe_load(text), dict) and "mailboxes" in data:
+            found[path.name] = text
+    configmap = yaml.safe_load((EXAMPLES / "kubernetes" / "configmap.yaml").read_text())
+    found["kubernetes/configmap.yaml"] = configmap["data"]["mailroom.yml"]
+    return found
+
+
+CONFIGS = example_configs()
+
+
+def environment(tmp_path: Path) -> dict[str, str]:
+    """Values for the ${...} the examples use."""
+    return {
+        "AZURE_TENANT_ID": "contoso.onmicrosoft.com",
+        "AZURE_CLIENT_ID": "00000000-0000-0000-0000-000000000000",
+        "DEMO_IMAP_PORT": "993",
+        "DEMO_CA_FILE": str(tls.ca_file()),
+        "DEMO_IMAP_USER": "demo",
+        "DEMO_IMAP_PASSWORD": "demo-password",
+        "DEMO_WEBHOOK_URL": "http://127.0.0.1:8025/",
+        "DEMO_WEBHOOK_SECRET": WHSEC,
+    }
+
+
+def with_secret_files(node: Any, directory: Path) -> Any:
+    """The config with each absolute ``*_file`` path (a Docker/Kubernetes/systemd secret or a CA
+    bundle) replaced by a file in ``directory`` holding a value of the right kind."""
+    if isinstance(node, list):
+        return [with_secret_files(item, directory) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if isinstance(key, str) and key.endswith("_file") and isinstance(value, str):
+            if value.startswith("${"):  # the environment gives the path
+                out[key] = value
+                continue
+            assert value.startswith("/"), f"{key}: {value} should be an absolute path"
+            file = directory / value.strip("/").replace("/", "_")
+            if key == "ca_file":
+                file.write_bytes(tls.ca_file().read_bytes())
+            else:
+                secret = WHSEC if key == "signing_secret_file" else f"secret for {key}"
+                file.write_text(secret + "\n")
+            out[key] = str(file)
+        else:
+            out[key] = with_secret_files(value, directory)
+    return out
+
+
+def env_used(node: Any) -> set[str]:
+    """The ${...} names in the values (comments may show others)."""
+    if isinstance(node, dict):
+        return set().union(*(env_used(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(env_used(v) for v in node))
+    return set(_ENV_RE.findall(node)) if isinstance(node, str) else set()
+
+
+def load(name: str, tmp_path: Path) -> Config:
+    env = environment(tmp_path)
+    data = yaml.safe_load(CONFIGS[name])
+    missing = env_used(data) - set(env)
+    assert not missing, f"{name} uses ${{...}} that this test does not provide: {missing}"
+    data = with_secret_files(data, tmp_path)
+    return parse_config(data, env=env, base_dir=tmp_path)
+
+
+def test_the_examples_are_found() -> None:
+    assert {
+        "mailroom.yml",
+        "docker-compose.mailroom.yml",
+        "demo.yml",
+        "kubernetes/configmap.yaml",
+    } <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_example_config_loads(name: str, tmp_path: Path) -> None:
+    config = load(name, tmp_path)
+    assert config.mailboxes
+    assert config.warnings == ()
+
+
+def test_the_commented_example_shows_every_option(tmp_path: Path) -> None:
+    config = load("mailroom.yml", tmp_path)
+    imap, graph, xoauth2 = config.mailboxes
+    assert isinstance(imap, ImapMailboxConfig) and imap.id == "incoming"
+    assert isinstance(graph, GraphMailboxConfig) and graph.inbox_options.poll_interval_s == 60
+    assert isinstance(xoauth2, ImapMailboxConfig) and xoauth2.auth == "xoauth2"
+    assert imap.webhook.url == "https://app.internal/api/service_desk_email"
+    assert config.webhook.jwt is not None and config.reject_notices is not None
+    assert config.health is not None and (config.health.host, config.health.port) == (
+        "127.0.0.1",
+        8080,
+    )
+    # Every key the loader reads is shown (set or in a comment), so a new option cannot be
+    # added without documenting it here.
+    source = (ROOT / "mailroom" / "config.py").read_text()
+    getters = r"\.(?:text|number|flag|secret|choice|raw|section|path_value)\(\s*\"([a-z_]+)\""
+    keys = set(re.findall(getters, source))
+    assert len(keys) > 40
+    text = CONFIGS["mailroom.yml"]
+    undocumented = {k for k in keys if not re.search(rf"\b{k}(_file)?:", text)}
+    assert undocumented == set()
+
+
+def test_the_deployment_files_agree_with_the_configs() -> None:
+    compose = yaml.safe_load((EXAMPLES / "docker-compose.yml").read_text())
+    volumes = compose["services"]["mailroom"]["volumes"]
+    assert "./docker-compose.mailroom.yml:/etc/mailroom/mailroom.yml:ro" in volumes
+    compose_secrets = set(compose["secrets"])
+    used = re.findall(r"/run/secrets/([a-z-]+)", CONFIGS["docker-compose.mailroom.yml"])
+    assert set(used) <= compose_secrets
+
+    k8s = yaml.safe_load((EXAMPLES / "kubernetes" / "deployment.yaml").read_text())
+    pod = k8s["spec"]["template"]["spec"]
+    (mailroom,) = (c for c in pod["containers"] if c["name"] == "mailroom")
+    assert mailroom["args"] == ["run", "-c", "/etc/mailroom/mailroom.yml"]
+    assert mailroom["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert mailroom["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert mailroom["securityContext"]["readOnlyRootFilesystem"] is True
+    assert mailroom["securityContext"]["runAsNonRoot"] is True
+    assert mailroom["resources"]["requests"]
+    secret = yaml.safe_load((EXAMPLES / "kubernetes" / "secret.yaml").read_text())
+    used = re.findall(r"/run/secrets/mailroom/([a-z-]+)", CONFIGS["kubernetes/configmap.yaml"])
+    assert set(used) == set(secret["stringData"])
+    env = {e["name"] for e in mailroom["env"]}
+    assert env_used(yaml.safe_load(CONFIGS["kubernetes/configmap.yaml"])) <= env
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'CMD ["run", "-c", "/etc/mailroom/mailroom.yml"]' in dockerfile
+    assert re.search(r"^STOPSIGNAL SIGTERM$", dockerfile, re.M)
+    assert re.search(r"^USER 10001:10001$", dockerfile, re.M)
+    assert mailroom["securityContext"]["runAsUser"] == 10001

@@ -1,0 +1,346 @@
+"""/healthz, /readyz and /metrics under real state changes, and Health's rules on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mailroom import supervisor
+from mailroom.config import parse_config
+from mailroom.envelope import Outcome
+from mailroom.health import GRAPH_GRACE_S, Health
+from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
+from tests.servers.dovecot import Account, Dovecot, free_port
+from tests.servers.webhook import WebhookReceiver
+
+# IMAP: a server that closes the connection is noticed at once (README, Health and metrics).
+READY_FLIP_S = 2.0
+
+
+class Probe:
+    """An HTTP client for the health endpoints of one mailroom."""
+
+    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
+        self.session = session
+        self.base = f"http://127.0.0.1:{port}"
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        async with self.session.get(self.base + path) as response:
+            if path == "/metrics":
+                assert response.headers["Content-Type"].startswith("text/plain; version=")
+                return response.status, await response.text()
+            return response.status, await response.json()
+
+    async def ready(self) -> bool:
+        try:
+            return (await self.get("/readyz"))[0] == 200
+        except aiohttp.ClientConnectionError:  # not listening yet
+            return False
+
+    async def not_ready(self) -> bool:
+        return (await self.get("/readyz"))[0] == 503
+
+    async def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        status, text = await self.get("/metrics")
+        assert status == 200
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+
+def value(
+    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    return metrics[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client:
+        yield client
+
+
+def with_health(config: dict[str, Any], port: int, **health: Any) -> dict[str, Any]:
+    config["health"] = {"listen": f"127.0.0.1:{port}", **health}
+    return config
+
+
+def auto_submitted(n: int) -> bytes:
+    return message(n).replace(b"Subject:", b"Auto-Submitted: auto-replied\r\nSubject:", 1)
+
+
+async def test_metrics_after_known_traffic_are_exact(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    webhook.fail_next(1, status=400)  # one of the three deliverable messages: dead-lettered
+    await dovecot.aappend_many(
+        account,
+        [
+            message(1),
+            message(2),
+            message(3),
+            auto_submitted(4),
+            message(5, to="someone@elsewhere.example"),  # no key: rejected (notices are off)
+        ],
+    )
+    config = with_health(config_dict([mailbox_dict(dovecot, account)], webhook.url), port)
+    probe = Probe(session, port)
+    box = account.user
+    async with running(parse_config(config, env={})):
+        await wait_until(probe.ready, what="/readyz 200")
+
+        async def all_settled() -> bool:
+            metrics = await probe.metrics()
+            settled = sum(
+                value(metrics, "mailroom_settled_total", mailbox=box, outcome=o.value)
+                for o in Outcome
+            )
+            return settled == 5
+
+        await wait_until(all_settled, what="5 messages settled")
+        metrics = await probe.metrics()
+        status, body = await probe.get("/readyz")
+        healthz = await probe.get("/healthz")
+    assert value(metrics, "mailroom_fetched_total", mailbox=box) == 5
+    settled = {
+        o.value: value(metrics, "mailroom_settled_total", mailbox=box, outcome=o.value)
+        for o in Outcome
+    }
+    assert settled == {"delivered": 2, "rejected": 1, "ignored": 1, "dead_lettered": 1}
+    assert value(metrics, "mailroom_ignored_total", mailbox=box, rule="auto_submitted") == 1
+    assert value(metrics, "mailroom_ignored_total", mailbox=box, rule="precedence") == 0
+    requests = {
+        s: value(metrics, "mailroom_webhook_requests_total", mailbox=box, status=s)
+        for s in ("2xx", "3xx", "4xx", "5xx", "error")
+    }
+    assert requests == {"2xx": 2, "3xx": 0, "4xx": 1, "5xx": 0, "error": 0}
+    assert value(metrics, "mailroom_webhook_request_duration_seconds_count", mailbox=box) == 3
+    assert (
+        value(metrics, "mailroom_webhook_request_duration_seconds_bucket", mailbox=box, le="+Inf")
+        == 3
+    )
+    assert 0 < value(metrics, "mailroom_webhook_request_duration_seconds_sum", mailbox=box) < 15
+    assert value(metrics, "mailroom_reconnects_total", mailbox=box) == 0
+    assert value(metrics, "mailroom_connected", mailbox=box) == 1
+    assert value(metrics, "mailroom_mailbox_ready", mailbox=box) == 1
+    assert value(metrics, "mailroom_unsettled", mailbox=box) == 0
+    assert value(metrics, "mailroom_unsettled_oldest_age_seconds", mailbox=box) == 0
+    assert value(metrics, "mailroom_dispatcher_stalled") == 0
+    assert status == 200
+    assert body["ready"] is True
+    assert body["mailboxes"][box] | {"since_s": 0, "last_ok_age_s": 0} == {
+        "kind": "imap",
+        "ready": True,
+        "state": "connected",
+        "since_s": 0,
+        "reason": None,
+        "last_ok_age_s": 0,
+        "reconnects": 0,
+        "unsettled": 0,
+        "oldest_unsettled_age_s": 0,
+    }
+    assert body["dispatcher"]["stalled"] is False and body["dispatcher"]["unsettled"] == 0
+    assert healthz[0] == 200 and healthz[1]["status"] == "ok"
+
+
+async def test_readyz_follows_dovecot_stop_and_start(
+    dovecot_factory: Callable[[], Dovecot],
+    webhook: WebhookReceiver,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailroom")
+    server = dovecot_factory()
+    account = server.add_user()
+    port = free_port()
+    config = with_health(config_dict([mailbox_dict(server, account)], webhook.url), port)
+    probe = Probe(session, port)
+    box = account.user
+    async with running(parse_config(config, env={})):
+        await wait_until(probe.ready, what="/readyz 200")
+
+        stopping = time.monotonic()
+        await asyncio.to_thread(server.stop)
+        stopped = time.monotonic()
+        await wait_until(probe.not_ready, timeout=READY_FLIP_S + 5, what="/readyz 503")
+        flipped = time.monotonic()
+        print(
+            f"\n/readyz 503 {flipped - stopping:.3f}s after Dovecot was told to stop "
+            f"({flipped - stopped:.3f}s after it exited)"
+        )
+        assert flipped - stopped < READY_FLIP_S
+        status, body = await probe.get("/readyz")
+        assert status == 503 and body["ready"] is False
+        assert body["mailboxes"][box]["state"] == "reconnecting"
+        assert body["mailboxes"][box]["reason"].startswith("ImapConnectionLost")
+        assert (await probe.get("/healthz"))[0] == 200  # alive, only not ready
+
+        async def attempts_failed() -> bool:  # the loss, then a refused reconnect
+            reconnects: int = (await probe.get("/readyz"))[1]["mailboxes"][box]["reconnects"]
+            return reconnects >= 2
+
+        await wait_until(attempts_failed, what="a failed reconnect attempt")
+        metrics = await probe.metrics()
+        assert value(metrics, "mailroom_connected", mailbox=box) == 0
+        assert value(metrics, "mailroom_mailbox_ready", mailbox=box) == 0
+
+        starting = time.monotonic()
+        await asyncio.to_thread(server.start)
+        await wait_until(probe.ready, timeout=30, what="/readyz 200 again")
+        print(f"/readyz 200 {time.monotonic() - starting:.3f}s after Dovecot started again")
+        metrics = await probe.metrics()
+        assert value(metrics, "mailroom_connected", mailbox=box) == 1
+        assert value(metrics, "mailroom_reconnects_total", mailbox=box) >= 2
+    changes = [r.getMessage() for r in caplog.records if r.name == "mailroom.health"]
+    # Logged once each, however many reconnect attempts failed in between.
+    assert [c.split(" after ")[0] for c in changes if c.startswith(box)] == [
+        f"{box}: starting → connected",
+        f"{box}: connected → reconnecting",
+        f"{box}: reconnecting → connected",
+    ]
+
+
+async def test_a_stalled_webhook_makes_the_dispatcher_not_ready(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    config = with_health(
+        config_dict([mailbox_dict(dovecot, account)], webhook.url), port, stall_after=1
+    )
+    probe = Probe(session, port)
+    webhook.stall()
+    async with running(parse_config(config, env={})):
+        await wait_until(probe.ready, what="ready")
+        await dovecot.aappend(account, message(1))
+        await webhook.wait_for(1)
+        await wait_until(probe.not_ready, timeout=5, what="stalled")
+        body = (await probe.get("/readyz"))[1]
+        assert body["dispatcher"]["stalled"] is True
+        assert body["dispatcher"]["unsettled"] == 1
+        assert body["dispatcher"]["oldest_unsettled_age_s"] > 1
+        assert body["mailboxes"][account.user]["ready"] is True  # the mailbox itself is fine
+        assert value(await probe.metrics(), "mailroom_dispatcher_stalled") == 1
+        webhook.release()
+        await wait_until(probe.ready, what="ready again")
+
+
+async def test_a_health_port_in_use_fails_at_start(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = with_health(config_dict([mailbox_dict(dovecot, account)], webhook.url), port)
+        with pytest.raises(OSError):
+            await supervisor.run(parse_config(config, env={}), asyncio.Event())
+
+
+# -- the rules, on a fake clock -----------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def graph_box(mailbox_id: str, poll_interval: float) -> dict[str, Any]:
+    return {
+        "id": mailbox_id,
+        "inbox_method": "microsoft_graph",
+        "address": "incoming+%{key}@example.com",
+        "user": "incoming@example.com",
+        "inbox_options": {
+            "tenant_id": "tenant",
+            "client_id": "client",
+            "client_secret": "secret",
+            "poll_interval": poll_interval,
+        },
+    }
+
+
+def imap_box(mailbox_id: str) -> dict[str, Any]:
+    return {
+        "id": mailbox_id,
+        "address": "incoming+%{key}@example.com",
+        "host": "127.0.0.1",
+        "user": "u",
+        "password": "p",
+    }
+
+
+def health_of(*boxes: dict[str, Any], clock: Clock, stall_after: float = 300) -> Health:
+    config = config_dict(list(boxes), "http://127.0.0.1:1/")
+    config["health"] = {"stall_after": stall_after}
+    return Health(parse_config(config, env={}), clock=clock)
+
+
+def test_graph_is_ready_while_its_last_poll_is_within_two_intervals_and_grace() -> None:
+    clock = Clock()
+    health = health_of(graph_box("g", 60), clock=clock)
+    assert health.readiness()[0] is False  # no poll yet
+    health.connected("g")
+    clock.now += 2 * 60 + GRAPH_GRACE_S
+    health.disconnected("g", "GraphError: HTTP 429")  # one failed poll does not flip it
+    ready, body = health.readiness()
+    assert ready is True and body["mailboxes"]["g"]["state"] == "reconnecting"
+    clock.now += 0.1
+    ready, body = health.readiness()
+    assert ready is False and body["mailboxes"]["g"]["ready"] is False
+    health.connected("g")
+    assert health.readiness()[0] is True
+
+
+def test_dispatcher_stalls_only_without_progress() -> None:
+    clock = Clock()
+    health = health_of(imap_box("a"), clock=clock, stall_after=10)
+    health.connected("a")
+    first = health.accepted("a")
+    second = health.accepted("a")
+    clock.now += 11
+    assert health.readiness()[1]["dispatcher"]["stalled"] is True
+    health.finished("a", first)  # progress: not stalled, though `second` is as old
+    ready, body = health.readiness()
+    assert ready is True and body["dispatcher"]["unsettled"] == 1
+    clock.now += 11
+    assert health.readiness()[0] is False
+    health.finished("a", second)
+    assert health.readiness()[0] is True
+
+
+def test_stopping_is_not_ready_and_forget_drops_the_series(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailroom")
+    clock = Clock()
+    health = health_of(imap_box("a"), imap_box("b"), clock=clock)
+    health.connected("a")
+    health.connected("b")
+    for _ in range(5):
+        health.disconnected("b", "ImapConnectionLost: refused")
+    assert [r.getMessage() for r in caplog.records if "→ reconnecting" in r.getMessage()] == [
+        "b: connected → reconnecting after 0.0s (ImapConnectionLost: refused)"
+    ]
+    health.configure(parse_config(config_dict([imap_box("a")], "http://127.0.0.1:1/"), env={}))
+    health.stopping("b")
+    health.forget("b")
+    names = {s.labels.get("mailbox") for f in health.registry.collect() for s in f.samples}
+    assert names == {"a", None}
+    assert health.readiness()[0] is True
+    health.stopping()
+    ready, body = health.readiness()
+    assert ready is False and body["stopping"] is True

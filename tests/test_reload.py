@@ -1,0 +1,230 @@
+"""SIGHUP reload: in-process through the reload entry point, and against a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import re
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from mailroom import supervisor
+from mailroom.config import parse_config
+from tests.helpers import Process, config_dict, mailbox_dict, message, wait_until
+from tests.servers.dovecot import Account, Dovecot, free_port
+from tests.servers.webhook import WebhookReceiver
+
+
+class Reloadable:
+    """mailroom in this event loop, whose config a test replaces and reloads."""
+
+    def __init__(self, data: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+        self.data = data
+        self.caplog = caplog
+        self.stop = asyncio.Event()
+        self.reload_requested = asyncio.Event()
+
+    def load(self) -> Any:
+        return parse_config(copy.deepcopy(self.data), env={})
+
+    def count(self, text: str) -> int:
+        return sum(text in record.getMessage() for record in self.caplog.records)
+
+    def request(self, data: dict[str, Any]) -> None:
+        """Replace the config and ask for a reload (what SIGHUP does)."""
+        self.data = data
+        self.reload_requested.set()
+
+    async def logged(self, expect: str, count: int) -> str:
+        """Wait for the ``count``-th log line containing ``expect``; return it."""
+
+        async def done() -> bool:
+            return self.count(expect) >= count
+
+        await wait_until(done, timeout=30, what=f"{expect!r} logged")
+        return [r.getMessage() for r in self.caplog.records if expect in r.getMessage()][-1]
+
+
+@contextlib.asynccontextmanager
+async def reloadable(
+    data: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> AsyncIterator[Reloadable]:
+    caplog.set_level(logging.INFO, logger="mailroom")
+    mailroom = Reloadable(data, caplog)
+    task = asyncio.create_task(
+        supervisor.run(
+            mailroom.load(), mailroom.stop, load=mailroom.load, reload=mailroom.reload_requested
+        )
+    )
+    try:
+        yield mailroom
+    finally:
+        mailroom.stop.set()
+        async with asyncio.timeout(30):
+            assert await task == 0
+
+
+def logins(dovecot: Dovecot, account: Account) -> list[str]:
+    """Dovecot's view: the session ids of the user's TLS logins (mailroom's; the test's own
+    imaplib connections use the plain port)."""
+    pattern = re.compile(rf"Login: user=<{re.escape(account.user)}>.* TLS.*session=<([^>]+)>")
+    return pattern.findall(dovecot.log_file.read_text(errors="replace"))
+
+
+def logged_out(dovecot: Dovecot, account: Account, session: str) -> bool:
+    text = dovecot.log_file.read_text(errors="replace")
+    return (
+        f"imap({account.user})" in text
+        and re.search(rf"<{re.escape(session)}>: Info: Disconnected: Logged out", text) is not None
+    )
+
+
+async def logged_in(dovecot: Dovecot, account: Account, count: int) -> bool:
+    return len(logins(dovecot, account)) == count
+
+
+async def seen(dovecot: Dovecot, account: Account) -> list[bool]:
+    return ["\\Seen" in m.flags for m in await dovecot.amessages(account)]
+
+
+async def test_reload_keeps_untouched_restarts_changed_starts_new_stops_removed(
+    dovecot_factory: Any, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    server: Dovecot = dovecot_factory()
+    kept, changed, removed, added = (server.add_user() for _ in range(4))
+    boxes = {a.user: mailbox_dict(server, a) for a in (kept, changed, removed)}
+    data = config_dict(list(boxes.values()), webhook.url)
+    async with reloadable(data, caplog) as mailroom, WebhookReceiver() as second:
+        for account in (kept, changed, removed):
+            await wait_until(lambda: logged_in(server, account, 1), what="3 logins")  # noqa: B023
+        # A delivery of the removed mailbox is in flight at the reload: it must finish and
+        # settle before that mailbox logs out.
+        webhook.stall()
+        await server.aappend(removed, message(1))
+        await webhook.wait_for(1)
+
+        new = copy.deepcopy(data)
+        new["mailboxes"] = [
+            boxes[kept.user],
+            {**boxes[changed.user], "idle_timeout": 30},
+            mailbox_dict(server, added),
+        ]
+        new["webhook"]["url"] = second.url  # a dispatch-only change: no reconnect for it
+        mailroom.request(new)
+        await wait_until(
+            lambda: _async(mailroom.count(f"{removed.user}: connected → stopping") == 1),
+            what="the removed mailbox stopping",
+        )
+        assert await seen(server, removed) == [False]
+        assert logins(server, removed) and not logged_out(
+            server, removed, logins(server, removed)[0]
+        )
+        webhook.release()
+        line = await mailroom.logged("config reloaded", 1)
+        assert line == (
+            "config reloaded: 1 mailbox(es) started, 1 restarted, 1 stopped, 1 unchanged"
+        )
+        assert await seen(server, removed) == [True]  # settled, then LOGOUT
+        assert logged_out(server, removed, logins(server, removed)[0])
+
+        await wait_until(lambda: logged_in(server, added, 1), what="added login")
+        await wait_until(lambda: logged_in(server, changed, 2), what="changed relogin")
+        assert len(logins(server, kept)) == 1  # the same connection all along
+        for n, account in enumerate((kept, changed, added, removed), start=2):
+            await server.aappend(account, message(n))
+        received = await second.wait_for(3)
+        assert sorted(r.headers["X-Mailroom-Mailbox"] for r in received) == sorted(
+            [kept.user, changed.user, added.user]
+        )
+        assert len(webhook.requests) == 1  # the old webhook got nothing new
+    assert len(second.requests) == 3  # the removed mailbox's new message was not fetched
+    assert await seen(server, removed) == [True, False]
+    assert len(logins(server, kept)) == 1
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_an_invalid_config_is_refused_and_the_old_one_keeps_running(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = config_dict([mailbox_dict(dovecot, account)], webhook.url)
+    async with reloadable(data, caplog) as mailroom:
+        await wait_until(lambda: logged_in(dovecot, account, 1), what="login")
+        bad = copy.deepcopy(data)
+        bad["mailboxes"][0]["port"] = "imap"
+        mailroom.request(bad)
+        line = await mailroom.logged("reload refused", 1)
+        assert line == (
+            "reload refused, the running config stays: config error: "
+            "mailboxes[0].port: expected a whole number, got 'imap'"
+        )
+        await dovecot.aappend(account, message(1))
+        (request,) = await webhook.wait_for(1)
+        assert request.json()["subject"] == "test 1"
+        assert len(logins(dovecot, account)) == 1
+
+
+# -- a real process ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def process(tmp_path: Path) -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for each in started:
+        each.kill()
+
+
+async def test_sighup_reloads_a_real_process_and_refuses_a_broken_file(
+    dovecot: Dovecot, webhook: WebhookReceiver, process: list[Process], tmp_path: Path
+) -> None:
+    first, second = dovecot.add_user(), dovecot.add_user()
+    port = free_port()
+    data = config_dict([mailbox_dict(dovecot, first)], webhook.url)
+    data["health"] = {"listen": f"127.0.0.1:{port}"}
+    mailroom = Process(data, tmp_path)
+    process.append(mailroom)
+    mailroom.start()
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+
+        async def ready_with(*users: str) -> bool:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    body = await response.json()
+            except aiohttp.ClientConnectionError:
+                return False
+            return response.status == 200 and sorted(body["mailboxes"]) == sorted(users)
+
+        await wait_until(lambda: ready_with(first.user), timeout=20, what="ready")
+        data["mailboxes"].append(mailbox_dict(dovecot, second))
+        mailroom.path.write_text(yaml.safe_dump(data))
+        mailroom.signal(signal.SIGHUP)
+        await wait_until(lambda: ready_with(first.user, second.user), what="both ready")
+        assert "config reloaded: 1 mailbox(es) started, 0 restarted, 0 stopped, 1 unchanged" in (
+            mailroom.output()
+        )
+
+        mailroom.path.write_text("mailboxes: [\n")  # broken YAML
+        mailroom.signal(signal.SIGHUP)
+        await wait_until(
+            lambda: _async("reload refused" in mailroom.output()), what="the refusal logged"
+        )
+        assert "fix the YAML syntax" in mailroom.output()
+        await dovecot.aappend(second, message(1))
+        (request,) = await webhook.wait_for(1)
+        assert request.headers["X-Mailroom-Mailbox"] == second.user
+        assert await ready_with(first.user, second.user)
+    assert len(logins(dovecot, first)) == 1
+    mailroom.signal(signal.SIGTERM)
+    assert await mailroom.wait() == 0
