@@ -136,6 +136,7 @@ class _Webhook:
         self.config = config
         self.slots = asyncio.Semaphore(config.concurrency)
         self.ssl = _ssl_context(config)
+        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self.authorization: str | None = None
         if config.token is not None:
             self.authorization = f"Bearer {config.token.reveal()}"
@@ -187,6 +188,7 @@ class Dispatcher:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=False),
             trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a webhook sets no cookies we would keep
         )
         return self
 
@@ -453,7 +455,7 @@ class Dispatcher:
                 config.url,
                 data=body,
                 headers=webhook.headers(envelope, key, body),
-                timeout=aiohttp.ClientTimeout(total=config.timeout_s),
+                timeout=webhook.timeout,
                 allow_redirects=False,
                 ssl=webhook.ssl,
             ) as response:
