@@ -30,6 +30,7 @@ from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
 from mailroom.monitor import Monitor
 from mailroom.reject import NoticeResult, Notifier
+from mailroom.tls import client_context
 
 __all__ = ["Dispatcher", "build_payload", "sign"]
 
@@ -120,13 +121,32 @@ def _retry_after(value: str | None) -> float | None:
 def _ssl_context(config: WebhookConfig) -> ssl.SSLContext | bool:
     if not config.url.startswith("https:"):
         return True
-    context = ssl.create_default_context()
-    if config.ca_file:
-        context.load_verify_locations(cafile=config.ca_file)
-    if not config.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    return client_context(ca_file=config.ca_file, verify=config.tls_verify)
+
+
+def request_headers(
+    config: WebhookConfig, *, webhook_id: str, body: bytes, content_type: str
+) -> dict[str, str]:
+    """What every request to ``config`` carries: the Standard Webhooks id, timestamp and
+    signature, the JWT header and the authorization, as configured."""
+    now = int(time.time())
+    headers = {
+        "Content-Type": content_type,
+        "User-Agent": USER_AGENT,
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(now),
+    }
+    if config.signing_secret is not None:
+        headers["webhook-signature"] = sign(config.signing_secret.reveal(), webhook_id, now, body)
+    if config.jwt is not None:
+        headers[config.jwt.header] = jwt_token(config.jwt, now)
+    if config.token is not None:
+        headers["Authorization"] = f"Bearer {config.token.reveal()}"
+    elif config.basic is not None:
+        # RFC 7617 with UTF-8 (aiohttp's BasicAuth is deprecated and latin-1 only).
+        pair = f"{config.basic.user}:{config.basic.password.reveal()}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+    return headers
 
 
 class _Webhook:
@@ -137,34 +157,18 @@ class _Webhook:
         self.slots = asyncio.Semaphore(config.concurrency)
         self.ssl = _ssl_context(config)
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-        self.authorization: str | None = None
-        if config.token is not None:
-            self.authorization = f"Bearer {config.token.reveal()}"
-        elif config.basic is not None:
-            # RFC 7617 with UTF-8 (aiohttp's BasicAuth is deprecated and latin-1 only).
-            pair = f"{config.basic.user}:{config.basic.password.reveal()}".encode()
-            self.authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+        self.content_type = "application/json" if config.format == "json" else "message/rfc822"
 
     def headers(self, envelope: Envelope, key: str | None, body: bytes) -> dict[str, str]:
-        config = self.config
-        now = int(time.time())
-        headers = {
-            "Content-Type": "application/json" if config.format == "json" else "message/rfc822",
-            "User-Agent": USER_AGENT,
-            "webhook-id": envelope.idempotency_key,
-            "webhook-timestamp": str(now),
-            "X-Mailroom-Mailbox": envelope.mailbox,
-        }
+        headers = request_headers(
+            self.config,
+            webhook_id=envelope.idempotency_key,
+            body=body,
+            content_type=self.content_type,
+        )
+        headers["X-Mailroom-Mailbox"] = envelope.mailbox
         if key is not None:
             headers["X-Mailroom-Key"] = quote(key, safe="!#$&'*+-.^_`|~=@")
-        if config.signing_secret is not None:
-            headers["webhook-signature"] = sign(
-                config.signing_secret.reveal(), envelope.idempotency_key, now, body
-            )
-        if config.jwt is not None:
-            headers[config.jwt.header] = jwt_token(config.jwt, now)
-        if self.authorization is not None:
-            headers["Authorization"] = self.authorization
         return headers
 
 

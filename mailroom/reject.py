@@ -34,6 +34,7 @@ from mailroom import notices, routing
 from mailroom.backoff import backoff_delay
 from mailroom.config import RejectNoticesConfig, SmtpConfig
 from mailroom.message import ParsedMessage
+from mailroom.tls import client_context
 
 __all__ = ["NoticeResult", "Notifier", "SmtpStep", "check_connection"]
 
@@ -67,13 +68,7 @@ class _SendError(Exception):
 def _tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
     if not (config.ssl or config.start_tls):
         return None
-    context = ssl.create_default_context()
-    if config.ca_file:
-        context.load_verify_locations(cafile=config.ca_file)
-    if not config.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    return client_context(ca_file=config.ca_file, verify=config.tls_verify)
 
 
 def _classify(exc: Exception) -> _SendError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import ipaddress
 import json
 import secrets
@@ -25,7 +24,8 @@ from mailroom.check.net import (
 )
 from mailroom.check.report import Failed, Outcome, Report, Status, Target
 from mailroom.config import Config, WebhookConfig
-from mailroom.dispatch import USER_AGENT, jwt_token, sign
+from mailroom.dispatch import request_headers
+from mailroom.tls import client_context
 
 __all__ = ["TEST_EVENT", "smtp", "webhook"]
 
@@ -41,36 +41,17 @@ def _origin(url: str) -> str:
 
 
 def _webhook_tls(config: WebhookConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    if config.ca_file:
-        context.load_verify_locations(cafile=config.ca_file)
-    if not config.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    return client_context(ca_file=config.ca_file, verify=config.tls_verify)
 
 
 def _test_headers(config: WebhookConfig, body: bytes) -> dict[str, str]:
     """The headers a delivery carries, for a test event (Standard Webhooks, JWT, auth)."""
-    now = int(time.time())
-    webhook_id = f"check_{secrets.token_hex(16)}"
-    headers = {
-        "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
-        "webhook-id": webhook_id,
-        "webhook-timestamp": str(now),
-    }
-    if config.signing_secret is not None:
-        headers["webhook-signature"] = sign(config.signing_secret.reveal(), webhook_id, now, body)
-    if config.jwt is not None:
-        headers[config.jwt.header] = jwt_token(config.jwt, now)
-    if config.token is not None:
-        headers["Authorization"] = f"Bearer {config.token.reveal()}"
-    elif config.basic is not None:
-        # RFC 7617 with UTF-8, as the dispatcher sends it.
-        pair = f"{config.basic.user}:{config.basic.password.reveal()}".encode()
-        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
-    return headers
+    return request_headers(
+        config,
+        webhook_id=f"check_{secrets.token_hex(16)}",
+        body=body,
+        content_type="application/json",
+    )
 
 
 _STATUS_HINTS = {

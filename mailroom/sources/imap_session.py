@@ -24,6 +24,7 @@ from aioimaplib import aioimaplib
 
 from mailroom.config import ImapMailboxConfig
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
+from mailroom.tls import client_context
 
 __all__ = ["FetchedMessage", "ImapSession", "uid_set"]
 
@@ -165,13 +166,7 @@ class _Client(aioimaplib.IMAP4):  # type: ignore[misc]
 
 def tls_context(config: ImapMailboxConfig) -> ssl.SSLContext:
     """Verification on by default; ``ca_file`` adds a private CA to the system's."""
-    context = ssl.create_default_context()
-    if config.ca_file:
-        context.load_verify_locations(cafile=config.ca_file)
-    if not config.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    return client_context(ca_file=config.ca_file, verify=config.tls_verify)
 
 
 class ImapSession:
