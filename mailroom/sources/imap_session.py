@@ -177,6 +177,8 @@ class ImapSession:
         self.id = config.id
         self.timeout_s = timeout_s
         self.lost = asyncio.Event()
+        self._waiting: set[asyncio.Task[Any]] = set()  # tasks awaiting a command in _run
+        self._cancelled_by_loss: set[asyncio.Task[Any]] = set()
         self.new_mail = asyncio.Event()
         self.bye: str | None = None
         self.uidvalidity = 0
@@ -373,6 +375,9 @@ class ImapSession:
 
     def _on_lost(self, exc: Exception | None) -> None:
         self.lost.set()
+        for task in self._waiting:  # a command in flight gets no answer now: end it
+            self._cancelled_by_loss.add(task)
+            task.cancel()
 
     @property
     def token_expired(self) -> bool:
@@ -411,31 +416,37 @@ class ImapSession:
         timeout_s: float | None = None,
         check: bool = True,
     ) -> Any:
-        """Await one command: ``ImapConnectionLost`` on loss or timeout, ``ImapError`` on NO/BAD."""
+        """Await one command: ``ImapConnectionLost`` on loss or timeout, ``ImapError`` on NO/BAD.
+
+        The command is awaited in the caller's task (no extra tasks: this is the hot path);
+        a loss cancels that task from ``_on_lost`` and the cancellation becomes the error.
+        """
         if self.lost.is_set():
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
             raise ImapConnectionLost(f"{what}: connection lost")
-        command = asyncio.ensure_future(awaitable)
-        lost = asyncio.ensure_future(self.lost.wait())
+        task = asyncio.current_task()
+        assert task is not None
         limit = timeout_s or self.timeout_s
+        self._waiting.add(task)
         try:
-            done, _ = await asyncio.wait(
-                {command, lost}, timeout=limit, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            lost.cancel()
-            if not command.done():
-                command.cancel()
-        if command not in done:
-            reason = f"connection lost ({self.bye})" if self.bye else "connection lost"
-            if not self.lost.is_set():
-                reason = f"no answer in {limit:g}s"
+            async with asyncio.timeout(limit):
+                response = await awaitable
+        except asyncio.CancelledError:
+            if task not in self._cancelled_by_loss:
+                raise
+            self._cancelled_by_loss.discard(task)
+            task.uncancel()
+            detail = f" ({self.bye})" if self.bye else ""
+            raise ImapConnectionLost(f"{what}: connection lost{detail}") from None
+        except TimeoutError as exc:
             self.abort()
-            raise ImapConnectionLost(f"{what}: {reason}")
-        try:
-            response = command.result()
-        except (aioimaplib.AioImapException, TimeoutError, OSError) as exc:
+            raise ImapConnectionLost(f"{what}: no answer in {limit:g}s") from exc
+        except (aioimaplib.AioImapException, OSError) as exc:
             self.abort()
             raise ImapConnectionLost(f"{what}: {type(exc).__name__} {exc}") from exc
+        finally:
+            self._waiting.discard(task)
         if check and response is not None and response.result != "OK":
             raise ImapError(f"{what} failed: {response.result} {_text(response)}")
         return response
@@ -444,7 +455,9 @@ class ImapSession:
         """``UID SEARCH <criteria>``, ascending."""
         assert self._client is not None
         # No CHARSET: Exchange and Yahoo reject CHARSET utf-8 (aioimaplib#126); RFC 3501 §6.4.4.
-        response = await self._run("UID SEARCH", self._client.uid_search(criteria, charset=None))
+        response = await self._run(
+            "UID SEARCH", self._client.protocol.search(criteria, charset=None, by_uid=True)
+        )
         # aioimaplib strips "* SEARCH" from the untagged lines; the last line is the tagged one.
         uids: list[int] = []
         for line in response.lines[:-1]:
