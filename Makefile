@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint demo bench debs venv clean
+.PHONY: test test-image lint demo bench debs venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,20 @@ debs:
 
 test: venv debs
 	$(BIN)/pytest
+
+# The container image, built and run with podman on a base made from Debian's packages (no
+# registry needed). Opt-in: it downloads a Debian base and mailroom's wheels, a few minutes.
+# runc + cgroupfs + explicit ulimits: where crun cannot set rlimits or drive hybrid cgroups.
+IMAGE_BASE ?= localhost/debian-python:bookworm
+PODMAN     ?= podman --runtime runc --cgroup-manager cgroupfs
+test-image: venv debs
+	@command -v podman >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 \
+	  && command -v runc >/dev/null 2>&1 || { apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap runc; }
+	tests/image_base.sh $(IMAGE_BASE)
+	MAILROOM_TEST_IMAGE_BASE=$(IMAGE_BASE) MAILROOM_TEST_PODMAN="$(PODMAN)" \
+	  MAILROOM_TEST_PODMAN_ARGS="--ulimit nofile=20000:20000 --ulimit nproc=1000:1000" \
+	  $(BIN)/pytest -p no:cacheprovider tests/test_image.py
 
 lint: venv
 	$(BIN)/ruff check .
