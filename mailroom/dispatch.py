@@ -9,15 +9,10 @@ lose an acknowledgement once the webhook has answered.
 from __future__ import annotations
 
 import asyncio
-import base64
-import email.utils
-import hashlib
-import hmac
 import json
 import logging
 import ssl
 import time
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -25,128 +20,30 @@ import aiohttp
 
 from mailroom import message, notices, routing
 from mailroom.backoff import backoff_delay
-from mailroom.config import Config, JwtConfig, MailboxConfig, WebhookConfig
+from mailroom.config import Config, MailboxConfig, WebhookConfig
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
 from mailroom.monitor import Monitor
 from mailroom.reject import NoticeResult, Notifier
 from mailroom.tls import client_context
+from mailroom.webhook import (
+    MAX_ANSWER_BYTES,
+    Rejected,
+    build_payload,
+    classify,
+    request_headers,
+    retry_after,
+)
 
-__all__ = ["Dispatcher", "build_payload", "sign"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger("mailroom.dispatch")
-
-USER_AGENT = "mailroom/0.1 (+https://github.com/mailroom)"
-MAX_ANSWER_BYTES = 64 * 1024
-# 408/425/429 and 5xx are worth retrying (RFC 9110 §15); 401/403/404 mean a misconfiguration that
-# a fix will cure, so the message waits for it instead of being dead-lettered.
-TRANSIENT = frozenset({408, 425, 429})
-MISCONFIGURED = frozenset({401, 403, 404})
-
-
-@dataclass(frozen=True, slots=True)
-class _Rejected:
-    reason: str
-
-
-def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
-    """Standard Webhooks ``webhook-signature``: ``v1,<base64 HMAC-SHA256(id.timestamp.body)>``."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    signed = f"{webhook_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def jwt_token(config: JwtConfig, now: int) -> str:
-    """HS256 JWT with ``iss`` and ``iat`` claims, as GitLab's MailRoom sends (RFC 7519)."""
-    header = _b64url(json.dumps({"typ": "JWT", "alg": "HS256"}, separators=(",", ":")).encode())
-    claims = {"iss": config.issuer, "iat": now}
-    payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
-    signing_input = f"{header}.{payload}".encode()
-    digest = hmac.new(config.secret.reveal().encode(), signing_input, hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64url(digest)}"
-
-
-def _address(address: message.Address | None) -> dict[str, str] | None:
-    return None if address is None else {"name": address.name, "address": address.address}
-
-
-def build_payload(
-    envelope: Envelope, parsed: message.ParsedMessage, decision: routing.Deliver
-) -> dict[str, Any]:
-    """The JSON body of the webhook contract (ARCHITECTURE.md)."""
-    return {
-        "id": envelope.idempotency_key,
-        "mailbox": envelope.mailbox,
-        "key": decision.key,
-        "matched_header": decision.matched_header,
-        "message_id": parsed.message_id,
-        "in_reply_to": parsed.in_reply_to,
-        "references": list(parsed.references),
-        "from": _address(parsed.from_),
-        "reply_to": [_address(a) for a in parsed.reply_to],
-        "to": [_address(a) for a in parsed.to],
-        "cc": [_address(a) for a in parsed.cc],
-        "subject": parsed.subject,
-        "date": parsed.date,
-        "text": parsed.text,
-        "html": parsed.html,
-        "attachments": [
-            {"filename": a.filename, "content_type": a.content_type, "size": a.size}
-            for a in parsed.attachments
-        ],
-        "authentication_results": list(parsed.authentication_results),
-        "size": envelope.size,
-        "raw": base64.b64encode(envelope.raw).decode("ascii"),
-    }
-
-
-def _retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _ssl_context(config: WebhookConfig) -> ssl.SSLContext | bool:
     if not config.url.startswith("https:"):
         return True
     return client_context(ca_file=config.ca_file, verify=config.tls_verify)
-
-
-def request_headers(
-    config: WebhookConfig, *, webhook_id: str, body: bytes, content_type: str
-) -> dict[str, str]:
-    """What every request to ``config`` carries: the Standard Webhooks id, timestamp and
-    signature, the JWT header and the authorization, as configured."""
-    now = int(time.time())
-    headers = {
-        "Content-Type": content_type,
-        "User-Agent": USER_AGENT,
-        "webhook-id": webhook_id,
-        "webhook-timestamp": str(now),
-    }
-    if config.signing_secret is not None:
-        headers["webhook-signature"] = sign(config.signing_secret.reveal(), webhook_id, now, body)
-    if config.jwt is not None:
-        headers[config.jwt.header] = jwt_token(config.jwt, now)
-    if config.token is not None:
-        headers["Authorization"] = f"Bearer {config.token.reveal()}"
-    elif config.basic is not None:
-        # RFC 7617 with UTF-8 (aiohttp's BasicAuth is deprecated and latin-1 only).
-        pair = f"{config.basic.user}:{config.basic.password.reveal()}".encode()
-        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
-    return headers
 
 
 class _Webhook:
@@ -348,7 +245,7 @@ class Dispatcher:
             )
             return await self._notify(Outcome.REJECTED, envelope, parsed, decision.reason, fields)
         result = await self._deliver(envelope, parsed, decision, mailbox.webhook, fields)
-        if isinstance(result, _Rejected):
+        if isinstance(result, Rejected):
             log.info(
                 "%s: %s: the application rejected it: %s",
                 envelope.mailbox,
@@ -388,7 +285,7 @@ class Dispatcher:
         decision: routing.Deliver,
         config: WebhookConfig,
         fields: dict[str, Any],
-    ) -> Outcome | _Rejected:
+    ) -> Outcome | Rejected:
         webhook = self._webhooks[config]
         if config.format == "json":
             body = json.dumps(build_payload(envelope, parsed, decision)).encode()
@@ -448,7 +345,7 @@ class Dispatcher:
         key: str | None,
         body: bytes,
         fields: dict[str, Any],
-    ) -> Outcome | _Rejected:
+    ) -> Outcome | Rejected:
         assert self._session is not None
         config = webhook.config
         self.in_flight += 1
@@ -466,7 +363,7 @@ class Dispatcher:
                 answer = await _read_bounded(response, MAX_ANSWER_BYTES)
                 status = response.status
                 status_class = f"{min(max(status // 100, 2), 5)}xx"
-                retry_after = _retry_after(response.headers.get("Retry-After"))
+                delay_s = retry_after(response.headers.get("Retry-After"))
         except TimeoutError as exc:
             raise TransientDeliveryError(f"no answer within {config.timeout_s:g}s") from exc
         except aiohttp.ClientError as exc:
@@ -475,7 +372,7 @@ class Dispatcher:
             self.in_flight -= 1
             self._monitor.webhook(envelope.mailbox, status_class, time.monotonic() - started)
         fields["status"] = status
-        return _classify(status, answer, retry_after)
+        return classify(status, answer, delay_s)
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -489,36 +386,3 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
-
-
-def _classify(status: int, answer: bytes, retry_after: float | None) -> Outcome | _Rejected:
-    if 200 <= status < 300:
-        return Outcome.DELIVERED
-    if status == 422:
-        reason = _reject_reason(answer)
-        if reason is not None:
-            return _Rejected(reason)
-    if status in TRANSIENT or 500 <= status < 600:
-        raise TransientDeliveryError(f"HTTP {status}", retry_after_s=retry_after)
-    if status in MISCONFIGURED:
-        raise TransientDeliveryError(
-            f"HTTP {status}: check webhook.url and its credentials (retrying until fixed)",
-            retry_after_s=retry_after,
-            misconfigured=True,
-        )
-    if 300 <= status < 400:
-        raise TransientDeliveryError(
-            f"HTTP {status}: redirects are not followed; set webhook.url to the final URL",
-            misconfigured=True,
-        )
-    raise PermanentDeliveryError(f"HTTP {status}")
-
-
-def _reject_reason(answer: bytes) -> str | None:
-    try:
-        document = json.loads(answer)
-    except ValueError:
-        return None
-    if isinstance(document, dict) and isinstance(document.get("reject"), str):
-        return str(document["reject"])
-    return None

@@ -24,8 +24,8 @@ from mailroom.check.net import (
 )
 from mailroom.check.report import Failed, Outcome, Report, Status, Target
 from mailroom.config import Config, WebhookConfig
-from mailroom.dispatch import request_headers
 from mailroom.tls import client_context
+from mailroom.webhook import request_headers
 
 __all__ = ["TEST_EVENT", "smtp", "webhook"]
 

@@ -21,8 +21,8 @@ from yarl import URL
 
 from mailroom.auth import TokenProvider
 from mailroom.config import GraphInboxOptions
-from mailroom.dispatch import USER_AGENT, _retry_after
 from mailroom.errors import GraphError
+from mailroom.webhook import USER_AGENT, retry_after
 
 __all__ = ["GraphClient", "discard"]
 
@@ -156,5 +156,5 @@ async def _error(method: str, url: str, response: aiohttp.ClientResponse) -> Gra
         text + hint,
         status=response.status,
         code=code,
-        retry_after_s=_retry_after(response.headers.get("Retry-After")),
+        retry_after_s=retry_after(response.headers.get("Retry-After")),
     )

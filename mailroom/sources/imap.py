@@ -32,7 +32,8 @@ from mailroom.config import ImapMailboxConfig
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError, SourceError, TokenError
 from mailroom.monitor import Monitor
-from mailroom.sources.imap_session import FetchedMessage, ImapSession
+from mailroom.sources.imap_session import ImapSession
+from mailroom.sources.imap_wire import FetchedMessage
 
 __all__ = ["ImapWatcher", "idempotency_key"]
 

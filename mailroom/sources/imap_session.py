@@ -11,22 +11,27 @@ message appended between a SEARCH and the next IDLE would wait for the next arri
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from aioimaplib import aioimaplib
 
 from mailroom.config import ImapMailboxConfig
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
+from mailroom.sources.imap_wire import (
+    FetchedMessage,
+    mailbox_name,
+    parse_fetch,
+    response_text,
+    uid_set,
+)
 from mailroom.tls import client_context
 
-__all__ = ["FetchedMessage", "ImapSession", "uid_set"]
+__all__ = ["ImapSession"]
 
 log = logging.getLogger("mailroom.imap")
 
@@ -34,60 +39,9 @@ COMMAND_TIMEOUT_S = 30.0
 SIZE_BATCH = 2048  # UIDs per UID FETCH (RFC822.SIZE) without SEARCHRES
 LOGOUT_TIMEOUT_S = 5.0
 
-_FETCH_HEAD = re.compile(rb"^\d+ FETCH \(")
-_UID = re.compile(rb"\bUID (\d+)")
-_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _EXISTS = re.compile(rb"^(?:\* )?\d+ EXISTS")
 _LIST_FLAGS = re.compile(rb"^\(([^)]*)\) ")
-
-
-@dataclass(frozen=True, slots=True)
-class FetchedMessage:
-    uid: int
-    size: int
-    body: bytes | None  # None when only the size was asked for
-
-
-def uid_set(uids: Iterable[int]) -> str:
-    """Compress UIDs into an IMAP sequence set: ``1:3,7,9:10`` (RFC 3501 §9, sequence-set)."""
-    ordered = sorted(set(uids))
-    if not ordered:
-        raise ValueError("empty UID set")
-    parts: list[str] = []
-    start = prev = ordered[0]
-    for uid in [*ordered[1:], None]:
-        if uid is not None and uid == prev + 1:
-            prev = uid
-            continue
-        parts.append(str(start) if start == prev else f"{start}:{prev}")
-        if uid is not None:
-            start = prev = uid
-    return ",".join(parts)
-
-
-def mailbox_name(name: str) -> str:
-    """Quote a mailbox name, in modified UTF-7 when it is not ASCII (RFC 3501 §5.1.3)."""
-    if name.upper() == "INBOX":
-        return "INBOX"
-    out: list[str] = []
-    pending: list[str] = []
-
-    def flush() -> None:
-        if pending:
-            data = "".join(pending).encode("utf-16-be")
-            out.append("&" + base64.b64encode(data).decode().rstrip("=").replace("/", ",") + "-")
-            pending.clear()
-
-    for char in name:
-        if 0x20 <= ord(char) <= 0x7E:
-            flush()
-            out.append("&-" if char == "&" else char)
-        else:
-            pending.append(char)
-    flush()
-    encoded = "".join(out).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{encoded}"'
 
 
 # aioimaplib parses each received chunk recursively, one stack frame per line: a 256 KB chunk
@@ -338,8 +292,8 @@ class ImapSession:
             )
             if response.result != "OK":
                 raise ImapAuthError(
-                    f"XOAUTH2 as {self.config.user} refused: {_text(response)}; check the app's "
-                    "access to this mailbox and the oauth scope"
+                    f"XOAUTH2 as {self.config.user} refused: {response_text(response)}; "
+                    "check the app's access to this mailbox and the oauth scope"
                 )
         else:
             assert self.config.password is not None
@@ -350,7 +304,7 @@ class ImapSession:
             )
             if response.result != "OK":
                 raise ImapAuthError(
-                    f"login as {self.config.user} refused: {_text(response)}; "
+                    f"login as {self.config.user} refused: {response_text(response)}; "
                     "check user and password"
                 )
         # RFC 3501 §6.2.3: capabilities may change after login; ask again.
@@ -364,7 +318,7 @@ class ImapSession:
         )
         if response.result != "OK":
             raise ImapError(
-                f"cannot select mailbox {self.config.mailbox!r}: {_text(response)}; "
+                f"cannot select mailbox {self.config.mailbox!r}: {response_text(response)}; "
                 "check the mailbox setting"
             )
         for line in response.lines:
@@ -448,7 +402,7 @@ class ImapSession:
         finally:
             self._waiting.discard(task)
         if check and response is not None and response.result != "OK":
-            raise ImapError(f"{what} failed: {response.result} {_text(response)}")
+            raise ImapError(f"{what} failed: {response.result} {response_text(response)}")
         return response
 
     async def search(self, criteria: str) -> list[int]:
@@ -485,7 +439,7 @@ class ImapSession:
             protocol.execute(command),
             timeout_s=self.timeout_s * 10,  # the per-line timer above catches a stall sooner
         )
-        return _parse_fetch(response.lines)
+        return parse_fetch(response.lines)
 
     async def search_sizes(self, criteria: str) -> list[FetchedMessage]:
         """UIDs and RFC822.SIZE of the messages matching ``criteria``, ascending.
@@ -527,8 +481,8 @@ class ImapSession:
         searched, fetched = await self._run("UID SEARCH + UID FETCH $", both, check=False)
         for what, response in (("UID SEARCH", searched), ("UID FETCH $", fetched)):
             if response.result != "OK":
-                raise ImapError(f"{what} failed: {response.result} {_text(response)}")
-        sizes = _parse_fetch(fetched.lines)
+                raise ImapError(f"{what} failed: {response.result} {response_text(response)}")
+        sizes = parse_fetch(fetched.lines)
         return sorted(sizes, key=lambda item: item.uid)
 
     async def store(self, uids: Iterable[int], flags: str) -> None:
@@ -553,7 +507,7 @@ class ImapSession:
         if response.result != "OK" and b"ALREADYEXISTS" not in b" ".join(
             line for line in response.lines if isinstance(line, bytes)
         ):
-            raise ImapError(f"cannot create folder {folder!r}: {_text(response)}")
+            raise ImapError(f"cannot create folder {folder!r}: {response_text(response)}")
 
     async def folder_exists(self, folder: str) -> bool:
         """Whether ``folder`` exists and can hold messages (LIST, RFC 3501 §6.3.8)."""
@@ -588,7 +542,7 @@ class ImapSession:
             ):
                 await self.create(folder)
                 continue
-            raise ImapError(f"UID {verb.upper()} to {folder!r} failed: {_text(response)}")
+            raise ImapError(f"UID {verb.upper()} to {folder!r} failed: {response_text(response)}")
         if verb == "copy":
             await self.store(uids, "\\Seen \\Deleted")
             if expunge or "UIDPLUS" in self.capabilities:
@@ -638,42 +592,3 @@ class ImapSession:
             for waiter in waiters:
                 waiter.cancel()
         return not done
-
-
-def _text(response: Any) -> str:
-    lines = [line for line in response.lines if isinstance(line, bytes)]
-    return lines[-1].decode("utf-8", "replace") if lines else "(no text)"
-
-
-def _parse_fetch(lines: list[Any]) -> list[FetchedMessage]:
-    """Read aioimaplib's FETCH lines: a ``bytes`` head, a ``bytearray`` literal, ``b')'``..."""
-    found: list[FetchedMessage] = []
-    index = 0
-    while index < len(lines):
-        line = lines[index]
-        index += 1
-        if (
-            isinstance(line, bytearray)
-            or not isinstance(line, bytes)
-            or not _FETCH_HEAD.match(line)
-        ):
-            continue
-        meta, body = bytes(line), None
-        if line.endswith(b"}") and index < len(lines) and isinstance(lines[index], bytearray):
-            body = bytes(lines[index])
-            index += 1
-            tail = lines[index] if index < len(lines) else None
-            if isinstance(tail, bytes) and not _FETCH_HEAD.match(tail):
-                meta += b" " + tail  # items after the literal, e.g. " UID 7)"
-                index += 1
-        uid, size = _UID.search(meta), _SIZE.search(meta)
-        if uid is None:
-            continue  # an unsolicited FETCH (another client's flag change)
-        found.append(
-            FetchedMessage(
-                uid=int(uid.group(1)),
-                size=int(size.group(1)) if size else len(body or b""),
-                body=body,
-            )
-        )
-    return found

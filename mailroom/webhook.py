@@ -1,0 +1,170 @@
+"""The webhook contract (ARCHITECTURE.md): payload, headers, signature, and what answers mean.
+
+Pure: no I/O. The dispatcher sends what this builds and acts on what ``classify`` says.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from mailroom import message, routing
+from mailroom.config import JwtConfig, WebhookConfig
+from mailroom.envelope import Envelope, Outcome
+from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
+
+__all__ = [
+    "USER_AGENT",
+    "Rejected",
+    "build_payload",
+    "classify",
+    "jwt_token",
+    "request_headers",
+    "retry_after",
+    "sign",
+]
+
+USER_AGENT = "mailroom/0.1 (+https://github.com/mailroom)"
+MAX_ANSWER_BYTES = 64 * 1024
+# 408/425/429 and 5xx are worth retrying (RFC 9110 §15); 401/403/404 mean a misconfiguration that
+# a fix will cure, so the message waits for it instead of being dead-lettered.
+TRANSIENT = frozenset({408, 425, 429})
+MISCONFIGURED = frozenset({401, 403, 404})
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str
+
+
+def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks ``webhook-signature``: ``v1,<base64 HMAC-SHA256(id.timestamp.body)>``."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jwt_token(config: JwtConfig, now: int) -> str:
+    """HS256 JWT with ``iss`` and ``iat`` claims, as GitLab's MailRoom sends (RFC 7519)."""
+    header = _b64url(json.dumps({"typ": "JWT", "alg": "HS256"}, separators=(",", ":")).encode())
+    claims = {"iss": config.issuer, "iat": now}
+    payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = f"{header}.{payload}".encode()
+    digest = hmac.new(config.secret.reveal().encode(), signing_input, hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64url(digest)}"
+
+
+def _address(address: message.Address | None) -> dict[str, str] | None:
+    return None if address is None else {"name": address.name, "address": address.address}
+
+
+def build_payload(
+    envelope: Envelope, parsed: message.ParsedMessage, decision: routing.Deliver
+) -> dict[str, Any]:
+    """The JSON body of the webhook contract (ARCHITECTURE.md)."""
+    return {
+        "id": envelope.idempotency_key,
+        "mailbox": envelope.mailbox,
+        "key": decision.key,
+        "matched_header": decision.matched_header,
+        "message_id": parsed.message_id,
+        "in_reply_to": parsed.in_reply_to,
+        "references": list(parsed.references),
+        "from": _address(parsed.from_),
+        "reply_to": [_address(a) for a in parsed.reply_to],
+        "to": [_address(a) for a in parsed.to],
+        "cc": [_address(a) for a in parsed.cc],
+        "subject": parsed.subject,
+        "date": parsed.date,
+        "text": parsed.text,
+        "html": parsed.html,
+        "attachments": [
+            {"filename": a.filename, "content_type": a.content_type, "size": a.size}
+            for a in parsed.attachments
+        ],
+        "authentication_results": list(parsed.authentication_results),
+        "size": envelope.size,
+        "raw": base64.b64encode(envelope.raw).decode("ascii"),
+    }
+
+
+def retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def request_headers(
+    config: WebhookConfig, *, webhook_id: str, body: bytes, content_type: str
+) -> dict[str, str]:
+    """What every request to ``config`` carries: the Standard Webhooks id, timestamp and
+    signature, the JWT header and the authorization, as configured."""
+    now = int(time.time())
+    headers = {
+        "Content-Type": content_type,
+        "User-Agent": USER_AGENT,
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(now),
+    }
+    if config.signing_secret is not None:
+        headers["webhook-signature"] = sign(config.signing_secret.reveal(), webhook_id, now, body)
+    if config.jwt is not None:
+        headers[config.jwt.header] = jwt_token(config.jwt, now)
+    if config.token is not None:
+        headers["Authorization"] = f"Bearer {config.token.reveal()}"
+    elif config.basic is not None:
+        # RFC 7617 with UTF-8 (aiohttp's BasicAuth is deprecated and latin-1 only).
+        pair = f"{config.basic.user}:{config.basic.password.reveal()}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+    return headers
+
+
+def classify(status: int, answer: bytes, retry_after: float | None) -> Outcome | Rejected:
+    if 200 <= status < 300:
+        return Outcome.DELIVERED
+    if status == 422:
+        reason = _reject_reason(answer)
+        if reason is not None:
+            return Rejected(reason)
+    if status in TRANSIENT or 500 <= status < 600:
+        raise TransientDeliveryError(f"HTTP {status}", retry_after_s=retry_after)
+    if status in MISCONFIGURED:
+        raise TransientDeliveryError(
+            f"HTTP {status}: check webhook.url and its credentials (retrying until fixed)",
+            retry_after_s=retry_after,
+            misconfigured=True,
+        )
+    if 300 <= status < 400:
+        raise TransientDeliveryError(
+            f"HTTP {status}: redirects are not followed; set webhook.url to the final URL",
+            misconfigured=True,
+        )
+    raise PermanentDeliveryError(f"HTTP {status}")
+
+
+def _reject_reason(answer: bytes) -> str | None:
+    try:
+        document = json.loads(answer)
+    except ValueError:
+        return None
+    if isinstance(document, dict) and isinstance(document.get("reject"), str):
+        return str(document["reject"])
+    return None
