@@ -1,0 +1,209 @@
+"""YAML → a frozen, validated ``Config`` tree, built once.
+
+Every string value may use ``${ENV_VAR}``; every secret ``x`` may instead be given as
+``x_file`` (Docker/Kubernetes secrets). Unknown keys are errors. A ``ConfigError`` names the
+dotted path (``mailboxes[1].port``) and says what to do; it never contains a secret.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mailroom import credentials
+from mailroom.config.mailboxes import (
+    _mailbox,
+)
+from mailroom.config.model import (
+    BasicAuth,
+    Config,
+    CredentialsConfig,
+    GraphInboxOptions,
+    GraphMailboxConfig,
+    HealthConfig,
+    ImapMailboxConfig,
+    JwtConfig,
+    LogConfig,
+    MailboxConfig,
+    OAuthConfig,
+    RejectNoticesConfig,
+    RetryConfig,
+    Secret,
+    SmtpConfig,
+    WebhookConfig,
+)
+from mailroom.config.reader import Section
+from mailroom.config.sections import (
+    _health,
+    _reject_notices,
+    _warnings,
+    _webhook,
+)
+from mailroom.errors import ConfigError, CredentialsError
+
+__all__ = [
+    "BasicAuth",
+    "Config",
+    "ConfigError",
+    "CredentialsConfig",
+    "GraphInboxOptions",
+    "GraphMailboxConfig",
+    "HealthConfig",
+    "ImapMailboxConfig",
+    "JwtConfig",
+    "LogConfig",
+    "MailboxConfig",
+    "OAuthConfig",
+    "RejectNoticesConfig",
+    "RetryConfig",
+    "Secret",
+    "SmtpConfig",
+    "WebhookConfig",
+    "credentials_config",
+    "load_config",
+    "parse_config",
+]
+
+
+def parse_config(
+    data: Any, *, env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> Config:
+    """Validate a loaded YAML document; relative ``*_file`` paths resolve from ``base_dir``."""
+    root = Section(data, "", os.environ if env is None else env, base_dir or Path.cwd())
+    webhook_raw = root.raw("webhook")
+    top_webhook = _webhook(Section(webhook_raw, "webhook", root.env, root.base_dir))
+    raw_mailboxes = root.raw("mailboxes")
+    if not isinstance(raw_mailboxes, list) or not raw_mailboxes:
+        root.fail("mailboxes", "expected a list with at least one mailbox")
+    credentials_settings, stored = None, None
+    credentials_warnings: list[str] = []
+    if (credentials_section := root.section("credentials")) is not None:
+        credentials_settings = _credentials_config(credentials_section)
+        stored, credentials_warnings = _load_credentials(credentials_settings, root.env)
+    mailboxes = tuple(
+        _mailbox(Section(item, f"mailboxes[{i}]", root.env, root.base_dir), webhook_raw, i, stored)
+        for i, item in enumerate(raw_mailboxes)
+    )
+    credentials_warnings += [
+        f"credentials: the entry {name!r} matches no mailbox id; fix its name or remove it "
+        "(mailroom credentials edit)"
+        for name in sorted(set(stored or {}) - {m.id for m in mailboxes})
+    ]
+    seen: set[str] = set()
+    for i, mailbox in enumerate(mailboxes):
+        if mailbox.id in seen:
+            root.fail(
+                f"mailboxes[{i}].id", f"{mailbox.id!r} is used twice; give each mailbox an id"
+            )
+        seen.add(mailbox.id)
+    notices, notice_address = None, None
+    if (notices_section := root.section("reject_notices")) is not None:
+        notices, notice_address = _reject_notices(notices_section)
+    if notice_address is not None:  # never send a notice to ourselves (nor loop: X-Loop)
+        mailboxes = tuple(
+            replace(
+                m,
+                routing=replace(
+                    m.routing, own_addresses=m.routing.own_addresses | {notice_address}
+                ),
+            )
+            for m in mailboxes
+        )
+    log = LogConfig()
+    if (log_section := root.section("log")) is not None:
+        log = LogConfig(
+            format=log_section.choice("format", "json", ("json", "text")),
+            level=log_section.choice("level", "info", ("debug", "info", "warning", "error")),
+        )
+        log_section.done()
+    health = None
+    if (health_section := root.section("health")) is not None:
+        health = _health(health_section)
+    config = Config(
+        mailboxes=mailboxes,
+        webhook=top_webhook,
+        log=log,
+        shutdown_timeout_s=root.number("shutdown_timeout", 20.0, lo=0.1, hi=3600),
+        reject_notices=notices,
+        health=health,
+        warnings=_warnings(mailboxes, notices) + tuple(credentials_warnings),
+        credentials=credentials_settings,
+    )
+    root.done()
+    return config
+
+
+def _credentials_config(section: Section) -> CredentialsConfig:
+    key_file = section.text("key_file", None)
+    config = CredentialsConfig(
+        file=str((section.base_dir / section.text("file")).resolve()),
+        key_file=None if key_file is None else str((section.base_dir / key_file).resolve()),
+    )
+    section.done()
+    return config
+
+
+def _load_credentials(
+    config: CredentialsConfig, env: Mapping[str, str]
+) -> tuple[dict[str, credentials.StoredLogin], list[str]]:
+    """The decrypted logins, and advice about the key file."""
+    try:
+        key = credentials.load_key(key_file=config.key_file, env=env)
+        logins = credentials.read(Path(config.file), key)
+    except CredentialsError as exc:
+        raise ConfigError("credentials", str(exc)) from exc
+    advice = []
+    if (
+        config.key_file is not None
+        and key.source != credentials.KEY_ENV
+        and (warning := credentials.key_file_warning(config.key_file)) is not None
+    ):
+        advice.append(f"credentials.key_file: {warning}")
+    return logins, advice
+
+
+def credentials_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> CredentialsConfig:
+    """Only the ``credentials:`` block of a config file, for ``mailroom credentials``: it
+    must work before the credentials exist, when the whole config cannot load yet."""
+    data = _read_yaml(Path(path))
+    if not isinstance(data, dict) or data.get("credentials") is None:
+        raise ConfigError(
+            "credentials",
+            f"is not set in {path}; add credentials: {{file: mailroom.credentials, "
+            "key_file: mailroom.key}} (or set MAILROOM_CREDENTIALS_KEY instead of key_file)",
+        )
+    root = Section(data, "", os.environ if env is None else env, Path(path).parent)
+    section = root.section("credentials")
+    assert section is not None
+    return _credentials_config(section)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    file = Path(path)
+    return parse_config(_read_yaml(file), env=env, base_dir=file.parent)
+
+
+def _read_yaml(file: Path) -> Any:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError("", f"cannot read config file {file}: {reason}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError("", f"{file}: {problem}{where}; fix the YAML syntax") from exc
+    if data is None:
+        raise ConfigError("", f"{file} is empty; see examples/mailroom.yml")
+    return data

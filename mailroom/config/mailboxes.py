@@ -1,0 +1,240 @@
+"""The mailboxes: IMAP, Microsoft Graph, their oauth blocks and routing rules."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from mailroom import credentials, routing
+from mailroom.config.model import (
+    GraphInboxOptions,
+    GraphMailboxConfig,
+    ImapMailboxConfig,
+    MailboxConfig,
+    OAuthConfig,
+    Secret,
+    WebhookConfig,
+)
+from mailroom.config.reader import _HOST_RE, IDLE_TIMEOUT_MAX_S, Section, _address, kind
+from mailroom.config.sections import _webhook
+
+
+def _stored_login(
+    section: Section, stored: Mapping[str, credentials.StoredLogin] | None
+) -> credentials.StoredLogin | None:
+    """This mailbox's entry in the credentials file, found by its explicit ``id``."""
+    if stored is None or not section.has("id"):
+        return None
+    return stored.get(str(section.raw("id")))
+
+
+def _user(section: Section, login: credentials.StoredLogin | None, *, stored: bool) -> str:
+    """``user`` from the config, else from the credentials file."""
+    if section.has("user") or login is None or login.user is None:
+        if not section.has("user") and stored:
+            section.fail(
+                "user",
+                "is required: in the config, or in the credentials file under this mailbox's id "
+                "(give the mailbox an id)",
+            )
+        return str(section.text("user"))
+    section.used.add("user")
+    return login.user
+
+
+def _mailbox(
+    section: Section,
+    webhook_raw: dict[str, Any],
+    index: int,
+    stored: Mapping[str, credentials.StoredLogin] | None = None,
+) -> MailboxConfig:
+    method = section.choice("inbox_method", "imap", ("imap", "microsoft_graph"))
+    try:
+        address = routing.AddressTemplate.parse(section.text("address"))
+    except ValueError as exc:
+        section.fail("address", str(exc))
+    login = _stored_login(section, stored)
+    if method == "microsoft_graph":
+        if login is not None and login.password is not None:
+            section.fail(
+                "id",
+                "the credentials file gives this microsoft_graph mailbox a password; it takes "
+                "only user there (its secret is inbox_options.client_secret)",
+            )
+        user = _user(section, login, stored=stored is not None)
+        return _graph_mailbox(section, address, webhook_raw, user)
+    ssl = section.flag("ssl", False)
+    start_tls = section.flag("start_tls", False)
+    if ssl and start_tls:
+        section.fail("start_tls", "ssl (implicit TLS) and start_tls exclude each other; pick one")
+    port = section.number("port", 993 if ssl else 143, lo=1, hi=65535, integer=True)
+    if port == 993 and not ssl:
+        section.fail("port", "993 with ssl: false; set ssl: true or use port 143")
+    if port == 143 and ssl:
+        section.fail("port", "143 with ssl: true; use port 993, or ssl: false with start_tls: true")
+    auth = section.choice("auth", "password", ("password", "xoauth2"))
+    host = section.text("host")
+    user = _user(section, login, stored=stored is not None)
+    mailbox = section.text("mailbox", "INBOX")
+    from_file = login.password if login is not None else None
+    password = section.secret("password", required=auth == "password" and from_file is None)
+    if password is None and from_file is not None:
+        if auth == "xoauth2":
+            section.fail(
+                "auth",
+                "is xoauth2, but the credentials file gives this mailbox a password; remove it "
+                "there (the token comes from the oauth block)",
+            )
+        password = Secret(from_file)
+    oauth = None
+    if auth == "xoauth2":
+        if password is not None:
+            section.fail("password", "auth: xoauth2 gets its token from the oauth block; remove it")
+        if (oauth_section := section.section("oauth")) is None:
+            section.fail("oauth", "is required with auth: xoauth2 (tenant_id, client_id, ...)")
+        oauth = _oauth(oauth_section, scope=None)
+        oauth_section.done()
+    elif section.has("oauth"):
+        section.fail("oauth", "is used only with auth: xoauth2; set auth: xoauth2 or remove it")
+    webhook = _mailbox_webhook(section, webhook_raw)
+    config = ImapMailboxConfig(
+        id=section.text("id", f"{user}@{host}/{mailbox}"),
+        routing=_routing_rules(section, address, user),
+        host=host,
+        port=port,
+        ssl=ssl,
+        start_tls=start_tls,
+        tls_verify=section.flag("tls_verify", True),
+        ca_file=section.path_value("ca_file"),
+        user=user,
+        password=password,
+        auth=auth,
+        oauth=oauth,
+        mailbox=mailbox,
+        idle_timeout_s=section.number("idle_timeout", 60.0, lo=1, hi=IDLE_TIMEOUT_MAX_S),
+        search_command=section.text("search_command", "UNSEEN"),
+        delete_after_delivery=section.flag("delete_after_delivery", True),
+        expunge_deleted=section.flag("expunge_deleted", False),
+        failed_folder=section.text("failed_folder", None),
+        max_message_bytes=section.number(
+            "max_message_bytes", 26_214_400, lo=1024, hi=2**31, integer=True
+        ),
+        webhook=webhook,
+    )
+    section.done()
+    return config
+
+
+def _mailbox_webhook(section: Section, webhook_raw: dict[str, Any]) -> WebhookConfig:
+    """The top-level webhook with this mailbox's ``webhook:`` keys laid over it."""
+    merged = dict(webhook_raw)
+    if (override := section.raw("webhook", None)) is not None:
+        if not isinstance(override, dict):
+            section.fail("webhook", f"expected a mapping of webhook keys, got {kind(override)}")
+        merged.update(override)
+    return _webhook(Section(merged, section.where("webhook"), section.env, section.base_dir))
+
+
+def _https_endpoint(section: Section, key: str, default: str) -> str:
+    """An https base URL without a trailing slash (msal accepts only https authorities)."""
+    url = str(section.text(key, default)).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
+        section.fail(key, f"{url!r} is not an https base URL; write it like {default}")
+    return url
+
+
+def _oauth(section: Section, *, scope: str | None) -> OAuthConfig:
+    """``oauth:`` of an IMAP mailbox (``scope`` read from it) or a Graph mailbox's options."""
+    tenant_id = section.text("tenant_id")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", tenant_id):
+        section.fail("tenant_id", f"{tenant_id!r} is not a tenant id or domain (Entra portal)")
+    secret = section.secret("client_secret", required=True)
+    assert secret is not None
+    return OAuthConfig(
+        tenant_id=tenant_id,
+        client_id=section.text("client_id"),
+        client_secret=secret,
+        azure_ad_endpoint=_https_endpoint(
+            section, "azure_ad_endpoint", "https://login.microsoftonline.com"
+        ),
+        scope=scope or section.text("scope", "https://outlook.office365.com/.default"),
+        ca_file=section.path_value("ca_file"),
+        tls_verify=section.flag("tls_verify", True),
+    )
+
+
+def _graph_mailbox(
+    section: Section, address: routing.AddressTemplate, webhook_raw: dict[str, Any], user: str
+) -> GraphMailboxConfig:
+    """``inbox_method: microsoft_graph``: GitLab's keys, with ``inbox_options``."""
+    for key in ("host", "port", "ssl", "start_tls", "password", "password_file", "auth"):
+        if section.has(key):
+            section.fail(key, "is an IMAP setting; a microsoft_graph mailbox uses inbox_options")
+    if (options_section := section.section("inbox_options")) is None:
+        section.fail("inbox_options", "is required with inbox_method: microsoft_graph")
+    graph_endpoint = _https_endpoint(
+        options_section, "graph_endpoint", "https://graph.microsoft.com"
+    )
+    oauth = _oauth(options_section, scope=f"{graph_endpoint}/.default")
+    options = GraphInboxOptions(
+        tenant_id=oauth.tenant_id,
+        client_id=oauth.client_id,
+        client_secret=oauth.client_secret,
+        poll_interval_s=options_section.number("poll_interval", 60.0, lo=0.1, hi=86_400),
+        azure_ad_endpoint=oauth.azure_ad_endpoint,
+        graph_endpoint=graph_endpoint,
+        ca_file=oauth.ca_file,
+        tls_verify=oauth.tls_verify,
+    )
+    options_section.done()
+    mailbox = section.text("mailbox", "inbox")
+    config = GraphMailboxConfig(
+        id=section.text("id", f"{user}@graph/{mailbox}"),
+        routing=_routing_rules(section, address, user),
+        user=user,
+        mailbox=mailbox,
+        delete_after_delivery=section.flag("delete_after_delivery", False),
+        failed_folder=section.text("failed_folder", None),
+        max_message_bytes=section.number(
+            "max_message_bytes", 26_214_400, lo=1024, hi=2**31, integer=True
+        ),
+        webhook=_mailbox_webhook(section, webhook_raw),
+        inbox_options=options,
+    )
+    section.done()
+    return config
+
+
+def _routing_rules(
+    section: Section, address: routing.AddressTemplate, user: str
+) -> routing.RoutingRules:
+    """``reply_host``, ``ignore_auto_generated`` and ``own_addresses`` of one mailbox."""
+    reply_host = section.text("reply_host", None)
+    if reply_host is not None and not _HOST_RE.fullmatch(reply_host.lower()):
+        section.fail("reply_host", f"{reply_host!r} is not a host name; write it like example.com")
+    enabled = set(routing.AUTO_GENERATED_RULES)
+    if (rules := section.section("ignore_auto_generated")) is not None:
+        known = ", ".join(routing.AUTO_GENERATED_RULES)
+        for name in rules.data:
+            if name not in routing.AUTO_GENERATED_RULES:
+                rules.fail(str(name), f"unknown rule; known rules: {known}")
+            if not rules.flag(name, True):
+                enabled.discard(name)
+        rules.done()
+    own = {user} if "@" in user else set()
+    raw_own = section.raw("own_addresses", [])
+    if not isinstance(raw_own, list):
+        section.fail("own_addresses", f"expected a list of addresses, got {kind(raw_own)}")
+    for i, item in enumerate(raw_own):
+        if not isinstance(item, str):
+            section.fail(f"own_addresses[{i}]", f"expected an address, got {kind(item)}")
+        own.add(_address(section, f"own_addresses[{i}]", section._expand("own_addresses", item)))
+    return routing.RoutingRules(
+        address=address,
+        reply_host=reply_host,
+        ignore_auto_generated=frozenset(enabled),
+        own_addresses=frozenset(own),
+    )

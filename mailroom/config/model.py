@@ -1,0 +1,236 @@
+"""The configuration tree: frozen, typed dataclasses built once by the loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mailroom import routing
+
+
+class Secret:
+    """A secret string that never shows itself in ``repr``, ``str`` or a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryConfig:
+    """Capped exponential backoff for transient webhook failures."""
+
+    initial_s: float = 1.0
+    max_s: float = 600.0
+    give_up_after_s: float | None = None  # None: never give up
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JwtConfig:
+    """GitLab-compatible JWT header (HS256) on every webhook request."""
+
+    header: str = "Gitlab-Mailroom-Api-Request"
+    issuer: str = "gitlab-mailroom"
+    algorithm: Literal["HS256"] = "HS256"
+    secret: Secret = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BasicAuth:
+    user: str
+    password: Secret = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebhookConfig:
+    """Where and how messages are POSTed (ARCHITECTURE.md, Webhook contract)."""
+
+    url: str
+    format: Literal["json", "raw"] = "json"
+    timeout_s: float = 30.0
+    concurrency: int = 8
+    signing_secret: Secret | None = field(default=None, repr=False)
+    jwt: JwtConfig | None = None
+    token: Secret | None = field(default=None, repr=False)
+    basic: BasicAuth | None = None
+    tls_verify: bool = True
+    ca_file: str | None = None
+    retry: RetryConfig = RetryConfig()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImapMailboxConfig:
+    """One IMAP mailbox, in the vocabulary of GitLab's ``incoming_email`` settings."""
+
+    id: str
+    routing: routing.RoutingRules  # the address template and the routing switches
+    host: str
+    port: int
+    ssl: bool = False
+    start_tls: bool = False
+    tls_verify: bool = True
+    ca_file: str | None = None
+    user: str
+    password: Secret | None = field(default=None, repr=False)  # None with auth: xoauth2
+    auth: Literal["password", "xoauth2"] = "password"
+    oauth: OAuthConfig | None = None  # the token source for auth: xoauth2
+    mailbox: str = "INBOX"
+    idle_timeout_s: float = 60.0
+    search_command: str = "UNSEEN"
+    delete_after_delivery: bool = True
+    expunge_deleted: bool = False
+    failed_folder: str | None = None
+    max_message_bytes: int = 26_214_400
+    webhook: WebhookConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OAuthConfig:
+    """An Entra ID app registration asking for client-credentials tokens (RFC 6749 §4.4)."""
+
+    tenant_id: str
+    client_id: str
+    client_secret: Secret = field(repr=False)
+    azure_ad_endpoint: str = "https://login.microsoftonline.com"  # authority host, no tenant
+    scope: str = "https://outlook.office365.com/.default"
+    ca_file: str | None = None  # trusted instead of the system store, for a private CA
+    tls_verify: bool = True
+
+    @property
+    def authority(self) -> str:
+        return f"{self.azure_ad_endpoint}/{self.tenant_id}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GraphInboxOptions:
+    """``inbox_options`` of a Microsoft Graph mailbox (GitLab's names)."""
+
+    tenant_id: str
+    client_id: str
+    client_secret: Secret = field(repr=False)
+    poll_interval_s: float = 60.0
+    azure_ad_endpoint: str = "https://login.microsoftonline.com"
+    graph_endpoint: str = "https://graph.microsoft.com"
+    ca_file: str | None = None  # for both endpoints; trusted instead of the system store
+    tls_verify: bool = True
+
+    @property
+    def oauth(self) -> OAuthConfig:
+        """The token source: the same app, scope ``<graph_endpoint>/.default``."""
+        return OAuthConfig(
+            tenant_id=self.tenant_id,
+            client_id=self.client_id,
+            client_secret=self.client_secret,
+            azure_ad_endpoint=self.azure_ad_endpoint,
+            scope=f"{self.graph_endpoint}/.default",
+            ca_file=self.ca_file,
+            tls_verify=self.tls_verify,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GraphMailboxConfig:
+    """One Microsoft 365 mailbox read through Microsoft Graph (``microsoft_graph``)."""
+
+    id: str
+    routing: routing.RoutingRules
+    user: str  # the mailbox's user principal name or object id
+    mailbox: str = "inbox"  # a well-known folder name or a folder id
+    delete_after_delivery: bool = False  # see README: Graph deletes are soft and then purged
+    failed_folder: str | None = None  # None: category MailroomFailed and isRead
+    max_message_bytes: int = 26_214_400
+    webhook: WebhookConfig
+    inbox_options: GraphInboxOptions
+
+
+MailboxConfig = ImapMailboxConfig | GraphMailboxConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SmtpConfig:
+    """The SMTP server that reject notices are sent through."""
+
+    host: str
+    port: int
+    ssl: bool = False  # implicit TLS (port 465)
+    start_tls: bool = False
+    tls_verify: bool = True
+    ca_file: str | None = None
+    user: str | None = None
+    password: Secret | None = field(default=None, repr=False)
+    timeout_s: float = 30.0
+
+
+# A notice holds its message unsettled while it is retried: give up after a day by default.
+
+
+NOTICE_RETRY = RetryConfig(initial_s=5.0, max_s=600.0, give_up_after_s=86_400.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RejectNoticesConfig:
+    """``reject_notices:``; absent (or ``enabled: false``) means no notices are sent."""
+
+    sender: str  # the notice's From: "Example <noreply@example.com>" (config key `from`)
+    sender_address: str  # its addr-spec; also one of our own addresses
+    smtp: SmtpConfig
+    require_authenticated_sender: bool = False
+    trusted_authserv_ids: frozenset[str] = frozenset()
+    footer: str = ""
+    retry: RetryConfig = NOTICE_RETRY  # give_up_after_s is never None here
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialsConfig:
+    """``credentials:``: the encrypted file of mailbox logins and the file holding its key.
+
+    Paths are absolute. Without ``key_file`` the key comes from ``MAILROOM_CREDENTIALS_KEY``,
+    which also wins when both are given (``mailroom.credentials.load_key``).
+    """
+
+    file: str
+    key_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    format: Literal["json", "text"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthConfig:
+    """``health:`` where ``/healthz``, ``/readyz`` and ``/metrics`` are served."""
+
+    host: str = "127.0.0.1"  # config key `listen: "host:port"`
+    port: int = 8080  # 0: any free port (logged)
+    stall_after_s: float = 300.0  # the dispatcher is stalled: no progress for this long
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole validated configuration."""
+
+    mailboxes: tuple[MailboxConfig, ...]
+    webhook: WebhookConfig
+    log: LogConfig = LogConfig()
+    shutdown_timeout_s: float = 20.0
+    reject_notices: RejectNoticesConfig | None = None  # None: notices are off
+    health: HealthConfig | None = None  # None (absent or null): no health server
+    warnings: tuple[str, ...] = ()  # advice found at load, "<dotted.path>: ..."; log them
+    credentials: CredentialsConfig | None = None  # where user/password came from, if anywhere

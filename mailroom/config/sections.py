@@ -1,0 +1,208 @@
+"""The top-level blocks: webhook, reject_notices (SMTP), health, and load-time warnings."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from urllib.parse import urlsplit
+
+from mailroom import routing
+from mailroom.config.model import (
+    NOTICE_RETRY,
+    BasicAuth,
+    HealthConfig,
+    JwtConfig,
+    MailboxConfig,
+    RejectNoticesConfig,
+    RetryConfig,
+    Secret,
+    SmtpConfig,
+    WebhookConfig,
+)
+from mailroom.config.reader import _REQUIRED, Section, _address, kind
+
+
+def _webhook(section: Section) -> WebhookConfig:
+    url = section.text("url")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        section.fail("url", f"{url!r} is not an http(s) URL; write it as https://host/path")
+    fmt = section.choice("format", "json", ("json", "raw"))
+    jwt = None
+    if (jwt_section := section.section("jwt")) is not None:
+        secret = jwt_section.secret("secret", required=True)
+        assert secret is not None
+        jwt = JwtConfig(
+            header=jwt_section.text("header", "Gitlab-Mailroom-Api-Request"),
+            issuer=jwt_section.text("issuer", "gitlab-mailroom"),
+            algorithm=jwt_section.choice("algorithm", "HS256", ("HS256",)),
+            secret=secret,
+        )
+        jwt_section.done()
+    basic = None
+    if (basic_section := section.section("basic")) is not None:
+        password = basic_section.secret("password", required=True)
+        assert password is not None
+        basic = BasicAuth(user=basic_section.text("user"), password=password)
+        basic_section.done()
+    token = section.secret("token", required=False)
+    if token is not None and basic is not None:
+        section.fail("token", "give either token (Bearer) or basic, not both")
+    signing_secret = section.secret("signing_secret", required=False)
+    if signing_secret is not None:
+        _check_whsec(section, signing_secret)
+    retry = RetryConfig()
+    if (retry_section := section.section("retry")) is not None:
+        retry = RetryConfig(
+            initial_s=retry_section.number("initial", 1.0, lo=0.01, hi=3600),
+            max_s=retry_section.number("max", 600.0, lo=0.01, hi=86400),
+            give_up_after_s=retry_section.number("give_up_after", None, lo=1, hi=365 * 86400),
+        )
+        if retry.max_s < retry.initial_s:
+            retry_section.fail("max", "must be at least retry.initial")
+        retry_section.done()
+    config = WebhookConfig(
+        url=url,
+        format=fmt,
+        timeout_s=section.number("timeout", 30.0, lo=0.1, hi=3600),
+        concurrency=section.number("concurrency", 8, lo=1, hi=1024, integer=True),
+        signing_secret=signing_secret,
+        jwt=jwt,
+        token=token,
+        basic=basic,
+        tls_verify=section.flag("tls_verify", True),
+        ca_file=section.path_value("ca_file"),
+        retry=retry,
+    )
+    section.done()
+    return config
+
+
+def _check_whsec(section: Section, secret: Secret) -> None:
+    value = secret.reveal()
+    try:
+        key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+    except binascii.Error:
+        key = b""
+    if not value.startswith("whsec_") or len(key) < 16:
+        section.fail(
+            "signing_secret",
+            "must be a Standard Webhooks secret: 'whsec_' + base64 of 24 to 64 random bytes "
+            '(make one with: python -c "import os,base64;'
+            "print('whsec_'+base64.b64encode(os.urandom(32)).decode())\")",
+        )
+
+
+def _smtp(section: Section) -> SmtpConfig:
+    ssl = section.flag("ssl", False)
+    start_tls = section.flag("start_tls", False)
+    if ssl and start_tls:
+        section.fail("start_tls", "ssl (implicit TLS) and start_tls exclude each other; pick one")
+    default_port = 465 if ssl else 587 if start_tls else 25
+    port = section.number("port", default_port, lo=1, hi=65535, integer=True)
+    if port == 465 and not ssl:
+        section.fail("port", "465 with ssl: false; set ssl: true or use port 587 with start_tls")
+    if port in (25, 587) and ssl:
+        section.fail(
+            "port", f"{port} with ssl: true; use port 465, or ssl: false with start_tls: true"
+        )
+    user = section.text("user", None)
+    password = section.secret("password", required=user is not None)
+    if password is not None and user is None:
+        section.fail("user", "is required with a password; give both or neither")
+    config = SmtpConfig(
+        host=section.text("host"),
+        port=port,
+        ssl=ssl,
+        start_tls=start_tls,
+        tls_verify=section.flag("tls_verify", True),
+        ca_file=section.path_value("ca_file"),
+        user=user,
+        password=password,
+        timeout_s=section.number("timeout", 30.0, lo=0.1, hi=600),
+    )
+    section.done()
+    return config
+
+
+def _reject_notices(section: Section) -> tuple[RejectNoticesConfig | None, str | None]:
+    """The notices config (None with ``enabled: false``) and the ``from`` address, if given."""
+    enabled = section.flag("enabled", True)
+    sender = section.text("from", _REQUIRED if enabled else None)
+    sender_address = None if sender is None else _address(section, "from", sender)
+    smtp_section = section.section("smtp")
+    if smtp_section is None and enabled:
+        section.fail(
+            "smtp", "is required, like {host: smtp.example.com, port: 587, start_tls: true}"
+        )
+    smtp = None if smtp_section is None else _smtp(smtp_section)
+    raw_ids = section.raw("trusted_authserv_ids", [])
+    if not isinstance(raw_ids, list) or not all(isinstance(i, str) and i for i in raw_ids):
+        section.fail("trusted_authserv_ids", "expected a list of host names, like [mx.example.com]")
+    retry = NOTICE_RETRY
+    if (retry_section := section.section("retry")) is not None:
+        retry = RetryConfig(
+            initial_s=retry_section.number("initial", retry.initial_s, lo=0.01, hi=3600),
+            max_s=retry_section.number("max", retry.max_s, lo=0.01, hi=86400),
+            # The message waits for its notice: never for ever (null means the default).
+            give_up_after_s=retry_section.number(
+                "give_up_after", retry.give_up_after_s, lo=1, hi=30 * 86400
+            ),
+        )
+        if retry.max_s < retry.initial_s:
+            retry_section.fail("max", "must be at least retry.initial")
+        retry_section.done()
+    require_authenticated_sender = section.flag("require_authenticated_sender", False)
+    footer = section.raw("footer", "")
+    if not isinstance(footer, str):
+        section.fail("footer", f"expected text, got {kind(footer)}")
+    section.done()
+    if not enabled:
+        return None, sender_address
+    assert sender is not None and sender_address is not None and smtp is not None
+    config = RejectNoticesConfig(
+        sender=sender,
+        sender_address=sender_address,
+        smtp=smtp,
+        require_authenticated_sender=require_authenticated_sender,
+        trusted_authserv_ids=frozenset(
+            section._expand("trusted_authserv_ids", i).lower() for i in raw_ids
+        ),
+        footer=footer,
+        retry=retry,
+    )
+    return config, sender_address
+
+
+def _warnings(
+    mailboxes: tuple[MailboxConfig, ...], notices: RejectNoticesConfig | None
+) -> tuple[str, ...]:
+    """Advice that is not an error, each ``<dotted.path>: <what and what to do>``."""
+    found = [
+        f"mailboxes[{i}].address: {text}"
+        for i, mailbox in enumerate(mailboxes)
+        for text in routing.warnings(mailbox.routing.address)
+    ]
+    smtp = notices.smtp if notices is not None else None
+    if smtp is not None and smtp.user and not (smtp.ssl or smtp.start_tls):
+        found.append(
+            "reject_notices.smtp.user: the SMTP password would cross the network in clear text; "
+            "set start_tls: true (port 587) or ssl: true (port 465)"
+        )
+    return tuple(found)
+
+
+def _health(section: Section) -> HealthConfig:
+    """``health: {listen: "host:port", stall_after: seconds}``."""
+    listen = str(section.text("listen", "127.0.0.1:8080"))
+    host, _, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:8080
+    if not host or not port.isdigit() or int(port) > 65535:
+        section.fail("listen", f"{listen!r} is not host:port; write it like 127.0.0.1:8080")
+    config = HealthConfig(
+        host=host,
+        port=int(port),
+        stall_after_s=section.number("stall_after", 300.0, lo=1, hi=86_400),
+    )
+    section.done()
+    return config
