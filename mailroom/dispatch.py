@@ -183,14 +183,16 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except Exception:
-            # A bug must not lose the message: leave it unsettled, say so loudly.
+            # A bug must neither lose the message nor retry it in a loop (a poison message
+            # would be fetched again on every sweep and hold an in-flight slot): keep it in the
+            # dead letters for a human, and say so loudly.
             log.exception(
-                "%s: %s: internal error; the message is left unsettled",
+                "%s: %s: internal error; dead-lettering the message to keep it",
                 envelope.mailbox,
                 envelope.ref,
                 extra=fields,
             )
-            return
+            outcome = Outcome.DEAD_LETTERED
         fields["outcome"] = outcome.value
         # Shield the settlement, not the work (arq worker.py): once the outcome is known, a
         # cancellation must not lose the acknowledgement.

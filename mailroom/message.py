@@ -337,13 +337,13 @@ def _bodies(
     return text, html, tuple(attachments)
 
 
+# What opens a container: a boundary parameter in any case and spelling (RFC 2045 §5.1,
+# RFC 2231 continuations) or an enclosed message/rfc822. Counted, not parsed: linear time.
+_CONTAINER_MARKER = re.compile(rb"boundary\s*(?:\*\d*\*?)?\s*=|rfc822", re.IGNORECASE)
+
+
 def _nesting_markers(raw: bytes) -> int:
-    return (
-        raw.count(b"oundary=")
-        + raw.count(b"OUNDARY=")
-        + raw.count(b"rfc822")
-        + raw.count(b"RFC822")
-    )
+    return sum(1 for _ in _CONTAINER_MARKER.finditer(raw))
 
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")

@@ -9,13 +9,14 @@ sends the ``EmailMessage`` (RFC 3834 §3.3 recommends an empty envelope sender, 
 
 from __future__ import annotations
 
+import email.errors
 import email.utils
 import re
 import textwrap
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
-from email import policy
+from email import headerregistry, policy
 from email.message import EmailMessage
 
 from mailroom import routing
@@ -191,6 +192,8 @@ def notice_recipient(
     if not found:
         return NoticeRecipient(None, "no sender address")
     address = found[0]
+    if not _usable_address(address):
+        return NoticeRecipient(None, "unusable sender address")
     if address.partition("@")[0].lower() in ("mailer-daemon", "postmaster"):
         return NoticeRecipient(None, "mailer-daemon sender")
     if rules.is_own(address):
@@ -201,6 +204,25 @@ def notice_recipient(
     if require_authenticated_sender and not authenticated_sender(parsed, authserv_ids=authserv_ids):
         return NoticeRecipient(None, "sender not authenticated")
     return NoticeRecipient(address)
+
+
+# An addr-spec we can put in To: and RCPT TO: as it is: no whitespace, controls, brackets,
+# quotes or RFC 2047 words (which a header policy would decode into CR/LF: header injection).
+_PLAIN_ADDRESS = re.compile(
+    r"[^\s<>()\[\]\\,;:@\"\x00-\x1f\x7f]+@[^\s<>()\[\]\\,;:@\"\x00-\x1f\x7f]+"
+)
+# A msg-id we may echo in In-Reply-To/References: printable ASCII, no angle brackets.
+_ECHOABLE_MSG_ID = re.compile(r"[!-;=?-~]+@[!-;=?-~]+")
+
+
+def _usable_address(address: str) -> bool:
+    if "=?" in address or not _PLAIN_ADDRESS.fullmatch(address):
+        return False
+    try:
+        headerregistry.Address(addr_spec=address)
+    except (ValueError, IndexError, email.errors.HeaderParseError):
+        return False
+    return True
 
 
 def build_notice(
@@ -228,9 +250,10 @@ def build_notice(
     msg["Date"] = email.utils.format_datetime(now)
     domain = _domain(email.utils.parseaddr(sender)[1]) or "localhost"
     msg["Message-ID"] = message_id or email.utils.make_msgid("mailroom", domain=domain)
-    if original.message_id:
-        msg["In-Reply-To"] = f"<{original.message_id}>"
-        msg["References"] = f"<{original.message_id}>"
+    original_id = original.message_id
+    if original_id and "=?" not in original_id and _ECHOABLE_MSG_ID.fullmatch(original_id):
+        msg["In-Reply-To"] = f"<{original_id}>"
+        msg["References"] = f"<{original_id}>"
     msg["Auto-Submitted"] = "auto-replied"  # RFC 3834 §5.2
     msg["X-Auto-Response-Suppress"] = "All"  # Exchange: no out-of-office replies to this
     lines = ["Your email could not be delivered.", ""]

@@ -152,15 +152,19 @@ class Notifier:
                 extra=fields,
             )
             return NoticeResult.REFUSED
-        notice = notices.build_notice(
-            parsed,
-            recipient=recipient.address,
-            reason=reason,
-            sender=config.sender,
-            now=datetime.now(UTC),
-            footer=config.footer,
-            max_message_bytes=max_message_bytes,
-        )
+        try:
+            notice = notices.build_notice(
+                parsed,
+                recipient=recipient.address,
+                reason=reason,
+                sender=config.sender,
+                now=datetime.now(UTC),
+                footer=config.footer,
+                max_message_bytes=max_message_bytes,
+            )
+        except Exception:  # hostile mail the policy did not foresee: no notice, not a crash
+            log.exception("%s: %s: no reject notice: cannot build it", mailbox, ref, extra=fields)
+            return NoticeResult.REFUSED
         return await self._send_with_retries(notice, recipient.address, mailbox, ref, fields)
 
     async def _send_with_retries(

@@ -149,7 +149,9 @@ def test_unreadable_secret_file_is_named_not_printed(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("webhook", "expected"),
     [
-        ({"url": "ftp://x"}, "webhook.url: 'ftp://x' is not an http(s) URL"),
+        ({"url": "ftp://x"}, "webhook.url: is not an http(s) URL"),
+        ({"url": "https://app:99999/x"}, "webhook.url: https://app:443: the port is not a"),
+        ({"url": "https://u:hunter2@app/x"}, "webhook.url: must not carry user:password@"),
         ({"url": "https://x", "format": "xml"}, "webhook.format: 'xml' is not one of: json, raw"),
         ({"url": "https://x", "signing_secret": "plain"}, "webhook.signing_secret: must be a"),
         ({"url": "https://x", "retry": {"initial": 10, "max": 1}}, "webhook.retry.max: must be"),
@@ -221,7 +223,7 @@ def with_notices(**notices: Any) -> dict[str, Any]:
 
 
 def test_routing_defaults_and_no_notices_without_the_block() -> None:
-    config = parse_config(minimal(), env={})
+    config = parse_config(minimal(start_tls=True), env={})
     rules = config.mailboxes[0].routing
     assert rules.reply_host is None
     assert rules.reply_domain == "example.com"
@@ -248,6 +250,7 @@ def test_reject_notices_block_with_defaults(tmp_path: Path) -> None:
     (tmp_path / "smtp-pw").write_text(SECRET + "\n")
     data = with_notices(trusted_authserv_ids=["MX.example.com"], footer="Example Inc.\nHelp")
     data["reject_notices"]["smtp"] = {**NOTICES["smtp"], "password_file": "smtp-pw"}
+    data["mailboxes"][0]["start_tls"] = True
     config = parse_config(data, env={}, base_dir=tmp_path)
     notices = config.reject_notices
     assert notices is not None
@@ -380,6 +383,8 @@ def test_warnings_for_a_long_prefix_and_a_clear_text_smtp_password() -> None:
         "mailboxes[0].address: the local part before %{key} is 33 characters; providers cap "
         "local parts at 64 (RFC 5321 §4.5.3.1.1), which leaves 31 for the key: keep it to 31 "
         "characters or fewer",
+        "mailboxes[0].ssl: the IMAP password would cross the network in clear text; "
+        "set ssl: true (port 993) or start_tls: true",
         "reject_notices.smtp.user: the SMTP password would cross the network in clear text; "
         "set start_tls: true (port 587) or ssl: true (port 465)",
     )
@@ -415,3 +420,22 @@ def test_cli_logs_the_config_warnings(
     err = capsys.readouterr().err
     assert "WARNING mailroom.config config: mailboxes[0].address: the local part before" in err
     assert SECRET not in err
+
+
+def test_a_mailbox_webhook_on_another_host_warns_about_inherited_credentials() -> None:
+    data = minimal(ssl=True, webhook={"url": "https://other.example.net/hook"})
+    data["webhook"]["token"] = "t0ken"
+    config = parse_config(data, env={})
+    assert config.warnings == (
+        "mailboxes[0].webhook.url: posts to https://other.example.net:443 with the top-level "
+        "webhook's token; restate them in this mailbox's webhook block (null to send none) if "
+        "that host must not see them",
+    )
+    data["mailboxes"][0]["webhook"]["token"] = None
+    assert parse_config(data, env={}).warnings == ()
+
+
+def test_unquoted_numbers_are_not_taken_as_secrets() -> None:
+    assert error_of(minimal(password=755)).startswith(
+        "mailboxes[0].password: expected a string, got int; put the value in quotes"
+    )

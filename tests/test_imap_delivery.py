@@ -363,3 +363,25 @@ async def test_dovecot_restarted_under_an_idling_watcher(
     connects = [r for r in caplog.records if "connected to" in r.getMessage()]
     assert len(connects) == 2
     assert "reconnecting in" in caplog.text
+
+
+async def test_an_internal_error_dead_letters_instead_of_looping(
+    dovecot: Dovecot,
+    account: Account,
+    webhook: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug in routing")
+
+    monkeypatch.setattr("mailroom.dispatch.routing.decide", broken)
+    await dovecot.aappend(account, message(1))
+    async with running(make_config(dovecot, account, webhook.url)):
+        await wait_until(
+            lambda: _flags_are(dovecot, account, [{"$MailroomFailed", "\\Seen"}]),
+            what="dead-lettered",
+        )
+    assert webhook.requests == []
+    assert "internal error; dead-lettering the message to keep it" in caplog.text
+    assert "RuntimeError: a bug in routing" in caplog.text

@@ -236,3 +236,45 @@ def test_rate_limiter_memory_is_bounded() -> None:
     assert not limiter.allow("c@example.org", "r", now=2.0)  # full: refuse, never evict early
     assert limiter.allow("c@example.org", "r", now=10.0)  # a's entry expired
     assert len(limiter) == 2
+
+
+INJECTING_MESSAGE_ID = (
+    b"From: victim@example.org\r\n"
+    b"To: nobody-here@example.com\r\n"
+    b"Subject: hello\r\n"
+    b"Message-ID: <=?utf-8?q?x=0D=0ABcc:_other@example.net=0D=0AX-Injected:_yes=0D=0A=0D=0A"
+    b"Injected_body_http://evil.example/?=@x>\r\n"
+    b"\r\n"
+    b"body\r\n"
+)
+
+
+def test_an_encoded_message_id_cannot_inject_headers_into_the_notice() -> None:
+    parsed = parse(INJECTING_MESSAGE_ID)
+    recipient = notice_recipient(parsed, RULES)
+    assert recipient.address == "victim@example.org"
+    notice = build_notice(
+        parsed,
+        recipient=recipient.address,
+        reason="unknown incoming email",
+        sender="Example <noreply@example.com>",
+        now=NOW,
+    )
+    wire = notice.as_bytes()
+    assert b"X-Injected" not in wire
+    assert b"Bcc" not in wire
+    assert notice["In-Reply-To"] is None and notice["References"] is None
+
+
+@pytest.mark.parametrize(
+    "return_path",
+    ["<=?utf-8?q?a=0D=0A?=@example.org>", "<=?x?q??=@\xe9>"],
+)
+def test_a_hostile_return_path_gets_no_notice_and_no_exception(return_path: str) -> None:
+    raw = (
+        f"Return-Path: {return_path}\r\nFrom: a@example.org\r\nTo: x@example.com\r\n"
+        "Subject: s\r\n\r\nbody\r\n"
+    ).encode("utf-8", "surrogateescape")
+    recipient = notice_recipient(parse(raw), RULES)
+    assert recipient.address is None
+    assert recipient.refused in ("unusable sender address", "no sender address")

@@ -131,7 +131,7 @@ def parse_config(
         shutdown_timeout_s=root.number("shutdown_timeout", 20.0, lo=0.1, hi=3600),
         reject_notices=notices,
         health=health,
-        warnings=_warnings(mailboxes, notices) + tuple(credentials_warnings),
+        warnings=_warnings(mailboxes, notices, top_webhook) + tuple(credentials_warnings),
         credentials=credentials_settings,
     )
     root.done()

@@ -138,9 +138,10 @@ class Section:
         if inline:
             self.used.add(key)
             value = self.data[key]
-            if not isinstance(value, str | int) or isinstance(value, bool):
-                self.fail(key, f"expected a string, got {kind(value)}")
-            return Secret(self._expand(key, str(value)))
+            if not isinstance(value, str):
+                # YAML reads an unquoted 0755 as 493 and 1_000 as 1000: never guess a secret.
+                self.fail(key, f"expected a string, got {kind(value)}; put the value in quotes")
+            return Secret(self._expand(key, value))
         self.used.update((key, file_key))
         if required:
             self.fail(key, f"is required (or {file_key} naming a file that holds it)")

@@ -11,6 +11,7 @@ from mailroom.config.model import (
     NOTICE_RETRY,
     BasicAuth,
     HealthConfig,
+    ImapMailboxConfig,
     JwtConfig,
     MailboxConfig,
     RejectNoticesConfig,
@@ -22,11 +23,30 @@ from mailroom.config.model import (
 from mailroom.config.reader import _REQUIRED, Section, _address, kind
 
 
+def origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``: what may be shown of it (a path or query, or a
+    ``user:password@``, can hold a credential)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def _webhook(section: Section) -> WebhookConfig:
     url = section.text("url")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        section.fail("url", f"{url!r} is not an http(s) URL; write it as https://host/path")
+        section.fail("url", "is not an http(s) URL; write it as https://host/path")
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number from 0 to 65535)
+    except ValueError:
+        section.fail("url", f"{origin(url)}: the port is not a number from 1 to 65535")
+    if parts.username or parts.password:
+        section.fail("url", "must not carry user:password@; use webhook.basic or webhook.token")
     fmt = section.choice("format", "json", ("json", "raw"))
     jwt = None
     if (jwt_section := section.section("jwt")) is not None:
@@ -175,7 +195,9 @@ def _reject_notices(section: Section) -> tuple[RejectNoticesConfig | None, str |
 
 
 def _warnings(
-    mailboxes: tuple[MailboxConfig, ...], notices: RejectNoticesConfig | None
+    mailboxes: tuple[MailboxConfig, ...],
+    notices: RejectNoticesConfig | None,
+    webhook: WebhookConfig,
 ) -> tuple[str, ...]:
     """Advice that is not an error, each ``<dotted.path>: <what and what to do>``."""
     found = [
@@ -183,6 +205,28 @@ def _warnings(
         for i, mailbox in enumerate(mailboxes)
         for text in routing.warnings(mailbox.routing.address)
     ]
+    for i, mailbox in enumerate(mailboxes):
+        if (
+            isinstance(mailbox, ImapMailboxConfig)
+            and mailbox.auth == "password"
+            and not (mailbox.ssl or mailbox.start_tls)
+        ):
+            found.append(
+                f"mailboxes[{i}].ssl: the IMAP password would cross the network in clear "
+                "text; set ssl: true (port 993) or start_tls: true"
+            )
+        hook = mailbox.webhook
+        inherited = [
+            name
+            for name in ("token", "basic", "jwt", "signing_secret")
+            if getattr(hook, name) is not None and getattr(hook, name) == getattr(webhook, name)
+        ]
+        if origin(hook.url) != origin(webhook.url) and inherited:
+            found.append(
+                f"mailboxes[{i}].webhook.url: posts to {origin(hook.url)} with the top-level "
+                f"webhook's {', '.join(inherited)}; restate them in this mailbox's webhook "
+                "block (null to send none) if that host must not see them"
+            )
     smtp = notices.smtp if notices is not None else None
     if smtp is not None and smtp.user and not (smtp.ssl or smtp.start_tls):
         found.append(

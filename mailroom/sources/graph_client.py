@@ -125,9 +125,14 @@ def _path(url: str) -> str:
 
 
 async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    document = await response.json(content_type=None)
+    """The JSON object of a 2xx answer; anything else (HTML from a proxy, say) a GraphError."""
+    where = f"{response.method} {response.url.path}: HTTP {response.status}"
+    try:
+        document = await response.json(content_type=None)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise GraphError(f"{where}: the answer is not JSON ({exc})") from exc
     if not isinstance(document, dict):
-        raise GraphError(f"expected a JSON object from {response.url.path}")
+        raise GraphError(f"{where}: the answer is not a JSON object")
     return document
 
 
