@@ -314,7 +314,9 @@ class Dispatcher:
                 retry = config.retry
                 delay = backoff_delay(attempt, initial_s=retry.initial_s, max_s=retry.max_s)
                 if exc.retry_after_s is not None:
-                    delay = min(max(exc.retry_after_s, 0.0), retry.max_s)
+                    # Not sooner than asked, nor sooner than the backoff: "Retry-After: 0"
+                    # from a struggling server must not become a tight loop.
+                    delay = min(max(exc.retry_after_s, delay), retry.max_s)
                 waited = time.monotonic() - started
                 if retry.give_up_after_s is not None and waited + delay > retry.give_up_after_s:
                     log.error(
@@ -362,10 +364,15 @@ class Dispatcher:
                 allow_redirects=False,
                 ssl=webhook.ssl,
             ) as response:
-                answer = await _read_bounded(response, MAX_ANSWER_BYTES)
                 status = response.status
                 status_class = f"{min(max(status // 100, 2), 5)}xx"
                 delay_s = retry_after(response.headers.get("Retry-After"))
+                try:
+                    answer = await _read_bounded(response, MAX_ANSWER_BYTES)
+                except (aiohttp.ClientError, TimeoutError):
+                    if not 200 <= status < 300:
+                        raise
+                    answer = b""  # the status is the answer; a 2xx must not be posted again
         except TimeoutError as exc:
             raise TransientDeliveryError(f"no answer within {config.timeout_s:g}s") from exc
         except aiohttp.ClientError as exc:

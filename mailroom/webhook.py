@@ -12,6 +12,7 @@ import hmac
 import json
 import time
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
 from mailroom import message, routing
@@ -103,12 +104,14 @@ def retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²": str.isdigit() takes more than 0-9
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if when.tzinfo is None:  # RFC 9110 §5.6.7: HTTP-dates are GMT; "-0000" parses naive
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - time.time())
 
 

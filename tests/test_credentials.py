@@ -176,7 +176,12 @@ def write_config(
 def test_config_takes_user_and_password_from_the_file(tmp_path: Path, key: credentials.Key) -> None:
     credentials.write_text(tmp_path / "mailroom.credentials", key, TEXT + "stale: {user: x}\n")
     env = {"MAILROOM_CREDENTIALS_KEY": base64.b64encode(key.value).decode()}
-    box = {"id": "incoming", "address": "in+%{key}@example.com", "host": "imap.example.com"}
+    box = {
+        "id": "incoming",
+        "address": "in+%{key}@example.com",
+        "host": "imap.example.com",
+        "ssl": True,
+    }
     data = config_dict([box], "http://127.0.0.1:1/")
     data["credentials"] = {"file": "mailroom.credentials"}
     config = parse_config(data, env=env, base_dir=tmp_path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class ImapWatcher:
             set()
         )  # settlement refused by the server; not re-sent until reconnect
         self._settlements: list[_Settlement] = []
+        self._closed = False  # run() ended: settlements can no longer be applied
         self._uidvalidity = 0
         self.state = "starting"
         self.connected = False
@@ -101,62 +103,60 @@ class ImapWatcher:
         """Watch until stopped and drained. Never raises: failures are logged and retried."""
         attempt = 0
         try:
-            while not (
-                self._stopping.is_set() and self._drained.is_set() and not self._settlements
-            ):
+            while not self._finished():
                 session = None
+                connected_at: float | None = None
                 try:
                     self.state = "connecting"
                     session = await ImapSession.open(
                         self.config, token=self.tokens.token if self.tokens else None
                     )
-                    attempt = 0
+                    connected_at = time.monotonic()
                     self._on_connected(session)
                     await self._serve(session)
                     await session.logout()
-                except SourceError as exc:
-                    self._check_token(exc, session)
-                    if self._stopping.is_set() and not self._settlements:
+                except Exception as exc:
+                    if isinstance(exc, SourceError):
+                        self._check_token(exc, session)
+                    if self._finished():
                         return
+                    # Backoff starts afresh only after a connection that served for a while:
+                    # one that fails right after login (say, a search_command the server
+                    # refuses) must not turn into a login storm.
+                    if connected_at is not None and time.monotonic() - connected_at > 60:
+                        attempt = 0
                     attempt += 1
                     delay = backoff_delay(
                         attempt, initial_s=RECONNECT_INITIAL_S, max_s=RECONNECT_MAX_S
                     )
-                    loud = isinstance(exc, ImapAuthError | TokenError)
-                    level = logging.ERROR if loud else logging.WARNING
+                    expected = isinstance(exc, SourceError)
+                    loud = not expected or isinstance(exc, ImapAuthError | TokenError)
                     log.log(
-                        level,
+                        logging.ERROR if loud else logging.WARNING,
                         "%s: %s: %s; reconnecting in %.1fs (attempt %d)",
                         self.id,
                         type(exc).__name__,
                         exc,
                         delay,
                         attempt,
+                        exc_info=not expected,
                         extra={"mailbox": self.id, "attempt": attempt, "delay_s": round(delay, 3)},
                     )
                     self._set_disconnected(f"{type(exc).__name__}: {exc}")
-                    await self._sleep(delay)
-                except Exception:
-                    attempt += 1
-                    delay = backoff_delay(
-                        attempt, initial_s=RECONNECT_INITIAL_S, max_s=RECONNECT_MAX_S
-                    )
-                    log.exception(
-                        "%s: unexpected error; reconnecting in %.1fs",
-                        self.id,
-                        delay,
-                        extra={"mailbox": self.id, "attempt": attempt},
-                    )
-                    self._set_disconnected("unexpected error")
                     await self._sleep(delay)
                 finally:
                     if session is not None:
                         session.abort()  # no-op after a LOGOUT
         finally:
+            self._closed = True
             self._set_disconnected()
             self._abandon_settlements()
             if self.tokens is not None:
                 self.tokens.close()
+
+    def _finished(self) -> bool:
+        """Stopped, every delivery drained, and every settlement applied."""
+        return self._stopping.is_set() and self._drained.is_set() and not self._settlements
 
     def _check_token(self, exc: SourceError, session: ImapSession | None) -> None:
         """Drop the OAuth token the server refused or ended the session over."""
@@ -171,12 +171,20 @@ class ImapWatcher:
             self.tokens.invalidate()
 
     async def _sleep(self, delay_s: float) -> None:
-        """Sleep for a reconnect delay, cut short by stop (when nothing is left to settle)."""
-        stop = asyncio.ensure_future(self._stopping.wait())
+        """Sleep for a reconnect delay, cut short by stop or, once stopping, by the drain.
+
+        After the drain, settlements may still wait for the server: then the full delay, so
+        a dead server is not hammered until the supervisor gives up on this task.
+        """
+        event = self._drained if self._stopping.is_set() else self._stopping
+        if event.is_set():
+            await asyncio.sleep(delay_s)
+            return
+        waiter = asyncio.ensure_future(event.wait())
         try:
-            await asyncio.wait({stop}, timeout=delay_s)
+            await asyncio.wait({waiter}, timeout=delay_s)
         finally:
-            stop.cancel()
+            waiter.cancel()
 
     def _on_connected(self, session: ImapSession) -> None:
         if self._uidvalidity and session.uidvalidity != self._uidvalidity:
@@ -317,6 +325,16 @@ class ImapWatcher:
         self._pending[uid] = fetched.size if not too_large else len(fetched.body)
 
         async def settle(outcome: Outcome) -> None:
+            if self._closed:
+                log.warning(
+                    "%s: uid %d: %s after the watcher stopped; left as it is on the server "
+                    "(delivered again after a restart, same webhook-id)",
+                    self.id,
+                    uid,
+                    outcome.value,
+                    extra={"mailbox": self.id},
+                )
+                return
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._settlements.append(_Settlement(uid, uidvalidity, outcome, done))
             self._wake.set()
@@ -348,24 +366,34 @@ class ImapWatcher:
             uids = [s.uid for s in group]
             try:
                 await self._apply(session, action, uids)
-            except ImapConnectionLost:
-                # Keep the rest for after the reconnect (same UIDVALIDITY: same messages).
-                self._settlements[:0] = [s for s in current if not s.done.done()]
-                raise
             except ImapError as exc:
-                log.error(
-                    "%s: could not %s uids %s: %s; they stay as they are and are not fetched "
-                    "again until the next reconnect",
-                    self.id,
-                    action,
-                    uids,
-                    exc,
-                    extra={"mailbox": self.id},
-                )
-                self._stuck.update(uids)
+                if isinstance(exc, ImapConnectionLost):
+                    self._requeue(current)
+                    raise
+                self._refused(action, uids, exc)
+            except BaseException:  # cancelled, or a bug: nothing may be dropped unresolved
+                self._requeue(current)
+                raise
             for settlement in group:
                 self._pending.pop(settlement.uid, None)
                 settlement.done.set_result(None)
+
+    def _requeue(self, batch: list[_Settlement]) -> None:
+        """Keep what was not applied for the next connection (same UIDVALIDITY, same
+        messages; STORE and MOVE are safe to repeat), or for _abandon_settlements."""
+        self._settlements[:0] = [s for s in batch if not s.done.done()]
+
+    def _refused(self, action: str, uids: list[int], exc: ImapError) -> None:
+        log.error(
+            "%s: could not %s uids %s: %s; they stay as they are and are not fetched "
+            "again until the next reconnect",
+            self.id,
+            action,
+            uids,
+            exc,
+            extra={"mailbox": self.id},
+        )
+        self._stuck.update(uids)
 
     def _action(self, outcome: Outcome) -> str:
         if not outcome.processed:

@@ -40,7 +40,8 @@ SIZE_BATCH = 2048  # UIDs per UID FETCH (RFC822.SIZE) without SEARCHRES
 LOGOUT_TIMEOUT_S = 5.0
 
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
-_EXISTS = re.compile(rb"^(?:\* )?\d+ EXISTS")
+_EXISTS = re.compile(rb"^(?:\* )?(\d+) EXISTS")
+_EXPUNGE = re.compile(rb"^(?:\* )?\d+ EXPUNGE")
 _LIST_FLAGS = re.compile(rb"^\(([^)]*)\) ")
 
 
@@ -87,6 +88,13 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
             except aioimaplib.IncompleteRead as incomplete:
                 self.current_command = incomplete.cmd
                 self.incomplete_line = incomplete.data
+            except Exception as exc:
+                # aioimaplib's protocol errors quote the pending command, which can be LOGIN
+                # with its password or AUTHENTICATE with a token: log the class only.
+                log.error("IMAP protocol error (%s); dropping the connection", type(exc).__name__)
+                if self.transport is not None:
+                    self.transport.abort()
+                return
 
     def _untagged_response(self, line: bytes) -> Any:
         if self.session is not None:
@@ -134,6 +142,7 @@ class ImapSession:
         self._waiting: set[asyncio.Task[Any]] = set()  # tasks awaiting a command in _run
         self._cancelled_by_loss: set[asyncio.Task[Any]] = set()
         self.new_mail = asyncio.Event()
+        self.exists = 0  # the server's message count, from EXISTS and EXPUNGE responses
         self.bye: str | None = None
         self.uidvalidity = 0
         self.capabilities: frozenset[str] = frozenset()
@@ -340,8 +349,14 @@ class ImapSession:
         return self.bye is not None and "AccessTokenExpired" in self.bye
 
     def _on_untagged(self, line: bytes) -> None:
-        if _EXISTS.match(line):
-            self.new_mail.set()
+        if match := _EXISTS.match(line):
+            # Only growth is new mail; some servers repeat an unchanged count on every command.
+            count = int(match.group(1))
+            if count > self.exists:
+                self.new_mail.set()
+            self.exists = count
+        elif _EXPUNGE.match(line):
+            self.exists = max(0, self.exists - 1)
         elif line.startswith((b"* BYE", b"BYE")):
             self.bye = line.decode("utf-8", "replace").removeprefix("* ")
 
@@ -382,6 +397,7 @@ class ImapSession:
         task = asyncio.current_task()
         assert task is not None
         limit = timeout_s or self.timeout_s
+        cancelling = task.cancelling()
         self._waiting.add(task)
         try:
             async with asyncio.timeout(limit):
@@ -390,7 +406,8 @@ class ImapSession:
             if task not in self._cancelled_by_loss:
                 raise
             self._cancelled_by_loss.discard(task)
-            task.uncancel()
+            if task.uncancel() > cancelling:  # someone else cancelled us too: honour that
+                raise
             detail = f" ({self.bye})" if self.bye else ""
             raise ImapConnectionLost(f"{what}: connection lost{detail}") from None
         except TimeoutError as exc:
@@ -473,12 +490,16 @@ class ImapSession:
             loop=protocol.loop,
             timeout=self.timeout_s,
         )
-        # Created in this order, the two tasks write their commands in this order.
-        both = asyncio.gather(
-            asyncio.ensure_future(protocol.execute(search)),
-            asyncio.ensure_future(protocol.execute(fetch)),
-        )
-        searched, fetched = await self._run("UID SEARCH + UID FETCH $", both, check=False)
+
+        async def pipelined() -> tuple[Any, Any]:
+            # Created in this order, the two tasks write their commands in this order; a
+            # cancellation (loss, timeout) cancels both through the gather.
+            return await asyncio.gather(
+                asyncio.ensure_future(protocol.execute(search)),
+                asyncio.ensure_future(protocol.execute(fetch)),
+            )
+
+        searched, fetched = await self._run("UID SEARCH + UID FETCH $", pipelined(), check=False)
         for what, response in (("UID SEARCH", searched), ("UID FETCH $", fetched)):
             if response.result != "OK":
                 raise ImapError(f"{what} failed: {response.result} {response_text(response)}")
