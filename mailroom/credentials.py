@@ -24,10 +24,12 @@ import contextlib
 import hashlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,6 +283,35 @@ def _ask_again(error: CredentialsError) -> bool:
     return answer.strip().lower() in ("", "y", "yes")
 
 
+def _ram_dir() -> str | None:
+    """Where the plain text goes: RAM-backed when possible, never written to a disk."""
+    for candidate in (os.environ.get("XDG_RUNTIME_DIR"), "/dev/shm"):
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            return candidate
+    return None  # the system's temp directory
+
+
+@contextlib.contextmanager
+def _signals_exit() -> Iterator[None]:
+    """SIGHUP (a closed terminal) and SIGTERM raise SystemExit meanwhile, so ``finally`` and
+    ``with`` clean up (Python's default for them ends the process at once); then restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, leave)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 def edit(
     path: Path,
     key: Key,
@@ -290,16 +321,21 @@ def edit(
 ) -> bool:
     """Open the decrypted credentials in ``editor``; encrypt them back. True when saved.
 
-    The plain text lives only in a private temp directory (mode 0700, file 0600) that is
-    removed afterwards, whatever happens. Nothing is saved when the editor fails, when the
-    text did not change, or when it is not valid (unless ``ask_again`` lets the user fix it).
+    The plain text lives only in a private temp directory (mode 0700, file 0600; in
+    ``$XDG_RUNTIME_DIR`` or ``/dev/shm`` when there is one) that is removed afterwards, whatever
+    happens, a SIGHUP or SIGTERM too (the editor is killed first). Nothing is saved when the
+    editor fails, when the text did not change, or when it is not valid (unless ``ask_again``
+    lets the user fix it).
     """
     original = read_text(path, key) if path.exists() else TEMPLATE
     text = original
     command = shlex.split(editor)
     if not command:
         raise CredentialsError("no editor: set VISUAL or EDITOR")
-    with tempfile.TemporaryDirectory(prefix="mailroom-credentials-") as tmp:
+    with (
+        _signals_exit(),
+        tempfile.TemporaryDirectory(prefix="mailroom-credentials-", dir=_ram_dir()) as tmp,
+    ):
         plain = Path(tmp) / "credentials.yml"
         while True:
             fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

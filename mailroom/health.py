@@ -16,7 +16,8 @@ Readiness (``/readyz``: 200 or 503, the JSON body gives the state of each mailbo
   ``2 * poll_interval + 30 s`` old; one failed poll (a 429, say) does not flip it.
 - the dispatcher is *stalled*, and then nothing is ready, when a message has waited for its
   outcome longer than ``health.stall_after`` (300 s) and no message at all was settled during
-  that time: the webhook (or the SMTP server for notices) is down, refusing or hanging.
+  that time: the webhook (or the SMTP server for notices) is down, refusing or hanging. A message
+  the dispatcher let go of unsettled stays unsettled until its mailbox starts again.
 - while shutting down nothing is ready.
 """
 
@@ -64,6 +65,7 @@ class _Source:
     last_ok: float | None = None  # the last connect (IMAP) or successful poll (Graph)
     reconnects: int = 0
     unsettled: dict[int, float] = field(default_factory=dict)  # token → accepted at (in order)
+    settled: int = 0  # outcomes not yet followed by their finished()
 
 
 class Health(Monitor):
@@ -84,23 +86,15 @@ class Health(Monitor):
         def counter(name: str, documentation: str, *labels: str) -> Counter:
             return Counter(name, documentation, ["mailbox", *labels], registry=registry)
 
-        self._fetched = counter(
-            "mailroom_fetched", "Messages fetched and handed to the dispatcher."
-        )
-        self._settled = counter(
-            "mailroom_settled",
-            "Messages settled, by outcome (delivered, rejected, ...).",
-            "outcome",
-        )
+        self._fetched = counter("mailroom_fetched", "Messages handed to the dispatcher.")
+        self._settled = counter("mailroom_settled", "Messages settled, by outcome.", "outcome")
         self._ignored = counter(
             "mailroom_ignored", "Auto-generated messages ignored, by the rule that fired.", "rule"
         )
         self._requests = counter(
             "mailroom_webhook_requests", "Webhook requests by status class (error: none).", "status"
         )
-        self._reconnects = counter(
-            "mailroom_reconnects", "Connections lost or attempts failed, each then retried."
-        )
+        self._reconnects = counter("mailroom_reconnects", "Connections lost or attempts failed.")
         self._latency = Histogram(
             "mailroom_webhook_request_duration_seconds",
             "Webhook request time until the answer was read (or failed).",
@@ -158,7 +152,8 @@ class Health(Monitor):
         """A source task for ``mailbox`` is being started (again, after a reload)."""
         if (source := self._sources.get(mailbox)) is not None:
             self._set_state(mailbox, source, "starting", None)
-            source.last_ok = None
+            source.last_ok, source.settled = None, 0
+            source.unsettled.clear()  # the new source task fetches them again
 
     def stopping(self, mailbox: str | None = None) -> None:
         """``mailbox`` is being stopped by a reload; None: the whole process is shutting down."""
@@ -212,13 +207,16 @@ class Health(Monitor):
         return token
 
     def finished(self, mailbox: str, token: int) -> None:
-        self._last_progress = self._clock()
-        if (source := self._sources.get(mailbox)) is not None:
+        # The dispatcher calls outcome() just before, unless it gave up unsettled.
+        if (source := self._sources.get(mailbox)) is not None and source.settled > 0:
+            source.settled -= 1
             source.unsettled.pop(token, None)
 
     def outcome(self, mailbox: str, outcome: Outcome, rule: str | None = None) -> None:
-        if mailbox not in self._sources:
+        if (source := self._sources.get(mailbox)) is None:
             return
+        self._last_progress = self._clock()  # progress is a settled message, nothing less
+        source.settled += 1
         self._settled.labels(mailbox, outcome.value).inc()
         if outcome is Outcome.IGNORED and rule is not None:
             self._ignored.labels(mailbox, rule).inc()

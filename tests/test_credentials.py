@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -334,3 +335,32 @@ async def test_generate_key_prints_one_and_commands_need_the_block(tmp_path: Pat
     assert code == 2
     assert err.startswith(f"mailroom: config error: credentials: is not set in {config}; add ")
     assert WHSEC not in err
+
+
+async def test_sigterm_while_editing_removes_the_plain_text(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"  # stands for $XDG_RUNTIME_DIR, preferred (RAM) for the temp dir
+    runtime.mkdir(mode=0o700)
+    credentials.write_key_file(tmp_path / "mailroom.key")
+    data = config_dict([], "http://127.0.0.1:1/")
+    data["credentials"] = {"file": "mailroom.credentials", "key_file": "mailroom.key"}
+    config = tmp_path / "mailroom.yml"
+    config.write_text(yaml.safe_dump(data))
+    editor = tmp_path / "editor.py"  # says which file it edits, then edits for a long time
+    editor.write_text("import sys, time\nprint(sys.argv[-1], flush=True)\ntime.sleep(60)\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("MAILROOM_CREDENTIALS_KEY", "VISUAL")}
+    env = {"PYTHONPATH": str(ROOT), "EDITOR": f"{sys.executable} {editor}"}
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "mailroom", "credentials", "edit", "-c", str(config)),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        env={**clean, **env, "XDG_RUNTIME_DIR": str(runtime)},
+    )
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        plain = Path((await proc.stdout.readline()).decode().strip())
+        assert plain.parent.parent == runtime
+        assert await asyncio.to_thread(plain.read_text) == credentials.TEMPLATE
+        proc.send_signal(signal.SIGTERM)
+        code = await proc.wait()
+    assert code == 128 + signal.SIGTERM
+    assert await asyncio.to_thread(lambda: not plain.exists() and not any(runtime.iterdir()))

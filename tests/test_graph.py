@@ -11,7 +11,7 @@ import pytest
 
 from mailroom.auth import TokenProvider
 from mailroom.config import ConfigError, GraphMailboxConfig, parse_config
-from mailroom.sources.graph import FAILED_CATEGORY, idempotency_key
+from mailroom.sources.graph import FAILED_CATEGORY, MAX_PAGES, idempotency_key
 from tests.helpers import config_dict, message, running, wait_until
 from tests.servers import tls
 from tests.servers.entra import EntraGraph
@@ -90,7 +90,12 @@ async def test_delivers_then_marks_read_never_before_the_webhook_answered(
     assert request.headers["webhook-id"].isascii()
     assert request.json()["key"] == "key1"
     listing = entra.of_kind("list")[0]
-    assert listing.query == {"$filter": "isRead eq false", "$select": "id,categories", "$top": "50"}
+    assert listing.query == {
+        "$filter": "receivedDateTime ge 1900-01-01T00:00:00Z and isRead eq false",
+        "$orderby": "receivedDateTime asc",
+        "$select": "id,categories",
+        "$top": "50",
+    }
     assert listing.headers["Prefer"] == 'IdType="ImmutableId"'
     assert len(webhook.requests) == 3
 
@@ -136,6 +141,97 @@ async def test_429_honours_retry_after(
     assert 0.95 <= retried.at - throttled.at < 2.0
     assert logged(caplog, "graph: GraphError: GET /v1.0/users/")
     assert "retrying in 1.0s" in caplog.text
+
+
+@pytest.mark.parametrize("retry_after", ["0", "Wed, 21 Oct 2015 07:28:00 GMT"])
+async def test_retry_after_zero_or_past_still_backs_off(
+    retry_after: str, entra: EntraGraph, webhook: WebhookReceiver
+) -> None:
+    entra.add_message(message(1))
+    entra.fail_next("list", status=429, headers={"Retry-After": retry_after})
+    async with running(graph_config(entra, webhook.url)):
+        await webhook.wait_for(1)
+    throttled, retried = entra.of_kind("list")[:2]
+    assert throttled.status == 429 and retried.status == 200
+    assert retried.at - throttled.at >= 0.95  # not at once while throttled
+
+
+async def test_oldest_first(entra: EntraGraph, webhook: WebhookReceiver) -> None:
+    ids = [entra.add_message(message(n), received=f"2026-01-0{9 - n}T00:00:00Z") for n in range(3)]
+    async with running(graph_config(entra, webhook.url)):
+        await webhook.wait_for(3)
+    assert [r.path.split("/")[-2] for r in entra.of_kind("value")] == ids[::-1]
+
+
+@pytest.mark.parametrize("status", [404, 400, 500])
+async def test_a_message_that_cannot_be_fetched_does_not_hold_up_the_rest(
+    status: int, entra: EntraGraph, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailroom")
+    bad = entra.add_message(message(0))  # the oldest: listed first
+    entra.broken[bad] = status
+    entra.add_message(message(1))
+    entra.add_message(message(2))
+
+    def fetches() -> int:
+        return sum(1 for r in entra.of_kind("value") if bad in r.path)
+
+    async with running(graph_config(entra, webhook.url)):
+        received = await webhook.wait_for(2)
+        await entra.wait_for(lambda: unread(entra) == 1, what="the others read")
+        if status != 404:
+            await entra.wait_for(lambda: fetches() == 5, what="5 attempts")
+            polls = len(entra.of_kind("list"))
+            await entra.wait_for(lambda: len(entra.of_kind("list")) > polls + 3, what="3 polls")
+            assert fetches() == 5  # then left alone until a restart
+            assert logged(caplog, "(5 of 5 polls in a row); it stays unread, not fetched again")
+    assert {r.json()["subject"] for r in received} == {"test 1", "test 2"}
+    assert len(webhook.requests) == 2
+    assert not entra.messages[bad].is_read
+    assert not logged(caplog, "retrying in")  # the mailbox stayed healthy
+    if status == 404:
+        assert logged(caplog, "gone before it was fetched; skipped")
+
+
+@pytest.mark.parametrize("paging", ["cyclic", "endless"])
+async def test_a_runaway_next_link_ends_the_poll(
+    paging: str, entra: EntraGraph, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    entra.paging = paging
+    entra.add_message(message(1))
+
+    def starts() -> list[int]:  # where each poll began: its first page has no $skip
+        return [i for i, r in enumerate(entra.of_kind("list")) if "$skip" not in r.query]
+
+    async with running(graph_config(entra, webhook.url)):
+        await entra.wait_for(lambda: unread(entra) == 0, what="settled between polls")
+        await entra.wait_for(lambda: len(starts()) >= 2, what="a second poll")
+    assert starts()[1] - starts()[0] == (2 if paging == "cyclic" else MAX_PAGES)
+    assert logged(caplog, "repeats after 2 pages" if paging == "cyclic" else "goes on after 20")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ("folders", 200, b"<html>proxy</html>", "HTTP 200: the answer is not JSON"),
+        ("create_folder", 201, b'{"displayName": "x"}', "a mail folder without an id"),
+    ],
+)
+async def test_a_malformed_answer_while_settling_is_retried(
+    answer: tuple[str, int, bytes, str],
+    entra: EntraGraph,
+    webhook: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kind, status, body, error = answer
+    webhook.respond(400, b"bad")
+    message_id = entra.add_message(message(1))
+    entra.fail_next(kind, status=status, body=body)
+    async with running(graph_config(entra, webhook.url, failed_folder="Failed")):
+        await entra.wait_for(lambda: not entra.in_folder("inbox"), what="moved")
+    assert entra.messages[message_id].folder == entra.folders["Failed"]
+    assert logged(caplog, error)
+    assert len(webhook.requests) == 1
 
 
 async def test_503_and_value_errors_back_off_and_recover(

@@ -313,12 +313,37 @@ def test_dispatcher_stalls_only_without_progress() -> None:
     second = health.accepted("a")
     clock.now += 11
     assert health.readiness()[1]["dispatcher"]["stalled"] is True
+    health.outcome("a", Outcome.DELIVERED)
     health.finished("a", first)  # progress: not stalled, though `second` is as old
     ready, body = health.readiness()
     assert ready is True and body["dispatcher"]["unsettled"] == 1
     clock.now += 11
     assert health.readiness()[0] is False
+    health.outcome("a", Outcome.DEAD_LETTERED)
     health.finished("a", second)
+    assert health.readiness()[0] is True
+
+
+def test_a_message_given_up_unsettled_is_no_progress_and_stays_unsettled() -> None:
+    clock = Clock()
+    health = health_of(imap_box("a"), clock=clock, stall_after=10)
+    health.connected("a")
+    first = health.accepted("a")
+    clock.now += 11
+    health.finished("a", first)  # the dispatcher let go of it without an outcome
+    ready, body = health.readiness()
+    assert ready is False and body["dispatcher"]["stalled"] is True
+    assert body["mailboxes"]["a"]["unsettled"] == 1
+    second = health.accepted("a")
+    health.outcome("a", Outcome.DELIVERED)
+    health.finished("a", second)
+    assert health.readiness()[1]["dispatcher"]["unsettled"] == 1  # progress: not stalled
+    assert health.readiness()[0] is True
+    clock.now += 11
+    assert health.readiness()[0] is False
+    health.starting("a")  # the source starts again: it fetches that message anew
+    health.connected("a")
+    assert health.readiness()[1]["mailboxes"]["a"]["unsettled"] == 0
     assert health.readiness()[0] is True
 
 

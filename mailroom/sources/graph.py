@@ -6,11 +6,16 @@ The loop (Microsoft Graph v1.0, application permission ``Mail.ReadWrite``):
    ``DELETE``, ``POST .../move`` to ``failed_folder`` (created when missing), or the category
    ``MailroomFailed`` with ``isRead``.
 2. Every ``poll_interval`` (and at once when settlements made room after a full poll): list
-   ``users/{user}/mailFolders/{mailbox}/messages?$filter=isRead eq false`` with ``$select``
-   and ``$top``, following ``@odata.nextLink`` (Graph, "Paging Microsoft Graph data").
+   ``users/{user}/mailFolders/{mailbox}/messages``, unread, oldest first (``$orderby=
+   receivedDateTime asc``; Graph wants an ordered property in ``$filter`` too, and first:
+   "Update to Filtering and Sorting in the Mail, Calendar and Contacts REST API"), with
+   ``$select`` and ``$top``, following ``@odata.nextLink`` for at most ``MAX_PAGES`` pages.
 3. For each unread message not already in flight, while fewer than ``MAX_IN_FLIGHT`` await an
    outcome: ``GET .../messages/{id}/$value`` (the MIME, "Get MIME content of a message"),
-   streamed and bounded by ``max_message_bytes``; hand it to the dispatcher.
+   streamed and bounded by ``max_message_bytes``; hand it to the dispatcher. A message whose
+   ``$value`` fails does not hold up the rest: a 404 (gone meanwhile) is skipped, any other
+   failure of that message alone is retried next poll, and after ``MAX_FETCH_FAILURES`` polls
+   in a row it is left unread and not fetched again until a restart.
 
 Every request asks for immutable ids (``Prefer: IdType="ImmutableId"``, Graph "Obtain
 immutable identifiers for Outlook resources"), so a message keeps its id, and its webhook-id,
@@ -29,15 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-import aiohttp
-
 from mailroom.auth import TokenProvider
 from mailroom.backoff import backoff_delay
 from mailroom.config import GraphMailboxConfig
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import GraphError, SourceError, TokenError
 from mailroom.monitor import Monitor
-from mailroom.sources.graph_client import GraphClient, discard
+from mailroom.sources.graph_client import GraphClient, discard, read_mime
 
 __all__ = ["GraphPoller", "idempotency_key"]
 
@@ -46,13 +49,22 @@ log = logging.getLogger("mailroom.graph")
 MAX_IN_FLIGHT = 64  # messages handed to the dispatcher and not yet settled
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 PAGE_SIZE = 50  # $top
-HEADER_LIMIT = 256 * 1024  # a too-large message: at most this much of its header block
-CHUNK = 64 * 1024
 BACKOFF_INITIAL_S = 1.0
 BACKOFF_MAX_S = 300.0
+RETRY_AFTER_MIN_S = 1.0  # a Retry-After of 0 (or a past date) still waits this long
 RETRY_AFTER_MAX_S = 900.0  # a Retry-After beyond this is taken as this
+MAX_PAGES = 20  # per poll: a cyclic or endless @odata.nextLink cannot hold the loop
+MAX_FETCH_FAILURES = 5  # polls in a row a message's $value failed: then skipped until restart
+FAILURES_IN_A_ROW = 3  # messages failing one after another: Graph's fault, not theirs
 FAILED_CATEGORY = "MailroomFailed"
 _SELECT = "id,categories"
+_LIST_QUERY = "?$filter={}&$orderby={}&$select={}&$top={}".format(
+    quote("receivedDateTime ge 1900-01-01T00:00:00Z and isRead eq false", safe=""),
+    quote("receivedDateTime asc", safe=""),
+    _SELECT,
+    PAGE_SIZE,
+)
+_SERVICE_WIDE = (401, 403, 408, 429, 503)  # a $value failure that says nothing of the message
 
 
 def idempotency_key(mailbox_id: str, message_id: str) -> str:
@@ -100,7 +112,8 @@ class GraphPoller:
         self._user_url = f"{options.graph_endpoint}/v1.0/users/{quote(config.user, safe='@')}"
         self._wake = asyncio.Event()
         self._pending: dict[str, int] = {}  # message id → size, handed out and not settled
-        self._stuck: set[str] = set()  # settlement refused for good: not fetched again
+        self._stuck: set[str] = set()  # settlement refused, or fetch failed, for good
+        self._fetch_failures: dict[str, int] = {}  # message id → polls in a row its $value failed
         self._settlements: list[_Settlement] = []
         self._more = False  # the last poll stopped at MAX_IN_FLIGHT: poll again on room
         self._failed_folder_id: str | None = None
@@ -108,6 +121,11 @@ class GraphPoller:
         self.state = "starting"
         self.healthy = False
         self.polls = 0
+
+    @property
+    def pending(self) -> int:
+        """Messages handed to the dispatcher and not settled yet."""
+        return len(self._pending)
 
     # -- the task ------------------------------------------------------------------------------
 
@@ -148,8 +166,8 @@ class GraphPoller:
                 attempt += 1
                 delay = backoff_delay(attempt, initial_s=BACKOFF_INITIAL_S, max_s=BACKOFF_MAX_S)
                 retry_after = exc.retry_after_s if isinstance(exc, GraphError) else None
-                if retry_after is not None:
-                    delay = min(max(retry_after, 0.0), RETRY_AFTER_MAX_S)
+                if retry_after is not None:  # never below the backoff: a 0 must not spin
+                    delay = min(max(retry_after, delay, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
                 self._set_healthy(False, f"{type(exc).__name__}: {exc}")
                 loud = isinstance(exc, TokenError) or attempt > 3
                 log.log(
@@ -232,11 +250,21 @@ class GraphPoller:
     async def _poll(self) -> None:
         self.polls += 1
         self._more = False
-        url: str | None = (
-            f"{self._messages_url()}?$filter=isRead%20eq%20false&$select={_SELECT}&$top={PAGE_SIZE}"
-        )
+        url: str | None = self._messages_url() + _LIST_QUERY
+        seen: set[str] = set()
+        run: list[str] = []  # the messages that just failed one after another
         found = 0
         while url is not None:
+            if url in seen or len(seen) >= MAX_PAGES:
+                log.warning(
+                    "%s: @odata.nextLink %s after %d pages; the rest waits for the next poll",
+                    self.id,
+                    "repeats" if url in seen else "goes on",
+                    len(seen),
+                    extra={"mailbox": self.id},
+                )
+                break
+            seen.add(url)
             page = await self._graph.send("GET", url)
             for item in page.get("value", []):
                 message_id = item.get("id")
@@ -250,16 +278,52 @@ class GraphPoller:
                     self._more = True
                     return
                 categories = tuple(c for c in item.get("categories") or () if isinstance(c, str))
-                await self._fetch(message_id, categories)
+                try:
+                    await self._fetch(message_id, categories)
+                except GraphError as exc:
+                    if exc.status is None or exc.status in _SERVICE_WIDE:
+                        raise
+                    self._fetch_failed(message_id, exc, run)
+                    continue
+                run.clear()
+                self._fetch_failures.pop(message_id, None)
                 found += 1
             url = self._graph.next_link(page)
         if found:
             log.debug("%s: poll found %d new messages", self.id, found)
 
+    def _fetch_failed(self, message_id: str, exc: GraphError, run: list[str]) -> None:
+        """One message's ``$value`` failed: skip it for now, or for good after a while."""
+        ref = f"{self.id}: graph {message_id[-12:]}"
+        if exc.status == 404:
+            log.info("%s: gone before it was fetched; skipped", ref, extra={"mailbox": self.id})
+            return
+        count = self._fetch_failures[message_id] = self._fetch_failures.get(message_id, 0) + 1
+        run.append(message_id)
+        if len(run) >= FAILURES_IN_A_ROW:  # not these messages: counted against none of them
+            for each in run:
+                self._fetch_failures[each] -= 1
+            raise exc
+        last = count >= MAX_FETCH_FAILURES
+        log.log(
+            logging.ERROR if last else logging.WARNING,
+            "%s: %s (%d of %d polls in a row); %s",
+            ref,
+            exc,
+            count,
+            MAX_FETCH_FAILURES,
+            "it stays unread, not fetched again until a restart" if last else "skipped this poll",
+            extra={"mailbox": self.id},
+        )
+        if last:
+            del self._fetch_failures[message_id]
+            self._stuck.add(message_id)
+
     async def _fetch(self, message_id: str, categories: tuple[str, ...]) -> None:
         url = f"{self._messages_url()}/{quote(message_id, safe='')}/$value"
+        limit = self.config.max_message_bytes
         raw, size, too_large = await self._graph.send(
-            "GET", url, read=self._read_mime, accept="*/*"
+            "GET", url, read=lambda response: read_mime(response, limit), accept="*/*"
         )
         if self._stopping.is_set():
             return  # the dispatcher takes no more; the message stays unread for the next run
@@ -283,22 +347,6 @@ class GraphPoller:
             )
         )
 
-    async def _read_mime(self, response: aiohttp.ClientResponse) -> tuple[bytes, int, bool]:
-        """The MIME bytes, or only its header block when over ``max_message_bytes``."""
-        limit = self.config.max_message_bytes
-        declared = response.content_length
-        too_large = declared is not None and declared > limit
-        buffer = bytearray()
-        async for chunk in response.content.iter_chunked(CHUNK):
-            buffer += chunk
-            too_large = too_large or len(buffer) > limit
-            if too_large and (_header_end(buffer) or len(buffer) >= HEADER_LIMIT):
-                break  # stop reading: the connection is dropped, not drained
-        if not too_large:
-            return bytes(buffer), len(buffer), False
-        end = _header_end(buffer) or HEADER_LIMIT
-        return bytes(buffer[:end]), max(declared or 0, len(buffer)), True
-
     # -- settlements ---------------------------------------------------------------------------
 
     async def _apply_settlements(self) -> None:
@@ -306,8 +354,8 @@ class GraphPoller:
         for index, settlement in enumerate(batch):
             try:
                 await self._apply(settlement)
-            except SourceError as exc:
-                if _transient(exc):
+            except BaseException as exc:  # also a bug, a malformed answer, a cancellation
+                if not isinstance(exc, SourceError) or _transient(exc):
                     self._settlements[:0] = batch[index:]  # kept, in order, for the retry
                     raise
                 log.error(
@@ -331,8 +379,11 @@ class GraphPoller:
                     await self._graph.send("DELETE", url, read=discard)
                 else:
                     await self._graph.send("PATCH", url, body={"isRead": True}, read=discard)
-            elif self.config.failed_folder:
-                folder_id = await self._failed_folder()
+            elif name := self.config.failed_folder:
+                folder_id = self._failed_folder_id or await self._graph.folder_id(
+                    self._user_url, name
+                )
+                self._failed_folder_id = folder_id
                 await self._graph.send("POST", f"{url}/move", body={"destinationId": folder_id})
             else:
                 categories = [*settlement.categories, FAILED_CATEGORY]
@@ -343,41 +394,3 @@ class GraphPoller:
                 raise
             # Deleted or moved by someone else meanwhile: nothing left to settle.
             log.info("%s: graph %s: already gone", self.id, settlement.message_id[-12:])
-
-    async def _failed_folder(self) -> str:
-        """The id of ``failed_folder`` under the mailbox root, created when missing."""
-        if self._failed_folder_id is not None:
-            return self._failed_folder_id
-        name = self.config.failed_folder
-        assert name is not None
-        odata_name = name.replace("'", "''")  # OData string literal
-        query = quote(f"displayName eq '{odata_name}'", safe="")
-        url = f"{self._user_url}/mailFolders?$filter={query}&$select=id,displayName"
-        for attempt in (1, 2):
-            found = (await self._graph.send("GET", url)).get("value", [])
-            if found:
-                self._failed_folder_id = str(found[0]["id"])
-                return self._failed_folder_id
-            try:
-                created = await self._graph.send(
-                    "POST", f"{self._user_url}/mailFolders", body={"displayName": name}
-                )
-            except GraphError as exc:
-                if exc.status == 409 and attempt == 1:  # ErrorFolderExists: created meanwhile
-                    continue
-                raise
-            log.info("%s: created the folder %r", self.id, name, extra={"mailbox": self.id})
-            self._failed_folder_id = str(created["id"])
-            return self._failed_folder_id
-        raise GraphError(f"cannot find or create the folder {name!r}")
-
-    # -- HTTP ----------------------------------------------------------------------------------
-
-
-def _header_end(buffer: bytearray) -> int:
-    """The length of the header block including its blank line, or 0 when not yet seen."""
-    for separator in (b"\r\n\r\n", b"\n\n"):
-        index = buffer.find(separator)
-        if index >= 0:
-            return index + len(separator)
-    return 0

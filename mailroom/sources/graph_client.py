@@ -14,7 +14,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from yarl import URL
@@ -24,11 +24,13 @@ from mailroom.config import GraphInboxOptions
 from mailroom.errors import GraphError
 from mailroom.webhook import USER_AGENT, retry_after
 
-__all__ = ["GraphClient", "discard"]
+__all__ = ["GraphClient", "discard", "read_mime"]
 
 log = logging.getLogger("mailroom.graph")
 
 TIMEOUT = aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=60)
+HEADER_LIMIT = 256 * 1024  # a too-large message: at most this much of its header block
+CHUNK = 64 * 1024
 
 Reader = Callable[[aiohttp.ClientResponse], Awaitable[Any]]
 
@@ -119,6 +121,27 @@ class GraphClient:
                 raise GraphError(f"{method} {_path(url)}: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")
 
+    async def folder_id(self, user_url: str, name: str) -> str:
+        """The id of the mail folder ``name`` under the mailbox root, created when missing."""
+        odata_name = name.replace("'", "''")  # OData string literal
+        query = quote(f"displayName eq '{odata_name}'", safe="")
+        url = f"{user_url}/mailFolders?$filter={query}&$select=id,displayName"
+        for attempt in (1, 2):
+            found = (await self.send("GET", url)).get("value")
+            if found and isinstance(found, list):
+                return _folder_id(found[0])
+            try:
+                created = await self.send(
+                    "POST", f"{user_url}/mailFolders", body={"displayName": name}
+                )
+            except GraphError as exc:
+                if exc.status == 409 and attempt == 1:  # ErrorFolderExists: created meanwhile
+                    continue
+                raise
+            log.info("%s: created the folder %r", self.label, name, extra={"mailbox": self.label})
+            return _folder_id(created)
+        raise GraphError(f"cannot find or create the folder {name!r}")
+
 
 def _path(url: str) -> str:
     return urlsplit(url).path
@@ -134,6 +157,39 @@ async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise GraphError(f"{where}: the answer is not a JSON object")
     return document
+
+
+def _folder_id(folder: Any) -> str:
+    folder_id = folder.get("id") if isinstance(folder, dict) else None
+    if not isinstance(folder_id, str) or not folder_id:
+        raise GraphError(f"Graph answered a mail folder without an id: {str(folder)[:200]}")
+    return folder_id
+
+
+async def read_mime(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, int, bool]:
+    """The MIME bytes, their size and False; or, over ``limit`` bytes, only the header block,
+    the size and True."""
+    declared = response.content_length
+    too_large = declared is not None and declared > limit
+    buffer = bytearray()
+    async for chunk in response.content.iter_chunked(CHUNK):
+        buffer += chunk
+        too_large = too_large or len(buffer) > limit
+        if too_large and (_header_end(buffer) or len(buffer) >= HEADER_LIMIT):
+            break  # stop reading: the connection is dropped, not drained
+    if not too_large:
+        return bytes(buffer), len(buffer), False
+    end = _header_end(buffer) or HEADER_LIMIT
+    return bytes(buffer[:end]), max(declared or 0, len(buffer)), True
+
+
+def _header_end(buffer: bytearray) -> int:
+    """The length of the header block including its blank line, or 0 when not yet seen."""
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        index = buffer.find(separator)
+        if index >= 0:
+            return index + len(separator)
+    return 0
 
 
 async def discard(response: aiohttp.ClientResponse) -> None:

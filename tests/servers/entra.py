@@ -9,13 +9,16 @@ It implements the documented shapes that mailroom uses, and checks what a real s
   "error_codes", ...}`` with Entra's AADSTS numbers.
 - Token introspection (RFC 7662): ``POST /introspect`` with ``token=...``, for Dovecot's oauth2
   passdb; ``username`` is the mailbox the client was granted.
-- Graph v1.0 under ``graph_prefix``: list messages (``$filter=isRead eq false``, ``$select``,
-  ``$top``/``$skip`` paging with ``@odata.nextLink``), ``$value``, PATCH, DELETE, move, and
-  list/create mail folders. Every Graph call needs a live token whose scope is
+- Graph v1.0 under ``graph_prefix``: list messages (``$filter=isRead eq false``, ``$orderby=
+  receivedDateTime`` only with that property first in ``$filter``, else 400 InefficientFilter,
+  ``$select``, ``$top``/``$skip`` paging with ``@odata.nextLink``), ``$value``, PATCH, DELETE,
+  move, and list/create mail folders. Every Graph call needs a live token whose scope is
   ``<graph base>/.default``, else 401 ``InvalidAuthenticationToken``.
 
 Failures are injected per kind (``"token"``, ``"list"``, ``"value"``, ``"patch"``, ...) with
-``fail_next``. Every request is recorded; ``wait_for`` awaits a condition on the records.
+``fail_next`` (a 2xx with a ``body``: a malformed answer), one message's ``$value`` always with
+``broken``; ``paging`` makes ``@odata.nextLink`` cyclic or endless. Every request is recorded;
+``wait_for`` awaits a condition on the records.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from yarl import URL
 
 from tests.servers import tls
 
@@ -48,6 +52,7 @@ class Message:
     raw: bytes
     folder: str = "inbox"
     is_read: bool = False
+    received: str = ""  # receivedDateTime, ISO 8601 UTC
     categories: list[str] = field(default_factory=list)
 
 
@@ -93,13 +98,15 @@ class EntraGraph:
         self.graph_prefix = graph_prefix
         self.page_size = page_size  # serve fewer than $top per page (Graph may)
         self.token_lifetime_s = 3599
+        self.paging = "normal"  # "cyclic": nextLink back to page 1; "endless": always a nextLink
+        self.broken: dict[str, int] = {}  # message id → the status its $value always answers
         self.tokens: dict[str, Token] = {}
         self.messages: dict[str, Message] = {}
         self.folders: dict[str, str] = {}  # displayName → id (user folders)
         self.requests: list[Request] = []
         self.introspected: list[tuple[str, bool]] = []  # (token, active) as answered
         self.port = 0
-        self._failures: dict[str, list[tuple[int, dict[str, str]]]] = {}
+        self._failures: dict[str, list[tuple[int, dict[str, str], bytes | None]]] = {}
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
 
@@ -121,20 +128,26 @@ class EntraGraph:
 
     # -- controls ----------------------------------------------------------------------------
 
-    def add_message(self, raw: bytes, folder: str = "inbox") -> str:
-        """Store a message; return its (Graph-looking) id."""
+    def add_message(self, raw: bytes, folder: str = "inbox", received: str | None = None) -> str:
+        """Store a message (received now, or at ``received``); return its (Graph-looking) id."""
         message_id = "AAMkAGI2TG93AAA" + secrets.token_urlsafe(24) + "AAA="
-        self.messages[message_id] = Message(message_id, raw, folder)
+        received = received or f"2026-01-01T00:00:{len(self.messages):02d}Z"
+        self.messages[message_id] = Message(message_id, raw, folder, received=received)
         return message_id
 
     def in_folder(self, folder: str) -> list[Message]:
         return [m for m in self.messages.values() if m.folder == folder]
 
     def fail_next(
-        self, kind: str, n: int = 1, status: int = 503, headers: dict[str, str] | None = None
+        self,
+        kind: str,
+        n: int = 1,
+        status: int = 503,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
     ) -> None:
-        """Answer the next ``n`` requests of ``kind`` with ``status``."""
-        self._failures.setdefault(kind, []).extend([(status, dict(headers or {}))] * n)
+        """Answer the next ``n`` requests of ``kind`` with ``status`` (and ``body``)."""
+        self._failures.setdefault(kind, []).extend([(status, dict(headers or {}), body)] * n)
 
     def revoke(self, token: str) -> None:
         """Make ``token`` invalid at once (as if it expired early)."""
@@ -185,9 +198,11 @@ class EntraGraph:
         if auth.startswith("Bearer "):
             token = auth.removeprefix("Bearer ")
         if self._failures.get(kind):
-            status, headers = self._failures[kind].pop(0)
+            status, headers, raw = self._failures[kind].pop(0)
             error = {"error": {"code": "TooManyRequests" if status == 429 else "Injected"}}
             response: web.StreamResponse = web.json_response(error, status=status, headers=headers)
+            if raw is not None:
+                response = web.Response(body=raw, status=status, content_type="text/html")
         else:
             response = await handler(request, body, token)
         self.requests.append(
@@ -323,23 +338,31 @@ class EntraGraph:
 
     async def _list(self, request: web.Request, body: bytes, user: str, folder: str) -> Any:
         query = request.query
-        if query.get("$filter") != "isRead eq false":
-            return _graph_error(400, "BadRequest", "mock: expected $filter=isRead eq false")
+        clauses = query.get("$filter", "").split(" and ")
+        order = query.get("$orderby", "").split()
+        if clauses[-1] != "isRead eq false":
+            return _graph_error(400, "BadRequest", "mock: expected $filter=... isRead eq false")
+        if order and (order[0] != "receivedDateTime" or not clauses[0].startswith(order[0])):
+            return _graph_error(400, "InefficientFilter", "The sort order is too complex.")
         top = int(query.get("$top", "10"))
         skip = int(query.get("$skip", "0"))
         size = min(top, self.page_size or top)
         unread = [m for m in self.messages.values() if m.folder == folder and not m.is_read]
+        if order:
+            unread.sort(key=lambda m: m.received, reverse=order[1:] == ["desc"])
         page = unread[skip : skip + size]
         fields = query.get("$select", "").split(",")
         document: dict[str, Any] = {
             "@odata.context": f"{self.graph_endpoint}/v1.0/$metadata#users('{user}')/messages",
             "value": [_select(m, fields) for m in page],
         }
-        if skip + size < len(unread):
-            document["@odata.nextLink"] = (
-                f"{self.graph_endpoint}/v1.0/users/{user}/mailFolders/{folder}/messages"
-                f"?%24filter=isRead+eq+false&%24select={query.get('$select', '')}"
-                f"&%24top={top}&%24skip={skip + size}"
+        if skip + size < len(unread) or self.paging != "normal":
+            rest = {k: v for k, v in query.items() if k != "$skip"}
+            rest["$skip"] = "0" if self.paging == "cyclic" else str(skip + size)
+            document["@odata.nextLink"] = str(
+                URL(
+                    f"{self.graph_endpoint}/v1.0/users/{user}/mailFolders/{folder}/messages"
+                ).with_query(rest)
             )
         return web.json_response(document)
 
@@ -347,8 +370,10 @@ class EntraGraph:
         self, request: web.Request, body: bytes, user: str, folder: str, message_id: str
     ) -> Any:
         message = self.messages.get(message_id)
-        if message is None or message.folder != folder:
-            return _graph_error(404, "ErrorItemNotFound", "The specified object was not found.")
+        status = 404 if message is None or message.folder != folder else 200
+        status = self.broken.get(message_id, status)
+        if message is None or status != 200:
+            return _graph_error(status, "ErrorItemNotFound" if status == 404 else "Injected", "")
         return web.Response(body=message.raw, content_type="text/plain")
 
     async def _patch(self, request: web.Request, body: bytes, user: str, message_id: str) -> Any:
