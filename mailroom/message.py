@@ -268,9 +268,17 @@ def _params(part: Message, header: str) -> tuple[str, dict[str, str]]:
 
 
 def _content_type(part: Message) -> tuple[str, dict[str, str]]:
-    """The part's type; syntactically invalid or missing means text/plain (RFC 2045 §5.2)."""
-    value, params = _params(part, "content-type")
-    return (value if _MIME_TYPE.fullmatch(value) else "text/plain"), params
+    """The part's type; syntactically invalid or missing means text/plain (RFC 2045 §5.2).
+
+    Kept on the part: parsing the parameters is the costliest step of a small message, and
+    the body walk and the summary both ask.
+    """
+    cached: tuple[str, dict[str, str]] | None = getattr(part, "_mailroom_content_type", None)
+    if cached is None:
+        value, params = _params(part, "content-type")
+        cached = (value if _MIME_TYPE.fullmatch(value) else "text/plain"), params
+        part._mailroom_content_type = cached  # type: ignore[attr-defined]
+    return cached
 
 
 def _payload(part: Message) -> bytes:
@@ -343,6 +351,10 @@ _CONTAINER_MARKER = re.compile(rb"boundary\s*(?:\*\d*\*?)?\s*=|rfc822", re.IGNOR
 
 
 def _nesting_markers(raw: bytes) -> int:
+    lowered = raw.lower()
+    upper_bound = lowered.count(b"boundary") + lowered.count(b"rfc822")
+    if upper_bound <= MAX_CONTAINERS:  # the common case, at C speed
+        return upper_bound
     return sum(1 for _ in _CONTAINER_MARKER.finditer(raw))
 
 
