@@ -43,6 +43,7 @@ log = logging.getLogger("mailroom.imap")
 MAX_IN_FLIGHT = 256  # messages handed to the dispatcher and not yet settled on the server
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 FETCH_BATCH = 128  # messages per UID FETCH BODY.PEEK[]
+FIRST_FETCH_BATCH = 8  # a backlog starts small, so the first POST goes out at once
 FETCH_BATCH_BYTES = 8 * 1024 * 1024
 RECONNECT_INITIAL_S = 1.0
 RECONNECT_MAX_S = 60.0
@@ -88,6 +89,7 @@ class ImapWatcher:
         )  # settlement refused by the server; not re-sent until reconnect
         self._settlements: list[_Settlement] = []
         self._closed = False  # run() ended: settlements can no longer be applied
+        self._batch = FIRST_FETCH_BATCH  # messages in the next UID FETCH
         self._uidvalidity = 0
         self.state = "starting"
         self.connected = False
@@ -256,6 +258,7 @@ class ImapWatcher:
                 continue
             if session.new_mail.is_set() and not backlog:
                 session.new_mail.clear()
+                self._batch = FIRST_FETCH_BATCH
                 self.state = "sweeping"
                 backlog = await self._sweep(session)
                 continue
@@ -301,7 +304,11 @@ class ImapWatcher:
         small: list[int] = []
         large: list[int] = []
         taken = 0
-        while backlog and len(small) + len(large) < min(room, FETCH_BATCH):
+        # The first batch of a sweep is small and each next one twice as large: the
+        # dispatcher starts posting while the rest of a backlog is still being fetched.
+        limit = min(room, self._batch)
+        self._batch = min(self._batch * 2, FETCH_BATCH)
+        while backlog and len(small) + len(large) < limit:
             item = backlog[0]
             if item.size > self.config.max_message_bytes:
                 large.append(backlog.popleft().uid)
