@@ -69,3 +69,14 @@ def test_parse_fetch_ignores_a_literal_that_looks_like_a_fetch_line() -> None:
     body = bytearray(b"1 FETCH (UID 99 RFC822.SIZE 1)\r\n")
     lines = [b"1 FETCH (UID 2 RFC822.SIZE 31 BODY[] {31}", body, b")", b"OK"]
     assert parse_fetch(lines) == [FetchedMessage(uid=2, size=31, body=bytes(body))]
+
+
+def test_parse_fetch_merges_data_items_split_over_two_responses() -> None:
+    lines = [
+        b"4 FETCH (UID 12 RFC822.SIZE 2)",
+        b"4 FETCH (BODY[] {2}",
+        bytearray(b"hi"),
+        b")",
+        b"OK",
+    ]
+    assert parse_fetch(lines) == [FetchedMessage(uid=12, size=2, body=b"hi")]

@@ -318,16 +318,34 @@ class ImapWatcher:
             taken += item.size
             small.append(backlog.popleft().uid)
         if small:
-            for fetched in await session.fetch(small, "UID RFC822.SIZE BODY.PEEK[]"):
-                self._hand_out(fetched, too_large=False)
+            fetched = await session.fetch(small, "UID RFC822.SIZE BODY.PEEK[]")
+            self._hand_out_all(small, fetched, too_large=False)
         if large:
             # RFC822.SIZE told us before fetching: only the header block, for the notice.
-            for fetched in await session.fetch(large, "UID RFC822.SIZE BODY.PEEK[HEADER]"):
-                self._hand_out(fetched, too_large=True)
+            fetched = await session.fetch(large, "UID RFC822.SIZE BODY.PEEK[HEADER]")
+            self._hand_out_all(large, fetched, too_large=True)
+
+    def _hand_out_all(
+        self, asked: list[int], fetched: list[FetchedMessage], *, too_large: bool
+    ) -> None:
+        got = {item.uid for item in fetched if item.body is not None} & set(asked)
+        missing = sorted(set(asked) - got)
+        if missing:
+            # Expunged by another client meanwhile, or a server that answered NIL: nothing
+            # to deliver now; a message still there is asked for again by the next sweep.
+            log.info(
+                "%s: no content for uids %s; they are looked at again on the next sweep",
+                self.id,
+                missing,
+                extra={"mailbox": self.id},
+            )
+        for item in fetched:
+            if item.uid in got:  # only what was asked for, once
+                got.discard(item.uid)
+                self._hand_out(item, too_large=too_large)
 
     def _hand_out(self, fetched: FetchedMessage, *, too_large: bool) -> None:
-        if fetched.body is None:
-            return  # expunged by someone else between SEARCH and FETCH
+        assert fetched.body is not None
         uid, uidvalidity = fetched.uid, self._uidvalidity
         self._pending[uid] = fetched.size if not too_large else len(fetched.body)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 __all__ = ["FetchedMessage", "mailbox_name", "parse_fetch", "response_text", "uid_set"]
 
-_FETCH_HEAD = re.compile(rb"^\d+ FETCH \(")
+_FETCH_HEAD = re.compile(rb"^(\d+) FETCH \(")
 _UID = re.compile(rb"\bUID (\d+)")
 _SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 
@@ -74,31 +74,35 @@ def response_text(response: Any) -> str:
 def parse_fetch(lines: list[Any]) -> list[FetchedMessage]:
     """Read aioimaplib's FETCH lines: a ``bytes`` head, a ``bytearray`` literal, ``b')'``...
 
-    Only responses carrying UID and RFC822.SIZE count (mailroom asks for both every time).
+    Responses for the same message are merged (RFC 3501 §7.4.2 lets a server split the data
+    items over several). Only messages with UID and RFC822.SIZE count: mailroom asks for both
+    every time, so anything else is an unsolicited update (another client changed flags).
     """
-    found: list[FetchedMessage] = []
+    items: dict[int, dict[str, Any]] = {}
     index = 0
     while index < len(lines):
         line = lines[index]
         index += 1
-        if (
-            isinstance(line, bytearray)
-            or not isinstance(line, bytes)
-            or not _FETCH_HEAD.match(line)
-        ):
+        head = _FETCH_HEAD.match(line) if type(line) is bytes else None
+        if head is None:
             continue
         meta, body = bytes(line), None
         if line.endswith(b"}") and index < len(lines) and isinstance(lines[index], bytearray):
             body = bytes(lines[index])
             index += 1
             tail = lines[index] if index < len(lines) else None
-            if isinstance(tail, bytes) and not _FETCH_HEAD.match(tail):
+            if type(tail) is bytes and not _FETCH_HEAD.match(tail):
                 meta += b" " + tail  # items after the literal, e.g. " UID 7)"
                 index += 1
-        uid, size = _UID.search(meta), _SIZE.search(meta)
-        if uid is None or size is None:
-            # Every FETCH mailroom sends asks for RFC822.SIZE; a response without it is an
-            # unsolicited one (another client changed flags, RFC 3501 §7.4.2), even with a UID.
-            continue
-        found.append(FetchedMessage(uid=int(uid.group(1)), size=int(size.group(1)), body=body))
-    return found
+        item = items.setdefault(int(head.group(1)), {})
+        if uid := _UID.search(meta):
+            item["uid"] = int(uid.group(1))
+        if size := _SIZE.search(meta):
+            item["size"] = int(size.group(1))
+        if body is not None:
+            item["body"] = body
+    return [
+        FetchedMessage(uid=item["uid"], size=item["size"], body=item.get("body"))
+        for item in items.values()
+        if "uid" in item and "size" in item
+    ]
