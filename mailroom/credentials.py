@@ -230,9 +230,12 @@ def parse_logins(text: str) -> dict[str, StoredLogin]:
         for name, value in entry.items():
             if name not in _FIELDS:
                 raise CredentialsError(f"{where}.{name}: unknown key; known keys: user, password")
-            if not isinstance(value, str | int) or isinstance(value, bool) or str(value) == "":
-                raise CredentialsError(f"{where}.{name}: expected a non-empty string")
-            values[name] = str(value)
+            if not isinstance(value, str) or value == "":
+                # YAML reads an unquoted 0755 as 493: never guess a password.
+                raise CredentialsError(
+                    f"{where}.{name}: expected a non-empty string; put the value in quotes"
+                )
+            values[name] = value
         logins[str(mailbox_id)] = StoredLogin(**values)
     return logins
 

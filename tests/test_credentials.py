@@ -364,3 +364,10 @@ async def test_sigterm_while_editing_removes_the_plain_text(tmp_path: Path) -> N
         code = await proc.wait()
     assert code == 128 + signal.SIGTERM
     assert await asyncio.to_thread(lambda: not plain.exists() and not any(runtime.iterdir()))
+
+
+def test_unquoted_numbers_are_not_taken_as_passwords() -> None:
+    with pytest.raises(
+        CredentialsError, match=r"incoming\]\.password: expected a non-empty string"
+    ):
+        credentials.parse_logins("incoming: {user: u, password: 0755}\n")
