@@ -369,3 +369,33 @@ def test_stopping_is_not_ready_and_forget_drops_the_series(
     health.stopping()
     ready, body = health.readiness()
     assert ready is False and body["stopping"] is True
+
+
+async def test_a_backlog_behind_a_stalled_webhook_is_bounded_in_memory(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession
+) -> None:
+    """MAX_IN_FLIGHT messages are fetched and held; the rest wait on the server, unfetched."""
+    from mailroom.sources.imap import MAX_IN_FLIGHT  # noqa: PLC0415
+
+    count = MAX_IN_FLIGHT + 144
+    await dovecot.aappend_many(account, [message(n) for n in range(count)])
+    webhook.stall()
+    port = free_port()
+    config = with_health(config_dict([mailbox_dict(dovecot, account)], webhook.url), port)
+    probe = Probe(session, port)
+    box = account.user
+    async with running(parse_config(config, env={})):
+
+        async def held(expected: int) -> bool:
+            metrics = await probe.metrics()
+            return value(metrics, "mailroom_unsettled", mailbox=box) == expected
+
+        await wait_until(probe.ready, what="/readyz 200")
+        await wait_until(lambda: held(MAX_IN_FLIGHT), what=f"{MAX_IN_FLIGHT} held")
+        await webhook.wait_for(8)  # webhook.concurrency requests in flight, stalled
+        metrics = await probe.metrics()
+        assert value(metrics, "mailroom_fetched_total", mailbox=box) == MAX_IN_FLIGHT
+        webhook.release()
+        await webhook.wait_for(count, timeout=30)
+        await wait_until(lambda: held(0), what="everything settled")
+    assert len({r.headers["webhook-id"] for r in webhook.requests}) == count
