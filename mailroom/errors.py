@@ -9,7 +9,6 @@
     │   ├── ImapError                                 the IMAP server said NO/BAD or broke protocol
     │   │   ├── ImapAuthError                         login refused: retried, but says so loudly
     │   │   └── ImapConnectionLost(ImapError, ConnectionError)
-    │   ├── UidValidityChanged                        the mailbox was recreated under us
     │   ├── TokenError                                no OAuth token: Entra refused or unreachable
     │   └── GraphError                                Graph answered an error or was unreachable
     └── DeliveryError(MailroomError)                  the webhook did not take the message
@@ -54,10 +53,6 @@ class ImapAuthError(ImapError):
 
 class ImapConnectionLost(ImapError, ConnectionError):
     """The IMAP connection dropped or stopped answering."""
-
-
-class UidValidityChanged(SourceError):
-    """UIDVALIDITY changed: UIDs handed out before no longer name the same messages."""
 
 
 class TokenError(SourceError):
