@@ -64,7 +64,7 @@ def _install_signals(stop: asyncio.Event, reload: asyncio.Event) -> list[signal.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         try:
             loop.add_signal_handler(sig, on_signal, sig)
-        except (NotImplementedError, RuntimeError):  # not the main thread: the caller stops us
+        except RuntimeError:  # not the main thread (asyncio says so): the caller stops us
             continue
         installed.append(sig)
     return installed

@@ -81,6 +81,27 @@ async def _all_seen(dovecot: Dovecot, account: Account, count: int) -> bool:
     return await seen_count(dovecot, account) == count
 
 
+async def sigterm_while_stalled(
+    count: int,
+    *,
+    dovecot: Dovecot,
+    account: Account,
+    webhook: WebhookReceiver,
+    processes: list[Process],
+    workdir: Path,
+    **settings: object,
+) -> Process:
+    """A mailroom process with ``count`` deliveries stalled at the webhook, sent SIGTERM."""
+    await dovecot.aappend_many(account, [message(n) for n in range(count)])
+    webhook.stall()
+    config = config_dict([mailbox_dict(dovecot, account)], webhook.url)
+    config.update(settings)
+    process = start(processes, config, workdir)
+    await webhook.wait_for(count, timeout=20)
+    process.signal(signal.SIGTERM)
+    return process
+
+
 async def test_sigterm_finishes_in_flight_deliveries_settles_and_exits_0(
     dovecot: Dovecot,
     account: Account,
@@ -88,12 +109,9 @@ async def test_sigterm_finishes_in_flight_deliveries_settles_and_exits_0(
     processes: list[Process],
     tmp_path: Path,
 ) -> None:
-    await dovecot.aappend_many(account, [message(n) for n in range(5)])
-    webhook.stall()
-    config = config_dict([mailbox_dict(dovecot, account)], webhook.url)
-    process = start(processes, config, tmp_path)
-    await webhook.wait_for(5, timeout=20)
-    process.signal(signal.SIGTERM)
+    process = await sigterm_while_stalled(
+        5, dovecot=dovecot, account=account, webhook=webhook, processes=processes, workdir=tmp_path
+    )
     await wait_until(lambda: logged(process, "SIGTERM received"), what="SIGTERM logged")
     assert await seen_count(dovecot, account) == 0
     webhook.release()
@@ -110,13 +128,15 @@ async def test_sigterm_with_a_stalled_webhook_abandons_after_the_bound(
     processes: list[Process],
     tmp_path: Path,
 ) -> None:
-    await dovecot.aappend_many(account, [message(n) for n in range(3)])
-    webhook.stall()
-    config = config_dict([mailbox_dict(dovecot, account)], webhook.url)
-    config["shutdown_timeout"] = 1
-    process = start(processes, config, tmp_path)
-    await webhook.wait_for(3, timeout=20)
-    process.signal(signal.SIGTERM)
+    process = await sigterm_while_stalled(
+        3,
+        dovecot=dovecot,
+        account=account,
+        webhook=webhook,
+        processes=processes,
+        workdir=tmp_path,
+        shutdown_timeout=1,
+    )
     assert await process.wait(timeout=20) == 0
     webhook.release()
     assert "3 deliveries did not finish within 1.0s and were abandoned" in process.output()
