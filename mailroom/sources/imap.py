@@ -5,6 +5,9 @@ The loop, on one connection:
 1. Apply queued settlements (one UID STORE/MOVE per kind, batched).
 2. When the server said EXISTS (or after a (re)connect or an IDLE timeout): ``UID SEARCH``, then
    ``UID FETCH (RFC822.SIZE)`` for the new UIDs. The result is the backlog.
+   After a push of a few messages, the sweep is narrower and quicker: the pushed messages
+   only, fetched with their bodies in the same round trip as DONE (``fetch_pushed``), and
+   handed out at once.
 3. Fetch the backlog with ``BODY.PEEK[]`` in batches bounded in count and bytes, and only while
    fewer than ``MAX_IN_FLIGHT`` messages (``MAX_IN_FLIGHT_BYTES``) await their outcome: a
    10,000-message backlog is never held in memory at once.
@@ -45,6 +48,8 @@ MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 FETCH_BATCH = 128  # messages per UID FETCH BODY.PEEK[]
 FIRST_FETCH_BATCH = 8  # a backlog starts small, so the first POST goes out at once
 FETCH_BATCH_BYTES = 8 * 1024 * 1024
+PUSH_MAX = 8  # at most this many new messages are fetched with their push (fetch_pushed)
+PUSH_BODY_BYTES = 1024 * 1024  # a longer body comes with a push cut short, then fetched again
 RECONNECT_INITIAL_S = 1.0
 RECONNECT_MAX_S = 60.0
 FAILED_KEYWORD = "$MailroomFailed"
@@ -90,6 +95,7 @@ class ImapWatcher:
         self._settlements: list[_Settlement] = []
         self._closed = False  # run() ended: settlements can no longer be applied
         self._batch = FIRST_FETCH_BATCH  # messages in the next UID FETCH
+        self._full_sweep = True  # the next sweep searches the whole mailbox, not just a push
         self._uidvalidity = 0
         self.state = "starting"
         self.connected = False
@@ -245,6 +251,7 @@ class ImapWatcher:
     async def _serve(self, session: ImapSession) -> None:
         backlog: deque[FetchedMessage] = deque()
         session.new_mail.set()  # sweep after every (re)connect
+        self._full_sweep = True
         while True:
             self._wake.clear()
             if self._settlements:
@@ -272,6 +279,7 @@ class ImapWatcher:
             self.state = "idling"
             if await session.idle((self._wake, self._stopping), self.config.idle_timeout_s):
                 session.new_mail.set()  # periodic sweep: also finds mail no push announced
+                self._full_sweep = True
 
     async def _wait(self, session: ImapSession, event: asyncio.Event) -> None:
         waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, event, session.lost)]
@@ -284,18 +292,38 @@ class ImapWatcher:
             raise ImapConnectionLost("connection lost")
 
     async def _sweep(self, session: ImapSession) -> deque[FetchedMessage]:
-        backlog = deque(
-            item
-            for item in await session.search_sizes(self.config.search_command)
-            if item.uid not in self._pending and item.uid not in self._stuck
-        )
+        """Find new mail. After a push, the pushed messages come with their bodies in the
+        same round trip and are handed out at once; otherwise (or when that does not apply)
+        ``UID SEARCH`` over the whole mailbox, sizes only: the backlog to fetch."""
+        found = None
+        if not self._full_sweep and self._has_capacity(PUSH_MAX, PUSH_MAX * PUSH_BODY_BYTES):
+            found = await session.fetch_pushed(
+                self.config.search_command,
+                max_count=PUSH_MAX,
+                body_bytes=min(PUSH_BODY_BYTES, self.config.max_message_bytes),
+            )
+        if found is None:
+            self._full_sweep = False
+            found = await session.search_sizes(self.config.search_command)
+        else:
+            log.debug("%s: the push brought %d new messages", self.id, len(found))
+        backlog: deque[FetchedMessage] = deque()
+        for item in found:
+            if item.uid in self._pending or item.uid in self._stuck:
+                continue
+            if item.body is None:
+                backlog.append(item)
+            else:
+                self._hand_out(item, too_large=False)
         if backlog:
             log.debug("%s: sweep found %d new messages", self.id, len(backlog))
         return backlog
 
-    def _has_capacity(self) -> bool:
+    def _has_capacity(self, count: int = 1, size: int = 1) -> bool:
+        """Room for ``count`` more messages of ``size`` bytes in all under the in-flight bounds."""
         return (
-            len(self._pending) < MAX_IN_FLIGHT and sum(self._pending.values()) < MAX_IN_FLIGHT_BYTES
+            len(self._pending) + count <= MAX_IN_FLIGHT
+            and sum(self._pending.values()) + size <= MAX_IN_FLIGHT_BYTES
         )
 
     async def _fetch_batch(self, session: ImapSession, backlog: deque[FetchedMessage]) -> None:
@@ -331,6 +359,7 @@ class ImapWatcher:
         got = {item.uid for item in fetched if item.body is not None} & set(asked)
         missing = sorted(set(asked) - got)
         if missing:
+            self._full_sweep = True
             # Expunged by another client meanwhile, or a server that answered NIL: nothing
             # to deliver now; a message still there is asked for again by the next sweep.
             log.info(

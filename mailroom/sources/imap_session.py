@@ -41,7 +41,7 @@ LOGOUT_TIMEOUT_S = 5.0
 
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _EXISTS = re.compile(rb"^(?:\* )?(\d+) EXISTS")
-_EXPUNGE = re.compile(rb"^(?:\* )?\d+ EXPUNGE")
+_EXPUNGE = re.compile(rb"^(?:\* )?(\d+) EXPUNGE")
 _LIST_FLAGS = re.compile(rb"^\(([^)]*)\) ")
 
 
@@ -143,6 +143,9 @@ class ImapSession:
         self._cancelled_by_loss: set[asyncio.Task[Any]] = set()
         self.new_mail = asyncio.Event()
         self.exists = 0  # the server's message count, from EXISTS and EXPUNGE responses
+        self._expunges = 0  # EXPUNGE responses seen so far
+        self._idling: asyncio.Future[Any] | None = None  # an IDLE not yet ended by DONE
+        self._idle_base = 0  # messages 1.._idle_base were swept before the IDLE began
         self.bye: str | None = None
         self.uidvalidity = 0
         self.capabilities: frozenset[str] = frozenset()
@@ -338,6 +341,8 @@ class ImapSession:
 
     def _on_lost(self, exc: Exception | None) -> None:
         self.lost.set()
+        if self._idling is not None:
+            self._idling.cancel()
         for task in self._waiting:  # a command in flight gets no answer now: end it
             self._cancelled_by_loss.add(task)
             task.cancel()
@@ -355,14 +360,19 @@ class ImapSession:
             if count > self.exists:
                 self.new_mail.set()
             self.exists = count
-        elif _EXPUNGE.match(line):
+        elif match := _EXPUNGE.match(line):
             self.exists = max(0, self.exists - 1)
+            self._expunges += 1
+            if int(match.group(1)) <= self._idle_base:
+                self._idle_base -= 1  # the swept messages moved down by one
         elif line.startswith((b"* BYE", b"BYE")):
             self.bye = line.decode("utf-8", "replace").removeprefix("* ")
 
     def abort(self) -> None:
         """Drop the connection without a word (after a loss or a protocol error)."""
         self.lost.set()
+        if self._idling is not None:
+            self._idling.cancel()
         if self._client is not None and self._client.protocol.transport is not None:
             self._client.protocol.transport.abort()
 
@@ -370,8 +380,10 @@ class ImapSession:
         """LOGOUT politely, bounded; the connection is closed either way."""
         if self._client is not None and not self.lost.is_set():
             try:
+                if self._idling is not None:
+                    await self._end_idle()
                 await asyncio.wait_for(self._client.logout(), LOGOUT_TIMEOUT_S)
-            except (aioimaplib.AioImapException, TimeoutError, OSError) as exc:
+            except (ImapError, aioimaplib.AioImapException, TimeoutError, OSError) as exc:
                 log.debug("%s: LOGOUT failed: %r", self.id, exc)
         self.abort()
 
@@ -394,6 +406,8 @@ class ImapSession:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
             raise ImapConnectionLost(f"{what}: connection lost")
+        if self._idling is not None:
+            await self._end_idle()
         task = asyncio.current_task()
         assert task is not None
         limit = timeout_s or self.timeout_s
@@ -482,29 +496,105 @@ class ImapSession:
             prefix="UID",
             loop=protocol.loop,
         )
-        fetch = _FetchCommand(
+        fetched = await self._search_then_fetch("UID SEARCH", search, "(UID RFC822.SIZE)")
+        return sorted(fetched, key=lambda item: item.uid)
+
+    async def fetch_pushed(
+        self, criteria: str, *, max_count: int, body_bytes: int
+    ) -> list[FetchedMessage] | None:
+        """The messages an IDLE push announced that match ``criteria``, with their bodies,
+        in one round trip: DONE, ``SEARCH RETURN (SAVE) <new sequence numbers> (criteria)``
+        and ``UID FETCH $ (UID RFC822.SIZE BODY.PEEK[]<0.body_bytes>)``, pipelined.
+
+        A body of ``body_bytes`` or more may be cut short: it comes back as None (the size is
+        known), to be fetched the ordinary way. None instead of a list when this does not
+        apply: not idling, no SEARCHRES, or more than ``max_count`` new messages (the bodies
+        of all of them would be read at once). An EXPUNGE that crosses the pipelined SEARCH
+        may have moved a new message below its sequence range: then ``new_mail`` is set again,
+        so the caller sweeps the whole mailbox next.
+        """
+        assert self._client is not None
+        low, high = self._idle_base + 1, self.exists
+        if self._idling is None or "SEARCHRES" not in self.capabilities:
+            return None
+        if not 0 < high - low + 1 <= max_count:
+            return None
+        protocol = self._client.protocol
+        expunges = self._expunges
+        search = aioimaplib.Command(
+            "SEARCH",
             protocol.new_tag(),
-            "$",
-            "(UID RFC822.SIZE)",
-            prefix="UID",
+            "RETURN",
+            "(SAVE)",
+            f"{low}:{high}",
+            f"({criteria})",
             loop=protocol.loop,
-            timeout=self.timeout_s,
+        )
+        fetched = await self._search_then_fetch(
+            "SEARCH", search, f"(UID RFC822.SIZE BODY.PEEK[]<0.{body_bytes}>)"
+        )
+        if self._expunges != expunges:
+            self.new_mail.set()
+        return sorted(
+            (
+                FetchedMessage(item.uid, item.size, None)
+                if item.body is not None and len(item.body) >= body_bytes
+                else item
+                for item in fetched
+            ),
+            key=lambda item: item.uid,
         )
 
-        async def pipelined() -> tuple[Any, Any]:
-            # Created in this order, the two tasks write their commands in this order; a
-            # cancellation (loss, timeout) cancels both through the gather.
-            return await asyncio.gather(
-                asyncio.ensure_future(protocol.execute(search)),
-                asyncio.ensure_future(protocol.execute(fetch)),
-            )
-
-        searched, fetched = await self._run("UID SEARCH + UID FETCH $", pipelined(), check=False)
-        for what, response in (("UID SEARCH", searched), ("UID FETCH $", fetched)):
+    async def _search_then_fetch(self, what: str, search: Any, items: str) -> list[FetchedMessage]:
+        """``search`` (a SEARCH with ``RETURN (SAVE)``, RFC 5182) and ``UID FETCH $ items``,
+        pipelined (§2.1 allows it), after DONE when an IDLE is open: one round trip."""
+        assert self._client is not None
+        protocol = self._client.protocol
+        fetch = _FetchCommand(
+            protocol.new_tag(), "$", items, prefix="UID", loop=protocol.loop, timeout=self.timeout_s
+        )
+        searched, fetched = await self._pipeline(f"{what} + UID FETCH $", [search, fetch])
+        for name, response in ((what, searched), ("UID FETCH $", fetched)):
             if response.result != "OK":
-                raise ImapError(f"{what} failed: {response.result} {response_text(response)}")
-        sizes = parse_fetch(fetched.lines)
-        return sorted(sizes, key=lambda item: item.uid)
+                raise ImapError(f"{name} failed: {response.result} {response_text(response)}")
+        return parse_fetch(fetched.lines)
+
+    async def _pipeline(self, what: str, commands: list[Any]) -> list[Any]:
+        """Send ``commands`` in one write, preceded by DONE when an IDLE is open, and await
+        their responses. aioimaplib's ``execute`` would wait for the IDLE to end and for each
+        command before the next one of the same kind; the commands here are registered with
+        its protocol directly (each of a different kind, so responses are routed by kind)."""
+        assert self._client is not None
+        client, protocol = self._client, self._client.protocol
+        idle, self._idling = self._idling, None
+        pending: dict[str, Any] = protocol.pending_async_commands
+
+        async def run() -> list[Any]:
+            if idle is not None:
+                client.idle_done()  # writes DONE
+            for command in commands:
+                assert pending.get(command.untagged_resp_name) is None, command.name
+                pending[command.untagged_resp_name] = command
+            try:
+                protocol.transport.write(b"".join(f"{c!r}\r\n".encode() for c in commands))
+                if idle is not None:
+                    await idle
+                    self._drain_idle_queue()
+                for command in commands:
+                    await command.wait()
+            finally:
+                for command in commands:
+                    name = command.untagged_resp_name
+                    if pending.get(name) is command:
+                        del pending[name]
+            return [command.response for command in commands]
+
+        try:
+            responses: list[Any] = await self._run(what, run(), check=False)
+            return responses
+        finally:
+            if idle is not None and not idle.done():
+                idle.cancel()
 
     async def store(self, uids: Iterable[int], flags: str) -> None:
         """``UID STORE uids +FLAGS.SILENT (flags)``."""
@@ -570,29 +660,45 @@ class ImapSession:
                 await self.expunge(uids)
 
     async def idle(self, wake: Iterable[asyncio.Event], timeout_s: float) -> bool:
-        """IDLE (RFC 2177) until new mail, any of ``wake``, or ``timeout_s``; then DONE.
+        """IDLE (RFC 2177) until new mail, any of ``wake``, or ``timeout_s``.
 
-        Returns True when ``timeout_s`` ran out with nothing happening.
+        Returns True when ``timeout_s`` ran out with nothing happening. The IDLE is left open:
+        the next command ends it with DONE, pipelined when it is a sweep (one round trip
+        saved), or waiting for the server's answer to DONE otherwise.
         """
         assert self._client is not None
         client = self._client
+        if self._idling is not None:
+            await self._end_idle()
         if "IDLE" not in self.capabilities:
             # Without IDLE the periodic sweep is all there is: wait out the interval.
             timed_out = await self._wait_any(wake, timeout_s)
             self._raise_if_lost("waiting")
             return timed_out
+        # Everything up to here was swept (new mail is checked for before idling, with no
+        # await in between): what lies beyond is what a push announces.
+        self._idle_base = self.exists
         # idle_start() can hang when the server answers BYE (aioimaplib#110): bound it.
-        idle = await self._run("IDLE", client.idle_start(timeout=timeout_s + 60), check=False)
+        self._idling = await self._run(
+            "IDLE", client.idle_start(timeout=timeout_s + 60), check=False
+        )
         timed_out = await self._wait_any(wake, timeout_s)
-        if self.lost.is_set():
-            idle.cancel()
         self._raise_if_lost("IDLE")
-        client.idle_done()
+        return timed_out
+
+    async def _end_idle(self) -> None:
+        """DONE, and wait for the server to end the IDLE."""
+        assert self._client is not None and self._idling is not None
+        idle, self._idling = self._idling, None
+        self._client.idle_done()
         await self._run("DONE", idle)
-        queue: asyncio.Queue[Any] = client.protocol.idle_queue
+        self._drain_idle_queue()
+
+    def _drain_idle_queue(self) -> None:
+        assert self._client is not None
+        queue: asyncio.Queue[Any] = self._client.protocol.idle_queue
         while not queue.empty():  # the pushes were seen by _on_untagged already
             queue.get_nowait()
-        return timed_out
 
     def _raise_if_lost(self, what: str) -> None:
         if self.lost.is_set():
