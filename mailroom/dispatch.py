@@ -9,7 +9,6 @@ lose an acknowledgement once the webhook has answered.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import time
@@ -29,8 +28,8 @@ from mailroom.tls import client_context
 from mailroom.webhook import (
     MAX_ANSWER_BYTES,
     Rejected,
-    build_payload,
     classify,
+    payload_body,
     request_headers,
     retry_after,
 )
@@ -289,10 +288,7 @@ class Dispatcher:
         fields: dict[str, Any],
     ) -> Outcome | Rejected:
         webhook = self._webhooks[config]
-        if config.format == "json":
-            body = json.dumps(build_payload(envelope, parsed, decision)).encode()
-        else:
-            body = envelope.raw
+        body = payload_body(envelope, parsed, decision) if config.format == "json" else envelope.raw
         started = time.monotonic()
         attempt = 0
         while True:
@@ -388,8 +384,9 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """Read at most ``limit`` bytes of an answer: we only need a 422's reason."""
     chunks: list[bytes] = []
     size = 0
-    while size < limit:
-        chunk = await response.content.read(limit - size)
+    content = response.content
+    while size < limit and not content.at_eof():  # at_eof: spares a read that would say b""
+        chunk = await content.read(limit - size)
         if not chunk:
             break
         chunks.append(chunk)

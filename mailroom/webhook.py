@@ -26,6 +26,7 @@ __all__ = [
     "build_payload",
     "classify",
     "jwt_token",
+    "payload_body",
     "request_headers",
     "retry_after",
     "sign",
@@ -48,7 +49,7 @@ def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
     """Standard Webhooks ``webhook-signature``: ``v1,<base64 HMAC-SHA256(id.timestamp.body)>``."""
     key = base64.b64decode(secret.removeprefix("whsec_"))
     signed = f"{webhook_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return "v1," + base64.b64encode(hmac.digest(key, signed, hashlib.sha256)).decode()
 
 
 def _b64url(data: bytes) -> str:
@@ -73,6 +74,27 @@ def build_payload(
     envelope: Envelope, parsed: message.ParsedMessage, decision: routing.Deliver
 ) -> dict[str, Any]:
     """The JSON body of the webhook contract (ARCHITECTURE.md)."""
+    payload = _payload_fields(envelope, parsed, decision)
+    payload["raw"] = base64.b64encode(envelope.raw).decode("ascii")
+    return payload
+
+
+def payload_body(
+    envelope: Envelope, parsed: message.ParsedMessage, decision: routing.Deliver
+) -> bytes:
+    """``json.dumps(build_payload(...)).encode()``, byte for byte, without running the JSON
+    encoder over the base64 of the raw message (the largest member, which needs no escaping):
+    "raw" is the last member, appended as bytes."""
+    head = json.dumps(_payload_fields(envelope, parsed, decision))
+    return b"".join(
+        (head[:-1].encode("ascii"), b', "raw": "', base64.b64encode(envelope.raw), b'"}')
+    )
+
+
+def _payload_fields(
+    envelope: Envelope, parsed: message.ParsedMessage, decision: routing.Deliver
+) -> dict[str, Any]:
+    """Every member of the payload but "raw", in the contract's order."""
     return {
         "id": envelope.idempotency_key,
         "mailbox": envelope.mailbox,
@@ -95,7 +117,6 @@ def build_payload(
         ],
         "authentication_results": list(parsed.authentication_results),
         "size": envelope.size,
-        "raw": base64.b64encode(envelope.raw).decode("ascii"),
     }
 
 

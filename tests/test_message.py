@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import email.utils
 import time
 import timeit
 from dataclasses import fields
+from email import policy
+from email.message import Message
+from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,9 @@ from mailroom.message import (
     Address,
     Attachment,
     ParsedMessage,
+    _header_fields,
+    _iso_date,
+    _params,
     decode_bytes,
     decode_words,
     parse,
@@ -81,6 +88,12 @@ def test_multipart_bodies_and_attachments() -> None:
     assert parsed.cc == (Address("Bob", "bob@example.net"),)
     assert parsed.reply_to == (Address("Alice Replies", "replies@example.org"),)
     assert parsed.content_type == "multipart/mixed"
+
+
+def test_rfc2231_filename_outside_ascii() -> None:
+    parsed = parse(load("rfc2231_filename.eml"))
+    assert parsed.attachments == (Attachment("€.pdf", "application/pdf", 5),)
+    assert parsed.text == "See attached."  # the CRLF before a boundary belongs to it
 
 
 def test_encoded_folded_to() -> None:
@@ -276,3 +289,85 @@ def test_parse_speed() -> None:
     runs = 500
     mean_s = min(timeit.repeat(lambda: parse(raw), number=runs, repeat=3)) / runs
     assert mean_s < 0.001  # generous; about 0.1 ms on the development machine
+
+
+# The fast paths (a header block read without the feed parser, MIME parameters split without
+# get_params) must store exactly what the stdlib does; anything unusual takes the stdlib's way.
+_BLOCKS = [  # (header block, read by the fast path)
+    ("From: A <a@b.c>\r\nTo: incoming+k@example.com\r\nSubject: hi", True),
+    ("Subject:\r\n folded\r\n\tagain\r\nX-Empty:   \r\nX-Tight:v", True),
+    ("Subject: a\nTo: b@c.d\r\n  mixed line ends", True),
+    ("Subject: trailing\r\n \t", True),
+    ("Subject: caf\xe9\r\nX-Control: a\x0bb\x0cc\x1cd\x85e", True),
+    ("", True),
+    (" leading continuation\r\nSubject: x", False),
+    ("From x@y Sat Nov 22 10:00:00 2026\r\nSubject: x", False),
+    ("Subject: x\r\nnot a field\r\nTo: y", False),
+    (":no name\r\nSubject: x", False),
+    ("Subject: lone\rCR", False),
+    ("Subject: x\r\r\nTo: y", False),
+    ("X-\xe9: eight-bit name", False),
+]
+
+
+@pytest.mark.parametrize(("block", "fast"), _BLOCKS)
+def test_header_fast_path_stores_what_the_feed_parser_does(block: str, fast: bool) -> None:
+    raw = block.encode("latin-1")
+    expected = BytesParser(policy=policy.compat32).parsebytes(raw + b"\r\n", headersonly=True)
+    fields = _header_fields(raw.decode("ascii", "surrogateescape"))
+    assert (fields is not None) == fast  # None: the stdlib parser reads it
+    if fields is not None:
+        assert not expected.defects and expected.get_unixfrom() is None
+        assert fields == list(expected.raw_items())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "text/plain",
+        " Text/Plain ;CHARSET = UTF-8 ; format=flowed;",
+        "text/plain;; a; A=1; a=2; =x; b==c",
+        'text/plain; charset="utf-8"',
+        "text/plain; name*=utf-8''%E2%82%AC",
+        "text/plain; name=<a>; b=c\\d",
+        "text/plain;\r\n charset=x",
+        "",
+    ],
+)
+def test_simple_params_are_what_get_params_returns(value: str) -> None:
+    msg = Message()
+    msg["Content-Type"] = value
+    pairs = msg.get_params() or []
+    assert _params(msg, "content-type") == (
+        str(pairs[0][0]).lower(),
+        {
+            k.lower(): email.utils.collapse_rfc2231_value(v) if isinstance(v, tuple) else v
+            for k, v in pairs[1:]
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Sun, 22 Nov 2026 10:00:00 +0000",
+        "1 Jan 2024 23:59:59 -0800 (PST)",
+        "Mon, 01 Jan 2024 00:00:00 -0000",
+        "Tue, 31 Feb 2024 10:00:00 +0530",
+        "Wed, 1 Mar 0099 10:00:00 +0000",
+        "Thu, 2 Apr 2026 24:00:00 +0000",
+        "Fri, 3 May 2026 10:00:00 +2400",
+        "Sat, 4 nov 2026 10:00:00 GMT",
+        "4 Nov 26 10:00 EST",
+    ],
+)
+def test_dates_read_as_the_stdlib_does(value: str) -> None:
+    try:
+        expected: object = email.utils.parsedate_to_datetime(value).isoformat()
+    except ValueError as exc:
+        expected = type(exc)
+    try:
+        got: object = _iso_date(value)
+    except ValueError as exc:
+        got = type(exc)
+    assert got == expected
