@@ -254,7 +254,14 @@ class ImapWatcher:
         self._full_sweep = True
         while True:
             self._wake.clear()
-            if self._settlements:
+            # In a backlog, fetching goes first while there is room for a batch: settlements
+            # wait and then go out in larger batches, and the dispatcher is never starved.
+            fetch_first = (
+                backlog
+                and not self._stopping.is_set()
+                and self._has_capacity(min(len(backlog), FIRST_FETCH_BATCH))
+            )
+            if self._settlements and not fetch_first:
                 await self._apply_settlements(session)
                 continue
             if self._stopping.is_set():
