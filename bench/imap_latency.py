@@ -4,8 +4,12 @@
 2. mailroom's APPEND OK → webhook arrival (median, p99) for 50 messages, one at a time,
    with ``python -m mailroom`` and the receiver as separate processes;
 3. the time to deliver a 1,000-message backlog of 2 KB messages (mailroom in this process,
-   the receiver in another), from ``supervisor.run`` to the last webhook arrival;
-4. the Python heap peak (tracemalloc) while delivering a 10,000-message backlog, against the
+   the receiver in another), from ``supervisor.run`` to the last webhook arrival: median, min
+   and max of ``BACKLOG_RUNS`` runs (single runs on a shared VM vary by ±15 %);
+4. the cost of one round trip to a Dovecot that has been idle for a while (a NOOP after a
+   pause) against one to a busy Dovecot (NOOPs back to back): every step of the push path
+   (mailroom's IMAP round trip, its POST) meets a process that slept through the 500 ms;
+5. the Python heap peak (tracemalloc) while delivering a 10,000-message backlog, against the
    size of the mail itself: the backlog must not be held in memory at once.
 
 Run with ``make bench``. Arrival times are ``time.monotonic()`` in the receiver process,
@@ -41,6 +45,8 @@ from tests.servers.dovecot import Account, Dovecot, free_port  # noqa: E402
 
 SAMPLES = 50
 BACKLOG = 1000
+BACKLOG_RUNS = 5
+NOOP_SAMPLES = 30
 BIG_BACKLOG = 10_000
 STEP_TIMEOUT_S = 10.0
 
@@ -53,8 +59,8 @@ def percentile(values: list[float], q: float) -> float:
 def describe(name: str, values: list[float]) -> str:
     ms = [v * 1000 for v in values]
     return (
-        f"{name}: median {statistics.median(ms):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms, "
-        f"min {min(ms):.1f} ms, max {max(ms):.1f} ms (n={len(ms)})"
+        f"{name}: median {statistics.median(ms):.2f} ms, p99 {percentile(ms, 0.99):.2f} ms, "
+        f"min {min(ms):.2f} ms, max {max(ms):.2f} ms (n={len(ms)})"
     )
 
 
@@ -93,6 +99,24 @@ def idle_floor(dovecot: Dovecot, account: Account) -> list[float]:
     sock.sendall(b"DONE\r\n")
     sock.close()
     return samples
+
+
+def round_trips(dovecot: Dovecot, account: Account) -> tuple[list[float], list[float]]:
+    """NOOP round trips on a logged-in connection: back to back, and each after 100 ms idle."""
+    with dovecot.imap(account) as conn:
+
+        def noop() -> float:
+            started = time.perf_counter()
+            typ, _ = conn.noop()
+            assert typ == "OK"
+            return time.perf_counter() - started
+
+        busy = [noop() for _ in range(NOOP_SAMPLES)]
+        idle = []
+        for _ in range(NOOP_SAMPLES):
+            time.sleep(0.1)
+            idle.append(noop())
+    return busy, idle
 
 
 def receiver(port: int, count: int | None = None) -> subprocess.Popen[str]:
@@ -221,6 +245,11 @@ async def backlog(dovecot: Dovecot) -> tuple[float, float]:
     return run.total_s, run.spread_s
 
 
+def spread(values: list[float]) -> str:
+    median = statistics.median(values)
+    return f"median {median:.3f} s, min {min(values):.3f} s, max {max(values):.3f} s"
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     workdir = Path(os.environ.get("TMPDIR", "/tmp"))
@@ -234,10 +263,14 @@ def main() -> None:
             f"  median over the floor: "
             f"{(statistics.median(latency) - statistics.median(floor)) * 1000:+.1f} ms"
         )
-        total, spread = asyncio.run(backlog(dovecot))
+        busy, idle = round_trips(dovecot, dovecot.add_user())
+        print(describe("NOOP round trip, back to back", busy))
+        print(describe("NOOP round trip, after 100 ms idle", idle))
+        runs = [asyncio.run(backlog(dovecot)) for _ in range(BACKLOG_RUNS)]
         print(
-            f"{BACKLOG}-message backlog of 2 KB: delivered in {total:.3f} s from start "
-            f"(first to last arrival {spread:.3f} s)"
+            f"{BACKLOG}-message backlog of 2 KB, {BACKLOG_RUNS} runs: start to last arrival "
+            f"{spread([total for total, _ in runs])}; first to last arrival "
+            f"{spread([first_to_last for _, first_to_last in runs])}"
         )
         big = asyncio.run(deliver_backlog(dovecot, BIG_BACKLOG, trace_memory=True))
         print(

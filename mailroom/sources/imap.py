@@ -324,6 +324,10 @@ class ImapWatcher:
                 self._hand_out(item, too_large=False)
         if backlog:
             log.debug("%s: sweep found %d new messages", self.id, len(backlog))
+        elif found:
+            # Pushed mail handed out: let the dispatcher take it before this task goes on to
+            # IDLE again (the loop does the dispatcher's tasks in order of creation).
+            await asyncio.sleep(0)
         return backlog
 
     def _has_capacity(self, count: int = 1, size: int = 1) -> bool:
