@@ -75,6 +75,16 @@ async def test_a_body_of_body_bytes_or_more_comes_back_as_its_size_only(
     assert pushed == [FetchedMessage(uid=1, size=len(raw), body=None)]
 
 
+async def test_criteria_with_a_charset_work_with_the_pushed_range(
+    dovecot: Dovecot, account: Account, session: ImapSession
+) -> None:
+    raw = message(1)
+    await dovecot.aappend(account, raw)
+    await idle_until_pushed(session)
+    pushed = await session.fetch_pushed("CHARSET UTF-8 UNSEEN", max_count=8, body_bytes=MiB)
+    assert pushed == [FetchedMessage(uid=1, size=len(raw), body=raw)]
+
+
 async def test_more_new_messages_than_max_count_are_left_to_a_full_sweep(
     dovecot: Dovecot, account: Account, session: ImapSession
 ) -> None:

@@ -341,11 +341,18 @@ class ImapSession:
 
     def _on_lost(self, exc: Exception | None) -> None:
         self.lost.set()
-        if self._idling is not None:
-            self._idling.cancel()
+        self._cancel_idle()
         for task in self._waiting:  # a command in flight gets no answer now: end it
             self._cancelled_by_loss.add(task)
             task.cancel()
+
+    def _cancel_idle(self) -> None:
+        """An open IDLE ends with the connection: its task, and aioimaplib's timer for it."""
+        if self._idling is not None:
+            self._idling.cancel()
+        waiter = getattr(self._client, "_idle_waiter", None)
+        if waiter is not None:
+            waiter.cancel()
 
     @property
     def token_expired(self) -> bool:
@@ -371,8 +378,7 @@ class ImapSession:
     def abort(self) -> None:
         """Drop the connection without a word (after a loss or a protocol error)."""
         self.lost.set()
-        if self._idling is not None:
-            self._idling.cancel()
+        self._cancel_idle()
         if self._client is not None and self._client.protocol.transport is not None:
             self._client.protocol.transport.abort()
 
@@ -380,9 +386,10 @@ class ImapSession:
         """LOGOUT politely, bounded; the connection is closed either way."""
         if self._client is not None and not self.lost.is_set():
             try:
-                if self._idling is not None:
-                    await self._end_idle()
-                await asyncio.wait_for(self._client.logout(), LOGOUT_TIMEOUT_S)
+                async with asyncio.timeout(LOGOUT_TIMEOUT_S):
+                    if self._idling is not None:
+                        await self._end_idle()
+                    await self._client.logout()
             except (ImapError, aioimaplib.AioImapException, TimeoutError, OSError) as exc:
                 log.debug("%s: LOGOUT failed: %r", self.id, exc)
         self.abort()
@@ -407,7 +414,12 @@ class ImapSession:
                 awaitable.close()
             raise ImapConnectionLost(f"{what}: connection lost")
         if self._idling is not None:
-            await self._end_idle()
+            try:
+                await self._end_idle()
+            except BaseException:
+                if asyncio.iscoroutine(awaitable):
+                    awaitable.close()
+                raise
         task = asyncio.current_task()
         assert task is not None
         limit = timeout_s or self.timeout_s
@@ -521,18 +533,32 @@ class ImapSession:
             return None
         protocol = self._client.protocol
         expunges = self._expunges
+        # The range goes last: any criteria followed by one more search key is valid
+        # (RFC 3501 §6.4.4: keys are ANDed; "CHARSET x" may only come first).
         search = aioimaplib.Command(
             "SEARCH",
             protocol.new_tag(),
             "RETURN",
             "(SAVE)",
+            criteria,
             f"{low}:{high}",
-            f"({criteria})",
             loop=protocol.loop,
         )
-        fetched = await self._search_then_fetch(
-            "SEARCH", search, f"(UID RFC822.SIZE BODY.PEEK[]<0.{body_bytes}>)"
-        )
+        try:
+            fetched = await self._search_then_fetch(
+                "SEARCH",
+                search,
+                f"(UID RFC822.SIZE BODY.PEEK[]<0.{body_bytes}>)",
+                timeout_s=self.timeout_s * 10,  # up to max_count bodies
+            )
+        except ImapConnectionLost:
+            raise
+        except ImapError as exc:
+            # Most likely an EXPUNGE still on its way put `high` past the last message
+            # (RFC 3501 §9: BAD): the full sweep needs no sequence numbers.
+            log.info("%s: %s; sweeping the whole mailbox instead", self.id, exc)
+            self.new_mail.set()
+            return None
         if self._expunges != expunges:
             self.new_mail.set()
         return sorted(
@@ -545,7 +571,9 @@ class ImapSession:
             key=lambda item: item.uid,
         )
 
-    async def _search_then_fetch(self, what: str, search: Any, items: str) -> list[FetchedMessage]:
+    async def _search_then_fetch(
+        self, what: str, search: Any, items: str, *, timeout_s: float | None = None
+    ) -> list[FetchedMessage]:
         """``search`` (a SEARCH with ``RETURN (SAVE)``, RFC 5182) and ``UID FETCH $ items``,
         pipelined (§2.1 allows it), after DONE when an IDLE is open: one round trip."""
         assert self._client is not None
@@ -553,15 +581,19 @@ class ImapSession:
         fetch = _FetchCommand(
             protocol.new_tag(), "$", items, prefix="UID", loop=protocol.loop, timeout=self.timeout_s
         )
-        searched, fetched = await self._pipeline(f"{what} + UID FETCH $", [search, fetch])
+        searched, fetched = await self._pipeline(
+            f"{what} + UID FETCH $", [search, fetch], timeout_s=timeout_s
+        )
         for name, response in ((what, searched), ("UID FETCH $", fetched)):
             if response.result != "OK":
                 raise ImapError(f"{name} failed: {response.result} {response_text(response)}")
         return parse_fetch(fetched.lines)
 
-    async def _pipeline(self, what: str, commands: list[Any]) -> list[Any]:
-        """Send ``commands`` in one write, preceded by DONE when an IDLE is open, and await
-        their responses. aioimaplib's ``execute`` would wait for the IDLE to end and for each
+    async def _pipeline(
+        self, what: str, commands: list[Any], *, timeout_s: float | None = None
+    ) -> list[Any]:
+        """Send DONE when an IDLE is open, then ``commands``, without waiting in between, and
+        await their responses. aioimaplib's ``execute`` would wait for the IDLE to end and for each
         command before the next one of the same kind; the commands here are registered with
         its protocol directly (each of a different kind, so responses are routed by kind)."""
         assert self._client is not None
@@ -590,7 +622,7 @@ class ImapSession:
             return [command.response for command in commands]
 
         try:
-            responses: list[Any] = await self._run(what, run(), check=False)
+            responses: list[Any] = await self._run(what, run(), timeout_s=timeout_s, check=False)
             return responses
         finally:
             if idle is not None and not idle.done():
@@ -670,6 +702,8 @@ class ImapSession:
         client = self._client
         if self._idling is not None:
             await self._end_idle()
+            if self.new_mail.is_set():  # announced during the DONE: the caller sweeps first
+                return False
         if "IDLE" not in self.capabilities:
             # Without IDLE the periodic sweep is all there is: wait out the interval.
             timed_out = await self._wait_any(wake, timeout_s)
