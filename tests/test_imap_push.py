@@ -1,7 +1,7 @@
 """Mail announced by an IDLE push, fetched with the push (``ImapSession.fetch_pushed``).
 
-DONE, ``SEARCH RETURN (SAVE) <new sequence numbers> (criteria)`` and ``UID FETCH $`` with the
-bodies go out in one write, so a pushed message costs one round trip instead of four (DONE,
+DONE, ``SEARCH RETURN (SAVE) criteria <new sequence numbers>`` and ``UID FETCH $`` with the
+bodies go out back to back, so a pushed message costs one round trip instead of four (DONE,
 SEARCH, FETCH sizes, FETCH bodies). On a real Dovecot.
 """
 

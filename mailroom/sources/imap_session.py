@@ -515,7 +515,7 @@ class ImapSession:
         self, criteria: str, *, max_count: int, body_bytes: int
     ) -> list[FetchedMessage] | None:
         """The messages an IDLE push announced that match ``criteria``, with their bodies,
-        in one round trip: DONE, ``SEARCH RETURN (SAVE) <new sequence numbers> (criteria)``
+        in one round trip: DONE, ``SEARCH RETURN (SAVE) criteria <new sequence numbers>``
         and ``UID FETCH $ (UID RFC822.SIZE BODY.PEEK[]<0.body_bytes>)``, pipelined.
 
         A body of ``body_bytes`` or more may be cut short: it comes back as None (the size is
