@@ -194,14 +194,6 @@ class ImapSession:
             raise
         return session
 
-    async def login(self) -> None:
-        """LOGIN or AUTHENTICATE XOAUTH2, then CAPABILITY again; ``ImapAuthError`` if refused."""
-        await self._login()
-
-    async def select(self) -> None:
-        """SELECT the configured mailbox and read its UIDVALIDITY."""
-        await self._select()
-
     @property
     def tls(self) -> ssl.SSLObject | None:
         """The TLS layer (implicit TLS, or after STARTTLS), or None on a plain connection."""
@@ -286,7 +278,8 @@ class ImapSession:
         protocol.transport = transport
         await self._run("CAPABILITY", protocol.capability())
 
-    async def _login(self) -> None:
+    async def login(self) -> None:
+        """LOGIN or AUTHENTICATE XOAUTH2, then CAPABILITY again; ``ImapAuthError`` if refused."""
         assert self._client is not None
         protocol = self._client.protocol
         if "LOGINDISABLED" in protocol.capabilities:
@@ -323,7 +316,8 @@ class ImapSession:
         await self._run("CAPABILITY", protocol.capability())
         self.capabilities = frozenset(c.upper() for c in protocol.capabilities)
 
-    async def _select(self) -> None:
+    async def select(self) -> None:
+        """SELECT the configured mailbox and read its UIDVALIDITY."""
         assert self._client is not None
         response = await self._run(
             "SELECT", self._client.select(mailbox_name(self.config.mailbox)), check=False
@@ -508,8 +502,7 @@ class ImapSession:
             prefix="UID",
             loop=protocol.loop,
         )
-        fetched = await self._search_then_fetch("UID SEARCH", search, "(UID RFC822.SIZE)")
-        return sorted(fetched, key=lambda item: item.uid)
+        return await self._search_then_fetch("UID SEARCH", search, "(UID RFC822.SIZE)")
 
     async def fetch_pushed(
         self, criteria: str, *, max_count: int, body_bytes: int
@@ -561,21 +554,19 @@ class ImapSession:
             return None
         if self._expunges != expunges:
             self.new_mail.set()
-        return sorted(
-            (
-                FetchedMessage(item.uid, item.size, None)
-                if item.body is not None and len(item.body) >= body_bytes
-                else item
-                for item in fetched
-            ),
-            key=lambda item: item.uid,
-        )
+        return [
+            FetchedMessage(item.uid, item.size, None)
+            if item.body is not None and len(item.body) >= body_bytes
+            else item
+            for item in fetched
+        ]
 
     async def _search_then_fetch(
         self, what: str, search: Any, items: str, *, timeout_s: float | None = None
     ) -> list[FetchedMessage]:
         """``search`` (a SEARCH with ``RETURN (SAVE)``, RFC 5182) and ``UID FETCH $ items``,
-        pipelined (§2.1 allows it), after DONE when an IDLE is open: one round trip."""
+        pipelined (§2.1 allows it), after DONE when an IDLE is open: one round trip. The
+        messages come in UID order."""
         assert self._client is not None
         protocol = self._client.protocol
         fetch = _FetchCommand(
@@ -587,7 +578,7 @@ class ImapSession:
         for name, response in ((what, searched), ("UID FETCH $", fetched)):
             if response.result != "OK":
                 raise ImapError(f"{name} failed: {response.result} {response_text(response)}")
-        return parse_fetch(fetched.lines)
+        return sorted(parse_fetch(fetched.lines), key=lambda item: item.uid)
 
     async def _pipeline(
         self, what: str, commands: list[Any], *, timeout_s: float | None = None
