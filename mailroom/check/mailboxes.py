@@ -165,6 +165,9 @@ async def graph(report: Report, config: GraphMailboxConfig) -> None:
             )
             return "OK", "PATCH of a message allowed (Mail.ReadWrite)"
 
-        await target.run("token", token)
-        await target.run("folder", folder)
-        await target.run("patch", patch)
+        try:
+            await target.run("token", token)
+            await target.run("folder", folder)
+            await target.run("patch", patch)
+        finally:
+            tokens.close()

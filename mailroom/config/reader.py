@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from mailroom import tls
 from mailroom.config.model import Secret
 from mailroom.errors import ConfigError
 
@@ -119,6 +120,17 @@ class Section:
         if not resolved.is_file():
             self.fail(key, f"file {value} does not exist or is not a file")
         return str(resolved)
+
+    def ca_file(self, key: str = "ca_file") -> str | None:
+        """A CA bundle, loaded now into the TLS context every client will use: a file that is
+        not PEM is a config error here, not a failing connection later."""
+        path = self.path_value(key)
+        if path is not None:
+            try:
+                tls.client_context(ca_file=path)
+            except tls.TlsConfigError as exc:
+                self.fail(key, str(exc))
+        return path
 
     def secret(self, key: str, *, required: bool) -> Secret | None:
         file_key = f"{key}_file"
