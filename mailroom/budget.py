@@ -52,6 +52,14 @@ class Budget:
         """Reservations not granted yet."""
         return len(self._queue)
 
+    def room(self) -> tuple[int, int]:
+        """(messages, bytes) a reservation made now would get at once; none while others
+        wait (they come first). Size a request by it: one that asks for more than there is
+        would wait, and hold up everyone behind it."""
+        if self._queue:
+            return 0, 0
+        return max(0, self.max_messages - self.messages), max(0, self.max_bytes - self.bytes)
+
     def resize(self, *, messages: int, size: int) -> None:
         """New limits (a reload); what is in flight stays, new grants follow the new limits."""
         self.max_messages, self.max_bytes = messages, size

@@ -257,10 +257,13 @@ class ImapWatcher(Source[int]):
     def _reserve(self, backlog: deque[FetchedMessage]) -> None:
         """Take the next batch off ``backlog`` and reserve room for it in the budget."""
         room, room_bytes = self._room()
-        budget = min(FETCH_BATCH_BYTES, room_bytes)
+        shared, shared_bytes = self._budget.room()
+        budget = min(FETCH_BATCH_BYTES, room_bytes, shared_bytes)
         # The first batch of a sweep is small and each next one twice as large: the
         # dispatcher starts posting while the rest of a backlog is still being fetched.
-        limit = min(room, self._batch)
+        # No larger than the shared budget has room for now: with none, one message waits
+        # its turn (a large request at the head of the queue would hold up every mailbox).
+        limit = min(room, self._batch, max(1, shared))
         self._batch = min(self._batch * 2, FETCH_BATCH)
         batch: list[FetchedMessage] = []
         taken = 0

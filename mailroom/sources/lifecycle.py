@@ -175,21 +175,25 @@ class Source(abc.ABC, Generic[K]):
         """Stopped, every delivery drained, and every settlement applied."""
         return self._stopping.is_set() and self._drained.is_set() and not self._settlements
 
-    async def _after_error(self, exc: Exception) -> None:
+    def _delay_after(self, exc: Exception) -> float:
+        """Count the failure and say how long to wait before the next connection."""
         now = time.monotonic()
         if self._connected_at is not None and now - self._connected_at > SERVED_LONG_S:
             self._attempt = 0
         self._attempt += 1
-        expected = isinstance(exc, SourceError)
         auth = isinstance(exc, ImapAuthError) or (isinstance(exc, TokenError) and exc.code)
         self._auth_failures = self._auth_failures + 1 if auth else 0
-        self._on_error(exc)
-        if self._auth_failures > 1:
-            delay = backoff_delay(
+        if self._auth_failures > 1:  # the first may be an expired token or a server restart
+            return backoff_delay(
                 self._auth_failures - 1, initial_s=AUTH_BACKOFF_INITIAL_S, max_s=AUTH_BACKOFF_MAX_S
             )
-        else:
-            delay = self._retry_delay(exc, self._attempt)
+        return self._retry_delay(exc, self._attempt)
+
+    async def _after_error(self, exc: Exception) -> None:
+        delay = self._delay_after(exc)
+        expected = isinstance(exc, SourceError)
+        auth = self._auth_failures > 0
+        self._on_error(exc)
         if not expected:
             self.restarts += 1
             self._monitor.restarted(self.id)

@@ -78,6 +78,9 @@ mail_fsync = never
 imap_hibernate_timeout = 0
 mailbox_idle_check_interval = 1 secs
 mail_max_userip_connections = 1000
+# Process titles name each session's user and command ("[user 127.0.0.1 IDLE]"): the tests
+# read them to see which sessions are idling (Dovecot.sessions).
+verbose_proctitle = yes
 
 # No auth penalty: after failed logins anvil would delay EVERY login from 127.0.0.1
 # (2, 4, 8, 15 s), also the successful ones of other tests.
@@ -361,6 +364,25 @@ class Dovecot:
                 text = path.read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"--- {path.name} ---\n" + "\n".join(text))
         return "\n".join(out) or "(no dovecot log)"
+
+    def sessions(self) -> list[tuple[str, str]]:
+        """(user, command) of every IMAP session of this instance, from the process titles:
+        ``("user1-ab12cd", "IDLE")``; a session between commands has an empty command."""
+        prefix = f"dovecot-mailroom-test-{self.port}/imap [".encode()
+        found = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as file:
+                    title = file.read().replace(b"\0", b" ").strip()
+            except OSError:  # gone meanwhile
+                continue
+            if title.startswith(prefix) and title.endswith(b"]"):
+                fields = title[len(prefix) : -1].decode(errors="replace").split(" ", 2)
+                if len(fields) >= 2:
+                    found.append((fields[0], fields[2] if len(fields) == 3 else ""))
+        return found
 
     # -- accounts --------------------------------------------------------------------------
 

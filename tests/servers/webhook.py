@@ -19,15 +19,17 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 
-@dataclass(frozen=True)
+@dataclass
 class Received:
-    """One request as the receiver saw it (`at` is time.monotonic() on arrival)."""
+    """One request as the receiver saw it (`at` is time.monotonic() on arrival; `status` the
+    answer it got, None while unanswered or when dropped)."""
 
     method: str
     path: str
     headers: CIMultiDict[str]
     body: bytes
     at: float
+    status: int | None = None
 
     def json(self) -> Any:
         """The body parsed as JSON."""
@@ -92,6 +94,14 @@ class WebhookReceiver:
         """Let stalled and future requests through."""
         self._released.set()
 
+    def delivered(self) -> list[str]:
+        """The webhook-ids of the requests answered 2xx, in order of arrival."""
+        return [
+            r.headers["webhook-id"]
+            for r in self.requests
+            if r.status is not None and 200 <= r.status < 300
+        ]
+
     async def wait_for(
         self,
         count: int,
@@ -126,6 +136,7 @@ class WebhookReceiver:
         if self._runner is None:  # stopped while stalled: the server is gone, no answer
             _drop(request)
         answer = self._failures.pop(0) if self._failures else self._default
+        received.status = answer.status
         return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
     async def start(self) -> None:

@@ -1,0 +1,283 @@
+"""The shared pieces under every source: the budget, the circuit breaker, supervision."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from mailroom.budget import Budget
+from mailroom.circuit import Circuit
+from mailroom.config import parse_config
+from mailroom.config.model import ImapMailboxConfig
+from mailroom.errors import ImapAuthError, ImapConnectionLost, TokenError
+from mailroom.monitor import Monitor
+from mailroom.sources.lifecycle import AUTH_BACKOFF_INITIAL_S, Source
+from tests.helpers import config_dict
+
+# -- the budget -------------------------------------------------------------------------------
+
+
+async def test_reservations_are_granted_in_order_as_room_frees() -> None:
+    budget = Budget(messages=3, size=1000)
+    first = budget.reserve(2, 600)
+    second = budget.reserve(2, 100)  # does not fit beside the first
+    third = budget.reserve(1, 100)  # would fit, but waits its turn: no starvation
+    assert first.done() and not second.done() and not third.done()
+    assert (budget.messages, budget.bytes, budget.waiting) == (2, 600, 2)
+    assert budget.room() == (0, 0)  # others wait: a new request would queue behind them
+    budget.use(first, 1, 500)  # one message of 500 bytes fetched, the rest given back
+    assert second.done() and not third.done()
+    assert (budget.messages, budget.bytes) == (3, 600)
+    budget.release(1, 500)
+    assert third.done() and (budget.messages, budget.bytes) == (3, 200)
+    budget.release(2, 150)
+    assert budget.room() == (2, 950)
+
+
+async def test_a_reservation_larger_than_the_budget_waits_until_nothing_is_in_flight() -> None:
+    budget = Budget(messages=10, size=1000)
+    small = budget.reserve(1, 10)
+    huge = budget.reserve(1, 5000)
+    assert small.done() and not huge.done()
+    budget.cancel(small)
+    assert huge.done() and budget.bytes == 5000
+
+
+async def test_cancel_gives_back_a_granted_reservation_and_withdraws_a_waiting_one() -> None:
+    budget = Budget(messages=1, size=100)
+    granted = budget.reserve(1, 50)
+    waiting = budget.reserve(1, 50)
+    budget.cancel(waiting)
+    budget.cancel(waiting)  # twice is harmless
+    assert budget.waiting == 0 and budget.messages == 1
+    budget.cancel(granted)
+    budget.cancel(granted)
+    assert (budget.messages, budget.bytes) == (0, 0)
+
+
+async def test_hold_is_a_semaphore_that_can_be_resized() -> None:
+    budget = Budget(messages=2, size=0)
+    inside = 0
+    most = 0
+    gate = asyncio.Event()
+
+    async def worker() -> None:
+        nonlocal inside, most
+        async with budget.hold():
+            inside += 1
+            most = max(most, inside)
+            await gate.wait()
+            inside -= 1
+
+    tasks = [asyncio.create_task(worker()) for _ in range(6)]
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert most == 2 and budget.waiting == 4
+    budget.resize(messages=3, size=0)
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert most == 3
+    gate.set()
+    async with asyncio.timeout(5):
+        await asyncio.gather(*tasks)
+    assert (budget.messages, budget.waiting) == (0, 0)
+
+
+async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
+    budget = Budget(messages=1, size=0)
+    held = budget.reserve(1, 0)
+
+    async def waiter() -> None:
+        async with budget.hold():
+            raise AssertionError("never granted")
+
+    task = asyncio.create_task(waiter())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    budget.cancel(held)
+    assert (budget.messages, budget.waiting) == (0, 0)
+
+
+# -- the circuit breaker ----------------------------------------------------------------------
+
+
+class Events(Monitor):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Any]] = []
+
+    def circuit(self, webhook: str, *, is_open: bool) -> None:
+        self.seen.append(("circuit", is_open))
+
+    def restarted(self, mailbox: str) -> None:
+        self.seen.append(("restarted", mailbox))
+
+
+async def test_the_circuit_opens_once_probes_one_at_a_time_and_closes_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="mailroom")
+    events = Events()
+    circuit = Circuit("https://hook:443", initial_s=0.01, max_s=0.02, monitor=events)
+    for _ in range(4):
+        assert await circuit.admit()
+        circuit.failed("HTTP 503")
+    assert not circuit.is_open
+    assert await circuit.admit()
+    circuit.failed("HTTP 503")
+    assert circuit.is_open and events.seen == [("circuit", True)]
+    # Many deliveries wait; exactly one is let through as the probe.
+    admitted: list[int] = []
+    arrivals: asyncio.Queue[int] = asyncio.Queue()
+
+    async def delivery(n: int) -> None:
+        if await circuit.admit():
+            admitted.append(n)
+            arrivals.put_nowait(n)
+
+    waiting = [asyncio.create_task(delivery(n)) for n in range(20)]
+    async with asyncio.timeout(5):
+        await arrivals.get()
+    assert len(admitted) == 1
+    circuit.failed("HTTP 503")  # the probe failed: still open, the next probe later
+    async with asyncio.timeout(5):
+        await arrivals.get()
+    assert len(admitted) == 2 and circuit.is_open
+    circuit.answered()  # the probe got an answer: every waiting delivery goes
+    async with asyncio.timeout(5):
+        await asyncio.gather(*waiting)
+    assert sorted(admitted) == list(range(20)) and not circuit.is_open
+    assert events.seen == [("circuit", True), ("circuit", False)]
+    opened = [r for r in caplog.records if "failures in a row" in r.getMessage()]
+    closed = [r for r in caplog.records if "answering again" in r.getMessage()]
+    assert len(opened) == 1 and len(closed) == 1
+    assert opened[0].getMessage().startswith("webhook https://hook:443: 5 failures in a row")
+
+
+async def test_an_abandoned_probe_lets_the_next_one_go_and_admit_can_time_out() -> None:
+    circuit = Circuit("h", initial_s=0.01, max_s=0.01, failures_to_open=1)
+    circuit.failed("timeout", retry_after_s=3600)  # a long Retry-After is honoured (capped)
+    assert not await circuit.admit(timeout_s=0.0)
+    async with asyncio.timeout(5):
+        assert await circuit.admit()  # max_s caps the wait
+    waiter = asyncio.create_task(circuit.admit())
+    await asyncio.sleep(0)
+    assert not waiter.done()  # the probe is out
+    circuit.abandoned()
+    async with asyncio.timeout(5):
+        assert await waiter
+
+
+# -- supervision -------------------------------------------------------------------------------
+
+
+def _imap_config() -> ImapMailboxConfig:
+    box = {"id": "box", "address": "a+%{key}@example.com", "host": "h", "user": "u",
+           "password": "p"}  # fmt: skip
+    config = parse_config(config_dict([box], "http://127.0.0.1:1/"), env={})
+    mailbox = config.mailboxes[0]
+    assert isinstance(mailbox, ImapMailboxConfig)
+    return mailbox
+
+
+class Scripted(Source[int]):
+    """A source whose connections fail as scripted, then serve until stopped."""
+
+    kind = "test"
+    max_in_flight = 4
+    retry_initial_s = 0.001
+    retry_max_s = 0.002
+
+    def __init__(self, failures: list[Exception], **kwargs: Any) -> None:
+        super().__init__(_imap_config(), lambda envelope: None, logger=logging.getLogger("t"),
+                         **kwargs)  # fmt: skip
+        self.failures = failures
+        self.serves = 0
+        self.serving = asyncio.Event()
+
+    async def _serve(self) -> None:
+        self.serves += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        self._set_connected()
+        self.serving.set()
+        await self._stopping.wait()
+        await self._drained.wait()
+
+    async def _apply_settlements(self, *args: Any) -> None:
+        for settlement in self._take_settlements():
+            self._settled(settlement)
+
+
+async def test_an_unexpected_error_is_logged_counted_and_the_source_restarts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events = Events()
+    stopping, drained = asyncio.Event(), asyncio.Event()
+    source = Scripted(
+        [RuntimeError("a bug"), ImapConnectionLost("gone")],
+        stopping=stopping,
+        drained=drained,
+        monitor=events,
+    )
+    task = asyncio.create_task(source.run())
+    async with asyncio.timeout(5):
+        await source.serving.wait()
+    assert source.serves == 3
+    stopping.set()
+    drained.set()
+    async with asyncio.timeout(5):
+        await task
+    assert source.restarts == 1 and events.seen == [("restarted", "box")]
+    bug = next(r for r in caplog.records if "a bug" in r.getMessage())
+    assert bug.levelno == logging.ERROR and bug.exc_info is not None
+    assert bug.getMessage().startswith("box: RuntimeError: a bug; restarting in")
+    lost = next(r for r in caplog.records if "gone" in r.getMessage())
+    assert lost.levelno == logging.WARNING and not lost.exc_info
+    assert "reconnecting in" in lost.getMessage()
+
+
+async def test_repeated_refused_logins_back_off_for_minutes() -> None:
+    source = Scripted([], stopping=asyncio.Event(), drained=asyncio.Event())
+    refused = ImapAuthError("login as u refused")
+    first = source._delay_after(refused)
+    second = source._delay_after(refused)
+    third = source._delay_after(refused)
+    assert first <= Scripted.retry_max_s  # an expired token or a restart: retried at once
+    assert AUTH_BACKOFF_INITIAL_S / 2 <= second <= AUTH_BACKOFF_INITIAL_S
+    assert third >= AUTH_BACKOFF_INITIAL_S
+    source._set_connected()  # a login that works ends the run
+    assert source._delay_after(refused) <= Scripted.retry_max_s
+    # An identity provider that refuses the app counts too; one that is unreachable does not.
+    assert source._delay_after(TokenError("refused", code="invalid_client")) >= 30
+    assert source._delay_after(TokenError("no answer")) <= Scripted.retry_max_s
+
+
+# -- search_command ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "exact", "criteria"),
+    [
+        ("UNSEEN", False, "UNSEEN NOT KEYWORD $MailroomFailed"),
+        ("ALL", False, "ALL UNSEEN NOT KEYWORD $MailroomFailed"),
+        ("NEW", False, "NEW NOT KEYWORD $MailroomFailed"),
+        ("CHARSET UTF-8 SUBJECT x", False, "CHARSET UTF-8 SUBJECT x UNSEEN NOT KEYWORD "
+         "$MailroomFailed"),
+        ("OR FROM a FROM b", False, "OR FROM a FROM b UNSEEN NOT KEYWORD $MailroomFailed"),
+        ("ALL", True, "ALL"),
+    ],
+)  # fmt: skip
+def test_search_command_is_combined_with_unseen_and_not_failed(
+    command: str, exact: bool, criteria: str
+) -> None:
+    box = {"id": "b", "address": "a+%{key}@example.com", "host": "h", "user": "u",
+           "password": "p", "search_command": command, "search_command_exact": exact}  # fmt: skip
+    mailbox = parse_config(config_dict([box], "http://127.0.0.1:1/"), env={}).mailboxes[0]
+    assert isinstance(mailbox, ImapMailboxConfig)
+    assert mailbox.search_criteria == criteria
