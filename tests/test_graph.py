@@ -254,6 +254,18 @@ async def test_token_is_reused_across_polls(entra: EntraGraph, webhook: WebhookR
     assert len({r.token for r in entra.of_kind("list")}) == 1
 
 
+async def test_mailboxes_of_one_app_registration_share_one_token(
+    entra: EntraGraph, webhook: WebhookReceiver
+) -> None:
+    boxes = [graph_mailbox(entra, id=f"g{i}", mailbox=f"folder{i}") for i in range(5)]
+    config = parse_config(config_dict(boxes, webhook.url), env={})
+    async with running(config):
+        await entra.wait_for(lambda: len(entra.of_kind("list")) >= 10, what="10 polls")
+    assert len(entra.of_kind("token")) == 1  # one app registration and scope: one provider
+    assert len(entra.of_kind("discovery")) == 1
+    assert len({r.token for r in entra.of_kind("list")}) == 1
+
+
 async def test_token_is_refreshed_before_it_expires(
     entra: EntraGraph, webhook: WebhookReceiver
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailroom import supervisor
-from mailroom.config import parse_config
+from mailroom.config import ConfigError, parse_config
 from mailroom.config.sections import origin
 from mailroom.envelope import Outcome
 from mailroom.health import GRAPH_GRACE_S, Health
@@ -414,3 +414,55 @@ async def test_a_backlog_behind_a_stalled_webhook_is_bounded_in_memory(
         await webhook.wait_for(count, timeout=30)
         await wait_until(lambda: held(0), what="everything settled")
     assert len({r.headers["webhook-id"] for r in webhook.requests}) == count
+
+
+@pytest.mark.parametrize(
+    ("ready_when", "connected", "ready"),
+    [
+        ("all", 9, False),
+        ("all", 10, True),
+        ("any", 0, False),
+        ("any", 1, True),
+        (0.9, 8, False),
+        (0.9, 9, True),
+        ("25%", 2, False),
+        ("25%", 3, True),  # rounded up: a quarter of 10 is 3 mailboxes
+    ],
+)
+def test_ready_when_sets_how_many_mailboxes_must_be_ready(
+    ready_when: Any, connected: int, ready: bool
+) -> None:
+    boxes = [imap_box(f"m{i}") for i in range(10)]
+    data = config_dict(boxes, "http://127.0.0.1:1/")
+    data["health"] = {"listen": "127.0.0.1:0", "ready_when": ready_when}
+    health = Health(parse_config(data, env={}), clock=Clock())
+    for i in range(connected):
+        health.connected(f"m{i}")
+    is_ready, body = health.readiness()
+    assert is_ready is ready
+    assert body["mailboxes_ready"] == connected
+
+
+@pytest.mark.parametrize("bad", ["most", 0, 1.5, "0%", True, "-10%"])
+def test_ready_when_refuses_what_it_cannot_count(bad: Any) -> None:
+    data = config_dict([imap_box("a")], "http://127.0.0.1:1/")
+    data["health"] = {"ready_when": bad}
+    with pytest.raises(ConfigError, match=r"^health\.ready_when: expected all, any, or a fraction"):
+        parse_config(data, env={})
+
+
+def test_a_stalled_webhook_takes_out_only_its_own_mailboxes() -> None:
+    clock = Clock()
+    boxes = [imap_box("a"), {**imap_box("b"), "webhook": {"url": "http://127.0.0.2:1/"}}]
+    data = config_dict(boxes, "http://127.0.0.1:1/")
+    data["health"] = {"stall_after": 10, "ready_when": "any"}
+    health = Health(parse_config(data, env={}), clock=clock)
+    health.connected("a")
+    health.connected("b")
+    health.accepted("a")
+    clock.now += 11
+    ready, body = health.readiness()
+    assert ready is True  # "any": b still serves
+    assert body["webhooks"]["http://127.0.0.1:1"]["stalled"] is True
+    assert body["webhooks"]["http://127.0.0.2:1"]["stalled"] is False
+    assert [body["mailboxes"][m]["ready"] for m in "ab"] == [False, True]
