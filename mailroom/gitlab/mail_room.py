@@ -243,7 +243,7 @@ def _postback(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any],
         }
     header, secret_path = options.get("jwt_auth_header"), options.get("jwt_secret_path")
     if (header is None) != (secret_path is None):
-        missing = ":jwt_secret_path:" if secret_path is None else ":jwt_auth_header:"
+        missing = ":jwt_secret_path" if secret_path is None else ":jwt_auth_header"
         raise ConfigError(
             f"{where}.:delivery_options.{missing}",
             "is missing: MailRoom sends its JWT only with both :jwt_auth_header: and "
