@@ -20,6 +20,7 @@ from mailroom import cli, routing
 from mailroom.config import Config, ConfigError, GraphMailboxConfig, ImapMailboxConfig
 from mailroom.gitlab import encrypted, find_queues_redis, load_gitlab
 from mailroom.gitlab.marshal import MarshalError, load_string
+from mailroom.gitlab.redis import parse_entry
 
 FIXTURES = Path(__file__).parent / "gitlab_yml"
 SECRET = base64.b64encode(bytes(range(32))).decode()
@@ -533,3 +534,63 @@ def test_redis_unix_socket(tmp_path: Path) -> None:
         redis_file(tmp_path, "resque.yml", "unix:/run/redis.sock?db=3"), env={}
     )
     assert (found.url, found.db) == ("unix:///run/redis.sock", 3)
+
+
+# -- Fuzz: whatever gitlab.yml or a Redis config holds, a Config or a ConfigError/ValueError ---
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70000) | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+GITLAB_KEYS = [
+    "enabled",
+    "address",
+    "user",
+    "password",
+    "host",
+    "port",
+    "ssl",
+    "start_tls",
+    "mailbox",
+    "idle_timeout",
+    "delete_after_delivery",
+    "expunge_deleted",
+    "delivery_method",
+    "gitlab_url",
+    "secret_file",
+    "inbox_method",
+    "inbox_options",
+    "encrypted_secret_file",
+    "other",
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    changes=st.dictionaries(st.sampled_from(GITLAB_KEYS), VALUES, max_size=4),
+    top=st.dictionaries(st.sampled_from(["gitlab", "shared", "encrypted_settings"]), VALUES),
+)
+def test_any_gitlab_yml_loads_or_is_a_config_error(
+    tmp_path_factory: pytest.TempPathFactory, changes: dict[str, Any], top: dict[str, Any]
+) -> None:
+    document = section(**changes)
+    document["production"].update(top)
+    gitlab_yml = rails_root(tmp_path_factory.mktemp("fuzz"), document)
+    try:
+        load(gitlab_yml)
+    except ConfigError as exc:
+        assert str(exc).startswith(str(gitlab_yml)), str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(entry=VALUES)
+def test_any_redis_entry_is_read_or_refused(entry: Any) -> None:
+    try:
+        found = parse_entry(entry, source="resque.yml")
+    except ValueError as exc:
+        assert str(exc).startswith("resque.yml")
+    else:
+        assert found.url.startswith(("redis://", "rediss://", "unix://"))

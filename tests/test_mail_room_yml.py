@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailroom import cli, routing
 from mailroom.config import ConfigError, GraphMailboxConfig, ImapMailboxConfig
@@ -214,3 +217,50 @@ def test_secrets_stay_out_of_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     out = capsys.readouterr().out
     assert ":mailboxes:[0].:port: 99999 is out of range" in out
     assert "hunter2-secret" not in out
+
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70000) | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.text(max_size=8).map(lambda k: ":" + k), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+KEYS = [
+    ":email",
+    ":password",
+    ":host",
+    ":port",
+    ":ssl",
+    ":start_tls",
+    ":name",
+    ":search_command",
+    ":idle_timeout",
+    ":delivery_method",
+    ":delivery_url",
+    ":delivery_token",
+    ":delivery_options",
+    ":inbox_method",
+    ":inbox_options",
+    ":arbitration_method",
+    ":logger",
+    "email",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(mailbox=st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6), top=VALUES)
+def test_any_mail_room_yml_loads_or_is_a_config_error(
+    tmp_path_factory: pytest.TempPathFactory, mailbox: dict[str, Any], top: Any
+) -> None:
+    base = {":email": "u@example.com", ":password": "pw", ":name": "inbox"}
+    document = {":mailboxes": [{**base, ":delivery_url": "http://localhost/", **mailbox}]}
+    if isinstance(top, dict):
+        document.update({k: v for k, v in top.items() if k != ":mailboxes"})
+    path = tmp_path_factory.mktemp("fuzz") / "mail_room.yml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        load_mail_room(path, env={})
+    except ConfigError as exc:
+        assert str(exc).startswith(str(path)), str(exc)
