@@ -130,7 +130,8 @@ def _check(args: argparse.Namespace) -> int:
     if args.send_test and mode != "mailroom":
         print(
             "mailroom: --send-test posts a JSON test event, which GitLab or a MailRoom receiver "
-            "would take for an email; without it the check probes GitLab's API unauthenticated",
+            "would take for an email; leave it out (GitLab mode probes GitLab's internal API "
+            "without a token instead)",
             file=sys.stderr,
         )
         return EXIT_CONFIG

@@ -181,7 +181,7 @@ def classify(
 ) -> Outcome | Rejected:
     """What an answer means (ARCHITECTURE.md, Webhook contract). A refusal's
     ``{"message": ...}`` (GitLab's 400 ``{"success": false, "message": ...}``) is quoted in the
-    error; a 401/403 names the JWT secret file when there is one."""
+    error; a 401 names the JWT secret file when there is one."""
     if 200 <= status < 300:
         return Outcome.DELIVERED
     document = _document(answer) if 400 <= status < 500 else None

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from mailroom.config import Config, _read_yaml
+from mailroom.config.reader import _HOST_RE
 from mailroom.errors import ConfigError
 from mailroom.gitlab import encrypted
 from mailroom.gitlab.compose import PLACEHOLDER, Source, build, literal
@@ -66,7 +67,6 @@ GITLAB_KEYS = {
     "webhook.jwt": "secret_file",
     "webhook.jwt.secret": "secret_file",
     "webhook.jwt.secret_file": "secret_file",
-    "reply_host": "gitlab.host",
 }
 JWT_HEADER = "Gitlab-Mailroom-Api-Request"  # Gitlab::MailRoom::INTERNAL_API_REQUEST_HEADER
 JWT_ISSUER = "gitlab-mailroom"
@@ -167,6 +167,12 @@ def _mailbox(
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{where}.{name}", "expected a string; put the value in quotes")
     gitlab = _mapping(settings.get("gitlab"))
+    host = gitlab.get("host") or "localhost"  # GitLab's default (1_settings.rb)
+    if not isinstance(host, str) or not _HOST_RE.fullmatch(host.lower()):
+        raise ConfigError(
+            f"{source.file}: {files.rails_env}.gitlab.host",
+            "is not a host name, like gitlab.example.com",
+        )
     box: dict[str, Any] = {
         "id": kind,
         "address": literal(source, "address", merged["address"]),
@@ -174,7 +180,7 @@ def _mailbox(
         "mailbox": literal(source, "mailbox", merged["mailbox"]),
         "delete_after_delivery": merged["delete_after_delivery"],
         # GitLab's reply ids are reply-<key>@<gitlab.host> (Gitlab::IncomingEmail)
-        "reply_host": literal(source, "gitlab.host", gitlab.get("host") or "localhost"),
+        "reply_host": host,
         "webhook": _webhook(kind, merged, source, files, gitlab),
     }
     client_secret = None
@@ -209,7 +215,8 @@ def _mailbox(
 
 def _webhook(
     kind: str, merged: dict[str, Any], source: Source, files: GitLabFiles, gitlab: dict[str, Any]
-) -> Any:
+) -> dict[str, Any]:
+    """The webhook tree of ``delivery_method: webhook`` (config/mail_room.yml's postback)."""
     where = f"{source.file}: {source.prefix}"
     method = merged["delivery_method"]
     if method == "sidekiq":
@@ -283,8 +290,9 @@ class _Secrets:
         keys = self._base_keys()
         if not keys:
             self.warnings.append(
-                f"{path}: not read, as GitLab would not read it: {self.files.secrets_yml} has "
-                "no encrypted_settings_key_base; user and password come from gitlab.yml"
+                f"{path}: not read, as GitLab would not read it: there is no "
+                f"encrypted_settings_key_base in {self.files.secrets_yml}; user and password "
+                "come from gitlab.yml"
             )
             return {}
         try:
