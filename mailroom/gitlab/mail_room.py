@@ -160,7 +160,9 @@ def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, list[st
         raise ConfigError(f"{where}.:password", "expected a string; put the value in quotes")
     client_secret = None
     if settings.get("inbox_method") == "microsoft_graph":
-        options = _symbols(settings.get("inbox_options") or {}, source, "inbox_options")
+        options = _symbols(
+            settings.get("inbox_options") or {}, source, f"{source.prefix}.:inbox_options"
+        )
         client_secret = options.get("client_secret")
         box["inbox_method"] = "microsoft_graph"
         box["inbox_options"] = {
@@ -217,7 +219,9 @@ def _postback(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any],
     method = settings["delivery_method"]
     if method != "postback":
         raise ConfigError(f"{where}.:delivery_method", f"{method}: {_WEBHOOK_ONLY}")
-    options = _symbols(settings.get("delivery_options") or {}, source, "delivery_options")
+    options = _symbols(
+        settings.get("delivery_options") or {}, source, f"{source.prefix}.:delivery_options"
+    )
     if unknown := sorted(set(options) - POSTBACK_OPTIONS):
         raise ConfigError(f"{where}.:delivery_options.:{unknown[0]}", "is not a postback option")
     at = f"{source.prefix}.:delivery_options"
