@@ -1,5 +1,8 @@
 """``mailroom [run] -c FILE``, ``check``, ``credentials edit|show|generate-key``, ``version``.
 
+``run`` and ``check`` also read GitLab's files (``--gitlab-config gitlab.yml``, or
+``$MAIL_ROOM_GITLAB_CONFIG_FILE`` when no file is named) or MailRoom's YAML
+(``--mail-room-config``); ``-c`` is then an optional mailroom YAML laid over them.
 Exit codes: 0 ok, 1 runtime failure (or a failed check), 2 config error.
 """
 
@@ -10,16 +13,25 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Literal
 
-from mailroom import check, credentials, logs, supervisor
-from mailroom.config import credentials_config, load_config
+from mailroom import check, credentials, gitlab, logs, supervisor
+from mailroom.config import Config, credentials_config, load_config
 from mailroom.errors import ConfigError, CredentialsError
+from mailroom.gitlab import check as gitlab_check
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+NO_CONFIG = (
+    "mailroom: -c FILE is required (see examples/mailroom.yml), or --gitlab-config "
+    "gitlab.yml, or --mail-room-config mail_room.yml"
+)
+Mode = Literal["mailroom", "gitlab", "mail_room"]
 
 
 def _version() -> str:
@@ -35,13 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command")
     run = commands.add_parser("run", help="watch the mailboxes and deliver (the default)")
-    for target in (parser, run):
-        target.add_argument("-c", "--config", help="the YAML config file")
     commands.add_parser("version", help="print the version")
     checks = commands.add_parser(
         "check", help="check config, mailboxes, webhook and SMTP: one line each, exit 0 if all pass"
     )
-    checks.add_argument("-c", "--config", help="the YAML config file")
+    for target in (parser, run, checks):
+        target.add_argument("-c", "--config", help="the YAML config file")
+        target.add_argument(
+            "--gitlab-config",
+            help="GitLab's gitlab.yml: take MailRoom's place (default: "
+            "$MAIL_ROOM_GITLAB_CONFIG_FILE; -c is then optional, for what gitlab.yml cannot say)",
+        )
+        target.add_argument(
+            "--mail-room-config", help="a MailRoom gem config (:mailboxes: ...) to run instead"
+        )
     checks.add_argument(
         "--send-test",
         action="store_true",
@@ -69,19 +88,63 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(config_path: str | None, *, send_test: bool) -> int:
-    if not config_path:
-        print("mailroom: -c FILE is required (see examples/mailroom.yml)", file=sys.stderr)
+def _source(args: argparse.Namespace) -> tuple[Callable[[], Config], str, Mode] | None:
+    """How to (re)load the config, the file to name, and the mode; None when nothing is named."""
+    gitlab_yml, mail_room, config = args.gitlab_config, args.mail_room_config, args.config
+    if gitlab_yml and mail_room:
+        raise ConfigError("", "give --gitlab-config or --mail-room-config, not both")
+    if not (gitlab_yml or mail_room or config):
+        gitlab_yml = os.environ.get("MAIL_ROOM_GITLAB_CONFIG_FILE")  # as GitLab's MailRoom
+    if gitlab_yml:
+        return partial(gitlab.load_gitlab, gitlab_yml, mailroom_config=config), gitlab_yml, "gitlab"
+    if mail_room:
+        return (
+            partial(gitlab.load_mail_room, mail_room, mailroom_config=config),
+            mail_room,
+            "mail_room",
+        )
+    if config:
+        return partial(load_config, config), config, "mailroom"
+    return None
+
+
+async def _checks(
+    config: Config, *, path: str, send_test: bool, report: check.Report, mode: Mode
+) -> bool:
+    await check.run(config, path=path, send_test=send_test, report=report)
+    if mode == "gitlab":
+        await gitlab_check.run(report, config)
+    return report.ok
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        source = _source(args)
+    except ConfigError as exc:
+        print(f"mailroom: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if source is None:
+        print(NO_CONFIG, file=sys.stderr)
+        return EXIT_CONFIG
+    load, path, mode = source
+    if args.send_test and mode != "mailroom":
+        print(
+            "mailroom: --send-test posts a JSON test event, which GitLab or a MailRoom receiver "
+            "would take for an email; leave it out (GitLab mode probes GitLab's internal API "
+            "without a token instead)",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     logs.configure("text", "warning")  # stderr; the report is on stdout
     try:
-        config = load_config(config_path)
+        config = load()
     except ConfigError as exc:
         print(check.Result("config", "load", "FAIL", str(exc)).line(), flush=True)
         print("mailroom check: the config does not load; nothing else was checked")
         return EXIT_CONFIG
     report = check.Report(lambda line: print(line, flush=True))
-    ok = asyncio.run(check.run(config, path=config_path, send_test=send_test, report=report))
+    checks = _checks(config, path=path, send_test=args.send_test, report=report, mode=mode)
+    ok = asyncio.run(checks)
     print(report.summary())
     return EXIT_OK if ok else EXIT_FAILURE
 
@@ -126,14 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailroom {_version()}")
         return EXIT_OK
     if args.command == "check":
-        return _check(args.config, send_test=args.send_test)
+        return _check(args)
     if args.command == "credentials":
         return _credentials(args)
-    if not args.config:
-        print("mailroom: -c FILE is required (see examples/mailroom.yml)", file=sys.stderr)
-        return EXIT_CONFIG
     try:
-        config = load_config(args.config)
+        source = _source(args)
+        if source is None:
+            print(NO_CONFIG, file=sys.stderr)
+            return EXIT_CONFIG
+        load = source[0]
+        config = load()
     except ConfigError as exc:
         print(f"mailroom: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -142,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("mailroom.config").warning("config: %s", warning)
     try:
         # SIGHUP reloads the file the same way (an invalid one is refused).
-        return asyncio.run(supervisor.run(config, load=lambda: load_config(args.config)))
+        return asyncio.run(supervisor.run(config, load=load))
     except Exception:
         logging.getLogger("mailroom").exception("mailroom failed")
         return EXIT_FAILURE

@@ -62,7 +62,7 @@ class _Webhook:
         self.circuit = Circuit(label, initial_s=retry.initial_s, max_s=retry.max_s, monitor=monitor)
         self.ssl = _ssl_context(config)
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-        self.content_type = "application/json" if config.format == "json" else "message/rfc822"
+        self.content_type = config.request_content_type
 
     def headers(self, envelope: Envelope, key: str | None, body: bytes) -> dict[str, str]:
         headers = request_headers(
@@ -422,7 +422,7 @@ class Dispatcher:
             self.in_flight -= 1
             self._monitor.webhook(envelope.mailbox, status_class, time.monotonic() - started)
         fields["status"] = status
-        return classify(status, answer, delay_s)
+        return classify(status, answer, delay_s, config)
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:

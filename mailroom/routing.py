@@ -2,11 +2,14 @@
 
 ``Deliver(key, matched_header)`` when the message is addressed to the application,
 ``Ignore(rule)`` for auto-generated mail (no webhook, no notice), ``Reject(reason)`` otherwise.
-Every pattern here runs in linear time on hostile headers. No I/O here.
+With ``mode: forward_all`` the application decides: every message is delivered (the key when
+one is found, for information), auto-generated mail too when ``forward_auto_generated``, and
+nothing is rejected. Every pattern here runs in linear time on hostile headers. No I/O here.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ __all__ = [
     "Deliver",
     "Ignore",
     "Reject",
+    "RoutingMode",
     "RoutingRules",
     "auto_generated",
     "decide",
@@ -153,6 +157,13 @@ def warnings(template: AddressTemplate) -> list[str]:
     return []
 
 
+class RoutingMode(enum.Enum):
+    """``routing.mode``: match the address template, or let the application decide."""
+
+    MATCH = "match"
+    FORWARD_ALL = "forward_all"  # GitLab matches Service Desk addresses and rejects by itself
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RoutingRules:
     """What ``decide`` needs of one mailbox's config.
@@ -166,6 +177,8 @@ class RoutingRules:
     reply_host: str | None = None
     ignore_auto_generated: frozenset[str] = frozenset(AUTO_GENERATED_RULES)
     own_addresses: frozenset[str] = frozenset()
+    mode: RoutingMode = RoutingMode.MATCH
+    forward_auto_generated: bool = False  # forward_all only: post auto-generated mail too
 
     def __post_init__(self) -> None:
         unknown = sorted(self.ignore_auto_generated.difference(AUTO_GENERATED_RULES))
@@ -200,10 +213,11 @@ class RoutingRules:
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """POST to the webhook with ``key`` and the header it was found in."""
+    """POST to the webhook with ``key`` and the header it was found in (both None when
+    ``forward_all`` delivers a message that matched nothing)."""
 
     key: str | None
-    matched_header: str
+    matched_header: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +357,12 @@ def find_key(parsed: ParsedMessage, rules: RoutingRules) -> Deliver | None:
 
 def decide(parsed: ParsedMessage, rules: RoutingRules) -> Decision:
     """Decide what to do with ``parsed`` for a mailbox routed by ``rules``. Never raises."""
+    if rules.mode is RoutingMode.FORWARD_ALL:
+        if parsed.unparsable:  # the application may still make sense of it
+            return Deliver(None, None)
+        if not rules.forward_auto_generated and (rule := auto_generated(parsed, rules)):
+            return Ignore(rule)
+        return find_key(parsed, rules) or Deliver(None, None)
     if parsed.unparsable:
         return Reject(UNPARSABLE_MESSAGE)
     if (rule := auto_generated(parsed, rules)) is not None:

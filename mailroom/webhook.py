@@ -10,6 +10,7 @@ import email.utils
 import hashlib
 import hmac
 import json
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,12 +64,15 @@ def _b64url(data: bytes) -> str:
 
 
 def jwt_token(config: JwtConfig, now: int) -> str:
-    """HS256 JWT with ``iss`` and ``iat`` claims, as GitLab's MailRoom sends (RFC 7519)."""
+    """HS256 JWT with ``iss``, ``iat`` and (by default) a random ``nonce``, as GitLab's MailRoom
+    sends (RFC 7519); GitLab refuses tokens whose ``iat`` is older than 5 minutes."""
     header = _b64url(json.dumps({"typ": "JWT", "alg": "HS256"}, separators=(",", ":")).encode())
-    claims = {"iss": config.issuer, "iat": now}
+    claims: dict[str, str | int] = {"iss": config.issuer, "iat": now}
+    if config.nonce:
+        claims["nonce"] = secrets.token_hex(12)  # MailRoom: SecureRandom.hex(12)
     payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
     signing_input = f"{header}.{payload}".encode()
-    digest = hmac.new(config.secret.reveal().encode(), signing_input, hashlib.sha256).digest()
+    digest = hmac.digest(config.key(), signing_input, hashlib.sha256)
     return f"{header}.{payload}.{_b64url(digest)}"
 
 
@@ -159,7 +163,7 @@ def request_headers(
     if config.jwt is not None:
         headers[config.jwt.header] = jwt_token(config.jwt, now)
     if config.token is not None:
-        headers["Authorization"] = f"Bearer {config.token.reveal()}"
+        headers["Authorization"] = _token_authorization(config)
     elif config.basic is not None:
         # RFC 7617 with UTF-8 (aiohttp's BasicAuth is deprecated and latin-1 only).
         pair = f"{config.basic.user}:{config.basic.password.reveal()}".encode()
@@ -167,19 +171,34 @@ def request_headers(
     return headers
 
 
-def classify(status: int, answer: bytes, retry_after: float | None) -> Outcome | Rejected:
-    """What an answer means (ARCHITECTURE.md, delivery semantics); raises for a failure."""
+def _token_authorization(config: WebhookConfig) -> str:
+    assert config.token is not None
+    token = config.token.reveal()
+    if config.token_scheme == "token":
+        # MailRoom's postback: Faraday's token_auth writes `Token token="<Ruby inspect>"`,
+        # which Rails' authenticate_with_http_token reads.
+        quoted = token.replace("\\", "\\\\").replace('"', '\\"')
+        return f'Token token="{quoted}"'
+    return f"Bearer {token}"
+
+
+def classify(
+    status: int, answer: bytes, retry_after: float | None, config: WebhookConfig | None = None
+) -> Outcome | Rejected:
+    """What an answer means (ARCHITECTURE.md, Webhook contract). A refusal's
+    ``{"message": ...}`` (GitLab's 400 ``{"success": false, "message": ...}``) is quoted in the
+    error; a 401 names the JWT secret file when there is one. 409: the receiver already has
+    it."""
     if 200 <= status < 300 or status == CONFLICT:
         return Outcome.DELIVERED
-    if status == 422:
-        reason = _reject_reason(answer)
-        if reason is not None:
-            return Rejected(reason)
+    document = _document(answer) if 400 <= status < 500 else None
+    if status == 422 and document is not None and isinstance(document.get("reject"), str):
+        return Rejected(str(document["reject"]))
     if status in TRANSIENT or 500 <= status < 600:
         raise TransientDeliveryError(f"HTTP {status}", retry_after_s=retry_after)
     if status in MISCONFIGURED:
         raise TransientDeliveryError(
-            f"HTTP {status}: check webhook.url and its credentials (retrying until fixed)",
+            f"HTTP {status}: {_credentials_hint(status, config)} (retrying until fixed)",
             retry_after_s=retry_after,
             misconfigured=True,
         )
@@ -188,17 +207,35 @@ def classify(status: int, answer: bytes, retry_after: float | None) -> Outcome |
             f"HTTP {status}: redirects are not followed; set webhook.url to the final URL",
             misconfigured=True,
         )
+    message = document.get("message") if document else None
+    if isinstance(message, str) and message.strip():
+        raise PermanentDeliveryError(f"HTTP {status}: {_printable(message)}")
     raise PermanentDeliveryError(f"HTTP {status}")
 
 
-def _reject_reason(answer: bytes) -> str | None:
+def _credentials_hint(status: int, config: WebhookConfig | None) -> str:
+    jwt = config.jwt if config is not None else None
+    if status == 401 and jwt is not None and jwt.secret_file is not None:
+        return (
+            f"the receiver refused the {jwt.header} JWT: {jwt.secret_file} must be the secret "
+            "file the receiver reads (GitLab: secret_file of this mailbox type), and both "
+            "clocks right (GitLab refuses tokens older than 5 minutes)"
+        )
+    return "check webhook.url and its credentials"
+
+
+def _document(answer: bytes) -> dict[str, Any] | None:
     try:
         document = json.loads(answer)
     except ValueError:
         return None
-    if isinstance(document, dict) and isinstance(document.get("reject"), str):
-        return str(document["reject"])
-    return None
+    return document if isinstance(document, dict) else None
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """One line of at most ``limit`` characters, without control characters (a log line)."""
+    flat = "".join(c if c.isprintable() else " " for c in text[: limit + 1]).strip()
+    return flat if len(flat) <= limit else flat[:limit] + "..."
 
 
 def labels(webhooks: Iterable[WebhookConfig]) -> dict[WebhookConfig, str]:

@@ -43,6 +43,7 @@ from mailroom.config.sections import (
     _health,
     _limits,
     _reject_notices,
+    _routing,
     _warnings,
     _webhook,
 )
@@ -115,6 +116,12 @@ def parse_config(
                     m.routing, own_addresses=m.routing.own_addresses | {notice_address}
                 ),
             )
+            for m in mailboxes
+        )
+    if (routing_section := root.section("routing")) is not None:
+        mode, forward_auto = _routing(routing_section)
+        mailboxes = tuple(
+            replace(m, routing=replace(m.routing, mode=mode, forward_auto_generated=forward_auto))
             for m in mailboxes
         )
     log = LogConfig()

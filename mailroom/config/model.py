@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,12 +43,27 @@ class RetryConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JwtConfig:
-    """GitLab-compatible JWT header (HS256) on every webhook request."""
+    """GitLab-compatible JWT header (HS256) on every webhook request.
+
+    ``secret_encoding: base64`` takes the key as GitLab and MailRoom do,
+    ``Base64.strict_decode64(File.read(path).chomp)``; ``raw`` signs with the text itself.
+    ``secret_file`` is only where the secret came from, for messages (never the secret).
+    """
 
     header: str = "Gitlab-Mailroom-Api-Request"
     issuer: str = "gitlab-mailroom"
     algorithm: Literal["HS256"] = "HS256"
     secret: Secret = field(repr=False)
+    secret_encoding: Literal["raw", "base64"] = "raw"
+    nonce: bool = True  # a random "nonce" claim, as MailRoom sends
+    secret_file: str | None = None
+
+    def key(self) -> bytes:
+        """The HMAC key (validated at load: a base64 secret decodes)."""
+        text = self.secret.reveal()
+        if self.secret_encoding == "base64":
+            return base64.b64decode(text, validate=True)
+        return text.encode()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,15 +78,24 @@ class WebhookConfig:
 
     url: str
     format: Literal["json", "raw"] = "json"
+    content_type: str | None = None  # format: raw only; None: message/rfc822
     timeout_s: float = 30.0
     concurrency: int = 8
     signing_secret: Secret | None = field(default=None, repr=False)
     jwt: JwtConfig | None = None
     token: Secret | None = field(default=None, repr=False)
+    token_scheme: Literal["bearer", "token"] = "bearer"  # token: MailRoom's postback style
     basic: BasicAuth | None = None
     tls_verify: bool = True
     ca_file: str | None = None
     retry: RetryConfig = RetryConfig()
+
+    @property
+    def request_content_type(self) -> str:
+        """The ``Content-Type`` of every POST."""
+        if self.format == "json":
+            return "application/json"
+        return self.content_type or "message/rfc822"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

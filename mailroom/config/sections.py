@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Literal, cast
 from urllib.parse import urlsplit
 
@@ -23,6 +24,10 @@ from mailroom.config.model import (
     WebhookConfig,
 )
 from mailroom.config.reader import _REQUIRED, Section, _address, kind
+
+# RFC 9110 §8.3.1: type "/" subtype *( OWS ";" OWS parameter ), parameter = token "=" value.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_TYPE = re.compile(rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\r\n]*"))*')
 
 
 def origin(url: str) -> str:
@@ -50,17 +55,17 @@ def _webhook(section: Section) -> WebhookConfig:
     if parts.username or parts.password:
         section.fail("url", "must not carry user:password@; use webhook.basic or webhook.token")
     fmt = section.choice("format", "json", ("json", "raw"))
+    content_type = section.text("content_type", None)
+    if content_type is not None:
+        if fmt != "raw":
+            section.fail("content_type", "is for format: raw (format: json posts application/json)")
+        if not _MEDIA_TYPE.fullmatch(content_type):
+            section.fail(
+                "content_type", f"{content_type!r} is not a media type; write it like text/plain"
+            )
     jwt = None
     if (jwt_section := section.section("jwt")) is not None:
-        secret = jwt_section.secret("secret", required=True)
-        assert secret is not None
-        jwt = JwtConfig(
-            header=jwt_section.text("header", "Gitlab-Mailroom-Api-Request"),
-            issuer=jwt_section.text("issuer", "gitlab-mailroom"),
-            algorithm=jwt_section.choice("algorithm", "HS256", ("HS256",)),
-            secret=secret,
-        )
-        jwt_section.done()
+        jwt = _jwt(jwt_section)
     basic = None
     if (basic_section := section.section("basic")) is not None:
         password = basic_section.secret("password", required=True)
@@ -70,6 +75,7 @@ def _webhook(section: Section) -> WebhookConfig:
     token = section.secret("token", required=False)
     if token is not None and basic is not None:
         section.fail("token", "give either token (Bearer) or basic, not both")
+    token_scheme = section.choice("token_scheme", "bearer", ("bearer", "token"))
     signing_secret = section.secret("signing_secret", required=False)
     if signing_secret is not None:
         _check_whsec(section, signing_secret)
@@ -86,15 +92,62 @@ def _webhook(section: Section) -> WebhookConfig:
     config = WebhookConfig(
         url=url,
         format=fmt,
+        content_type=content_type,
         timeout_s=section.number("timeout", 30.0, lo=0.1, hi=3600),
         concurrency=section.number("concurrency", 8, lo=1, hi=1024, integer=True),
         signing_secret=signing_secret,
         jwt=jwt,
         token=token,
+        token_scheme=token_scheme,
         basic=basic,
         tls_verify=section.flag("tls_verify", True),
         ca_file=section.ca_file(),
         retry=retry,
+    )
+    section.done()
+    return config
+
+
+def _routing(section: Section) -> tuple[routing.RoutingMode, bool]:
+    """Top-level ``routing: {mode: match | forward_all, forward_auto_generated: false}``: the
+    mode and the switch it sets on every mailbox's ``RoutingRules``."""
+    mode = routing.RoutingMode(section.choice("mode", "match", ("match", "forward_all")))
+    forward_auto_generated = section.flag("forward_auto_generated", False)
+    if forward_auto_generated and mode is routing.RoutingMode.MATCH:
+        section.fail("forward_auto_generated", "is for mode: forward_all")
+    section.done()
+    return mode, forward_auto_generated
+
+
+def _jwt(section: Section) -> JwtConfig:
+    """``webhook.jwt``; a base64 secret must decode (GitLab's secret files hold base64)."""
+    secret = section.secret("secret", required=True)
+    assert secret is not None
+    encoding = section.choice("secret_encoding", "raw", ("raw", "base64"))
+    secret_file = None
+    if section.has("secret_file"):
+        secret_file = str(section.base_dir / section.text("secret_file"))
+    if encoding == "base64":
+        try:
+            key = base64.b64decode(secret.reveal(), validate=True)
+        except binascii.Error:
+            key = b""
+        if not key:
+            where = secret_file or "the secret"
+            section.fail(
+                "secret_file" if secret_file else "secret",
+                f"{where} is not base64 text, as secret_encoding: base64 needs (GitLab's "
+                "secret files hold base64 of 32 random bytes; make one with: head -c 32 "
+                "/dev/urandom | base64); for a plain-text secret set secret_encoding: raw",
+            )
+    config = JwtConfig(
+        header=section.text("header", "Gitlab-Mailroom-Api-Request"),
+        issuer=section.text("issuer", "gitlab-mailroom"),
+        algorithm=section.choice("algorithm", "HS256", ("HS256",)),
+        secret=secret,
+        secret_encoding=encoding,
+        nonce=section.flag("nonce", True),
+        secret_file=secret_file,
     )
     section.done()
     return config

@@ -1,0 +1,184 @@
+"""Foreign settings (GitLab's gitlab.yml, MailRoom's mail_room.yml) → a mailroom ``Config``.
+
+The readers translate what they find into mailroom's own YAML tree and let ``parse_config``
+validate it, so both modes get every check the config file gets. A ``ConfigError`` is then
+told in the words of the file the value came from (``gitlab.yml: production.incoming_email.port``
+instead of ``mailboxes[0].port``). Passwords and client secrets are put into the validated tree
+afterwards: a GitLab value is taken literally, never ``${ENV}``-expanded.
+
+An optional small mailroom YAML (``-c``) adds what the foreign file cannot say: ``log``,
+``health``, ``reject_notices``, ``shutdown_timeout``, ``routing``, webhook transport settings
+(``timeout``, ``concurrency``, ``retry``, ``tls_verify``, ``ca_file``, ``signing_secret``) and,
+under ``mailboxes: {<id>: {...}}``, per-mailbox keys such as ``failed_folder`` or ``ca_file``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mailroom.config import (
+    Config,
+    GraphMailboxConfig,
+    ImapMailboxConfig,
+    MailboxConfig,
+    Secret,
+    _read_yaml,
+    parse_config,
+)
+from mailroom.errors import ConfigError
+
+__all__ = ["PLACEHOLDER", "Source", "build", "literal"]
+
+PLACEHOLDER = "(set after validation)"  # stands in for a secret while parse_config runs
+# What the foreign file decides in these modes; the -c file may not change it.
+_WEBHOOK_FIXED = ("url", "format", "content_type", "jwt", "token", "token_scheme", "basic")
+_ENV = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+_MAILBOX_PATH = re.compile(r"mailboxes\[(\d+)\](?:\.(.*))?")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Source:
+    """Where one mailbox's settings came from, to tell errors in that file's words.
+
+    ``keys`` maps a mailroom path under the mailbox (``webhook.url``) to the foreign key
+    (``gitlab_url``); ``password`` and ``client_secret`` are injected after validation.
+    """
+
+    id: str  # the mailbox id
+    file: Path
+    prefix: str  # production.incoming_email, or :mailboxes:[0]
+    keys: Mapping[str, str] = field(default_factory=dict)
+    password: str | None = field(default=None, repr=False)
+    client_secret: str | None = field(default=None, repr=False)
+
+
+def literal(source: Source, key: str, value: Any) -> Any:
+    """``value`` for the mailroom tree; a ``${NAME}`` in it would be expanded there, but the
+    foreign program reads it literally: refuse it instead of guessing."""
+    if isinstance(value, str) and _ENV.search(value):
+        raise ConfigError(
+            f"{source.file}: {source.prefix}.{key}",
+            "contains ${...}, which mailroom would expand but GitLab and MailRoom take "
+            "literally; write the value itself",
+        )
+    return value
+
+
+def build(
+    mailboxes: list[dict[str, Any]],
+    sources: list[Source],
+    *,
+    top: dict[str, Any],
+    overlay: Path | None,
+    env: Mapping[str, str],
+    warnings: tuple[str, ...] = (),
+) -> Config:
+    """Validate ``mailboxes`` (mailroom's YAML, one per ``sources`` entry) with the top-level
+    keys ``top`` and the optional mailroom YAML ``overlay`` laid over them."""
+    extra: dict[str, Any] = _read_yaml(overlay) if overlay is not None else {}
+    if not isinstance(extra, dict):
+        raise ConfigError(str(overlay), "expected a mapping of mailroom keys (log, health, ...)")
+    per_mailbox = _overlay_mailboxes(extra, overlay, [s.id for s in sources])
+    hook = _overlay_webhook(extra, overlay)
+    if "credentials" in extra:
+        raise ConfigError(
+            f"{overlay}: credentials", "the mailbox logins come from the foreign file; remove it"
+        )
+    merged = [{**m, **per_mailbox.get(s.id, {})} for m, s in zip(mailboxes, sources, strict=True)]
+    for box in merged:
+        box["webhook"] = {**box["webhook"], **hook}
+    data = {**top, **extra, "mailboxes": merged, "webhook": merged[0]["webhook"]}
+    base_dir = overlay.parent if overlay is not None else Path.cwd()
+    try:
+        config = parse_config(data, env=env, base_dir=base_dir)
+    except ConfigError as exc:
+        raise _retold(exc, sources, overlay, per_mailbox, hook) from None
+    boxes = tuple(_with_secrets(m, s) for m, s in zip(config.mailboxes, sources, strict=True))
+    told = tuple(_retold_text(w, sources, overlay) for w in config.warnings)
+    return replace(config, mailboxes=boxes, warnings=warnings + told)
+
+
+def _overlay_mailboxes(
+    extra: dict[str, Any], overlay: Path | None, ids: list[str]
+) -> dict[str, dict[str, Any]]:
+    found = extra.pop("mailboxes", None) or {}
+    if not isinstance(found, dict) or not all(isinstance(v, dict) for v in found.values()):
+        raise ConfigError(
+            f"{overlay}: mailboxes",
+            f"expected per-mailbox keys by id ({', '.join(ids)}), like "
+            f"{{{ids[0]}: {{failed_folder: Failed}}}}; the mailboxes themselves come from the "
+            "foreign file",
+        )
+    for name, keys in found.items():
+        if name not in ids:
+            raise ConfigError(f"{overlay}: mailboxes.{name}", f"no such mailbox; ids: {ids}")
+        if fixed := sorted({"id", "address", "inbox_method", "webhook"} & set(keys)):
+            raise ConfigError(
+                f"{overlay}: mailboxes.{name}.{fixed[0]}", "comes from the foreign file"
+            )
+    return found
+
+
+def _overlay_webhook(extra: dict[str, Any], overlay: Path | None) -> dict[str, Any]:
+    hook = extra.pop("webhook", None) or {}
+    if not isinstance(hook, dict):
+        raise ConfigError(f"{overlay}: webhook", "expected a mapping (timeout, retry, ...)")
+    if fixed := sorted(set(_WEBHOOK_FIXED) & set(hook)):
+        raise ConfigError(
+            f"{overlay}: webhook.{fixed[0]}",
+            "comes from the foreign file in this mode; remove it here",
+        )
+    return hook
+
+
+def _with_secrets(mailbox: MailboxConfig, source: Source) -> MailboxConfig:
+    if isinstance(mailbox, ImapMailboxConfig) and source.password is not None:
+        return replace(mailbox, password=Secret(source.password))
+    if isinstance(mailbox, GraphMailboxConfig) and source.client_secret is not None:
+        options = replace(mailbox.inbox_options, client_secret=Secret(source.client_secret))
+        return replace(mailbox, inbox_options=options)
+    return mailbox
+
+
+def _where(
+    path: str,
+    sources: list[Source],
+    overlay: Path | None,
+    per_mailbox: Mapping[str, dict[str, Any]],
+    hook: Mapping[str, Any],
+) -> str:
+    """``path`` of mailroom's tree as ``<file>: <path in that file>``."""
+    index, rest = 0, path
+    if match := _MAILBOX_PATH.fullmatch(path):
+        index, rest = int(match.group(1)), match.group(2) or ""
+    elif not path.startswith("webhook"):
+        return f"{overlay}: {path}" if overlay is not None else path
+    head, _, tail = rest.partition(".")
+    if overlay is not None and head == "webhook" and tail.partition(".")[0] in hook:
+        return f"{overlay}: {rest}"
+    source = sources[index]
+    if head in per_mailbox.get(source.id, {}):
+        return f"{overlay}: mailboxes.{source.id}.{rest}"
+    key = source.keys.get(rest) or source.keys.get(head) or rest
+    return f"{source.file}: {source.prefix}{'.' + key if key else ''}"
+
+
+def _retold(
+    exc: ConfigError,
+    sources: list[Source],
+    overlay: Path | None,
+    per_mailbox: Mapping[str, dict[str, Any]],
+    hook: Mapping[str, Any],
+) -> ConfigError:
+    return ConfigError(_where(exc.path, sources, overlay, per_mailbox, hook), exc.message)
+
+
+def _retold_text(warning: str, sources: list[Source], overlay: Path | None) -> str:
+    path, sep, message = warning.partition(": ")
+    if not sep:
+        return warning
+    return f"{_where(path, sources, overlay, {}, {})}: {message}"

@@ -1,0 +1,266 @@
+"""``--mail-room-config``: the MailRoom gem's own YAML, with symbol keys and MailRoom's defaults."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailroom import cli, routing
+from mailroom.config import ConfigError, GraphMailboxConfig, ImapMailboxConfig
+from mailroom.gitlab import load_mail_room
+from mailroom.webhook import request_headers
+
+# The README of tpitale/mail_room, first two mailboxes, and a JWT postback as GitLab renders it
+README_EXAMPLE = """\
+---
+:mailboxes:
+  -
+    :email: "user1@gmail.com"
+    :password: "password"
+    :name: "inbox"
+    :search_command: 'NEW'
+    :delivery_options:
+      :delivery_url: "http://localhost:3000/inbox"
+      :delivery_token: "abcdefg"
+
+  -
+    :email: "user2@gmail.com"
+    :password: "password"
+    :name: "inbox"
+    :delivery_method: postback
+    :delivery_options:
+      :delivery_url: "http://localhost:3000/inbox"
+      :delivery_token: "abcdefg"
+  -
+    :host: "imap.example.com"
+    :port: 143
+    :ssl: false
+    :start_tls: true
+    :email: "incoming"
+    :password: "p${NOT_EXPANDED}"
+    :idle_timeout: 60
+    :name: "inbox"
+    :delete_after_delivery: true
+    :expunge_deleted: true
+    :logger:
+      :log_path: "/var/log/mail_room.log"
+    :delivery_method: postback
+    :delivery_options:
+      :delivery_url: "https://gitlab.example.com/api/v4/internal/mail_room/incoming_email"
+      :content_type: "text/plain"
+      :jwt_auth_header: "Gitlab-Mailroom-Api-Request"
+      :jwt_issuer: "gitlab-mailroom"
+      :jwt_algorithm: "HS256"
+      :jwt_secret_path: "SECRET_PATH"
+:health_check:
+  :address: "0.0.0.0"
+  :port: 8081
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    secret = tmp_path / "secret"
+    secret.write_text(base64.b64encode(b"k" * 32).decode() + "\n")
+    path = tmp_path / "mail_room.yml"
+    path.write_text(text.replace("SECRET_PATH", str(secret)))
+    return path
+
+
+def error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_mail_room(write(tmp_path, text), env={})
+    return str(info.value)
+
+
+def test_the_readme_example_with_mail_rooms_defaults(tmp_path: Path) -> None:
+    config = load_mail_room(write(tmp_path, README_EXAMPLE), env={})
+    first, second, third = config.mailboxes
+    assert isinstance(first, ImapMailboxConfig) and isinstance(third, ImapMailboxConfig)
+    assert (first.host, first.port, first.ssl, first.start_tls) == (
+        "imap.gmail.com",
+        993,
+        True,
+        False,
+    )
+    assert (first.user, first.mailbox, first.search_command) == ("user1@gmail.com", "inbox", "NEW")
+    assert first.idle_timeout_s == 1740 and not first.delete_after_delivery
+    assert first.routing.mode is routing.RoutingMode.FORWARD_ALL
+    assert first.routing.forward_auto_generated  # MailRoom does not route: everything is posted
+    hook = first.webhook
+    assert (hook.url, hook.format, hook.request_content_type) == (
+        "http://localhost:3000/inbox",
+        "raw",
+        "message/rfc822",
+    )
+    headers = request_headers(hook, webhook_id="msg_1", body=b"", content_type="message/rfc822")
+    assert headers["Authorization"] == 'Token token="abcdefg"'  # Faraday's token_auth
+    assert second.webhook == first.webhook
+    assert (third.port, third.start_tls, third.delete_after_delivery) == (143, True, True)
+    assert third.password is not None and third.password.reveal() == "p${NOT_EXPANDED}"
+    assert third.routing.address.template == "incoming@imap.example.com"
+    jwt = third.webhook.jwt
+    assert jwt is not None and jwt.key() == b"k" * 32 and jwt.issuer == "gitlab-mailroom"
+    assert third.webhook.request_content_type == "text/plain"
+    assert config.health is not None and (config.health.host, config.health.port) == (
+        "0.0.0.0",
+        8081,
+    )
+    assert any(":logger: mailroom logs to stderr" in w for w in config.warnings)
+    assert any("/healthz" in w for w in config.warnings)
+
+
+def test_a_graph_mailbox(tmp_path: Path) -> None:
+    text = """\
+:mailboxes:
+  - :email: "incoming@example.onmicrosoft.com"
+    :name: "inbox"
+    :inbox_method: microsoft_graph
+    :inbox_options:
+      :tenant_id: "contoso.onmicrosoft.com"
+      :client_id: "00000000-0000-0000-0000-000000000000"
+      :client_secret: "graph-secret"
+      :poll_interval: 30
+    :delivery_options:
+      :delivery_url: "https://app.example.com/mail"
+"""
+    (box,) = load_mail_room(write(tmp_path, text), env={}).mailboxes
+    assert isinstance(box, GraphMailboxConfig)
+    assert box.inbox_options.client_secret.reveal() == "graph-secret"
+    assert box.inbox_options.poll_interval_s == 30 and not box.delete_after_delivery
+
+
+BASE = """\
+:mailboxes:
+  - :email: "u@example.com"
+    :password: "pw"
+    :name: "inbox"
+    :delivery_url: "http://localhost:3000/inbox"
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("    :delivery_method: logger\n", ":delivery_method: logger: mailroom always posts"),
+        ("    :delivery_method: sidekiq\n", ":delivery_method: sidekiq: mailroom always posts"),
+        ("    :delivery_klass: Foo\n", ":delivery_klass: a Ruby class"),
+        ("    :location: /tmp/x\n", ":location: letter_opener's directory"),
+        ("    :arbitration_method: redis\n", "mailroom has no Redis arbitration yet"),
+        ("    email: plain\n", ".email: MailRoom reads only symbol keys"),
+        ("    :delivery_options:\n      :worker: X\n", ":worker: is not a postback option"),
+        (
+            "    :delivery_options:\n      :delivery_url: http://x/\n      :jwt_auth_header: H\n",
+            ":jwt_secret_path: is missing",
+        ),
+        (
+            "    :delivery_options:\n      :delivery_url: http://x/\n      :token: t\n"
+            "      :username: u\n      :password: p\n",
+            "MailRoom sends the token and ignores",
+        ),
+        ("    :port: 99999\n", ":port: 99999 is out of range"),
+        ("    :ssl:\n      :verify_mode: :none\n      :ciphers: X\n", ":ciphers: mailroom takes"),
+        ("    :idle_timeout: 3600\n", ":idle_timeout: 3600 is out of range"),
+    ],
+)
+def test_what_mailroom_cannot_honour_is_explained(
+    tmp_path: Path, extra: str, expected: str
+) -> None:
+    text = error(tmp_path, BASE + extra)
+    assert text.startswith(str(tmp_path / "mail_room.yml")), text
+    assert ":mailboxes:[0]" in text and expected in text
+
+
+def test_ssl_options(tmp_path: Path) -> None:
+    text = BASE + "    :ssl:\n      :verify_mode: :none\n"
+    (box,) = load_mail_room(write(tmp_path, text), env={}).mailboxes
+    assert isinstance(box, ImapMailboxConfig) and box.ssl and not box.tls_verify
+
+
+def test_gitlabs_erb_template_points_to_gitlab_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, ":mailboxes:\n  <% Gitlab::MailRoom.enabled_configs.each do %>\n")
+    assert cli.main(["run", "--mail-room-config", str(path)]) == 2
+    assert "run with --gitlab-config config/gitlab.yml instead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ("mailboxes: []\n", "has no :mailboxes: list"),
+        (":mailboxes: []\n", ":mailboxes: is empty"),
+        (":mailboxes: [x]\n", "expected a mapping of :key: value"),
+        (BASE + ":daemonize: true\n", ":daemonize: is not a MailRoom setting"),
+    ],
+)
+def test_document_errors(tmp_path: Path, document: str, expected: str) -> None:
+    assert expected in error(tmp_path, document)
+
+
+def test_with_the_mailroom_yaml_over_it(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay.yml"
+    overlay.write_text("mailboxes: {mailbox0: {failed_folder: Failed}}\nlog: {level: debug}\n")
+    path = write(tmp_path, BASE)
+    config = load_mail_room(path, mailroom_config=overlay, env={})
+    assert config.mailboxes[0].failed_folder == "Failed" and config.log.level == "debug"
+
+
+def test_secrets_stay_out_of_errors(tmp_path: Path, capsys: pytest.CaptureFixture[Any]) -> None:
+    path = write(tmp_path, BASE.replace('"pw"', '"hunter2-secret"') + "    :port: 99999\n")
+    assert cli.main(["check", "--mail-room-config", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert ":mailboxes:[0].:port: 99999 is out of range" in out
+    assert "hunter2-secret" not in out
+
+
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70000) | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.text(max_size=8).map(lambda k: ":" + k), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+KEYS = [
+    ":email",
+    ":password",
+    ":host",
+    ":port",
+    ":ssl",
+    ":start_tls",
+    ":name",
+    ":search_command",
+    ":idle_timeout",
+    ":delivery_method",
+    ":delivery_url",
+    ":delivery_token",
+    ":delivery_options",
+    ":inbox_method",
+    ":inbox_options",
+    ":arbitration_method",
+    ":logger",
+    "email",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(mailbox=st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6), top=VALUES)
+def test_any_mail_room_yml_loads_or_is_a_config_error(
+    tmp_path_factory: pytest.TempPathFactory, mailbox: dict[str, Any], top: Any
+) -> None:
+    base = {":email": "u@example.com", ":password": "pw", ":name": "inbox"}
+    document = {":mailboxes": [{**base, ":delivery_url": "http://localhost/", **mailbox}]}
+    if isinstance(top, dict):
+        document.update({k: v for k, v in top.items() if k != ":mailboxes"})
+    path = tmp_path_factory.mktemp("fuzz") / "mail_room.yml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        load_mail_room(path, env={})
+    except ConfigError as exc:
+        assert str(exc).startswith(str(path)), str(exc)
