@@ -573,5 +573,5 @@ async def test_command_output_exit_codes_and_no_secrets(
     code, out, err = await mailroom("check", "-c", str(path))
     assert code == 2
     first, second = out.splitlines()
-    assert first.startswith("FAIL config load: surprise: unknown key; known keys here: ")
+    assert first.startswith("FAIL config load: unknown key surprise; known keys here: ")
     assert second == "mailroom check: the config does not load; nothing else was checked"
