@@ -1,4 +1,5 @@
-"""``mailroom [run] -c FILE``, ``check``, ``credentials edit|show|generate-key``, ``version``.
+"""``mailroom [run] -c FILE``, ``check``, ``route``, ``credentials edit|show|generate-key``,
+``sample-config``, ``version``.
 
 Exit codes: 0 ok, 1 runtime failure (or a failed check), 2 config error.
 """
@@ -14,12 +15,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from mailroom import check, credentials, logs, supervisor
-from mailroom.config import credentials_config, load_config
+from mailroom.check import route
+from mailroom.config import Config, MailboxConfig, credentials_config, load_config
+from mailroom.config.reader import suggestion
+from mailroom.config.sample import SAMPLE, SAMPLE_HINT
 from mailroom.errors import ConfigError, CredentialsError
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+NO_CONFIG = f"mailroom: -c FILE is required: the YAML config file; {SAMPLE_HINT}"
 
 
 def _version() -> str:
@@ -47,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help='also POST a signed test event {"type": "mailroom.check"}; it must get a 2xx',
     )
+    routes = commands.add_parser(
+        "route",
+        help="what mailroom would do with one message (no network): the matching header, the "
+        "key, deliver/reject/ignore and why, the payload",
+    )
+    routes.add_argument("-c", "--config", help="the YAML config file")
+    routes.add_argument(
+        "--mailbox", help="the id of the mailbox it arrived in (default: the first)"
+    )
+    routes.add_argument("message", help="the message as a file (.eml), or - for stdin")
+    commands.add_parser("sample-config", help="print a minimal config to start from")
     stored = commands.add_parser(
         "credentials", help="the encrypted file of mailbox users and passwords"
     )
@@ -71,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(config_path: str | None, *, send_test: bool) -> int:
     if not config_path:
-        print("mailroom: -c FILE is required (see examples/mailroom.yml)", file=sys.stderr)
+        print(NO_CONFIG, file=sys.stderr)
         return EXIT_CONFIG
     logs.configure("text", "warning")  # stderr; the report is on stdout
     try:
@@ -84,6 +100,43 @@ def _check(config_path: str | None, *, send_test: bool) -> int:
     ok = asyncio.run(check.run(config, path=config_path, send_test=send_test, report=report))
     print(report.summary())
     return EXIT_OK if ok else EXIT_FAILURE
+
+
+def _route(args: argparse.Namespace) -> int:
+    if not args.config:
+        print(NO_CONFIG, file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mailroom: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    mailbox = _mailbox(config, args.mailbox)
+    if mailbox is None:
+        return EXIT_CONFIG
+    try:
+        raw = sys.stdin.buffer.read() if args.message == "-" else Path(args.message).read_bytes()
+    except OSError as exc:
+        print(f"mailroom: cannot read {args.message}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    for line in route.describe(raw, mailbox, config):
+        print(line)
+    return EXIT_OK
+
+
+def _mailbox(config: Config, wanted: str | None) -> MailboxConfig | None:
+    """The mailbox named ``wanted`` (default: the first), or None after saying why."""
+    ids = [m.id for m in config.mailboxes]
+    if wanted is None:
+        if len(ids) > 1:
+            print(f"(mailbox {ids[0]}, the first of {len(ids)}; --mailbox ID for another)")
+        return config.mailboxes[0]
+    for mailbox in config.mailboxes:
+        if mailbox.id == wanted:
+            return mailbox
+    hint = suggestion(wanted, ids) or f"; the ids are: {', '.join(ids)}"
+    print(f"mailroom: no mailbox has the id {wanted}{hint}", file=sys.stderr)
+    return None
 
 
 def _credentials(args: argparse.Namespace) -> int:
@@ -129,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args.config, send_test=args.send_test)
     if args.command == "credentials":
         return _credentials(args)
+    if args.command == "route":
+        return _route(args)
+    if args.command == "sample-config":
+        sys.stdout.write(SAMPLE)
+        return EXIT_OK
     if not args.config:
-        print("mailroom: -c FILE is required (see examples/mailroom.yml)", file=sys.stderr)
+        print(NO_CONFIG, file=sys.stderr)
         return EXIT_CONFIG
     try:
         config = load_config(args.config)
@@ -143,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGHUP reloads the file the same way (an invalid one is refused).
         return asyncio.run(supervisor.run(config, load=lambda: load_config(args.config)))
+    except ConfigError as exc:  # found at start: health.listen cannot be bound
+        print(f"mailroom: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except Exception:
         logging.getLogger("mailroom").exception("mailroom failed")
         return EXIT_FAILURE
