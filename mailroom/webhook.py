@@ -1,4 +1,5 @@
-"""The webhook contract (ARCHITECTURE.md): payload, headers, signature, and what answers mean.
+"""The webhook contract (README, "The webhook contract"): payload, headers, signature, and
+what answers mean.
 
 Pure: no I/O. The dispatcher sends what this builds and acts on what ``classify`` says.
 """
@@ -73,7 +74,7 @@ def _address(address: message.Address | None) -> dict[str, str] | None:
 def build_payload(
     envelope: Envelope, parsed: message.ParsedMessage, decision: routing.Deliver
 ) -> dict[str, Any]:
-    """The JSON body of the webhook contract (ARCHITECTURE.md)."""
+    """The JSON body of the webhook contract (README, "The webhook contract")."""
     payload = _payload_fields(envelope, parsed, decision)
     payload["raw"] = base64.b64encode(envelope.raw).decode("ascii")
     return payload
