@@ -362,7 +362,12 @@ async def test_graph_token_folder_and_patch_change_nothing(
     message_id = entra.add_message(message(1))
     entra.messages[message_id].categories = ["Blue"]
     results = await run_check(build([graph_mailbox(entra)], webhook.url))
-    assert statuses(results, "graph[graph]") == {"token": "OK", "folder": "OK", "patch": "OK"}
+    assert statuses(results, "graph[graph]") == {
+        "token": "OK",
+        "folder": "OK",
+        "patch": "OK",
+        "unread": "OK",
+    }
     assert results["graph[graph]", "folder"].detail == (
         f"users/{GRAPH_USER}/mailFolders/inbox readable (at least one unread message)"
     )
@@ -377,19 +382,34 @@ async def test_graph_wrong_secret_patch_refused_and_empty_folder(
 ) -> None:
     wrong = graph_mailbox(entra, client_secret="not-the-secret") | {"id": "wrong"}
     results = await run_check(build([wrong], webhook.url))
-    assert statuses(results, "graph[wrong]") == {"token": "FAIL", "folder": "SKIP", "patch": "SKIP"}
+    assert statuses(results, "graph[wrong]") == {
+        "token": "FAIL",
+        "folder": "SKIP",
+        "patch": "SKIP",
+        "unread": "SKIP",
+    }
     assert "invalid_client" in results["graph[wrong]", "token"].detail
     assert "check client_id and client_secret" in results["graph[wrong]", "token"].detail
     assert "not-the-secret" not in repr(results)
 
     results = await run_check(build([graph_mailbox(entra)], webhook.url))
-    assert statuses(results, "graph[graph]") == {"token": "OK", "folder": "OK", "patch": "WARN"}
+    assert statuses(results, "graph[graph]") == {
+        "token": "OK",
+        "folder": "OK",
+        "patch": "WARN",
+        "unread": "OK",
+    }
     assert results["graph[graph]", "patch"].detail.startswith("not tried: no unread message")
 
     entra.add_message(message(2))
     entra.fail_next("patch", status=403)
     results = await run_check(build([graph_mailbox(entra)], webhook.url))
-    assert statuses(results, "graph[graph]") == {"token": "OK", "folder": "OK", "patch": "FAIL"}
+    assert statuses(results, "graph[graph]") == {
+        "token": "OK",
+        "folder": "OK",
+        "patch": "FAIL",
+        "unread": "OK",
+    }
     assert results["graph[graph]", "patch"].detail.endswith(
         "; grant the app Mail.ReadWrite and check its application access policy"
     )
@@ -399,8 +419,34 @@ async def test_graph_folder_not_readable(entra: EntraGraph, webhook: WebhookRece
     box = graph_mailbox(entra) | {"user": "nobody@contoso.onmicrosoft.com"}
     entra.fail_next("list", status=404)
     results = await run_check(build([box], webhook.url))
-    assert statuses(results, "graph[graph]") == {"token": "OK", "folder": "FAIL", "patch": "SKIP"}
+    assert statuses(results, "graph[graph]") == {
+        "token": "OK",
+        "folder": "FAIL",
+        "patch": "SKIP",
+        "unread": "SKIP",
+    }
     assert results["graph[graph]", "folder"].detail.endswith("; check user and mailbox")
+
+
+async def test_graph_unread_messages_are_counted_by_decision_and_left_unread(
+    entra: EntraGraph, webhook: WebhookReceiver
+) -> None:
+    entra.page_size = 2  # the listing is paged
+    for raw in (message(1), message(2, to="someone@example.net"), message(3, size=5000)):
+        entra.add_message(raw)
+    box = graph_mailbox(entra) | {"max_message_bytes": 2048}
+    results = await run_check(build([box], webhook.url))
+    unread = results["graph[graph]", "unread"]
+    assert (unread.status, unread.detail) == (
+        "WARN",
+        "3 messages are unread; the first start takes them on: 1 posted to the webhook, "
+        "1 rejected (1 unknown incoming email), 1 dead-lettered (1 too large); all but the dead "
+        "letters are then marked read (delete_after_delivery: false). If people read this "
+        "mailbox, give mailroom a mailbox of its own; `mailroom route -c FILE message.eml` "
+        "shows the decision on one message",
+    )
+    assert not any(m.is_read for m in entra.messages.values())
+    assert webhook.requests == []
 
 
 # -- webhook ---------------------------------------------------------------------------------

@@ -11,13 +11,15 @@ from mailroom.check.net import certificate, tcp
 from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
 from mailroom.config import GraphMailboxConfig, ImapMailboxConfig, MailboxConfig
 from mailroom.errors import MailroomError
-from mailroom.sources.graph_client import GraphClient, discard
+from mailroom.sources.graph_client import GraphClient, discard, read_mime
 from mailroom.sources.imap_session import ImapSession
 
 __all__ = ["backlog", "graph", "imap"]
 
 COUNT_AT_MOST = 1000  # messages whose headers `unseen` reads to count the decisions
 COUNT_BATCH = 200
+GRAPH_COUNT_AT_MOST = 100  # one request each: fewer than over IMAP
+GRAPH_PAGES_AT_MOST = 10
 
 
 async def imap(report: Report, config: ImapMailboxConfig) -> None:
@@ -139,21 +141,21 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
             tokens.close()
 
 
-def backlog(tally: route.Tally, found: int, config: MailboxConfig) -> Outcome:
+def backlog(tally: route.Tally, found: int, config: MailboxConfig, *, more: str = "") -> Outcome:
     """What the first start does with the messages waiting, and a warning when some would not
     reach the webhook: an inbox people read loses its unread mail that way."""
-    search = "unread"
+    search = "are unread"
     if isinstance(config, ImapMailboxConfig):
-        search = f"search_command {config.search_command}"
+        search = f"match search_command {config.search_command}"
     if not found:
-        return "OK", f"no messages match {search}: the first start finds none waiting"
+        return "OK", f"no messages {search}: the first start finds none waiting"
     counted = sum(tally.actions.values())
     of = f" (of the first {counted})" if counted < found else ""
     parts = [tally.text(action) for action in route.Action if tally.actions[action]]
     settle = "deleted" if config.delete_after_delivery else "marked read"
     which = "all but the dead letters are" if tally.actions[route.Action.DEAD_LETTER] else "all are"
     detail = (
-        f"{found} messages match {search}; the first start takes them on{of}: "
+        f"{found}{more} messages {search}; the first start takes them on{of}: "
         f"{', '.join(parts)}; {which} then {settle} "
         f"(delete_after_delivery: {str(config.delete_after_delivery).lower()})"
     )
@@ -210,6 +212,28 @@ async def graph(report: Report, config: GraphMailboxConfig) -> None:
             )
             return "OK", "PATCH of a message allowed (Mail.ReadWrite)"
 
+        async def unread() -> Outcome:
+            # The poller's own listing, then each message's header block from its $value (read
+            # no further: read_mime with a limit of 0 stops after the headers).
+            url: str | None = f"{folder_url}?$filter=isRead%20eq%20false&$select=id&$top=100"
+            ids: list[str] = []
+            for _ in range(GRAPH_PAGES_AT_MOST):
+                if url is None:
+                    break
+                page = await client.send("GET", url)
+                ids += [i["id"] for i in page.get("value", []) if isinstance(i.get("id"), str)]
+                url = client.next_link(page)
+            tally = route.Tally()
+            for message_id in ids[:GRAPH_COUNT_AT_MOST]:
+                mime = f"{folder_url}/{quote(message_id, safe='')}/$value"
+                header, size, _ = await client.send(
+                    "GET", mime, read=lambda response: read_mime(response, 0), accept="*/*"
+                )
+                tally.add(route.decide(header, config, size=size if size > len(header) else None))
+            more = " or more" if url is not None else ""
+            return backlog(tally, len(ids), config, more=more)
+
         await target.run("token", token)
         await target.run("folder", folder)
+        await target.run("unread", unread, blocking=False)
         await target.run("patch", patch)
