@@ -102,17 +102,22 @@ def _check(config_path: str | None, *, send_test: bool) -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
-def _route(args: argparse.Namespace) -> int:
-    if not args.config:
+def _load(path: str | None) -> Config | None:
+    """The config in ``path``, or None after saying on stderr why there is none (exit 2)."""
+    if not path:
         print(NO_CONFIG, file=sys.stderr)
-        return EXIT_CONFIG
+        return None
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as exc:
         print(f"mailroom: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    mailbox = _mailbox(config, args.mailbox)
-    if mailbox is None:
+        return None
+
+
+def _route(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    mailbox = None if config is None else _mailbox(config, args.mailbox)
+    if config is None or mailbox is None:
         return EXIT_CONFIG
     try:
         raw = sys.stdin.buffer.read() if args.message == "-" else Path(args.message).read_bytes()
@@ -187,13 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sample-config":
         sys.stdout.write(SAMPLE)
         return EXIT_OK
-    if not args.config:
-        print(NO_CONFIG, file=sys.stderr)
-        return EXIT_CONFIG
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"mailroom: config error: {exc}", file=sys.stderr)
+    config = _load(args.config)
+    if config is None:
         return EXIT_CONFIG
     logs.configure(config.log.format, config.log.level)
     for warning in config.warnings:

@@ -128,13 +128,18 @@ def test_mailbox_webhook_override_merges_over_top_level() -> None:
     ],
 )
 def test_mailbox_errors_name_the_path(change: dict[str, Any], expected: str) -> None:
+    assert error_of(changed(change)).startswith(expected)
+
+
+def changed(change: dict[str, Any]) -> dict[str, Any]:
+    """``minimal()`` with the mailbox's keys set, or removed where the value is None."""
     data = minimal()
     for key, value in change.items():
         if value is None:
             data["mailboxes"][0].pop(key)
         else:
             data["mailboxes"][0][key] = value
-    assert error_of(data).startswith(expected)
+    return data
 
 
 def test_password_and_password_file_exclude_each_other(tmp_path: Path) -> None:
@@ -472,13 +477,7 @@ def test_unquoted_numbers_are_not_taken_as_secrets() -> None:
 def test_typos_in_keys_are_named_with_the_close_match(
     change: dict[str, Any], expected: str
 ) -> None:
-    data = minimal()
-    for key, value in change.items():
-        if value is None:
-            data["mailboxes"][0].pop(key)
-        else:
-            data["mailboxes"][0][key] = value
-    text = error_of(data)
+    text = error_of(changed(change))
     assert text.startswith(expected)
     if "; did you mean" in expected or expected.endswith("did you "):
         assert text.count("did you mean") == 1
