@@ -1,12 +1,15 @@
 """OAuth 2.0 client-credentials tokens from Microsoft Entra ID: the only module importing msal.
 
-One ``TokenProvider`` per mailbox and scope: ``<graph_endpoint>/.default`` for Microsoft Graph,
+One ``TokenProvider`` per app registration and scope (``TokenProviders`` shares it among every
+mailbox that uses them): ``<graph_endpoint>/.default`` for Microsoft Graph,
 ``https://outlook.office365.com/.default`` for IMAP XOAUTH2 (Microsoft, "Authenticate an IMAP,
 POP or SMTP connection using OAuth", client credentials grant flow).
 
 msal is synchronous and its ``ConfidentialClientApplication`` constructor already does network
 I/O (OpenID configuration discovery), so both the constructor and ``acquire_token_for_client``
-run in ``asyncio.to_thread`` under a timeout. A token is kept and reused until five minutes
+run under a timeout on a small thread pool of their own: a token request never queues behind
+the DNS lookups of a thousand connects in asyncio's default executor. Its HTTPS session trusts
+what every mailroom client trusts (``mailroom.tls``). A token is kept and reused until five minutes
 before it expires (the margin msal itself uses), or half its lifetime when that is shorter; a
 ``401`` from the resource (or an IMAP ``AccessTokenExpired``) calls ``invalidate()``.
 
@@ -20,37 +23,69 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msal
 import requests
+import requests.adapters
 
 from mailroom.config import OAuthConfig
 from mailroom.errors import TokenError
+from mailroom.tls import client_context
 
-__all__ = ["TokenProvider"]
+__all__ = ["TokenProvider", "TokenProviders"]
 
 log = logging.getLogger("mailroom.auth")
 
 HTTP_TIMEOUT_S = 15.0  # one request to the identity provider
 ACQUIRE_TIMEOUT_S = 45.0  # the whole constructor or acquisition, retries of msal included
 REFRESH_MARGIN_S = 300.0  # msal treats a token with less than 5 minutes left as expired
+EXECUTOR_THREADS = 4
+_executor: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor  # noqa: PLW0603  (one small pool per process, made on first use)
+    if _executor is None:
+        _executor = ThreadPoolExecutor(EXECUTOR_THREADS, thread_name_prefix="mailroom-token")
+    return _executor
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """Hands urllib3 mailroom's TLS context, and nothing of requests' own CA choice."""
+
+    def __init__(self, config: OAuthConfig) -> None:
+        self._context = client_context(
+            ca_file=config.ca_file, verify=config.tls_verify, private=True
+        )
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._context
+        super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        # requests would point urllib3 at certifi's bundle here; the context decides instead.
+        conn.cert_reqs = "CERT_REQUIRED" if verify else "CERT_NONE"
 
 
 class _Session(requests.Session):
-    """The HTTP client handed to msal: trust decided by the config, not by the environment.
+    """The HTTP client handed to msal: trust decided by ``mailroom.tls``, like every client.
 
-    ``trust_env = False``: requests would otherwise let ``REQUESTS_CA_BUNDLE`` or
-    ``CURL_CA_BUNDLE`` replace ``verify`` (and pick proxies and .netrc credentials from the
-    environment), so the trust of the identity provider would depend on the machine, not on
-    ``ca_file``. msal applies its own ``timeout=`` only to the session it builds itself, so
-    this one sets a default timeout on every request.
+    ``trust_env = False``: requests would otherwise let ``CURL_CA_BUNDLE`` replace the trust
+    (and read .netrc credentials); ``mailroom.tls`` already honours ``SSL_CERT_FILE``,
+    ``SSL_CERT_DIR`` and ``REQUESTS_CA_BUNDLE`` on top of the system store. msal applies its
+    own ``timeout=`` only to the session it builds itself, so this one sets a default timeout
+    on every request.
     """
 
-    def __init__(self, verify: bool | str, timeout_s: float) -> None:
+    def __init__(self, config: OAuthConfig, timeout_s: float) -> None:
         super().__init__()
         self.trust_env = False
-        self.verify = verify
+        self.verify = config.tls_verify
+        self.mount("https://", _Adapter(config))
         self._timeout_s = timeout_s
 
     def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> Any:
@@ -134,11 +169,8 @@ class TokenProvider:
 
     def _build(self) -> Any:
         config = self._config
-        verify: bool | str = config.ca_file or True
-        if not config.tls_verify:
-            verify = False
         self.close()
-        self._session = _Session(verify, HTTP_TIMEOUT_S)
+        self._session = _Session(config, HTTP_TIMEOUT_S)
         return msal.ConfidentialClientApplication(
             config.client_id,
             client_credential=config.client_secret.reveal(),
@@ -162,7 +194,7 @@ class TokenProvider:
         config = self._config
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await asyncio.to_thread(func)
+                return await asyncio.get_running_loop().run_in_executor(_pool(), func)
         except TimeoutError as exc:
             # The worker thread cannot be cancelled; it finishes on its own (HTTP_TIMEOUT_S).
             raise TokenError(
@@ -192,3 +224,28 @@ def _hint(code: str) -> str:
         "invalid_scope": "; check graph_endpoint / scope (it must end in /.default)",
         "invalid_request": "; check tenant_id",
     }.get(code, "")
+
+
+class TokenProviders:
+    """The token providers of one process: one per app registration (authority, client id and
+    secret) and scope, shared by every mailbox that names them."""
+
+    def __init__(self) -> None:
+        self._providers: dict[tuple[OAuthConfig, str], TokenProvider] = {}
+
+    def get(self, config: OAuthConfig, *, label: str) -> TokenProvider:
+        """The provider for ``config`` (made on first use; ``label`` names it in logs)."""
+        key = (config, config.scope)
+        provider = self._providers.get(key)
+        if provider is None:
+            provider = self._providers[key] = TokenProvider(config, label=label)
+        return provider
+
+    def retain(self, configs: Iterable[OAuthConfig]) -> None:
+        """Close and forget the providers no longer named by ``configs`` (after a reload)."""
+        keep = {(config, config.scope) for config in configs}
+        for key in [key for key in self._providers if key not in keep]:
+            self._providers.pop(key).close()
+
+    def close(self) -> None:
+        self.retain(())

@@ -2,8 +2,11 @@
 
 Each submitted ``Envelope`` gets its own task (owned here, named ``deliver:<mailbox>:<ref>``).
 At most ``webhook.concurrency`` requests are in flight per webhook; a message waiting out a
-retry delay holds no slot. The outcome is settled with ``asyncio.shield`` so a shutdown cannot
-lose an acknowledgement once the webhook has answered.
+retry delay holds no slot. Each webhook has a circuit breaker (``mailroom.circuit``): during an
+outage one probe request goes at a time and the other messages wait without sending or logging.
+The outcome is settled with ``asyncio.shield`` so a shutdown cannot lose an acknowledgement once
+the webhook has answered. A message the dispatcher will not take (shutting down, its mailbox
+being stopped by a reload) is released untouched, for the next sweep.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import logging
 import ssl
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -19,6 +23,7 @@ import aiohttp
 
 from mailroom import message, notices, routing
 from mailroom.backoff import backoff_delay
+from mailroom.circuit import Circuit
 from mailroom.config import Config, MailboxConfig, WebhookConfig
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
@@ -29,12 +34,13 @@ from mailroom.webhook import (
     MAX_ANSWER_BYTES,
     Rejected,
     classify,
+    labels,
     payload_body,
     request_headers,
     retry_after,
 )
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "Prepared"]
 
 log = logging.getLogger("mailroom.dispatch")
 
@@ -46,11 +52,14 @@ def _ssl_context(config: WebhookConfig) -> ssl.SSLContext | bool:
 
 
 class _Webhook:
-    """One configured webhook: its slots, its TLS settings, its request builder."""
+    """One configured webhook: its slots, its circuit, its TLS settings, its request builder."""
 
-    def __init__(self, config: WebhookConfig) -> None:
+    def __init__(self, config: WebhookConfig, label: str, monitor: Monitor) -> None:
         self.config = config
+        self.label = label
         self.slots = asyncio.Semaphore(config.concurrency)
+        retry = config.retry
+        self.circuit = Circuit(label, initial_s=retry.initial_s, max_s=retry.max_s, monitor=monitor)
         self.ssl = _ssl_context(config)
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self.content_type = "application/json" if config.format == "json" else "message/rfc822"
@@ -68,6 +77,15 @@ class _Webhook:
         return headers
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What ``Dispatcher.prepare`` built for a config, for ``apply``."""
+
+    config: Config
+    webhooks: dict[WebhookConfig, _Webhook]
+    notifier: Notifier
+
+
 class Dispatcher:
     """Takes envelopes from the sources and brings each one to a settled outcome."""
 
@@ -77,7 +95,7 @@ class Dispatcher:
         self._webhooks: dict[WebhookConfig, _Webhook] = {}
         self._notifier = Notifier(config.reject_notices)
         self._closed: set[str] = set()  # mailboxes a reload is stopping: their mail waits
-        self.reconfigure(config)
+        self.apply(self.prepare(config))
         self._tasks: dict[asyncio.Task[None], str] = {}  # → mailbox id
         self._session: aiohttp.ClientSession | None = None
         self.accepting = True
@@ -97,23 +115,27 @@ class Dispatcher:
         if self._session is not None:
             await self._session.close()
 
-    def reconfigure(self, config: Config) -> None:
+    def prepare(self, config: Config) -> Prepared:
+        """Build what ``config`` needs (webhooks, notifier) without changing anything yet: the
+        first phase of a reload; raises when something cannot be built."""
+        named = labels(m.webhook for m in config.mailboxes)
+        webhooks: dict[WebhookConfig, _Webhook] = {}
+        for hook, label in named.items():  # an unchanged webhook keeps its slots and circuit
+            webhooks[hook] = self._webhooks.get(hook) or _Webhook(hook, label, self._monitor)
+        notifier = self._notifier
+        if config.reject_notices != notifier.config:
+            notifier = Notifier(config.reject_notices)
+            notifier.limiter = self._notifier.limiter  # the 24-hour rate limit survives
+        return Prepared(config, webhooks, notifier)
+
+    def apply(self, prepared: Prepared) -> None:
         """Take a (re)loaded config: new deliveries use its mailboxes, webhooks and notices.
 
         Deliveries already under way finish with the settings they started with.
         """
-        self._mailboxes = {m.id: m for m in config.mailboxes}
-        webhooks: dict[WebhookConfig, _Webhook] = {}
-        for mailbox in config.mailboxes:
-            if mailbox.webhook not in webhooks:  # an unchanged webhook keeps its slots
-                webhooks[mailbox.webhook] = self._webhooks.get(mailbox.webhook) or _Webhook(
-                    mailbox.webhook
-                )
-        self._webhooks = webhooks
-        if config.reject_notices != self._notifier.config:
-            limiter = self._notifier.limiter  # the 24-hour rate limit survives a reload
-            self._notifier = Notifier(config.reject_notices)
-            self._notifier.limiter = limiter
+        self._mailboxes = {m.id: m for m in prepared.config.mailboxes}
+        self._webhooks = prepared.webhooks
+        self._notifier = prepared.notifier
         self._closed -= set(self._mailboxes)
 
     def submit(self, envelope: Envelope) -> None:
@@ -123,6 +145,7 @@ class Dispatcher:
             # Fetched while shutting down, or while a reload stops its mailbox: left unsettled
             # on the server, found again by the next sweep (or the next start).
             log.info("%s: %s: stopping; left for the next sweep", mailbox, envelope.ref)
+            envelope.release()
             return
         token = self._monitor.accepted(mailbox)
         task = asyncio.get_running_loop().create_task(
@@ -288,16 +311,25 @@ class Dispatcher:
         fields: dict[str, Any],
     ) -> Outcome | Rejected:
         webhook = self._webhooks[config]
+        circuit = webhook.circuit
         body = payload_body(envelope, parsed, decision) if config.format == "json" else envelope.raw
+        retry = config.retry
         started = time.monotonic()
         attempt = 0
         while True:
+            waited = time.monotonic() - started
+            left = None if retry.give_up_after_s is None else retry.give_up_after_s - waited
+            if not await circuit.admit(left):
+                return self._give_up(
+                    envelope, waited, attempt, "the webhook's circuit is open", fields
+                )
             attempt += 1
             fields["attempt"] = attempt
             try:
                 async with webhook.slots:
-                    return await self._post(webhook, envelope, decision.key, body, fields)
+                    result = await self._post(webhook, envelope, decision.key, body, fields)
             except PermanentDeliveryError as exc:
+                circuit.answered()
                 log.error(
                     "%s: %s: webhook refused it for good: %s; dead-lettering",
                     envelope.mailbox,
@@ -307,7 +339,9 @@ class Dispatcher:
                 )
                 return Outcome.DEAD_LETTERED
             except TransientDeliveryError as exc:
-                retry = config.retry
+                circuit.failed(str(exc), exc.retry_after_s)
+                if circuit.is_open:
+                    continue  # the circuit paces the retries now, and logged the outage
                 delay = backoff_delay(attempt, initial_s=retry.initial_s, max_s=retry.max_s)
                 if exc.retry_after_s is not None:
                     # Not sooner than asked, nor sooner than the backoff: "Retry-After: 0"
@@ -315,17 +349,7 @@ class Dispatcher:
                     delay = min(max(exc.retry_after_s, delay), retry.max_s)
                 waited = time.monotonic() - started
                 if retry.give_up_after_s is not None and waited + delay > retry.give_up_after_s:
-                    log.error(
-                        "%s: %s: webhook failed for %.0fs (%d attempts, last: %s); giving up "
-                        "(retry.give_up_after) and dead-lettering",
-                        envelope.mailbox,
-                        envelope.ref,
-                        waited,
-                        attempt,
-                        exc,
-                        extra=fields,
-                    )
-                    return Outcome.DEAD_LETTERED
+                    return self._give_up(envelope, waited, attempt, str(exc), fields)
                 log.log(
                     logging.ERROR if exc.misconfigured else logging.WARNING,
                     "%s: %s: webhook attempt %d failed: %s; retrying in %.1fs",
@@ -337,6 +361,27 @@ class Dispatcher:
                     extra={**fields, "delay_s": round(delay, 3)},
                 )
                 await asyncio.sleep(delay)
+            except BaseException:
+                circuit.abandoned()
+                raise
+            else:
+                circuit.answered()
+                return result
+
+    def _give_up(
+        self, envelope: Envelope, waited: float, attempts: int, last: str, fields: dict[str, Any]
+    ) -> Outcome:
+        log.error(
+            "%s: %s: webhook failed for %.0fs (%d attempts, last: %s); giving up "
+            "(retry.give_up_after) and dead-lettering",
+            envelope.mailbox,
+            envelope.ref,
+            waited,
+            attempts,
+            last,
+            extra=fields,
+        )
+        return Outcome.DEAD_LETTERED
 
     async def _post(
         self,

@@ -3,7 +3,8 @@
 A source (IMAP, Graph) hands the dispatcher an ``Envelope``: the exact bytes it fetched and a
 ``settle`` coroutine it implements. The dispatcher decides an ``Outcome`` and calls ``settle``
 exactly once, only after the outcome is known; until then the message stays untouched on the
-server, so a crash or a restart finds it again (at-least-once).
+server, so a crash or a restart finds it again (at-least-once). A message the dispatcher will
+not bring to an outcome now (shutting down, a dry run) is ``release``d instead.
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ class Envelope:
     size: int
     too_large: bool = False  # raw holds only the header block; the body was not fetched
     _settle: Callable[[Outcome], Awaitable[None]] = field(repr=False)
+    _release: Callable[[], None] = field(repr=False, default=lambda: None)
 
     async def settle(self, outcome: Outcome) -> None:
         """Apply ``outcome`` on the server. Call once; shield it from cancellation."""
         await self._settle(outcome)
+
+    def release(self) -> None:
+        """Let go of the message without settling it: it stays as it is on the server and is
+        looked at again after the source's next connection (or restart). Instead of
+        ``settle``, never after it."""
+        self._release()

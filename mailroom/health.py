@@ -14,10 +14,14 @@ Readiness (``/readyz``: 200 or 503, the JSON body gives the state of each mailbo
   (15 s idle, then 3 probes 5 s apart), and a command without an answer within its timeout.
 - a Microsoft Graph mailbox is ready while its last successful poll is at most
   ``2 * poll_interval + 30 s`` old; one failed poll (a 429, say) does not flip it.
-- the dispatcher is *stalled*, and then nothing is ready, when a message has waited for its
-  outcome longer than ``health.stall_after`` (300 s) and no message at all was settled during
-  that time: the webhook (or the SMTP server for notices) is down, refusing or hanging. A message
-  the dispatcher let go of unsettled stays unsettled until its mailbox starts again.
+- a webhook is *stalled*, and then no mailbox posting to it is ready, when one of its messages
+  has waited for its outcome longer than ``health.stall_after`` (300 s) and none of its messages
+  was settled during that time: the webhook (or the SMTP server for notices) is down, refusing
+  or hanging. A message the dispatcher let go of unsettled stays unsettled until its mailbox
+  starts again.
+- the process is ready when every mailbox is (``health.ready_when: all``, the default), when
+  any one is (``any``: a sidecar whose app can work with some mailboxes down), or when at least
+  a fraction of them is (``0.9``);
 - while shutting down nothing is ready.
 """
 
@@ -26,21 +30,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import Collector
 
-from mailroom import routing
+from mailroom.budget import Budget
 from mailroom.config import Config, GraphMailboxConfig, HealthConfig, MailboxConfig
 from mailroom.envelope import Outcome
+from mailroom.metrics import Metrics
 from mailroom.monitor import Monitor
+from mailroom.webhook import labels
 
 __all__ = ["GRAPH_GRACE_S", "Health", "HealthServer"]
 
@@ -48,9 +52,6 @@ log = logging.getLogger("mailroom.health")
 
 GRAPH_GRACE_S = 30.0  # a Graph mailbox may be this late on top of two poll intervals
 CHECK_INTERVAL_S = 5.0  # readiness is also evaluated (and its changes logged) this often
-STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
-# Webhook latency: up to the default webhook.timeout (30 s) and beyond.
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 @dataclass(slots=True)
@@ -59,6 +60,7 @@ class _Source:
 
     kind: str  # imap | graph
     poll_interval_s: float | None  # Graph only
+    webhook: str  # the label of the webhook it posts to
     state: str
     since: float
     reason: str | None = None
@@ -68,89 +70,82 @@ class _Source:
     settled: int = 0  # outcomes not yet followed by their finished()
 
 
-class Health(Monitor):
-    """The state of every mailbox and of the dispatcher, and the metrics registry."""
+@dataclass(frozen=True, slots=True)
+class WebhookState:
+    """One webhook's messages at a point in time."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._sources: dict[str, _Source] = {}
+    stalled: bool
+    unsettled: int
+    oldest_age_s: float
+    last_progress_age_s: float
+
+
+class Health(Monitor):
+    """The state of every mailbox and webhook, and the metrics registry."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        budget: Budget | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.clock = clock
+        self.budget = budget
+        self.sources: dict[str, _Source] = {}
         self._expected: dict[str, MailboxConfig] = {}
         self._tokens = itertools.count(1)
         self._stall_after_s = HealthConfig().stall_after_s
-        self._last_progress = clock()
+        self._ready_when: Any = "all"
+        self._progress: dict[str, float] = {}  # webhook label → last settled message
+        self._webhooks: dict[str, str] = {}  # mailbox id → webhook label
+        self.open_circuits: set[str] = set()
         self._stopping = False
         self._not_ready: tuple[str, ...] | None = None  # as last logged
         self.started = clock()
-        self.registry = registry = CollectorRegistry(auto_describe=True)
-
-        def counter(name: str, documentation: str, *labels: str) -> Counter:
-            return Counter(name, documentation, ["mailbox", *labels], registry=registry)
-
-        self._fetched = counter("mailroom_fetched", "Messages handed to the dispatcher.")
-        self._settled = counter("mailroom_settled", "Messages settled, by outcome.", "outcome")
-        self._ignored = counter(
-            "mailroom_ignored", "Auto-generated messages ignored, by the rule that fired.", "rule"
-        )
-        self._requests = counter(
-            "mailroom_webhook_requests", "Webhook requests by status class (error: none).", "status"
-        )
-        self._reconnects = counter("mailroom_reconnects", "Connections lost or attempts failed.")
-        self._latency = Histogram(
-            "mailroom_webhook_request_duration_seconds",
-            "Webhook request time until the answer was read (or failed).",
-            ["mailbox"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=registry,
-        )
-        self.registry.register(_StateCollector(self))
+        self.metrics = Metrics(self)
+        self.registry = self.metrics.registry
         self.configure(config)
 
     # -- the set of mailboxes ------------------------------------------------------------------
 
     def configure(self, config: Config) -> None:
-        """Take the (re)loaded config: the mailboxes readiness waits for, ``stall_after``."""
+        """Take the (re)loaded config: the mailboxes readiness waits for, their webhooks,
+        ``stall_after`` and ``ready_when``."""
         self._expected = {m.id: m for m in config.mailboxes}
         if config.health is not None:
             self._stall_after_s = config.health.stall_after_s
+            self._ready_when = config.health.ready_when
+        named = labels(m.webhook for m in config.mailboxes)
+        for label in set(named.values()) - set(self._progress):
+            self._progress[label] = self.clock()
+            self.metrics.add_webhook(label)
+        for label in set(self._progress) - set(named.values()):
+            del self._progress[label]
+            self.metrics.remove_webhook(label)
         for mailbox in config.mailboxes:
             kind, interval = "imap", None
             if isinstance(mailbox, GraphMailboxConfig):
                 kind, interval = "graph", mailbox.inbox_options.poll_interval_s
-            if (source := self._sources.get(mailbox.id)) is None:
-                source = self._sources[mailbox.id] = _Source(
-                    kind, interval, "starting", self._clock()
+            label = self._webhooks[mailbox.id] = named[mailbox.webhook]
+            if (source := self.sources.get(mailbox.id)) is None:
+                source = self.sources[mailbox.id] = _Source(
+                    kind, interval, label, "starting", self.clock()
                 )
-                self._zero(mailbox.id)
-            source.kind, source.poll_interval_s = kind, interval
-
-    def _series(self, mailbox: str) -> Iterable[tuple[Counter, tuple[str, ...]]]:
-        yield self._fetched, (mailbox,)
-        yield self._reconnects, (mailbox,)
-        for outcome in Outcome:
-            yield self._settled, (mailbox, outcome.value)
-        for rule in routing.AUTO_GENERATED_RULES:
-            yield self._ignored, (mailbox, rule)
-        for status in STATUS_CLASSES:
-            yield self._requests, (mailbox, status)
-
-    def _zero(self, mailbox: str) -> None:
-        """Every series of a new mailbox exists from the start, at 0 (no gaps in rate())."""
-        for counter, labels in self._series(mailbox):
-            counter.labels(*labels)
-        self._latency.labels(mailbox)
+                self.metrics.add(mailbox.id)
+            source.kind, source.poll_interval_s, source.webhook = kind, interval, label
 
     def forget(self, mailbox: str) -> None:
         """A reload removed ``mailbox`` and it has stopped: drop its state and its series."""
         if mailbox in self._expected:
             return
-        self._sources.pop(mailbox, None)
-        for counter, labels in self._series(mailbox):
-            counter.remove(*labels)
-        self._latency.remove(mailbox)
+        self.sources.pop(mailbox, None)
+        self._webhooks.pop(mailbox, None)
+        self.metrics.remove(mailbox)
 
     def starting(self, mailbox: str) -> None:
         """A source task for ``mailbox`` is being started (again, after a reload)."""
-        if (source := self._sources.get(mailbox)) is not None:
+        if (source := self.sources.get(mailbox)) is not None:
             self._set_state(mailbox, source, "starting", None)
             source.last_ok, source.settled = None, 0
             source.unsettled.clear()  # the new source task fetches them again
@@ -159,10 +154,10 @@ class Health(Monitor):
         """``mailbox`` is being stopped by a reload; None: the whole process is shutting down."""
         if mailbox is None:
             self._stopping = True
-            for each in self._sources.values():
+            for each in self.sources.values():
                 each.state = "stopping"
             return
-        if (source := self._sources.get(mailbox)) is not None:
+        if (source := self.sources.get(mailbox)) is not None:
             self._set_state(mailbox, source, "stopping", None)
 
     def _set_state(self, mailbox: str, source: _Source, state: str, reason: str | None) -> None:
@@ -170,7 +165,7 @@ class Health(Monitor):
         source.reason = reason
         if old == state:
             return
-        now = self._clock()
+        now = self.clock()
         level = logging.WARNING if state == "reconnecting" else logging.INFO
         log.log(
             level,
@@ -187,76 +182,113 @@ class Health(Monitor):
     # -- Monitor events ------------------------------------------------------------------------
 
     def connected(self, mailbox: str) -> None:
-        if (source := self._sources.get(mailbox)) is None or source.state == "stopping":
+        if (source := self.sources.get(mailbox)) is None or source.state == "stopping":
             return
-        source.last_ok = self._clock()
+        source.last_ok = self.clock()
         self._set_state(mailbox, source, "connected", None)
 
     def disconnected(self, mailbox: str, reason: str) -> None:
-        if (source := self._sources.get(mailbox)) is None or source.state == "stopping":
+        if (source := self.sources.get(mailbox)) is None or source.state == "stopping":
             return
         source.reconnects += 1
-        self._reconnects.labels(mailbox).inc()
+        self.metrics.reconnects.labels(mailbox).inc()
         self._set_state(mailbox, source, "reconnecting", reason)
+
+    def restarted(self, mailbox: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.restarts.labels(mailbox).inc()
 
     def accepted(self, mailbox: str) -> int:
         token = next(self._tokens)
-        self._fetched.labels(mailbox).inc()
-        if (source := self._sources.get(mailbox)) is not None:
-            source.unsettled[token] = self._clock()
+        self.metrics.fetched.labels(mailbox).inc()
+        if (source := self.sources.get(mailbox)) is not None:
+            source.unsettled[token] = self.clock()
         return token
 
     def finished(self, mailbox: str, token: int) -> None:
         # The dispatcher calls outcome() just before, unless it gave up unsettled.
-        if (source := self._sources.get(mailbox)) is not None and source.settled > 0:
+        if (source := self.sources.get(mailbox)) is not None and source.settled > 0:
             source.settled -= 1
             source.unsettled.pop(token, None)
 
     def outcome(self, mailbox: str, outcome: Outcome, rule: str | None = None) -> None:
-        if (source := self._sources.get(mailbox)) is None:
+        if (source := self.sources.get(mailbox)) is None:
             return
-        self._last_progress = self._clock()  # progress is a settled message, nothing less
+        self._progress[source.webhook] = self.clock()  # progress is a settled message
         source.settled += 1
-        self._settled.labels(mailbox, outcome.value).inc()
+        self.metrics.settled.labels(mailbox, outcome.value).inc()
         if outcome is Outcome.IGNORED and rule is not None:
-            self._ignored.labels(mailbox, rule).inc()
+            self.metrics.ignored.labels(mailbox, rule).inc()
 
     def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
-        if mailbox not in self._sources:
+        if (source := self.sources.get(mailbox)) is None:
             return
-        self._requests.labels(mailbox, status_class).inc()
-        self._latency.labels(mailbox).observe(seconds)
+        self.metrics.requests.labels(mailbox, status_class).inc()
+        self.metrics.latency.labels(source.webhook).observe(seconds)
+
+    def circuit(self, webhook: str, *, is_open: bool) -> None:
+        if is_open:
+            self.open_circuits.add(webhook)
+        else:
+            self.open_circuits.discard(webhook)
 
     # -- readiness -----------------------------------------------------------------------------
 
-    def _mailbox_ready(self, source: _Source, now: float) -> bool:
+    def mailbox_ready(self, source: _Source, now: float) -> bool:
+        """Whether the source itself is ready (its webhook aside)."""
+        if self._stopping:
+            return False
         if source.kind == "imap":
             return source.state == "connected"
         assert source.poll_interval_s is not None
         window = 2 * source.poll_interval_s + GRAPH_GRACE_S
         return source.last_ok is not None and now - source.last_ok <= window
 
-    def _stalled(self, now: float) -> tuple[bool, int, float]:
-        """(stalled, unsettled count, age of the oldest unsettled message)."""
-        count, oldest = 0, now
-        for source in self._sources.values():
-            count += len(source.unsettled)
+    def webhook_states(self, now: float) -> dict[str, WebhookState]:
+        """Per webhook: stalled or not, its unsettled messages, the oldest one's age."""
+        counts: dict[str, int] = dict.fromkeys(self._progress, 0)
+        oldest: dict[str, float] = dict.fromkeys(self._progress, now)
+        for source in self.sources.values():
+            if source.webhook not in counts:
+                continue
+            counts[source.webhook] += len(source.unsettled)
             if source.unsettled:
-                oldest = min(oldest, next(iter(source.unsettled.values())))
+                first = next(iter(source.unsettled.values()))
+                oldest[source.webhook] = min(oldest[source.webhook], first)
         bound = self._stall_after_s
-        stalled = count > 0 and now - oldest > bound and now - self._last_progress > bound
-        return stalled, count, now - oldest
+        return {
+            label: WebhookState(
+                stalled=counts[label] > 0
+                and now - oldest[label] > bound
+                and now - progress > bound,
+                unsettled=counts[label],
+                oldest_age_s=now - oldest[label],
+                last_progress_age_s=now - progress,
+            )
+            for label, progress in self._progress.items()
+        }
+
+    def _needed(self, total: int) -> int:
+        """How many ready mailboxes make the process ready (``health.ready_when``)."""
+        if self._ready_when == "all":
+            return total
+        if self._ready_when == "any":
+            return min(1, total)
+        return math.ceil(float(self._ready_when) * total)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether the process is ready, and the ``/readyz`` body; logs a change once."""
-        now = self._clock()
+        now = self.clock()
+        webhooks = self.webhook_states(now)
         mailboxes: dict[str, Any] = {}
         not_ready = []
         for mailbox_id in self._expected:
-            source = self._sources[mailbox_id]
-            ready = not self._stopping and self._mailbox_ready(source, now)
+            source = self.sources[mailbox_id]
+            stalled = source.webhook in webhooks and webhooks[source.webhook].stalled
+            ready = self.mailbox_ready(source, now) and not stalled
             if not ready:
-                not_ready.append(f"{mailbox_id} {source.state}")
+                why = f"webhook {source.webhook} stalled" if stalled else source.state
+                not_ready.append(f"{mailbox_id} {why}")
             oldest = next(iter(source.unsettled.values()), now)
             mailboxes[mailbox_id] = {
                 "kind": source.kind,
@@ -264,32 +296,49 @@ class Health(Monitor):
                 "state": source.state,
                 "since_s": round(now - source.since, 3),
                 "reason": source.reason,
+                "webhook": source.webhook,
                 "last_ok_age_s": None if source.last_ok is None else round(now - source.last_ok, 3),
                 "reconnects": source.reconnects,
                 "unsettled": len(source.unsettled),
                 "oldest_unsettled_age_s": round(now - oldest, 3),
             }
-        stalled, count, oldest_age = self._stalled(now)
-        if stalled:
-            not_ready.append("dispatcher stalled")
-        if self._stopping:
-            not_ready.append("stopping")
-        self._log_readiness(tuple(not_ready), count, oldest_age)
+        needed = self._needed(len(self._expected))
+        ready_count = sum(1 for m in mailboxes.values() if m["ready"])
+        ready = not self._stopping and ready_count >= needed
+        reasons = () if ready else (*not_ready, *(("stopping",) if self._stopping else ()))
+        self._log_readiness(tuple(reasons), ready_count, needed)
+        stalled_webhooks = [label for label, state in webhooks.items() if state.stalled]
+        unsettled = sum(state.unsettled for state in webhooks.values())
+        oldest_age = max((state.oldest_age_s for state in webhooks.values()), default=0.0)
+        progress_age = min((state.last_progress_age_s for state in webhooks.values()), default=0.0)
         body = {
-            "ready": not not_ready,
+            "ready": ready,
             "stopping": self._stopping,
+            "ready_when": self._ready_when,
+            "mailboxes_ready": ready_count,
+            "mailboxes_needed": needed,
             "dispatcher": {
-                "stalled": stalled,
-                "unsettled": count,
+                "stalled": bool(stalled_webhooks),
+                "unsettled": unsettled,
                 "oldest_unsettled_age_s": round(oldest_age, 3),
-                "last_progress_age_s": round(now - self._last_progress, 3),
+                "last_progress_age_s": round(progress_age, 3),
                 "stall_after_s": self._stall_after_s,
+            },
+            "webhooks": {
+                label: {
+                    "stalled": state.stalled,
+                    "circuit_open": label in self.open_circuits,
+                    "unsettled": state.unsettled,
+                    "oldest_unsettled_age_s": round(state.oldest_age_s, 3),
+                    "last_progress_age_s": round(state.last_progress_age_s, 3),
+                }
+                for label, state in webhooks.items()
             },
             "mailboxes": mailboxes,
         }
-        return not not_ready, body
+        return ready, body
 
-    def _log_readiness(self, not_ready: tuple[str, ...], count: int, oldest_age: float) -> None:
+    def _log_readiness(self, not_ready: tuple[str, ...], ready: int, needed: int) -> None:
         if not_ready == self._not_ready:
             return
         first = self._not_ready is None
@@ -297,21 +346,26 @@ class Health(Monitor):
         if not not_ready:
             if not first:
                 log.info("health: ready")
-        elif "dispatcher stalled" in not_ready:
+        elif any("stalled" in reason for reason in not_ready):
             log.warning(
-                "health: not ready: %s (%d messages wait for an outcome, the oldest for %.0fs, "
-                "and none was settled for health.stall_after, %.0fs)",
-                ", ".join(not_ready),
-                count,
-                oldest_age,
+                "health: not ready (%d of %d mailboxes needed are ready): %s (messages wait "
+                "longer than health.stall_after, %.0fs, and none was settled meanwhile)",
+                ready,
+                needed,
+                _summary(not_ready),
                 self._stall_after_s,
             )
         elif not first and "stopping" not in not_ready:
-            log.warning("health: not ready: %s", ", ".join(not_ready))
+            log.warning(
+                "health: not ready (%d of %d mailboxes needed are ready): %s",
+                ready,
+                needed,
+                _summary(not_ready),
+            )
 
     async def check(self, done: asyncio.Event) -> None:
         """Evaluate readiness every few seconds until ``done``, so that changes nobody asks
-        about (a stalled dispatcher, an overdue Graph poll) are logged too."""
+        about (a stalled webhook, an overdue Graph poll) are logged too."""
         while not done.is_set():
             self.readiness()
             try:
@@ -321,46 +375,10 @@ class Health(Monitor):
                 continue
 
 
-class _StateCollector(Collector):
-    """The gauges, computed at scrape time from the state (ages grow between events)."""
-
-    def __init__(self, health: Health) -> None:
-        self._health = health
-
-    def collect(self) -> Iterable[Metric]:
-        health = self._health
-        now = health._clock()
-        connected = GaugeMetricFamily(
-            "mailroom_connected",
-            "1 while the mailbox is connected (IMAP) or its last poll succeeded (Graph).",
-            labels=["mailbox"],
-        )
-        ready = GaugeMetricFamily(
-            "mailroom_mailbox_ready", "1 while the mailbox counts as ready.", labels=["mailbox"]
-        )
-        unsettled = GaugeMetricFamily(
-            "mailroom_unsettled",
-            "Messages handed to the dispatcher and not yet settled.",
-            labels=["mailbox"],
-        )
-        oldest = GaugeMetricFamily(
-            "mailroom_unsettled_oldest_age_seconds",
-            "Age of the oldest message not yet settled (0 when there is none).",
-            labels=["mailbox"],
-        )
-        for mailbox, source in health._sources.items():
-            connected.add_metric([mailbox], float(source.state == "connected"))
-            is_ready = not health._stopping and health._mailbox_ready(source, now)
-            ready.add_metric([mailbox], float(is_ready))
-            unsettled.add_metric([mailbox], float(len(source.unsettled)))
-            first = next(iter(source.unsettled.values()), now)
-            oldest.add_metric([mailbox], now - first)
-        stalled = GaugeMetricFamily(
-            "mailroom_dispatcher_stalled",
-            "1 while messages wait longer than health.stall_after without any being settled.",
-            value=float(health._stalled(now)[0]),
-        )
-        yield from (connected, ready, unsettled, oldest, stalled)
+def _summary(reasons: tuple[str, ...], most: int = 10) -> str:
+    """At most ``most`` reasons: a thousand mailboxes down make one readable line."""
+    shown = ", ".join(reasons[:most])
+    return shown if len(reasons) <= most else f"{shown} and {len(reasons) - most} more"
 
 
 class HealthServer:
@@ -396,9 +414,10 @@ class HealthServer:
         )
 
     async def serve(self, done: asyncio.Event) -> None:
-        """The ``health`` task: check readiness until ``done``, then stop serving."""
+        """The ``health`` task: check readiness and measure the loop's lag until ``done``,
+        then stop serving."""
         try:
-            await self.health.check(done)
+            await asyncio.gather(self.health.check(done), self.health.metrics.measure_lag(done))
         finally:
             await self.close()
 
@@ -409,7 +428,7 @@ class HealthServer:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         # Answering at all shows that the process and its event loop are alive.
-        uptime = self.health._clock() - self.health.started
+        uptime = self.health.clock() - self.health.started
         return web.json_response({"status": "ok", "uptime_s": round(uptime, 3)})
 
     async def _readyz(self, request: web.Request) -> web.Response:

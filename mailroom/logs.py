@@ -14,10 +14,22 @@ import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["FIELDS", "configure"]
+__all__ = ["FIELDS", "MailboxLog", "configure"]
 
 # Structured fields a log call may pass in ``extra``.
 FIELDS = ("mailbox", "uid", "message_id", "webhook_id", "outcome", "status", "attempt", "delay_s")
+
+
+class MailboxLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger for one mailbox: every line starts with its id and carries it as a field."""
+
+    def __init__(self, logger: logging.Logger, mailbox: str) -> None:
+        super().__init__(logger, {"mailbox": mailbox})
+        self.prefix = mailbox.replace("%", "%%") + ": "  # the id is part of the format string
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(kwargs.get("extra") or {}), "mailbox": self.extra["mailbox"]}  # type: ignore[index]
+        return self.prefix + str(msg), kwargs
 
 
 class JsonFormatter(logging.Formatter):

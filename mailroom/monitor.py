@@ -22,6 +22,9 @@ class Monitor:
     def disconnected(self, mailbox: str, reason: str) -> None:
         """The connection was lost or an attempt failed; the source retries with backoff."""
 
+    def restarted(self, mailbox: str) -> None:
+        """The source survived an unexpected error (a bug): logged, counted, restarted."""
+
     def accepted(self, mailbox: str) -> int:
         """The dispatcher took a fetched message; returns the token for ``finished``."""
         return 0
@@ -35,3 +38,6 @@ class Monitor:
 
     def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
         """One webhook request ended: ``2xx``..``5xx``, or ``error`` (no answer)."""
+
+    def circuit(self, webhook: str, *, is_open: bool) -> None:
+        """The circuit breaker of ``webhook`` (its label) opened or closed."""

@@ -1,21 +1,26 @@
-"""Owns the TaskGroup, the signals and the bounded, ordered shutdown.
+"""Owns the TaskGroup, the signals, reloads and the bounded, ordered shutdown.
 
-Tasks: ``imap:<mailbox>`` per IMAP mailbox, ``graph:<mailbox>`` per Microsoft Graph mailbox
-and ``dispatch`` (the drain). A mailbox that fails
-(bad password, server down) retries on its own and never stops the others.
+Tasks: ``imap:<mailbox>`` per IMAP mailbox, ``graph:<mailbox>`` per Microsoft Graph mailbox,
+``health`` and ``dispatch`` (the drain). Each source is supervised on its own (the shared
+``Source`` lifecycle): a mailbox that fails (bad password, server down, a bug) is logged and
+retried with backoff and never stops the others. What sources share (the in-flight budget, the
+connect limit, token providers, Graph sessions, TLS contexts) is in ``Resources``.
 
 Shutdown on SIGTERM/SIGINT (a second SIGINT forces exit):
 
-1. the stop event is set; watchers stop sweeping and idling but keep their connections;
+1. the stop event is set; sources stop sweeping and idling but keep their connections;
 2. the dispatcher stops accepting and gives in-flight deliveries ``shutdown_timeout`` seconds,
    then cancels the rest and says how many were abandoned (they stay unread on the server);
-3. watchers apply the settlements that came in, LOGOUT and end (bounded as well).
+3. sources apply the settlements that came in, LOGOUT and end (bounded as well).
 
-SIGHUP reloads the config file. An invalid file is logged and refused; the running config stays.
-Otherwise mailboxes whose connection settings changed restart, new ones start, removed ones stop
-(each like a shutdown of its own: its deliveries finish and settle, then LOGOUT), and the others
-keep their connections. Changes to ``webhook``, routing, ``reject_notices``, ``log`` and
-``shutdown_timeout`` apply to new deliveries at once; ``health.listen`` only after a restart.
+SIGHUP reloads the config file in two phases. First everything the new config needs is built
+(the config itself, TLS contexts, token providers, sessions, webhooks); if anything fails, the
+error is logged and the running config stays untouched. Then the difference is applied:
+mailboxes whose connection settings changed restart, new ones start, removed ones stop (each
+like a shutdown of its own: its deliveries finish and settle, then LOGOUT), and the others keep
+their connections. Changes to ``webhook``, routing, ``reject_notices``, ``limits``, ``log``
+and ``shutdown_timeout`` apply at once; ``health.listen`` only after a restart. A SIGTERM
+during a reload is honoured at once.
 """
 
 from __future__ import annotations
@@ -23,27 +28,37 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
 import logging
 import os
+import random
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from mailroom import logs
+from mailroom.backoff import backoff_delay
 from mailroom.config import Config, ImapMailboxConfig, MailboxConfig
 from mailroom.dispatch import Dispatcher
 from mailroom.errors import ConfigError
 from mailroom.health import Health, HealthServer
+from mailroom.resources import Resources
 from mailroom.sources.graph import GraphPoller
 from mailroom.sources.imap import ImapWatcher
+from mailroom.sources.lifecycle import Source, wait_any
 
 __all__ = ["run"]
 
 log = logging.getLogger("mailroom")
 
-# After the dispatcher drained: time for watchers to apply settlements and LOGOUT.
+# After the dispatcher drained: time for sources to apply settlements and LOGOUT.
 SOURCE_CLOSE_TIMEOUT_S = 10.0
 # Mailbox settings only the dispatcher reads: changing them restarts no connection.
 DISPATCH_ONLY = frozenset({"webhook", "routing"})
+# Mailboxes started together begin within this spread (per mailbox, up to the cap), so their
+# first sweeps and polls do not all land in the same instant.
+STAGGER_PER_MAILBOX_S = 0.002
+STAGGER_MAX_S = 2.0
 
 
 def _install_signals(stop: asyncio.Event, reload: asyncio.Event) -> list[signal.Signals]:
@@ -77,42 +92,69 @@ def _connection(config: MailboxConfig) -> tuple[object, ...]:
     return (type(config), *(getattr(config, f.name) for f in fields if f.name not in DISPATCH_ONLY))
 
 
-async def _wait_first(*events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
+def _source(
+    config: MailboxConfig,
+    *,
+    dispatcher: Dispatcher,
+    health: Health,
+    resources: Resources,
+    stopping: asyncio.Event,
+    drained: asyncio.Event,
+) -> Source[int] | Source[str]:
+    if isinstance(config, ImapMailboxConfig):
+        tokens = (
+            resources.token_provider(config.oauth, label=config.id)
+            if config.oauth is not None
+            else None
+        )
+        return ImapWatcher(
+            config,
+            dispatcher.submit,
+            stopping=stopping,
+            drained=drained,
+            monitor=health,
+            budget=resources.budget,
+            connects=resources.connects,
+            token=tokens.token if tokens is not None else None,
+            invalidate=tokens.invalidate if tokens is not None else None,
+        )
+    options = config.inbox_options
+    return GraphPoller(
+        config,
+        dispatcher.submit,
+        stopping=stopping,
+        drained=drained,
+        tokens=resources.token_provider(options.oauth, label=config.id),
+        http=resources.graph_session(options),
+        monitor=health,
+        budget=resources.budget,
+    )
 
 
 class _Mailbox:
     """One source task with stop and drain events of its own, so that a reload can stop it
     alone."""
 
-    def __init__(self, config: MailboxConfig, dispatcher: Dispatcher, health: Health) -> None:
+    def __init__(self, source_for: Callable[..., Source[Any]]) -> None:
         self.stopping = asyncio.Event()
         self.drained = asyncio.Event()
-        self.source: ImapWatcher | GraphPoller
-        if isinstance(config, ImapMailboxConfig):
-            self.name = f"imap:{config.id}"
-            self.source = ImapWatcher(
-                config,
-                dispatcher.submit,
-                stopping=self.stopping,
-                drained=self.drained,
-                monitor=health,
-            )
-        else:
-            self.name = f"graph:{config.id}"
-            self.source = GraphPoller(
-                config,
-                dispatcher.submit,
-                stopping=self.stopping,
-                drained=self.drained,
-                monitor=health,
-            )
+        self.source = source_for(stopping=self.stopping, drained=self.drained)
+        self.name = f"{self.source.kind}:{self.source.id}"
         self.task: asyncio.Task[None] | None = None
+
+    async def run(self, delay_s: float) -> None:
+        if delay_s > 0:
+            await wait_any((self.stopping,), timeout_s=delay_s)
+        for attempt in range(1, 2**31):
+            try:
+                await self.source.run()
+                return
+            except Exception:  # Source.run never raises: a bug there still stops no one else
+                delay = backoff_delay(attempt, initial_s=1.0, max_s=300.0)
+                log.exception(
+                    "%s: the source failed; restarting it in %.1fs", self.source.id, delay
+                )
+                await wait_any((self.drained,), timeout_s=delay)
 
     async def close(self) -> None:
         """After its deliveries were drained: apply settlements, LOGOUT and end (bounded)."""
@@ -132,26 +174,47 @@ class _Running:
     """The mailboxes of one ``run``: started, reloaded, shut down."""
 
     def __init__(
-        self, config: Config, dispatcher: Dispatcher, health: Health, group: asyncio.TaskGroup
+        self,
+        config: Config,
+        dispatcher: Dispatcher,
+        health: Health,
+        resources: Resources,
+        group: asyncio.TaskGroup,
     ) -> None:
         self.config = config
         self.dispatcher = dispatcher
         self.health = health
+        self.resources = resources
         self.group = group
         self.mailboxes: dict[str, _Mailbox] = {}
+        self.retiring: list[_Mailbox] = []  # being stopped by a reload
 
-    def start(self, config: MailboxConfig) -> None:
-        self.health.starting(config.id)
-        mailbox = self.mailboxes[config.id] = _Mailbox(config, self.dispatcher, self.health)
-        mailbox.task = self.group.create_task(mailbox.source.run(), name=mailbox.name)
+    def start(self, configs: list[MailboxConfig]) -> None:
+        spread = min(STAGGER_MAX_S, STAGGER_PER_MAILBOX_S * len(configs)) if len(configs) > 1 else 0
+        for config in configs:
+            self.health.starting(config.id)
+            mailbox = _Mailbox(
+                functools.partial(
+                    _source,
+                    config,
+                    dispatcher=self.dispatcher,
+                    health=self.health,
+                    resources=self.resources,
+                )
+            )
+            self.mailboxes[config.id] = mailbox
+            delay = random.uniform(0, spread)
+            mailbox.task = self.group.create_task(mailbox.run(delay), name=mailbox.name)
 
     async def stop(self, mailbox_id: str) -> None:
         """Stop one mailbox like a shutdown: its deliveries finish and settle, then LOGOUT."""
         mailbox = self.mailboxes.pop(mailbox_id)
+        self.retiring.append(mailbox)
         self.health.stopping(mailbox_id)
         mailbox.stopping.set()
         await self.dispatcher.drain_mailbox(mailbox_id, self.config.shutdown_timeout_s)
         await mailbox.close()
+        self.retiring.remove(mailbox)
 
     async def reload(self, load: Callable[[], Config] | None) -> None:
         """Load the config again and apply the difference; refuse an invalid one."""
@@ -166,7 +229,14 @@ class _Running:
         except Exception:
             log.exception("reload refused, the running config stays: cannot load the config")
             return
-        old, self.config = self.config, new
+        try:  # phase one: build everything the new config needs, change nothing yet
+            self.resources.prepare(new)
+            prepared = self.dispatcher.prepare(new)
+        except Exception as exc:
+            log.error("reload refused, the running config stays: %s: %s", type(exc).__name__, exc)
+            await self.resources.retain(self.config)
+            return
+        old, self.config = self.config, new  # phase two: apply
         before = {m.id: m for m in old.mailboxes}
         after = {m.id: m for m in new.mailboxes}
         removed = [i for i in before if i not in after]
@@ -175,12 +245,13 @@ class _Running:
         ]
         added = [i for i in after if i not in before]
         await asyncio.gather(*(self.stop(i) for i in (*removed, *changed)))
-        self.dispatcher.reconfigure(new)
+        self.dispatcher.apply(prepared)
         self.health.configure(new)
+        self.resources.apply_limits(new)
         for mailbox_id in removed:
             self.health.forget(mailbox_id)
-        for mailbox_id in (*changed, *added):
-            self.start(after[mailbox_id])
+        self.start([after[i] for i in (*changed, *added)])
+        await self.resources.retain(new)
         if new.log != old.log:
             logs.configure(new.log.format, new.log.level)
         listen = [(h.host, h.port) if h else None for h in (old.health, new.health)]
@@ -199,13 +270,14 @@ class _Running:
     async def shutdown(self) -> int:
         """Stop the sources, drain the dispatcher (bounded), then close the sources."""
         self.health.stopping()
-        for mailbox in self.mailboxes.values():
+        everything = [*self.mailboxes.values(), *self.retiring]
+        for mailbox in everything:
             mailbox.stopping.set()
         timeout_s = self.config.shutdown_timeout_s
         log.info("stopping: draining deliveries (up to %.0fs)", timeout_s)
         drain = self.group.create_task(self.dispatcher.drain(timeout_s), name="dispatch")
         abandoned = await drain
-        await asyncio.gather(*(mailbox.close() for mailbox in self.mailboxes.values()))
+        await asyncio.gather(*(mailbox.close() for mailbox in everything))
         return abandoned
 
 
@@ -237,31 +309,39 @@ async def run(
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()
     installed = _install_signals(stop, reload)
-    health = Health(config)
+    resources = Resources(config)
+    health = Health(config, budget=resources.budget)
     server = HealthServer(health, config.health) if config.health is not None else None
     finished = asyncio.Event()
+    abandoned = 0
     try:
+        resources.prepare(config)
         if server is not None:
             await _listen(server)  # before any mailbox: a port in use fails at once
         async with Dispatcher(config, health) as dispatcher, asyncio.TaskGroup() as group:
             if server is not None:
                 group.create_task(server.serve(finished), name="health")
-            running = _Running(config, dispatcher, health, group)
-            for mailbox in config.mailboxes:
-                running.start(mailbox)
+            running = _Running(config, dispatcher, health, resources, group)
+            running.start(list(config.mailboxes))
             log.info("mailroom started: %d mailbox(es)", len(config.mailboxes))
             while True:  # one turn per SIGHUP, until stopped
-                await _wait_first(stop, reload)
+                await wait_any((stop, reload))
                 if stop.is_set():
                     break
                 reload.clear()
-                await running.reload(load)
+                reloading = asyncio.create_task(running.reload(load), name="reload")
+                await wait_any((stop,), futures=(reloading,))
+                if not reloading.done():  # SIGTERM during a reload: stop now
+                    reloading.cancel()
+                    log.info("reload interrupted by the stop")
+                await asyncio.wait({reloading})
             abandoned = await running.shutdown()
             finished.set()
     finally:
         finished.set()
         if server is not None:
             await server.close()
+        await resources.close()
         loop = asyncio.get_running_loop()
         for sig in installed:
             loop.remove_signal_handler(sig)

@@ -1,22 +1,102 @@
-"""TLS client contexts, one way for every connection mailroom makes (IMAP, webhook, SMTP)."""
+"""TLS client contexts: one trust rule for every connection mailroom makes, built once per key.
+
+Every TLS client (IMAP, SMTP, webhook, Entra ID, Graph) trusts the same set: the system store,
+what ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` / ``REQUESTS_CA_BUNDLE`` name (how users hand a private
+or TLS-inspection CA to Python programs), and the config's ``ca_file`` on top. OpenSSL lets
+``SSL_CERT_FILE`` *replace* the system file, so the system's own paths are loaded as well.
+
+Building a context costs about 16 ms (it parses the whole system store), so contexts are shared
+by key: ``(ca_file, verify)`` plus the identity of the files behind it, so an edited CA file
+gets a new context on the next reload. Contexts are never modified after they are built.
+"""
 
 from __future__ import annotations
 
+import os
 import ssl
+import threading
+from pathlib import Path
 
-__all__ = ["client_context"]
+__all__ = ["TlsConfigError", "client_context", "trust_sources"]
+
+_ENV_FILES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
+_ENV_DIRS = ("SSL_CERT_DIR",)
+_cache: dict[tuple[object, ...], ssl.SSLContext] = {}
+_lock = threading.Lock()  # contexts are also built in threads (config load, msal)
 
 
-def client_context(*, ca_file: str | None, verify: bool) -> ssl.SSLContext:
-    """The system's trust store plus ``ca_file`` (a private CA), hostname checked.
+class TlsConfigError(ValueError):
+    """A CA file (or a variable naming one) cannot be used; ``str()`` says which and why."""
+
+
+def trust_sources(ca_file: str | None = None) -> tuple[list[str], list[str]]:
+    """The CA files and directories a context trusts, in the order they are loaded."""
+    paths = ssl.get_default_verify_paths()
+    files = [paths.openssl_cafile]
+    dirs = [paths.openssl_capath]
+    files += [os.environ[name] for name in _ENV_FILES if os.environ.get(name)]
+    dirs += [
+        entry for name in _ENV_DIRS for entry in os.environ.get(name, "").split(os.pathsep) if entry
+    ]
+    if ca_file:
+        files.append(ca_file)
+    return list(dict.fromkeys(files)), list(dict.fromkeys(dirs))
+
+
+def _signature(path: str) -> tuple[object, ...]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (path, None)
+    return (path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def client_context(
+    *, ca_file: str | None, verify: bool = True, private: bool = False
+) -> ssl.SSLContext:
+    """The shared context trusting ``trust_sources(ca_file)``, hostname checked.
+
+    ``private=True`` builds one that is not shared, for a client that changes the contexts it
+    is given (urllib3 sets ALPN and the verify mode on them: msal's requests session).
 
     ``verify=False`` turns verification off entirely (the config's ``tls_verify: false``): for
-    a throwaway test server only, never for production mail.
+    a throwaway test server only, never for production mail. ``TlsConfigError`` when
+    ``ca_file`` (or a file an environment variable names) holds no usable certificate.
     """
-    context = ssl.create_default_context()
-    if ca_file:
-        context.load_verify_locations(cafile=ca_file)
+    files, dirs = trust_sources(ca_file)
+    if private:
+        return _build(files, dirs, ca_file, verify)
+    key = (verify, tuple(_signature(f) for f in files), tuple(dirs))
+    with _lock:
+        context = _cache.get(key)
+        if context is None:
+            context = _cache[key] = _build(files, dirs, ca_file, verify)
+    return context
+
+
+def _build(files: list[str], dirs: list[str], ca_file: str | None, verify: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context()  # TLS 1.2+, hostname check, the default paths
+    for path in files:
+        if path != ca_file and not Path(path).is_file():
+            continue  # an unset default or a variable naming nothing: the others still count
+        try:
+            context.load_verify_locations(cafile=path)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            what = "ca_file" if path == ca_file else _variable_for(path)
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            raise TlsConfigError(
+                f"{what} {path} cannot be used as a CA bundle ({reason}); it must hold PEM "
+                "certificates (-----BEGIN CERTIFICATE-----)"
+            ) from exc
+    for path in dirs:
+        if Path(path).is_dir():
+            context.load_verify_locations(capath=path)
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _variable_for(path: str) -> str:
+    names = [name for name in _ENV_FILES if os.environ.get(name) == path]
+    return f"the file named by {names[0]}" if names else "the system CA file"

@@ -12,12 +12,13 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
 
 from mailroom import message, routing
-from mailroom.config import JwtConfig, WebhookConfig
+from mailroom.config import JwtConfig, WebhookConfig, origin
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
 
@@ -27,6 +28,7 @@ __all__ = [
     "build_payload",
     "classify",
     "jwt_token",
+    "labels",
     "payload_body",
     "request_headers",
     "retry_after",
@@ -39,6 +41,9 @@ MAX_ANSWER_BYTES = 64 * 1024
 # a fix will cure, so the message waits for it instead of being dead-lettered.
 TRANSIENT = frozenset({408, 425, 429})
 MISCONFIGURED = frozenset({401, 403, 404})
+# 409 Conflict: the receiver already has this webhook-id (a repeat after a crash or a
+# failover); the message is settled as delivered.
+CONFLICT = 409
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +168,8 @@ def request_headers(
 
 
 def classify(status: int, answer: bytes, retry_after: float | None) -> Outcome | Rejected:
-    if 200 <= status < 300:
+    """What an answer means (README, "Delivery semantics"); raises for a failure."""
+    if 200 <= status < 300 or status == CONFLICT:
         return Outcome.DELIVERED
     if status == 422:
         reason = _reject_reason(answer)
@@ -193,3 +199,16 @@ def _reject_reason(answer: bytes) -> str | None:
     if isinstance(document, dict) and isinstance(document.get("reject"), str):
         return str(document["reject"])
     return None
+
+
+def labels(webhooks: Iterable[WebhookConfig]) -> dict[WebhookConfig, str]:
+    """A name for each webhook, fit for logs and metric labels: its ``scheme://host:port``
+    (a path or a query can hold a credential), plus a short digest of the whole URL where two
+    webhooks share an origin."""
+    unique = list(dict.fromkeys(webhooks))
+    origins = [origin(hook.url) for hook in unique]
+    named = {}
+    for hook, name in zip(unique, origins, strict=True):
+        digest = hashlib.sha256(hook.url.encode()).hexdigest()[:6]
+        named[hook] = f"{name}~{digest}" if origins.count(name) > 1 else name
+    return named

@@ -340,15 +340,32 @@ async def test_wrong_secret_is_reported_clearly_and_only_that_mailbox_suffers(
     assert webhook.requests[0].headers["X-Mailroom-Mailbox"] == "good"
 
 
-async def test_environment_ca_bundle_does_not_decide_trust(
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"])
+async def test_a_private_ca_given_only_through_the_environment_is_trusted(
+    entra: EntraGraph, webhook: WebhookReceiver, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    # How users hand Python programs a private CA: Entra ID (msal's requests) and Graph
+    # (aiohttp) both trust it, on top of the system store, with no ca_file in the config.
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, str(tls.ca_file()))
+    entra.add_message(message(1))
+    config = graph_config(entra, webhook.url, inbox_options={"ca_file": None})
+    async with running(config):
+        await webhook.wait_for(1)
+    assert len(entra.of_kind("token")) == 1
+
+
+async def test_an_untrusted_endpoint_is_said_clearly(
     entra: EntraGraph,
     webhook: WebhookReceiver,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # requests would let REQUESTS_CA_BUNDLE replace verify=; mailroom's session ignores it.
-    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
-        monkeypatch.setenv(name, str(tls.ca_file()))
+    # CURL_CA_BUNDLE is curl's, not Python's: requests would let it replace the trust.
+    for name in ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CURL_CA_BUNDLE", str(tls.ca_file()))
     config = graph_config(entra, webhook.url, inbox_options={"ca_file": None})
     async with running(config):
         await wait_until(lambda: alogged(caplog, "not trusted"), what="the TLS error")

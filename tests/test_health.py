@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailroom import supervisor
-from mailroom.config import ConfigError, parse_config
+from mailroom.config import ConfigError, origin, parse_config
 from mailroom.envelope import Outcome
 from mailroom.health import GRAPH_GRACE_S, Health
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
@@ -125,12 +125,18 @@ async def test_metrics_after_known_traffic_are_exact(
         for s in ("2xx", "3xx", "4xx", "5xx", "error")
     }
     assert requests == {"2xx": 2, "3xx": 0, "4xx": 1, "5xx": 0, "error": 0}
-    assert value(metrics, "mailroom_webhook_request_duration_seconds_count", mailbox=box) == 3
+    hook = origin(webhook.url)  # latency is per webhook, not per mailbox
+    assert value(metrics, "mailroom_webhook_request_duration_seconds_count", webhook=hook) == 3
     assert (
-        value(metrics, "mailroom_webhook_request_duration_seconds_bucket", mailbox=box, le="+Inf")
+        value(metrics, "mailroom_webhook_request_duration_seconds_bucket", webhook=hook, le="+Inf")
         == 3
     )
-    assert 0 < value(metrics, "mailroom_webhook_request_duration_seconds_sum", mailbox=box) < 15
+    assert 0 < value(metrics, "mailroom_webhook_request_duration_seconds_sum", webhook=hook) < 15
+    assert not [name for name, _ in metrics if name.endswith("_created")]
+    assert value(metrics, "mailroom_source_restarts_total", mailbox=box) == 0
+    assert value(metrics, "mailroom_webhook_circuit_open", webhook=hook) == 0
+    assert value(metrics, "mailroom_in_flight_messages") == 0
+    assert value(metrics, "mailroom_in_flight_limit_messages") == 2048
     assert value(metrics, "mailroom_reconnects_total", mailbox=box) == 0
     assert value(metrics, "mailroom_connected", mailbox=box) == 1
     assert value(metrics, "mailroom_mailbox_ready", mailbox=box) == 1
@@ -145,6 +151,7 @@ async def test_metrics_after_known_traffic_are_exact(
         "state": "connected",
         "since_s": 0,
         "reason": None,
+        "webhook": hook,
         "last_ok_age_s": 0,
         "reconnects": 0,
         "unsettled": 0,
@@ -226,11 +233,18 @@ async def test_a_stalled_webhook_makes_the_dispatcher_not_ready(
         await webhook.wait_for(1)
         await wait_until(probe.not_ready, timeout=5, what="stalled")
         body = (await probe.get("/readyz"))[1]
+        hook = origin(webhook.url)
         assert body["dispatcher"]["stalled"] is True
         assert body["dispatcher"]["unsettled"] == 1
         assert body["dispatcher"]["oldest_unsettled_age_s"] > 1
-        assert body["mailboxes"][account.user]["ready"] is True  # the mailbox itself is fine
-        assert value(await probe.metrics(), "mailroom_dispatcher_stalled") == 1
+        assert body["webhooks"][hook]["stalled"] is True
+        assert body["webhooks"][hook]["unsettled"] == 1
+        mailbox = body["mailboxes"][account.user]
+        assert mailbox["state"] == "connected"  # the mailbox itself is fine, its webhook is not
+        assert mailbox["ready"] is False and mailbox["webhook"] == hook
+        metrics = await probe.metrics()
+        assert value(metrics, "mailroom_dispatcher_stalled") == 1
+        assert value(metrics, "mailroom_webhook_stalled", webhook=hook) == 1
         webhook.release()
         await wait_until(probe.ready, what="ready again")
 

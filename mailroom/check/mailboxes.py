@@ -233,7 +233,10 @@ async def graph(report: Report, config: GraphMailboxConfig) -> None:
             more = " or more" if url is not None else ""
             return backlog(tally, len(ids), config, more=more)
 
-        await target.run("token", token)
-        await target.run("folder", folder)
-        await target.run("unread", unread, blocking=False)
-        await target.run("patch", patch)
+        try:
+            await target.run("token", token)
+            await target.run("folder", folder)
+            await target.run("unread", unread, blocking=False)
+            await target.run("patch", patch)
+        finally:
+            tokens.close()

@@ -27,6 +27,7 @@ from mailroom.config.model import (
     HealthConfig,
     ImapMailboxConfig,
     JwtConfig,
+    LimitsConfig,
     LogConfig,
     MailboxConfig,
     OAuthConfig,
@@ -40,6 +41,7 @@ from mailroom.config.reader import Section, missing, origin, shown
 from mailroom.config.sample import SAMPLE_HINT
 from mailroom.config.sections import (
     _health,
+    _limits,
     _reject_notices,
     _warnings,
     _webhook,
@@ -56,6 +58,7 @@ __all__ = [
     "HealthConfig",
     "ImapMailboxConfig",
     "JwtConfig",
+    "LimitsConfig",
     "LogConfig",
     "MailboxConfig",
     "OAuthConfig",
@@ -137,6 +140,9 @@ def parse_config(
     health = None
     if (health_section := root.section("health")) is not None:
         health = _health(health_section)
+    limits = LimitsConfig()
+    if (limits_section := root.section("limits")) is not None:
+        limits = _limits(limits_section)
     config = Config(
         mailboxes=mailboxes,
         webhook=top_webhook,
@@ -144,6 +150,7 @@ def parse_config(
         shutdown_timeout_s=root.number("shutdown_timeout", 20.0, lo=0.1, hi=3600),
         reject_notices=notices,
         health=health,
+        limits=limits,
         warnings=_warnings(mailboxes, notices, top_webhook) + tuple(credentials_warnings),
         credentials=credentials_settings,
     )

@@ -122,7 +122,7 @@ def _mailbox(
         ssl=ssl,
         start_tls=start_tls,
         tls_verify=section.flag("tls_verify", True),
-        ca_file=section.path_value("ca_file"),
+        ca_file=section.ca_file(),
         user=user,
         password=password,
         auth=auth,
@@ -130,6 +130,7 @@ def _mailbox(
         mailbox=mailbox,
         idle_timeout_s=section.number("idle_timeout", 60.0, lo=1, hi=IDLE_TIMEOUT_MAX_S),
         search_command=section.text("search_command", "UNSEEN"),
+        search_command_exact=section.flag("search_command_exact", False),
         delete_after_delivery=section.flag("delete_after_delivery", True),
         expunge_deleted=section.flag("expunge_deleted", False),
         failed_folder=section.text("failed_folder", None),
@@ -182,7 +183,7 @@ def _oauth(section: Section, *, scope: str | None) -> OAuthConfig:
             section, "azure_ad_endpoint", "https://login.microsoftonline.com"
         ),
         scope=scope or _scope(section),
-        ca_file=section.path_value("ca_file"),
+        ca_file=section.ca_file(),
         tls_verify=section.flag("tls_verify", True),
     )
 

@@ -92,11 +92,26 @@ class ImapMailboxConfig:
     mailbox: str = "INBOX"
     idle_timeout_s: float = 60.0
     search_command: str = "UNSEEN"
+    search_command_exact: bool = False  # True: search_command is sent as written
     delete_after_delivery: bool = True
     expunge_deleted: bool = False
     failed_folder: str | None = None
     max_message_bytes: int = 26_214_400
     webhook: WebhookConfig
+
+    @property
+    def search_criteria(self) -> str:
+        """What is searched for: ``search_command`` and UNSEEN and not dead-lettered, so that
+        criteria like ``ALL`` cannot find settled mail again (unless ``search_command_exact``).
+        RFC 3501 §6.4.4: search keys are ANDed, and CHARSET may only come first."""
+        if self.search_command_exact:
+            return self.search_command
+        tokens = self.search_command.upper().split()
+        unseen = "" if {"UNSEEN", "NEW"} & set(tokens) else " UNSEEN"
+        return f"{self.search_command}{unseen} NOT KEYWORD {FAILED_KEYWORD}"
+
+
+FAILED_KEYWORD = "$MailroomFailed"  # the IMAP keyword of a dead letter without failed_folder
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -219,7 +234,19 @@ class HealthConfig:
 
     host: str = "127.0.0.1"  # config key `listen: "host:port"`
     port: int = 8080  # 0: any free port (logged)
-    stall_after_s: float = 300.0  # the dispatcher is stalled: no progress for this long
+    stall_after_s: float = 300.0  # a webhook is stalled: no progress for this long
+    # Ready when all mailboxes are, any one is, or at least this fraction of them (0 < f <= 1).
+    ready_when: Literal["all", "any"] | float = "all"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    """``limits:``, process-wide: what may be in flight across all mailboxes, and how many
+    connects and logins may run at once. The defaults fit a 512 MiB container."""
+
+    in_flight_messages: int = 2048
+    in_flight_bytes: int = 64 * 1024 * 1024
+    connects: int = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -232,5 +259,6 @@ class Config:
     shutdown_timeout_s: float = 20.0
     reject_notices: RejectNoticesConfig | None = None  # None: notices are off
     health: HealthConfig | None = None  # None (absent or null): no health server
+    limits: LimitsConfig = LimitsConfig()
     warnings: tuple[str, ...] = ()  # advice found at load, "<dotted.path>: ..."; log them
     credentials: CredentialsConfig | None = None  # where user/password came from, if anywhere

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
 
+from mailroom import tls
 from mailroom.config.document import WORD, key_name, walk
 from mailroom.config.model import Secret
 from mailroom.errors import ConfigError
@@ -35,12 +36,13 @@ SECRET_FILE_MAX_BYTES = 64 * 1024  # a secret file holds one secret, not /dev/ze
 # getters, so a new key cannot be forgotten here.
 _KEY_NAMES = """
     address algorithm auth azure_ad_endpoint basic ca_file client_id client_secret
-    client_secret_file concurrency credentials delete_after_delivery enabled expunge_deleted
-    failed_folder file footer format from give_up_after graph_endpoint header health host id
-    idle_timeout ignore_auto_generated inbox_method inbox_options initial issuer jwt key_file
-    level listen log mailbox mailboxes max max_message_bytes oauth own_addresses password
-    password_file poll_interval port reject_notices reply_host require_authenticated_sender
-    retry scope search_command secret secret_file shutdown_timeout signing_secret
+    client_secret_file concurrency connects credentials delete_after_delivery enabled
+    expunge_deleted failed_folder file footer format from give_up_after graph_endpoint header
+    health host id idle_timeout ignore_auto_generated in_flight_bytes in_flight_messages
+    inbox_method inbox_options initial issuer jwt key_file level limits listen log mailbox
+    mailboxes max max_message_bytes oauth own_addresses password password_file poll_interval
+    port ready_when reject_notices reply_host require_authenticated_sender retry scope
+    search_command search_command_exact secret secret_file shutdown_timeout signing_secret
     signing_secret_file smtp ssl stall_after start_tls tenant_id timeout tls_verify token
     token_file trusted_authserv_ids url user webhook
 """
@@ -266,6 +268,23 @@ class Section:
         if not query and (parts.query or parts.fragment or value.endswith(("?", "#"))):
             self.fail(key, f"{origin(value)}: must not carry a ?query or #fragment; remove it")
         return value
+
+    def ca_file(self, key: str = "ca_file") -> str | None:
+        """A CA bundle, loaded now into the TLS context every client will use: a file that is
+        not PEM is a config error here, not a failing connection later."""
+        path = self.path_value(key)
+        if path is not None:
+            try:
+                tls.client_context(ca_file=path)
+            except tls.TlsConfigError as exc:
+                if str(exc).startswith("ca_file "):  # tls names the file: not here (read_file)
+                    self.fail(
+                        key,
+                        "the file it names holds no PEM certificates (-----BEGIN "
+                        "CERTIFICATE-----); it cannot be used as a CA bundle",
+                    )
+                self.fail(key, str(exc))  # a file SSL_CERT_FILE or REQUESTS_CA_BUNDLE names
+        return path
 
     def secret(self, key: str, *, required: bool) -> Secret | None:
         file_key = f"{key}_file"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from typing import Literal, cast
 
 from mailroom import routing
 from mailroom.config.model import (
@@ -12,6 +13,7 @@ from mailroom.config.model import (
     HealthConfig,
     ImapMailboxConfig,
     JwtConfig,
+    LimitsConfig,
     MailboxConfig,
     RejectNoticesConfig,
     RetryConfig,
@@ -71,7 +73,7 @@ def _webhook(section: Section) -> WebhookConfig:
         token=token,
         basic=basic,
         tls_verify=section.flag("tls_verify", True),
-        ca_file=section.path_value("ca_file"),
+        ca_file=section.ca_file(),
         retry=retry,
     )
     section.done()
@@ -116,7 +118,7 @@ def _smtp(section: Section) -> SmtpConfig:
         ssl=ssl,
         start_tls=start_tls,
         tls_verify=section.flag("tls_verify", True),
-        ca_file=section.path_value("ca_file"),
+        ca_file=section.ca_file(),
         user=user,
         password=password,
         timeout_s=section.number("timeout", 30.0, lo=0.1, hi=600),
@@ -227,6 +229,40 @@ def _health(section: Section) -> HealthConfig:
         host=host,
         port=int(port),
         stall_after_s=section.number("stall_after", 300.0, lo=1, hi=86_400),
+        ready_when=_ready_when(section),
+    )
+    section.done()
+    return config
+
+
+def _ready_when(section: Section) -> Literal["all", "any"] | float:
+    """``all``, ``any``, or a fraction of the mailboxes (``0.9``, or ``90%``)."""
+    value = section.raw("ready_when", "all")
+    if value in ("all", "any"):
+        return cast(Literal["all", "any"], value)
+    text = str(value).strip()
+    try:
+        fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        fraction = -1.0
+    if isinstance(value, bool) or not 0 < fraction <= 1:
+        section.fail(
+            "ready_when", "expected all, any, or a fraction of the mailboxes like 0.9 or 90%"
+        )
+    return fraction
+
+
+def _limits(section: Section) -> LimitsConfig:
+    """``limits: {in_flight_messages, in_flight_bytes, connects}``, process-wide."""
+    default = LimitsConfig()
+    config = LimitsConfig(
+        in_flight_messages=section.number(
+            "in_flight_messages", default.in_flight_messages, lo=1, hi=10**7, integer=True
+        ),
+        in_flight_bytes=section.number(
+            "in_flight_bytes", default.in_flight_bytes, lo=1 << 20, hi=1 << 40, integer=True
+        ),
+        connects=section.number("connects", default.connects, lo=1, hi=10_000, integer=True),
     )
     section.done()
     return config

@@ -17,6 +17,10 @@ The loop (Microsoft Graph v1.0, application permission ``Mail.ReadWrite``):
    failure of that message alone is retried next poll, and after ``MAX_FETCH_FAILURES`` polls
    in a row it is left unread and not fetched again until a restart.
 
+Supervision, the in-flight set and settlement are the shared ``Source`` lifecycle; polls are
+jittered (±10 % of ``poll_interval``) so that many mailboxes do not poll in step, and each fetch
+takes room in the process-wide budget first.
+
 Every request asks for immutable ids (``Prefer: IdType="ImmutableId"``, Graph "Obtain
 immutable identifiers for Outlook resources"), so a message keeps its id, and its webhook-id,
 when it is moved. 429 and 503 honour ``Retry-After`` (Graph throttling guidance); a 401 gets
@@ -29,30 +33,32 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
+import aiohttp
+
 from mailroom.auth import TokenProvider
-from mailroom.backoff import backoff_delay
+from mailroom.budget import Budget, Reservation
 from mailroom.config import GraphMailboxConfig
-from mailroom.envelope import Envelope, Outcome
-from mailroom.errors import GraphError, SourceError, TokenError
+from mailroom.envelope import Envelope
+from mailroom.errors import GraphError, SourceError
 from mailroom.monitor import Monitor
 from mailroom.sources.graph_client import GraphClient, discard, read_mime
+from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
 
 __all__ = ["GraphPoller", "idempotency_key"]
 
 log = logging.getLogger("mailroom.graph")
 
 MAX_IN_FLIGHT = 64  # messages handed to the dispatcher and not yet settled
-MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 PAGE_SIZE = 50  # $top
-BACKOFF_INITIAL_S = 1.0
-BACKOFF_MAX_S = 300.0
 RETRY_AFTER_MIN_S = 1.0  # a Retry-After of 0 (or a past date) still waits this long
 RETRY_AFTER_MAX_S = 900.0  # a Retry-After beyond this is taken as this
+POLL_JITTER = 0.1  # each poll interval is poll_interval ± this fraction of it
 MAX_PAGES = 20  # per poll: a cyclic or endless @odata.nextLink cannot hold the loop
 MAX_FETCH_FAILURES = 5  # polls in a row a message's $value failed: then skipped until restart
 FAILURES_IN_A_ROW = 3  # messages failing one after another: Graph's fault, not theirs
@@ -80,16 +86,17 @@ def _transient(exc: SourceError) -> bool:
     return exc.status in (401, 403, 408, 429) or exc.status >= 500
 
 
-@dataclass(slots=True)
-class _Settlement:
-    message_id: str
-    categories: tuple[str, ...]
-    outcome: Outcome
-    done: asyncio.Future[None] = field(repr=False)
+class GraphPoller(Source[str]):
+    """Polls one Microsoft Graph mailbox and hands every unread message to ``submit``.
 
+    ``tokens`` may be shared by every mailbox of one app registration, and ``http`` by every
+    mailbox of one ``graph_endpoint``; without them the poller makes its own.
+    """
 
-class GraphPoller:
-    """Polls one Microsoft Graph mailbox and hands every unread message to ``submit``."""
+    kind = "graph"
+    max_in_flight = MAX_IN_FLIGHT
+    retry_max_s = 300.0
+    retrying = "retrying"
 
     def __init__(
         self,
@@ -99,153 +106,94 @@ class GraphPoller:
         stopping: asyncio.Event,
         drained: asyncio.Event,
         tokens: TokenProvider | None = None,
+        http: aiohttp.ClientSession | None = None,
         monitor: Monitor | None = None,
+        budget: Budget | None = None,
     ) -> None:
-        self.config = config
-        self.id = config.id
+        super().__init__(
+            config, submit, stopping=stopping, drained=drained, monitor=monitor, budget=budget,
+            logger=log,
+        )  # fmt: skip
+        self.config: GraphMailboxConfig = config
         options = config.inbox_options
+        self._own_tokens = tokens is None
         self.tokens = tokens or TokenProvider(options.oauth, label=config.id)
-        self._submit = submit
-        self._stopping = stopping
-        self._drained = drained
-        self._monitor = monitor or Monitor()
         self._user_url = f"{options.graph_endpoint}/v1.0/users/{quote(config.user, safe='@')}"
-        self._wake = asyncio.Event()
-        self._pending: dict[str, int] = {}  # message id → size, handed out and not settled
-        self._stuck: set[str] = set()  # settlement refused, or fetch failed, for good
         self._fetch_failures: dict[str, int] = {}  # message id → polls in a row its $value failed
-        self._settlements: list[_Settlement] = []
-        self._more = False  # the last poll stopped at MAX_IN_FLIGHT: poll again on room
+        self._more = False  # the last poll stopped for want of room: poll again on room
+        self._asked: Reservation | None = None  # budget asked for and not granted yet
+        self._next_poll = 0.0
         self._failed_folder_id: str | None = None
-        self._graph = GraphClient(options, self.tokens, label=config.id)
-        self.state = "starting"
+        self._graph = GraphClient(options, self.tokens, label=config.id, http=http)
         self.healthy = False
         self.polls = 0
 
-    @property
-    def pending(self) -> int:
-        """Messages handed to the dispatcher and not settled yet."""
-        return len(self._pending)
+    # -- one connection ------------------------------------------------------------------------
 
-    # -- the task ------------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Poll until stopped and drained. Never raises: failures are logged and retried."""
-        try:
-            async with self._graph:
+    async def _serve(self) -> None:
+        async with self._graph:
+            try:
                 await self._loop()
-        finally:
-            self._abandon_settlements()
+            finally:
+                if self._asked is not None:
+                    self._budget.cancel(self._asked)
+                    self._asked = None
+
+    async def _close(self) -> None:
+        if self._own_tokens:
+            self.tokens.close()
 
     async def _loop(self) -> None:
-        attempt = 0
-        next_poll = 0.0
+        interval_s = self.config.inbox_options.poll_interval_s
         while True:
             self._wake.clear()
-            try:
-                if self._settlements:
-                    await self._apply_settlements()
-                    continue
-                if self._stopping.is_set():
-                    if self._drained.is_set():
-                        return
-                    self.state = "draining"
-                    await self._wait(None)
-                    continue
-                now = time.monotonic()
-                if now >= next_poll or (self._more and self._has_capacity()):
-                    self.state = "polling"
-                    await self._poll()
-                    next_poll = time.monotonic() + self.config.inbox_options.poll_interval_s
-                    attempt = 0
-                    self._set_healthy(True)
-                    continue
-                self.state = "waiting"
-                await self._wait(next_poll - now)
-            except SourceError as exc:
-                attempt += 1
-                delay = backoff_delay(attempt, initial_s=BACKOFF_INITIAL_S, max_s=BACKOFF_MAX_S)
-                retry_after = exc.retry_after_s if isinstance(exc, GraphError) else None
-                if retry_after is not None:  # never below the backoff: a 0 must not spin
-                    delay = min(max(retry_after, delay, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
-                self._set_healthy(False, f"{type(exc).__name__}: {exc}")
-                loud = isinstance(exc, TokenError) or attempt > 3
-                log.log(
-                    logging.ERROR if loud else logging.WARNING,
-                    "%s: %s: %s; retrying in %.1fs (attempt %d)",
-                    self.id,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                    attempt,
-                    extra={"mailbox": self.id, "attempt": attempt, "delay_s": round(delay, 3)},
-                )
-                await self._pause(delay)
-            except Exception:
-                attempt += 1
-                delay = backoff_delay(attempt, initial_s=BACKOFF_INITIAL_S, max_s=BACKOFF_MAX_S)
-                self._set_healthy(False, "unexpected error")
-                log.exception(
-                    "%s: unexpected error; retrying in %.1fs",
-                    self.id,
-                    delay,
-                    extra={"mailbox": self.id, "attempt": attempt},
-                )
-                await self._pause(delay)
-
-    def _set_healthy(self, healthy: bool, reason: str = "") -> None:
-        if healthy:
-            self._monitor.connected(self.id)  # after every successful poll
-        else:
-            self._monitor.disconnected(self.id, reason)
-        if healthy and not self.healthy:
-            log.info("%s: Graph mailbox %s reachable", self.id, self.config.mailbox)
-        self.healthy = healthy
-
-    async def _wait(self, timeout_s: float | None) -> None:
-        """Until a settlement, stop, drained, or ``timeout_s``."""
-        events = (self._wake, self._stopping, self._drained)
-        waiters = [asyncio.ensure_future(e.wait()) for e in events]
-        try:
-            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-
-    async def _pause(self, delay_s: float) -> None:
-        """A backoff delay; cut short by stop only while there is nothing left to settle."""
-        if self._stopping.is_set():
-            if self._drained.is_set() and not self._settlements:
-                return
-            await asyncio.sleep(delay_s)  # the supervisor bounds the shutdown
-            return
-        await self._wait(delay_s)
-
-    def _abandon_settlements(self) -> None:
-        self.state = "stopped"
-        if self._settlements:
-            log.warning(
-                "%s: stopping with %d settlements not applied; those messages stay unread and "
-                "are delivered again (same webhook-id) after a restart",
-                self.id,
-                len(self._settlements),
-                extra={"mailbox": self.id},
+            if self._settlements:
+                self.activity = Activity.SETTLING
+                await self._apply_settlements()
+                continue
+            if self._stopping.is_set():
+                if self._drained.is_set():
+                    return
+                self.activity = Activity.DRAINING
+                await wait_any((self._wake, self._stopping, self._drained))
+                continue
+            now = time.monotonic()
+            room = self._asked is None or self._asked.done()
+            if now >= self._next_poll or (self._more and room and self._has_capacity()):
+                self.activity = Activity.POLLING
+                await self._poll()
+                jitter = 1 + random.uniform(-POLL_JITTER, POLL_JITTER)
+                self._next_poll = time.monotonic() + interval_s * jitter
+                self._attempt = 0
+                self._set_healthy()
+                continue
+            self.activity = Activity.WAITING
+            await wait_any(
+                (self._wake, self._stopping, self._drained), timeout_s=self._next_poll - now
             )
-        for settlement in self._settlements:
-            if not settlement.done.done():
-                settlement.done.set_result(None)
-        self._settlements.clear()
+
+    def _retry_delay(self, exc: Exception, attempt: int) -> float:
+        delay = super()._retry_delay(exc, attempt)
+        retry_after = exc.retry_after_s if isinstance(exc, GraphError) else None
+        if retry_after is not None:  # never below the backoff: a 0 must not spin
+            delay = min(max(retry_after, delay, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
+        return delay
+
+    def _set_disconnected(self, reason: str) -> None:
+        super()._set_disconnected(reason)
+        self.healthy = False
+
+    def _set_healthy(self) -> None:
+        self._set_connected()  # after every successful poll: readiness follows the last one
+        if not self.healthy:
+            self.log.info("Graph mailbox %s reachable", self.config.mailbox)
+        self.healthy = True
 
     # -- polling -------------------------------------------------------------------------------
 
     def _messages_url(self) -> str:
         folder = quote(self.config.mailbox, safe="")
         return f"{self._user_url}/mailFolders/{folder}/messages"
-
-    def _has_capacity(self) -> bool:
-        return (
-            len(self._pending) < MAX_IN_FLIGHT and sum(self._pending.values()) < MAX_IN_FLIGHT_BYTES
-        )
 
     async def _poll(self) -> None:
         self.polls += 1
@@ -256,12 +204,10 @@ class GraphPoller:
         found = 0
         while url is not None:
             if url in seen or len(seen) >= MAX_PAGES:
-                log.warning(
-                    "%s: @odata.nextLink %s after %d pages; the rest waits for the next poll",
-                    self.id,
+                self.log.warning(
+                    "@odata.nextLink %s after %d pages; the rest waits for the next poll",
                     "repeats" if url in seen else "goes on",
                     len(seen),
-                    extra={"mailbox": self.id},
                 )
                 break
             seen.add(url)
@@ -274,29 +220,41 @@ class GraphPoller:
                     continue
                 if self._stopping.is_set():
                     return
-                if not self._has_capacity():
+                if not self._has_capacity() or (reservation := self._reserve()) is None:
                     self._more = True
                     return
                 categories = tuple(c for c in item.get("categories") or () if isinstance(c, str))
                 try:
-                    await self._fetch(message_id, categories)
+                    await self._fetch(message_id, categories, reservation)
                 except GraphError as exc:
                     if exc.status is None or exc.status in _SERVICE_WIDE:
                         raise
                     self._fetch_failed(message_id, exc, run)
                     continue
+                finally:
+                    self._budget.cancel(reservation)  # nothing, once it was used
                 run.clear()
                 self._fetch_failures.pop(message_id, None)
                 found += 1
             url = self._graph.next_link(page)
         if found:
-            log.debug("%s: poll found %d new messages", self.id, found)
+            self.log.debug("poll found %d new messages", found)
+
+    def _reserve(self) -> Reservation | None:
+        """Room in the budget for one more message (its bytes are charged once read), or None
+        (then the poll stops, and polls again as soon as the room is granted)."""
+        reservation, self._asked = self._asked or self._budget.reserve(1, 0), None
+        if reservation.done():
+            return reservation
+        reservation.granted.add_done_callback(lambda _: self._wake.set())
+        self._asked = reservation
+        return None
 
     def _fetch_failed(self, message_id: str, exc: GraphError, run: list[str]) -> None:
         """One message's ``$value`` failed: skip it for now, or for good after a while."""
-        ref = f"{self.id}: graph {message_id[-12:]}"
+        ref = f"graph {message_id[-12:]}"
         if exc.status == 404:
-            log.info("%s: gone before it was fetched; skipped", ref, extra={"mailbox": self.id})
+            self.log.info("%s: gone before it was fetched; skipped", ref)
             return
         count = self._fetch_failures[message_id] = self._fetch_failures.get(message_id, 0) + 1
         run.append(message_id)
@@ -305,21 +263,24 @@ class GraphPoller:
                 self._fetch_failures[each] -= 1
             raise exc
         last = count >= MAX_FETCH_FAILURES
-        log.log(
+        self.log.log(
             logging.ERROR if last else logging.WARNING,
             "%s: %s (%d of %d polls in a row); %s",
             ref,
             exc,
             count,
             MAX_FETCH_FAILURES,
-            "it stays unread, not fetched again until a restart" if last else "skipped this poll",
-            extra={"mailbox": self.id},
+            "it stays unread, not fetched again until the next error or restart"
+            if last
+            else "skipped this poll",
         )
         if last:
             del self._fetch_failures[message_id]
             self._stuck.add(message_id)
 
-    async def _fetch(self, message_id: str, categories: tuple[str, ...]) -> None:
+    async def _fetch(
+        self, message_id: str, categories: tuple[str, ...], reservation: Reservation
+    ) -> None:
         url = f"{self._messages_url()}/{quote(message_id, safe='')}/$value"
         limit = self.config.max_message_bytes
         raw, size, too_large = await self._graph.send(
@@ -327,52 +288,42 @@ class GraphPoller:
         )
         if self._stopping.is_set():
             return  # the dispatcher takes no more; the message stays unread for the next run
-        self._pending[message_id] = len(raw) if too_large else size
-
-        async def settle(outcome: Outcome) -> None:
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._settlements.append(_Settlement(message_id, categories, outcome, done))
-            self._wake.set()
-            await done
-
-        self._submit(
-            Envelope(
-                mailbox=self.id,
-                ref=f"graph {message_id[-12:]}",
-                idempotency_key=idempotency_key(self.id, message_id),
-                raw=raw,
-                size=size,
-                too_large=too_large,
-                _settle=settle,
-            )
+        charged = len(raw) if too_large else size
+        self._budget.use(reservation, 1, charged)
+        self._hand_out(
+            message_id,
+            ref=f"graph {message_id[-12:]}",
+            idempotency_key=idempotency_key(self.id, message_id),
+            raw=raw,
+            size=size,
+            charged=charged,
+            too_large=too_large,
+            tag=categories,
         )
 
     # -- settlements ---------------------------------------------------------------------------
 
-    async def _apply_settlements(self) -> None:
-        batch, self._settlements = self._settlements, []
+    async def _apply_settlements(self, *args: Any) -> None:
+        batch = self._take_settlements()
         for index, settlement in enumerate(batch):
             try:
                 await self._apply(settlement)
             except BaseException as exc:  # also a bug, a malformed answer, a cancellation
                 if not isinstance(exc, SourceError) or _transient(exc):
-                    self._settlements[:0] = batch[index:]  # kept, in order, for the retry
+                    self._requeue(batch[index:])  # kept, in order, for the retry
                     raise
-                log.error(
-                    "%s: graph %s: could not settle as %s: %s; it stays as it is and is not "
-                    "fetched again until a restart",
-                    self.id,
-                    settlement.message_id[-12:],
+                self.log.error(
+                    "graph %s: could not settle as %s: %s; it stays as it is and is not "
+                    "fetched again until the next error or restart",
+                    settlement.key[-12:],
                     settlement.outcome.value,
                     exc,
-                    extra={"mailbox": self.id},
                 )
-                self._stuck.add(settlement.message_id)
-            self._pending.pop(settlement.message_id, None)
-            settlement.done.set_result(None)
+                self._stuck.add(settlement.key)
+            self._settled(settlement)
 
-    async def _apply(self, settlement: _Settlement) -> None:
-        url = f"{self._user_url}/messages/{quote(settlement.message_id, safe='')}"
+    async def _apply(self, settlement: Settlement[str]) -> None:
+        url = f"{self._user_url}/messages/{quote(settlement.key, safe='')}"
         try:
             if settlement.outcome.processed:
                 if self.config.delete_after_delivery:
@@ -386,11 +337,11 @@ class GraphPoller:
                 self._failed_folder_id = folder_id
                 await self._graph.send("POST", f"{url}/move", body={"destinationId": folder_id})
             else:
-                categories = [*settlement.categories, FAILED_CATEGORY]
+                categories = [*settlement.tag, FAILED_CATEGORY]
                 body = {"isRead": True, "categories": list(dict.fromkeys(categories))}
                 await self._graph.send("PATCH", url, body=body, read=discard)
         except GraphError as exc:
             if exc.status != 404:
                 raise
             # Deleted or moved by someone else meanwhile: nothing left to settle.
-            log.info("%s: graph %s: already gone", self.id, settlement.message_id[-12:])
+            self.log.info("graph %s: already gone", settlement.key[-12:])

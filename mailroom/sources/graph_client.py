@@ -1,7 +1,8 @@
 """HTTP to Microsoft Graph v1.0 for one mailbox: bearer tokens, immutable ids, Graph's errors.
 
-One ``aiohttp.ClientSession`` per mailbox (``trust_env=False``: no proxy or CA bundle from the
-environment), TLS verified against the system store or ``ca_file``. Every request carries
+The ``aiohttp.ClientSession`` is shared by every mailbox of one ``graph_endpoint`` (``session``
+builds it; TLS trusts what every mailroom client trusts, ``mailroom.tls``); a client given none
+makes its own for the length of its ``async with``. Every request carries
 ``Prefer: IdType="ImmutableId"`` (Graph, "Obtain immutable identifiers for Outlook
 resources"), so a message keeps its id when moved. A 401 gets one fresh token and one retry;
 every other failure becomes a ``GraphError`` with the status, Graph's error ``code`` and the
@@ -11,7 +12,6 @@ every other failure becomes a ``GraphError`` with the status, Graph's error ``co
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -22,9 +22,10 @@ from yarl import URL
 from mailroom.auth import TokenProvider
 from mailroom.config import GraphInboxOptions
 from mailroom.errors import GraphError
+from mailroom.tls import client_context
 from mailroom.webhook import USER_AGENT, retry_after
 
-__all__ = ["GraphClient", "discard", "read_mime"]
+__all__ = ["GraphClient", "discard", "read_mime", "session"]
 
 log = logging.getLogger("mailroom.graph")
 
@@ -35,34 +36,39 @@ CHUNK = 64 * 1024
 Reader = Callable[[aiohttp.ClientResponse], Awaitable[Any]]
 
 
-def _ssl_context(options: GraphInboxOptions) -> ssl.SSLContext:
-    # ca_file replaces the system store, as it does for msal's requests (verify=<file>).
-    context = ssl.create_default_context(cafile=options.ca_file)
-    if not options.tls_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+def session(options: GraphInboxOptions, *, limit: int = 8) -> aiohttp.ClientSession:
+    """An HTTP session for ``options.graph_endpoint``, at most ``limit`` connections."""
+    context = client_context(ca_file=options.ca_file, verify=options.tls_verify)
+    connector = aiohttp.TCPConnector(ssl=context, limit=limit)
+    return aiohttp.ClientSession(connector=connector, trust_env=False)
 
 
 class GraphClient:
     """Authenticated requests to one ``graph_endpoint``; ``async with`` owns the session."""
 
-    def __init__(self, options: GraphInboxOptions, tokens: TokenProvider, *, label: str) -> None:
+    def __init__(
+        self,
+        options: GraphInboxOptions,
+        tokens: TokenProvider,
+        *,
+        label: str,
+        http: aiohttp.ClientSession | None = None,
+    ) -> None:
         self.label = label
         self.tokens = tokens
         self._options = options
         self._origin = urlsplit(options.graph_endpoint)[:2]
+        self._shared = http
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> GraphClient:
-        connector = aiohttp.TCPConnector(ssl=_ssl_context(self._options), limit=8)
-        self._http = aiohttp.ClientSession(connector=connector, trust_env=False)
+        self._http = self._shared or session(self._options)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._http is not None:
+        if self._http is not None and self._http is not self._shared:
             await self._http.close()
-        self.tokens.close()
+        self._http = None
 
     def next_link(self, page: dict[str, Any]) -> str | None:
         """``@odata.nextLink`` of a page (Graph, "Paging Microsoft Graph data"), or None."""

@@ -1,6 +1,7 @@
 """``ImapWatcher``: sweep → IDLE → sweep, one task per IMAP mailbox.
 
-The loop, on one connection:
+The loop, on one connection (supervision, the in-flight set and settlement are the shared
+``Source`` lifecycle):
 
 1. Apply queued settlements (one UID STORE/MOVE per kind, batched).
 2. When the server said EXISTS (or after a (re)connect or an IDLE timeout): ``UID SEARCH``, then
@@ -8,15 +9,15 @@ The loop, on one connection:
    After a push of a few messages, the sweep is narrower and quicker: the pushed messages
    only, fetched with their bodies in the same round trip as DONE (``fetch_pushed``), and
    handed out at once.
-3. Fetch the backlog with ``BODY.PEEK[]`` in batches bounded in count and bytes, and only while
-   fewer than ``MAX_IN_FLIGHT`` messages (``MAX_IN_FLIGHT_BYTES``) await their outcome: a
-   10,000-message backlog is never held in memory at once.
-4. Nothing to do: IDLE until EXISTS, a settlement, stop, or ``idle_timeout``.
+3. Fetch the backlog with ``BODY.PEEK[]`` in batches bounded in count and bytes, each reserved
+   in the process-wide budget first, and only while this mailbox's own in-flight cap has room:
+   a 10,000-message backlog is never held in memory at once.
+4. Nothing to do, or no room: IDLE until EXISTS, a settlement, room, stop, or about
+   ``idle_timeout`` (jittered, so a thousand mailboxes do not sweep in step).
 
 Every EXISTS seen on the connection, during any command, sets ``new_mail``; the loop searches
 again before it idles, so a message that lands between a SEARCH and the IDLE never waits.
-A lost connection raises out of the loop; ``run`` reconnects with capped, jittered backoff and
-sweeps again. Settlements queued meanwhile are kept and applied after the reconnect when
+Settlements queued while the connection was down are applied after the reconnect when
 UIDVALIDITY is unchanged.
 """
 
@@ -25,34 +26,32 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
+import random
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from mailroom.auth import TokenProvider
-from mailroom.backoff import backoff_delay
+from mailroom.budget import Budget, Reservation
 from mailroom.config import ImapMailboxConfig
+from mailroom.config.model import FAILED_KEYWORD
 from mailroom.envelope import Envelope, Outcome
-from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError, SourceError, TokenError
+from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
 from mailroom.monitor import Monitor
 from mailroom.sources.imap_session import ImapSession
 from mailroom.sources.imap_wire import FetchedMessage
+from mailroom.sources.lifecycle import Activity, Settlement, Source
 
-__all__ = ["ImapWatcher", "idempotency_key"]
+__all__ = ["FAILED_KEYWORD", "ImapWatcher", "idempotency_key"]
 
 log = logging.getLogger("mailroom.imap")
 
 MAX_IN_FLIGHT = 256  # messages handed to the dispatcher and not yet settled on the server
-MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 FETCH_BATCH = 128  # messages per UID FETCH BODY.PEEK[]
 FIRST_FETCH_BATCH = 8  # a backlog starts small, so the first POST goes out at once
 FETCH_BATCH_BYTES = 8 * 1024 * 1024
 PUSH_MAX = 8  # at most this many new messages are fetched with their push (fetch_pushed)
 PUSH_BODY_BYTES = 1024 * 1024  # a longer body comes with a push cut short, then fetched again
-RECONNECT_INITIAL_S = 1.0
-RECONNECT_MAX_S = 60.0
-FAILED_KEYWORD = "$MailroomFailed"
+IDLE_JITTER = 0.1  # each IDLE lasts idle_timeout minus up to this fraction of it
 
 
 def idempotency_key(mailbox_id: str, uidvalidity: int, uid: int) -> str:
@@ -61,16 +60,16 @@ def idempotency_key(mailbox_id: str, uidvalidity: int, uid: int) -> str:
     return f"msg_{digest[:32]}"
 
 
-@dataclass(slots=True)
-class _Settlement:
-    uid: int
-    uidvalidity: int
-    outcome: Outcome
-    done: asyncio.Future[None] = field(repr=False)
+class ImapWatcher(Source[int]):
+    """Watches one IMAP mailbox and hands every new message to ``submit``.
 
+    ``connects`` (``limits.connects``) caps connects and logins across the process; ``token``
+    gives the access token for ``auth: xoauth2`` (a shared ``TokenProvider``'s ``token``),
+    ``invalidate`` drops one the server refused.
+    """
 
-class ImapWatcher:
-    """Watches one IMAP mailbox and hands every new message to ``submit``."""
+    kind = "imap"
+    max_in_flight = MAX_IN_FLIGHT
 
     def __init__(
         self,
@@ -80,175 +79,73 @@ class ImapWatcher:
         stopping: asyncio.Event,
         drained: asyncio.Event,
         monitor: Monitor | None = None,
+        budget: Budget | None = None,
+        connects: Budget | None = None,
+        token: Callable[[], Awaitable[str]] | None = None,
+        invalidate: Callable[[], None] | None = None,
     ) -> None:
-        self.config = config
-        self.id = config.id
-        self._submit = submit
-        self._stopping = stopping
-        self._drained = drained
-        self._monitor = monitor or Monitor()
-        self._wake = asyncio.Event()
-        self._pending: dict[int, int] = {}  # uid → size, handed out and not settled
-        self._stuck: set[int] = (
-            set()
-        )  # settlement refused by the server; not re-sent until reconnect
-        self._settlements: list[_Settlement] = []
-        self._closed = False  # run() ended: settlements can no longer be applied
+        super().__init__(
+            config, submit, stopping=stopping, drained=drained, monitor=monitor, budget=budget,
+            logger=log,
+        )  # fmt: skip
+        self.config: ImapMailboxConfig = config
+        self._connects = connects or Budget(messages=1, size=0)
+        self._token = token
+        self._invalidate = invalidate
+        self._session: ImapSession | None = None
         self._batch = FIRST_FETCH_BATCH  # messages in the next UID FETCH
         self._full_sweep = True  # the next sweep searches the whole mailbox, not just a push
         self._uidvalidity = 0
-        self.state = "starting"
-        self.connected = False
-        self.reconnects = 0
-        # auth: xoauth2: client-credentials tokens from the mailbox's oauth block (via msal).
-        self.tokens = (
-            TokenProvider(config.oauth, label=config.id) if config.oauth is not None else None
-        )
+        self._reserved: tuple[Reservation, list[FetchedMessage]] | None = None
 
-    # -- the task ------------------------------------------------------------------------------
+    # -- one connection ------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Watch until stopped and drained. Never raises: failures are logged and retried."""
-        attempt = 0
+    async def _serve(self) -> None:
+        self.activity = Activity.CONNECTING
+        self._session = None
+        # limits.connects: no connect storm at start, after an outage or after a reload
+        async with self._connects.hold():
+            session = self._session = await ImapSession.open(self.config, token=self._token)
         try:
-            while not self._finished():
-                session = None
-                connected_at: float | None = None
-                try:
-                    self.state = "connecting"
-                    session = await ImapSession.open(
-                        self.config, token=self.tokens.token if self.tokens else None
-                    )
-                    connected_at = time.monotonic()
-                    self._on_connected(session)
-                    await self._serve(session)
-                    await session.logout()
-                except Exception as exc:
-                    if isinstance(exc, SourceError):
-                        self._check_token(exc, session)
-                    if self._finished():
-                        return
-                    # Backoff starts afresh only after a connection that served for a while:
-                    # one that fails right after login (say, a search_command the server
-                    # refuses) must not turn into a login storm.
-                    if connected_at is not None and time.monotonic() - connected_at > 60:
-                        attempt = 0
-                    attempt += 1
-                    delay = backoff_delay(
-                        attempt, initial_s=RECONNECT_INITIAL_S, max_s=RECONNECT_MAX_S
-                    )
-                    expected = isinstance(exc, SourceError)
-                    loud = not expected or isinstance(exc, ImapAuthError | TokenError)
-                    log.log(
-                        logging.ERROR if loud else logging.WARNING,
-                        "%s: %s: %s; reconnecting in %.1fs (attempt %d)",
-                        self.id,
-                        type(exc).__name__,
-                        exc,
-                        delay,
-                        attempt,
-                        exc_info=not expected,
-                        extra={"mailbox": self.id, "attempt": attempt, "delay_s": round(delay, 3)},
-                    )
-                    self._set_disconnected(f"{type(exc).__name__}: {exc}")
-                    await self._sleep(delay)
-                finally:
-                    if session is not None:
-                        session.abort()  # no-op after a LOGOUT
+            self._on_connected(session)
+            await self._loop(session)
+            await session.logout()
         finally:
-            self._closed = True
-            self._set_disconnected()
-            self._abandon_settlements()
-            if self.tokens is not None:
-                self.tokens.close()
+            self._unreserve()
+            session.abort()  # no-op after a LOGOUT
 
-    def _finished(self) -> bool:
-        """Stopped, every delivery drained, and every settlement applied."""
-        return self._stopping.is_set() and self._drained.is_set() and not self._settlements
-
-    def _check_token(self, exc: SourceError, session: ImapSession | None) -> None:
+    def _on_error(self, exc: Exception) -> None:
         """Drop the OAuth token the server refused or ended the session over."""
-        if self.tokens is None:
+        if self._invalidate is None:
             return
-        if isinstance(exc, ImapAuthError) or (session is not None and session.token_expired):
-            log.info(
-                "%s: the server refused or expired the access token; getting a new one",
-                self.id,
-                extra={"mailbox": self.id},
-            )
-            self.tokens.invalidate()
-
-    async def _sleep(self, delay_s: float) -> None:
-        """Sleep for a reconnect delay, cut short by stop or, once stopping, by the drain.
-
-        After the drain, settlements may still wait for the server: then the full delay, so
-        a dead server is not hammered until the supervisor gives up on this task.
-        """
-        event = self._drained if self._stopping.is_set() else self._stopping
-        if event.is_set():
-            await asyncio.sleep(delay_s)
-            return
-        waiter = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({waiter}, timeout=delay_s)
-        finally:
-            waiter.cancel()
+        expired = self._session is not None and self._session.token_expired
+        if isinstance(exc, ImapAuthError) or expired:
+            self.log.info("the server refused or expired the access token; getting a new one")
+            self._invalidate()
 
     def _on_connected(self, session: ImapSession) -> None:
         if self._uidvalidity and session.uidvalidity != self._uidvalidity:
             # RFC 3501 §2.3.1.1: the old UIDs name nothing now; the messages will be found
             # again by the sweep under their new UIDs (and a new webhook-id).
-            log.warning(
-                "%s: UIDVALIDITY changed from %d to %d; %d unsettled messages will be fetched anew",
-                self.id,
+            self.log.warning(
+                "UIDVALIDITY changed from %d to %d; %d unsettled messages will be fetched anew",
                 self._uidvalidity,
                 session.uidvalidity,
-                len(self._pending),
-                extra={"mailbox": self.id},
+                self.pending,
             )
-            self._pending.clear()
+            self._release_all()
         self._uidvalidity = session.uidvalidity
-        self._stuck.clear()
-        if self.connected is False and self.state != "starting":
-            self.reconnects += 1
-        self.connected = True
-        self._monitor.connected(self.id)
-        self.state = "connected"
-        log.info(
-            "%s: connected to %s:%d, mailbox %s (UIDVALIDITY %d, %s)",
-            self.id,
+        self._set_connected()
+        self.log.info(
+            "connected to %s:%d, mailbox %s (UIDVALIDITY %d, %s)",
             self.config.host,
             self.config.port,
             self.config.mailbox,
             session.uidvalidity,
             "IDLE" if "IDLE" in session.capabilities else "no IDLE: sweeping every idle_timeout",
-            extra={"mailbox": self.id},
         )
 
-    def _set_disconnected(self, reason: str = "stopped") -> None:
-        self._monitor.disconnected(self.id, reason)
-        self.connected = False
-        if self.state != "stopped":
-            self.state = "reconnecting"
-
-    def _abandon_settlements(self) -> None:
-        self.state = "stopped"
-        if self._settlements:
-            log.warning(
-                "%s: stopping with %d settlements not applied; those messages stay unread "
-                "and are delivered again (same webhook-id) after a restart",
-                self.id,
-                len(self._settlements),
-                extra={"mailbox": self.id},
-            )
-        for settlement in self._settlements:
-            if not settlement.done.done():
-                settlement.done.set_result(None)
-        self._settlements.clear()
-
-    # -- the loop on one connection ------------------------------------------------------------
-
-    async def _serve(self, session: ImapSession) -> None:
+    async def _loop(self, session: ImapSession) -> None:
         backlog: deque[FetchedMessage] = deque()
         session.new_mail.set()  # sweep after every (re)connect
         self._full_sweep = True
@@ -256,37 +153,48 @@ class ImapWatcher:
             self._wake.clear()
             # In a backlog, fetching goes first while there is room for a batch: settlements
             # wait and then go out in larger batches, and the dispatcher is never starved.
-            fetch_first = (
-                backlog
-                and not self._stopping.is_set()
-                and self._has_capacity(min(len(backlog), FIRST_FETCH_BATCH))
+            # A reservation the budget has not granted yet leaves room for settlements.
+            reserved = self._reserved
+            fetch_first = not self._stopping.is_set() and (
+                reserved[0].done()
+                if reserved is not None
+                else bool(backlog) and self._has_capacity(min(len(backlog), FIRST_FETCH_BATCH))
             )
             if self._settlements and not fetch_first:
+                self.activity = Activity.SETTLING
                 await self._apply_settlements(session)
                 continue
             if self._stopping.is_set():
+                self._unreserve(backlog)
                 if self._drained.is_set():
                     return
-                self.state = "draining"
+                self.activity = Activity.DRAINING
                 await self._wait(session, self._drained)
+                continue
+            if self._reserved is not None:
+                if self._reserved[0].done():
+                    self.activity = Activity.FETCHING
+                    await self._fetch_reserved(session)
+                else:  # the budget is spent elsewhere: IDLE until room (or a push) comes
+                    await self._idle(session)
                 continue
             if session.new_mail.is_set() and not backlog:
                 session.new_mail.clear()
                 self._batch = FIRST_FETCH_BATCH
-                self.state = "sweeping"
+                self.activity = Activity.SWEEPING
                 backlog = await self._sweep(session)
                 continue
-            if backlog:
-                if self._has_capacity():
-                    await self._fetch_batch(session, backlog)
-                else:
-                    self.state = "waiting for deliveries"
-                    await self._wait(session, self._stopping)
+            if backlog and self._has_capacity():
+                self._reserve(backlog)
                 continue
-            self.state = "idling"
-            if await session.idle((self._wake, self._stopping), self.config.idle_timeout_s):
-                session.new_mail.set()  # periodic sweep: also finds mail no push announced
-                self._full_sweep = True
+            await self._idle(session)  # nothing to do, or this mailbox's cap is full
+
+    async def _idle(self, session: ImapSession) -> None:
+        self.activity = Activity.IDLING
+        timeout_s = self.config.idle_timeout_s * (1 - random.uniform(0, IDLE_JITTER))
+        if await session.idle((self._wake, self._stopping), timeout_s):
+            session.new_mail.set()  # periodic sweep: also finds mail no push announced
+            self._full_sweep = True
 
     async def _wait(self, session: ImapSession, event: asyncio.Event) -> None:
         waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, event, session.lost)]
@@ -302,133 +210,154 @@ class ImapWatcher:
         """Find new mail. After a push, the pushed messages come with their bodies in the
         same round trip and are handed out at once; otherwise (or when that does not apply)
         ``UID SEARCH`` over the whole mailbox, sizes only: the backlog to fetch."""
+        criteria = self.config.search_criteria
         found = None
+        pushed: Reservation | None = None
         if not self._full_sweep and self._has_capacity(PUSH_MAX, PUSH_MAX * PUSH_BODY_BYTES):
-            found = await session.fetch_pushed(
-                self.config.search_command,
-                max_count=PUSH_MAX,
-                body_bytes=min(PUSH_BODY_BYTES, self.config.max_message_bytes),
-            )
-        if found is None:
-            self._full_sweep = False
-            found = await session.search_sizes(self.config.search_command)
-        else:
-            log.debug("%s: the push brought %d new messages", self.id, len(found))
-        backlog: deque[FetchedMessage] = deque()
-        for item in found:
-            if item.uid in self._pending or item.uid in self._stuck:
-                continue
-            if item.body is None:
-                backlog.append(item)
+            pushed = self._budget.reserve(PUSH_MAX, PUSH_MAX * PUSH_BODY_BYTES)
+            if not pushed.done():
+                self._budget.cancel(pushed)
+                pushed = None
+        try:
+            if pushed is not None:
+                found = await session.fetch_pushed(
+                    criteria,
+                    max_count=PUSH_MAX,
+                    body_bytes=min(PUSH_BODY_BYTES, self.config.max_message_bytes),
+                )
+            if found is None:
+                self._full_sweep = False
+                found = await session.search_sizes(criteria)
             else:
-                self._hand_out(item, too_large=False)
+                self.log.debug("the push brought %d new messages", len(found))
+            backlog: deque[FetchedMessage] = deque()
+            handed: list[FetchedMessage] = []
+            for item in found:
+                if item.uid in self._pending or item.uid in self._stuck:
+                    continue
+                if item.body is None:
+                    backlog.append(item)
+                else:
+                    handed.append(item)
+            if pushed is not None:
+                self._budget.use(pushed, len(handed), sum(item.size for item in handed))
+            for item in handed:
+                self._give(item, too_large=False)
+        finally:
+            if pushed is not None:
+                self._budget.cancel(pushed)
         if backlog:
-            log.debug("%s: sweep found %d new messages", self.id, len(backlog))
-        elif found:
+            self.log.debug("sweep found %d new messages", len(backlog))
+        elif handed:
             # Pushed mail handed out: let the dispatcher take it before this task goes on to
             # IDLE again (the loop does the dispatcher's tasks in order of creation).
             await asyncio.sleep(0)
         return backlog
 
-    def _has_capacity(self, count: int = 1, size: int = 1) -> bool:
-        """Room for ``count`` more messages of ``size`` bytes in all under the in-flight bounds."""
-        return (
-            len(self._pending) + count <= MAX_IN_FLIGHT
-            and sum(self._pending.values()) + size <= MAX_IN_FLIGHT_BYTES
-        )
-
-    async def _fetch_batch(self, session: ImapSession, backlog: deque[FetchedMessage]) -> None:
-        room = MAX_IN_FLIGHT - len(self._pending)
-        budget = min(FETCH_BATCH_BYTES, MAX_IN_FLIGHT_BYTES - sum(self._pending.values()))
-        small: list[int] = []
-        large: list[int] = []
-        taken = 0
+    def _reserve(self, backlog: deque[FetchedMessage]) -> None:
+        """Take the next batch off ``backlog`` and reserve room for it in the budget."""
+        room, room_bytes = self._room()
+        budget = min(FETCH_BATCH_BYTES, room_bytes)
         # The first batch of a sweep is small and each next one twice as large: the
         # dispatcher starts posting while the rest of a backlog is still being fetched.
         limit = min(room, self._batch)
         self._batch = min(self._batch * 2, FETCH_BATCH)
-        while backlog and len(small) + len(large) < limit:
+        batch: list[FetchedMessage] = []
+        taken = 0
+        while backlog and len(batch) < limit:
             item = backlog[0]
-            if item.size > self.config.max_message_bytes:
-                large.append(backlog.popleft().uid)
-                continue
-            if small and taken + item.size > budget:
+            cost = self._cost(item)
+            if batch and taken + cost > budget:
                 break  # always take at least one message, however large
-            taken += item.size
-            small.append(backlog.popleft().uid)
+            taken += cost
+            batch.append(backlog.popleft())
+        reservation = self._budget.reserve(len(batch), taken)
+        reservation.granted.add_done_callback(lambda _: self._wake.set())
+        self._reserved = (reservation, batch)
+
+    def _cost(self, item: FetchedMessage) -> int:
+        """What a message holds in memory once fetched: its size, or a header block's."""
+        if item.size > self.config.max_message_bytes:
+            return min(item.size, PUSH_BODY_BYTES)  # only the header block is fetched
+        return item.size
+
+    def _unreserve(self, backlog: deque[FetchedMessage] | None = None) -> None:
+        """Give back a reservation not fetched yet; its messages go back to ``backlog``."""
+        if self._reserved is not None:
+            reservation, batch = self._reserved
+            self._reserved = None
+            self._budget.cancel(reservation)
+            if backlog is not None:
+                backlog.extendleft(reversed(batch))
+
+    async def _fetch_reserved(self, session: ImapSession) -> None:
+        assert self._reserved is not None
+        reservation, batch = self._reserved
+        small = [item.uid for item in batch if item.size <= self.config.max_message_bytes]
+        large = [item.uid for item in batch if item.size > self.config.max_message_bytes]
+        handed: list[tuple[FetchedMessage, bool]] = []
         if small:
             fetched = await session.fetch(small, "UID RFC822.SIZE BODY.PEEK[]")
-            self._hand_out_all(small, fetched, too_large=False)
+            handed += [(item, False) for item in self._received(small, fetched)]
         if large:
             # RFC822.SIZE told us before fetching: only the header block, for the notice.
             fetched = await session.fetch(large, "UID RFC822.SIZE BODY.PEEK[HEADER]")
-            self._hand_out_all(large, fetched, too_large=True)
+            handed += [(item, True) for item in self._received(large, fetched)]
+        self._reserved = None
+        self._budget.use(reservation, len(handed), sum(self._charge(i, t) for i, t in handed))
+        for item, too_large in handed:
+            self._give(item, too_large=too_large)
 
-    def _hand_out_all(
-        self, asked: list[int], fetched: list[FetchedMessage], *, too_large: bool
-    ) -> None:
+    def _received(self, asked: list[int], fetched: list[FetchedMessage]) -> list[FetchedMessage]:
+        """What came back of ``asked``, each once, in order."""
         got = {item.uid for item in fetched if item.body is not None} & set(asked)
         missing = sorted(set(asked) - got)
         if missing:
             self._full_sweep = True
             # Expunged by another client meanwhile, or a server that answered NIL: nothing
             # to deliver now; a message still there is asked for again by the next sweep.
-            log.info(
-                "%s: no content for uids %s; they are looked at again on the next sweep",
-                self.id,
-                missing,
-                extra={"mailbox": self.id},
+            self.log.info(
+                "no content for uids %s; they are looked at again on the next sweep", missing
             )
+        received = []
         for item in fetched:
-            if item.uid in got:  # only what was asked for, once
+            if item.uid in got:
                 got.discard(item.uid)
-                self._hand_out(item, too_large=too_large)
+                received.append(item)
+        return received
 
-    def _hand_out(self, fetched: FetchedMessage, *, too_large: bool) -> None:
+    @staticmethod
+    def _charge(item: FetchedMessage, too_large: bool) -> int:
+        assert item.body is not None
+        return len(item.body) if too_large else item.size
+
+    def _give(self, fetched: FetchedMessage, *, too_large: bool) -> None:
         assert fetched.body is not None
         uid, uidvalidity = fetched.uid, self._uidvalidity
-        self._pending[uid] = fetched.size if not too_large else len(fetched.body)
-
-        async def settle(outcome: Outcome) -> None:
-            if self._closed:
-                log.warning(
-                    "%s: uid %d: %s after the watcher stopped; left as it is on the server "
-                    "(delivered again after a restart, same webhook-id)",
-                    self.id,
-                    uid,
-                    outcome.value,
-                    extra={"mailbox": self.id},
-                )
-                return
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._settlements.append(_Settlement(uid, uidvalidity, outcome, done))
-            self._wake.set()
-            await done
-
-        self._submit(
-            Envelope(
-                mailbox=self.id,
-                ref=f"uid {uid}",
-                idempotency_key=idempotency_key(self.id, uidvalidity, uid),
-                raw=fetched.body,
-                size=fetched.size,
-                too_large=too_large,
-                _settle=settle,
-            )
+        self._hand_out(
+            uid,
+            ref=f"uid {uid}",
+            idempotency_key=idempotency_key(self.id, uidvalidity, uid),
+            raw=fetched.body,
+            size=fetched.size,
+            charged=self._charge(fetched, too_large),
+            too_large=too_large,
+            tag=uidvalidity,
         )
 
     # -- settlements ---------------------------------------------------------------------------
 
-    async def _apply_settlements(self, session: ImapSession) -> None:
-        batch, self._settlements = self._settlements, []
-        current = [s for s in batch if s.uidvalidity == session.uidvalidity]
-        for stale in (s for s in batch if s.uidvalidity != session.uidvalidity):
-            stale.done.set_result(None)  # UIDVALIDITY changed: the sweep finds it again
-        groups: dict[str, list[_Settlement]] = {}
+    async def _apply_settlements(self, *args: Any) -> None:
+        (session,) = args
+        batch = self._take_settlements()
+        current = [s for s in batch if s.tag == session.uidvalidity]
+        for stale in (s for s in batch if s.tag != session.uidvalidity):
+            self._settled(stale)  # UIDVALIDITY changed: the sweep finds it again
+        groups: dict[str, list[Settlement[int]]] = {}
         for settlement in current:
             groups.setdefault(self._action(settlement.outcome), []).append(settlement)
         for action, group in groups.items():
-            uids = [s.uid for s in group]
+            uids = [s.key for s in group]
             try:
                 await self._apply(session, action, uids)
             except ImapError as exc:
@@ -440,23 +369,15 @@ class ImapWatcher:
                 self._requeue(current)
                 raise
             for settlement in group:
-                self._pending.pop(settlement.uid, None)
-                settlement.done.set_result(None)
-
-    def _requeue(self, batch: list[_Settlement]) -> None:
-        """Keep what was not applied for the next connection (same UIDVALIDITY, same
-        messages; STORE and MOVE are safe to repeat), or for _abandon_settlements."""
-        self._settlements[:0] = [s for s in batch if not s.done.done()]
+                self._settled(settlement)
 
     def _refused(self, action: str, uids: list[int], exc: ImapError) -> None:
-        log.error(
-            "%s: could not %s uids %s: %s; they stay as they are and are not fetched "
-            "again until the next reconnect",
-            self.id,
+        self.log.error(
+            "could not %s uids %s: %s; they stay as they are and are not fetched again until "
+            "the next reconnect",
             action,
             uids,
             exc,
-            extra={"mailbox": self.id},
         )
         self._stuck.update(uids)
 
