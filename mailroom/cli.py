@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -178,6 +180,21 @@ def _credentials(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def _quiet_broken_pipe(command: Callable[[list[str] | None], int]) -> Callable[..., int]:
+    """``mailroom route ... | head`` ends without a traceback (Python's documented recipe)."""
+
+    @functools.wraps(command)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return command(argv)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_FAILURE
+
+    return run
+
+
+@_quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
