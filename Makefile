@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-image lint demo bench debs venv clean
+.PHONY: test test-image lint demo demo-serve bench debs venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ lint: venv
 
 demo: venv debs
 	$(BIN)/python examples/demo.py
+
+demo-serve: venv debs
+	$(BIN)/python examples/demo.py --serve
 
 bench: venv debs
 	$(BIN)/python bench/imap_latency.py

@@ -1,4 +1,5 @@
-"""``mailroom [run] -c FILE``, ``check``, ``credentials edit|show|generate-key``, ``version``.
+"""``mailroom [run] -c FILE``, ``check``, ``route``, ``credentials edit|show|generate-key``,
+``sample-config``, ``version``.
 
 ``run`` and ``check`` also read GitLab's files (``--gitlab-config gitlab.yml``, or
 ``$MAIL_ROOM_GITLAB_CONFIG_FILE`` when no file is named) or MailRoom's YAML
@@ -10,17 +11,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
 from collections.abc import Callable
-from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
 from mailroom import check, credentials, gitlab, logs, supervisor
-from mailroom.config import Config, credentials_config, load_config
+from mailroom.check import route
+from mailroom.config import Config, MailboxConfig, credentials_config, load_config
+from mailroom.config.reader import suggestion
+from mailroom.config.sample import SAMPLE, SAMPLE_HINT
 from mailroom.errors import ConfigError, CredentialsError
 from mailroom.gitlab import check as gitlab_check
 
@@ -28,8 +32,8 @@ __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 NO_CONFIG = (
-    "mailroom: -c FILE is required (see examples/mailroom.yml), or --gitlab-config "
-    "gitlab.yml, or --mail-room-config mail_room.yml"
+    "mailroom: -c FILE is required: the YAML config file; "
+    f"{SAMPLE_HINT} (or --gitlab-config gitlab.yml, or --mail-room-config mail_room.yml)"
 )
 Mode = Literal["mailroom", "gitlab", "mail_room"]
 
@@ -66,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help='also POST a signed test event {"type": "mailroom.check"}; it must get a 2xx',
     )
+    routes = commands.add_parser(
+        "route",
+        help="what mailroom would do with one message (no network): the matching header, the "
+        "key, deliver/reject/ignore and why, the payload",
+    )
+    routes.add_argument("-c", "--config", help="the YAML config file")
+    routes.add_argument(
+        "--mailbox", help="the id of the mailbox it arrived in (default: the first)"
+    )
+    routes.add_argument("message", help="the message as a file (.eml), or - for stdin")
+    commands.add_parser("sample-config", help="print a minimal config to start from")
     stored = commands.add_parser(
         "credentials", help="the encrypted file of mailbox users and passwords"
     )
@@ -96,15 +111,19 @@ def _source(args: argparse.Namespace) -> tuple[Callable[[], Config], str, Mode] 
     if not (gitlab_yml or mail_room or config):
         gitlab_yml = os.environ.get("MAIL_ROOM_GITLAB_CONFIG_FILE")  # as GitLab's MailRoom
     if gitlab_yml:
-        return partial(gitlab.load_gitlab, gitlab_yml, mailroom_config=config), gitlab_yml, "gitlab"
+        return (
+            functools.partial(gitlab.load_gitlab, gitlab_yml, mailroom_config=config),
+            gitlab_yml,
+            "gitlab",
+        )
     if mail_room:
         return (
-            partial(gitlab.load_mail_room, mail_room, mailroom_config=config),
+            functools.partial(gitlab.load_mail_room, mail_room, mailroom_config=config),
             mail_room,
             "mail_room",
         )
     if config:
-        return partial(load_config, config), config, "mailroom"
+        return functools.partial(load_config, config), config, "mailroom"
     return None
 
 
@@ -149,6 +168,48 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
+def _load(path: str | None) -> Config | None:
+    """The config in ``path``, or None after saying on stderr why there is none (exit 2)."""
+    if not path:
+        print(NO_CONFIG, file=sys.stderr)
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"mailroom: config error: {exc}", file=sys.stderr)
+        return None
+
+
+def _route(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    mailbox = None if config is None else _mailbox(config, args.mailbox)
+    if config is None or mailbox is None:
+        return EXIT_CONFIG
+    try:
+        raw = sys.stdin.buffer.read() if args.message == "-" else Path(args.message).read_bytes()
+    except OSError as exc:
+        print(f"mailroom: cannot read {args.message}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    for line in route.describe(raw, mailbox, config):
+        print(line)
+    return EXIT_OK
+
+
+def _mailbox(config: Config, wanted: str | None) -> MailboxConfig | None:
+    """The mailbox named ``wanted`` (default: the first), or None after saying why."""
+    ids = [m.id for m in config.mailboxes]
+    if wanted is None:
+        if len(ids) > 1:
+            print(f"(mailbox {ids[0]}, the first of {len(ids)}; --mailbox ID for another)")
+        return config.mailboxes[0]
+    for mailbox in config.mailboxes:
+        if mailbox.id == wanted:
+            return mailbox
+    hint = suggestion(wanted, ids) or f"; the ids are: {', '.join(ids)}"
+    print(f"mailroom: no mailbox has the id {wanted}{hint}", file=sys.stderr)
+    return None
+
+
 def _credentials(args: argparse.Namespace) -> int:
     try:
         if args.action == "generate-key":
@@ -183,6 +244,21 @@ def _credentials(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def _quiet_broken_pipe(command: Callable[[list[str] | None], int]) -> Callable[..., int]:
+    """``mailroom route ... | head`` ends without a traceback (Python's documented recipe)."""
+
+    @functools.wraps(command)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return command(argv)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_FAILURE
+
+    return run
+
+
+@_quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
@@ -192,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args)
     if args.command == "credentials":
         return _credentials(args)
+    if args.command == "route":
+        return _route(args)
+    if args.command == "sample-config":
+        sys.stdout.write(SAMPLE)
+        return EXIT_OK
     try:
         source = _source(args)
         if source is None:
@@ -208,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGHUP reloads the file the same way (an invalid one is refused).
         return asyncio.run(supervisor.run(config, load=load))
+    except ConfigError as exc:  # found at start: health.listen cannot be bound
+        print(f"mailroom: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except Exception:
         logging.getLogger("mailroom").exception("mailroom failed")
         return EXIT_FAILURE

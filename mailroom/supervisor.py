@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -280,6 +281,20 @@ class _Running:
         return abandoned
 
 
+async def _listen(server: HealthServer) -> None:
+    """Start the health server; an address it cannot bind is a config error (exit 2)."""
+    try:
+        await server.start()
+    except OSError as exc:
+        host, port = server.config.host, server.config.port
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        advice = "stop what uses it, or " if exc.errno == errno.EADDRINUSE else ""
+        raise ConfigError(
+            "health.listen", f"cannot listen on {address}: {reason}; {advice}choose another"
+        ) from exc
+
+
 async def run(
     config: Config,
     stop: asyncio.Event | None = None,
@@ -302,7 +317,7 @@ async def run(
     try:
         resources.prepare(config)
         if server is not None:
-            await server.start()  # before any mailbox: a port in use fails at once
+            await _listen(server)  # before any mailbox: a port in use fails at once
         async with Dispatcher(config, health) as dispatcher, asyncio.TaskGroup() as group:
             if server is not None:
                 group.create_task(server.serve(finished), name="health")

@@ -114,6 +114,7 @@ IMAP_GOOD = {
     "uidplus": "OK",
     "move": "OK",
     "failed_folder": "OK",
+    "unseen": "OK",
 }
 
 
@@ -165,7 +166,7 @@ async def test_wrong_password_fails_login_and_skips_what_depends_on_it(
     assert statuses(results, target) == {
         **dict.fromkeys(("tcp", "tls"), "OK"),
         "login": "FAIL",
-        **dict.fromkeys(("mailbox", "idle", "uidplus", "move", "failed_folder"), "SKIP"),
+        **dict.fromkeys(("mailbox", "idle", "uidplus", "move", "failed_folder", "unseen"), "SKIP"),
     }
     assert results[target, "login"].detail.startswith(f"login as {account.user} refused: ")
     assert results[target, "login"].detail.endswith("; check user and password")
@@ -179,7 +180,7 @@ async def test_missing_mailbox_fails_but_the_capabilities_are_still_checked(
     box = mailbox_dict(dovecot, account, mailbox="Nope")
     results = await run_check(build([box], webhook.url))
     target = f"imap[{account.user}]"
-    assert statuses(results, target) == {**IMAP_GOOD, "mailbox": "FAIL"}
+    assert statuses(results, target) == {**IMAP_GOOD, "mailbox": "FAIL", "unseen": "SKIP"}
     assert results[target, "mailbox"].detail.startswith("cannot select mailbox 'Nope': ")
 
 
@@ -239,12 +240,61 @@ async def test_server_down_fails_tcp_and_skips_the_rest(
     results = await run_check(build([mailbox_dict(server, account)], webhook.url))
     target = f"imap[{account.user}]"
     assert statuses(results, target) == {"tcp": "FAIL"} | dict.fromkeys(
-        ("tls", "login", "mailbox", "idle", "uidplus", "move", "failed_folder"), "SKIP"
+        ("tls", "login", "mailbox", "idle", "uidplus", "move", "failed_folder", "unseen"), "SKIP"
     )
     assert results[target, "tcp"].detail.startswith(
         f"cannot connect to 127.0.0.1:{server.tls_port}: Connection refused;"
     )
     assert results[target, "tls"].detail == "skipped: tcp failed"
+
+
+async def test_unseen_messages_are_counted_by_decision_and_left_as_they_are(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    box = mailbox_dict(dovecot, account, id="inbox", delete_after_delivery=True)
+    results = await run_check(build([box], webhook.url))
+    assert results["imap[inbox]", "unseen"].detail == (
+        "no messages match search_command UNSEEN: the first start finds none waiting"
+    )
+    auto = b"Auto-Submitted: auto-replied\r\n" + message(4, to="someone@example.net")
+    raws = [
+        message(1),
+        message(2),
+        message(3, to="alice@example.net"),  # a person's mail in the inbox: no key
+        message(5, to="bob@example.net"),
+        auto,
+        message(6, size=40_000),  # over max_message_bytes below
+    ]
+    await dovecot.aappend_many(account, raws)
+    await asyncio.to_thread(
+        dovecot.append, account, message(7, to="x@example.net"), "INBOX", "\\Seen"
+    )
+    before = await dovecot.amessages(account)
+    box["max_message_bytes"] = 30_000
+    results = await run_check(build([box], webhook.url))
+    unseen = results["imap[inbox]", "unseen"]
+    assert unseen.status == "WARN"
+    assert unseen.detail == (
+        "6 messages match search_command UNSEEN; the first start takes them on: "
+        "2 posted to the webhook, 2 rejected (2 unknown incoming email), "
+        "1 ignored as auto-generated (1 auto_submitted), 1 dead-lettered (1 too large); "
+        "all but the dead letters are then deleted (delete_after_delivery: true). If people read "
+        "this mailbox, give mailroom a mailbox of its own; `mailroom route -c FILE "
+        "message.eml` shows the decision on one message"
+    )
+    assert await dovecot.amessages(account) == before  # nothing fetched as seen, nothing moved
+    assert webhook.requests == []
+
+    other = dovecot.add_user()
+    await dovecot.aappend_many(other, [message(n) for n in range(3)])
+    box = mailbox_dict(dovecot, other, id="dedicated")
+    results = await run_check(build([box], webhook.url))
+    assert results["imap[dedicated]", "unseen"].status == "OK"
+    assert results["imap[dedicated]", "unseen"].detail == (
+        "3 messages match search_command UNSEEN; the first start takes them on: "
+        "3 posted to the webhook; all are then marked read "
+        "(delete_after_delivery: false)"
+    )
 
 
 async def test_missing_idle_uidplus_and_move_are_warnings_that_say_what_is_lost(
@@ -297,7 +347,7 @@ async def test_xoauth2_token_and_login(entra: EntraGraph, webhook: WebhookReceiv
     assert statuses(results, "imap[good]") == {**IMAP_GOOD, "oauth token": "OK"}
     assert results["imap[good]", "login"].detail == f"logged in as {account.user} (XOAUTH2)"
     assert statuses(results, "imap[bad]") == {"tcp": "OK", "oauth token": "FAIL"} | dict.fromkeys(
-        ("tls", "login", "mailbox", "idle", "uidplus", "move", "failed_folder"), "SKIP"
+        ("tls", "login", "mailbox", "idle", "uidplus", "move", "failed_folder", "unseen"), "SKIP"
     )
     assert "invalid_client" in results["imap[bad]", "oauth token"].detail
     assert "wrong-secret" not in repr(results)
@@ -312,7 +362,12 @@ async def test_graph_token_folder_and_patch_change_nothing(
     message_id = entra.add_message(message(1))
     entra.messages[message_id].categories = ["Blue"]
     results = await run_check(build([graph_mailbox(entra)], webhook.url))
-    assert statuses(results, "graph[graph]") == {"token": "OK", "folder": "OK", "patch": "OK"}
+    assert statuses(results, "graph[graph]") == {
+        "token": "OK",
+        "folder": "OK",
+        "patch": "OK",
+        "unread": "OK",
+    }
     assert results["graph[graph]", "folder"].detail == (
         f"users/{GRAPH_USER}/mailFolders/inbox readable (at least one unread message)"
     )
@@ -327,19 +382,34 @@ async def test_graph_wrong_secret_patch_refused_and_empty_folder(
 ) -> None:
     wrong = graph_mailbox(entra, client_secret="not-the-secret") | {"id": "wrong"}
     results = await run_check(build([wrong], webhook.url))
-    assert statuses(results, "graph[wrong]") == {"token": "FAIL", "folder": "SKIP", "patch": "SKIP"}
+    assert statuses(results, "graph[wrong]") == {
+        "token": "FAIL",
+        "folder": "SKIP",
+        "patch": "SKIP",
+        "unread": "SKIP",
+    }
     assert "invalid_client" in results["graph[wrong]", "token"].detail
     assert "check client_id and client_secret" in results["graph[wrong]", "token"].detail
     assert "not-the-secret" not in repr(results)
 
     results = await run_check(build([graph_mailbox(entra)], webhook.url))
-    assert statuses(results, "graph[graph]") == {"token": "OK", "folder": "OK", "patch": "WARN"}
+    assert statuses(results, "graph[graph]") == {
+        "token": "OK",
+        "folder": "OK",
+        "patch": "WARN",
+        "unread": "OK",
+    }
     assert results["graph[graph]", "patch"].detail.startswith("not tried: no unread message")
 
     entra.add_message(message(2))
     entra.fail_next("patch", status=403)
     results = await run_check(build([graph_mailbox(entra)], webhook.url))
-    assert statuses(results, "graph[graph]") == {"token": "OK", "folder": "OK", "patch": "FAIL"}
+    assert statuses(results, "graph[graph]") == {
+        "token": "OK",
+        "folder": "OK",
+        "patch": "FAIL",
+        "unread": "OK",
+    }
     assert results["graph[graph]", "patch"].detail.endswith(
         "; grant the app Mail.ReadWrite and check its application access policy"
     )
@@ -349,8 +419,34 @@ async def test_graph_folder_not_readable(entra: EntraGraph, webhook: WebhookRece
     box = graph_mailbox(entra) | {"user": "nobody@contoso.onmicrosoft.com"}
     entra.fail_next("list", status=404)
     results = await run_check(build([box], webhook.url))
-    assert statuses(results, "graph[graph]") == {"token": "OK", "folder": "FAIL", "patch": "SKIP"}
+    assert statuses(results, "graph[graph]") == {
+        "token": "OK",
+        "folder": "FAIL",
+        "patch": "SKIP",
+        "unread": "SKIP",
+    }
     assert results["graph[graph]", "folder"].detail.endswith("; check user and mailbox")
+
+
+async def test_graph_unread_messages_are_counted_by_decision_and_left_unread(
+    entra: EntraGraph, webhook: WebhookReceiver
+) -> None:
+    entra.page_size = 2  # the listing is paged
+    for raw in (message(1), message(2, to="someone@example.net"), message(3, size=5000)):
+        entra.add_message(raw)
+    box = graph_mailbox(entra) | {"max_message_bytes": 2048}
+    results = await run_check(build([box], webhook.url))
+    unread = results["graph[graph]", "unread"]
+    assert (unread.status, unread.detail) == (
+        "WARN",
+        "3 messages are unread; the first start takes them on: 1 posted to the webhook, "
+        "1 rejected (1 unknown incoming email), 1 dead-lettered (1 too large); all but the dead "
+        "letters are then marked read (delete_after_delivery: false). If people read this "
+        "mailbox, give mailroom a mailbox of its own; `mailroom route -c FILE message.eml` "
+        "shows the decision on one message",
+    )
+    assert not any(m.is_read for m in entra.messages.values())
+    assert webhook.requests == []
 
 
 # -- webhook ---------------------------------------------------------------------------------
@@ -573,5 +669,5 @@ async def test_command_output_exit_codes_and_no_secrets(
     code, out, err = await mailroom("check", "-c", str(path))
     assert code == 2
     first, second = out.splitlines()
-    assert first.startswith("FAIL config load: surprise: unknown key; known keys here: ")
+    assert first.startswith("FAIL config load: unknown key surprise; known keys here: ")
     assert second == "mailroom check: the config does not load; nothing else was checked"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ from mailroom.config import (
     load_config,
     parse_config,
 )
+from mailroom.config.reader import KEYS
+from tests.helpers import ROOT
 
 SECRET = "hunter2-do-not-print"
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -111,24 +114,32 @@ def test_mailbox_webhook_override_merges_over_top_level() -> None:
         ({"port": "abc"}, "mailboxes[0].port: expected a whole number, got 'abc'"),
         ({"port": 70000}, "mailboxes[0].port: 70000 is out of range; use a value from 1 to 65535"),
         ({"idle_timeout": 3600}, "mailboxes[0].idle_timeout: 3600 is out of range"),
-        ({"colour": "blue"}, "mailboxes[0].colour: unknown key; known keys here:"),
+        ({"colour": "blue"}, "mailboxes[0]: unknown key colour; known keys here: address, auth,"),
         ({"password": None}, "mailboxes[0].password: is required (or password_file"),
         ({"address": "i@%{key}.ex.com"}, "mailboxes[0].address: 'i@%{key}.ex.com': %{key} must"),
         ({"address": "nobody"}, "mailboxes[0].address: 'nobody' is not an address template"),
         ({"host": "${NOPE}"}, "mailboxes[0].host: environment variable NOPE is not set"),
         ({"inbox_method": "pop3"}, "mailboxes[0].inbox_method: 'pop3' is not one of: imap,"),
         ({"ssl": "maybe"}, "mailboxes[0].ssl: expected true or false, got 'maybe'"),
-        ({"ca_file": "/nonexistent/ca.pem"}, "mailboxes[0].ca_file: file /nonexistent/ca.pem"),
+        (
+            {"ca_file": "/nonexistent/ca.pem"},
+            "mailboxes[0].ca_file: the file it names does not exist",
+        ),
     ],
 )
 def test_mailbox_errors_name_the_path(change: dict[str, Any], expected: str) -> None:
+    assert error_of(changed(change)).startswith(expected)
+
+
+def changed(change: dict[str, Any]) -> dict[str, Any]:
+    """``minimal()`` with the mailbox's keys set, or removed where the value is None."""
     data = minimal()
     for key, value in change.items():
         if value is None:
             data["mailboxes"][0].pop(key)
         else:
             data["mailboxes"][0][key] = value
-    assert error_of(data).startswith(expected)
+    return data
 
 
 def test_password_and_password_file_exclude_each_other(tmp_path: Path) -> None:
@@ -142,16 +153,19 @@ def test_unreadable_secret_file_is_named_not_printed(tmp_path: Path) -> None:
     data = minimal(password_file="missing")
     data["mailboxes"][0].pop("password")
     assert error_of(data, base_dir=tmp_path).startswith(
-        f"mailboxes[0].password_file: cannot read {tmp_path}/missing: No such file or directory"
+        f"mailboxes[0].password_file: the file it names does not exist (relative to {tmp_path})"
     )
 
 
 @pytest.mark.parametrize(
     ("webhook", "expected"),
     [
-        ({"url": "ftp://x"}, "webhook.url: is not an http(s) URL"),
-        ({"url": "https://app:99999/x"}, "webhook.url: https://app:443: the port is not a"),
-        ({"url": "https://u:hunter2@app/x"}, "webhook.url: must not carry user:password@"),
+        ({"url": "ftp://x"}, "webhook.url: is not an http or https URL (ftp://x:80); write it"),
+        ({"url": "http://127.0.0.1:99999/x"}, "webhook.url: http://127.0.0.1:99999: the port is"),
+        (
+            {"url": "https://u:hunter2@app/x"},
+            "webhook.url: https://app:443: must not carry user:password@; use webhook.basic",
+        ),
         ({"url": "https://x", "format": "xml"}, "webhook.format: 'xml' is not one of: json, raw"),
         ({"url": "https://x", "signing_secret": "plain"}, "webhook.signing_secret: must be a"),
         ({"url": "https://x", "retry": {"initial": 10, "max": 1}}, "webhook.retry.max: must be"),
@@ -176,7 +190,7 @@ def test_duplicate_ids_and_empty_documents() -> None:
 def test_load_config_reports_yaml_syntax(tmp_path: Path) -> None:
     path = tmp_path / "bad.yml"
     path.write_text("mailboxes: [\n  - host: x\n webhook: {")
-    with pytest.raises(ConfigError, match=r"bad\.yml: .* at line \d+, column \d+; fix the YAML"):
+    with pytest.raises(ConfigError, match=r"\(.*bad\.yml, line \d+, column \d+\); fix the YAML"):
         load_config(path)
 
 
@@ -318,9 +332,9 @@ def test_disabled_notices_still_make_the_from_address_ours() -> None:
         ),
         (
             {"own_addresses": ["not an address"]},
-            "mailboxes[0].own_addresses[0]: 'not an address' is not an email address",
+            "mailboxes[0].own_addresses[0]: a text of 14 characters is not an email address",
         ),
-        ({"reply_host": "bad host"}, "mailboxes[0].reply_host: 'bad host' is not a host name"),
+        ({"reply_host": "bad_host"}, "mailboxes[0].reply_host: 'bad_host' is not a host name"),
     ],
 )
 def test_routing_key_errors(change: dict[str, Any], expected: str) -> None:
@@ -354,13 +368,13 @@ def test_routing_key_errors(change: dict[str, Any], expected: str) -> None:
             {"smtp": {"host": "h", "password": SECRET}},
             "reject_notices.smtp.user: is required with a password",
         ),
-        ({"smtp": {"host": "h", "colour": 1}}, "reject_notices.smtp.colour: unknown key"),
+        ({"smtp": {"host": "h", "colour": 1}}, "reject_notices.smtp: unknown key colour"),
         ({"retry": {"initial": 10, "max": 1}}, "reject_notices.retry.max: must be at least"),
         ({"retry": {"give_up_after": 0}}, "reject_notices.retry.give_up_after: 0 is out of range"),
         ({"trusted_authserv_ids": "mx"}, "reject_notices.trusted_authserv_ids: expected a list"),
         ({"footer": ["x"]}, "reject_notices.footer: expected text, got a list"),
         ({"enabled": "maybe"}, "reject_notices.enabled: expected true or false, got 'maybe'"),
-        ({"sender": "x"}, "reject_notices.sender: unknown key; known keys here:"),
+        ({"sender": "x"}, "reject_notices: unknown key sender; known keys here:"),
     ],
 )
 def test_reject_notices_errors(notices: dict[str, Any], expected: str) -> None:
@@ -438,4 +452,137 @@ def test_a_mailbox_webhook_on_another_host_warns_about_inherited_credentials() -
 def test_unquoted_numbers_are_not_taken_as_secrets() -> None:
     assert error_of(minimal(password=755)).startswith(
         "mailboxes[0].password: expected a string, got int; put the value in quotes"
+    )
+
+
+# -- typos and missing secrets (issue 14) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"pasword": SECRET, "password": None}, "mailboxes[0]: unknown key pasword; did you "),
+        ({"pasword_file": "x", "password": None}, "mailboxes[0]: unknown key pasword_file; did"),
+        ({"adress": "a+%{key}@example.com", "address": None}, "mailboxes[0]: unknown key adress;"),
+        ({"hots": "imap.example.com", "host": None}, "mailboxes[0]: unknown key hots; did you "),
+        ({"usr": "u", "user": None}, "mailboxes[0]: unknown key usr; did you mean user?"),
+        ({"delete_after_delivey": False}, "mailboxes[0]: unknown key delete_after_delivey; did "),
+        ({"sll": True}, "mailboxes[0]: unknown key sll; did you mean ssl?"),
+        (
+            {"colour": "blue", "sll": 1},
+            "mailboxes[0]: unknown keys colour, sll (did you mean ssl?)",
+        ),
+    ],
+)
+def test_typos_in_keys_are_named_with_the_close_match(
+    change: dict[str, Any], expected: str
+) -> None:
+    text = error_of(changed(change))
+    assert text.startswith(expected)
+    if "; did you mean" in expected or expected.endswith("did you "):
+        assert text.count("did you mean") == 1
+
+
+def test_typos_at_the_top_level_and_in_every_block() -> None:
+    data = minimal()
+    data["webhok"] = data.pop("webhook")
+    assert error_of(data) == "unknown key webhok; did you mean webhook?"
+    data = minimal()
+    data["mailboxs"] = data.pop("mailboxes")
+    assert error_of(data) == "unknown key mailboxs; did you mean mailboxes?"
+    data = minimal()
+    data["webhook"] = {"ulr": "https://app/x"}
+    assert error_of(data) == "webhook: unknown key ulr; did you mean url?"
+    data = minimal()
+    data["webhook"]["signing_secert"] = WHSEC
+    assert error_of(data) == "webhook: unknown key signing_secert; did you mean signing_secret?"
+    data = with_notices()
+    data["reject_notices"]["smtp"]["pasword"] = data["reject_notices"]["smtp"].pop("password")
+    assert error_of(data) == "reject_notices.smtp: unknown key pasword; did you mean password?"
+    data = minimal(ignore_auto_generated={"x_autorepy": False})
+    assert error_of(data) == (
+        "mailboxes[0].ignore_auto_generated.x_autorepy: unknown rule; did you mean x_autoreply?"
+    )
+    data = minimal()
+    data["log"] = {"levle": "debug"}
+    assert error_of(data) == "log: unknown key levle; did you mean level?"
+    data = minimal(inbox_method="imapp")
+    assert error_of(data) == (
+        "mailboxes[0].inbox_method: 'imapp' is not one of: imap, microsoft_graph; "
+        "did you mean imap?"
+    )
+
+
+def test_a_valid_key_elsewhere_is_not_taken_for_a_typo() -> None:
+    # own_addresses is close to address, but valid here: "address" is simply missing.
+    data = minimal(own_addresses=["help@example.com"])
+    data["mailboxes"][0].pop("address")
+    assert error_of(data) == "mailboxes[0].address: is required"
+
+
+def test_every_key_the_getters_read_is_known_to_the_typo_check() -> None:
+    source = "".join(p.read_text() for p in (ROOT / "mailroom" / "config").glob("*.py"))
+    getters = r"\.(?:text|number|flag|secret|choice|raw|section|path_value|url)\(\s*\"([a-z_]+)\""
+    keys = set(re.findall(getters, source)) | {"azure_ad_endpoint", "graph_endpoint"}
+    secrets = set(re.findall(r"\.secret\(\s*\"([a-z_]+)\"", source))
+    assert keys | {f"{k}_file" for k in secrets} <= KEYS
+
+
+def test_every_missing_secret_and_variable_is_reported_at_once(tmp_path: Path) -> None:
+    (tmp_path / "empty").write_text("\n")
+    data = minimal(password=None, password_file="/run/secrets/imap", host="${IMAP_HOST}")
+    data["mailboxes"][0].pop("password")
+    data["mailboxes"].append(dict(data["mailboxes"][0], id="second", user="${IMAP_HOST}"))
+    data["webhook"].update(signing_secret_file="empty", token="${TOKEN}")
+    data["reject_notices"] = {
+        **NOTICES,
+        "smtp": {**NOTICES["smtp"], "password_file": "/run/secrets/smtp", "ca_file": "ca.pem"},
+    }
+    assert error_of(data, base_dir=tmp_path) == (
+        "6 settings cannot be read; fix them all:\n"
+        "  mailboxes[0].host: environment variable IMAP_HOST is not set; export it or edit "
+        "the file\n"
+        "  mailboxes[0].password_file: the file it names does not exist\n"
+        f"  webhook.signing_secret_file: the file it names is empty (relative to {tmp_path})\n"
+        "  webhook.token: environment variable TOKEN is not set; export it or edit the file\n"
+        "  reject_notices.smtp.password_file: the file it names does not exist\n"
+        "  reject_notices.smtp.ca_file: the file it names does not exist (relative to "
+        f"{tmp_path})"
+    )
+
+
+def test_the_example_config_reports_all_its_missing_secret_files_at_once(tmp_path: Path) -> None:
+    env = {"AZURE_TENANT_ID": "contoso.onmicrosoft.com", "AZURE_CLIENT_ID": "client"}
+    with pytest.raises(ConfigError) as caught:
+        load_config(ROOT / "examples" / "mailroom.yml", env=env)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "6 settings cannot be read; fix them all:"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [
+        "mailboxes[0].password_file",
+        "mailboxes[1].inbox_options.client_secret_file",
+        "mailboxes[2].oauth.client_secret_file",
+        "webhook.signing_secret_file",
+        "webhook.jwt.secret_file",
+        "reject_notices.smtp.password_file",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "the file it names is empty"),
+        (b"\xff\xfe", "the file it names is not UTF-8 text"),
+        (b"x" * 70_000, "the file it names is larger than 64 KiB; it should hold one secret"),
+    ],
+)
+def test_secret_files_that_cannot_hold_a_secret(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    (tmp_path / "pw").write_bytes(content)
+    data = minimal(password_file=str(tmp_path / "pw"))
+    data["mailboxes"][0].pop("password")
+    assert error_of(data, base_dir=tmp_path) == f"mailboxes[0].password_file: {expected}"
+    data["mailboxes"][0]["password_file"] = str(tmp_path)
+    assert error_of(data) == (
+        "mailboxes[0].password_file: the file it names is a directory or a device"
     )

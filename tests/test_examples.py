@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
+from mailroom import cli
 from mailroom.config import Config, GraphMailboxConfig, ImapMailboxConfig, parse_config
+from mailroom.config.sample import SAMPLE
 from tests.helpers import ROOT, WHSEC
 from tests.servers import tls
 
@@ -157,3 +159,69 @@ def test_the_deployment_files_agree_with_the_configs() -> None:
     assert re.search(r"^STOPSIGNAL SIGTERM$", dockerfile, re.M)
     assert re.search(r"^USER 10001:10001$", dockerfile, re.M)
     assert mailroom["securityContext"]["runAsUser"] == 10001
+
+
+# -- the first hour (issue 14): the minimal config, the CLI's pointers, honest examples ---------
+
+
+def test_the_readme_first_config_is_the_sample_config_and_loads(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("### First config", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert block == SAMPLE
+    assert len(SAMPLE.splitlines()) <= 16
+    config = parse_config(yaml.safe_load(SAMPLE), env={"IMAP_PASSWORD": "pw"})
+    (box,) = config.mailboxes
+    assert isinstance(box, ImapMailboxConfig) and not box.delete_after_delivery
+    assert config.warnings == ()
+    assert cli.main(["sample-config"]) == 0
+    assert capsys.readouterr().out == SAMPLE
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["check"]])
+def test_without_a_config_the_cli_says_how_to_get_one(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(command) == 2
+    assert capsys.readouterr().err == (
+        "mailroom: -c FILE is required: the YAML config file; "
+        "`mailroom sample-config > mailroom.yml` writes a minimal one to start from "
+        "(or --gitlab-config gitlab.yml, or --mail-room-config mail_room.yml)\n"
+    )
+
+
+def test_the_commented_example_marks_every_value_that_is_not_the_default(tmp_path: Path) -> None:
+    imap = load("mailroom.yml", tmp_path).mailboxes[0]
+    box = {"address": "a+%{key}@example.com", "host": "h", "user": "u", "password": "p"}
+    default = parse_config({"mailboxes": [box], "webhook": {"url": "https://a/x"}}, env={})
+    plain = default.mailboxes[0]
+    text = CONFIGS["mailroom.yml"].split("  - id: graph", 1)[0]  # the IMAP mailbox
+    fields = {"idle_timeout": "idle_timeout_s"}
+    for key in [
+        "ssl",
+        "start_tls",
+        "tls_verify",
+        "auth",
+        "mailbox",
+        "idle_timeout",
+        "search_command",
+        "delete_after_delivery",
+        "expunge_deleted",
+        "failed_folder",
+        "max_message_bytes",
+    ]:
+        (line,) = re.findall(rf"^    {key}:.*$", text, re.M)
+        name = fields.get(key, key)
+        if getattr(imap, name) != getattr(plain, name):
+            assert "default: " in line, f"{line!r} shows a value that is not the default"
+    assert "with its default" not in CONFIGS["mailroom.yml"]
+
+
+def test_the_examples_install_from_a_clone_and_link_only_files_that_exist() -> None:
+    service = (EXAMPLES / "mailroom.service").read_text()
+    assert "pip install mailroom-incoming" not in service
+    assert "pip install /path/to/the/clone" in service
+    texts = [p.read_text() for p in (*EXAMPLES.rglob("*.y*ml"), *(ROOT / "mailroom").rglob("*.py"))]
+    assert not any("ARCHITECTURE.md" in text for text in texts)
+    assert "ARCHITECTURE.md" not in (ROOT / "README.md").read_text()

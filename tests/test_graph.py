@@ -435,13 +435,14 @@ async def test_too_large_is_not_read_whole_and_dead_lettered(
         ({"inbox_options": None}, "mailboxes[0].inbox_options: is required"),
         (
             {"inbox_options": {"graph_endpoint": "http://graph.example"}},
-            "mailboxes[0].inbox_options.graph_endpoint: 'http://graph.example' is not an https",
+            "mailboxes[0].inbox_options.graph_endpoint: is not an https URL "
+            "(http://graph.example:80); write it like https://graph.microsoft.com",
         ),
         (
             {"inbox_options": {"client_secret": None}},
             "mailboxes[0].inbox_options.client_secret: is required",
         ),
-        ({"inbox_options": {"scope": "x"}}, "mailboxes[0].inbox_options.scope: unknown key"),
+        ({"inbox_options": {"scope": "x"}}, "mailboxes[0].inbox_options: unknown key scope"),
     ],
 )
 def test_graph_config_errors(change: dict[str, Any], error: str) -> None:

@@ -14,8 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailroom import supervisor
-from mailroom.config import ConfigError, parse_config
-from mailroom.config.sections import origin
+from mailroom.config import ConfigError, origin, parse_config
 from mailroom.envelope import Outcome
 from mailroom.health import GRAPH_GRACE_S, Health
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
@@ -258,8 +257,12 @@ async def test_a_health_port_in_use_fails_at_start(
         taken.listen()
         port = taken.getsockname()[1]
         config = with_health(config_dict([mailbox_dict(dovecot, account)], webhook.url), port)
-        with pytest.raises(OSError):
+        with pytest.raises(ConfigError) as caught:
             await supervisor.run(parse_config(config, env={}), asyncio.Event())
+    assert str(caught.value) == (
+        f"health.listen: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "stop what uses it, or choose another"
+    )
 
 
 # -- the rules, on a fake clock -----------------------------------------------------------------

@@ -12,8 +12,9 @@ works there. Only TCP and TLS are tried directly with ``asyncio.open_connection`
 contain a secret: URLs are shown as ``scheme://host:port``, and errors name settings, not values.
 
 Here: the config and address checks and the order of everything. ``report``: the lines and
-the skipping; ``net``: TCP, TLS, certificates; ``mailboxes``: IMAP and Graph; ``endpoints``:
-the webhook and SMTP.
+the skipping; ``net``: TCP, TLS, certificates; ``mailboxes``: IMAP and Graph, with the unseen
+messages counted by ``route``'s decision (also ``mailroom route``); ``endpoints``: the webhook
+and SMTP.
 """
 
 from __future__ import annotations

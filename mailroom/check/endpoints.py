@@ -23,21 +23,13 @@ from mailroom.check.net import (
     tcp,
 )
 from mailroom.check.report import Failed, Outcome, Report, Status, Target
-from mailroom.config import Config, WebhookConfig
+from mailroom.config import Config, WebhookConfig, origin
 from mailroom.tls import client_context
 from mailroom.webhook import request_headers
 
 __all__ = ["TEST_EVENT", "smtp", "webhook"]
 
 TEST_EVENT = {"type": "mailroom.check"}
-
-
-def _origin(url: str) -> str:
-    """``scheme://host:port`` of ``url``: no user info, path or query (they may hold secrets)."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}:{port}"
 
 
 def _webhook_tls(config: WebhookConfig) -> ssl.SSLContext:
@@ -63,8 +55,7 @@ _STATUS_HINTS = {
 
 
 async def webhook(report: Report, config: WebhookConfig, *, send_test: bool) -> None:
-    origin = _origin(config.url)
-    target = Target(report, f"webhook[{origin}]")
+    target = Target(report, f"webhook[{origin(config.url)}]")
     parts = urlsplit(config.url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)

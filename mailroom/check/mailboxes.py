@@ -6,14 +6,20 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from mailroom.auth import TokenProvider
+from mailroom.check import route
 from mailroom.check.net import certificate, tcp
 from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
-from mailroom.config import GraphMailboxConfig, ImapMailboxConfig
+from mailroom.config import GraphMailboxConfig, ImapMailboxConfig, MailboxConfig
 from mailroom.errors import MailroomError
-from mailroom.sources.graph_client import GraphClient, discard
+from mailroom.sources.graph_client import GraphClient, discard, read_mime
 from mailroom.sources.imap_session import ImapSession
 
-__all__ = ["graph", "imap"]
+__all__ = ["backlog", "graph", "imap"]
+
+COUNT_AT_MOST = 1000  # messages whose headers `unseen` reads to count the decisions
+COUNT_BATCH = 200
+GRAPH_COUNT_AT_MOST = 100  # one request each: fewer than over IMAP
+GRAPH_PAGES_AT_MOST = 10
 
 
 async def imap(report: Report, config: ImapMailboxConfig) -> None:
@@ -59,6 +65,17 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
 
         return check
 
+    async def unseen() -> Outcome:
+        assert session is not None
+        uids = await session.search(config.search_command)
+        tally = route.Tally()
+        for start in range(0, min(len(uids), COUNT_AT_MOST), COUNT_BATCH):
+            batch = uids[start : min(start + COUNT_BATCH, COUNT_AT_MOST)]
+            # Routing reads only the header block: no bodies are fetched, nothing is marked.
+            for item in await session.fetch(batch, "UID RFC822.SIZE BODY.PEEK[HEADER]"):
+                tally.add(route.decide(item.body or b"", config, size=item.size))
+        return backlog(tally, len(uids), config)
+
     async def failed_folder() -> Outcome:
         assert session is not None
         folder = config.failed_folder
@@ -81,7 +98,7 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
             await target.run("oauth token", token)
         await target.run("tls" if config.ssl or config.start_tls else "connect", connect)
         await target.run("login", login)
-        await target.run("mailbox", select, blocking=False)
+        selected = await target.run("mailbox", select, blocking=False)
         await target.run(
             "idle",
             capability(
@@ -113,11 +130,41 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
             blocking=False,
         )
         await target.run("failed_folder", failed_folder, blocking=False)
+        if selected or target.blocked is not None:
+            await target.run("unseen", unseen, blocking=False)
+        else:
+            report.add(target.name, "unseen", "SKIP", "skipped: mailbox failed")
     finally:
         if session is not None:
             await session.logout()
         if tokens is not None:
             tokens.close()
+
+
+def backlog(tally: route.Tally, found: int, config: MailboxConfig, *, more: str = "") -> Outcome:
+    """What the first start does with the messages waiting, and a warning when some would not
+    reach the webhook: an inbox people read loses its unread mail that way."""
+    search = "are unread"
+    if isinstance(config, ImapMailboxConfig):
+        search = f"match search_command {config.search_command}"
+    if not found:
+        return "OK", f"no messages {search}: the first start finds none waiting"
+    counted = sum(tally.actions.values())
+    of = f" (of the first {counted})" if counted < found else ""
+    parts = [tally.text(action) for action in route.Action if tally.actions[action]]
+    settle = "deleted" if config.delete_after_delivery else "marked read"
+    which = "all but the dead letters are" if tally.actions[route.Action.DEAD_LETTER] else "all are"
+    detail = (
+        f"{found}{more} messages {search}; the first start takes them on{of}: "
+        f"{', '.join(parts)}; {which} then {settle} "
+        f"(delete_after_delivery: {str(config.delete_after_delivery).lower()})"
+    )
+    if tally.actions[route.Action.DELIVER] == counted:
+        return "OK", detail
+    return "WARN", (
+        f"{detail}. If people read this mailbox, give mailroom a mailbox of its own; "
+        "`mailroom route -c FILE message.eml` shows the decision on one message"
+    )
 
 
 # -- Microsoft Graph -------------------------------------------------------------------------
@@ -165,9 +212,31 @@ async def graph(report: Report, config: GraphMailboxConfig) -> None:
             )
             return "OK", "PATCH of a message allowed (Mail.ReadWrite)"
 
+        async def unread() -> Outcome:
+            # The poller's own listing, then each message's header block from its $value (read
+            # no further: read_mime with a limit of 0 stops after the headers).
+            url: str | None = f"{folder_url}?$filter=isRead%20eq%20false&$select=id&$top=100"
+            ids: list[str] = []
+            for _ in range(GRAPH_PAGES_AT_MOST):
+                if url is None:
+                    break
+                page = await client.send("GET", url)
+                ids += [i["id"] for i in page.get("value", []) if isinstance(i.get("id"), str)]
+                url = client.next_link(page)
+            tally = route.Tally()
+            for message_id in ids[:GRAPH_COUNT_AT_MOST]:
+                mime = f"{folder_url}/{quote(message_id, safe='')}/$value"
+                header, size, _ = await client.send(
+                    "GET", mime, read=lambda response: read_mime(response, 0), accept="*/*"
+                )
+                tally.add(route.decide(header, config, size=size if size > len(header) else None))
+            more = " or more" if url is not None else ""
+            return backlog(tally, len(ids), config, more=more)
+
         try:
             await target.run("token", token)
             await target.run("folder", folder)
+            await target.run("unread", unread, blocking=False)
             await target.run("patch", patch)
         finally:
             tokens.close()

@@ -13,9 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mailroom import credentials
+from mailroom.config.document import load as load_yaml
 from mailroom.config.mailboxes import (
     _mailbox,
 )
@@ -38,7 +37,8 @@ from mailroom.config.model import (
     SmtpConfig,
     WebhookConfig,
 )
-from mailroom.config.reader import Section
+from mailroom.config.reader import Section, missing, origin, shown
+from mailroom.config.sample import SAMPLE_HINT
 from mailroom.config.sections import (
     _health,
     _limits,
@@ -70,6 +70,7 @@ __all__ = [
     "WebhookConfig",
     "credentials_config",
     "load_config",
+    "origin",
     "parse_config",
 ]
 
@@ -77,8 +78,19 @@ __all__ = [
 def parse_config(
     data: Any, *, env: Mapping[str, str] | None = None, base_dir: Path | None = None
 ) -> Config:
-    """Validate a loaded YAML document; relative ``*_file`` paths resolve from ``base_dir``."""
-    root = Section(data, "", os.environ if env is None else env, base_dir or Path.cwd())
+    """Validate a loaded YAML document; relative ``*_file`` paths resolve from ``base_dir``.
+
+    Unset ``${VAR}``s and unreadable ``*_file``s are reported all at once, before anything
+    else: one ``ConfigError`` with a line for each.
+    """
+    env = os.environ if env is None else env
+    base_dir = base_dir or Path.cwd()
+    if problems := missing(data, env, base_dir):
+        if len(problems) == 1:
+            raise problems[0]
+        lines = "".join(f"\n  {problem}" for problem in problems)
+        raise ConfigError("", f"{len(problems)} settings cannot be read; fix them all:{lines}")
+    root = Section(data, "", env, base_dir)
     webhook_raw = root.raw("webhook")
     top_webhook = _webhook(Section(webhook_raw, "webhook", root.env, root.base_dir))
     raw_mailboxes = root.raw("mailboxes")
@@ -102,7 +114,8 @@ def parse_config(
     for i, mailbox in enumerate(mailboxes):
         if mailbox.id in seen:
             root.fail(
-                f"mailboxes[{i}].id", f"{mailbox.id!r} is used twice; give each mailbox an id"
+                f"mailboxes[{i}].id",
+                f"{shown(mailbox.id)} is used twice; give each mailbox an id of its own",
             )
         seen.add(mailbox.id)
     notices, notice_address = None, None
@@ -211,13 +224,7 @@ def _read_yaml(file: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError("", f"cannot read config file {file}: {reason}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError("", f"{file}: {problem}{where}; fix the YAML syntax") from exc
+    data = load_yaml(text, str(file))
     if data is None:
-        raise ConfigError("", f"{file} is empty; see examples/mailroom.yml")
+        raise ConfigError("", f"{file} is empty; {SAMPLE_HINT}")
     return data

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from mailroom import credentials, routing
+from mailroom.config.document import WORD
 from mailroom.config.model import (
     GraphInboxOptions,
     GraphMailboxConfig,
@@ -17,7 +17,15 @@ from mailroom.config.model import (
     Secret,
     WebhookConfig,
 )
-from mailroom.config.reader import _HOST_RE, IDLE_TIMEOUT_MAX_S, Section, _address, kind
+from mailroom.config.reader import (
+    _HOST_RE,
+    IDLE_TIMEOUT_MAX_S,
+    Section,
+    _address,
+    kind,
+    shown,
+    suggestion,
+)
 from mailroom.config.sections import _webhook
 
 
@@ -51,10 +59,17 @@ def _mailbox(
     stored: Mapping[str, credentials.StoredLogin] | None = None,
 ) -> MailboxConfig:
     method = section.choice("inbox_method", "imap", ("imap", "microsoft_graph"))
+    template = section.text("address")  # outside the try: a ConfigError is a ValueError
     try:
-        address = routing.AddressTemplate.parse(section.text("address"))
+        address = routing.AddressTemplate.parse(template)
     except ValueError as exc:
-        section.fail("address", str(exc))
+        if WORD.fullmatch(template):  # routing's messages quote the template
+            section.fail("address", str(exc))
+        section.fail(
+            "address",
+            f"{shown(template)} is not an address template; write it "
+            "like incoming+%{key}@example.com (no spaces)",
+        )
     login = _stored_login(section, stored)
     if method == "microsoft_graph":
         if login is not None and login.password is not None:
@@ -140,18 +155,24 @@ def _mailbox_webhook(section: Section, webhook_raw: dict[str, Any]) -> WebhookCo
 
 def _https_endpoint(section: Section, key: str, default: str) -> str:
     """An https base URL without a trailing slash (msal accepts only https authorities)."""
-    url = str(section.text(key, default)).rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
-        section.fail(key, f"{url!r} is not an https base URL; write it like {default}")
-    return url
+    return str(section.url(key, default)).rstrip("/")
+
+
+def _scope(section: Section) -> str:
+    """An OAuth scope, ``<resource URI>/.default``: where the URI has a host, no
+    ``user:password@``, query or fragment, as for every URL."""
+    default = "https://outlook.office365.com/.default"
+    scope = str(section.text("scope", default))
+    if "://" in scope:
+        section.url("scope", default, schemes=(scope.partition("://")[0],))
+    return scope
 
 
 def _oauth(section: Section, *, scope: str | None) -> OAuthConfig:
     """``oauth:`` of an IMAP mailbox (``scope`` read from it) or a Graph mailbox's options."""
     tenant_id = section.text("tenant_id")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", tenant_id):
-        section.fail("tenant_id", f"{tenant_id!r} is not a tenant id or domain (Entra portal)")
+        section.fail("tenant_id", f"{shown(tenant_id)} is not a tenant id or domain (Entra portal)")
     secret = section.secret("client_secret", required=True)
     assert secret is not None
     return OAuthConfig(
@@ -161,7 +182,7 @@ def _oauth(section: Section, *, scope: str | None) -> OAuthConfig:
         azure_ad_endpoint=_https_endpoint(
             section, "azure_ad_endpoint", "https://login.microsoftonline.com"
         ),
-        scope=scope or section.text("scope", "https://outlook.office365.com/.default"),
+        scope=scope or _scope(section),
         ca_file=section.ca_file(),
         tls_verify=section.flag("tls_verify", True),
     )
@@ -215,13 +236,16 @@ def _routing_rules(
     """``reply_host``, ``ignore_auto_generated`` and ``own_addresses`` of one mailbox."""
     reply_host = section.text("reply_host", None)
     if reply_host is not None and not _HOST_RE.fullmatch(reply_host.lower()):
-        section.fail("reply_host", f"{reply_host!r} is not a host name; write it like example.com")
+        section.fail(
+            "reply_host", f"{shown(reply_host)} is not a host name; write it like example.com"
+        )
     enabled = set(routing.AUTO_GENERATED_RULES)
     if (rules := section.section("ignore_auto_generated")) is not None:
         known = ", ".join(routing.AUTO_GENERATED_RULES)
         for name in rules.data:
             if name not in routing.AUTO_GENERATED_RULES:
-                rules.fail(str(name), f"unknown rule; known rules: {known}")
+                hint = suggestion(str(name), routing.AUTO_GENERATED_RULES)
+                rules.fail(str(name), f"unknown rule{hint or '; known rules: ' + known}")
             if not rules.flag(name, True):
                 enabled.discard(name)
         rules.done()

@@ -74,7 +74,7 @@ class BasicAuth:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WebhookConfig:
-    """Where and how messages are POSTed (ARCHITECTURE.md, Webhook contract)."""
+    """Where and how messages are POSTed (README, "The webhook contract")."""
 
     url: str
     format: Literal["json", "raw"] = "json"

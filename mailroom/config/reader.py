@@ -1,26 +1,127 @@
-"""Typed getters over one YAML mapping that know their dotted path (``mailboxes[1].port``)."""
+"""Typed getters over one YAML mapping that know their dotted path (``mailboxes[1].port``).
+
+Errors name the path and say what to do. They show a value only when it is short and one
+word (``expected true or false, got 'maybe'``): never a secret, and never a secret that a
+stray quote made part of another value. URLs are shown as ``scheme://host:port`` only.
+"""
 
 from __future__ import annotations
 
+import difflib
 import email.utils
+import os
 import re
-from collections.abc import Mapping
+import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import SplitResult, urlsplit
 
 from mailroom import tls
+from mailroom.config.document import WORD, key_name, walk
 from mailroom.config.model import Secret
 from mailroom.errors import ConfigError
 
 _REQUIRED: Any = object()  # the default of a required key
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
 _HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
+
 # RFC 2177 §3: clients should re-issue IDLE at least every 29 minutes.
-
-
 IDLE_TIMEOUT_MAX_S = 1740
+SECRET_FILE_MAX_BYTES = 64 * 1024  # a secret file holds one secret, not /dev/zero
+
+# Every key any block of the config has. A key outside this set that is close to a required
+# key that is missing is reported as the typo it is ("unknown key pasword; did you mean
+# password?"), not as "password: is required". tests/test_config.py checks it against the
+# getters, so a new key cannot be forgotten here.
+_KEY_NAMES = """
+    address algorithm auth azure_ad_endpoint basic ca_file client_id client_secret
+    client_secret_file concurrency connects credentials delete_after_delivery enabled
+    expunge_deleted failed_folder file footer format from give_up_after graph_endpoint header
+    health host id idle_timeout ignore_auto_generated in_flight_bytes in_flight_messages
+    inbox_method inbox_options initial issuer jwt key_file level limits listen log mailbox
+    mailboxes max max_message_bytes oauth own_addresses password password_file poll_interval
+    port ready_when reject_notices reply_host require_authenticated_sender retry scope
+    search_command search_command_exact secret secret_file shutdown_timeout signing_secret
+    signing_secret_file smtp ssl stall_after start_tls tenant_id timeout tls_verify token
+    token_file trusted_authserv_ids url user webhook content_type forward_auto_generated mode
+    nonce routing secret_encoding token_scheme
+"""
+KEYS = frozenset(_KEY_NAMES.split())
+
+
+def shown(value: Any) -> str:
+    """``value`` for an error message: quoted when it is a short single word or a number,
+    else only what it is (a line that swallowed the next one through a stray quote may
+    hold a secret)."""
+    if isinstance(value, bool | int | float):
+        return repr(value)
+    if isinstance(value, str):
+        if WORD.fullmatch(value):
+            return repr(value)
+        return f"a text of {len(value)} characters"
+    return kind(value)
+
+
+def suggestion(name: str, known: Iterable[str]) -> str:
+    """``; did you mean password?`` for a close match of ``name`` among ``known``, or ``""``."""
+    close = _closest(name, known)
+    return f"; did you mean {close}?" if close else ""
+
+
+def origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``: what may be shown of it (a path or query, or a
+    ``user:password@``, can hold a credential). A port that is not a number is shown as ?."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(not a URL)"
+    host = parts.hostname or ""
+    try:
+        port: int | str | None = parts.port
+    except ValueError:
+        port = _port_text(parts)
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    scheme = parts.scheme if WORD.fullmatch(parts.scheme or "-") else "?"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _port_text(parts: SplitResult) -> str:
+    hostport = parts.netloc.rpartition("@")[2].rpartition("]")[2]
+    text = hostport.rpartition(":")[2] if ":" in hostport else ""
+    return text if text.isdigit() and len(text) <= 10 else "?"
+
+
+def read_file(base_dir: Path, name: str, *, secret: bool) -> str:
+    """What the file ``name`` (relative to ``base_dir``) of a ``*_file`` key holds: for a
+    secret its text without the trailing newline (UTF-8, not empty, at most 64 KiB), else ""
+    once it is a readable regular file. ``ValueError`` says what is wrong without naming the
+    file: a secret written by mistake as ``password_file: hunter2`` must not be printed."""
+    path = base_dir / name
+    where = "" if Path(name).is_absolute() else f" (relative to {base_dir})"
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"the file it names is a directory or a device{where}")
+        with path.open("rb") as file:
+            data = file.read(SECRET_FILE_MAX_BYTES + 1 if secret else 1)
+    except FileNotFoundError:
+        raise ValueError(f"the file it names does not exist{where}") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"cannot read the file it names: {reason}{where}") from None
+    if not secret:
+        return ""
+    if len(data) > SECRET_FILE_MAX_BYTES:
+        limit = SECRET_FILE_MAX_BYTES // 1024
+        raise ValueError(f"the file it names is larger than {limit} KiB; it should hold one secret")
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError("the file it names is not UTF-8 text") from None
+    if not text:
+        raise ValueError(f"the file it names is empty{where}")
+    return text
 
 
 class Section:
@@ -29,7 +130,7 @@ class Section:
     def __init__(self, data: Any, path: str, env: Mapping[str, str], base_dir: Path) -> None:
         if not isinstance(data, dict):
             self._fail(path, f"expected a mapping of keys, got {kind(data)}")
-        self.data: dict[str, Any] = data
+        self.data: dict[Any, Any] = data
         self.path = path
         self.env = env
         self.base_dir = base_dir
@@ -48,12 +149,21 @@ class Section:
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
 
+    def required(self, key: str, message: str = "is required") -> NoReturn:
+        """``key`` is missing: say so, unless an unknown key here is a typo of it."""
+        strangers = [k for k in self.data if isinstance(k, str) and k not in KEYS]
+        for name in (key, f"{key}_file"):
+            close = difflib.get_close_matches(name, strangers, n=1)
+            if close:
+                self._fail(self.path, f"unknown key {key_name(close[0])}; did you mean {name}?")
+        self.fail(key, message)
+
     def raw(self, key: str, default: Any = _REQUIRED) -> Any:
         self.used.add(key)
         value = self.data.get(key)
         if value is None:
             if default is _REQUIRED:
-                self.fail(key, "is required")
+                self.required(key)
             return default
         if isinstance(value, str):
             value = self._expand(key, value)
@@ -89,7 +199,7 @@ class Section:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
             return value.lower() in ("true", "yes")
-        self.fail(key, f"expected true or false, got {value!r}")
+        self.fail(key, f"expected true or false, got {shown(value)}")
 
     def number(self, key: str, default: Any, *, lo: float, hi: float, integer: bool = False) -> Any:
         value = self.raw(key, default)
@@ -99,9 +209,9 @@ class Section:
             if isinstance(value, bool):
                 raise ValueError
             number: float = int(value) if integer else float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # int(.inf) overflows
             kind = "a whole number" if integer else "a number"
-            self.fail(key, f"expected {kind}, got {value!r}")
+            self.fail(key, f"expected {kind}, got {shown(value)}")
         if not lo <= number <= hi:
             self.fail(key, f"{number:g} is out of range; use a value from {lo:g} to {hi:g}")
         return number
@@ -109,17 +219,56 @@ class Section:
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> Any:
         value = self.text(key, default)
         if value not in choices:
-            self.fail(key, f"{value!r} is not one of: {', '.join(choices)}")
+            self.fail(
+                key,
+                f"{shown(value)} is not one of: {', '.join(choices)}{suggestion(value, choices)}",
+            )
         return value
 
     def path_value(self, key: str) -> str | None:
         value = self.text(key, None)
         if value is None:
             return None
-        resolved = (self.base_dir / value).resolve()
-        if not resolved.is_file():
-            self.fail(key, f"file {value} does not exist or is not a file")
-        return str(resolved)
+        try:
+            read_file(self.base_dir, value, secret=False)
+        except ValueError as exc:
+            self.fail(key, str(exc))
+        return str((self.base_dir / value).resolve())
+
+    def url(
+        self,
+        key: str,
+        default: Any = _REQUIRED,
+        *,
+        schemes: tuple[str, ...] = ("https",),
+        query: bool = False,
+        userinfo: str = "remove it",
+    ) -> Any:
+        """A URL with one of ``schemes`` and a host. Never with ``user:password@``, nor
+        (unless ``query``) with a query or fragment: they would carry a secret into logs and
+        error messages. Errors show only ``scheme://host:port``."""
+        value = self.text(key, default)
+        if value is None:
+            return None
+        example = default if isinstance(default, str) else f"{schemes[-1]}://host/path"
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018  (raises on a port that is not a number up to 65535)
+        except ValueError:
+            if value.count("[") != value.count("]"):
+                self.fail(key, f"is not a URL (a [ without its ]); write it like {example}")
+            parts = None
+        if parts is None or parts.port == 0:
+            self.fail(key, f"{origin(value)}: the port is not a number from 1 to 65535")
+        if parts.scheme not in schemes or not parts.hostname:
+            what = " or ".join(schemes)
+            seen = f" ({origin(value)})" if parts.hostname else ""
+            self.fail(key, f"is not an {what} URL{seen}; write it like {example}")
+        if "@" in parts.netloc:
+            self.fail(key, f"{origin(value)}: must not carry user:password@; {userinfo}")
+        if not query and (parts.query or parts.fragment or value.endswith(("?", "#"))):
+            self.fail(key, f"{origin(value)}: must not carry a ?query or #fragment; remove it")
+        return value
 
     def ca_file(self, key: str = "ca_file") -> str | None:
         """A CA bundle, loaded now into the TLS context every client will use: a file that is
@@ -129,7 +278,13 @@ class Section:
             try:
                 tls.client_context(ca_file=path)
             except tls.TlsConfigError as exc:
-                self.fail(key, str(exc))
+                if str(exc).startswith("ca_file "):  # tls names the file: not here (read_file)
+                    self.fail(
+                        key,
+                        "the file it names holds no PEM certificates (-----BEGIN "
+                        "CERTIFICATE-----); it cannot be used as a CA bundle",
+                    )
+                self.fail(key, str(exc))  # a file SSL_CERT_FILE or REQUESTS_CA_BUNDLE names
         return path
 
     def secret(self, key: str, *, required: bool) -> Secret | None:
@@ -138,15 +293,10 @@ class Section:
         if inline and from_file:
             self.fail(key, f"give either {key} or {file_key}, not both")
         if from_file:
-            path = self.base_dir / self.text(file_key)
             try:
-                text = path.read_text(encoding="utf-8").rstrip("\r\n")
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                self.fail(file_key, f"cannot read {path}: {reason}")
-            if not text:
-                self.fail(file_key, f"{path} is empty")
-            return Secret(text)
+                return Secret(read_file(self.base_dir, self.text(file_key), secret=True))
+            except ValueError as exc:
+                self.fail(file_key, str(exc))
         if inline:
             self.used.add(key)
             value = self.data[key]
@@ -156,7 +306,7 @@ class Section:
             return Secret(self._expand(key, value))
         self.used.update((key, file_key))
         if required:
-            self.fail(key, f"is required (or {file_key} naming a file that holds it)")
+            self.required(key, f"is required (or {file_key} naming a file that holds it)")
         return None
 
     def section(self, key: str) -> Section | None:
@@ -166,10 +316,24 @@ class Section:
         return Section(value, self.where(key), self.env, self.base_dir)
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            known = ", ".join(sorted(self.used))
-            self.fail(unknown[0], f"unknown key; known keys here: {known}")
+        """Every key was read: any other is unknown (with the close match it may be a typo of)."""
+        unknown = [key_name(k) for k in self.data if k not in self.used]
+        if not unknown:
+            return
+        if len(unknown) == 1 and (hint := suggestion(unknown[0], self.used)):
+            self._fail(self.path, f"unknown key {unknown[0]}{hint}")
+        names = ", ".join(
+            f"{name} (did you mean {close}?)" if (close := _closest(name, self.used)) else name
+            for name in unknown
+        )
+        plural = "s" if len(unknown) > 1 else ""
+        known = ", ".join(sorted(self.used))
+        self._fail(self.path, f"unknown key{plural} {names}; known keys here: {known}")
+
+
+def _closest(name: str, known: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return close[0] if close else None
 
 
 def kind(value: Any) -> str:
@@ -182,5 +346,35 @@ def _address(section: Section, key: str, value: str) -> str:
     """The addr-spec of ``value`` (``Name <a@b>`` or ``a@b``), or a ConfigError."""
     address = email.utils.parseaddr(value)[1]
     if "@" not in address or not address.partition("@")[0] or " " in address:
-        section.fail(key, f"{value!r} is not an email address; write it like noreply@example.com")
+        section.fail(
+            key, f"{shown(value)} is not an email address; write it like noreply@example.com"
+        )
     return address
+
+
+def missing(data: Any, env: Mapping[str, str], base_dir: Path) -> list[ConfigError]:
+    """Every ``${VAR}`` that is not set and every ``*_file`` that cannot be read, anywhere in
+    the document: a new config usually lacks several, and each should not take a run of its
+    own to find. (``credentials.key_file`` is left to the credentials module: the environment
+    may give the key instead.)"""
+    found: dict[str, ConfigError] = {}  # one per variable and per file, in document order
+    for path, value in walk(data):
+        if not isinstance(value, str):
+            continue
+        unset = [name for name in _ENV_RE.findall(value) if name not in env]
+        for name in unset:
+            problem = f"environment variable {name} is not set; export it or edit the file"
+            found.setdefault(f"${name}", ConfigError(path, problem))
+        key = path.rpartition(".")[2]
+        if key not in KEYS or not key.endswith("_file") or key == "key_file" or unset:
+            continue
+        if any(c in value for c in "\r\n\0") or not value.strip():
+            continue  # the getters say what is wrong with it
+        name = _ENV_RE.sub(lambda m: env[m.group(1)], value)
+        seen = str((base_dir / name).resolve())
+        if seen not in found:
+            try:
+                read_file(base_dir, name, secret=key != "ca_file")
+            except ValueError as exc:
+                found[seen] = ConfigError(path, str(exc))
+    return list(found.values())

@@ -6,7 +6,6 @@ import base64
 import binascii
 import re
 from typing import Literal, cast
-from urllib.parse import urlsplit
 
 from mailroom import routing
 from mailroom.config.model import (
@@ -23,37 +22,18 @@ from mailroom.config.model import (
     SmtpConfig,
     WebhookConfig,
 )
-from mailroom.config.reader import _REQUIRED, Section, _address, kind
+from mailroom.config.reader import _REQUIRED, Section, _address, kind, origin, shown
 
 # RFC 9110 §8.3.1: type "/" subtype *( OWS ";" OWS parameter ), parameter = token "=" value.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _MEDIA_TYPE = re.compile(rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\r\n]*"))*')
 
 
-def origin(url: str) -> str:
-    """``scheme://host:port`` of ``url``: what may be shown of it (a path or query, or a
-    ``user:password@``, can hold a credential)."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    port = port or (443 if parts.scheme == "https" else 80)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
-
-
 def _webhook(section: Section) -> WebhookConfig:
-    url = section.text("url")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        section.fail("url", "is not an http(s) URL; write it as https://host/path")
-    try:
-        parts.port  # noqa: B018  (raises on a port that is not a number from 0 to 65535)
-    except ValueError:
-        section.fail("url", f"{origin(url)}: the port is not a number from 1 to 65535")
-    if parts.username or parts.password:
-        section.fail("url", "must not carry user:password@; use webhook.basic or webhook.token")
+    # A query may hold the receiver's token: allowed, and never shown (origin() only).
+    url = section.url(
+        "url", schemes=("http", "https"), query=True, userinfo="use webhook.basic or webhook.token"
+    )
     fmt = section.choice("format", "json", ("json", "raw"))
     content_type = section.text("content_type", None)
     if content_type is not None:
@@ -297,7 +277,7 @@ def _health(section: Section) -> HealthConfig:
     host, _, port = listen.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")  # [::1]:8080
     if not host or not port.isdigit() or int(port) > 65535:
-        section.fail("listen", f"{listen!r} is not host:port; write it like 127.0.0.1:8080")
+        section.fail("listen", f"{shown(listen)} is not host:port; write it like 127.0.0.1:8080")
     config = HealthConfig(
         host=host,
         port=int(port),

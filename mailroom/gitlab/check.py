@@ -16,8 +16,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
-from mailroom.config import Config, WebhookConfig
-from mailroom.config.sections import origin
+from mailroom.config import Config, WebhookConfig, origin
 from mailroom.tls import client_context
 
 __all__ = ["SECRET_BYTES", "run"]

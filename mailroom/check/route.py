@@ -1,0 +1,175 @@
+"""What mailroom would do with one message, without the network: ``mailroom route`` shows it
+for a ``.eml`` file, ``mailroom check`` counts it over a mailbox's unseen messages.
+
+Pure. ``decide`` follows the dispatcher's own steps (``dispatch.Dispatcher._decide``): too
+large → dead letter with a notice, then ``routing.decide`` (auto-generated → ignored,
+unparsable → dead letter, no key → rejected with a notice, a key → posted). Routing needs only
+the header block, so ``check`` fetches no bodies.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from mailroom import message, notices, routing
+from mailroom.config import Config, ImapMailboxConfig, MailboxConfig, origin
+from mailroom.envelope import Envelope, Outcome
+from mailroom.webhook import build_payload
+
+__all__ = ["Action", "Tally", "Verdict", "decide", "describe"]
+
+RAW_SHOWN = 76  # base64 characters of "raw" that ``describe`` prints
+
+
+class Action(enum.Enum):
+    """What happens to the message (before the webhook answers, for a delivery)."""
+
+    DELIVER = "deliver"
+    REJECT = "reject"
+    IGNORE = "ignore"
+    DEAD_LETTER = "dead-letter"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision on one message: ``why`` is the reject reason, the ignore rule, or why it
+    is dead-lettered; ``decision`` is routing's own (None when it was not asked)."""
+
+    action: Action
+    why: str
+    parsed: message.ParsedMessage
+    decision: routing.Decision | None
+
+
+def decide(raw: bytes, mailbox: MailboxConfig, *, size: int | None = None) -> Verdict:
+    """The decision the dispatcher takes for ``raw`` (``size``: the server's RFC822.SIZE,
+    when ``raw`` is only the header block)."""
+    parsed = message.parse(raw)
+    if (size if size is not None else len(raw)) > mailbox.max_message_bytes:
+        return Verdict(Action.DEAD_LETTER, notices.TOO_LARGE, parsed, None)
+    decision = routing.decide(parsed, mailbox.routing)
+    if isinstance(decision, routing.Ignore):
+        return Verdict(Action.IGNORE, decision.rule, parsed, decision)
+    if isinstance(decision, routing.Reject):
+        if decision.reason == routing.UNPARSABLE_MESSAGE:
+            return Verdict(Action.DEAD_LETTER, decision.reason, parsed, decision)
+        return Verdict(Action.REJECT, decision.reason, parsed, decision)
+    return Verdict(Action.DELIVER, "", parsed, decision)
+
+
+class Tally:
+    """Verdicts counted by action and reason, for ``check``."""
+
+    def __init__(self, verdicts: Iterable[Verdict] = ()) -> None:
+        self.actions: Counter[Action] = Counter()
+        self.reasons: dict[Action, Counter[str]] = {action: Counter() for action in Action}
+        for verdict in verdicts:
+            self.add(verdict)
+
+    def add(self, verdict: Verdict) -> None:
+        self.actions[verdict.action] += 1
+        if verdict.why:
+            self.reasons[verdict.action][verdict.why] += 1
+
+    def text(self, action: Action) -> str:
+        """``8 rejected (7 unknown incoming email, 1 too large)``."""
+        count = self.actions[action]
+        word = {
+            Action.DELIVER: "posted to the webhook",
+            Action.REJECT: "rejected",
+            Action.IGNORE: "ignored as auto-generated",
+            Action.DEAD_LETTER: "dead-lettered",
+        }[action]
+        reasons = ", ".join(f"{n} {why}" for why, n in self.reasons[action].most_common())
+        return f"{count} {word}" + (f" ({reasons})" if reasons else "")
+
+
+def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
+    """``mailroom route``: the lines saying what would happen to ``raw`` in ``mailbox``."""
+    verdict = decide(raw, mailbox)
+    rules = mailbox.routing
+    lines = [f"mailbox:  {mailbox.id} (address {rules.address.template})"]
+    parsed = verdict.parsed
+    if verdict.action is Action.DELIVER:
+        assert isinstance(verdict.decision, routing.Deliver)
+        hook = mailbox.webhook
+        lines += [
+            f"matched:  {verdict.decision.matched_header}",
+            f"key:      {verdict.decision.key}",
+            f"decision: deliver: POST to {origin(hook.url)} (webhook.url), format {hook.format}",
+        ]
+        lines += _payload(raw, mailbox, verdict.decision)
+        return lines
+    if verdict.action is Action.IGNORE:
+        lines.append(
+            f"decision: ignore: auto-generated, rule {verdict.why} "
+            f"(ignore_auto_generated.{verdict.why}); no webhook, no notice"
+        )
+    elif verdict.action is Action.DEAD_LETTER:
+        lines.append(f"decision: dead-letter: {verdict.why}; {_dead_letter(mailbox)}")
+    else:
+        searched = ", ".join(routing.CANDIDATE_HEADERS)
+        lines += [
+            f"matched:  nothing: no address in {searched} fits {rules.address.template}"
+            if rules.address.has_key
+            else f"matched:  nothing: no reply id reply-<key>@{rules.reply_domain} in "
+            "References or In-Reply-To (a dedicated address takes replies only)",
+            f"decision: reject: {verdict.why}",
+        ]
+    if verdict.action is not Action.IGNORE and verdict.why != routing.UNPARSABLE_MESSAGE:
+        lines.append(f"notice:   {_notice(parsed, rules, config)}")
+    return lines
+
+
+def _payload(raw: bytes, mailbox: MailboxConfig, decision: routing.Deliver) -> list[str]:
+    if mailbox.webhook.format == "raw":
+        return [f"payload:  the message itself, {len(raw)} bytes (format: raw)"]
+
+    async def unused(outcome: Outcome) -> None:  # pragma: no cover - never settled
+        raise AssertionError(outcome)
+
+    # The real webhook-id comes from the mailbox (UIDVALIDITY and UID); this one only stands in.
+    stand_in = f"msg_{hashlib.sha256(raw).hexdigest()[:32]}"
+    envelope = Envelope(
+        mailbox=mailbox.id,
+        ref="file",
+        idempotency_key=stand_in,
+        raw=raw,
+        size=len(raw),
+        _settle=unused,
+    )
+    payload: dict[str, Any] = build_payload(envelope, message.parse(raw), decision)
+    encoded = payload["raw"]
+    if len(encoded) > RAW_SHOWN:
+        payload["raw"] = f"{encoded[:RAW_SHOWN]}… ({len(encoded)} characters of base64)"
+    body = json.dumps(payload, indent=2, ensure_ascii=False)
+    return ["payload:  (the id stands in for the one the mailbox gives)", *body.splitlines()]
+
+
+def _dead_letter(mailbox: MailboxConfig) -> str:
+    if mailbox.failed_folder is not None:
+        return f"moved to {mailbox.failed_folder} (failed_folder)"
+    if isinstance(mailbox, ImapMailboxConfig):
+        return "flagged $MailroomFailed and \\Seen, left in place (no failed_folder)"
+    return "categorised MailroomFailed and read, left in place (no failed_folder)"
+
+
+def _notice(parsed: message.ParsedMessage, rules: routing.RoutingRules, config: Config) -> str:
+    settings = config.reject_notices
+    if settings is None:
+        return "none: reject_notices is not configured"
+    recipient = notices.notice_recipient(
+        parsed,
+        rules,
+        require_authenticated_sender=settings.require_authenticated_sender,
+        authserv_ids=settings.trusted_authserv_ids,
+    )
+    if recipient.address is None:
+        return f"none: {recipient.refused}"
+    return f"a reject notice to {recipient.address} (at most one per sender and reason a day)"
