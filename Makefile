@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Debian's dovecot-imapd for the integration tests, the demo and the benchmarks (the system
-# service is not used: the fixtures start their own Dovecot with a config in a temp dir), and
+# service is not used: the fixtures start their own Dovecot with a config in a temp dir),
+# redis-server and redis-sentinel for the replica tests (started the same way), and
 # ruby-activesupport, which encrypts settings files the way GitLab does for the GitLab tests.
-DEBS := dovecot-imapd ruby-activesupport
+DEBS := dovecot-imapd redis-server redis-sentinel ruby-activesupport
 debs:
-	@command -v dovecot >/dev/null 2>&1 && ruby -ractive_support -e '' >/dev/null 2>&1 || { \
+	@command -v dovecot >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1 \
+	  && command -v redis-sentinel >/dev/null 2>&1 \
+	  && ruby -ractive_support -e '' >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS); \
 	  else echo "missing packages: run 'apt-get install $(DEBS)' as root" >&2; exit 1; fi; }

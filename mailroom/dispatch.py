@@ -27,6 +27,7 @@ from mailroom.circuit import Circuit
 from mailroom.config import Config, MailboxConfig, WebhookConfig
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
+from mailroom.markers import UNKNOWN, Markers, Shared
 from mailroom.monitor import Monitor
 from mailroom.reject import NoticeResult, Notifier
 from mailroom.tls import client_context
@@ -89,11 +90,14 @@ class Prepared:
 class Dispatcher:
     """Takes envelopes from the sources and brings each one to a settled outcome."""
 
-    def __init__(self, config: Config, monitor: Monitor | None = None) -> None:
+    def __init__(
+        self, config: Config, monitor: Monitor | None = None, *, shared: Shared | None = None
+    ) -> None:
         self._monitor = monitor or Monitor()
         self._mailboxes: dict[str, MailboxConfig] = {}
         self._webhooks: dict[WebhookConfig, _Webhook] = {}
-        self._notifier = Notifier(config.reject_notices)
+        self._markers = Markers(shared)
+        self._notifier = Notifier(config.reject_notices, shared=shared)
         self._closed: set[str] = set()  # mailboxes a reload is stopping: their mail waits
         self.apply(self.prepare(config))
         self._tasks: dict[asyncio.Task[None], str] = {}  # → mailbox id
@@ -124,7 +128,7 @@ class Dispatcher:
             webhooks[hook] = self._webhooks.get(hook) or _Webhook(hook, label, self._monitor)
         notifier = self._notifier
         if config.reject_notices != notifier.config:
-            notifier = Notifier(config.reject_notices)
+            notifier = Notifier(config.reject_notices, shared=self._markers.shared)
             notifier.limiter = self._notifier.limiter  # the 24-hour rate limit survives
         return Prepared(config, webhooks, notifier)
 
@@ -145,7 +149,7 @@ class Dispatcher:
             # Fetched while shutting down, or while a reload stops its mailbox: left unsettled
             # on the server, found again by the next sweep (or the next start).
             log.info("%s: %s: stopping; left for the next sweep", mailbox, envelope.ref)
-            envelope.release()
+            envelope.release(hold=False)
             return
         token = self._monitor.accepted(mailbox)
         task = asyncio.get_running_loop().create_task(
@@ -200,6 +204,23 @@ class Dispatcher:
             "uid": envelope.ref,
             "webhook_id": envelope.idempotency_key,
         }
+        seen = await self._markers.seen(envelope, fields)
+        if seen == UNKNOWN:
+            envelope.release(hold=False)
+            self._monitor.released(envelope.mailbox)
+            return
+        if isinstance(seen, Outcome):
+            log.info(
+                "%s: %s: another replica already brought it to %s (its marker); settling it "
+                "without posting again",
+                envelope.mailbox,
+                envelope.ref,
+                seen.value,
+                extra=fields,
+            )
+            self._monitor.marker_hit(envelope.mailbox)
+            await self._settle(envelope, seen, fields)
+            return
         try:
             outcome = await self._decide(envelope, mailbox, fields)
         except asyncio.CancelledError:
@@ -215,12 +236,21 @@ class Dispatcher:
                 extra=fields,
             )
             outcome = Outcome.DEAD_LETTERED
+        await self._settle(envelope, outcome, fields)
+
+    async def _settle(self, envelope: Envelope, outcome: Outcome, fields: dict[str, Any]) -> None:
         fields["outcome"] = outcome.value
         # Shield the settlement, not the work (arq worker.py): once the outcome is known, a
-        # cancellation must not lose the acknowledgement.
-        await asyncio.shield(envelope.settle(outcome))
+        # cancellation must not lose the acknowledgement (nor its marker, with replicas).
+        await asyncio.shield(self._record_and_settle(envelope, outcome, fields))
         self._monitor.outcome(envelope.mailbox, outcome, fields.get("rule"))
         log.info("%s: %s: %s", envelope.mailbox, envelope.ref, outcome.value, extra=fields)
+
+    async def _record_and_settle(
+        self, envelope: Envelope, outcome: Outcome, fields: dict[str, Any]
+    ) -> None:
+        await self._markers.record(envelope, outcome, fields)
+        await envelope.settle(outcome)
 
     async def _decide(
         self, envelope: Envelope, mailbox: MailboxConfig, fields: dict[str, Any]

@@ -41,14 +41,14 @@ class Envelope:
     size: int
     too_large: bool = False  # raw holds only the header block; the body was not fetched
     _settle: Callable[[Outcome], Awaitable[None]] = field(repr=False)
-    _release: Callable[[], None] = field(repr=False, default=lambda: None)
+    _release: Callable[[bool], None] = field(repr=False, default=lambda hold: None)
 
     async def settle(self, outcome: Outcome) -> None:
         """Apply ``outcome`` on the server. Call once; shield it from cancellation."""
         await self._settle(outcome)
 
-    def release(self) -> None:
-        """Let go of the message without settling it: it stays as it is on the server and is
-        looked at again after the source's next connection (or restart). Instead of
-        ``settle``, never after it."""
-        self._release()
+    def release(self, *, hold: bool = True) -> None:
+        """Let go of the message without settling it: it stays as it is on the server. With
+        ``hold`` it is not fetched again until the source's next connection (a dry run); else
+        the next sweep finds it again. Instead of ``settle``, never after it."""
+        self._release(hold)

@@ -11,6 +11,7 @@
     │   │   └── ImapConnectionLost(ImapError, ConnectionError)
     │   ├── TokenError                                no OAuth token: Entra refused or unreachable
     │   └── GraphError                                Graph answered an error or was unreachable
+    ├── ArbitrationError(MailroomError)               Redis (replicas) unreachable or refusing
     └── DeliveryError(MailroomError)                  the webhook did not take the message
         ├── TransientDeliveryError                    retry later (5xx, 429, timeouts, ...)
         └── PermanentDeliveryError                    dead-letter (other 4xx)
@@ -88,6 +89,18 @@ class GraphError(SourceError):
         self.status = status
         self.code = code
         self.retry_after_s = retry_after_s
+
+
+class ArbitrationError(MailroomError):
+    """Redis, where replicas share leases and markers, cannot be used right now.
+
+    ``misconfigured``: it refused us (a wrong password, no such database): a config fix cures
+    it, so it is logged as an error; otherwise it is unreachable and retried quietly.
+    """
+
+    def __init__(self, message: str, *, misconfigured: bool = False) -> None:
+        super().__init__(message)
+        self.misconfigured = misconfigured
 
 
 class DeliveryError(MailroomError):

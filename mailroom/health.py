@@ -100,6 +100,11 @@ class Health(Monitor):
         self._progress: dict[str, float] = {}  # webhook label → last settled message
         self._webhooks: dict[str, str] = {}  # mailbox id → webhook label
         self.open_circuits: set[str] = set()
+        self.arbitration_ok: bool | None = None  # None: no arbitration (one replica)
+        self.arbitration_reason: str | None = None
+        self.leases_held = 0
+        self.replicas_live = 0
+        self._held: set[str] | None = None  # replicas: the mailboxes this one watches
         self._stopping = False
         self._not_ready: tuple[str, ...] | None = None  # as last logged
         self.started = clock()
@@ -211,6 +216,10 @@ class Health(Monitor):
             source.settled -= 1
             source.unsettled.pop(token, None)
 
+    def released(self, mailbox: str) -> None:
+        if (source := self.sources.get(mailbox)) is not None:
+            source.settled += 1  # paired with the finished() that follows, as an outcome is
+
     def outcome(self, mailbox: str, outcome: Outcome, rule: str | None = None) -> None:
         if (source := self.sources.get(mailbox)) is None:
             return
@@ -231,6 +240,22 @@ class Health(Monitor):
             self.open_circuits.add(webhook)
         else:
             self.open_circuits.discard(webhook)
+
+    def arbitration(self, connected: bool, reason: str | None = None) -> None:
+        self.arbitration_ok, self.arbitration_reason = connected, reason
+
+    def leases(self, held: int, live: int) -> None:
+        self.leases_held, self.replicas_live = held, live
+
+    def lease_change(self, change: str) -> None:
+        self.metrics.lease_changes.labels(change).inc()
+
+    def marker_hit(self, mailbox: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.marker_hits.labels(mailbox).inc()
+
+    def expect(self, mailboxes: set[str] | None) -> None:
+        self._held = mailboxes
 
     # -- readiness -----------------------------------------------------------------------------
 
@@ -282,7 +307,8 @@ class Health(Monitor):
         webhooks = self.webhook_states(now)
         mailboxes: dict[str, Any] = {}
         not_ready = []
-        for mailbox_id in self._expected:
+        expected = [m for m in self._expected if self._held is None or m in self._held]
+        for mailbox_id in expected:
             source = self.sources[mailbox_id]
             stalled = source.webhook in webhooks and webhooks[source.webhook].stalled
             ready = self.mailbox_ready(source, now) and not stalled
@@ -302,10 +328,17 @@ class Health(Monitor):
                 "unsettled": len(source.unsettled),
                 "oldest_unsettled_age_s": round(now - oldest, 3),
             }
-        needed = self._needed(len(self._expected))
+        needed = self._needed(len(expected))
         ready_count = sum(1 for m in mailboxes.values() if m["ready"])
-        ready = not self._stopping and ready_count >= needed
-        reasons = () if ready else (*not_ready, *(("stopping",) if self._stopping else ()))
+        redis_down = self.arbitration_ok is False
+        ready = not self._stopping and not redis_down and ready_count >= needed
+        reasons = ()
+        if not ready:
+            reasons = (
+                *not_ready,
+                *(("Redis unreachable",) if redis_down else ()),
+                *(("stopping",) if self._stopping else ()),
+            )
         self._log_readiness(tuple(reasons), ready_count, needed)
         stalled_webhooks = [label for label, state in webhooks.items() if state.stalled]
         unsettled = sum(state.unsettled for state in webhooks.values())
@@ -336,6 +369,13 @@ class Health(Monitor):
             },
             "mailboxes": mailboxes,
         }
+        if self.arbitration_ok is not None:
+            body["arbitration"] = {
+                "connected": self.arbitration_ok,
+                "reason": self.arbitration_reason,
+                "leases": self.leases_held,
+                "replicas": self.replicas_live,
+            }
         return ready, body
 
     def _log_readiness(self, not_ready: tuple[str, ...], ready: int, needed: int) -> None:

@@ -56,6 +56,16 @@ class Metrics:
         self.restarts = counter(
             "mailroom_source_restarts", "Sources restarted after an unexpected error (a bug)."
         )
+        self.marker_hits = counter(
+            "mailroom_marker_hits",
+            "Messages another replica had already brought to an outcome: settled, not posted.",
+        )
+        self.lease_changes = Counter(
+            "mailroom_lease_changes",
+            "Replicas: leases acquired, released (handed over) or lost.",
+            ["change"],
+            registry=registry,
+        )
         self.latency = Histogram(
             "mailroom_webhook_request_duration_seconds",
             "Webhook request time until the answer was read (or failed).",
@@ -76,6 +86,7 @@ class Metrics:
         yield self.fetched, (mailbox,)
         yield self.reconnects, (mailbox,)
         yield self.restarts, (mailbox,)
+        yield self.marker_hits, (mailbox,)
         for outcome in Outcome:
             yield self.settled, (mailbox, outcome.value)
         for rule in routing.AUTO_GENERATED_RULES:
@@ -165,6 +176,13 @@ class _StateCollector(Collector):
             "1 while any webhook is stalled (see mailroom_webhook_stalled).",
             value=float(any(state.stalled for state in webhooks.values())),
         )
+        if health.arbitration_ok is not None:
+            for name, text, value in (
+                ("mailroom_arbitration_connected", "1 while Redis answers.", health.arbitration_ok),
+                ("mailroom_leases_held", "Mailbox leases this replica holds.", health.leases_held),
+                ("mailroom_replicas_live", "Replicas with a live heartbeat.", health.replicas_live),
+            ):
+                yield GaugeMetricFamily(name, text, value=float(value))
         budget = health.budget
         if budget is not None:
             for name, text, value in (

@@ -32,6 +32,10 @@ class Monitor:
     def finished(self, mailbox: str, token: int) -> None:
         """The dispatcher is done with the message of ``token`` (settled, or abandoned)."""
 
+    def released(self, mailbox: str) -> None:
+        """The dispatcher let go of a message unsettled on purpose (``Envelope.release``), to
+        be read again: it no longer waits for an outcome here."""
+
     def outcome(self, mailbox: str, outcome: Outcome, rule: str | None = None) -> None:
         """A message was settled as ``outcome``; ``rule`` names the auto-generated rule that
         made it ignored."""
@@ -41,3 +45,20 @@ class Monitor:
 
     def circuit(self, webhook: str, *, is_open: bool) -> None:
         """The circuit breaker of ``webhook`` (its label) opened or closed."""
+
+    def arbitration(self, connected: bool, reason: str | None = None) -> None:
+        """Replicas: whether Redis answered this round (called every tick)."""
+
+    def leases(self, held: int, live: int) -> None:
+        """Replicas: leases this replica holds, replicas alive (every tick)."""
+
+    def lease_change(self, change: str) -> None:
+        """Replicas: a lease ``acquired``, ``released`` or ``lost``."""
+
+    def marker_hit(self, mailbox: str) -> None:
+        """Replicas: a message another replica already brought to an outcome was settled
+        without posting it again."""
+
+    def expect(self, mailboxes: set[str] | None) -> None:
+        """Replicas: readiness counts only these mailboxes (this replica's leases); None: all
+        configured ones."""

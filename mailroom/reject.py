@@ -33,6 +33,8 @@ import aiosmtplib
 from mailroom import notices, routing
 from mailroom.backoff import backoff_delay
 from mailroom.config import RejectNoticesConfig, SmtpConfig
+from mailroom.errors import ArbitrationError
+from mailroom.markers import Shared
 from mailroom.message import ParsedMessage
 from mailroom.tls import client_context
 
@@ -101,9 +103,11 @@ class Notifier:
         config: RejectNoticesConfig | None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        shared: Shared | None = None,
     ) -> None:
         self.config = config
         self.limiter = notices.RateLimiter()
+        self._shared = shared  # replicas: the rate limit lives in Redis, for all of them
         self._clock = clock
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._tls = _tls_context(config.smtp) if config is not None else None
@@ -141,7 +145,7 @@ class Notifier:
         if recipient.address is None:
             log.info("%s: %s: no reject notice: %s", mailbox, ref, recipient.refused, extra=fields)
             return NoticeResult.REFUSED
-        if not self.limiter.allow(recipient.address, reason, self._clock()):
+        if not await self._allowed(recipient.address, reason, mailbox):
             log.info(
                 "%s: %s: no reject notice: one went to %s for %r within the last %.0f hours",
                 mailbox,
@@ -166,6 +170,16 @@ class Notifier:
             log.exception("%s: %s: no reject notice: cannot build it", mailbox, ref, extra=fields)
             return NoticeResult.REFUSED
         return await self._send_with_retries(notice, recipient.address, mailbox, ref, fields)
+
+    async def _allowed(self, recipient: str, reason: str, mailbox: str) -> bool:
+        """The rate limit: shared by the replicas when there are any; this process's own
+        while their store cannot be reached (one notice per replica beats none at all)."""
+        if self._shared is not None:
+            try:
+                return await self._shared.allow_notice(recipient, reason, self.limiter.window_s)
+            except ArbitrationError as exc:
+                log.warning("%s: the shared notice rate limit is out of reach (%s)", mailbox, exc)
+        return self.limiter.allow(recipient, reason, self._clock())
 
     async def _send_with_retries(
         self,

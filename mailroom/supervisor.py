@@ -33,10 +33,13 @@ import logging
 import os
 import random
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
+from mailroom import arbitration as replicas
 from mailroom import logs
+from mailroom.arbitration import Coordinator
 from mailroom.backoff import backoff_delay
 from mailroom.config import Config, ImapMailboxConfig, MailboxConfig
 from mailroom.dispatch import Dispatcher
@@ -156,18 +159,23 @@ class _Mailbox:
                 )
                 await wait_any((self.drained,), timeout_s=delay)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float = SOURCE_CLOSE_TIMEOUT_S) -> None:
         """After its deliveries were drained: apply settlements, LOGOUT and end (bounded)."""
         self.stopping.set()
         self.drained.set()
         assert self.task is not None
-        _, late = await asyncio.wait({self.task}, timeout=SOURCE_CLOSE_TIMEOUT_S)
+        _, late = await asyncio.wait({self.task}, timeout=timeout_s)
         if late:
-            log.warning(
-                "%s did not close within %.0fs; cancelling", self.name, SOURCE_CLOSE_TIMEOUT_S
-            )
-            self.task.cancel()
+            log.warning("%s did not close within %.1fs; cancelling", self.name, timeout_s)
+            self.abort()
             await asyncio.wait({self.task}, timeout=1.0)  # its last events come before a restart
+
+    def abort(self) -> None:
+        """Drop the source at once: no settlement, no LOGOUT (its lease is lapsing)."""
+        self.stopping.set()
+        self.drained.set()
+        if self.task is not None:
+            self.task.cancel()
 
 
 class _Running:
@@ -187,7 +195,8 @@ class _Running:
         self.resources = resources
         self.group = group
         self.mailboxes: dict[str, _Mailbox] = {}
-        self.retiring: list[_Mailbox] = []  # being stopped by a reload
+        self.retiring: list[_Mailbox] = []  # being stopped by a reload or a handover
+        self.coordinator: Coordinator | None = None  # replicas: leases decide what runs here
 
     def start(self, configs: list[MailboxConfig]) -> None:
         spread = min(STAGGER_MAX_S, STAGGER_PER_MAILBOX_S * len(configs)) if len(configs) > 1 else 0
@@ -206,15 +215,37 @@ class _Running:
             delay = random.uniform(0, spread)
             mailbox.task = self.group.create_task(mailbox.run(delay), name=mailbox.name)
 
-    async def stop(self, mailbox_id: str) -> None:
-        """Stop one mailbox like a shutdown: its deliveries finish and settle, then LOGOUT."""
-        mailbox = self.mailboxes.pop(mailbox_id)
+    async def stop(self, mailbox_id: str, timeout_s: float | None = None) -> None:
+        """Stop one mailbox like a shutdown: its deliveries finish and settle, then LOGOUT;
+        within ``timeout_s`` in all when given (a lease that lapses)."""
+        mailbox = self.mailboxes.pop(mailbox_id, None)
+        if mailbox is None:
+            return
         self.retiring.append(mailbox)
         self.health.stopping(mailbox_id)
         mailbox.stopping.set()
-        await self.dispatcher.drain_mailbox(mailbox_id, self.config.shutdown_timeout_s)
-        await mailbox.close()
-        self.retiring.remove(mailbox)
+        started = time.monotonic()
+        drain_s = self.config.shutdown_timeout_s
+        try:
+            if timeout_s is None:
+                await self.dispatcher.drain_mailbox(mailbox_id, drain_s)
+                await mailbox.close()
+            else:
+                # Deliveries get most of the time; settlements and LOGOUT the rest.
+                await self.dispatcher.drain_mailbox(mailbox_id, min(drain_s, timeout_s * 0.8))
+                left = timeout_s - (time.monotonic() - started)
+                await mailbox.close(max(0.05, left))
+        finally:
+            self.retiring.remove(mailbox)
+
+    def abort(self, mailbox_id: str) -> None:
+        """Drop one mailbox's source at once (its lease lapses or is gone)."""
+        mailbox = self.mailboxes.pop(mailbox_id, None)
+        for each in [m for m in self.retiring if m.source.id == mailbox_id]:
+            each.abort()
+        if mailbox is not None:
+            self.health.stopping(mailbox_id)
+            mailbox.abort()
 
     async def reload(self, load: Callable[[], Config] | None) -> None:
         """Load the config again and apply the difference; refuse an invalid one."""
@@ -244,13 +275,25 @@ class _Running:
             i for i in before if i in after and _connection(before[i]) != _connection(after[i])
         ]
         added = [i for i in after if i not in before]
-        await asyncio.gather(*(self.stop(i) for i in (*removed, *changed)))
+        if (
+            self.coordinator is not None
+        ):  # leases start and stop mailboxes; only a running one is restarted
+            changed = [i for i in changed if i in self.mailboxes]
+            stopping, starting = changed, changed
+        else:
+            stopping, starting = [*removed, *changed], [*changed, *added]
+        await asyncio.gather(*(self.stop(i) for i in stopping))
         self.dispatcher.apply(prepared)
         self.health.configure(new)
         self.resources.apply_limits(new)
-        for mailbox_id in removed:
-            self.health.forget(mailbox_id)
-        self.start([after[i] for i in (*changed, *added)])
+        if self.coordinator is None:
+            for mailbox_id in removed:
+                self.health.forget(mailbox_id)
+        self.start([after[i] for i in starting])
+        if self.coordinator is not None:
+            self.coordinator.configure(new)
+            if new.arbitration != old.arbitration:
+                log.warning("reload: a changed arbitration block takes effect after a restart")
         await self.resources.retain(new)
         if new.log != old.log:
             logs.configure(new.log.format, new.log.level)
@@ -312,18 +355,38 @@ async def run(
     resources = Resources(config)
     health = Health(config, budget=resources.budget)
     server = HealthServer(health, config.health) if config.health is not None else None
+    store = replicas.store(config.arbitration) if config.arbitration.enabled else None
     finished = asyncio.Event()
     abandoned = 0
     try:
         resources.prepare(config)
         if server is not None:
             await _listen(server)  # before any mailbox: a port in use fails at once
-        async with Dispatcher(config, health) as dispatcher, asyncio.TaskGroup() as group:
+        async with (
+            Dispatcher(config, health, shared=store) as dispatcher,
+            asyncio.TaskGroup() as group,
+        ):
             if server is not None:
                 group.create_task(server.serve(finished), name="health")
             running = _Running(config, dispatcher, health, resources, group)
-            running.start(list(config.mailboxes))
-            log.info("mailroom started: %d mailbox(es)", len(config.mailboxes))
+            if store is None:
+                running.start(list(config.mailboxes))
+                log.info("mailroom started: %d mailbox(es)", len(config.mailboxes))
+            else:
+                coordinator = running.coordinator = Coordinator(
+                    config,
+                    store,
+                    start=running.start,
+                    stop=running.stop,
+                    abort=running.abort,
+                    monitor=health,
+                )
+                group.create_task(coordinator.run(finished), name="arbitration")
+                log.info(
+                    "mailroom started: %d mailbox(es) shared with other replicas through %s",
+                    len(config.mailboxes),
+                    store.where,
+                )
             while True:  # one turn per SIGHUP, until stopped
                 await wait_any((stop, reload))
                 if stop.is_set():
@@ -335,13 +398,17 @@ async def run(
                     reloading.cancel()
                     log.info("reload interrupted by the stop")
                 await asyncio.wait({reloading})
+            finished.set()  # no new leases from here on
             abandoned = await running.shutdown()
-            finished.set()
+            if running.coordinator is not None:
+                await running.coordinator.release_all()
     finally:
         finished.set()
         if server is not None:
             await server.close()
         await resources.close()
+        if store is not None:
+            await store.close()
         loop = asyncio.get_running_loop()
         for sig in installed:
             loop.remove_signal_handler(sig)

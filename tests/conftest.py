@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.servers.dovecot import DOVECOT, Account, Dovecot
+from tests.servers.redis import REDIS_SERVER, RedisServer
 from tests.servers.smtp import SmtpServer
 from tests.servers.webhook import WebhookReceiver
 
@@ -82,3 +83,37 @@ def smtp_factory() -> Iterator[Callable[..., SmtpServer]]:
     yield factory
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server on a free port (no persistence), removed at teardown."""
+    _require(REDIS_SERVER, "redis-server")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_factory() -> Iterator[Callable[..., RedisServer]]:
+    """Start redis-servers with other settings (``RedisServer`` arguments)."""
+    _require(REDIS_SERVER, "redis-server")
+    started: list[RedisServer] = []
+
+    def factory(**kwargs: Any) -> RedisServer:
+        server = RedisServer(**kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield factory
+    for server in started:
+        server.close()
+
+
+def _require(path: str, package: str) -> None:
+    if not os.path.exists(path):
+        pytest.fail(
+            f"{path} is missing: run `make test` (it installs {package}), "
+            f"or `apt-get install {package}` as root",
+            pytrace=False,
+        )

@@ -14,7 +14,7 @@ contain a secret: URLs are shown as ``scheme://host:port``, and errors name sett
 Here: the config and address checks and the order of everything. ``report``: the lines and
 the skipping; ``net``: TCP, TLS, certificates; ``mailboxes``: IMAP and Graph, with the unseen
 messages counted by ``route``'s decision (also ``mailroom route``); ``endpoints``: the webhook
-and SMTP.
+and SMTP; ``replicas``: the Redis replicas share, and who holds which lease.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import secrets
 
 from mailroom import message, routing
-from mailroom.check import endpoints, mailboxes
+from mailroom.check import endpoints, mailboxes, replicas
 from mailroom.check.endpoints import TEST_EVENT
 from mailroom.check.report import Outcome, Report, Result
 from mailroom.config import Config, ImapMailboxConfig
@@ -111,4 +111,5 @@ async def run(config: Config, *, path: str, send_test: bool, report: Report) -> 
     for webhook in dict.fromkeys(m.webhook for m in config.mailboxes):
         await endpoints.webhook(report, webhook, send_test=send_test)
     await endpoints.smtp(report, config)
+    await replicas.run(report, config)
     return report.ok

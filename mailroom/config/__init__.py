@@ -19,6 +19,7 @@ from mailroom.config.mailboxes import (
     _mailbox,
 )
 from mailroom.config.model import (
+    ArbitrationConfig,
     BasicAuth,
     Config,
     CredentialsConfig,
@@ -40,6 +41,7 @@ from mailroom.config.model import (
 from mailroom.config.reader import Section, missing, origin, shown
 from mailroom.config.sample import SAMPLE_HINT
 from mailroom.config.sections import (
+    _arbitration,
     _health,
     _limits,
     _reject_notices,
@@ -50,6 +52,7 @@ from mailroom.config.sections import (
 from mailroom.errors import ConfigError, CredentialsError
 
 __all__ = [
+    "ArbitrationConfig",
     "BasicAuth",
     "Config",
     "ConfigError",
@@ -150,6 +153,9 @@ def parse_config(
     limits = LimitsConfig()
     if (limits_section := root.section("limits")) is not None:
         limits = _limits(limits_section)
+    arbitration = ArbitrationConfig()
+    if (arbitration_section := root.section("arbitration")) is not None:
+        arbitration = _arbitration(arbitration_section)
     config = Config(
         mailboxes=mailboxes,
         webhook=top_webhook,
@@ -158,6 +164,7 @@ def parse_config(
         reject_notices=notices,
         health=health,
         limits=limits,
+        arbitration=arbitration,
         warnings=_warnings(mailboxes, notices, top_webhook) + tuple(credentials_warnings),
         credentials=credentials_settings,
     )

@@ -275,6 +275,41 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ArbitrationConfig:
+    """``arbitration:``: how replicas share the mailboxes (README, "Replicas").
+
+    ``method: none`` (one process, the default) or ``redis``: a Redis at ``url``
+    (``redis://``, ``rediss://`` for TLS, ``unix:///path``), or the master ``master_name``
+    that ``sentinels`` name."""
+
+    method: Literal["none", "redis"] = "none"
+    url: str | None = None  # without user:password@ (username, password keys)
+    db: int = 0
+    username: str | None = None
+    password: Secret | None = field(default=None, repr=False)
+    tls: bool = False  # rediss://, or tls: true with sentinels
+    ca_file: str | None = None
+    tls_verify: bool = True
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str | None = None
+    sentinel_password: Secret | None = field(default=None, repr=False)
+    namespace: str = "mailroom"
+    lease_ttl_s: float = 15.0
+    marker_ttl_s: float = 7 * 86_400.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.method == "redis"
+
+    def describe(self) -> str:
+        """Where Redis is, fit for a log line (no credentials)."""
+        if self.sentinels:
+            hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"master {self.master_name} via sentinels {hosts}"
+        return f"{self.url} (db {self.db})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole validated configuration."""
 
@@ -285,5 +320,6 @@ class Config:
     reject_notices: RejectNoticesConfig | None = None  # None: notices are off
     health: HealthConfig | None = None  # None (absent or null): no health server
     limits: LimitsConfig = LimitsConfig()
+    arbitration: ArbitrationConfig = ArbitrationConfig()
     warnings: tuple[str, ...] = ()  # advice found at load, "<dotted.path>: ..."; log them
     credentials: CredentialsConfig | None = None  # where user/password came from, if anywhere

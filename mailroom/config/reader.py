@@ -45,7 +45,8 @@ _KEY_NAMES = """
     search_command search_command_exact secret secret_file shutdown_timeout signing_secret
     signing_secret_file smtp ssl stall_after start_tls tenant_id timeout tls_verify token
     token_file trusted_authserv_ids url user webhook content_type forward_auto_generated mode
-    nonce routing secret_encoding token_scheme
+    nonce routing secret_encoding token_scheme arbitration method db username namespace
+    lease_ttl marker_ttl sentinels master_name sentinel_password sentinel_password_file
 """
 KEYS = frozenset(_KEY_NAMES.split())
 

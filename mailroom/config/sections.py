@@ -10,6 +10,7 @@ from typing import Literal, cast
 from mailroom import routing
 from mailroom.config.model import (
     NOTICE_RETRY,
+    ArbitrationConfig,
     BasicAuth,
     HealthConfig,
     ImapMailboxConfig,
@@ -319,3 +320,83 @@ def _limits(section: Section) -> LimitsConfig:
     )
     section.done()
     return config
+
+
+def _arbitration(section: Section) -> ArbitrationConfig:
+    """``arbitration: {method: redis, url: ..., lease_ttl, ...}`` (README, "Replicas")."""
+    method = section.choice("method", "none", ("none", "redis"))
+    if method == "none":
+        section.done()
+        return ArbitrationConfig()
+    url, tls = None, False
+    sentinels = _sentinels(section)
+    if sentinels:
+        if section.has("url"):
+            section.fail("url", "give either url or sentinels (with master_name), not both")
+        master_name = section.text("master_name")
+        tls = section.flag("tls", False)
+    else:
+        master_name = None
+        raw_url = section.text("url")
+        if raw_url.startswith("unix:"):
+            path = raw_url.removeprefix("unix:").removeprefix("//")
+            if not path.startswith("/") or "?" in path or "#" in path:
+                section.fail("url", "a Unix socket is written unix:///path/to/redis.socket")
+            url = f"unix://{path}"
+        else:
+            url = section.url(
+                "url",
+                schemes=("redis", "rediss"),
+                userinfo="give username and password (or password_file) instead",
+            )
+            tls = url.startswith("rediss:")
+    db = section.number("db", _url_db(section, url), lo=0, hi=1_000_000, integer=True)
+    lease_ttl = section.number("lease_ttl", 15.0, lo=1, hi=3600)
+    config = ArbitrationConfig(
+        method="redis",
+        url=url,
+        db=db,
+        username=section.text("username", None),
+        password=section.secret("password", required=False),
+        tls=tls,
+        ca_file=section.ca_file(),
+        tls_verify=section.flag("tls_verify", True),
+        sentinels=sentinels,
+        master_name=master_name,
+        sentinel_password=section.secret("sentinel_password", required=False),
+        namespace=section.text("namespace", "mailroom"),
+        lease_ttl_s=lease_ttl,
+        marker_ttl_s=section.number("marker_ttl", 7 * 86_400.0, lo=lease_ttl, hi=366 * 86_400),
+    )
+    if (config.ca_file or not config.tls_verify) and not config.tls:
+        section.fail("ca_file" if config.ca_file else "tls_verify", "is for TLS: use rediss://")
+    section.done()
+    return config
+
+
+def _url_db(section: Section, url: str | None) -> int:
+    """The database number a redis:// URL's path names (``/0``), else 0."""
+    if url is None or url.startswith("unix:"):
+        return 0
+    path = url.split("://", 1)[1].partition("/")[2]
+    if not path:
+        return 0
+    if not path.isdigit():
+        section.fail("url", "the path must be the database number, like redis://host:6379/0")
+    return int(path)
+
+
+def _sentinels(section: Section) -> tuple[tuple[str, int], ...]:
+    raw = section.raw("sentinels", [])
+    if not isinstance(raw, list):
+        section.fail(
+            "sentinels", f"expected a list like [{{host: h, port: 26379}}], got {kind(raw)}"
+        )
+    found = []
+    for i, item in enumerate(raw):
+        entry = Section(item, section.where(f"sentinels[{i}]"), section.env, section.base_dir)
+        host = entry.text("host")
+        port = entry.number("port", 26379, lo=1, hi=65535, integer=True)
+        entry.done()
+        found.append((host, int(port)))
+    return tuple(found)

@@ -296,18 +296,20 @@ class Source(abc.ABC, Generic[K]):
                 size=size,
                 too_large=too_large,
                 _settle=settle,
-                _release=lambda: self.release(key),
+                _release=lambda hold: self.release(key, hold=hold),
             )
         )
 
-    def release(self, key: K) -> None:
-        """Take ``key`` out of the in-flight set without settling it (it stays as it is on the
-        server and is looked at again on the next connection)."""
+    def release(self, key: K, *, hold: bool = True) -> None:
+        """Take ``key`` out of the in-flight set without settling it: it stays as it is on the
+        server, and is looked at again by the next sweep, or (``hold``) only on the next
+        connection."""
         charged = self._pending.pop(key, None)
         if charged is not None:
             self._pending_bytes -= charged
             self._budget.release(1, charged)
-            self._stuck.add(key)
+            if hold:
+                self._stuck.add(key)
             self._wake.set()
 
     def _release_all(self) -> None:

@@ -1,0 +1,258 @@
+"""This replica's share of the mailboxes: Redis leases start and stop its sources.
+
+A replica watches a mailbox only while it holds that mailbox's lease. Every ``tick`` (at most a
+second) the loop:
+
+1. announces the replica (a heartbeat that lives ``lease_ttl``) and counts the live replicas;
+2. renews its leases every third of ``lease_ttl``. A renewal counts from the moment it was
+   *sent*, so ``valid_until`` never runs past what Redis granted;
+3. balances: it holds at most ``ceil(mailboxes / live replicas)`` leases. Extras are handed
+   over (the source stops like a reload stops it: deliveries finish and settle, LOGOUT, then
+   the lease is released, so another replica takes it within a tick); free leases are taken
+   up to the share, each replica trying the mailboxes in its own order (rendezvous hashing),
+   so they rarely race for the same one.
+
+When renewals fail (Redis down, a partition), each source is stopped gracefully once less than
+a third of ``lease_ttl`` is left, and dropped without ceremony just before the lease lapses:
+another replica can only take the lease after it lapsed, so two replicas never watch one
+mailbox at once. Nothing is acquired while Redis is unreachable; the replica is not ready, and
+resumes by itself when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from mailroom.arbitration.store import Lease, RedisStore
+from mailroom.config import Config, MailboxConfig
+from mailroom.errors import ArbitrationError
+from mailroom.monitor import Monitor
+
+__all__ = ["Coordinator"]
+
+log = logging.getLogger("mailroom.arbitration")
+
+TICK_MAX_S = 1.0
+
+
+@dataclass(slots=True)
+class _Held:
+    lease: Lease
+    valid_until: float  # time.monotonic() when the lease lapses, as far as we know
+    stopping: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class Coordinator:
+    """Takes and gives up leases for one replica; ``start``/``stop``/``abort`` act on the
+    sources (``supervisor._Running``)."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: RedisStore,
+        *,
+        start: Callable[[list[MailboxConfig]], None],
+        stop: Callable[[str, float], Awaitable[None]],
+        abort: Callable[[str], None],
+        monitor: Monitor | None = None,
+    ) -> None:
+        self.store = store
+        self.replica = store.replica
+        self._start = start
+        self._stop = stop
+        self._abort = abort
+        self._monitor = monitor or Monitor()
+        self.held: dict[str, _Held] = {}
+        self.live = 1
+        self.healthy: bool | None = None  # as last logged
+        self._mailboxes: dict[str, MailboxConfig] = {}
+        self._order: dict[str, int] = {}
+        self.ttl_s = config.arbitration.lease_ttl_s
+        self.drain_s = config.shutdown_timeout_s
+        self.configure(config)
+
+    @property
+    def tick_s(self) -> float:
+        return min(TICK_MAX_S, self.ttl_s / 5)
+
+    def configure(self, config: Config) -> None:
+        """The mailboxes to share (at start and after a reload)."""
+        self._mailboxes = {m.id: m for m in config.mailboxes}
+        self.drain_s = config.shutdown_timeout_s
+        self._order = {
+            m: int.from_bytes(hashlib.sha256(f"{self.replica}\0{m}".encode()).digest()[:8], "big")
+            for m in self._mailboxes
+        }
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, done: asyncio.Event) -> None:
+        """Take and keep this replica's share until ``done``; never raises."""
+        next_renew = 0.0
+        while not done.is_set():
+            now = time.monotonic()
+            try:
+                self.live = max(1, await self.store.heartbeat(self.ttl_s))
+                if now >= next_renew:
+                    await self._renew()
+                    next_renew = now + self.ttl_s / 3
+                await self._balance(done)
+                self._set_healthy(True)
+            except ArbitrationError as exc:
+                next_renew = 0.0  # try to renew at every tick until it works
+                self._set_healthy(False, exc)
+            self._enforce_deadlines()
+            self._monitor.leases(len(self.held), self.live)
+            self._monitor.expect(set(self.held))
+            try:
+                async with asyncio.timeout(self.tick_s):
+                    await done.wait()
+            except TimeoutError:
+                continue
+
+    def _set_healthy(self, healthy: bool, exc: ArbitrationError | None = None) -> None:
+        reason = str(exc) if exc is not None else None
+        self._monitor.arbitration(healthy, reason)
+        if healthy == self.healthy:
+            return
+        self.healthy = healthy
+        if healthy:
+            log.info("arbitration: Redis at %s answers; replica %s", self.store.where, self.replica)
+        else:
+            level = logging.ERROR if exc is not None and exc.misconfigured else logging.WARNING
+            log.log(
+                level,
+                "arbitration: %s; no new leases; %d held are kept while they last",
+                reason,
+                len(self.held),
+            )
+
+    async def _renew(self) -> None:
+        held = list(self.held.items())  # a lease being handed over is still ours until then
+        if not held:
+            return
+        sent = time.monotonic()
+        renewed = await self.store.renew([h.lease for _, h in held], self.ttl_s)
+        for (mailbox, h), ok in zip(held, renewed, strict=True):
+            if ok:
+                h.valid_until = sent + self.ttl_s
+                continue
+            # Not ours any more: it lapsed and another replica took it. Stop at once.
+            log.error(
+                "%s: the lease is no longer ours (fence %d); stopping the source now",
+                mailbox,
+                h.lease.fence,
+            )
+            self._monitor.lease_change("lost")
+            self._abort(mailbox)
+            del self.held[mailbox]
+
+    def _share(self) -> int:
+        return math.ceil(len(self._mailboxes) / self.live)
+
+    async def _balance(self, done: asyncio.Event) -> None:
+        for mailbox in [m for m in self.held if m not in self._mailboxes]:
+            self._hand_over(mailbox, "no longer configured")
+        active = sorted(
+            (m for m, h in self.held.items() if h.stopping is None), key=self._order.__getitem__
+        )
+        share = self._share()
+        for mailbox in active[: max(0, len(active) - share)]:
+            self._hand_over(mailbox, f"the share is {share} of {len(self._mailboxes)}")
+        wanted = share - min(len(active), share)
+        if wanted <= 0 or done.is_set():
+            return
+        candidates = sorted(
+            (m for m in self._mailboxes if m not in self.held),
+            key=self._order.__getitem__,
+            reverse=True,
+        )
+        holders = await self.store.holders(candidates)
+        started = []
+        for mailbox in (m for m in candidates if holders[m] is None):
+            if wanted <= 0 or done.is_set():
+                break
+            sent = time.monotonic()
+            lease = await self.store.acquire(mailbox, self.ttl_s)
+            if lease is None:
+                continue  # another replica was quicker
+            self.held[mailbox] = _Held(lease, sent + self.ttl_s)
+            self._monitor.lease_change("acquired")
+            log.info("%s: lease taken (fence %d); watching it", mailbox, lease.fence)
+            started.append(self._mailboxes[mailbox])
+            wanted -= 1
+        if started:
+            self._start(started)
+
+    def _hand_over(self, mailbox: str, why: str) -> None:
+        held = self.held[mailbox]
+        log.info("%s: handing the lease over (%s)", mailbox, why)
+        # Renewed meanwhile: the drain may take shutdown_timeout (the deadlines still apply).
+        held.stopping = asyncio.create_task(
+            self._stop_and_release(mailbox, self.drain_s), name=f"handover:{mailbox}"
+        )
+
+    @property
+    def _safety_s(self) -> float:
+        """How long before a lease lapses its source must be gone."""
+        return min(1.0, self.ttl_s / 10)
+
+    async def _stop_and_release(self, mailbox: str, timeout_s: float) -> None:
+        held = self.held[mailbox]
+        try:
+            await self._stop(mailbox, max(0.1, timeout_s))
+        finally:
+            if self.held.get(mailbox) is held:
+                del self.held[mailbox]
+        if time.monotonic() < held.valid_until:
+            try:
+                await self.store.release([held.lease])
+                self._monitor.lease_change("released")
+            except ArbitrationError as exc:
+                log.warning("%s: lease not released (%s); it lapses by itself", mailbox, exc)
+
+    def _enforce_deadlines(self) -> None:
+        """Stop sources whose leases could not be renewed before they lapse."""
+        now = time.monotonic()
+        for mailbox, held in list(self.held.items()):
+            left = held.valid_until - now
+            if left <= self._safety_s:
+                log.error("%s: the lease lapses now; the source is dropped", mailbox)
+                self._abort(mailbox)
+                if held.stopping is not None:
+                    held.stopping.cancel()
+                del self.held[mailbox]
+                self._monitor.lease_change("lost")
+            elif left < self.ttl_s / 3 and held.stopping is None:
+                log.warning(
+                    "%s: the lease could not be renewed; stopping the source within %.1fs, "
+                    "before the lease lapses",
+                    mailbox,
+                    left - self._safety_s,
+                )
+                held.stopping = asyncio.create_task(
+                    self._stop_and_release(mailbox, left - self._safety_s),
+                    name=f"lapse:{mailbox}",
+                )
+
+    async def release_all(self) -> None:
+        """After a clean stop: give every lease back and leave, so others take over at once."""
+        for held in list(self.held.values()):
+            if held.stopping is not None:
+                held.stopping.cancel()
+        leases = [h.lease for h in self.held.values()]
+        self.held.clear()
+        try:
+            await self.store.release(leases)
+            await self.store.heartbeat(0)
+        except ArbitrationError as exc:
+            log.warning("arbitration: leases not released (%s); they lapse by themselves", exc)
+            return
+        if leases:
+            log.info("arbitration: %d lease(s) released", len(leases))

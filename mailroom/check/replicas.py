@@ -1,0 +1,45 @@
+"""``mailroom check`` of the replicas' Redis: it answers, and who holds which lease."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from mailroom import arbitration
+from mailroom.check.report import Outcome, Report, Status, Target
+from mailroom.config import Config
+
+__all__ = ["run"]
+
+
+async def run(report: Report, config: Config) -> None:
+    """Connect as a replica would (it takes no lease), and show the leases."""
+    settings = config.arbitration
+    if not settings.enabled:
+        return
+    store = arbitration.store(settings)
+    target = Target(report, f"arbitration[{settings.describe()}]")
+    ids = [m.id for m in config.mailboxes]
+
+    async def connect() -> Outcome:
+        await store.ping()
+        live = await store.heartbeat(0)  # counts without joining
+        return "OK", f"Redis answers; {live} replica(s) live (namespace {settings.namespace})"
+
+    async def leases() -> Outcome:
+        holders = await store.holders(ids)
+        held = {m: lease for m, lease in holders.items() if lease is not None}
+        for mailbox, lease in held.items():
+            report.add(
+                target.name, "lease", "OK", f"{mailbox}: {lease.replica} (fence {lease.fence})"
+            )
+        per_replica = Counter(lease.replica for lease in held.values())
+        spread = ", ".join(f"{r}: {n}" for r, n in sorted(per_replica.items())) or "none"
+        free = len(ids) - len(held)
+        status: Status = "OK" if free == 0 else "WARN"
+        return status, f"{len(held)} of {len(ids)} mailboxes watched ({spread}); {free} free"
+
+    try:
+        await target.run("connect", connect)
+        await target.run("leases", leases)
+    finally:
+        await store.close()
