@@ -172,6 +172,10 @@ class Dispatcher:
         self.accepting = False
         return await self._finish(set(self._tasks), timeout_s, "shutdown")
 
+    def open(self, mailbox: str) -> None:
+        """Take ``mailbox``'s mail again (its source starts again after ``drain_mailbox``)."""
+        self._closed.discard(mailbox)
+
     async def drain_mailbox(self, mailbox: str, timeout_s: float) -> int:
         """Like ``drain``, for one mailbox that a reload stops; the others carry on."""
         self._closed.add(mailbox)

@@ -202,6 +202,7 @@ class _Running:
         spread = min(STAGGER_MAX_S, STAGGER_PER_MAILBOX_S * len(configs)) if len(configs) > 1 else 0
         for config in configs:
             self.health.starting(config.id)
+            self.dispatcher.open(config.id)
             mailbox = _Mailbox(
                 functools.partial(
                     _source,

@@ -49,11 +49,15 @@ class Replica(Process):
         return None
 
     async def ready(self) -> int:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-            session.get(f"http://127.0.0.1:{self.port}/readyz") as response,
-        ):
-            return response.status
+        """/readyz's status; 0 while nothing listens (starting, or gone)."""
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(f"http://127.0.0.1:{self.port}/readyz") as response,
+            ):
+                return response.status
+        except aiohttp.ClientError:
+            return 0
 
 
 @pytest.fixture
@@ -160,6 +164,7 @@ async def test_three_replicas_watch_each_of_30_mailboxes_once_ten_each(
     assert [await r.ready() for r in started] == [200, 200, 200]
 
 
+@pytest.mark.timeout(240)
 async def test_a_killed_replica_is_replaced_and_only_its_in_flight_messages_come_twice(
     dovecot_factory: Callable[[], Dovecot],
     webhook: WebhookReceiver,
@@ -233,6 +238,7 @@ def _replica_of(replica: Replica) -> str:
     raise AssertionError("no replica id logged")
 
 
+@pytest.mark.timeout(240)
 async def test_a_redis_outage_under_load_never_lets_two_replicas_watch_one_mailbox(
     dovecot_factory: Callable[[], Dovecot],
     webhook: WebhookReceiver,
@@ -242,6 +248,11 @@ async def test_a_redis_outage_under_load_never_lets_two_replicas_watch_one_mailb
     dovecot = dovecot_factory()
     accounts, config = setup(dovecot, webhook, redis_server, 6)
     started = [replicas(config), replicas(config)]
+
+    async def both_up() -> bool:
+        return [await r.ready() for r in started] == [200, 200]
+
+    await wait_until(both_up, timeout=60, what="both replicas ready")
     await wait_until(lambda: each_idle_once(dovecot, accounts), timeout=60, what="all watched")
     sent = 0
     async with Overlaps(dovecot) as overlaps:
