@@ -291,7 +291,7 @@ async def test_two_replicas_share_the_mailboxes_evenly_and_exactly_once(
 ) -> None:
     from mailroom.arbitration import Coordinator  # noqa: PLC0415
 
-    config = shared_config(redis_server, 7)
+    config = shared_config(redis_server, 7, ttl=3)
     sides = [Sources(), Sources()]
     done = asyncio.Event()
     stores = [RedisStore(config.arbitration, replica=f"r{i}") for i in range(2)]

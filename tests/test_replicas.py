@@ -249,10 +249,10 @@ async def test_a_redis_outage_under_load_never_lets_two_replicas_watch_one_mailb
     accounts, config = setup(dovecot, webhook, redis_server, 6)
     started = [replicas(config), replicas(config)]
 
-    async def both_up() -> bool:
-        return [await r.ready() for r in started] == [200, 200]
+    async def three_each() -> bool:
+        return [await r.metric("mailroom_leases_held") for r in started] == [3, 3]
 
-    await wait_until(both_up, timeout=60, what="both replicas ready")
+    await wait_until(three_each, timeout=60, what="3 leases each")
     await wait_until(lambda: each_idle_once(dovecot, accounts), timeout=60, what="all watched")
     sent = 0
     async with Overlaps(dovecot) as overlaps:
