@@ -18,10 +18,17 @@ from mailroom.gitlab import load_gitlab
 from tests.helpers import message, running, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.gitlab import GitLabInternalApi
+from tests.servers.redis import RedisServer
 from tests.servers.webhook import WebhookReceiver
 
 SECRET = bytes(range(32))
 GITLAB_HOST = "gitlab.example.com"
+
+
+@pytest.fixture(autouse=True)
+def queues_redis(redis_server: RedisServer) -> RedisServer:
+    """GitLab's queues Redis: GitLab mode shares the mailboxes through it, as MailRoom does."""
+    return redis_server
 
 
 def gitlab_files(
@@ -29,12 +36,17 @@ def gitlab_files(
     dovecot: Dovecot,
     gitlab_url: str,
     accounts: dict[str, Account],
+    *,
+    redis: RedisServer,
     **overlay: Any,
 ) -> tuple[Path, Path]:
-    """A Rails root with config/gitlab.yml and the secret files, and a small mailroom YAML
-    (what gitlab.yml cannot say: the test CA, short retries and shutdown)."""
+    """A Rails root with config/gitlab.yml, config/redis.queues.yml and the secret files, and
+    a small mailroom YAML (what gitlab.yml cannot say: the test CA, short retries and
+    shutdown)."""
     root = tmp_path / "gitlab"
     (root / "config").mkdir(parents=True)
+    queues = {"production": {"url": f"redis://127.0.0.1:{redis.port}"}}
+    (root / "config" / "redis.queues.yml").write_text(yaml.safe_dump(queues))
     production: dict[str, Any] = {"gitlab": {"host": GITLAB_HOST}}
     for kind, account in accounts.items():
         (root / f".gitlab_{kind}_secret").write_text(base64.b64encode(SECRET).decode() + "\n")
@@ -70,7 +82,7 @@ async def deleted(dovecot: Dovecot, account: Account) -> bool:
 
 
 async def test_both_mailbox_types_are_delivered_byte_exact(
-    dovecot: Dovecot, tmp_path: Path
+    queues_redis: RedisServer, dovecot: Dovecot, tmp_path: Path
 ) -> None:
     incoming, desk = dovecot.add_user(), dovecot.add_user()
     to_key = message(1, to="incoming_email+abc123@example.com")
@@ -81,7 +93,11 @@ async def test_both_mailbox_types_are_delivered_byte_exact(
     await dovecot.aappend(desk, auto)
     async with GitLabInternalApi({"incoming_email": SECRET, "service_desk_email": SECRET}) as api:
         files = gitlab_files(
-            tmp_path, dovecot, api.url, {"incoming_email": incoming, "service_desk_email": desk}
+            tmp_path,
+            dovecot,
+            api.url,
+            {"incoming_email": incoming, "service_desk_email": desk},
+            redis=queues_redis,
         )
         config = load_gitlab(files[0], mailroom_config=files[1], env={})
         async with running(config):
@@ -98,14 +114,18 @@ async def test_both_mailbox_types_are_delivered_byte_exact(
     assert {r.headers["Content-Type"] for r in api.delivered} == {"text/plain"}
 
 
-async def test_a_reply_is_routed_by_its_reply_id(dovecot: Dovecot, tmp_path: Path) -> None:
+async def test_a_reply_is_routed_by_its_reply_id(
+    queues_redis: RedisServer, dovecot: Dovecot, tmp_path: Path
+) -> None:
     account = dovecot.add_user()
     reply = message(1, to="someone@example.org").replace(
         b"Subject:", f"References: <reply-5f3e9a@{GITLAB_HOST}>\r\nSubject:".encode(), 1
     )
     await dovecot.aappend(account, reply)
     async with GitLabInternalApi({"incoming_email": SECRET}) as api:
-        files = gitlab_files(tmp_path, dovecot, api.url, {"incoming_email": account})
+        files = gitlab_files(
+            tmp_path, dovecot, api.url, {"incoming_email": account}, redis=queues_redis
+        )
         async with running(load_gitlab(files[0], mailroom_config=files[1], env={})):
             await api.wait_for(1)
     (request,) = api.delivered
@@ -114,7 +134,7 @@ async def test_a_reply_is_routed_by_its_reply_id(dovecot: Dovecot, tmp_path: Pat
 
 
 async def test_401_keeps_the_message_says_which_secret_file_and_is_not_ready(
-    dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    queues_redis: RedisServer, dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     account = dovecot.add_user()
@@ -125,7 +145,9 @@ async def test_401_keeps_the_message_says_which_secret_file_and_is_not_ready(
         GitLabInternalApi({"incoming_email": bytes(range(1, 33))}) as api,
         aiohttp.ClientSession() as http,
     ):
-        files = gitlab_files(tmp_path, dovecot, api.url, {"incoming_email": account}, **health)
+        files = gitlab_files(
+            tmp_path, dovecot, api.url, {"incoming_email": account}, **health, redis=queues_redis
+        )
         async with running(load_gitlab(files[0], mailroom_config=files[1], env={})):
             await api.wait_for(2, status=401)
 
@@ -143,13 +165,15 @@ async def test_401_keeps_the_message_says_which_secret_file_and_is_not_ready(
 
 
 async def test_400_is_dead_lettered_with_gitlabs_message(
-    dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    queues_redis: RedisServer, dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     account = dovecot.add_user()
     await dovecot.aappend(account, message(1))
     async with GitLabInternalApi({"incoming_email": SECRET}) as api:
         api.refuse_next("This email is too large (30 MB), the limit is 25 MB")
-        files = gitlab_files(tmp_path, dovecot, api.url, {"incoming_email": account})
+        files = gitlab_files(
+            tmp_path, dovecot, api.url, {"incoming_email": account}, redis=queues_redis
+        )
         async with running(load_gitlab(files[0], mailroom_config=files[1], env={})):
             await api.wait_for(1, status=400)
 
@@ -164,7 +188,7 @@ async def test_400_is_dead_lettered_with_gitlabs_message(
 
 
 async def test_nothing_is_lost_across_a_restart(
-    dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    queues_redis: RedisServer, dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     account = dovecot.add_user()
@@ -174,7 +198,12 @@ async def test_nothing_is_lost_across_a_restart(
     await api.start()
     try:
         files = gitlab_files(
-            tmp_path, dovecot, api.url, {"incoming_email": account}, shutdown_timeout=0.5
+            tmp_path,
+            dovecot,
+            api.url,
+            {"incoming_email": account},
+            shutdown_timeout=0.5,
+            redis=queues_redis,
         )
         await api.stop()  # GitLab is down: connection refused, retried
         config = load_gitlab(files[0], mailroom_config=files[1], env={})
@@ -196,11 +225,13 @@ async def test_nothing_is_lost_across_a_restart(
 
 
 async def test_check_probes_gitlab_without_posting_a_message(
-    dovecot: Dovecot, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    queues_redis: RedisServer, dovecot: Dovecot, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     account = dovecot.add_user()
     async with GitLabInternalApi({"incoming_email": SECRET}) as api:
-        gitlab_yml, small = gitlab_files(tmp_path, dovecot, api.url, {"incoming_email": account})
+        gitlab_yml, small = gitlab_files(
+            tmp_path, dovecot, api.url, {"incoming_email": account}, redis=queues_redis
+        )
         argv = ["check", "--gitlab-config", str(gitlab_yml), "-c", str(small)]
         assert await asyncio.to_thread(cli.main, argv) == 0
     out = capsys.readouterr().out
@@ -212,11 +243,19 @@ async def test_check_probes_gitlab_without_posting_a_message(
 
 
 async def test_check_fails_where_gitlab_is_not(
-    dovecot: Dovecot, tmp_path: Path, webhook: WebhookReceiver, capsys: pytest.CaptureFixture[str]
+    queues_redis: RedisServer,
+    dovecot: Dovecot,
+    tmp_path: Path,
+    webhook: WebhookReceiver,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     account = dovecot.add_user()
     gitlab_yml, small = gitlab_files(
-        tmp_path, dovecot, webhook.url.rstrip("/"), {"incoming_email": account}
+        tmp_path,
+        dovecot,
+        webhook.url.rstrip("/"),
+        {"incoming_email": account},
+        redis=queues_redis,
     )
     (tmp_path / "gitlab" / ".gitlab_incoming_email_secret").write_text("c2hvcnQ=\n")
     argv = ["check", "--gitlab-config", str(gitlab_yml), "-c", str(small)]

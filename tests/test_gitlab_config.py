@@ -594,3 +594,44 @@ def test_any_redis_entry_is_read_or_refused(entry: Any) -> None:
         assert str(exc).startswith("resque.yml")
     else:
         assert found.url.startswith(("redis://", "rediss://", "unix://"))
+
+
+def test_gitlab_mode_shares_the_mailboxes_through_gitlabs_queues_redis(tmp_path: Path) -> None:
+    queues = "production:\n  url: redis://:q%40ueue-pass@redis.internal:6380/2\n"
+    gitlab_yml = rails_root(tmp_path, section(), **{"config/redis.queues.yml": queues})
+    arbitration = load(gitlab_yml).arbitration
+    assert (arbitration.method, arbitration.url, arbitration.db) == (
+        "redis",
+        "redis://redis.internal:6380/2",
+        2,
+    )
+    assert arbitration.namespace == "mail_room:gitlab"
+    assert arbitration.password is not None and arbitration.password.reveal() == "q@ueue-pass"
+    # Without redis.queues.yml: resque.yml; without either: GitLab's default.
+    resque = {"config/resque.yml": "production: unix:///var/opt/gitlab/redis/redis.socket\n"}
+    other = rails_root(tmp_path / "b", section(), **resque)
+    assert load(other).arbitration.url == "unix:///var/opt/gitlab/redis/redis.socket"
+    default = rails_root(tmp_path / "c", section())
+    assert load(default).arbitration.url == "redis://localhost:6381"
+    # The -c file may name another Redis, or none.
+    small = tmp_path / "mailroom.yml"
+    small.write_text("arbitration: {method: none}\n")
+    assert load_gitlab(gitlab_yml, mailroom_config=small, env={}).arbitration.enabled is False
+
+
+def test_gitlabs_redis_behind_sentinels(tmp_path: Path) -> None:
+    queues = (
+        "production:\n  url: redis://gitlab-redis\n  password: p\n"
+        "  sentinels: [{host: s1, port: 26379}, {host: s2, port: 26380}]\n"
+    )
+    gitlab_yml = rails_root(tmp_path, section(), **{"config/redis.queues.yml": queues})
+    arbitration = load(gitlab_yml).arbitration
+    assert arbitration.sentinels == (("s1", 26379), ("s2", 26380))
+    assert arbitration.master_name == "gitlab-redis"
+    assert arbitration.password is not None and arbitration.password.reveal() == "p"
+
+
+def test_gitlabs_redis_config_with_erb_is_a_config_error(tmp_path: Path) -> None:
+    queues = "production:\n  url: <%= ENV['REDIS_URL'] %>\n"
+    text = error(rails_root(tmp_path, section(), **{"config/redis.queues.yml": queues}))
+    assert "holds ERB" in text and "arbitration:" in text

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from mailroom.config.reader import _HOST_RE
 from mailroom.errors import ConfigError
 from mailroom.gitlab import encrypted
 from mailroom.gitlab.compose import PLACEHOLDER, Source, build, literal
+from mailroom.gitlab.redis import GitLabRedis, find_queues_redis
 
 __all__ = ["TYPES", "GitLabFiles", "find_files", "load_gitlab"]
 
@@ -144,9 +145,42 @@ def load_gitlab(
             "is enabled (enabled: true and an address): there is no mailbox to watch",
         )
     warnings += secrets.warnings
-    top = {"routing": {"mode": "forward_all", "forward_auto_generated": True}}
+    top: dict[str, Any] = {"routing": {"mode": "forward_all", "forward_auto_generated": True}}
     overlay = Path(mailroom_config) if mailroom_config is not None else None
-    return build(boxes, sources, top=top, overlay=overlay, env=environ, warnings=tuple(warnings))
+    try:  # GitLab runs MailRoom with arbitration on its queues Redis: so does GitLab mode
+        redis = find_queues_redis(files.gitlab_yml.parent, rails_env=files.rails_env, env=environ)
+    except ValueError as exc:
+        raise ConfigError(
+            "", f"{exc} (or name another Redis in the -c file's arbitration:)"
+        ) from exc
+    top["arbitration"] = _arbitration(redis)
+    config = build(boxes, sources, top=top, overlay=overlay, env=environ, warnings=tuple(warnings))
+    extra = _read_yaml(overlay) if overlay is not None else None
+    if not (isinstance(extra, dict) and "arbitration" in extra):
+        # GitLab's own Redis: its passwords go in here, never through the YAML tree.
+        config = replace(
+            config,
+            arbitration=replace(
+                config.arbitration,
+                password=redis.password,
+                sentinel_password=redis.sentinel_password,
+            ),
+        )
+    return config
+
+
+def _arbitration(redis: GitLabRedis) -> dict[str, Any]:
+    """The ``arbitration:`` block for GitLab's queues Redis (passwords are added after)."""
+    block: dict[str, Any] = {"method": "redis", "namespace": redis.namespace, "db": redis.db}
+    if redis.sentinels:
+        block["sentinels"] = [{"host": s.host, "port": s.port} for s in redis.sentinels]
+        block["master_name"] = redis.master_name
+        block["tls"] = redis.url.startswith("rediss:")
+    else:
+        block["url"] = redis.url
+    if redis.username is not None:
+        block["username"] = redis.username
+    return block
 
 
 def _mailbox(
