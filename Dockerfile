@@ -46,6 +46,8 @@ RUN groupadd --system --gid 10001 mailroom \
  && mkdir -p /etc/mailroom
 COPY --from=build --chown=root:root /opt/mailroom /opt/mailroom
 COPY --chown=root:root LICENSE /usr/share/doc/mailroom/LICENSE
+# Readiness for probes that run a command (GitLab's Helm chart: /scripts/healthcheck).
+COPY --chown=root:root --chmod=0755 docker/healthcheck /scripts/healthcheck
 USER 10001:10001
 # /healthz, /readyz, /metrics: the config must say health: {listen: "0.0.0.0:8080"} for other
 # containers (and Kubernetes probes) to reach it; the HEALTHCHECK below asks from inside.

@@ -434,6 +434,7 @@ class HealthServer:
         """Bind and serve; an ``OSError`` (address in use) is raised as it is."""
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/liveness", self._healthz)  # MailRoom's, probed by GitLab's chart
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)

@@ -28,6 +28,10 @@ def example_configs() -> dict[str, str]:
             found[path.name] = text
     configmap = yaml.safe_load((EXAMPLES / "kubernetes" / "configmap.yaml").read_text())
     found["kubernetes/configmap.yaml"] = configmap["data"]["mailroom.yml"]
+    replicas = yaml.safe_load_all((EXAMPLES / "kubernetes" / "replicas.yaml").read_text())
+    found["kubernetes/replicas.yaml"] = next(d for d in replicas if d["kind"] == "ConfigMap")[
+        "data"
+    ]["mailroom.yml"]
     return found
 
 
@@ -98,7 +102,23 @@ def test_the_examples_are_found() -> None:
         "docker-compose.mailroom.yml",
         "demo.yml",
         "kubernetes/configmap.yaml",
+        "docker-compose.replicas.mailroom.yml",
+        "kubernetes/replicas.yaml",
     } <= set(CONFIGS)
+
+
+def test_the_replica_examples_share_through_redis() -> None:
+    compose = yaml.safe_load((EXAMPLES / "docker-compose.replicas.yml").read_text())
+    replicas = [name for name in compose["services"] if name.startswith("mailroom-")]
+    assert len(replicas) == 2 and "redis" in compose["services"]
+    for name in replicas:
+        volumes = compose["services"][name]["volumes"]
+        assert "./docker-compose.replicas.mailroom.yml:/etc/mailroom/mailroom.yml:ro" in volumes
+    k8s = list(yaml.safe_load_all((EXAMPLES / "kubernetes" / "replicas.yaml").read_text()))
+    deployment = next(d for d in k8s if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    for name in ("docker-compose.replicas.mailroom.yml", "kubernetes/replicas.yaml"):
+        assert yaml.safe_load(CONFIGS[name])["arbitration"]["method"] == "redis"
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -66,7 +66,7 @@ def test_the_systemd_unit_runs_with_gitlab() -> None:
 def test_the_helm_snippet_swaps_the_image_and_reads_the_charts_secrets(tmp_path: Path) -> None:
     values = yaml.safe_load((EXAMPLES / "helm-values.yaml").read_text())
     mailroom = values["gitlab"]["mailroom"]
-    assert mailroom["image"]["repository"] and mailroom["hpa"]["maxReplicas"] == 1
+    assert mailroom["image"]["repository"] and mailroom["hpa"]["maxReplicas"] == 2
     (volume,) = yaml.safe_load(mailroom["extraVolumes"])
     (mount,) = yaml.safe_load(mailroom["extraVolumeMounts"])
     configmap = yaml.safe_load((EXAMPLES / "helm-configmap.yaml").read_text())
@@ -75,18 +75,24 @@ def test_the_helm_snippet_swaps_the_image_and_reads_the_charts_secrets(tmp_path:
     assert 'CMD ["run", "-c", "/etc/mailroom/mailroom.yml"]' in (ROOT / "Dockerfile").read_text()
     # The files the chart mounts (charts/gitlab/templates/_mailroom.tpl and the mailroom chart)
     text = configmap["data"]["mailroom.yml"]
-    charts_files = {"password_incoming_email", "incoming_email_webhook_secret"}
+    charts_files = {
+        "mailroom/password_incoming_email",
+        "mailroom/incoming_email_webhook_secret",
+        "redis/redis-password",
+    }
     replaced = text
     for name in charts_files:
-        assert f"/etc/gitlab/mailroom/{name}" in text
-        (tmp_path / name).write_text(SECRET if "webhook" in name else "imap password\n")
-        replaced = replaced.replace(f"/etc/gitlab/mailroom/{name}", str(tmp_path / name))
+        assert f"/etc/gitlab/{name}" in text
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(SECRET if "webhook" in name else "password\n")
+        replaced = replaced.replace(f"/etc/gitlab/{name}", str(tmp_path / name))
     data: Any = yaml.safe_load(replaced)
     config = parse_config(data, env={})
     (box,) = config.mailboxes
     assert box.webhook.request_content_type == "text/plain"
     assert box.webhook.jwt is not None and box.webhook.jwt.key() == bytes(32)
     assert box.routing.mode is routing.RoutingMode.FORWARD_ALL
+    assert config.arbitration.enabled and config.arbitration.namespace == "mail_room:gitlab"
     assert config.health is not None and (config.health.host, config.health.port) == (
         "0.0.0.0",
         8080,

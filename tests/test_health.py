@@ -112,6 +112,7 @@ async def test_metrics_after_known_traffic_are_exact(
         metrics = await probe.metrics()
         status, body = await probe.get("/readyz")
         healthz = await probe.get("/healthz")
+        liveness = await probe.get("/liveness")  # MailRoom's path, which GitLab's chart probes
     assert value(metrics, "mailroom_fetched_total", mailbox=box) == 5
     settled = {
         o.value: value(metrics, "mailroom_settled_total", mailbox=box, outcome=o.value)
@@ -159,6 +160,7 @@ async def test_metrics_after_known_traffic_are_exact(
     }
     assert body["dispatcher"]["stalled"] is False and body["dispatcher"]["unsettled"] == 0
     assert healthz[0] == 200 and healthz[1]["status"] == "ok"
+    assert liveness[0] == 200 and liveness[1]["status"] == "ok"
 
 
 async def test_readyz_follows_dovecot_stop_and_start(
