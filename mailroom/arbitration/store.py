@@ -112,7 +112,8 @@ def _tls_connection(base: type[Any], context: ssl.SSLContext) -> type[Any]:
     return Connection
 
 
-def _client(config: ArbitrationConfig) -> aioredis.Redis:
+def _client(config: ArbitrationConfig) -> tuple[aioredis.Redis, list[aioredis.Redis]]:
+    """The client of the master, and the clients of the sentinels (to be closed as well)."""
     password = config.password.reveal() if config.password is not None else None
     common: dict[str, Any] = {
         "username": config.username,
@@ -142,12 +143,11 @@ def _client(config: ArbitrationConfig) -> aioredis.Redis:
         client: aioredis.Redis = sentinel.master_for(
             config.master_name or "", db=config.db, **common, **extra
         )
-        return client
+        return client, list(sentinel.sentinels)
     assert config.url is not None
     if config.url.startswith("unix:"):
-        return aioredis.Redis(
-            unix_socket_path=config.url.removeprefix("unix://"), db=config.db, **common
-        )
+        socket_path = config.url.removeprefix("unix://")
+        return aioredis.Redis(unix_socket_path=socket_path, db=config.db, **common), []
     parts = urlsplit(config.url)
     connection_class: type[Any] = aioredis.Connection
     kwargs: dict[str, Any] = {}
@@ -162,7 +162,7 @@ def _client(config: ArbitrationConfig) -> aioredis.Redis:
         **common,
         **kwargs,
     )
-    return aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
+    return aioredis.Redis.from_pool(pool), []  # the client owns the pool and closes it
 
 
 def _key_digest(text: str) -> str:
@@ -179,7 +179,7 @@ class RedisStore:
         ns = config.namespace
         self._ns = ns
         self._replicas = f"{ns}:replicas"
-        self._redis = _client(config)
+        self._redis, self._sentinels = _client(config)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
@@ -273,5 +273,6 @@ class RedisStore:
         return bool(created)
 
     async def close(self) -> None:
-        with contextlib.suppress(redis.exceptions.RedisError, OSError):
-            await self._redis.aclose()
+        for client in (self._redis, *self._sentinels):
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await client.aclose()
