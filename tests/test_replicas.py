@@ -136,6 +136,7 @@ class Overlaps:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
+@pytest.mark.timeout(180)
 async def test_three_replicas_watch_each_of_30_mailboxes_once_ten_each(
     dovecot_factory: Callable[[], Dovecot],
     webhook: WebhookReceiver,
@@ -203,6 +204,7 @@ async def test_a_killed_replica_is_replaced_and_only_its_in_flight_messages_come
     }
 
 
+@pytest.mark.timeout(180)
 async def test_sigterm_hands_the_leases_over_at_once(
     dovecot_factory: Callable[[], Dovecot],
     webhook: WebhookReceiver,
@@ -283,6 +285,7 @@ async def test_a_redis_outage_under_load_never_lets_two_replicas_watch_one_mailb
         assert "the lease could not be renewed" in replica.output()
 
 
+@pytest.mark.timeout(180)
 async def test_a_joining_replica_gets_its_share(
     dovecot_factory: Callable[[], Dovecot],
     webhook: WebhookReceiver,

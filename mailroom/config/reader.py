@@ -46,7 +46,7 @@ _KEY_NAMES = """
     signing_secret_file smtp ssl stall_after start_tls tenant_id timeout tls_verify token
     token_file trusted_authserv_ids url user webhook content_type forward_auto_generated mode
     nonce routing secret_encoding token_scheme arbitration method db username namespace
-    lease_ttl marker_ttl sentinels master_name sentinel_password sentinel_password_file
+    lease_ttl marker_ttl sentinels master_name sentinel_password sentinel_password_file tls
 """
 KEYS = frozenset(_KEY_NAMES.split())
 
