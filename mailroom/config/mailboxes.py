@@ -185,6 +185,7 @@ def _oauth(section: Section, *, scope: str | None) -> OAuthConfig:
         scope=scope or _scope(section),
         ca_file=section.ca_file(),
         tls_verify=section.flag("tls_verify", True),
+        proxy=section.proxy(),
     )
 
 
@@ -210,6 +211,7 @@ def _graph_mailbox(
         graph_endpoint=graph_endpoint,
         ca_file=oauth.ca_file,
         tls_verify=oauth.tls_verify,
+        proxy=oauth.proxy,
     )
     options_section.done()
     mailbox = section.text("mailbox", "inbox")

@@ -88,6 +88,7 @@ class WebhookConfig:
     basic: BasicAuth | None = None
     tls_verify: bool = True
     ca_file: str | None = None
+    proxy: str | None = field(default=None, repr=False)  # None: the environment; "direct"
     retry: RetryConfig = RetryConfig()
 
     @property
@@ -148,8 +149,9 @@ class OAuthConfig:
     client_secret: Secret = field(repr=False)
     azure_ad_endpoint: str = "https://login.microsoftonline.com"  # authority host, no tenant
     scope: str = "https://outlook.office365.com/.default"
-    ca_file: str | None = None  # trusted instead of the system store, for a private CA
+    ca_file: str | None = None  # trusted on top of the system store, for a private CA
     tls_verify: bool = True
+    proxy: str | None = field(default=None, repr=False)  # None: the environment; "direct"
 
     @property
     def authority(self) -> str:
@@ -166,8 +168,9 @@ class GraphInboxOptions:
     poll_interval_s: float = 60.0
     azure_ad_endpoint: str = "https://login.microsoftonline.com"
     graph_endpoint: str = "https://graph.microsoft.com"
-    ca_file: str | None = None  # for both endpoints; trusted instead of the system store
+    ca_file: str | None = None  # for both endpoints; trusted on top of the system store
     tls_verify: bool = True
+    proxy: str | None = field(default=None, repr=False)  # for both endpoints
 
     @property
     def oauth(self) -> OAuthConfig:
@@ -180,6 +183,7 @@ class GraphInboxOptions:
             scope=f"{self.graph_endpoint}/.default",
             ca_file=self.ca_file,
             tls_verify=self.tls_verify,
+            proxy=self.proxy,
         )
 
 
