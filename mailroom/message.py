@@ -294,7 +294,8 @@ def _bodies(
             continue
         content_type, params = msg_type if part is msg else _content_type(part)
         if content_type.startswith("multipart/"):
-            children = part.get_payload()
+            # Only a multipart's get_payload() is its list: any other decodes, and may raise.
+            children = part.get_payload() if part.is_multipart() else None
             if isinstance(children, list):
                 stack.extend(c for c in reversed(children) if isinstance(c, mime.Part))
                 continue

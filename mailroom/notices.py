@@ -130,11 +130,12 @@ _PLAIN_ADDRESS = re.compile(
     r"[^\s<>()\[\]\\,;:@\"\x00-\x1f\x7f]+@[^\s<>()\[\]\\,;:@\"\x00-\x1f\x7f]+"
 )
 # A msg-id we may echo in In-Reply-To/References: printable ASCII, no angle brackets.
-_ECHOABLE_MSG_ID = re.compile(r"[!-;=?-~]+@[!-;=?-~]+")
+_ECHOABLE_MSG_ID = re.compile(r"[!-;=?-~]{1,200}@[!-;=?-~]{1,200}")
 
 
 def _usable_address(address: str) -> bool:
-    if "=?" in address or not _PLAIN_ADDRESS.fullmatch(address):
+    # RFC 5321 §4.5.3.1.3: a path is at most 256 octets, the angle brackets included.
+    if len(address) > 254 or "=?" in address or not _PLAIN_ADDRESS.fullmatch(address):
         return False
     try:
         headerregistry.Address(addr_spec=address)
@@ -220,7 +221,7 @@ def _mailbox(sender: str) -> tuple[str, str]:
         return address, address
     if name.isascii():
         return email.utils.formataddr((name, address)), address
-    return f"{' '.join(_encoded_words(name))} <{address}>", address
+    return "\r\n ".join([*_encoded_words(name), f"<{address}>"]), address
 
 
 def _body(lines: list[str]) -> tuple[str, bytes]:
