@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mailroom import message, routing, webhook  # noqa: E402
-from mailroom.envelope import Envelope, Outcome  # noqa: E402
+from tests.hostile import envelope  # noqa: E402
 
 HEAD = b"From: a@example.org\nTo: incoming+k@example.com\nSubject: s\nMIME-Version: 1.0\n"
 MULTIPART = HEAD + b'Content-Type: multipart/mixed; boundary="z"\n\n'
@@ -125,20 +125,6 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
-def _envelope(raw: bytes) -> Envelope:
-    async def settle(outcome: Outcome) -> None:
-        del outcome
-
-    return Envelope(
-        mailbox="bench",
-        ref="1",
-        idempotency_key="msg_" + "0" * 32,
-        raw=raw,
-        size=len(raw),
-        _settle=settle,
-    )
-
-
 def measure(shape: str, n: int) -> dict[str, float]:
     """Run one shape in this process; the numbers ``main`` prints."""
     raw = SHAPES[shape][0](n)
@@ -147,7 +133,7 @@ def measure(shape: str, n: int) -> dict[str, float]:
     started = time.perf_counter()
     parsed = message.parse(raw)
     parsed_at = time.perf_counter()
-    body = webhook.payload_body(_envelope(raw), parsed, decision)
+    body = webhook.payload_body(envelope(raw), parsed, decision)
     done = time.perf_counter()
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     del parsed, body
@@ -155,7 +141,7 @@ def measure(shape: str, n: int) -> dict[str, float]:
     parsed = message.parse(raw)
     parse_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.reset_peak()
-    webhook.payload_body(_envelope(raw), parsed, decision)
+    webhook.payload_body(envelope(raw), parsed, decision)
     payload_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return {

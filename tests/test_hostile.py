@@ -19,11 +19,12 @@ from mailroom import dispatch, mime
 from mailroom.message import Address, Attachment, ParsedMessage, parse
 from mailroom.notices import Notice, NoticeRecipient, build_notice, notice_recipient
 from mailroom.routing import AddressTemplate, RoutingRules
-from tests.helpers import make_config, running, wait_until
+from tests.helpers import make_config, running
 from tests.hostile import NOW, SENDER, assert_safe_notice, assert_strict_payload
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.smtp import SmtpServer
 from tests.servers.webhook import WebhookReceiver
+from tests.test_reject import logged, notice_settings, settled
 
 EML = Path(__file__).parent / "eml"
 RULES = RoutingRules(address=AddressTemplate.parse("incoming+%{key}@incoming.example.com"))
@@ -262,26 +263,6 @@ def test_100000_cc_lines() -> None:
 # -- end to end: Dovecot → mailroom → aiosmtpd ----------------------------------------------
 
 
-def notice_settings(smtp: SmtpServer) -> dict[str, object]:
-    return {
-        "from": "Mailroom <noreply@example.com>",
-        "smtp": {"host": smtp.host, "port": smtp.port, "timeout": 5},
-        "retry": {"initial": 0.05, "max": 0.2},
-    }
-
-
-async def seen(dovecot: Dovecot, account: Account, count: int) -> None:
-    async def check() -> bool:
-        return [set(m.flags) for m in await dovecot.amessages(account)] == [{"\\Seen"}] * count
-
-    await wait_until(check, what=f"{count} messages settled as rejected")
-
-
-@pytest.fixture(autouse=True)
-def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="mailroom")
-
-
 async def test_no_injected_header_on_the_wire(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, smtp: SmtpServer
 ) -> None:
@@ -292,7 +273,7 @@ async def test_no_injected_header_on_the_wire(
     config = make_config(dovecot, account, webhook.url, reject_notices=notice_settings(smtp))
     async with running(config):
         received = await smtp.wait_for(len(names))
-        await seen(dovecot, account, len(names))
+        await settled(dovecot, account, [{"\\Seen"}] * len(names))
     assert webhook.requests == []
     assert sorted(m.rcpt_tos for m in received) == sorted((f"{n}@example.org",) for n in names)
     for mail in received:
@@ -309,18 +290,19 @@ async def test_a_non_ascii_sender_without_smtputf8_is_refused_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Issue 13, point 6: retried for 24 h as "misconfigured", holding an in-flight slot.
+    caplog.set_level(logging.INFO, logger="mailroom")
     await dovecot.aappend(account, hostile_mail("hello", sender="alice@bücher.example"))
     config = make_config(dovecot, account, webhook.url, reject_notices=notice_settings(smtp))
     async with running(config):
-        await seen(dovecot, account, 1)
+        await settled(dovecot, account, [{"\\Seen"}])
     assert smtp.messages == [] and smtp.attempts == []
-    refusals = [r.getMessage() for r in caplog.records if "no reject notice to" in r.getMessage()]
+    refusals = logged(caplog, "no reject notice to")
     assert len(refusals) == 1
     assert refusals[0].endswith(
         ": no reject notice to alice@bücher.example: its address is not ASCII and the SMTP "
         "server does not offer SMTPUTF8 (RFC 6531)"
     )
-    assert not [r for r in caplog.records if "attempt" in r.getMessage()]
+    assert logged(caplog, "attempt") == []
 
 
 async def test_a_non_ascii_sender_gets_a_notice_over_smtputf8(
@@ -334,7 +316,7 @@ async def test_a_non_ascii_sender_gets_a_notice_over_smtputf8(
     config = make_config(dovecot, account, webhook.url, reject_notices=notice_settings(smtp))
     async with running(config):
         (mail,) = await smtp.wait_for(1)
-        await seen(dovecot, account, 1)
+        await settled(dovecot, account, [{"\\Seen"}])
     assert mail.rcpt_tos == ("alice@bücher.example",)
     assert "SMTPUTF8" in mail.mail_options
     assert b"\r\nTo: alice@b\xc3\xbccher.example\r\n" in mail.data  # RFC 6532 UTF-8 header
