@@ -228,7 +228,7 @@ def _body(lines: list[str]) -> tuple[str, bytes]:
     """The Content-Transfer-Encoding and the body: 7bit when it can, else quoted-printable
     (which needs no 8BITMIME from the relay, RFC 6152)."""
     text = "\n".join(lines) + "\n"
-    if text.isascii() and all(len(line) <= _MAX_LINE for line in lines):
+    if text.isascii() and all(len(line) <= _MAX_LINE for line in text.split("\n")):
         data = text.encode("ascii")
         return "7bit", data.replace(b"\n", b"\r\n")
     data = binascii.b2a_qp(text.encode("utf-8", "replace"), istext=True)
@@ -240,11 +240,12 @@ def _check(data: bytes, names: list[str]) -> None:
     head, blank, _ = data.partition(b"\r\n\r\n")
     if not blank:
         raise NoticeError("no end of the header block")
-    if b"\r" in data.replace(b"\r\n", b"") or b"\n" in data.replace(b"\r\n", b""):
+    stray = data.replace(b"\r\n", b"")
+    if b"\r" in stray or b"\n" in stray:
         raise NoticeError("a bare CR or LF")
-    lines = head.split(b"\r\n")
     if any(len(line) > _MAX_LINE for line in data.split(b"\r\n")):
         raise NoticeError("a line over 998 octets")
+    lines = head.split(b"\r\n")
     fields = [line.partition(b":")[0] for line in lines if not line.startswith((b" ", b"\t"))]
     if fields != [name.encode("ascii") for name in names]:
         raise NoticeError(f"header fields {fields!r} instead of {names!r}")

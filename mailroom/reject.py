@@ -297,8 +297,8 @@ class Notifier:
                 if client.is_ehlo_or_helo_needed:
                     await client.ehlo()
                 if not client.supports_extension("smtputf8"):
-                    # RFC 6531 §3.4: without SMTPUTF8 the address cannot be sent at all. Not a
-                    # failure to retry for a day (issue 13): this relay will never take it.
+                    # RFC 6531: a non-ASCII address goes only to a server that offers SMTPUTF8.
+                    # Not a failure to retry for a day (issue 13): this relay never takes it.
                     raise _SendError(
                         "its address is not ASCII and the SMTP server does not offer SMTPUTF8 "
                         "(RFC 6531)",
