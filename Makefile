@@ -58,6 +58,7 @@ demo-serve: venv debs
 
 bench: venv debs
 	$(BIN)/python bench/imap_latency.py
+	$(BIN)/python bench/parse_worst.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
