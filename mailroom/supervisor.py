@@ -345,10 +345,13 @@ async def run(
     *,
     load: Callable[[], Config] | None = None,
     reload: asyncio.Event | None = None,
+    dry_run: bool = False,
 ) -> int:
     """Run until ``stop`` is set (or a signal arrives); returns the exit code.
 
-    Setting ``reload`` (SIGHUP does) calls ``load`` for the new config and applies it.
+    Setting ``reload`` (SIGHUP does) calls ``load`` for the new config and applies it. With
+    ``dry_run`` nothing is posted, sent or settled (``Dispatcher``), and replicas' Redis is
+    not used: a dry run takes no lease from the replicas doing the real work.
     """
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()
@@ -356,7 +359,8 @@ async def run(
     resources = Resources(config)
     health = Health(config, budget=resources.budget)
     server = HealthServer(health, config.health) if config.health is not None else None
-    store = replicas.store(config.arbitration) if config.arbitration.enabled else None
+    shared = config.arbitration.enabled and not dry_run
+    store = replicas.store(config.arbitration) if shared else None
     finished = asyncio.Event()
     abandoned = 0
     try:
@@ -364,7 +368,7 @@ async def run(
         if server is not None:
             await _listen(server)  # before any mailbox: a port in use fails at once
         async with (
-            Dispatcher(config, health, shared=store) as dispatcher,
+            Dispatcher(config, health, shared=store, dry_run=dry_run) as dispatcher,
             asyncio.TaskGroup() as group,
         ):
             if server is not None:
@@ -372,7 +376,11 @@ async def run(
             running = _Running(config, dispatcher, health, resources, group)
             if store is None:
                 running.start(list(config.mailboxes))
-                log.info("mailroom started: %d mailbox(es)", len(config.mailboxes))
+                log.info(
+                    "mailroom started: %d mailbox(es)%s",
+                    len(config.mailboxes),
+                    "; DRY RUN: nothing is posted, sent or settled" if dry_run else "",
+                )
             else:
                 coordinator = running.coordinator = Coordinator(
                     config,
