@@ -295,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("mailroom.config").warning("config: %s", warning)
     try:
         # SIGHUP reloads the file the same way (an invalid one is refused).
-        return asyncio.run(supervisor.run(config, load=load, dry_run=args.dry_run))
+        watch = list(dict.fromkeys(Path(p) for p in (source[1], args.config) if p))
+        run = supervisor.run(config, load=load, dry_run=args.dry_run, watch=watch)
+        return asyncio.run(run)
     except ConfigError as exc:  # found at start: health.listen cannot be bound
         print(f"mailroom: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -33,6 +33,7 @@ from mailroom.config.model import (
     MailboxConfig,
     OAuthConfig,
     RejectNoticesConfig,
+    ReloadConfig,
     RetryConfig,
     Secret,
     SmtpConfig,
@@ -67,6 +68,7 @@ __all__ = [
     "MailboxConfig",
     "OAuthConfig",
     "RejectNoticesConfig",
+    "ReloadConfig",
     "RetryConfig",
     "Secret",
     "SmtpConfig",
@@ -156,6 +158,13 @@ def parse_config(
     arbitration = ArbitrationConfig()
     if (arbitration_section := root.section("arbitration")) is not None:
         arbitration = _arbitration(arbitration_section)
+    reload = ReloadConfig()
+    if (reload_section := root.section("reload")) is not None:
+        reload = ReloadConfig(
+            watch=reload_section.flag("watch", False),
+            interval_s=reload_section.number("interval", 2.0, lo=0.1, hi=3600),
+        )
+        reload_section.done()
     config = Config(
         mailboxes=mailboxes,
         webhook=top_webhook,
@@ -165,6 +174,7 @@ def parse_config(
         health=health,
         limits=limits,
         arbitration=arbitration,
+        reload=reload,
         warnings=_warnings(mailboxes, notices, top_webhook) + tuple(credentials_warnings),
         credentials=credentials_settings,
     )

@@ -279,6 +279,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadConfig:
+    """``reload:``: also reload when the config file changes (where no SIGHUP can be sent: a
+    Kubernetes ConfigMap is swapped behind a symlink)."""
+
+    watch: bool = False
+    interval_s: float = 2.0  # how often the file is looked at
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ArbitrationConfig:
     """``arbitration:``: how replicas share the mailboxes (README, "Replicas").
 
@@ -325,5 +334,6 @@ class Config:
     health: HealthConfig | None = None  # None (absent or null): no health server
     limits: LimitsConfig = LimitsConfig()
     arbitration: ArbitrationConfig = ArbitrationConfig()
+    reload: ReloadConfig = ReloadConfig()
     warnings: tuple[str, ...] = ()  # advice found at load, "<dotted.path>: ..."; log them
     credentials: CredentialsConfig | None = None  # where user/password came from, if anywhere
