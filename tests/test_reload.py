@@ -250,6 +250,7 @@ async def test_reload_watch_follows_a_kubernetes_configmap_swap(
     version("..v1", [first])
     config_file = tmp_path / "mailroom.yml"
     config_file.symlink_to("..data/mailroom.yml")
+
     def load() -> Config:
         return load_config(config_file)
 
