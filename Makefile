@@ -62,11 +62,13 @@ bench: venv debs
 	$(BIN)/python bench/imap_latency.py
 	$(BIN)/python bench/parse_worst.py
 
-# After a change to the dependencies in pyproject.toml: pin them again, for every platform.
+# After a change to the dependencies in pyproject.toml: pin them again, for every platform
+# (the versions pinned so far stay; `make lock LOCK_FLAGS=--upgrade` takes the newest).
+LOCK_FLAGS ?=
 lock: venv
 	$(BIN)/pip install --quiet uv
 	$(BIN)/uv pip compile pyproject.toml --all-extras --universal --python-version 3.11 \
-	  --quiet -o constraints.txt
+	  --quiet $(LOCK_FLAGS) -o constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
