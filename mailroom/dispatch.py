@@ -334,6 +334,7 @@ class Dispatcher:
             max_message_bytes=mailbox.max_message_bytes,
             fields=fields,
         )
+        self._monitor.notice(envelope.mailbox, result.value)
         return Outcome.DEAD_LETTERED if result is NoticeResult.FAILED else outcome
 
     async def _deliver(

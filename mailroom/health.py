@@ -229,6 +229,10 @@ class Health(Monitor):
         if outcome is Outcome.IGNORED and rule is not None:
             self.metrics.ignored.labels(mailbox, rule).inc()
 
+    def notice(self, mailbox: str, result: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.notices.labels(mailbox, result).inc()
+
     def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
         if (source := self.sources.get(mailbox)) is None:
             return

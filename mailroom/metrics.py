@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from mailroom import routing
 from mailroom.envelope import Outcome
+from mailroom.reject import NoticeResult
 
 if TYPE_CHECKING:
     from mailroom.health import Health
@@ -48,6 +49,9 @@ class Metrics:
         self.settled = counter("mailroom_settled", "Messages settled, by outcome.", "outcome")
         self.ignored = counter(
             "mailroom_ignored", "Auto-generated messages ignored, by the rule that fired.", "rule"
+        )
+        self.notices = counter(
+            "mailroom_notices", "Reject notices: sent, refused, disabled or failed.", "result"
         )
         self.requests = counter(
             "mailroom_webhook_requests", "Webhook requests by status class (error: none).", "status"
@@ -93,6 +97,8 @@ class Metrics:
             yield self.ignored, (mailbox, rule)
         for status in STATUS_CLASSES:
             yield self.requests, (mailbox, status)
+        for result in NoticeResult:
+            yield self.notices, (mailbox, result.value)
 
     def add(self, mailbox: str) -> None:
         """Every series of a new mailbox exists from the start, at 0 (no gaps in rate())."""

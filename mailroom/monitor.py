@@ -40,6 +40,10 @@ class Monitor:
         """A message was settled as ``outcome``; ``rule`` names the auto-generated rule that
         made it ignored."""
 
+    def notice(self, mailbox: str, result: str) -> None:
+        """A reject notice ended as ``result``: ``sent``, ``refused`` (policy or rate limit),
+        ``disabled`` (no reject_notices) or ``failed`` (the message is dead-lettered)."""
+
     def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
         """One webhook request ended: ``2xx``..``5xx``, or ``error`` (no answer)."""
 

@@ -126,6 +126,11 @@ async def test_metrics_after_known_traffic_are_exact(
         for s in ("2xx", "3xx", "4xx", "5xx", "error")
     }
     assert requests == {"2xx": 2, "3xx": 0, "4xx": 1, "5xx": 0, "error": 0}
+    notices = {
+        r: value(metrics, "mailroom_notices_total", mailbox=box, result=r)
+        for r in ("sent", "refused", "disabled", "failed")
+    }
+    assert notices == {"sent": 0, "refused": 0, "disabled": 1, "failed": 0}  # notices are off
     hook = origin(webhook.url)  # latency is per webhook, not per mailbox
     assert value(metrics, "mailroom_webhook_request_duration_seconds_count", webhook=hook) == 3
     assert (
