@@ -199,6 +199,10 @@ class Health(Monitor):
         self.metrics.reconnects.labels(mailbox).inc()
         self._set_state(mailbox, source, "reconnecting", reason)
 
+    def auth_error(self, mailbox: str, kind: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.auth_errors.labels(mailbox, kind).inc()
+
     def restarted(self, mailbox: str) -> None:
         if mailbox in self.sources:
             self.metrics.restarts.labels(mailbox).inc()

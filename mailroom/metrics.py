@@ -30,6 +30,7 @@ __all__ = ["LAG_INTERVAL_S", "Metrics"]
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
+AUTH_KINDS = ("login", "token")
 # Webhook latency: up to the default webhook.timeout (30 s) and beyond.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -57,6 +58,9 @@ class Metrics:
             "mailroom_webhook_requests", "Webhook requests by status class (error: none).", "status"
         )
         self.reconnects = counter("mailroom_reconnects", "Connections lost or attempts failed.")
+        self.auth_errors = counter(
+            "mailroom_auth_errors", "Logins refused (login), OAuth tokens not had (token).", "kind"
+        )
         self.restarts = counter(
             "mailroom_source_restarts", "Sources restarted after an unexpected error (a bug)."
         )
@@ -97,6 +101,8 @@ class Metrics:
             yield self.ignored, (mailbox, rule)
         for status in STATUS_CLASSES:
             yield self.requests, (mailbox, status)
+        for kind in AUTH_KINDS:
+            yield self.auth_errors, (mailbox, kind)
         for result in NoticeResult:
             yield self.notices, (mailbox, result.value)
 

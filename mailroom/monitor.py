@@ -22,6 +22,10 @@ class Monitor:
     def disconnected(self, mailbox: str, reason: str) -> None:
         """The connection was lost or an attempt failed; the source retries with backoff."""
 
+    def auth_error(self, mailbox: str, kind: str) -> None:
+        """A connection failed on its credentials: the IMAP ``login`` was refused, or no OAuth
+        ``token`` (the identity provider refused the app or could not be reached)."""
+
     def restarted(self, mailbox: str) -> None:
         """The source survived an unexpected error (a bug): logged, counted, restarted."""
 

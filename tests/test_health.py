@@ -131,6 +131,7 @@ async def test_metrics_after_known_traffic_are_exact(
         for r in ("sent", "refused", "disabled", "failed")
     }
     assert notices == {"sent": 0, "refused": 0, "disabled": 1, "failed": 0}  # notices are off
+    assert value(metrics, "mailroom_auth_errors_total", mailbox=box, kind="login") == 0
     hook = origin(webhook.url)  # latency is per webhook, not per mailbox
     assert value(metrics, "mailroom_webhook_request_duration_seconds_count", webhook=hook) == 3
     assert (
@@ -166,6 +167,28 @@ async def test_metrics_after_known_traffic_are_exact(
     assert body["dispatcher"]["stalled"] is False and body["dispatcher"]["unsettled"] == 0
     assert healthz[0] == 200 and healthz[1]["status"] == "ok"
     assert liveness[0] == 200 and liveness[1]["status"] == "ok"
+
+
+async def test_a_refused_login_is_counted(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    box = mailbox_dict(dovecot, account, password="wrong")
+    config = with_health(config_dict([box], webhook.url), port)
+    probe = Probe(session, port)
+
+    async def counted() -> bool:
+        try:
+            metrics = await probe.metrics()
+        except aiohttp.ClientConnectionError:  # not listening yet
+            return False
+        return value(metrics, "mailroom_auth_errors_total", mailbox=account.user, kind="login") > 0
+
+    async with running(parse_config(config, env={})):
+        await wait_until(counted, what="mailroom_auth_errors_total{kind=login}")
+        metrics = await probe.metrics()
+    assert value(metrics, "mailroom_auth_errors_total", mailbox=account.user, kind="token") == 0
+    assert value(metrics, "mailroom_connected", mailbox=account.user) == 0
 
 
 async def test_readyz_follows_dovecot_stop_and_start(
