@@ -42,7 +42,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from mailroom.budget import Budget
 from mailroom.config import Config, GraphMailboxConfig, HealthConfig, MailboxConfig
 from mailroom.envelope import Outcome
-from mailroom.metrics import Metrics
+from mailroom.metrics import LEASE_CHANGES, Metrics
 from mailroom.monitor import Monitor
 from mailroom.webhook import labels
 
@@ -250,6 +250,9 @@ class Health(Monitor):
             self.open_circuits.discard(webhook)
 
     def arbitration(self, connected: bool, reason: str | None = None) -> None:
+        if self.arbitration_ok is None:  # replicas: the lease counters exist from 0 on
+            for change in LEASE_CHANGES:
+                self.metrics.lease_changes.labels(change)
         self.arbitration_ok, self.arbitration_reason = connected, reason
 
     def leases(self, held: int, live: int) -> None:

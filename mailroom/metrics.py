@@ -25,12 +25,13 @@ from mailroom.reject import NoticeResult
 if TYPE_CHECKING:
     from mailroom.health import Health
 
-__all__ = ["LAG_INTERVAL_S", "Metrics"]
+__all__ = ["LAG_INTERVAL_S", "LEASE_CHANGES", "Metrics"]
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
 AUTH_KINDS = ("login", "token")
+LEASE_CHANGES = ("acquired", "released", "lost")
 # Webhook latency: up to the default webhook.timeout (30 s) and beyond.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)

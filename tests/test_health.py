@@ -499,3 +499,22 @@ def test_a_stalled_webhook_takes_out_only_its_own_mailboxes() -> None:
     assert body["webhooks"]["http://127.0.0.1:1"]["stalled"] is True
     assert body["webhooks"]["http://127.0.0.2:1"]["stalled"] is False
     assert [body["mailboxes"][m]["ready"] for m in "ab"] == [False, True]
+
+
+def test_replica_series_exist_from_the_first_arbitration_round() -> None:
+    health = health_of(imap_box("a"), clock=Clock())
+    names = {s.name for family in health.registry.collect() for s in family.samples}
+    assert "mailroom_leases_held" not in names and "mailroom_lease_changes_total" not in names
+    health.arbitration(True)
+    health.lease_change("acquired")
+    samples = {
+        (s.name, s.labels.get("change")): s.value
+        for family in health.registry.collect()
+        for s in family.samples
+    }
+    # From 0, so that increase() sees the first lease lost (Prometheus takes a series' first
+    # sample as its start, not as an increase).
+    assert samples["mailroom_lease_changes_total", "lost"] == 0
+    assert samples["mailroom_lease_changes_total", "released"] == 0
+    assert samples["mailroom_lease_changes_total", "acquired"] == 1
+    assert samples["mailroom_arbitration_connected", None] == 1
