@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-image lint demo demo-serve bench debs promtool venv clean
+.PHONY: test test-image lint demo demo-serve bench debs venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,7 @@ debs:
 
 # promtool, which tests/test_monitoring.py checks the alerting rules with: taken out of Debian's
 # prometheus package into the venv (installing the package would also start a Prometheus server).
+.PHONY: promtool
 promtool: venv
 	@command -v promtool >/dev/null 2>&1 || test -x $(BIN)/promtool || { cd $(VENV) \
 	  && { apt-get download -qq prometheus 2>/dev/null \
