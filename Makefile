@@ -30,7 +30,17 @@ debs:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS); \
 	  else echo "missing packages: run 'apt-get install $(DEBS)' as root" >&2; exit 1; fi; }
 
-test: venv debs
+# promtool, which tests/test_monitoring.py checks the alerting rules with: taken out of Debian's
+# prometheus package into the venv (installing the package would also start a Prometheus server).
+.PHONY: promtool
+promtool: venv
+	@command -v promtool >/dev/null 2>&1 || test -x $(BIN)/promtool || { cd $(VENV) \
+	  && { apt-get download -qq prometheus 2>/dev/null \
+	       || { apt-get update -qq && apt-get download -qq prometheus 2>/dev/null; }; } \
+	  && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > bin/promtool \
+	  && chmod +x bin/promtool && rm -f prometheus_*.deb; }
+
+test: venv debs promtool
 	$(BIN)/pytest
 
 # The container image, built and run with podman on a base made from Debian's packages (no

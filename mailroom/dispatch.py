@@ -310,4 +310,5 @@ class Dispatcher:
             max_message_bytes=mailbox.max_message_bytes,
             fields=fields,
         )
+        self._monitor.notice(envelope.mailbox, result.value)
         return Outcome.DEAD_LETTERED if result is NoticeResult.FAILED else outcome

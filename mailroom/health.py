@@ -42,7 +42,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from mailroom.budget import Budget
 from mailroom.config import Config, GraphMailboxConfig, HealthConfig, MailboxConfig
 from mailroom.envelope import Outcome
-from mailroom.metrics import Metrics
+from mailroom.metrics import LEASE_CHANGES, Metrics
 from mailroom.monitor import Monitor
 from mailroom.webhook import labels
 
@@ -199,6 +199,10 @@ class Health(Monitor):
         self.metrics.reconnects.labels(mailbox).inc()
         self._set_state(mailbox, source, "reconnecting", reason)
 
+    def auth_error(self, mailbox: str, kind: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.auth_errors.labels(mailbox, kind).inc()
+
     def restarted(self, mailbox: str) -> None:
         if mailbox in self.sources:
             self.metrics.restarts.labels(mailbox).inc()
@@ -229,6 +233,10 @@ class Health(Monitor):
         if outcome is Outcome.IGNORED and rule is not None:
             self.metrics.ignored.labels(mailbox, rule).inc()
 
+    def notice(self, mailbox: str, result: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.notices.labels(mailbox, result).inc()
+
     def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
         if (source := self.sources.get(mailbox)) is None:
             return
@@ -242,6 +250,9 @@ class Health(Monitor):
             self.open_circuits.discard(webhook)
 
     def arbitration(self, connected: bool, reason: str | None = None) -> None:
+        if self.arbitration_ok is None:  # replicas: the lease counters exist from 0 on
+            for change in LEASE_CHANGES:
+                self.metrics.lease_changes.labels(change)
         self.arbitration_ok, self.arbitration_reason = connected, reason
 
     def leases(self, held: int, live: int) -> None:

@@ -20,15 +20,18 @@ from prometheus_client.registry import Collector
 
 from mailroom import routing
 from mailroom.envelope import Outcome
+from mailroom.reject import NoticeResult
 
 if TYPE_CHECKING:
     from mailroom.health import Health
 
-__all__ = ["LAG_INTERVAL_S", "Metrics"]
+__all__ = ["LAG_INTERVAL_S", "LEASE_CHANGES", "Metrics"]
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
+AUTH_KINDS = ("login", "token")
+LEASE_CHANGES = ("acquired", "released", "lost")
 # Webhook latency: up to the default webhook.timeout (30 s) and beyond.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -49,10 +52,16 @@ class Metrics:
         self.ignored = counter(
             "mailroom_ignored", "Auto-generated messages ignored, by the rule that fired.", "rule"
         )
+        self.notices = counter(
+            "mailroom_notices", "Reject notices: sent, refused, disabled or failed.", "result"
+        )
         self.requests = counter(
             "mailroom_webhook_requests", "Webhook requests by status class (error: none).", "status"
         )
         self.reconnects = counter("mailroom_reconnects", "Connections lost or attempts failed.")
+        self.auth_errors = counter(
+            "mailroom_auth_errors", "Logins refused (login), OAuth tokens not had (token).", "kind"
+        )
         self.restarts = counter(
             "mailroom_source_restarts", "Sources restarted after an unexpected error (a bug)."
         )
@@ -93,6 +102,10 @@ class Metrics:
             yield self.ignored, (mailbox, rule)
         for status in STATUS_CLASSES:
             yield self.requests, (mailbox, status)
+        for kind in AUTH_KINDS:
+            yield self.auth_errors, (mailbox, kind)
+        for result in NoticeResult:
+            yield self.notices, (mailbox, result.value)
 
     def add(self, mailbox: str) -> None:
         """Every series of a new mailbox exists from the start, at 0 (no gaps in rate())."""

@@ -22,6 +22,10 @@ class Monitor:
     def disconnected(self, mailbox: str, reason: str) -> None:
         """The connection was lost or an attempt failed; the source retries with backoff."""
 
+    def auth_error(self, mailbox: str, kind: str) -> None:
+        """A connection failed on its credentials: the IMAP ``login`` was refused, or no OAuth
+        ``token`` (the identity provider refused the app or could not be reached)."""
+
     def restarted(self, mailbox: str) -> None:
         """The source survived an unexpected error (a bug): logged, counted, restarted."""
 
@@ -39,6 +43,10 @@ class Monitor:
     def outcome(self, mailbox: str, outcome: Outcome, rule: str | None = None) -> None:
         """A message was settled as ``outcome``; ``rule`` names the auto-generated rule that
         made it ignored."""
+
+    def notice(self, mailbox: str, result: str) -> None:
+        """A reject notice ended as ``result``: ``sent``, ``refused`` (policy or rate limit),
+        ``disabled`` (no reject_notices) or ``failed`` (the message is dead-lettered)."""
 
     def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
         """One webhook request ended: ``2xx``..``5xx``, or ``error`` (no answer)."""

@@ -126,6 +126,12 @@ async def test_metrics_after_known_traffic_are_exact(
         for s in ("2xx", "3xx", "4xx", "5xx", "error")
     }
     assert requests == {"2xx": 2, "3xx": 0, "4xx": 1, "5xx": 0, "error": 0}
+    notices = {
+        r: value(metrics, "mailroom_notices_total", mailbox=box, result=r)
+        for r in ("sent", "refused", "disabled", "failed")
+    }
+    assert notices == {"sent": 0, "refused": 0, "disabled": 1, "failed": 0}  # notices are off
+    assert value(metrics, "mailroom_auth_errors_total", mailbox=box, kind="login") == 0
     hook = origin(webhook.url)  # latency is per webhook, not per mailbox
     assert value(metrics, "mailroom_webhook_request_duration_seconds_count", webhook=hook) == 3
     assert (
@@ -161,6 +167,28 @@ async def test_metrics_after_known_traffic_are_exact(
     assert body["dispatcher"]["stalled"] is False and body["dispatcher"]["unsettled"] == 0
     assert healthz[0] == 200 and healthz[1]["status"] == "ok"
     assert liveness[0] == 200 and liveness[1]["status"] == "ok"
+
+
+async def test_a_refused_login_is_counted(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    box = mailbox_dict(dovecot, account, password="wrong")
+    config = with_health(config_dict([box], webhook.url), port)
+    probe = Probe(session, port)
+
+    async def counted() -> bool:
+        try:
+            metrics = await probe.metrics()
+        except aiohttp.ClientConnectionError:  # not listening yet
+            return False
+        return value(metrics, "mailroom_auth_errors_total", mailbox=account.user, kind="login") > 0
+
+    async with running(parse_config(config, env={})):
+        await wait_until(counted, what="mailroom_auth_errors_total{kind=login}")
+        metrics = await probe.metrics()
+    assert value(metrics, "mailroom_auth_errors_total", mailbox=account.user, kind="token") == 0
+    assert value(metrics, "mailroom_connected", mailbox=account.user) == 0
 
 
 async def test_readyz_follows_dovecot_stop_and_start(
@@ -471,3 +499,22 @@ def test_a_stalled_webhook_takes_out_only_its_own_mailboxes() -> None:
     assert body["webhooks"]["http://127.0.0.1:1"]["stalled"] is True
     assert body["webhooks"]["http://127.0.0.2:1"]["stalled"] is False
     assert [body["mailboxes"][m]["ready"] for m in "ab"] == [False, True]
+
+
+def test_replica_series_exist_from_the_first_arbitration_round() -> None:
+    health = health_of(imap_box("a"), clock=Clock())
+    names = {s.name for family in health.registry.collect() for s in family.samples}
+    assert "mailroom_leases_held" not in names and "mailroom_lease_changes_total" not in names
+    health.arbitration(True)
+    health.lease_change("acquired")
+    samples = {
+        (s.name, s.labels.get("change")): s.value
+        for family in health.registry.collect()
+        for s in family.samples
+    }
+    # From 0, so that increase() sees the first lease lost (Prometheus takes a series' first
+    # sample as its start, not as an increase).
+    assert samples["mailroom_lease_changes_total", "lost"] == 0
+    assert samples["mailroom_lease_changes_total", "released"] == 0
+    assert samples["mailroom_lease_changes_total", "acquired"] == 1
+    assert samples["mailroom_arbitration_connected", None] == 1

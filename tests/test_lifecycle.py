@@ -117,6 +117,9 @@ class Events(Monitor):
     def restarted(self, mailbox: str) -> None:
         self.seen.append(("restarted", mailbox))
 
+    def auth_error(self, mailbox: str, kind: str) -> None:
+        self.seen.append(("auth_error", kind))
+
 
 async def test_the_circuit_opens_once_probes_one_at_a_time_and_closes_once(
     caplog: pytest.LogCaptureFixture,
@@ -240,6 +243,25 @@ async def test_an_unexpected_error_is_logged_counted_and_the_source_restarts(
     lost = next(r for r in caplog.records if "gone" in r.getMessage())
     assert lost.levelno == logging.WARNING and not lost.exc_info
     assert "reconnecting in" in lost.getMessage()
+
+
+async def test_refused_logins_and_missing_tokens_are_counted_apart() -> None:
+    events = Events()
+    stopping, drained = asyncio.Event(), asyncio.Event()
+    failures: list[Exception] = [
+        ImapAuthError("login as u refused"),
+        TokenError("Entra ID unreachable"),  # (a refusal, twice running, backs off for minutes)
+        ImapConnectionLost("gone"),  # not a credentials problem
+    ]
+    source = Scripted(failures, stopping=stopping, drained=drained, monitor=events)
+    task = asyncio.create_task(source.run())
+    async with asyncio.timeout(5):
+        await source.serving.wait()
+    stopping.set()
+    drained.set()
+    async with asyncio.timeout(5):
+        await task
+    assert events.seen == [("auth_error", "login"), ("auth_error", "token")]
 
 
 async def test_repeated_refused_logins_back_off_for_minutes() -> None:

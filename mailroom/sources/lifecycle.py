@@ -194,6 +194,10 @@ class Source(abc.ABC, Generic[K]):
         expected = isinstance(exc, SourceError)
         auth = self._auth_failures > 0
         self._on_error(exc)
+        if isinstance(exc, ImapAuthError):
+            self._monitor.auth_error(self.id, "login")
+        elif isinstance(exc, TokenError):
+            self._monitor.auth_error(self.id, "token")
         if not expected:
             self.restarts += 1
             self._monitor.restarted(self.id)
