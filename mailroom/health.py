@@ -27,7 +27,6 @@ Readiness (``/readyz``: 200 or 503, the JSON body gives the state of each mailbo
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import math
@@ -36,9 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
 from mailroom.budget import Budget
 from mailroom.config import Config, GraphMailboxConfig, HealthConfig, MailboxConfig
 from mailroom.envelope import Outcome
@@ -46,12 +42,11 @@ from mailroom.metrics import LEASE_CHANGES, Metrics
 from mailroom.monitor import Monitor
 from mailroom.webhook import labels
 
-__all__ = ["GRAPH_GRACE_S", "Health", "HealthServer"]
+__all__ = ["GRAPH_GRACE_S", "Health", "WebhookState"]
 
 log = logging.getLogger("mailroom.health")
 
 GRAPH_GRACE_S = 30.0  # a Graph mailbox may be this late on top of two poll intervals
-CHECK_INTERVAL_S = 5.0  # readiness is also evaluated (and its changes logged) this often
 
 
 @dataclass(slots=True)
@@ -414,81 +409,8 @@ class Health(Monitor):
                 _summary(not_ready),
             )
 
-    async def check(self, done: asyncio.Event) -> None:
-        """Evaluate readiness every few seconds until ``done``, so that changes nobody asks
-        about (a stalled webhook, an overdue Graph poll) are logged too."""
-        while not done.is_set():
-            self.readiness()
-            try:
-                async with asyncio.timeout(CHECK_INTERVAL_S):
-                    await done.wait()
-            except TimeoutError:
-                continue
-
 
 def _summary(reasons: tuple[str, ...], most: int = 10) -> str:
     """At most ``most`` reasons: a thousand mailboxes down make one readable line."""
     shown = ", ".join(reasons[:most])
     return shown if len(reasons) <= most else f"{shown} and {len(reasons) - most} more"
-
-
-class HealthServer:
-    """``/healthz``, ``/readyz`` and ``/metrics`` over HTTP (aiohttp)."""
-
-    def __init__(self, health: Health, config: HealthConfig) -> None:
-        self.health = health
-        self.config = config
-        self.port = config.port
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        """Bind and serve; an ``OSError`` (address in use) is raised as it is."""
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/liveness", self._healthz)  # MailRoom's, probed by GitLab's chart
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.config.host, self.config.port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        for address in runner.addresses:
-            if isinstance(address, tuple):
-                self.port = int(address[1])
-        log.info(
-            "health: serving /healthz, /readyz and /metrics on http://%s:%d",
-            self.config.host,
-            self.port,
-        )
-
-    async def serve(self, done: asyncio.Event) -> None:
-        """The ``health`` task: check readiness and measure the loop's lag until ``done``,
-        then stop serving."""
-        try:
-            await asyncio.gather(self.health.check(done), self.health.metrics.measure_lag(done))
-        finally:
-            await self.close()
-
-    async def close(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        # Answering at all shows that the process and its event loop are alive.
-        uptime = self.health.clock() - self.health.started
-        return web.json_response({"status": "ok", "uptime_s": round(uptime, 3)})
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        ready, body = self.health.readiness()
-        return web.json_response(body, status=200 if ready else 503)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.health.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
