@@ -124,9 +124,9 @@ class GoogleTokenProvider:
                 ) from exc
             cause = type(exc.__cause__ or exc).__name__
             raise TokenError(f"{cause} talking to {where}") from exc
-        except (ValueError, TypeError, KeyError, OverflowError) as exc:
-            # google-auth parsing an answer that is not what RFC 6749 §5.1 says (expires_in
-            # not a number, ...): what it says about it may quote the answer.
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+            # google-auth reading an answer that is not what RFC 6749 §5.1 says (expires_in
+            # not a number, a JSON list, ...): what it says about it may quote the answer.
             raise TokenError(f"unusable answer from {where}: not an RFC 6749 token") from exc
         self._token = token
         self._refresh_at = started + max(lifetime - REFRESH_MARGIN_S, lifetime / 2)

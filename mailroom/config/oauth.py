@@ -52,6 +52,11 @@ _ENTRA_ONLY = (
     "scope",
 )
 _GOOGLE_ONLY = ("service_account", "refresh_token", "token_uri")
+# Google's other credential files (google.auth._default): named when found, nothing else is.
+_OTHER_TYPES = frozenset(
+    {"external_account", "external_account_authorized_user", "impersonated_service_account",
+     "gdch_service_account"}
+)  # fmt: skip
 _THUMBPRINT = re.compile(r"[0-9A-F]{40}")
 
 
@@ -62,7 +67,9 @@ def imap_oauth(section: Section, *, user: str) -> ImapOAuthConfig:
         return _google(section, user=user)
     for key in _GOOGLE_ONLY:
         if section.has(key) or section.has(f"{key}_file"):
-            section.fail(key, "is a Google setting; add provider: google (or remove it)")
+            section.fail(
+                _written(section, key), "is a Google setting; add provider: google (or remove it)"
+            )
     return entra(section, scope=None)
 
 
@@ -188,7 +195,7 @@ def load_private_key(pem: str, *, with_certificate: bool = False) -> tuple[str, 
             f"PRIVATE KEY-----, PEM); it must hold {what}"
         ) from None
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValueError(f"holds a {_key_kind(key)} private key; it must be an RSA key")
+        raise ValueError("holds a private key that is not RSA; it must be an RSA key")
     if not RSA_BITS_MIN <= key.key_size <= RSA_BITS_MAX:
         raise ValueError(f"holds an RSA key of {key.key_size} bits; use one of 2048 to 4096")
     text = key.private_bytes(
@@ -215,10 +222,6 @@ def load_private_key(pem: str, *, with_certificate: bool = False) -> tuple[str, 
         "holds a certificate of another key; put the certificate that belongs to the private "
         "key in the file"
     )
-
-
-def _key_kind(key: object) -> str:
-    return type(key).__name__.removesuffix("PrivateKey").removeprefix("_") or "other"
 
 
 # -- Google ----------------------------------------------------------------------------------
@@ -290,8 +293,9 @@ def _wrong_type(info: dict[object, object]) -> str:
             "holds a user's credentials (type authorized_user), not a service account key; "
             "give its client_id, client_secret and refresh_token instead of service_account_file"
         )
-    what = f"type {shown(found)}" if isinstance(found, str) else "no type service_account"
-    return f"has {what}, not service_account; it must be a service account key: {KEY_FILE_HELP}"
+    known = isinstance(found, str) and found in _OTHER_TYPES
+    what = f"type {found}" if known else "no type service_account"
+    return f"has {what}; it must be a service account key: {KEY_FILE_HELP}"
 
 
 def _json_kind(value: object) -> str:

@@ -296,8 +296,9 @@ class Section:
         if inline and from_file:
             self.fail(key, f"give either {key} or {file_key}, not both")
         if from_file:
+            name = self.text(file_key)  # a ConfigError of its own when it is not a string
             try:
-                return Secret(read_file(self.base_dir, self.text(file_key), secret=True))
+                return Secret(read_file(self.base_dir, name, secret=True))
             except ValueError as exc:
                 self.fail(file_key, str(exc))
         if inline:
