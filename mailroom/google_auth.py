@@ -207,8 +207,8 @@ def _hint(config: GoogleOAuthConfig, code: str, description: str) -> str:
     if isinstance(config.credential, GoogleServiceAccount):
         delegation = (
             "; in the Google Admin console (Security → Access and data control → API controls "
-            f"→ Domain-wide delegation) give client ID {config.credential.client_id} the scope "
-            f"{config.scope}"
+            f"→ Manage Domain Wide Delegation) give client ID {config.credential.client_id} "
+            f"the scope {config.scope}"
         )
         if code == "invalid_grant" and "signature" in description.lower():
             return "; the key was deleted or disabled: create a new key for the service account"

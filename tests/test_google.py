@@ -18,6 +18,7 @@ from typing import Any
 import jwt
 import pytest
 
+from mailroom import check
 from mailroom.auth import TokenProviders
 from mailroom.config import GoogleOAuthConfig, ImapMailboxConfig, parse_config
 from mailroom.errors import TokenError
@@ -169,8 +170,8 @@ async def test_a_refused_credential_says_what_to_fix_and_only_its_mailbox_suffer
         expected = (
             "unauthorized_client: Client is unauthorized to retrieve access tokens using this "
             "method, or client not authorized for any of the scopes requested.; in the Google "
-            "Admin console (Security → Access and data control → API controls → Domain-wide "
-            f"delegation) give client ID {forgotten.client_id} the scope {GMAIL_SCOPE}"
+            "Admin console (Security → Access and data control → API controls → Manage Domain "
+            f"Wide Delegation) give client ID {forgotten.client_id} the scope {GMAIL_SCOPE}"
         )
     else:
         oauth = installed_app_oauth(google, app, revoked)
@@ -359,3 +360,29 @@ async def test_a_token_endpoint_signed_by_an_unknown_ca_is_said_clearly(
     finally:
         provider.close()
     assert google.of_kind("token") == []
+
+
+async def test_mailroom_check_gets_a_token_and_logs_in(
+    gmail: Dovecot, google: GoogleOAuth, webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    account = workspace_user(gmail, google)
+    delegated, forgotten = google.add_service_account("good"), google.add_service_account("bad")
+    google.delegate(delegated)
+    boxes = [
+        gmail_mailbox(
+            gmail, account, service_account_oauth(google, delegated, tmp_path), id="good"
+        ),
+        gmail_mailbox(gmail, account, service_account_oauth(google, forgotten, tmp_path), id="bad"),
+    ]
+    report = check.Report(lambda line: None)
+    config = parse_config(config_dict(boxes, webhook.url), env={})
+    await check.run(config, path="mailroom.yml", send_test=False, report=report)
+    results = {(r.target, r.step): r for r in report.results}
+    good, bad = results["imap[good]", "oauth token"], results["imap[bad]", "oauth token"]
+    assert (good.status, good.detail) == (
+        "OK",
+        f"access token for {GMAIL_SCOPE} acquired "
+        f"(service account {delegated.client_email} as {account.user})",
+    )
+    assert results["imap[good]", "login"].detail == f"logged in as {account.user} (XOAUTH2)"
+    assert bad.status == "FAIL" and f"give client ID {forgotten.client_id}" in bad.detail

@@ -197,7 +197,7 @@ def load_private_key(pem: str, *, with_certificate: bool = False) -> tuple[str, 
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError("holds a private key that is not RSA; it must be an RSA key")
     if not RSA_BITS_MIN <= key.key_size <= RSA_BITS_MAX:
-        raise ValueError(f"holds an RSA key of {key.key_size} bits; use one of 2048 to 4096")
+        raise ValueError(f"holds an RSA key of {key.key_size} bits; use one of 2048 to 8192")
     text = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
