@@ -16,11 +16,12 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml constraints.txt README.md LICENSE ./
 COPY mailroom ./mailroom
+# constraints.txt pins every dependency (`make lock`): an image built next month has the same.
 RUN python3 -m venv /opt/mailroom \
  && /opt/mailroom/bin/pip wheel --no-deps --wheel-dir /wheels . \
- && /opt/mailroom/bin/pip install --only-binary=:all: /wheels/*.whl \
+ && /opt/mailroom/bin/pip install --only-binary=:all: -c constraints.txt /wheels/*.whl \
  && /opt/mailroom/bin/python -m compileall -q /opt/mailroom \
  && /opt/mailroom/bin/mailroom version
 

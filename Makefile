@@ -5,12 +5,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-image lint demo demo-serve bench debs venv clean
+.PHONY: test test-image lint lock demo demo-serve bench debs venv clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every dependency (made by `make lock` from pyproject.toml): an install
+# next month gets the same versions as CI got today.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,lint]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,lint]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -58,6 +60,15 @@ demo-serve: venv debs
 
 bench: venv debs
 	$(BIN)/python bench/imap_latency.py
+	$(BIN)/python bench/parse_worst.py
+
+# After a change to the dependencies in pyproject.toml: pin them again, for every platform
+# (the versions pinned so far stay; `make lock LOCK_FLAGS=--upgrade` takes the newest).
+LOCK_FLAGS ?=
+lock: venv
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --all-extras --universal --python-version 3.11 \
+	  --quiet $(LOCK_FLAGS) -o constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -33,6 +33,7 @@ import requests.adapters
 
 from mailroom.config import GoogleOAuthConfig, ImapOAuthConfig, OAuthConfig
 from mailroom.errors import TokenError
+from mailroom.proxies import proxy_for
 from mailroom.tls import client_context
 
 __all__ = ["TokenProvider", "TokenProviders", "Tokens", "token_provider"]
@@ -66,6 +67,11 @@ class _Adapter(requests.adapters.HTTPAdapter):
         kwargs["ssl_context"] = self._context
         super().init_poolmanager(*args, **kwargs)
 
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        # Through a proxy, urllib3 builds another pool manager: the same trust for the tunnel.
+        proxy_kwargs["ssl_context"] = self._context
+        return super().proxy_manager_for(proxy, **proxy_kwargs)
+
     def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
         # requests would point urllib3 at certifi's bundle here; the context decides instead.
         conn.cert_reqs = "CERT_REQUIRED" if verify else "CERT_NONE"
@@ -76,7 +82,8 @@ class _Session(requests.Session):
     every client.
 
     ``trust_env = False``: requests would otherwise let ``CURL_CA_BUNDLE`` replace the trust
-    (and read .netrc credentials); ``mailroom.tls`` already honours ``SSL_CERT_FILE``,
+    (and read .netrc credentials); the proxy comes from ``mailroom.proxies`` (the config's
+    ``proxy``, else ``HTTPS_PROXY``/``NO_PROXY``), and ``mailroom.tls`` honours ``SSL_CERT_FILE``,
     ``SSL_CERT_DIR`` and ``REQUESTS_CA_BUNDLE`` on top of the system store. msal applies its
     own ``timeout=`` only to the session it builds itself, so this one sets a default timeout
     on every request.
@@ -85,12 +92,15 @@ class _Session(requests.Session):
     def __init__(self, config: ImapOAuthConfig, timeout_s: float) -> None:
         super().__init__()
         self.trust_env = False
+        self._proxy = config.proxy
         self.verify = config.tls_verify
         self.mount("https://", _Adapter(config))
         self._timeout_s = timeout_s
 
     def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("timeout", self._timeout_s)
+        if (proxy := proxy_for(str(url), self._proxy)) is not None:
+            kwargs.setdefault("proxies", {"http": proxy, "https": proxy})
         return super().request(method, url, *args, **kwargs)
 
 

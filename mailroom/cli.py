@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         target.add_argument(
             "--mail-room-config", help="a MailRoom gem config (:mailboxes: ...) to run instead"
         )
+    for target in (parser, run):
+        target.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="fetch and decide, log what would be posted, rejected or ignored; post, send "
+            "and settle nothing (a safe first run against a real inbox)",
+        )
     checks.add_argument(
         "--send-test",
         action="store_true",
@@ -288,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("mailroom.config").warning("config: %s", warning)
     try:
         # SIGHUP reloads the file the same way (an invalid one is refused).
-        return asyncio.run(supervisor.run(config, load=load))
+        watch = list(dict.fromkeys(Path(p) for p in (source[1], args.config) if p))
+        run = supervisor.run(config, load=load, dry_run=args.dry_run, watch=watch)
+        return asyncio.run(run)
     except ConfigError as exc:  # found at start: health.listen cannot be bound
         print(f"mailroom: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -1,81 +1,52 @@
-"""The dispatcher: parse, route, POST to the webhook, settle. Knows nothing of IMAP.
+"""The dispatcher: parse, decide, post or notify, settle. Knows nothing of IMAP.
 
 Each submitted ``Envelope`` gets its own task (owned here, named ``deliver:<mailbox>:<ref>``).
-At most ``webhook.concurrency`` requests are in flight per webhook; a message waiting out a
-retry delay holds no slot. Each webhook has a circuit breaker (``mailroom.circuit``): during an
-outage one probe request goes at a time and the other messages wait without sending or logging.
-The outcome is settled with ``asyncio.shield`` so a shutdown cannot lose an acknowledgement once
-the webhook has answered. A message the dispatcher will not take (shutting down, its mailbox
-being stopped by a reload) is released untouched, for the next sweep.
+The decision is ``mailroom.decision``'s; posting (slots, retries, the circuit breaker of each
+webhook) is ``mailroom.delivery``'s; notices are ``mailroom.reject``'s; with replicas, delivered
+markers are ``mailroom.markers``'. The outcome is settled with ``asyncio.shield`` so a shutdown
+cannot lose an acknowledgement once the webhook has answered. A message the dispatcher will not
+take (shutting down, its mailbox being stopped) is released untouched, for the next sweep.
+
+In a dry run (``mailroom run --dry-run``) nothing is posted, no notice is sent and nothing is
+settled: each message's decision is logged and the message released, untouched on the server,
+and not read again until its mailbox reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import quote
+from typing import Any, TypeVar
 
-import aiohttp
-
-from mailroom import message, notices, routing
-from mailroom.backoff import backoff_delay
-from mailroom.circuit import Circuit
-from mailroom.config import Config, MailboxConfig, WebhookConfig
+from mailroom import message, routing
+from mailroom.config import Config, MailboxConfig, WebhookConfig, origin
+from mailroom.decision import Action, Verdict, dead_letter_text, decide, notice_text
+from mailroom.delivery import Webhook, Webhooks
 from mailroom.envelope import Envelope, Outcome
-from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
 from mailroom.markers import UNKNOWN, Markers, Shared
 from mailroom.monitor import Monitor
 from mailroom.reject import NoticeResult, Notifier
-from mailroom.tls import client_context
-from mailroom.webhook import (
-    MAX_ANSWER_BYTES,
-    Rejected,
-    classify,
-    labels,
-    payload_body,
-    request_headers,
-    retry_after,
-)
+from mailroom.webhook import Rejected, payload_body
 
 __all__ = ["Dispatcher", "Prepared"]
 
 log = logging.getLogger("mailroom.dispatch")
 
+T = TypeVar("T")
+# Above this size a message is parsed, and its JSON body encoded, in a worker thread. Parsing is
+# linear (mime.py) but hostile shapes cost up to ~2 µs a byte (issue 13): inline, 64 KiB stalls
+# every mailbox and /healthz for at most ~0.15 s; ordinary mail under it takes < 1 ms and skips
+# the thread hand-off.
+OFF_LOOP_BYTES = 64 * 1024
 
-def _ssl_context(config: WebhookConfig) -> ssl.SSLContext | bool:
-    if not config.url.startswith("https:"):
-        return True
-    return client_context(ca_file=config.ca_file, verify=config.tls_verify)
 
-
-class _Webhook:
-    """One configured webhook: its slots, its circuit, its TLS settings, its request builder."""
-
-    def __init__(self, config: WebhookConfig, label: str, monitor: Monitor) -> None:
-        self.config = config
-        self.label = label
-        self.slots = asyncio.Semaphore(config.concurrency)
-        retry = config.retry
-        self.circuit = Circuit(label, initial_s=retry.initial_s, max_s=retry.max_s, monitor=monitor)
-        self.ssl = _ssl_context(config)
-        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-        self.content_type = config.request_content_type
-
-    def headers(self, envelope: Envelope, key: str | None, body: bytes) -> dict[str, str]:
-        headers = request_headers(
-            self.config,
-            webhook_id=envelope.idempotency_key,
-            body=body,
-            content_type=self.content_type,
-        )
-        headers["X-Mailroom-Mailbox"] = envelope.mailbox
-        if key is not None:
-            headers["X-Mailroom-Key"] = quote(key, safe="!#$&'*+-.^_`|~=@")
-        return headers
+async def _off_loop(size: int, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, in a worker thread when ``size`` is over ``OFF_LOOP_BYTES``."""
+    if size <= OFF_LOOP_BYTES:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +54,7 @@ class Prepared:
     """What ``Dispatcher.prepare`` built for a config, for ``apply``."""
 
     config: Config
-    webhooks: dict[WebhookConfig, _Webhook]
+    webhooks: dict[WebhookConfig, Webhook]
     notifier: Notifier
 
 
@@ -91,41 +62,37 @@ class Dispatcher:
     """Takes envelopes from the sources and brings each one to a settled outcome."""
 
     def __init__(
-        self, config: Config, monitor: Monitor | None = None, *, shared: Shared | None = None
+        self,
+        config: Config,
+        monitor: Monitor | None = None,
+        *,
+        shared: Shared | None = None,
+        dry_run: bool = False,
     ) -> None:
         self._monitor = monitor or Monitor()
         self._mailboxes: dict[str, MailboxConfig] = {}
-        self._webhooks: dict[WebhookConfig, _Webhook] = {}
-        self._markers = Markers(shared)
+        self._config = config
+        self._webhooks = Webhooks(self._monitor)
+        self._markers = Markers(None if dry_run else shared)  # a dry run settles nothing
+        self.dry_run = dry_run
         self._notifier = Notifier(config.reject_notices, shared=shared)
         self._closed: set[str] = set()  # mailboxes a reload is stopping: their mail waits
         self.apply(self.prepare(config))
         self._tasks: dict[asyncio.Task[None], str] = {}  # → mailbox id
-        self._session: aiohttp.ClientSession | None = None
         self.accepting = True
-        self.in_flight = 0
 
     async def __aenter__(self) -> Dispatcher:
-        # One session for every webhook; per-request timeouts come from each webhook's config.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
-            trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # a webhook sets no cookies we would keep
-        )
+        await self._webhooks.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.drain(0)
-        if self._session is not None:
-            await self._session.close()
+        await self._webhooks.__aexit__(*exc)
 
     def prepare(self, config: Config) -> Prepared:
         """Build what ``config`` needs (webhooks, notifier) without changing anything yet: the
         first phase of a reload; raises when something cannot be built."""
-        named = labels(m.webhook for m in config.mailboxes)
-        webhooks: dict[WebhookConfig, _Webhook] = {}
-        for hook, label in named.items():  # an unchanged webhook keeps its slots and circuit
-            webhooks[hook] = self._webhooks.get(hook) or _Webhook(hook, label, self._monitor)
+        webhooks = self._webhooks.prepare(config)
         notifier = self._notifier
         if config.reject_notices != notifier.config:
             notifier = Notifier(config.reject_notices, shared=self._markers.shared)
@@ -137,8 +104,9 @@ class Dispatcher:
 
         Deliveries already under way finish with the settings they started with.
         """
+        self._config = prepared.config
         self._mailboxes = {m.id: m for m in prepared.config.mailboxes}
-        self._webhooks = prepared.webhooks
+        self._webhooks.by_config = prepared.webhooks
         self._notifier = prepared.notifier
         self._closed -= set(self._mailboxes)
 
@@ -239,7 +207,11 @@ class Dispatcher:
                 envelope.ref,
                 extra=fields,
             )
-            outcome = Outcome.DEAD_LETTERED
+            outcome = None if self.dry_run else Outcome.DEAD_LETTERED
+        if outcome is None:  # a dry run: not read again until the mailbox reconnects
+            envelope.release(hold=True)
+            self._monitor.released(envelope.mailbox)
+            return
         await self._settle(envelope, outcome, fields)
 
     async def _settle(self, envelope: Envelope, outcome: Outcome, fields: dict[str, Any]) -> None:
@@ -258,76 +230,80 @@ class Dispatcher:
 
     async def _decide(
         self, envelope: Envelope, mailbox: MailboxConfig, fields: dict[str, Any]
-    ) -> Outcome:
-        parsed = message.parse(envelope.raw)
+    ) -> Outcome | None:
+        """The outcome of ``envelope``; None in a dry run (nothing is to be settled)."""
+        parsed = await _off_loop(len(envelope.raw), message.parse, envelope.raw)
         fields["message_id"] = parsed.message_id
-        if envelope.too_large:
-            log.warning(
-                "%s: %s: %d bytes is over max_message_bytes (%d); dead-lettering",
-                envelope.mailbox,
-                envelope.ref,
-                envelope.size,
-                mailbox.max_message_bytes,
-                extra=fields,
-            )
-            return await self._notify(
-                Outcome.DEAD_LETTERED, envelope, parsed, notices.TOO_LARGE, fields
-            )
-        decision = routing.decide(parsed, mailbox.routing)
-        if isinstance(decision, routing.Ignore):
-            fields["rule"] = decision.rule
-            log.info(
-                "%s: %s: auto-generated (%s); ignored",
-                envelope.mailbox,
-                envelope.ref,
-                decision.rule,
-                extra=fields,
-            )
+        verdict = decide(parsed, mailbox, too_large=envelope.too_large)
+        if self.dry_run:
+            self._dry_run(envelope, mailbox, verdict, fields)
+            return None
+        ref = f"{envelope.mailbox}: {envelope.ref}"
+        if verdict.action is Action.IGNORE:
+            fields["rule"] = verdict.why
+            log.info("%s: auto-generated (%s); ignored", ref, verdict.why, extra=fields)
             return Outcome.IGNORED
-        if isinstance(decision, routing.Reject):
-            if decision.reason == routing.UNPARSABLE_MESSAGE:  # no sender to tell
+        if verdict.action is Action.DEAD_LETTER:
+            if verdict.notice:  # too large: the sender is told
                 log.warning(
-                    "%s: %s: unparsable (%s); dead-lettering",
-                    envelope.mailbox,
-                    envelope.ref,
-                    ", ".join(parsed.defects),
+                    "%s: %d bytes is over max_message_bytes (%d); dead-lettering",
+                    ref,
+                    envelope.size,
+                    mailbox.max_message_bytes,
                     extra=fields,
                 )
-                return Outcome.DEAD_LETTERED
-            log.info(
-                "%s: %s: rejected: %s",
-                envelope.mailbox,
-                envelope.ref,
-                decision.reason,
-                extra=fields,
-            )
-            return await self._notify(Outcome.REJECTED, envelope, parsed, decision.reason, fields)
-        result = await self._deliver(envelope, parsed, decision, mailbox.webhook, fields)
+                return await self._notify(Outcome.DEAD_LETTERED, envelope, verdict, fields)
+            defects = ", ".join(parsed.defects)
+            log.warning("%s: unparsable (%s); dead-lettering", ref, defects, extra=fields)
+            return Outcome.DEAD_LETTERED
+        if verdict.action is Action.REJECT:
+            log.info("%s: rejected: %s", ref, verdict.why, extra=fields)
+            return await self._notify(Outcome.REJECTED, envelope, verdict, fields)
+        assert isinstance(verdict.decision, routing.Deliver)
+        hook = mailbox.webhook
+        body = envelope.raw
+        if hook.format == "json":
+            body = await _off_loop(len(body), payload_body, envelope, parsed, verdict.decision)
+        result = await self._webhooks.deliver(envelope, verdict.decision, hook, body, fields)
         if isinstance(result, Rejected):
-            log.info(
-                "%s: %s: the application rejected it: %s",
-                envelope.mailbox,
-                envelope.ref,
-                result.reason,
-                extra=fields,
-            )
-            return await self._notify(Outcome.DELIVERED, envelope, parsed, result.reason, fields)
+            log.info("%s: the application rejected it: %s", ref, result.reason, extra=fields)
+            rejected = Verdict(Action.REJECT, result.reason, parsed, verdict.decision)
+            return await self._notify(Outcome.DELIVERED, envelope, rejected, fields)
         return result
 
+    def _dry_run(
+        self, envelope: Envelope, mailbox: MailboxConfig, verdict: Verdict, fields: dict[str, Any]
+    ) -> None:
+        """Log what would happen to ``envelope``; nothing is posted, sent or settled."""
+        if verdict.action is Action.DELIVER:
+            assert isinstance(verdict.decision, routing.Deliver)
+            what = (
+                f"would POST to {origin(mailbox.webhook.url)} (key {verdict.decision.key}, "
+                f"matched {verdict.decision.matched_header})"
+            )
+        elif verdict.action is Action.IGNORE:
+            what = f"would ignore it as auto-generated ({verdict.why})"
+        else:
+            verb = "reject" if verdict.action is Action.REJECT else "dead-letter"
+            what = f"would {verb} it ({verdict.why})"
+            if verdict.action is Action.DEAD_LETTER:
+                what += f": {dead_letter_text(mailbox)}"
+            if verdict.notice:
+                notice = notice_text(verdict.parsed, mailbox.routing, self._config)
+                what += f"; notice: {notice}"
+        log.info(
+            "%s: %s: dry run: %s; left as it is", envelope.mailbox, envelope.ref, what, extra=fields
+        )
+
     async def _notify(
-        self,
-        outcome: Outcome,
-        envelope: Envelope,
-        parsed: message.ParsedMessage,
-        reason: str,
-        fields: dict[str, Any],
+        self, outcome: Outcome, envelope: Envelope, verdict: Verdict, fields: dict[str, Any]
     ) -> Outcome:
         """Send the reject notice if the policy allows, then ``outcome``; dead-lettered instead
         when the notice could not be sent (nothing is dropped silently)."""
         mailbox = self._mailboxes[envelope.mailbox]
         result = await self._notifier.notify(
-            parsed,
-            reason,
+            verdict.parsed,
+            verdict.why,
             mailbox=envelope.mailbox,
             ref=envelope.ref,
             rules=mailbox.routing,
@@ -335,139 +311,3 @@ class Dispatcher:
             fields=fields,
         )
         return Outcome.DEAD_LETTERED if result is NoticeResult.FAILED else outcome
-
-    async def _deliver(
-        self,
-        envelope: Envelope,
-        parsed: message.ParsedMessage,
-        decision: routing.Deliver,
-        config: WebhookConfig,
-        fields: dict[str, Any],
-    ) -> Outcome | Rejected:
-        webhook = self._webhooks[config]
-        circuit = webhook.circuit
-        body = payload_body(envelope, parsed, decision) if config.format == "json" else envelope.raw
-        retry = config.retry
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            waited = time.monotonic() - started
-            left = None if retry.give_up_after_s is None else retry.give_up_after_s - waited
-            if not await circuit.admit(left):
-                return self._give_up(
-                    envelope, waited, attempt, "the webhook's circuit is open", fields
-                )
-            attempt += 1
-            fields["attempt"] = attempt
-            try:
-                async with webhook.slots:
-                    result = await self._post(webhook, envelope, decision.key, body, fields)
-            except PermanentDeliveryError as exc:
-                circuit.answered()
-                log.error(
-                    "%s: %s: webhook refused it for good: %s; dead-lettering",
-                    envelope.mailbox,
-                    envelope.ref,
-                    exc,
-                    extra=fields,
-                )
-                return Outcome.DEAD_LETTERED
-            except TransientDeliveryError as exc:
-                circuit.failed(str(exc), exc.retry_after_s)
-                if circuit.is_open:
-                    continue  # the circuit paces the retries now, and logged the outage
-                delay = backoff_delay(attempt, initial_s=retry.initial_s, max_s=retry.max_s)
-                if exc.retry_after_s is not None:
-                    # Not sooner than asked, nor sooner than the backoff: "Retry-After: 0"
-                    # from a struggling server must not become a tight loop.
-                    delay = min(max(exc.retry_after_s, delay), retry.max_s)
-                waited = time.monotonic() - started
-                if retry.give_up_after_s is not None and waited + delay > retry.give_up_after_s:
-                    return self._give_up(envelope, waited, attempt, str(exc), fields)
-                log.log(
-                    logging.ERROR if exc.misconfigured else logging.WARNING,
-                    "%s: %s: webhook attempt %d failed: %s; retrying in %.1fs",
-                    envelope.mailbox,
-                    envelope.ref,
-                    attempt,
-                    exc,
-                    delay,
-                    extra={**fields, "delay_s": round(delay, 3)},
-                )
-                await asyncio.sleep(delay)
-            except BaseException:
-                circuit.abandoned()
-                raise
-            else:
-                circuit.answered()
-                return result
-
-    def _give_up(
-        self, envelope: Envelope, waited: float, attempts: int, last: str, fields: dict[str, Any]
-    ) -> Outcome:
-        log.error(
-            "%s: %s: webhook failed for %.0fs (%d attempts, last: %s); giving up "
-            "(retry.give_up_after) and dead-lettering",
-            envelope.mailbox,
-            envelope.ref,
-            waited,
-            attempts,
-            last,
-            extra=fields,
-        )
-        return Outcome.DEAD_LETTERED
-
-    async def _post(
-        self,
-        webhook: _Webhook,
-        envelope: Envelope,
-        key: str | None,
-        body: bytes,
-        fields: dict[str, Any],
-    ) -> Outcome | Rejected:
-        assert self._session is not None
-        config = webhook.config
-        self.in_flight += 1
-        started = time.monotonic()
-        status_class = "error"  # no answer: a timeout or a connection error
-        try:
-            async with self._session.post(
-                config.url,
-                data=body,
-                headers=webhook.headers(envelope, key, body),
-                timeout=webhook.timeout,
-                allow_redirects=False,
-                ssl=webhook.ssl,
-            ) as response:
-                status = response.status
-                status_class = f"{min(max(status // 100, 2), 5)}xx"
-                delay_s = retry_after(response.headers.get("Retry-After"))
-                try:
-                    answer = await _read_bounded(response, MAX_ANSWER_BYTES)
-                except (aiohttp.ClientError, TimeoutError):
-                    if not 200 <= status < 300:
-                        raise
-                    answer = b""  # the status is the answer; a 2xx must not be posted again
-        except TimeoutError as exc:
-            raise TransientDeliveryError(f"no answer within {config.timeout_s:g}s") from exc
-        except aiohttp.ClientError as exc:
-            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            self.in_flight -= 1
-            self._monitor.webhook(envelope.mailbox, status_class, time.monotonic() - started)
-        fields["status"] = status
-        return classify(status, answer, delay_s, config)
-
-
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """Read at most ``limit`` bytes of an answer: we only need a 422's reason."""
-    chunks: list[bytes] = []
-    size = 0
-    content = response.content
-    while size < limit and not content.at_eof():  # at_eof: spares a read that would say b""
-        chunk = await content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)

@@ -12,9 +12,10 @@
     │   ├── TokenError                                no OAuth token: Entra refused or unreachable
     │   └── GraphError                                Graph answered an error or was unreachable
     ├── ArbitrationError(MailroomError)               Redis (replicas) unreachable or refusing
-    └── DeliveryError(MailroomError)                  the webhook did not take the message
-        ├── TransientDeliveryError                    retry later (5xx, 429, timeouts, ...)
-        └── PermanentDeliveryError                    dead-letter (other 4xx)
+    ├── DeliveryError(MailroomError)                  the webhook did not take the message
+    │   ├── TransientDeliveryError                    retry later (5xx, 429, timeouts, ...)
+    │   └── PermanentDeliveryError                    dead-letter (other 4xx)
+    └── NoticeError(MailroomError, ValueError)        no safe reject notice can be written
 
 Errors never carry secrets: messages name the setting, never its value.
 """
@@ -120,3 +121,7 @@ class TransientDeliveryError(DeliveryError):
 
 class PermanentDeliveryError(DeliveryError):
     """The webhook refused the message for good (any other 4xx): dead-letter it."""
+
+
+class NoticeError(MailroomError, ValueError):
+    """A reject notice cannot be written safely for this message (no notice is sent)."""

@@ -1,24 +1,28 @@
 """Pure parsing: raw RFC 5322 bytes → ``ParsedMessage``. Never raises on bad mail.
 
 Text fields come out as best-effort ``str`` whatever the charset damage (RFC 2047 words are
-decoded, 8-bit header bytes are read as UTF-8 or else Windows-1252); ``raw`` stays the exact
-bytes fetched. The stdlib parser runs with ``policy.compat32``: it is six times faster than
-``policy.default`` and never raises on header syntax; the decoding is done here instead.
-No I/O here.
+decoded, 8-bit header bytes are read as UTF-8 or else Windows-1252), never with a lone
+surrogate; ``raw`` stays the exact bytes fetched. The stdlib parser runs with
+``policy.compat32`` (six times faster than ``policy.default``, and it never raises on header
+syntax), made linear and bounded by ``mime``; the decoding is done here. Hostile mail is read
+within limits (``mime.MAX_PARTS``, ``MAX_HEADER_FIELDS``, ``MAX_DEPTH``, ``MAX_LINES``, and
+``MAX_ADDRESSES`` here); what a limit cut is named in ``ParsedMessage.truncated``. No I/O here.
 """
 
 from __future__ import annotations
 
 import binascii
-import email.parser
 import email.utils
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email import policy
-from email.message import Message
 from types import MappingProxyType
+
+from mailroom import mime
+from mailroom.mime import decode_bytes
 
 __all__ = [
     "Address",
@@ -30,14 +34,10 @@ __all__ = [
     "scan_addresses",
 ]
 
-_PARSER = email.parser.BytesParser(policy=policy.compat32)
-# The stdlib parser recurses once per multipart or message/rfc822 level and slows down
-# quadratically with depth (900 levels: 0.3 s, 1000: RecursionError). Mail declaring more
-# nested containers than this is read for its headers only; the walk below stops at MAX_DEPTH.
-MAX_CONTAINERS = 256
-MAX_DEPTH = 64
 # email.utils.getaddresses costs ~2 µs a character; longer address lists are scanned instead.
 ADDRESS_PARSE_LIMIT = 16 * 1024
+# Addresses kept per list (To, Cc, Reply-To); a longer list is cut (truncated: "addresses").
+MAX_ADDRESSES = 1_000
 # RFC 2047 §2 encoded-word; an optional RFC 2231 §5 language suffix after "*".
 _ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
 # An addr-spec-like token that starts right after a delimiter (the lookbehind keeps the scan
@@ -49,18 +49,6 @@ _SIMPLE_ADDRESS = re.compile(
     rf"\s*(?:(?:\"([^\"\\]*)\"|([^<>\"(),;:@\\\[\]]*))\s*<({_ADDR})>|({_ADDR}))\s*"
 )
 _MSG_ID = re.compile(r"<([^<>\s]+)>")
-# WHATWG-style relabelling of charsets that mail gets wrong or Python does not know.
-_CHARSET_ALIASES: Mapping[str, str | None] = {
-    "us-ascii": None,
-    "ascii": None,
-    "unknown-8bit": None,
-    "x-unknown": None,
-    "iso-8859-1": "cp1252",
-    "latin1": "cp1252",
-    "gb2312": "gbk",
-    "iso-8859-8-i": "iso-8859-8",
-    "ks_c_5601-1987": "cp949",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +77,8 @@ class ParsedMessage:
     null reverse-path (``Return-Path: <>``, RFC 5321 §4.5.5) and ``None`` when absent.
     ``headers`` values are unfolded and 8-bit-decoded but keep their RFC 2047 words (an address
     header must be split before its words are decoded, RFC 2047 §5); use ``decode_words``.
+    ``truncated`` names the limits this message went over ("addresses", "header_fields",
+    "lines", "nesting", "parameters", "parts"): what they cut is missing here (``raw`` is whole).
     """
 
     raw: bytes = field(repr=False)
@@ -107,6 +97,7 @@ class ParsedMessage:
     attachments: tuple[Attachment, ...] = ()
     authentication_results: tuple[str, ...] = ()
     defects: tuple[str, ...] = ()
+    truncated: tuple[str, ...] = ()
     return_path: str | None = None
     content_type: str = "text/plain"
     content_params: tuple[tuple[str, str], ...] = ()
@@ -132,22 +123,6 @@ class ParsedMessage:
     def param(self, name: str) -> str | None:
         """A parameter of the top-level Content-Type (lower-case name), or None."""
         return next((v for k, v in self.content_params if k == name), None)
-
-
-def decode_bytes(data: bytes, charset: str | None) -> str:
-    """``data`` as text: the declared charset when Python knows it, else UTF-8, else cp1252."""
-    if charset:
-        label = charset.strip().strip("\"'").lower()
-        codec = _CHARSET_ALIASES.get(label, label)
-        if codec:
-            try:
-                return data.decode(codec, "replace")
-            except (LookupError, UnicodeError, ValueError, TypeError):
-                pass  # unknown charset, or a bytes-to-bytes codec such as "base64"
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", "replace")
 
 
 def _decode_word(charset: str, encoding: str, text: str) -> bytes | None:
@@ -206,21 +181,26 @@ def decode_words(value: str) -> str:
 
 def _header_text(value: str) -> str:
     """A raw header value (compat32, surrogate-escaped 8-bit bytes) as readable, unfolded text."""
-    if not value.isascii():
-        # BytesParser keeps 8-bit bytes as surrogate escapes; RFC 6532 says they are UTF-8.
-        # Text the stdlib already decoded (an RFC 2231 parameter) goes back to UTF-8 as well.
-        value = decode_bytes(value.encode("utf-8", "surrogateescape"), None)
+    value = mime.text_of(value)
     # Unfold (RFC 5322 §2.2.3): drop the CRLF of each fold, keep the whitespace after it.
     return value.replace("\r", "").replace("\n", "").strip()
 
 
-def scan_addresses(text: str) -> list[str]:
-    """Every addr-spec-like token in ``text``, in order; linear time on any input."""
-    return _ADDR_TOKEN.findall(text)
+def scan_addresses(text: str, limit: int | None = None) -> list[str]:
+    """The addr-spec-like tokens in ``text`` (the first ``limit``), in order; linear time."""
+    return [m.group() for m in itertools.islice(_ADDR_TOKEN.finditer(text), limit)]
 
 
-def _addresses(values: Iterable[str]) -> tuple[Address, ...]:
-    joined = ", ".join(values)
+def _addresses(values: Iterable[str], truncated: set[str]) -> tuple[Address, ...]:
+    """The addresses of an address header, at most ``MAX_ADDRESSES`` (noted in ``truncated``)."""
+    found = _all_addresses(", ".join(values))
+    if len(found) > MAX_ADDRESSES:
+        truncated.add("addresses")
+        return found[:MAX_ADDRESSES]
+    return found
+
+
+def _all_addresses(joined: str) -> tuple[Address, ...]:
     if not joined:
         return ()
     if len(joined) < 1000 and (simple := _SIMPLE_ADDRESS.fullmatch(joined)):
@@ -243,7 +223,7 @@ def _addresses(values: Iterable[str]) -> tuple[Address, ...]:
                 elif "@" in addr:
                     result.append(Address(decode_words(name), addr))
             return tuple(result)
-    return tuple(Address("", addr) for addr in scan_addresses(joined))
+    return tuple(Address("", a) for a in scan_addresses(joined, MAX_ADDRESSES + 1))
 
 
 def _msg_ids(value: str | None) -> tuple[str, ...]:
@@ -256,69 +236,33 @@ def _msg_ids(value: str | None) -> tuple[str, ...]:
     return tuple(t for t in (t.strip("<>") for t in value.replace(",", " ").split()) if t)
 
 
-def _simple_params(value: str) -> tuple[str, dict[str, str]]:
-    """``_params`` for a value without quotes, backslashes, ``*`` or ``<``: what
-    ``Message.get_params`` returns for it (split on ``;`` and the first ``=``, stripped), without
-    its quoting round trips (a third of the parse of a small message)."""
-    first, *rest = value.split(";")
-    params: dict[str, str] = {}
-    for param in rest:
-        name, _, param_value = param.partition("=")
-        params[name.strip().lower()] = param_value.strip()
-    return first.partition("=")[0].strip().lower(), params
-
-
-def _params(part: Message, header: str) -> tuple[str, dict[str, str]]:
-    """The value and parameters of a MIME header, RFC 2231 values collapsed; never raises."""
-    try:
-        value = part.get(header)
-        if value is None:
-            return "", {}
-        if (
-            isinstance(value, str)  # not a Header: 8-bit bytes take the stdlib's way
-            and value.isascii()
-            and '"' not in value
-            and "\\" not in value
-            and "*" not in value
-            and "<" not in value
-        ):
-            return _simple_params(value)
-        pairs = part.get_params(header=header) or []
-        params = {
-            str(k).lower(): email.utils.collapse_rfc2231_value(v) if isinstance(v, tuple) else v
-            for k, v in pairs[1:]
-        }
-        return (str(pairs[0][0]).lower() if pairs else ""), params
-    except Exception:
+def _params(part: mime.Part, header: str) -> tuple[str, dict[str, str]]:
+    """The value and parameters of a MIME header as text (a repeated parameter: the last)."""
+    split = part.split(header)
+    if split is None:
         return "", {}
+    value, params = split
+    return value, {name: _header_text(text) for name, text in params}
 
 
-def _content_type(part: Message) -> tuple[str, dict[str, str]]:
-    """The part's type; syntactically invalid or missing means text/plain (RFC 2045 §5.2).
-
-    Kept on the part: parsing the parameters is the costliest step of a small message, and
-    the body walk and the summary both ask.
-    """
-    cached: tuple[str, dict[str, str]] | None = getattr(part, "_mailroom_content_type", None)
-    if cached is None:
-        value, params = _params(part, "content-type")
-        cached = (value if _MIME_TYPE.fullmatch(value) else "text/plain"), params
-        part._mailroom_content_type = cached  # type: ignore[attr-defined]
-    return cached
+def _content_type(part: mime.Part) -> tuple[str, dict[str, str]]:
+    """The part's type; syntactically invalid or missing means text/plain (RFC 2045 §5.2)."""
+    value, params = _params(part, "content-type")
+    return (value if _MIME_TYPE.fullmatch(value) else "text/plain"), params
 
 
-def _payload(part: Message) -> bytes:
+def _payload(part: mime.Part) -> bytes:
     try:
         payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes):
+            return payload
+        raw = part.get_payload()  # what decoding refused, as it came
+        return raw.encode("ascii", "surrogateescape") if isinstance(raw, str) else b""
     except Exception:  # broken base64/quoted-printable/uuencode
-        payload = None
-    if isinstance(payload, bytes):
-        return payload
-    raw = part.get_payload()
-    return raw.encode("ascii", "surrogateescape") if isinstance(raw, str) else b""
+        return b""
 
 
-def _size(part: Message) -> int:
+def _size(part: mime.Part) -> int:
     if not part.is_multipart():
         return len(_payload(part))
     try:  # message/rfc822: the enclosed message, re-serialised
@@ -334,139 +278,57 @@ def _as_str_text(text: str) -> str:
 
 
 def _bodies(
-    msg: Message, defects: list[str]
+    msg: mime.Part, msg_type: tuple[str, dict[str, str]]
 ) -> tuple[str | None, str | None, tuple[Attachment, ...]]:
-    """First inline text/plain and text/html; every other leaf is an attachment."""
+    """First inline text/plain and text/html; every other leaf is an attachment.
+
+    ``msg_type`` is ``_content_type(msg)``, known already. A container nested too deep
+    (``mime.MAX_DEPTH``) was not read: it is left out.
+    """
     text = html = None
     attachments: list[Attachment] = []
-    stack: list[tuple[Message, int]] = [(msg, 0)]
+    stack = [msg]
     while stack:
-        part, depth = stack.pop()
-        content_type, params = _content_type(part)
+        part = stack.pop()
+        if part.opaque:
+            continue
+        content_type, params = msg_type if part is msg else _content_type(part)
         if content_type.startswith("multipart/"):
-            children = part.get_payload()
-            if not isinstance(children, list):  # no boundary found (RFC 2046 §5.1.1)
-                content_type = "text/plain"
-            elif depth >= MAX_DEPTH:
-                defects.append("NestingTooDeep")
+            # Only a multipart's get_payload() is its list: any other decodes, and may raise.
+            children = part.get_payload() if part.is_multipart() else None
+            if isinstance(children, list):
+                stack.extend(c for c in reversed(children) if isinstance(c, mime.Part))
                 continue
-            else:
-                stack.extend((c, depth + 1) for c in reversed(children) if isinstance(c, Message))
-                continue
+            content_type = "text/plain"  # no boundary found (RFC 2046 §5.1.1)
         disposition, disposition_params = _params(part, "content-disposition")
         filename = disposition_params.get("filename") or params.get("name")
         # NUL is legal in a str but refused by most databases (PostgreSQL text): replace it.
         if disposition != "attachment" and filename is None:
             if content_type == "text/plain" and text is None:
-                text = decode_bytes(_payload(part), params.get("charset"))
-                text = _as_str_text(text)
+                text = _as_str_text(decode_bytes(_payload(part), params.get("charset")))
                 continue
             if content_type == "text/html" and html is None:
-                html = decode_bytes(_payload(part), params.get("charset"))
-                html = _as_str_text(html)
+                html = _as_str_text(decode_bytes(_payload(part), params.get("charset")))
                 continue
         if filename is not None:  # Outlook writes RFC 2047 words here
-            filename = decode_words(_header_text(filename))
+            filename = decode_words(filename)
         attachments.append(Attachment(filename, content_type, _size(part)))
     return text, html, tuple(attachments)
 
 
-# What opens a container: a boundary parameter in any case and spelling (RFC 2045 §5.1,
-# RFC 2231 continuations) or an enclosed message/rfc822. Counted, not parsed: linear time.
-_CONTAINER_MARKER = re.compile(rb"boundary\s*(?:\*\d*\*?)?\s*=|rfc822", re.IGNORECASE)
-
-
-def _nesting_markers(raw: bytes) -> int:
-    """An upper bound on the container markers, exact when it is over ``MAX_CONTAINERS``."""
-    # Cheapest first (one-byte counts are several times faster than multi-byte ones): every
-    # boundary marker ends in its own "=", every rfc822 holds its own "8".
-    upper_bound = raw.count(b"=") + raw.count(b"8")
-    if upper_bound <= MAX_CONTAINERS:
-        return upper_bound
-    lowered = raw.lower()
-    upper_bound = lowered.count(b"boundary") + lowered.count(b"rfc822")
-    if upper_bound <= MAX_CONTAINERS:  # the common case, at C speed
-        return upper_bound
-    return sum(1 for _ in _CONTAINER_MARKER.finditer(raw))
-
-
-# The end of the header block, r"\r?\n\r?\n", found by its first LF: a pattern that starts
-# with a literal is searched for six times faster. The CR before that LF, if any, is
-# added back in ``_parse_single_part``.
-_HEADER_END = re.compile(rb"\n\r?\n")
-# One header field as the compat32 feed parser reads it (headerRE, _parse_headers,
-# header_source_parse), minus the unix-from line and the empty name: its name, and its value
-# after the colon and any spaces and tabs, with its continuation lines (their line ends kept).
-# Linear: no part of it can match what another part does.
-_FIELD = re.compile(r"([\041-\071\073-\176]+):[ \t]*([^\n]*(?:\n[ \t][^\n]*)*)(?:\n|\Z)")
-
-
-def _header_fields(block: str) -> list[tuple[str, str]] | None:
-    """The fields of a header block (without its final line end) exactly as the compat32 feed
-    parser stores them, for a block it reads without a defect; None for anything else (a lone
-    CR, a unix-from line, a line that is neither a field nor a continuation), which the stdlib
-    parser then reads."""
-    if "\r" in block and block.count("\r") != block.count("\r\n"):
-        return None
-    fields: list[tuple[str, str]] = []
-    pos, size = 0, len(block)
-    while pos < size:
-        match = _FIELD.match(block, pos)
-        if match is None:
-            return None
-        fields.append((match[1], match[2].rstrip("\r\n")))
-        pos = match.end()
-    return fields
-
-
-def _parse_single_part(raw: bytes) -> Message | None:
-    """The common case fast: a message that is not multipart has its header block parsed
-    and its body set whole, skipping the feed parser's line-by-line walk (about 3 times
-    faster for 2 KB). Anything multipart, message/*, or oddly framed takes the full parser.
-    """
-    end = _HEADER_END.search(raw)
-    if end is None:
-        return None
-    start = end.start()
-    if start and raw[start - 1] == 0x0D:  # CR
-        start -= 1
-    # As BytesParser does: ASCII with surrogate escapes for 8-bit bytes.
-    fields = _header_fields(raw[:start].decode("ascii", "surrogateescape"))
-    if fields is not None:
-        msg = Message(policy=policy.compat32)
-        for name, value in fields:
-            msg.set_raw(name, value)
-    else:
-        msg = _PARSER.parsebytes(raw[:start] + b"\r\n", headersonly=True)
-    if msg.defects or msg.get_content_maintype() in ("multipart", "message"):
-        return None
-    # As BytesParser does: the body as ASCII with surrogate escapes, decoded on demand.
-    msg.set_payload(raw[end.end() :].decode("ascii", "surrogateescape"))
-    return msg
-
-
 def parse(raw: bytes) -> ParsedMessage:
     """Parse ``raw``; damaged mail yields what could be read and a note in ``defects``."""
+    try:
+        return _parse(raw)
+    except Exception as exc:  # a bug, not the mail's fault; the fuzz tests look for this defect
+        return _unparsable(raw, [f"InternalError:{type(exc).__name__}"])
+
+
+def _parse(raw: bytes) -> ParsedMessage:
+    msg, budget = mime.read(raw)
     defects: list[str] = []
-    headers_only = _nesting_markers(raw) > MAX_CONTAINERS
-    if headers_only:
-        defects.append("TooManyContainers")
-    try:
-        msg = _parse_single_part(raw) if not headers_only else None
-        if msg is None:
-            msg = _PARSER.parsebytes(raw, headersonly=headers_only)
-    except Exception as exc:  # RecursionError or worse: a last resort
-        defects.append(f"Unparsable:{type(exc).__name__}")
-        try:
-            msg = _PARSER.parsebytes(raw, headersonly=True)
-        except Exception:
-            return _unparsable(raw, defects)
-        headers_only = True
-    try:
-        headers = tuple((str(k), _header_text(str(v))) for k, v in msg.raw_items())
-    except Exception as exc:
-        defects.append(f"UnreadableHeaders:{type(exc).__name__}")
-        return _unparsable(raw, defects)
+    truncated = budget.truncated
+    headers = tuple((str(k), _header_text(str(v))) for k, v in msg.raw_items())
     if not headers:
         defects.append("NoHeaders")
         return _unparsable(raw, defects)
@@ -488,16 +350,13 @@ def parse(raw: bytes) -> ParsedMessage:
             date = _iso_date(date_header)
         except (TypeError, ValueError, IndexError, OverflowError):
             defects.append("InvalidDate")
-    text = html = None
-    attachments: tuple[Attachment, ...] = ()
-    if not headers_only:
-        text, html, attachments = _bodies(msg, defects)
     content_type, params = _content_type(msg)
+    text, html, attachments = _bodies(msg, (content_type, params))
     return_path = first("return-path")
     if return_path is not None:  # "<>" is the null reverse-path (RFC 5321 §4.5.5)
-        scanned = scan_addresses(return_path)
+        scanned = scan_addresses(return_path, 1)
         return_path = scanned[0] if scanned else return_path.strip("<> \t")
-    froms = _addresses(header("from"))
+    froms = _addresses(header("from"), truncated)
     in_reply_to = _msg_ids(first("in-reply-to"))
     return ParsedMessage(
         raw=raw,
@@ -506,9 +365,9 @@ def parse(raw: bytes) -> ParsedMessage:
         in_reply_to=in_reply_to[0] if in_reply_to else None,
         references=_msg_ids(" ".join(header("references"))),
         from_=froms[0] if froms else None,
-        reply_to=_addresses(header("reply-to")),
-        to=_addresses(header("to")),
-        cc=_addresses(header("cc")),
+        reply_to=_addresses(header("reply-to"), truncated),
+        to=_addresses(header("to"), truncated),
+        cc=_addresses(header("cc"), truncated),
         subject=decode_words(first("subject") or ""),
         date=date,
         text=text,
@@ -516,6 +375,7 @@ def parse(raw: bytes) -> ParsedMessage:
         attachments=attachments,
         authentication_results=tuple(header("authentication-results")),
         defects=tuple(defects),
+        truncated=tuple(sorted(truncated)),
         return_path=return_path,
         content_type=content_type,
         content_params=tuple(params.items()),

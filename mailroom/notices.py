@@ -3,36 +3,43 @@
 A notice is an automatic reply in the sense of RFC 3834, so it must not cause backscatter: it is
 never sent to a null sender, a mailer-daemon, our own addresses or auto-generated mail, at most
 once per recipient and reason per window, and optionally only to senders whose domain the
-receiving server authenticated (RFC 8601 Authentication-Results). No I/O here: the dispatcher
-sends the ``EmailMessage`` (RFC 3834 §3.3 recommends an empty envelope sender, ``MAIL FROM:<>``).
+receiving server authenticated (``authresults``). No I/O here: the dispatcher
+sends the ``Notice`` (RFC 3834 §3.3 recommends an empty envelope sender, ``MAIL FROM:<>``).
+
+A notice echoes text a stranger chose (the subject) and text an application chose (the reason),
+so its bytes are written here, not by an ``email`` policy: a policy parses what it is given and
+decodes RFC 2047 words in it, CR/LF included (issue 13: an encoded subject injected a Bcc and
+a body). Echoed text is decoded once, cleaned of controls, its ``=?`` broken up, and encoded
+again by ``_unstructured``; the result is checked (``_check``) before anything is sent.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email.errors
 import email.utils
 import re
 import textwrap
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from email import headerregistry, policy
 from email.message import EmailMessage
 
-from mailroom import routing
+from mailroom import authresults, routing
+from mailroom.errors import NoticeError
 from mailroom.message import ParsedMessage, scan_addresses
 
 __all__ = [
     "TOO_LARGE",
     "UNKNOWN_INCOMING_EMAIL",
-    "AuthResult",
+    "Notice",
     "NoticeRecipient",
     "RateLimiter",
-    "authenticated_sender",
     "build_notice",
     "explain",
     "notice_recipient",
-    "parse_authentication_results",
 ]
 
 UNKNOWN_INCOMING_EMAIL = routing.UNKNOWN_INCOMING_EMAIL
@@ -40,11 +47,8 @@ TOO_LARGE = "too large"
 DAY_S = 86_400.0
 MAX_SUBJECT_CHARS = 200
 MAX_REASON_CHARS = 1_000
-MAX_AUTH_RESULTS_CHARS = 8_192
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-# RFC 8601 §2.2 lexemes: comments nest, quoted strings may escape; each alternative starts with a
-# distinct character, so the scan is linear.
-_AR_TOKEN = re.compile(r'[()]|"(?:[^"\\]|\\.)*"?|[;=]|[^\s()";=]+')
+# C0 and C1 controls and the Unicode line and paragraph separators: never echoed.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
 
 def _clean(text: str, limit: int) -> str:
@@ -83,94 +87,6 @@ class NoticeRecipient:
     refused: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AuthResult:
-    """One ``method=result`` of an Authentication-Results header with its properties."""
-
-    method: str
-    result: str
-    properties: tuple[tuple[str, str], ...] = ()
-
-    def prop(self, name: str) -> str | None:
-        return next((v for k, v in self.properties if k == name), None)
-
-
-def parse_authentication_results(value: str) -> tuple[str, tuple[AuthResult, ...]]:
-    """The authserv-id and results of one Authentication-Results value (RFC 8601 §2.2).
-
-    Comments are dropped and quoted strings unquoted; whatever cannot be read is skipped.
-    """
-    clauses: list[list[str]] = [[]]
-    depth = 0
-    for token in _AR_TOKEN.findall(value[:MAX_AUTH_RESULTS_CHARS]):
-        if token in "()":  # RFC 5322 §3.2.2 comments nest
-            depth = max(depth + (1 if token == "(" else -1), 0)
-        elif depth:
-            continue
-        elif token == ";":
-            clauses.append([])
-        else:
-            clauses[-1].append(token[1:].removesuffix('"') if token[0] == '"' else token)
-    authserv_id = clauses[0][0].lower() if clauses[0] else ""
-    results = []
-    for clause in clauses[1:]:
-        pairs = [
-            (clause[i - 1].lower(), clause[i + 1])
-            for i in range(1, len(clause) - 1)
-            if clause[i] == "=" and clause[i - 1] != "="
-        ]
-        if not pairs or "." in pairs[0][0]:
-            continue
-        method = pairs[0][0].split("/", 1)[0]  # RFC 8601 §2.2: method may carry "/version"
-        props = tuple((k, v) for k, v in pairs[1:] if "." in k)
-        results.append(AuthResult(method, pairs[0][1].lower(), props))
-    return authserv_id, tuple(results)
-
-
-def _domain(address: str | None) -> str:
-    return (address or "").rpartition("@")[2].strip().strip(">").lower()
-
-
-def _aligned(a: str, b: str) -> bool:
-    # RFC 7489 §3.1.1 relaxed alignment compares organisational domains; "the same domain or a
-    # subdomain of the other" approximates it without a public-suffix list.
-    if "." not in a or "." not in b:
-        return False
-    return a == b or a.endswith("." + b) or b.endswith("." + a)
-
-
-def authenticated_sender(
-    parsed: ParsedMessage, *, authserv_ids: frozenset[str] = frozenset()
-) -> bool:
-    """True when a trusted Authentication-Results shows dmarc=pass, or spf=pass with an
-    smtp.mailfrom domain aligned with the From domain.
-
-    Trusted: the headers whose authserv-id is in ``authserv_ids``; when that is empty, only the
-    topmost one (added last, by the receiving server; RFC 8601 §5: the ones below may be forged).
-    """
-    from_domain = _domain(parsed.from_.address if parsed.from_ else None)
-    if not from_domain:
-        return False
-    values = parsed.authentication_results
-    ids = {i.lower() for i in authserv_ids}
-    for value in values if ids else values[:1]:
-        authserv_id, results = parse_authentication_results(value)
-        if ids and authserv_id not in ids:
-            continue
-        for result in results:
-            if result.result != "pass":
-                continue
-            if result.method == "dmarc":
-                header_from = (result.prop("header.from") or from_domain).lower()
-                if header_from == from_domain:
-                    return True
-            if result.method == "spf" and _aligned(
-                _domain(result.prop("smtp.mailfrom")), from_domain
-            ):
-                return True
-    return False
-
-
 def notice_recipient(
     parsed: ParsedMessage,
     rules: routing.RoutingRules,
@@ -201,7 +117,9 @@ def notice_recipient(
     every_rule = frozenset(routing.AUTO_GENERATED_RULES)
     if (rule := routing.auto_generated(parsed, rules, only=every_rule)) is not None:
         return NoticeRecipient(None, f"auto-generated ({rule})")
-    if require_authenticated_sender and not authenticated_sender(parsed, authserv_ids=authserv_ids):
+    if require_authenticated_sender and not authresults.authenticated_sender(
+        parsed, authserv_ids=authserv_ids
+    ):
         return NoticeRecipient(None, "sender not authenticated")
     return NoticeRecipient(address)
 
@@ -212,17 +130,125 @@ _PLAIN_ADDRESS = re.compile(
     r"[^\s<>()\[\]\\,;:@\"\x00-\x1f\x7f]+@[^\s<>()\[\]\\,;:@\"\x00-\x1f\x7f]+"
 )
 # A msg-id we may echo in In-Reply-To/References: printable ASCII, no angle brackets.
-_ECHOABLE_MSG_ID = re.compile(r"[!-;=?-~]+@[!-;=?-~]+")
+_ECHOABLE_MSG_ID = re.compile(r"[!-;=?-~]{1,200}@[!-;=?-~]{1,200}")
 
 
 def _usable_address(address: str) -> bool:
-    if "=?" in address or not _PLAIN_ADDRESS.fullmatch(address):
+    # RFC 5321 §4.5.3.1.3: a path is at most 256 octets, the angle brackets included.
+    if len(address) > 254 or "=?" in address or not _PLAIN_ADDRESS.fullmatch(address):
         return False
     try:
         headerregistry.Address(addr_spec=address)
     except (ValueError, IndexError, email.errors.HeaderParseError):
         return False
     return True
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A reject notice as it goes on the wire: ``data`` has CRLF line ends and exactly the
+    header fields ``build_notice`` set. ``smtputf8``: the header block is not ASCII (a
+    non-ASCII recipient, RFC 6532), so it may only go to a server that offers SMTPUTF8."""
+
+    recipient: str
+    message_id: str
+    data: bytes = field(repr=False)
+    smtputf8: bool = False
+
+    def message(self) -> EmailMessage:
+        """``data`` parsed with the modern policy: the notice as a reader sees it."""
+        parsed = email.message_from_bytes(self.data, policy=policy.default)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+
+# RFC 5322 §2.1.1: lines SHOULD be at most 78 characters, MUST be at most 998.
+_LINE = 78
+_MAX_LINE = 998
+# RFC 2047 §2: an encoded-word is at most 75 characters; 45 octets make 60 of base64, plus 12.
+_WORD_OCTETS = 45
+_MSG_ID = re.compile(r"<[!-;=?-~]+@[!-;=?-~]+>")
+_DOT_ATOM_DOMAIN = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
+def _echo(text: str, limit: int) -> str:
+    """Stranger's text for a header: cleaned, and with no ``=?`` left that any reader could
+    take for an encoded-word and decode again (a double-encoded subject, issue 13)."""
+    return _clean(text, limit).replace("=?", "= ?")
+
+
+def _encoded_words(text: str) -> list[str]:
+    """``text`` as RFC 2047 base64 words of UTF-8, never splitting a character."""
+    words: list[str] = []
+    chunk = bytearray()
+    for char in text:
+        octets = char.encode("utf-8", "replace")
+        if len(chunk) + len(octets) > _WORD_OCTETS:
+            words.append(f"=?utf-8?b?{base64.b64encode(chunk).decode('ascii')}?=")
+            chunk.clear()
+        chunk += octets
+    if chunk:
+        words.append(f"=?utf-8?b?{base64.b64encode(chunk).decode('ascii')}?=")
+    return words
+
+
+def _unstructured(name: str, prefix: str, text: str) -> str:
+    """The value of unstructured header ``name``: ``prefix``, a space and ``text``, folded at
+    spaces (RFC 5322 §2.2.3); ``text`` in encoded-words when it is not ASCII. ``text`` comes
+    from ``_echo``: one space between words, no controls, no ``=?``."""
+    if not text:
+        return prefix
+    if not text.isascii():
+        return prefix + "".join(f"\r\n {word}" for word in _encoded_words(text))
+    lines = [prefix]
+    width = _LINE - len(name) - 2
+    for word in text.split(" "):
+        if len(lines[-1]) + 1 + len(word) > width:
+            lines.append(word)
+            width = _LINE - 1
+        else:
+            lines[-1] += " " + word
+    return "\r\n ".join(lines)
+
+
+def _mailbox(sender: str) -> tuple[str, str]:
+    """``sender`` (``Name <addr>``) as a From value, and its addr-spec."""
+    name, address = email.utils.parseaddr(sender)
+    if not address.isascii() or not _usable_address(address):
+        raise NoticeError(f"reject_notices.from: {address!r} cannot be sent as it is")
+    name = _echo(name, MAX_SUBJECT_CHARS)
+    if not name:
+        return address, address
+    if name.isascii():
+        return email.utils.formataddr((name, address)), address
+    return "\r\n ".join([*_encoded_words(name), f"<{address}>"]), address
+
+
+def _body(lines: list[str]) -> tuple[str, bytes]:
+    """The Content-Transfer-Encoding and the body: 7bit when it can, else quoted-printable
+    (which needs no 8BITMIME from the relay, RFC 6152)."""
+    text = "\n".join(lines) + "\n"
+    if text.isascii() and all(len(line) <= _MAX_LINE for line in text.split("\n")):
+        data = text.encode("ascii")
+        return "7bit", data.replace(b"\n", b"\r\n")
+    data = binascii.b2a_qp(text.encode("utf-8", "replace"), istext=True)
+    return "quoted-printable", data.replace(b"\n", b"\r\n")
+
+
+def _check(data: bytes, names: list[str]) -> None:
+    """What goes on the wire: CRLF only, lines within RFC 5322 §2.1.1, exactly ``names``."""
+    head, blank, _ = data.partition(b"\r\n\r\n")
+    if not blank:
+        raise NoticeError("no end of the header block")
+    stray = data.replace(b"\r\n", b"")
+    if b"\r" in stray or b"\n" in stray:
+        raise NoticeError("a bare CR or LF")
+    if any(len(line) > _MAX_LINE for line in data.split(b"\r\n")):
+        raise NoticeError("a line over 998 octets")
+    lines = head.split(b"\r\n")
+    fields = [line.partition(b":")[0] for line in lines if not line.startswith((b" ", b"\t"))]
+    if fields != [name.encode("ascii") for name in names]:
+        raise NoticeError(f"header fields {fields!r} instead of {names!r}")
 
 
 def build_notice(
@@ -235,27 +261,34 @@ def build_notice(
     footer: str = "",
     max_message_bytes: int | None = None,
     message_id: str | None = None,
-) -> EmailMessage:
+) -> Notice:
     """The reject notice for ``original``: never its body, only its subject, date and id.
 
     ``sender`` is the notice's From (``Example <noreply@example.com>``); ``now`` must be
     timezone-aware; ``message_id`` defaults to a fresh one on the sender's domain (given, so
-    ``make_msgid`` does not look up this host's name).
+    ``make_msgid`` does not look up this host's name). Raises ``NoticeError`` when no safe
+    notice can be written (an unusable recipient or sender, or a check of the bytes failed).
     """
-    subject = _clean(original.subject, MAX_SUBJECT_CHARS)
-    msg = EmailMessage(policy=policy.default)
-    msg["From"] = sender
-    msg["To"] = recipient
-    msg["Subject"] = f"[Rejected] {subject}".rstrip()
-    msg["Date"] = email.utils.format_datetime(now)
-    domain = _domain(email.utils.parseaddr(sender)[1]) or "localhost"
-    msg["Message-ID"] = message_id or email.utils.make_msgid("mailroom", domain=domain)
+    if not _usable_address(recipient):
+        raise NoticeError(f"the recipient {recipient!r} cannot be sent to as it is")
+    from_, address = _mailbox(sender)
+    domain = address.rpartition("@")[2].lower()
+    if not _DOT_ATOM_DOMAIN.fullmatch(domain):
+        domain = "localhost"
+    message_id = message_id or email.utils.make_msgid("mailroom", domain=domain)
+    if not _MSG_ID.fullmatch(message_id):
+        raise NoticeError(f"the message id {message_id!r} is not <id@domain>")
+    subject = _echo(original.subject, MAX_SUBJECT_CHARS)
+    headers = [
+        ("From", from_),
+        ("To", recipient),
+        ("Subject", _unstructured("Subject", "[Rejected]", subject)),
+        ("Date", email.utils.format_datetime(now)),
+        ("Message-ID", message_id),
+    ]
     original_id = original.message_id
     if original_id and "=?" not in original_id and _ECHOABLE_MSG_ID.fullmatch(original_id):
-        msg["In-Reply-To"] = f"<{original_id}>"
-        msg["References"] = f"<{original_id}>"
-    msg["Auto-Submitted"] = "auto-replied"  # RFC 3834 §5.2
-    msg["X-Auto-Response-Suppress"] = "All"  # Exchange: no out-of-office replies to this
+        headers += [("In-Reply-To", f"<{original_id}>"), ("References", f"<{original_id}>")]
     lines = ["Your email could not be delivered.", ""]
     lines.append(f"  Subject: {subject or '(no subject)'}")
     if original.date:
@@ -263,10 +296,20 @@ def build_notice(
     explanation = explain(reason, max_message_bytes=max_message_bytes)
     lines += ["", textwrap.fill(explanation, 72, break_long_words=False), ""]
     lines.append("This is an automatic reply; answers to it are not read.")
-    if footer.strip():
-        lines += ["", "-- ", footer.strip()]  # RFC 3676 §4.3 signature separator
-    msg.set_content("\n".join(lines) + "\n")
-    return msg
+    if footer.strip():  # RFC 3676 §4.3 signature separator
+        lines += ["", "-- ", *(_clean(line, _MAX_LINE) for line in footer.strip().splitlines())]
+    transfer_encoding, body = _body(lines)
+    headers += [
+        ("Auto-Submitted", "auto-replied"),  # RFC 3834 §5.2
+        ("X-Auto-Response-Suppress", "All"),  # Exchange: no out-of-office replies to this
+        ("MIME-Version", "1.0"),
+        ("Content-Type", 'text/plain; charset="utf-8"'),
+        ("Content-Transfer-Encoding", transfer_encoding),
+    ]
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    data = head.encode("utf-8", "replace") + b"\r\n" + body
+    _check(data, [name for name, _ in headers])
+    return Notice(recipient, message_id, data, smtputf8=not head.isascii())
 
 
 class RateLimiter:

@@ -4,7 +4,9 @@ One ``Notifier`` per process holds the rate limit and the SMTP settings. ``notif
 whether a notice may go (``notices.notice_recipient``, then the rate limit), builds it, and sends
 it; the dispatcher settles the message only after ``notify`` returns:
 
-- ``SENT``, ``REFUSED`` (policy or rate limit) and ``DISABLED``: settle as the caller meant to;
+- ``SENT``, ``REFUSED`` and ``DISABLED``: settle as the caller meant to. Refused: the policy
+  or the rate limit forbade it, no safe notice could be written (``NoticeError``), or it needs
+  SMTPUTF8 (a non-ASCII recipient, RFC 6531) and the server does not offer it;
 - ``FAILED``: the SMTP server refused the notice for good (5xx), or it could not be sent within
   ``retry.give_up_after``: the caller dead-letters the message, so nothing is dropped silently.
 
@@ -25,7 +27,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.message import EmailMessage
 from typing import Any, Literal
 
 import aiosmtplib
@@ -33,7 +34,7 @@ import aiosmtplib
 from mailroom import notices, routing
 from mailroom.backoff import backoff_delay
 from mailroom.config import RejectNoticesConfig, SmtpConfig
-from mailroom.errors import ArbitrationError
+from mailroom.errors import ArbitrationError, NoticeError
 from mailroom.markers import Shared
 from mailroom.message import ParsedMessage
 from mailroom.tls import client_context
@@ -59,12 +60,15 @@ class NoticeResult(enum.Enum):
 
 
 class _SendError(Exception):
-    """One failed attempt, classified."""
+    """One failed attempt, classified. ``refused``: a policy refusal, not a failure."""
 
-    def __init__(self, message: str, *, transient: bool, misconfigured: bool = False) -> None:
+    def __init__(
+        self, message: str, *, transient: bool, misconfigured: bool = False, refused: bool = False
+    ) -> None:
         super().__init__(message)
         self.transient = transient
         self.misconfigured = misconfigured
+        self.refused = refused
 
 
 def _tls_context(config: SmtpConfig) -> ssl.SSLContext | None:
@@ -145,6 +149,21 @@ class Notifier:
         if recipient.address is None:
             log.info("%s: %s: no reject notice: %s", mailbox, ref, recipient.refused, extra=fields)
             return NoticeResult.REFUSED
+        try:
+            notice = notices.build_notice(
+                parsed,
+                recipient=recipient.address,
+                reason=reason,
+                sender=config.sender,
+                now=datetime.now(UTC),
+                footer=config.footer,
+                max_message_bytes=max_message_bytes,
+            )
+        except NoticeError as exc:  # hostile mail: no notice, and say why
+            log.warning(
+                "%s: %s: no reject notice: cannot build it: %s", mailbox, ref, exc, extra=fields
+            )
+            return NoticeResult.REFUSED
         if not await self._allowed(recipient.address, reason, mailbox):
             log.info(
                 "%s: %s: no reject notice: one went to %s for %r within the last %.0f hours",
@@ -156,20 +175,7 @@ class Notifier:
                 extra=fields,
             )
             return NoticeResult.REFUSED
-        try:
-            notice = notices.build_notice(
-                parsed,
-                recipient=recipient.address,
-                reason=reason,
-                sender=config.sender,
-                now=datetime.now(UTC),
-                footer=config.footer,
-                max_message_bytes=max_message_bytes,
-            )
-        except Exception:  # hostile mail the policy did not foresee: no notice, not a crash
-            log.exception("%s: %s: no reject notice: cannot build it", mailbox, ref, extra=fields)
-            return NoticeResult.REFUSED
-        return await self._send_with_retries(notice, recipient.address, mailbox, ref, fields)
+        return await self._send_with_retries(notice, mailbox, ref, fields)
 
     async def _allowed(self, recipient: str, reason: str, mailbox: str) -> bool:
         """The rate limit: shared by the replicas when there are any; this process's own
@@ -182,14 +188,10 @@ class Notifier:
         return self.limiter.allow(recipient, reason, self._clock())
 
     async def _send_with_retries(
-        self,
-        notice: EmailMessage,
-        recipient: str,
-        mailbox: str,
-        ref: str,
-        fields: dict[str, Any],
+        self, notice: notices.Notice, mailbox: str, ref: str, fields: dict[str, Any]
     ) -> NoticeResult:
         assert self.config is not None
+        recipient = notice.recipient
         retry = self.config.retry
         give_up_after_s = retry.give_up_after_s or notices.DAY_S
         started = time.monotonic()
@@ -198,8 +200,18 @@ class Notifier:
             attempt += 1
             fields["attempt"] = attempt
             try:
-                await self._send(notice, recipient, mailbox)
+                await self._send(notice, mailbox)
             except _SendError as exc:
+                if exc.refused:
+                    log.warning(
+                        "%s: %s: no reject notice to %s: %s",
+                        mailbox,
+                        ref,
+                        recipient,
+                        exc,
+                        extra=fields,
+                    )
+                    return NoticeResult.REFUSED
                 if not exc.transient:
                     log.error(
                         "%s: %s: the SMTP server refused the reject notice to %s for good: %s; "
@@ -245,13 +257,13 @@ class Notifier:
                     mailbox,
                     ref,
                     recipient,
-                    notice["Message-ID"],
+                    notice.message_id,
                     extra=fields,
                 )
                 self.sent += 1
                 return NoticeResult.SENT
 
-    async def _send(self, notice: EmailMessage, recipient: str, mailbox: str) -> None:
+    async def _send(self, notice: notices.Notice, mailbox: str) -> None:
         """One attempt; raises ``_SendError``. Falls back from ``MAIL FROM:<>`` to the ``from``
         address, for good, when a server refuses the null sender."""
         assert self.config is not None
@@ -259,7 +271,7 @@ class Notifier:
             sender = self._envelope_sender
             try:
                 async with self._slots:
-                    await self._submit(notice, sender, recipient)
+                    await self._submit(notice, sender)
                 return
             except aiosmtplib.SMTPSenderRefused as exc:
                 if sender or exc.code < 500 or exc.code in MISCONFIGURED_CODES:
@@ -278,13 +290,11 @@ class Notifier:
             except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
                 raise _classify(exc) from exc
 
-    async def _submit(self, notice: EmailMessage, sender: str, recipient: str) -> None:
+    async def _submit(self, notice: notices.Notice, sender: str) -> None:
+        """Connect (TLS, AUTH as configured) and send ``notice.data`` exactly as built."""
         assert self.config is not None
         smtp = self.config.smtp
-        await aiosmtplib.send(
-            notice,
-            sender=sender,
-            recipients=[recipient],
+        client = aiosmtplib.SMTP(
             hostname=smtp.host,
             port=smtp.port,
             username=smtp.user,
@@ -294,6 +304,22 @@ class Notifier:
             start_tls=smtp.start_tls,  # False: never upgrade unasked (None would be "if offered")
             tls_context=self._tls,
         )
+        async with client:
+            options = []
+            if notice.smtputf8:
+                if client.is_ehlo_or_helo_needed:
+                    await client.ehlo()
+                if not client.supports_extension("smtputf8"):
+                    # RFC 6531: a non-ASCII address goes only to a server that offers SMTPUTF8.
+                    # Not a failure to retry for a day (issue 13): this relay never takes it.
+                    raise _SendError(
+                        "its address is not ASCII and the SMTP server does not offer SMTPUTF8 "
+                        "(RFC 6531)",
+                        transient=False,
+                        refused=True,
+                    )
+                options.append("SMTPUTF8")
+            await client.sendmail(sender, [notice.recipient], notice.data, mail_options=options)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from mailroom import arbitration as replicas
@@ -339,16 +340,49 @@ async def _listen(server: HealthServer) -> None:
         ) from exc
 
 
+def _signature(paths: Sequence[Path]) -> tuple[object, ...]:
+    """What changes when a file is edited or replaced (following symlinks: Kubernetes swaps a
+    ConfigMap's files behind one)."""
+    found: list[object] = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            found.append(None)
+            continue
+        found.append((stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns))
+    return tuple(found)
+
+
+async def _watch(
+    paths: Sequence[Path], interval_s: float, reload: asyncio.Event, done: asyncio.Event
+) -> None:
+    """``reload: {watch: true}``: set ``reload`` whenever one of ``paths`` changes."""
+    last = _signature(paths)
+    while not done.is_set():
+        await wait_any((done,), timeout_s=interval_s)
+        now = await asyncio.to_thread(_signature, paths)
+        if now != last and not done.is_set():
+            last = now
+            log.info("the config file changed: reloading (reload.watch)")
+            reload.set()
+
+
 async def run(
     config: Config,
     stop: asyncio.Event | None = None,
     *,
     load: Callable[[], Config] | None = None,
     reload: asyncio.Event | None = None,
+    dry_run: bool = False,
+    watch: Sequence[Path] = (),
 ) -> int:
     """Run until ``stop`` is set (or a signal arrives); returns the exit code.
 
-    Setting ``reload`` (SIGHUP does) calls ``load`` for the new config and applies it.
+    Setting ``reload`` (SIGHUP does, and with ``reload.watch`` a change to one of ``watch``'s
+    files) calls ``load`` for the new config and applies it. With
+    ``dry_run`` nothing is posted, sent or settled (``Dispatcher``), and replicas' Redis is
+    not used: a dry run takes no lease from the replicas doing the real work.
     """
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()
@@ -356,7 +390,8 @@ async def run(
     resources = Resources(config)
     health = Health(config, budget=resources.budget)
     server = HealthServer(health, config.health) if config.health is not None else None
-    store = replicas.store(config.arbitration) if config.arbitration.enabled else None
+    shared = config.arbitration.enabled and not dry_run
+    store = replicas.store(config.arbitration) if shared else None
     finished = asyncio.Event()
     abandoned = 0
     try:
@@ -364,15 +399,22 @@ async def run(
         if server is not None:
             await _listen(server)  # before any mailbox: a port in use fails at once
         async with (
-            Dispatcher(config, health, shared=store) as dispatcher,
+            Dispatcher(config, health, shared=store, dry_run=dry_run) as dispatcher,
             asyncio.TaskGroup() as group,
         ):
             if server is not None:
                 group.create_task(server.serve(finished), name="health")
+            if config.reload.watch and watch and load is not None:
+                interval_s = config.reload.interval_s
+                group.create_task(_watch(watch, interval_s, reload, finished), name="watch")
             running = _Running(config, dispatcher, health, resources, group)
             if store is None:
                 running.start(list(config.mailboxes))
-                log.info("mailroom started: %d mailbox(es)", len(config.mailboxes))
+                log.info(
+                    "mailroom started: %d mailbox(es)%s",
+                    len(config.mailboxes),
+                    "; DRY RUN: nothing is posted, sent or settled" if dry_run else "",
+                )
             else:
                 coordinator = running.coordinator = Coordinator(
                     config,

@@ -127,6 +127,7 @@ def _payload_fields(
         ],
         "authentication_results": list(parsed.authentication_results),
         "size": envelope.size,
+        "truncated": list(parsed.truncated),  # limits this message went over (message.py)
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,24 @@ async def test_a_lease_is_taken_once_renewed_only_by_its_holder_and_released(
     await a.release([lease])
     again = await b.acquire("box", 3)
     assert again is not None and again.fence == 2  # fencing numbers only grow
-    assert await a.renew([lease], 3) == [False]  # a's lease is gone: renew says so
+    assert await a.renew([lease], 3) == [False]  # b holds it now: renew says so
+
+
+async def test_a_lease_whose_key_vanished_is_taken_again(
+    redis_server: RedisServer, stores: Callable[[str], RedisStore]
+) -> None:
+    a = stores("a")
+    lease = await a.acquire("box", 30)
+    assert lease is not None
+    redis_server.stop()  # no persistence: Redis comes back empty
+    redis_server.start()
+    renewed = None
+    for _ in range(2):  # the first try may meet the old, dead connection
+        with contextlib.suppress(ArbitrationError):
+            renewed = await a.renew([lease], 30)
+            break
+    assert renewed == [True]
+    assert (await a.holders(["box"]))["box"] == lease
 
 
 async def test_a_lease_lapses_by_itself(stores: Callable[[str], RedisStore]) -> None:

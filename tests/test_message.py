@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from mailroom.message import (
+    MAX_ADDRESSES,
     Address,
     Attachment,
     ParsedMessage,
-    _header_fields,
     _iso_date,
     _params,
     decode_bytes,
@@ -25,6 +25,7 @@ from mailroom.message import (
     parse,
     scan_addresses,
 )
+from mailroom.mime import Part, header_fields
 
 EML = Path(__file__).parent / "eml"
 ALL_FIXTURES = sorted(p.name for p in EML.glob("*.eml"))
@@ -165,11 +166,11 @@ def test_nested_200_levels() -> None:
     elapsed = time.perf_counter() - started
     assert elapsed < 1.0
     assert parsed.to == (Address("", KEY_ADDRESS),)
-    assert parsed.text is None  # the text part sits below MAX_DEPTH (64)
-    assert parsed.defects == ("NestingTooDeep",)
+    assert parsed.text is None  # the text part sits below MAX_DEPTH (16): not read
+    assert parsed.truncated == ("nesting",)
 
 
-def test_nesting_beyond_the_parser_is_read_for_headers_only() -> None:
+def test_nesting_beyond_the_stdlib_parser_is_cut_at_max_depth() -> None:
     depth = 3000  # the stdlib parser would raise RecursionError at about 1000
     body = "".join(
         f'Content-Type: multipart/mixed; boundary="b{i}"\n\n--b{i}\n' for i in range(depth)
@@ -178,7 +179,7 @@ def test_nesting_beyond_the_parser_is_read_for_headers_only() -> None:
     started = time.perf_counter()
     parsed = parse(raw)
     assert time.perf_counter() - started < 1.0
-    assert parsed.defects == ("TooManyContainers",)
+    assert parsed.truncated == ("nesting",)
     assert parsed.to == (Address("", KEY_ADDRESS),)
     assert parsed.text is None
     assert parsed.unparsable is False
@@ -240,9 +241,20 @@ def test_address_list_edge_cases() -> None:
 
 
 def test_huge_address_list_is_scanned_not_parsed() -> None:
-    addresses = [f"user{i}@example.org" for i in range(2000)]  # ~40 KB
+    addresses = [f"user{i}@example.org" for i in range(900)]  # ~18 KB
     parsed = parse(f"To: {', '.join(addresses)}\n\n".encode())
     assert [a.address for a in parsed.to] == addresses
+    assert parsed.truncated == ()
+
+
+def test_an_address_list_is_cut_at_max_addresses() -> None:
+    addresses = [f"user{i}@example.org" for i in range(MAX_ADDRESSES + 500)]
+    to = ", ".join(addresses[: MAX_ADDRESSES // 2])
+    cc = "".join(f"Cc: {a}\n" for a in addresses)
+    parsed = parse(f"To: {to}\n{cc}\n".encode())
+    assert [a.address for a in parsed.to] == addresses[: MAX_ADDRESSES // 2]
+    assert [a.address for a in parsed.cc] == addresses[:MAX_ADDRESSES]
+    assert parsed.truncated == ("addresses",)
 
 
 @pytest.mark.parametrize(
@@ -314,7 +326,7 @@ _BLOCKS = [  # (header block, read by the fast path)
 def test_header_fast_path_stores_what_the_feed_parser_does(block: str, fast: bool) -> None:
     raw = block.encode("latin-1")
     expected = BytesParser(policy=policy.compat32).parsebytes(raw + b"\r\n", headersonly=True)
-    fields = _header_fields(raw.decode("ascii", "surrogateescape"))
+    fields = header_fields(raw.decode("ascii", "surrogateescape"))
     assert (fields is not None) == fast  # None: the stdlib parser reads it
     if fields is not None:
         assert not expected.defects and expected.get_unixfrom() is None
@@ -334,11 +346,13 @@ def test_header_fast_path_stores_what_the_feed_parser_does(block: str, fast: boo
         "",
     ],
 )
-def test_simple_params_are_what_get_params_returns(value: str) -> None:
+def test_params_are_what_get_params_returns(value: str) -> None:
     msg = Message()
     msg["Content-Type"] = value
+    part = Part()
+    part["Content-Type"] = value
     pairs = msg.get_params() or []
-    assert _params(msg, "content-type") == (
+    assert _params(part, "content-type") == (
         str(pairs[0][0]).lower(),
         {
             k.lower(): email.utils.collapse_rfc2231_value(v) if isinstance(v, tuple) else v

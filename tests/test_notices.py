@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mailroom.authresults import AuthResult, authenticated_sender, parse_authentication_results
 from mailroom.message import ParsedMessage, parse
-from mailroom.notices import (
-    AuthResult,
-    NoticeRecipient,
-    RateLimiter,
-    authenticated_sender,
-    build_notice,
-    notice_recipient,
-    parse_authentication_results,
-)
+from mailroom.notices import Notice, NoticeRecipient, RateLimiter, build_notice, notice_recipient
 from mailroom.routing import AddressTemplate, Ignore, RoutingRules, decide
 
 EML = Path(__file__).parent / "eml"
@@ -134,21 +127,33 @@ def test_build_notice() -> None:
         footer="Example Inc. — https://example.com/help",
         message_id="<notice-1@example.com>",
     )
-    assert list(notice.items()) == [
-        ("From", "Example <noreply@example.com>"),
-        ("To", "alice@example.org"),
-        ("Subject", "[Rejected] Grüße"),
-        ("Date", "Tue, 02 Jan 2024 03:04:05 +0000"),
-        ("Message-ID", "<notice-1@example.com>"),
-        ("In-Reply-To", "<m1@example.org>"),
-        ("References", "<m1@example.org>"),
-        ("Auto-Submitted", "auto-replied"),
-        ("X-Auto-Response-Suppress", "All"),
-        ("Content-Type", 'text/plain; charset="utf-8"'),
-        ("Content-Transfer-Encoding", "8bit"),
-        ("MIME-Version", "1.0"),
+    assert (notice.recipient, notice.message_id, notice.smtputf8) == (
+        "alice@example.org",
+        "<notice-1@example.com>",
+        False,
+    )
+    head, _, body = notice.data.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [
+        b"From: Example <noreply@example.com>",
+        b"To: alice@example.org",
+        b"Subject: [Rejected]",
+        b" =?utf-8?b?R3LDvMOfZQ==?=",
+        b"Date: Tue, 02 Jan 2024 03:04:05 +0000",
+        b"Message-ID: <notice-1@example.com>",
+        b"In-Reply-To: <m1@example.org>",
+        b"References: <m1@example.org>",
+        b"Auto-Submitted: auto-replied",
+        b"X-Auto-Response-Suppress: All",
+        b"MIME-Version: 1.0",
+        b'Content-Type: text/plain; charset="utf-8"',
+        b"Content-Transfer-Encoding: quoted-printable",
     ]
-    assert notice.get_content() == (
+    assert body.startswith(
+        b"Your email could not be delivered.\r\n\r\n  Subject: Gr=C3=BC=C3=9Fe\r\n"
+    )
+    msg = notice.message()
+    assert msg["Subject"] == "[Rejected] Grüße"
+    assert content(notice) == (
         "Your email could not be delivered.\n"
         "\n"
         "  Subject: Grüße\n"
@@ -162,14 +167,29 @@ def test_build_notice() -> None:
         "-- \n"
         "Example Inc. — https://example.com/help\n"
     )
-    assert b"Hello." not in notice.as_bytes()  # never the original body
+    assert b"Hello." not in notice.data  # never the original body
+
+
+def content(notice: Notice) -> str:
+    text = notice.message().get_content()
+    assert isinstance(text, str)
+    return text.replace("\r\n", "\n")
+
+
+def test_an_ascii_notice_is_7bit() -> None:
+    original = parse(b"From: alice@example.org\nSubject: hello\n\nbody\n")
+    notice = build_notice(
+        original, recipient="alice@example.org", reason="x", sender=SENDER, now=NOW
+    )
+    assert b"\r\nSubject: [Rejected] hello\r\n" in notice.data
+    assert b"\r\nContent-Transfer-Encoding: 7bit\r\n\r\nYour email" in notice.data
 
 
 def test_a_notice_is_itself_ignored_as_auto_generated() -> None:
     notice = build_notice(
         load("no_key.eml"), recipient="alice@example.org", reason="x", sender=SENDER, now=NOW
     )
-    assert decide(parse(notice.as_bytes()), RULES) == Ignore("auto_submitted")
+    assert decide(parse(notice.data), RULES) == Ignore("auto_submitted")
 
 
 def test_fresh_message_id_on_the_sender_domain() -> None:
@@ -179,8 +199,9 @@ def test_fresh_message_id_on_the_sender_domain() -> None:
     other = build_notice(
         load("no_key.eml"), recipient="alice@example.org", reason="x", sender=SENDER, now=NOW
     )
-    assert notice["Message-ID"].endswith("@example.com>")
-    assert notice["Message-ID"] != other["Message-ID"]
+    assert notice.message_id.endswith("@example.com>")
+    assert notice.message_id != other.message_id
+    assert notice.message()["Message-ID"] == notice.message_id
 
 
 def test_too_large_notice_from_the_header_block() -> None:
@@ -192,10 +213,10 @@ def test_too_large_notice_from_the_header_block() -> None:
         now=NOW,
         max_message_bytes=26_214_400,
     )
-    assert notice["Subject"] == "[Rejected] Big scans"
+    assert notice.message()["Subject"] == "[Rejected] Big scans"
     assert (
         "\nIt is larger than the limit of 25.0 MB. Send it again with smaller\nattachments.\n"
-        in notice.get_content()
+        in content(notice)
     )
 
 
@@ -204,15 +225,16 @@ def test_application_reason_is_cleaned() -> None:
     notice = build_notice(
         original,
         recipient="alice@example.org",
-        reason="Project\r\nBcc: x@evil.example\x00 is archived",
+        reason="Project\r\nBcc: x@evil.example\x00 is archived\u2028X-Injected: yes",
         sender=SENDER,
         now=NOW,
     )
-    assert notice["Subject"] == "[Rejected]"
-    assert "In-Reply-To" not in notice
-    content = notice.get_content()
-    assert "\nProject Bcc: x@evil.example is archived\n" in content
-    assert "  Subject: (no subject)\n" in content
+    msg = notice.message()
+    assert msg["Subject"] == "[Rejected]"
+    assert "In-Reply-To" not in msg
+    text = content(notice)
+    assert "\nProject Bcc: x@evil.example is archived X-Injected: yes\n" in text
+    assert "  Subject: (no subject)\n" in text
 
 
 def test_rate_limiter() -> None:
@@ -260,10 +282,9 @@ def test_an_encoded_message_id_cannot_inject_headers_into_the_notice() -> None:
         sender="Example <noreply@example.com>",
         now=NOW,
     )
-    wire = notice.as_bytes()
-    assert b"X-Injected" not in wire
-    assert b"Bcc" not in wire
-    assert notice["In-Reply-To"] is None and notice["References"] is None
+    assert b"X-Injected" not in notice.data
+    assert b"Bcc" not in notice.data
+    assert b"In-Reply-To" not in notice.data and b"References" not in notice.data
 
 
 @pytest.mark.parametrize(

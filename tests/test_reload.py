@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from mailroom import supervisor
-from mailroom.config import parse_config
+from mailroom.config import Config, load_config, parse_config
 from tests.helpers import Process, config_dict, mailbox_dict, message, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.webhook import WebhookReceiver
@@ -228,3 +228,47 @@ async def test_sighup_reloads_a_real_process_and_refuses_a_broken_file(
     assert len(logins(dovecot, first)) == 1
     mailroom.signal(signal.SIGTERM)
     assert await mailroom.wait() == 0
+
+
+async def test_reload_watch_follows_a_kubernetes_configmap_swap(
+    dovecot: Dovecot, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A ConfigMap volume: mailroom.yml → ..data/mailroom.yml, and the kubelet swaps ..data
+    to a new directory atomically. Nobody sends SIGHUP; reload.watch notices."""
+    caplog.set_level(logging.INFO, logger="mailroom")
+    first, second = dovecot.add_user(), dovecot.add_user()
+
+    def version(name: str, accounts: list[Account]) -> None:
+        data = config_dict([mailbox_dict(dovecot, a) for a in accounts], webhook.url)
+        data["reload"] = {"watch": True, "interval": 0.1}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mailroom.yml").write_text(yaml.safe_dump(data))
+        link = tmp_path / "..data_tmp"
+        link.symlink_to(name)
+        link.replace(tmp_path / "..data")  # atomic, like the kubelet's rename
+
+    version("..v1", [first])
+    config_file = tmp_path / "mailroom.yml"
+    config_file.symlink_to("..data/mailroom.yml")
+
+    def load() -> Config:
+        return load_config(config_file)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(supervisor.run(load(), stop, load=load, watch=[config_file]))
+    try:
+        await wait_until(lambda: _logged(caplog, "connected to"), what="the first mailbox")
+        version("..v2", [first, second])
+        await wait_until(lambda: _logged(caplog, "config reloaded"), what="the reload")
+        await dovecot.aappend(second, message(1))
+        await webhook.wait_for(1)
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            assert await task == 0
+    assert sum("reloading (reload.watch)" in r.getMessage() for r in caplog.records) == 1
+    assert webhook.requests[0].headers["X-Mailroom-Mailbox"] == second.user
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)

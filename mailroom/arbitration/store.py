@@ -49,13 +49,19 @@ local value = ARGV[1] .. ' ' .. redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return value
 """
-# KEYS: leases. ARGV: ttl ms, then the value each lease must still have. 1 renewed, 0 lost.
+# KEYS: leases. ARGV: ttl ms, then the value each lease must still have. 1 renewed; 2 taken
+# again (the key was gone: Redis restarted without its data, and nobody else took it); 0 lost
+# (another replica holds it).
 _RENEW = """
 local out = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i + 1] then
+  local value = redis.call('GET', key)
+  if value == ARGV[i + 1] then
     redis.call('PEXPIRE', key, ARGV[1])
     out[i] = 1
+  elseif not value then
+    redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1])
+    out[i] = 2
   else
     out[i] = 0
   end
@@ -235,7 +241,8 @@ class RedisStore:
         return Lease(mailbox, str(value)) if value else None
 
     async def renew(self, leases: Sequence[Lease], ttl_s: float) -> list[bool]:
-        """Extend each lease still ours by ``ttl_s``; False where it is not ours any more."""
+        """Extend each lease still ours by ``ttl_s`` (taking it again where its key is gone,
+        as after a Redis restart); False where another replica holds it now."""
         if not leases:
             return []
         keys = [self.lease_key(lease.mailbox) for lease in leases]

@@ -1,24 +1,21 @@
 """What mailroom would do with one message, without the network: ``mailroom route`` shows it
 for a ``.eml`` file, ``mailroom check`` counts it over a mailbox's unseen messages.
 
-Pure. ``decide`` follows the dispatcher's own steps (``dispatch.Dispatcher._decide``): too
-large → dead letter with a notice, then ``routing.decide`` (auto-generated → ignored,
-unparsable → dead letter, no key → rejected with a notice, a key → posted). Routing needs only
-the header block, so ``check`` fetches no bodies.
+Pure. The decision is the dispatcher's own (``mailroom.decision``). Routing needs only the
+header block, so ``check`` fetches no bodies.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from mailroom import message, notices, routing
-from mailroom.config import Config, ImapMailboxConfig, MailboxConfig, origin
+from mailroom import decision, message, routing
+from mailroom.config import Config, MailboxConfig, origin
+from mailroom.decision import Action, Verdict, dead_letter_text, notice_text
 from mailroom.envelope import Envelope, Outcome
 from mailroom.webhook import build_payload
 
@@ -27,40 +24,11 @@ __all__ = ["Action", "Tally", "Verdict", "decide", "describe"]
 RAW_SHOWN = 76  # base64 characters of "raw" that ``describe`` prints
 
 
-class Action(enum.Enum):
-    """What happens to the message (before the webhook answers, for a delivery)."""
-
-    DELIVER = "deliver"
-    REJECT = "reject"
-    IGNORE = "ignore"
-    DEAD_LETTER = "dead-letter"
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The decision on one message: ``why`` is the reject reason, the ignore rule, or why it
-    is dead-lettered; ``decision`` is routing's own (None when it was not asked)."""
-
-    action: Action
-    why: str
-    parsed: message.ParsedMessage
-    decision: routing.Decision | None
-
-
 def decide(raw: bytes, mailbox: MailboxConfig, *, size: int | None = None) -> Verdict:
     """The decision the dispatcher takes for ``raw`` (``size``: the server's RFC822.SIZE,
     when ``raw`` is only the header block)."""
-    parsed = message.parse(raw)
-    if (size if size is not None else len(raw)) > mailbox.max_message_bytes:
-        return Verdict(Action.DEAD_LETTER, notices.TOO_LARGE, parsed, None)
-    decision = routing.decide(parsed, mailbox.routing)
-    if isinstance(decision, routing.Ignore):
-        return Verdict(Action.IGNORE, decision.rule, parsed, decision)
-    if isinstance(decision, routing.Reject):
-        if decision.reason == routing.UNPARSABLE_MESSAGE:
-            return Verdict(Action.DEAD_LETTER, decision.reason, parsed, decision)
-        return Verdict(Action.REJECT, decision.reason, parsed, decision)
-    return Verdict(Action.DELIVER, "", parsed, decision)
+    too_large = (size if size is not None else len(raw)) > mailbox.max_message_bytes
+    return decision.decide(message.parse(raw), mailbox, too_large=too_large)
 
 
 class Tally:
@@ -112,7 +80,7 @@ def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
             f"(ignore_auto_generated.{verdict.why}); no webhook, no notice"
         )
     elif verdict.action is Action.DEAD_LETTER:
-        lines.append(f"decision: dead-letter: {verdict.why}; {_dead_letter(mailbox)}")
+        lines.append(f"decision: dead-letter: {verdict.why}; {dead_letter_text(mailbox)}")
     else:
         searched = ", ".join(routing.CANDIDATE_HEADERS)
         lines += [
@@ -123,7 +91,7 @@ def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
             f"decision: reject: {verdict.why}",
         ]
     if verdict.action is not Action.IGNORE and verdict.why != routing.UNPARSABLE_MESSAGE:
-        lines.append(f"notice:   {_notice(parsed, rules, config)}")
+        lines.append(f"notice:   {notice_text(parsed, rules, config)}")
     return lines
 
 
@@ -150,26 +118,3 @@ def _payload(raw: bytes, mailbox: MailboxConfig, decision: routing.Deliver) -> l
         payload["raw"] = f"{encoded[:RAW_SHOWN]}… ({len(encoded)} characters of base64)"
     body = json.dumps(payload, indent=2, ensure_ascii=False)
     return ["payload:  (the id stands in for the one the mailbox gives)", *body.splitlines()]
-
-
-def _dead_letter(mailbox: MailboxConfig) -> str:
-    if mailbox.failed_folder is not None:
-        return f"moved to {mailbox.failed_folder} (failed_folder)"
-    if isinstance(mailbox, ImapMailboxConfig):
-        return "flagged $MailroomFailed and \\Seen, left in place (no failed_folder)"
-    return "categorised MailroomFailed and read, left in place (no failed_folder)"
-
-
-def _notice(parsed: message.ParsedMessage, rules: routing.RoutingRules, config: Config) -> str:
-    settings = config.reject_notices
-    if settings is None:
-        return "none: reject_notices is not configured"
-    recipient = notices.notice_recipient(
-        parsed,
-        rules,
-        require_authenticated_sender=settings.require_authenticated_sender,
-        authserv_ids=settings.trusted_authserv_ids,
-    )
-    if recipient.address is None:
-        return f"none: {recipient.refused}"
-    return f"a reject notice to {recipient.address} (at most one per sender and reason a day)"

@@ -38,6 +38,7 @@ from mailroom.config.model import (
     MailboxConfig,
     OAuthConfig,
     RejectNoticesConfig,
+    ReloadConfig,
     RetryConfig,
     Secret,
     SmtpConfig,
@@ -77,6 +78,7 @@ __all__ = [
     "MailboxConfig",
     "OAuthConfig",
     "RejectNoticesConfig",
+    "ReloadConfig",
     "RetryConfig",
     "Secret",
     "SmtpConfig",
@@ -166,6 +168,13 @@ def parse_config(
     arbitration = ArbitrationConfig()
     if (arbitration_section := root.section("arbitration")) is not None:
         arbitration = _arbitration(arbitration_section)
+    reload = ReloadConfig()
+    if (reload_section := root.section("reload")) is not None:
+        reload = ReloadConfig(
+            watch=reload_section.flag("watch", False),
+            interval_s=reload_section.number("interval", 2.0, lo=0.1, hi=3600),
+        )
+        reload_section.done()
     config = Config(
         mailboxes=mailboxes,
         webhook=top_webhook,
@@ -175,6 +184,7 @@ def parse_config(
         health=health,
         limits=limits,
         arbitration=arbitration,
+        reload=reload,
         warnings=_warnings(mailboxes, notices, top_webhook) + tuple(credentials_warnings),
         credentials=credentials_settings,
     )

@@ -179,6 +179,7 @@ def _graph_mailbox(
         graph_endpoint=graph_endpoint,
         ca_file=oauth.ca_file,
         tls_verify=oauth.tls_verify,
+        proxy=oauth.proxy,
     )
     options_section.done()
     mailbox = section.text("mailbox", "inbox")

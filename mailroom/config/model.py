@@ -88,6 +88,7 @@ class WebhookConfig:
     basic: BasicAuth | None = None
     tls_verify: bool = True
     ca_file: str | None = None
+    proxy: str | None = field(default=None, repr=False)  # None: the environment; "direct"
     retry: RetryConfig = RetryConfig()
 
     @property
@@ -160,8 +161,9 @@ class OAuthConfig:
     client_certificate: ClientCertificate | None = None
     azure_ad_endpoint: str = "https://login.microsoftonline.com"  # authority host, no tenant
     scope: str = "https://outlook.office365.com/.default"
-    ca_file: str | None = None  # trusted instead of the system store, for a private CA
+    ca_file: str | None = None  # trusted on top of the system store, for a private CA
     tls_verify: bool = True
+    proxy: str | None = field(default=None, repr=False)  # None: the environment; "direct"
 
     @property
     def authority(self) -> str:
@@ -209,8 +211,9 @@ class GoogleOAuthConfig:
     subject: str | None = None
     token_uri: str = GOOGLE_TOKEN_URI
     scope: str = GMAIL_SCOPE
-    ca_file: str | None = None
+    ca_file: str | None = None  # trusted on top of the system store, for a private CA
     tls_verify: bool = True
+    proxy: str | None = field(default=None, repr=False)  # None: the environment; "direct"
 
     @property
     def client(self) -> str:
@@ -235,8 +238,9 @@ class GraphInboxOptions:
     poll_interval_s: float = 60.0
     azure_ad_endpoint: str = "https://login.microsoftonline.com"
     graph_endpoint: str = "https://graph.microsoft.com"
-    ca_file: str | None = None  # for both endpoints; trusted instead of the system store
+    ca_file: str | None = None  # for both endpoints; trusted on top of the system store
     tls_verify: bool = True
+    proxy: str | None = field(default=None, repr=False)  # for both endpoints
 
     @property
     def oauth(self) -> OAuthConfig:
@@ -250,6 +254,7 @@ class GraphInboxOptions:
             scope=f"{self.graph_endpoint}/.default",
             ca_file=self.ca_file,
             tls_verify=self.tls_verify,
+            proxy=self.proxy,
         )
 
 
@@ -345,6 +350,15 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReloadConfig:
+    """``reload:``: also reload when the config file changes (where no SIGHUP can be sent: a
+    Kubernetes ConfigMap is swapped behind a symlink)."""
+
+    watch: bool = False
+    interval_s: float = 2.0  # how often the file is looked at
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ArbitrationConfig:
     """``arbitration:``: how replicas share the mailboxes (README, "Replicas").
 
@@ -391,5 +405,6 @@ class Config:
     health: HealthConfig | None = None  # None (absent or null): no health server
     limits: LimitsConfig = LimitsConfig()
     arbitration: ArbitrationConfig = ArbitrationConfig()
+    reload: ReloadConfig = ReloadConfig()
     warnings: tuple[str, ...] = ()  # advice found at load, "<dotted.path>: ..."; log them
     credentials: CredentialsConfig | None = None  # where user/password came from, if anywhere

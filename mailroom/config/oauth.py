@@ -122,6 +122,7 @@ def entra(section: Section, *, scope: str | None) -> OAuthConfig:
         scope=scope or _scope(section),
         ca_file=section.ca_file(),
         tls_verify=section.flag("tls_verify", True),
+        proxy=section.proxy(),
     )
 
 
@@ -352,6 +353,7 @@ def _google(section: Section, *, user: str) -> GoogleOAuthConfig:
             token_uri=token_uri or found.token_uri or GOOGLE_TOKEN_URI,
             ca_file=section.ca_file(),
             tls_verify=section.flag("tls_verify", True),
+            proxy=section.proxy(),
         )
     if not app:
         section.required(
@@ -379,4 +381,5 @@ def _google(section: Section, *, user: str) -> GoogleOAuthConfig:
         token_uri=token_uri or GOOGLE_TOKEN_URI,
         ca_file=section.ca_file(),
         tls_verify=section.flag("tls_verify", True),
+        proxy=section.proxy(),
     )

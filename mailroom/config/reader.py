@@ -46,7 +46,8 @@ _KEY_NAMES = """
     signing_secret_file smtp ssl stall_after start_tls tenant_id timeout tls_verify token
     token_file trusted_authserv_ids url user webhook content_type forward_auto_generated mode
     nonce routing secret_encoding token_scheme arbitration method db username namespace
-    lease_ttl marker_ttl sentinels master_name sentinel_password sentinel_password_file tls
+    lease_ttl marker_ttl sentinels master_name sentinel_password sentinel_password_file tls proxy
+    reload watch interval
     provider client_certificate client_certificate_file client_certificate_thumbprint
     service_account service_account_file refresh_token refresh_token_file token_uri
 """
@@ -271,6 +272,26 @@ class Section:
             self.fail(key, f"{origin(value)}: must not carry user:password@; {userinfo}")
         if not query and (parts.query or parts.fragment or value.endswith(("?", "#"))):
             self.fail(key, f"{origin(value)}: must not carry a ?query or #fragment; remove it")
+        return value
+
+    def proxy(self, key: str = "proxy") -> str | None:
+        """An HTTP proxy (``http://[user:password@]host:port``), ``direct`` for none, or None
+        (absent: the environment decides, ``mailroom.proxies``). Shown as scheme://host:port
+        only: its credentials are a secret."""
+        value: str | None = self.text(key, None)
+        if value is None or value == "direct":
+            return value
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            self.fail(
+                key, "is not a proxy URL; write it like http://proxy.example.com:3128, or direct"
+            )
+        if port == 0 or parts.path not in ("", "/") or parts.query or parts.fragment:
+            self.fail(key, f"{origin(value)}: a proxy URL is scheme://[user:password@]host:port")
         return value
 
     def ca_file(self, key: str = "ca_file") -> str | None:

@@ -83,6 +83,7 @@ def _webhook(section: Section) -> WebhookConfig:
         basic=basic,
         tls_verify=section.flag("tls_verify", True),
         ca_file=section.ca_file(),
+        proxy=section.proxy(),
         retry=retry,
     )
     section.done()

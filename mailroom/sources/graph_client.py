@@ -22,6 +22,7 @@ from yarl import URL
 from mailroom.auth import TokenProvider
 from mailroom.config import GraphInboxOptions
 from mailroom.errors import GraphError
+from mailroom.proxies import proxy_for
 from mailroom.tls import client_context
 from mailroom.webhook import USER_AGENT, retry_after
 
@@ -40,6 +41,7 @@ def session(options: GraphInboxOptions, *, limit: int = 8) -> aiohttp.ClientSess
     """An HTTP session for ``options.graph_endpoint``, at most ``limit`` connections."""
     context = client_context(ca_file=options.ca_file, verify=options.tls_verify)
     connector = aiohttp.TCPConnector(ssl=context, limit=limit)
+    # trust_env=False: proxies come from mailroom.proxies, per request; .netrc is never read.
     return aiohttp.ClientSession(connector=connector, trust_env=False)
 
 
@@ -109,6 +111,7 @@ class GraphClient:
                     headers=headers,
                     timeout=TIMEOUT,
                     allow_redirects=False,
+                    proxy=proxy_for(url, self._options.proxy),
                 ) as response:
                     if response.status == 401 and attempt == 1:
                         log.warning(

@@ -227,6 +227,7 @@ class ImapWatcher(Source[int]):
                 )
             if found is None:
                 self._full_sweep = False
+                self.log.debug("sweeping the whole mailbox")
                 found = await session.search_sizes(criteria)
             else:
                 self.log.debug("the push brought %d new messages", len(found))

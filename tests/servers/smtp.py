@@ -40,6 +40,7 @@ class ReceivedMail:
     mail_from: str  # "" for the null reverse-path MAIL FROM:<>
     rcpt_tos: tuple[str, ...]
     data: bytes
+    mail_options: tuple[str, ...]  # e.g. ("SMTPUTF8",)
     login: str | None  # the AUTH user, if the client authenticated
     tls: bool  # whether the session was encrypted (STARTTLS or implicit TLS)
 
@@ -65,6 +66,7 @@ class SmtpServer:
     ``fail_next(n, code)`` answers the next ``n`` transactions with ``code`` at ``stage``
     (``recover()`` clears what is left); ``refuse_null_sender`` answers ``MAIL FROM:<>`` with
     553. With ``user``/``password``, MAIL is refused with 530 until the client authenticated.
+    ``smtputf8`` offers SMTPUTF8 (RFC 6531), which aiosmtpd does not by default.
     """
 
     def __init__(
@@ -74,8 +76,10 @@ class SmtpServer:
         user: str | None = None,
         password: str | None = None,
         refuse_null_sender: bool = False,
+        smtputf8: bool = False,
     ) -> None:
         self.mode = mode
+        self.smtputf8 = smtputf8
         self.host = "127.0.0.1"
         self.port = free_port()
         self.user = user
@@ -182,6 +186,7 @@ class SmtpServer:
             mail_from=_null(envelope.mail_from),
             rcpt_tos=tuple(envelope.rcpt_tos),
             data=bytes(envelope.original_content or envelope.content),
+            mail_options=tuple(envelope.mail_options),
             login=auth.login.decode() if isinstance(auth, LoginPassword) else None,
             tls=self.mode == "ssl" or session.ssl is not None,
         )
@@ -217,7 +222,7 @@ class SmtpServer:
         """Start serving (on the same port after a ``stop()``)."""
         if self._controller is not None:
             return
-        params: dict[str, Any] = {}
+        params: dict[str, Any] = {"enable_SMTPUTF8": self.smtputf8}
         if self.mode == "start_tls":
             params.update(tls_context=tls.server_ssl_context(), require_starttls=True)
         if self.user is not None:

@@ -1,0 +1,83 @@
+"""Pure: what happens to one message, before any I/O: the dispatcher's steps in one place.
+
+The dispatcher acts on it, ``mailroom route`` shows it for a ``.eml`` file, ``mailroom check``
+counts it over a mailbox's unseen mail, and ``mailroom run --dry-run`` logs it: all four take
+the same decision. Too large → dead letter with a notice; then ``routing.decide``:
+auto-generated → ignored, unparsable → dead letter, no key → rejected with a notice, a key →
+posted. Routing needs only the header block.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from mailroom import message, notices, routing
+from mailroom.config import Config, ImapMailboxConfig, MailboxConfig
+
+__all__ = ["Action", "Verdict", "dead_letter_text", "decide", "notice_text"]
+
+
+class Action(enum.Enum):
+    """What happens to the message (before the webhook answers, for a delivery)."""
+
+    DELIVER = "deliver"
+    REJECT = "reject"
+    IGNORE = "ignore"
+    DEAD_LETTER = "dead-letter"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision on one message: ``why`` is the reject reason, the ignore rule, or why it
+    is dead-lettered; ``decision`` is routing's own (None when it was not asked)."""
+
+    action: Action
+    why: str
+    parsed: message.ParsedMessage
+    decision: routing.Decision | None
+
+    @property
+    def notice(self) -> bool:
+        """Whether a reject notice may go (the policy still decides to whom)."""
+        return self.action is Action.REJECT or self.why == notices.TOO_LARGE
+
+
+def decide(parsed: message.ParsedMessage, mailbox: MailboxConfig, *, too_large: bool) -> Verdict:
+    """The decision the dispatcher takes for ``parsed`` in ``mailbox``; ``too_large``: the
+    server said it is over ``max_message_bytes`` (only its header block was read)."""
+    if too_large:
+        return Verdict(Action.DEAD_LETTER, notices.TOO_LARGE, parsed, None)
+    decision = routing.decide(parsed, mailbox.routing)
+    if isinstance(decision, routing.Ignore):
+        return Verdict(Action.IGNORE, decision.rule, parsed, decision)
+    if isinstance(decision, routing.Reject):
+        if decision.reason == routing.UNPARSABLE_MESSAGE:  # no sender to tell
+            return Verdict(Action.DEAD_LETTER, decision.reason, parsed, decision)
+        return Verdict(Action.REJECT, decision.reason, parsed, decision)
+    return Verdict(Action.DELIVER, "", parsed, decision)
+
+
+def dead_letter_text(mailbox: MailboxConfig) -> str:
+    """Where a dead letter of ``mailbox`` goes."""
+    if mailbox.failed_folder is not None:
+        return f"moved to {mailbox.failed_folder} (failed_folder)"
+    if isinstance(mailbox, ImapMailboxConfig):
+        return "flagged $MailroomFailed and \\Seen, left in place (no failed_folder)"
+    return "categorised MailroomFailed and read, left in place (no failed_folder)"
+
+
+def notice_text(parsed: message.ParsedMessage, rules: routing.RoutingRules, config: Config) -> str:
+    """Who would get a reject notice, or why nobody would (the rate limit aside)."""
+    settings = config.reject_notices
+    if settings is None:
+        return "none: reject_notices is not configured"
+    recipient = notices.notice_recipient(
+        parsed,
+        rules,
+        require_authenticated_sender=settings.require_authenticated_sender,
+        authserv_ids=settings.trusted_authserv_ids,
+    )
+    if recipient.address is None:
+        return f"none: {recipient.refused}"
+    return f"a reject notice to {recipient.address} (at most one per sender and reason a day)"

@@ -1,0 +1,230 @@
+"""Posting to the webhooks: one aiohttp session, slots, retries and a circuit per webhook.
+
+``Webhooks.deliver`` brings one message to an answer: it posts (at most ``webhook.concurrency``
+at once per webhook; a message waiting out a retry holds no slot), retries transient failures
+with capped, jittered backoff (never sooner than a ``Retry-After``), and returns the outcome the
+answer means (``webhook.classify``). Each webhook has a circuit breaker (``mailroom.circuit``):
+during an outage one probe request goes at a time and the other messages wait without sending
+or logging. Requests go through the proxy ``mailroom.proxies`` names for the URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from mailroom import routing
+from mailroom.backoff import backoff_delay
+from mailroom.circuit import Circuit
+from mailroom.config import Config, WebhookConfig
+from mailroom.envelope import Envelope, Outcome
+from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
+from mailroom.monitor import Monitor
+from mailroom.proxies import proxy_for
+from mailroom.tls import client_context
+from mailroom.webhook import MAX_ANSWER_BYTES, Rejected, classify, labels, request_headers
+from mailroom.webhook import retry_after as parse_retry_after
+
+__all__ = ["Webhook", "Webhooks"]
+
+log = logging.getLogger("mailroom.dispatch")
+
+
+class Webhook:
+    """One configured webhook: its slots, its circuit, its TLS settings, its request builder."""
+
+    def __init__(self, config: WebhookConfig, label: str, monitor: Monitor) -> None:
+        self.config = config
+        self.label = label
+        self.slots = asyncio.Semaphore(config.concurrency)
+        retry = config.retry
+        self.circuit = Circuit(label, initial_s=retry.initial_s, max_s=retry.max_s, monitor=monitor)
+        self.ssl: ssl.SSLContext | bool = True
+        if config.url.startswith("https:"):
+            self.ssl = client_context(ca_file=config.ca_file, verify=config.tls_verify)
+        self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+
+    def headers(self, envelope: Envelope, key: str | None, body: bytes) -> dict[str, str]:
+        headers = request_headers(
+            self.config,
+            webhook_id=envelope.idempotency_key,
+            body=body,
+            content_type=self.config.request_content_type,
+        )
+        headers["X-Mailroom-Mailbox"] = envelope.mailbox
+        if key is not None:
+            headers["X-Mailroom-Key"] = quote(key, safe="!#$&'*+-.^_`|~=@")
+        return headers
+
+
+class Webhooks:
+    """The webhooks of one process; ``async with`` owns the HTTP session."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = monitor
+        self.by_config: dict[WebhookConfig, Webhook] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self.in_flight = 0
+
+    async def __aenter__(self) -> Webhooks:
+        # One session for every webhook; per-request timeouts come from each webhook's config.
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            trust_env=False,  # proxies come from mailroom.proxies; .netrc is never read
+            cookie_jar=aiohttp.DummyCookieJar(),  # a webhook sets no cookies we would keep
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def prepare(self, config: Config) -> dict[WebhookConfig, Webhook]:
+        """The webhooks ``config`` names; an unchanged one keeps its slots and circuit."""
+        named = labels(m.webhook for m in config.mailboxes)
+        return {
+            hook: self.by_config.get(hook) or Webhook(hook, label, self._monitor)
+            for hook, label in named.items()
+        }
+
+    async def deliver(
+        self,
+        envelope: Envelope,
+        decision: routing.Deliver,
+        config: WebhookConfig,
+        body: bytes,
+        fields: dict[str, Any],
+    ) -> Outcome | Rejected:
+        """Post ``body`` until the webhook gives an answer that settles it."""
+        webhook = self.by_config[config]
+        circuit = webhook.circuit
+        retry = config.retry
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            waited = time.monotonic() - started
+            left = None if retry.give_up_after_s is None else retry.give_up_after_s - waited
+            if not await circuit.admit(left):
+                return _give_up(envelope, waited, attempt, "the webhook's circuit is open", fields)
+            attempt += 1
+            fields["attempt"] = attempt
+            try:
+                async with webhook.slots:
+                    result = await self._post(webhook, envelope, decision.key, body, fields)
+            except PermanentDeliveryError as exc:
+                circuit.answered()
+                log.error(
+                    "%s: %s: webhook refused it for good: %s; dead-lettering",
+                    envelope.mailbox,
+                    envelope.ref,
+                    exc,
+                    extra=fields,
+                )
+                return Outcome.DEAD_LETTERED
+            except TransientDeliveryError as exc:
+                circuit.failed(str(exc), exc.retry_after_s)
+                if circuit.is_open:
+                    continue  # the circuit paces the retries now, and logged the outage
+                delay = backoff_delay(attempt, initial_s=retry.initial_s, max_s=retry.max_s)
+                if exc.retry_after_s is not None:
+                    # Not sooner than asked, nor sooner than the backoff: "Retry-After: 0"
+                    # from a struggling server must not become a tight loop.
+                    delay = min(max(exc.retry_after_s, delay), retry.max_s)
+                waited = time.monotonic() - started
+                if retry.give_up_after_s is not None and waited + delay > retry.give_up_after_s:
+                    return _give_up(envelope, waited, attempt, str(exc), fields)
+                log.log(
+                    logging.ERROR if exc.misconfigured else logging.WARNING,
+                    "%s: %s: webhook attempt %d failed: %s; retrying in %.1fs",
+                    envelope.mailbox,
+                    envelope.ref,
+                    attempt,
+                    exc,
+                    delay,
+                    extra={**fields, "delay_s": round(delay, 3)},
+                )
+                await asyncio.sleep(delay)
+            except BaseException:
+                circuit.abandoned()
+                raise
+            else:
+                circuit.answered()
+                return result
+
+    async def _post(
+        self,
+        webhook: Webhook,
+        envelope: Envelope,
+        key: str | None,
+        body: bytes,
+        fields: dict[str, Any],
+    ) -> Outcome | Rejected:
+        assert self._session is not None, "use Webhooks in `async with`"
+        config = webhook.config
+        self.in_flight += 1
+        started = time.monotonic()
+        status_class = "error"  # no answer: a timeout or a connection error
+        try:
+            async with self._session.post(
+                config.url,
+                data=body,
+                headers=webhook.headers(envelope, key, body),
+                timeout=webhook.timeout,
+                allow_redirects=False,
+                ssl=webhook.ssl,
+                proxy=proxy_for(config.url, config.proxy),
+            ) as response:
+                status = response.status
+                status_class = f"{min(max(status // 100, 2), 5)}xx"
+                delay_s = parse_retry_after(response.headers.get("Retry-After"))
+                try:
+                    answer = await _read_bounded(response, MAX_ANSWER_BYTES)
+                except (aiohttp.ClientError, TimeoutError):
+                    if not 200 <= status < 300:
+                        raise
+                    answer = b""  # the status is the answer; a 2xx must not be posted again
+        except TimeoutError as exc:
+            raise TransientDeliveryError(f"no answer within {config.timeout_s:g}s") from exc
+        except aiohttp.ClientError as exc:
+            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self.in_flight -= 1
+            self._monitor.webhook(envelope.mailbox, status_class, time.monotonic() - started)
+        fields["status"] = status
+        return classify(status, answer, delay_s, config)
+
+
+def _give_up(
+    envelope: Envelope, waited: float, attempts: int, last: str, fields: dict[str, Any]
+) -> Outcome:
+    log.error(
+        "%s: %s: webhook failed for %.0fs (%d attempts, last: %s); giving up "
+        "(retry.give_up_after) and dead-lettering",
+        envelope.mailbox,
+        envelope.ref,
+        waited,
+        attempts,
+        last,
+        extra=fields,
+    )
+    return Outcome.DEAD_LETTERED
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read at most ``limit`` bytes of an answer: we only need a 422's reason."""
+    chunks: list[bytes] = []
+    size = 0
+    content = response.content
+    while size < limit and not content.at_eof():  # at_eof: spares a read that would say b""
+        chunk = await content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
