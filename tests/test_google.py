@@ -35,6 +35,7 @@ from tests.servers.google import (
     ServiceAccount,
     key_file_text,
 )
+from tests.servers.proxy import HttpProxy
 from tests.servers.webhook import WebhookReceiver
 
 
@@ -386,3 +387,18 @@ async def test_mailroom_check_gets_a_token_and_logs_in(
     )
     assert results["imap[good]", "login"].detail == f"logged in as {account.user} (XOAUTH2)"
     assert bad.status == "FAIL" and f"give client ID {forgotten.client_id}" in bad.detail
+
+
+async def test_the_token_request_takes_the_oauth_blocks_proxy(google: GoogleOAuth) -> None:
+    app = google.add_installed_app()
+    oauth = installed_app_oauth(google, app, google.grant(app, "a@example.com"))
+    box = {"address": "a@example.com", "host": "h", "user": "a@example.com", "auth": "xoauth2"}
+    async with HttpProxy() as proxy:
+        config = google_oauth({**box, "oauth": {**oauth, "proxy": proxy.url}})
+        provider = GoogleTokenProvider(config, label="a")
+        try:
+            await provider.token()
+        finally:
+            provider.close()
+    assert proxy.targets() == [f"127.0.0.1:{google.port}"]
+    assert all(line.startswith("CONNECT ") for line in proxy.seen)  # TLS end to end
