@@ -5,7 +5,7 @@ certificate uploaded to the app; for Microsoft Graph and for IMAP XOAUTH2 (a rea
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -50,6 +50,17 @@ def app_options(mock: EntraGraph, certificate_file: str, **more: Any) -> dict[st
     }
 
 
+def graph_mailbox(mock: EntraGraph, certificate_file: str) -> dict[str, Any]:
+    options = app_options(mock, certificate_file, graph_endpoint=mock.graph_endpoint)
+    return {
+        "id": "graph",
+        "inbox_method": "microsoft_graph",
+        "address": "incoming+%{key}@example.com",
+        "user": "incoming@contoso.onmicrosoft.com",
+        "inbox_options": {**options, "poll_interval": 0.1},
+    }
+
+
 def assertion_was_used(mock: EntraGraph) -> dict[str, Any]:
     """The one token request's form: a client assertion, no secret; its JWT header."""
     (request,) = mock.of_kind("token")
@@ -63,17 +74,7 @@ async def test_graph_with_a_certificate(
     entra: EntraGraph, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
     entra.add_message(message(1))
-    box = {
-        "id": "graph",
-        "inbox_method": "microsoft_graph",
-        "address": "incoming+%{key}@example.com",
-        "user": "incoming@contoso.onmicrosoft.com",
-        "inbox_options": {
-            **app_options(entra, pem_file(tmp_path, key_pair("entra-app"))),
-            "graph_endpoint": entra.graph_endpoint,
-            "poll_interval": 0.1,
-        },
-    }
+    box = graph_mailbox(entra, pem_file(tmp_path, key_pair("entra-app")))
     async with running(parse_config(config_dict([box], webhook.url), env={})):
         (request,) = await webhook.wait_for(1)
     assert request.json()["subject"] == "test 1"
@@ -81,19 +82,13 @@ async def test_graph_with_a_certificate(
     assert header["alg"] == "RS256" and "x5t" in header  # the SHA-1 thumbprint, computed
 
 
-@pytest.fixture
-def oauth_dovecot(entra: EntraGraph) -> Iterator[Dovecot]:
-    server = Dovecot(oauth2_introspection_url=entra.introspection_url)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 async def test_imap_xoauth2_with_a_certificate_and_its_thumbprint(
-    entra: EntraGraph, oauth_dovecot: Dovecot, webhook: WebhookReceiver, tmp_path: Path
+    entra: EntraGraph,
+    dovecot_factory: Callable[..., Dovecot],
+    webhook: WebhookReceiver,
+    tmp_path: Path,
 ) -> None:
+    oauth_dovecot = dovecot_factory(oauth2_introspection_url=entra.introspection_url)
     account = oauth_dovecot.add_user()
     entra.grants[CLIENT] = account.user
     await oauth_dovecot.aappend(account, message(1))
@@ -112,16 +107,7 @@ async def test_a_certificate_the_app_does_not_have_is_said_clearly(
     entra: EntraGraph, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     other = key_pair("not-uploaded")
-    box = {
-        "id": "graph",
-        "inbox_method": "microsoft_graph",
-        "address": "incoming+%{key}@example.com",
-        "user": "incoming@contoso.onmicrosoft.com",
-        "inbox_options": {
-            **app_options(entra, pem_file(tmp_path, other)),
-            "graph_endpoint": entra.graph_endpoint,
-        },
-    }
+    box = graph_mailbox(entra, pem_file(tmp_path, other))
 
     async def refused() -> bool:
         return any(r.getMessage().startswith("graph: TokenError") for r in caplog.records)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +46,9 @@ async def google() -> AsyncIterator[GoogleOAuth]:
 
 
 @pytest.fixture
-def gmail(google: GoogleOAuth) -> Iterator[Dovecot]:
+def gmail(google: GoogleOAuth, dovecot_factory: Callable[..., Dovecot]) -> Dovecot:
     """A private Dovecot standing in for Gmail's IMAP: XOAUTH2 checked by the mock Google."""
-    server = Dovecot(oauth2_introspection_url=google.introspection_url)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
+    return dovecot_factory(oauth2_introspection_url=google.introspection_url)
 
 
 def workspace_user(server: Dovecot, google: GoogleOAuth) -> Account:
@@ -92,11 +87,24 @@ def gmail_mailbox(
     return mailbox_dict(server, account, password=None, auth="xoauth2", oauth=oauth, **more)
 
 
-def google_oauth(box: dict[str, Any]) -> GoogleOAuthConfig:
-    config = parse_config(config_dict([box], "https://app.example/hook"), env={})
+def google_oauth(oauth: dict[str, Any], user: str = "a@example.com") -> GoogleOAuthConfig:
+    """The loaded ``oauth`` block of a Gmail mailbox of ``user``."""
+    box = {"address": user, "host": "imap.gmail.com", "user": user, "auth": "xoauth2"}
+    config = parse_config(config_dict([{**box, "oauth": oauth}], "https://app/hook"), env={})
     mailbox = config.mailboxes[0]
     assert isinstance(mailbox, ImapMailboxConfig) and isinstance(mailbox.oauth, GoogleOAuthConfig)
     return mailbox.oauth
+
+
+async def deliver_one(
+    server: Dovecot, account: Account, oauth: dict[str, Any], webhook: WebhookReceiver
+) -> None:
+    """A message appended to ``account``, mailroom run until the webhook has it."""
+    await server.aappend(account, message(1))
+    box = gmail_mailbox(server, account, oauth)
+    async with running(parse_config(config_dict([box], webhook.url), env={})):
+        (request,) = await webhook.wait_for(1)
+    assert request.json()["subject"] == "test 1"
 
 
 def logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
@@ -113,11 +121,7 @@ async def test_a_service_account_acts_as_the_mailbox_user(
     account = workspace_user(gmail, google)
     service = google.add_service_account()
     google.delegate(service)
-    await gmail.aappend(account, message(1))
-    box = gmail_mailbox(gmail, account, service_account_oauth(google, service, tmp_path))
-    async with running(parse_config(config_dict([box], webhook.url), env={})):
-        (request,) = await webhook.wait_for(1)
-    assert request.json()["subject"] == "test 1"
+    await deliver_one(gmail, account, service_account_oauth(google, service, tmp_path), webhook)
     (grant,) = google.of_kind("token")
     assert (grant.form["grant_type"], grant.status) == (JWT_BEARER, 200)
     claims = jwt.decode(grant.form["assertion"], options={"verify_signature": False})
@@ -137,11 +141,7 @@ async def test_an_installed_app_refresh_token_logs_in(
     account = gmail.add_user(f"support-{secrets.token_hex(3)}@gmail.example")
     app = google.add_installed_app()
     refresh_token = google.grant(app, account.user)
-    await gmail.aappend(account, message(1))
-    box = gmail_mailbox(gmail, account, installed_app_oauth(google, app, refresh_token))
-    async with running(parse_config(config_dict([box], webhook.url), env={})):
-        (request,) = await webhook.wait_for(1)
-    assert request.json()["subject"] == "test 1"
+    await deliver_one(gmail, account, installed_app_oauth(google, app, refresh_token), webhook)
     (grant,) = google.of_kind("token")
     assert grant.form["grant_type"] == "refresh_token" and grant.form["scope"] == GMAIL_SCOPE
     assert logged(
@@ -255,15 +255,7 @@ async def test_tokens_are_cached_refreshed_and_invalidated(
     service = google.add_service_account()
     google.delegate(service)
     google.users.add("a@example.com")
-    oauth = google_oauth(
-        {
-            "address": "a@example.com",
-            "host": "imap.gmail.com",
-            "user": "a@example.com",
-            "auth": "xoauth2",
-            "oauth": service_account_oauth(google, service, tmp_path),
-        }
-    )
+    oauth = google_oauth(service_account_oauth(google, service, tmp_path))
     provider = GoogleTokenProvider(oauth, label="a")
     try:
         first = await provider.token()
@@ -281,23 +273,10 @@ async def test_one_provider_per_credential_and_user(google: GoogleOAuth, tmp_pat
     service = google.add_service_account()
     app = google.add_installed_app()
     refresh_token = google.grant(app, "c@example.com")
-
-    def box(user: str, oauth: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "address": user,
-            "host": "imap.gmail.com",
-            "user": user,
-            "auth": "xoauth2",
-            "oauth": oauth,
-        }
-
     account_oauth = service_account_oauth(google, service, tmp_path)
-    a1, a2 = (
-        google_oauth(box("a@example.com", account_oauth)),
-        google_oauth(box("a@example.com", account_oauth)),
-    )
-    b = google_oauth(box("b@example.com", account_oauth))
-    c = google_oauth(box("c@example.com", installed_app_oauth(google, app, refresh_token)))
+    a1, a2 = google_oauth(account_oauth), google_oauth(account_oauth)
+    b = google_oauth(account_oauth, "b@example.com")
+    c = google_oauth(installed_app_oauth(google, app, refresh_token), "c@example.com")
     providers = TokenProviders()
     try:
         assert providers.get(a1, label="a1") is providers.get(a2, label="a2")
@@ -324,16 +303,9 @@ async def test_one_provider_per_credential_and_user(google: GoogleOAuth, tmp_pat
 async def test_what_the_token_endpoint_answers_becomes_a_clear_error(
     google: GoogleOAuth, tmp_path: Path, status: int, answer: dict[str, Any], expected: str
 ) -> None:
-    service = google.add_service_account()
-    box = {
-        "address": "a@example.com",
-        "host": "imap.gmail.com",
-        "user": "a@example.com",
-        "auth": "xoauth2",
-        "oauth": service_account_oauth(google, service, tmp_path),
-    }
+    oauth = google_oauth(service_account_oauth(google, google.add_service_account(), tmp_path))
     google.fail_next(status, answer)
-    provider = GoogleTokenProvider(google_oauth(box), label="a")
+    provider = GoogleTokenProvider(oauth, label="a")
     try:
         with pytest.raises(TokenError) as caught:
             await provider.token()
@@ -353,8 +325,7 @@ async def test_a_token_endpoint_signed_by_an_unknown_ca_is_said_clearly(
     app = google.add_installed_app()
     oauth = installed_app_oauth(google, app, google.grant(app, "a@example.com"))
     oauth.pop("ca_file")
-    box = {"address": "a@example.com", "host": "h", "user": "a@example.com", "auth": "xoauth2"}
-    provider = GoogleTokenProvider(google_oauth({**box, "oauth": oauth}), label="a")
+    provider = GoogleTokenProvider(google_oauth(oauth), label="a")
     try:
         with pytest.raises(TokenError, match="not trusted; set ca_file to the CA that signed it"):
             await provider.token()
@@ -392,9 +363,8 @@ async def test_mailroom_check_gets_a_token_and_logs_in(
 async def test_the_token_request_takes_the_oauth_blocks_proxy(google: GoogleOAuth) -> None:
     app = google.add_installed_app()
     oauth = installed_app_oauth(google, app, google.grant(app, "a@example.com"))
-    box = {"address": "a@example.com", "host": "h", "user": "a@example.com", "auth": "xoauth2"}
     async with HttpProxy() as proxy:
-        config = google_oauth({**box, "oauth": {**oauth, "proxy": proxy.url}})
+        config = google_oauth({**oauth, "proxy": proxy.url})
         provider = GoogleTokenProvider(config, label="a")
         try:
             await provider.token()

@@ -26,12 +26,10 @@ Failures are injected per kind (``"token"``, ``"list"``, ``"value"``, ``"patch"`
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import re
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from yarl import URL
 
-from tests.servers import tls
+from tests.servers.https import HttpsMock
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 GRAPH_MESSAGE = re.compile(r"^/v1\.0/users/([^/]+)/messages/([^/]+)$")
@@ -89,8 +87,10 @@ class Request:
     at: float
 
 
-class EntraGraph:
+class EntraGraph(HttpsMock):
     """The mock identity provider and Graph service; ``async with EntraGraph() as mock``."""
+
+    name = "mock Graph"
 
     def __init__(
         self,
@@ -100,6 +100,7 @@ class EntraGraph:
         graph_prefix: str = "",
         page_size: int | None = None,
     ) -> None:
+        super().__init__()
         self.tenant = tenant
         self.clients = dict(clients or {"app-client": "app-secret-0123456789"})
         self.certificates: dict[str, list[x509.Certificate]] = {}  # client id → uploaded ones
@@ -114,10 +115,7 @@ class EntraGraph:
         self.folders: dict[str, str] = {}  # displayName → id (user folders)
         self.requests: list[Request] = []
         self.introspected: list[tuple[str, bool]] = []  # (token, active) as answered
-        self.port = 0
         self._failures: dict[str, list[tuple[int, dict[str, str], bytes | None]]] = {}
-        self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -170,34 +168,7 @@ class EntraGraph:
         """How many message listings started after ``at`` (time.monotonic())."""
         return sum(1 for r in self.of_kind("list") if r.at > at)
 
-    async def wait_for(
-        self, check: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition"
-    ) -> None:
-        """Wait (bounded) until ``check()`` holds; it is re-checked on every request."""
-        async with self._changed:
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._changed.wait_for(check)
-            except TimeoutError:
-                raise AssertionError(f"mock Graph: timed out after {timeout}s: {what}") from None
-
     # -- server ------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> EntraGraph:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=tls.server_ssl_context())
-        await site.start()
-        for address in self._runner.addresses:
-            if isinstance(address, tuple):
-                self.port = int(address[1])
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -227,8 +198,7 @@ class EntraGraph:
                 time.monotonic(),
             )
         )
-        async with self._changed:
-            self._changed.notify_all()
+        await self._changed_now()
         return response
 
     def _route(self, request: web.Request) -> tuple[str, Any]:

@@ -20,18 +20,16 @@ recorded; ``fail_next`` injects failures; ``wait_for`` awaits a condition on the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 from aiohttp import web
 
-from tests.servers import tls
+from tests.servers.https import HttpsMock
 from tests.servers.keys import KeyPair, key_pair
 
 GOOGLE_AUDIENCE = "https://oauth2.googleapis.com/token"  # what google-auth puts in ``aud``
@@ -93,10 +91,13 @@ class Request:
     at: float
 
 
-class GoogleOAuth:
+class GoogleOAuth(HttpsMock):
     """The mock token endpoint; ``async with GoogleOAuth() as google``."""
 
+    name = "mock Google"
+
     def __init__(self) -> None:
+        super().__init__()
         self.users: set[str] = set()  # the Workspace domain's users (valid ``sub``)
         self.accounts: dict[str, ServiceAccount] = {}  # client_email → account
         self.delegations: dict[str, frozenset[str]] = {}  # client ID → scopes (Admin console)
@@ -105,10 +106,7 @@ class GoogleOAuth:
         self.token_lifetime_s = 3599
         self.requests: list[Request] = []
         self.introspected: list[tuple[str, bool]] = []
-        self.port = 0
         self._failures: list[tuple[int, dict[str, Any]]] = []
-        self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
 
     @property
     def token_uri(self) -> str:
@@ -163,34 +161,7 @@ class GoogleOAuth:
     def of_kind(self, kind: str) -> list[Request]:
         return [r for r in self.requests if r.kind == kind]
 
-    async def wait_for(
-        self, check: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition"
-    ) -> None:
-        """Wait (bounded) until ``check()`` holds; it is re-checked on every request."""
-        async with self._changed:
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._changed.wait_for(check)
-            except TimeoutError:
-                raise AssertionError(f"mock Google: timed out after {timeout}s: {what}") from None
-
     # -- server ------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> GoogleOAuth:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=tls.server_ssl_context())
-        await site.start()
-        for address in self._runner.addresses:
-            if isinstance(address, tuple):
-                self.port = int(address[1])
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         form = {k: str(v) for k, v in (await request.post()).items()}
@@ -204,8 +175,7 @@ class GoogleOAuth:
         else:
             status, answer = self._introspect(form)
         self.requests.append(Request(kind, form, status, answer, time.monotonic()))
-        async with self._changed:
-            self._changed.notify_all()
+        await self._changed_now()
         return web.json_response(answer, status=status)
 
     def _token(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
