@@ -107,7 +107,7 @@ def entra(section: Section, *, scope: str | None) -> OAuthConfig:
         )
     if secret is not None and certificate is not None:
         section.fail(
-            "client_certificate_file",
+            _written(section, "client_certificate"),
             "give either client_secret or a client certificate, not both",
         )
     return OAuthConfig(
