@@ -25,18 +25,18 @@ import logging
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol, overload
 
 import msal
 import requests
 import requests.adapters
 
-from mailroom.config import OAuthConfig
+from mailroom.config import GoogleOAuthConfig, ImapOAuthConfig, OAuthConfig
 from mailroom.errors import TokenError
 from mailroom.proxies import proxy_for
 from mailroom.tls import client_context
 
-__all__ = ["TokenProvider", "TokenProviders"]
+__all__ = ["TokenProvider", "TokenProviders", "Tokens", "token_provider"]
 
 log = logging.getLogger("mailroom.auth")
 
@@ -57,7 +57,7 @@ def _pool() -> ThreadPoolExecutor:
 class _Adapter(requests.adapters.HTTPAdapter):
     """Hands urllib3 mailroom's TLS context, and nothing of requests' own CA choice."""
 
-    def __init__(self, config: OAuthConfig) -> None:
+    def __init__(self, config: ImapOAuthConfig) -> None:
         self._context = client_context(
             ca_file=config.ca_file, verify=config.tls_verify, private=True
         )
@@ -78,7 +78,8 @@ class _Adapter(requests.adapters.HTTPAdapter):
 
 
 class _Session(requests.Session):
-    """The HTTP client handed to msal: trust decided by ``mailroom.tls``, like every client.
+    """The HTTP client handed to msal and google-auth: trust decided by ``mailroom.tls``, like
+    every client.
 
     ``trust_env = False``: requests would otherwise let ``CURL_CA_BUNDLE`` replace the trust
     (and read .netrc credentials); the proxy comes from ``mailroom.proxies`` (the config's
@@ -88,7 +89,7 @@ class _Session(requests.Session):
     on every request.
     """
 
-    def __init__(self, config: OAuthConfig, timeout_s: float) -> None:
+    def __init__(self, config: ImapOAuthConfig, timeout_s: float) -> None:
         super().__init__()
         self.trust_env = False
         self._proxy = config.proxy
@@ -183,7 +184,7 @@ class TokenProvider:
         self._session = _Session(config, HTTP_TIMEOUT_S)
         return msal.ConfidentialClientApplication(
             config.client_id,
-            client_credential=config.client_secret.reveal(),
+            client_credential=_credential(config),
             authority=config.authority,
             http_client=self._session,
             # Instance discovery asks login.microsoftonline.com whether an unfamiliar authority
@@ -222,6 +223,19 @@ class TokenProvider:
             raise TokenError(f"{what}: {config.authority}: {_first_line(exc)}") from exc
 
 
+def _credential(config: OAuthConfig) -> str | dict[str, str]:
+    """msal's ``client_credential``: the secret, or a certificate's key and SHA-1 thumbprint
+    (msal signs a client assertion with them, ``private_key_jwt``, RFC 7523 §2.2)."""
+    if config.client_certificate is not None:
+        certificate = config.client_certificate
+        return {
+            "private_key": certificate.private_key.reveal(),
+            "thumbprint": certificate.thumbprint,
+        }
+    assert config.client_secret is not None  # one of the two, checked at load
+    return config.client_secret.reveal()
+
+
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
@@ -229,29 +243,66 @@ def _first_line(exc: Exception) -> str:
 def _hint(code: str) -> str:
     # Entra's codes (RFC 6749 §5.2 plus AADSTS numbers in the description).
     return {
-        "invalid_client": "; check client_id and client_secret (secrets expire in Entra)",
+        "invalid_client": (
+            "; check client_id and client_secret or the certificate (secrets and certificates "
+            "expire in Entra; the certificate must be uploaded to this app registration)"
+        ),
         "unauthorized_client": "; is the app registered in this tenant?",
         "invalid_scope": "; check graph_endpoint / scope (it must end in /.default)",
         "invalid_request": "; check tenant_id",
     }.get(code, "")
 
 
+class Tokens(Protocol):
+    """What a source needs of a token provider (Entra ID's ``TokenProvider`` or Google's)."""
+
+    label: str
+    scope: str
+    acquisitions: int
+
+    async def token(self) -> str: ...
+
+    def invalidate(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@overload
+def token_provider(config: OAuthConfig, *, label: str) -> TokenProvider: ...
+@overload
+def token_provider(config: ImapOAuthConfig, *, label: str) -> Tokens: ...
+def token_provider(config: ImapOAuthConfig, *, label: str) -> Tokens:
+    """A new provider for ``config``: Entra ID through msal, or Google through google-auth."""
+    if isinstance(config, GoogleOAuthConfig):
+        # Imported here: google_auth builds on this module (its session and thread pool), and
+        # google-auth is loaded only when a config names Google.
+        from mailroom.google_auth import GoogleTokenProvider  # noqa: PLC0415
+
+        return GoogleTokenProvider(config, label=label)
+    return TokenProvider(config, label=label)
+
+
 class TokenProviders:
     """The token providers of one process: one per app registration (authority, client id and
-    secret) and scope, shared by every mailbox that names them."""
+    credential) and scope, or per Google credential and the user it acts as, shared by every
+    mailbox that names them."""
 
     def __init__(self) -> None:
-        self._providers: dict[tuple[OAuthConfig, str], TokenProvider] = {}
+        self._providers: dict[tuple[ImapOAuthConfig, str], Tokens] = {}
 
-    def get(self, config: OAuthConfig, *, label: str) -> TokenProvider:
+    @overload
+    def get(self, config: OAuthConfig, *, label: str) -> TokenProvider: ...
+    @overload
+    def get(self, config: ImapOAuthConfig, *, label: str) -> Tokens: ...
+    def get(self, config: ImapOAuthConfig, *, label: str) -> Tokens:
         """The provider for ``config`` (made on first use; ``label`` names it in logs)."""
         key = (config, config.scope)
         provider = self._providers.get(key)
         if provider is None:
-            provider = self._providers[key] = TokenProvider(config, label=label)
+            provider = self._providers[key] = token_provider(config, label=label)
         return provider
 
-    def retain(self, configs: Iterable[OAuthConfig]) -> None:
+    def retain(self, configs: Iterable[ImapOAuthConfig]) -> None:
         """Close and forget the providers no longer named by ``configs`` (after a reload)."""
         keep = {(config, config.scope) for config in configs}
         for key in [key for key in self._providers if key not in keep]:

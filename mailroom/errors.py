@@ -9,7 +9,7 @@
     │   ├── ImapError                                 the IMAP server said NO/BAD or broke protocol
     │   │   ├── ImapAuthError                         login refused: retried, but says so loudly
     │   │   └── ImapConnectionLost(ImapError, ConnectionError)
-    │   ├── TokenError                                no OAuth token: Entra refused or unreachable
+    │   ├── TokenError                                no OAuth token: refused or unreachable
     │   └── GraphError                                Graph answered an error or was unreachable
     ├── ArbitrationError(MailroomError)               Redis (replicas) unreachable or refusing
     ├── DeliveryError(MailroomError)                  the webhook did not take the message
@@ -60,8 +60,9 @@ class ImapConnectionLost(ImapError, ConnectionError):
 class TokenError(SourceError):
     """No access token: the identity provider refused (``code``) or could not be reached.
 
-    ``code`` and ``description`` are Entra's ``error`` and ``error_description`` (RFC 6749
-    §5.2), e.g. ``invalid_client`` / ``AADSTS7000215: Invalid client secret provided``; they
+    ``code`` and ``description`` are the provider's ``error`` and ``error_description`` (RFC
+    6749 §5.2), e.g. ``invalid_client`` / ``AADSTS7000215: Invalid client secret provided``
+    from Entra ID, ``invalid_grant`` / ``Token has been expired or revoked.`` from Google; they
     never contain the secret itself.
     """
 

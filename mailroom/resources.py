@@ -3,7 +3,8 @@
 - the in-flight ``Budget`` (``limits.in_flight_messages`` / ``in_flight_bytes``) that sources
   reserve before they fetch, and the connect limit (``limits.connects``) that caps connects and
   logins at once: no storm at start, after an outage or after a reload;
-- token providers, one per app registration and scope (``auth.TokenProviders``);
+- token providers, one per app registration and scope, or per Google credential and the user it
+  acts as (``auth.TokenProviders``);
 - Microsoft Graph HTTP sessions, one per ``graph_endpoint`` and trust;
 - TLS contexts, one per ``(ca_file, tls_verify)`` (``mailroom.tls`` keeps them).
 
@@ -14,16 +15,19 @@ running (two-phase reload). ``retain(config)`` then closes what only the old con
 
 from __future__ import annotations
 
+from typing import overload
+
 import aiohttp
 
 from mailroom import tls
-from mailroom.auth import TokenProvider, TokenProviders
+from mailroom.auth import TokenProvider, TokenProviders, Tokens
 from mailroom.budget import Budget
 from mailroom.config import (
     Config,
     GraphInboxOptions,
     GraphMailboxConfig,
     ImapMailboxConfig,
+    ImapOAuthConfig,
     OAuthConfig,
 )
 from mailroom.sources import graph_client
@@ -33,8 +37,8 @@ __all__ = ["Resources"]
 GRAPH_CONNECTIONS = 32  # per graph_endpoint: Graph throttles per mailbox, not per connection
 
 
-def _oauth_configs(config: Config) -> list[OAuthConfig]:
-    found = []
+def _oauth_configs(config: Config) -> list[ImapOAuthConfig]:
+    found: list[ImapOAuthConfig] = []
     for mailbox in config.mailboxes:
         if isinstance(mailbox, GraphMailboxConfig):
             found.append(mailbox.inbox_options.oauth)
@@ -87,7 +91,11 @@ class Resources:
         self.budget.resize(messages=limits.in_flight_messages, size=limits.in_flight_bytes)
         self.connects.resize(messages=limits.connects, size=0)
 
-    def token_provider(self, oauth: OAuthConfig, *, label: str) -> TokenProvider:
+    @overload
+    def token_provider(self, oauth: OAuthConfig, *, label: str) -> TokenProvider: ...
+    @overload
+    def token_provider(self, oauth: ImapOAuthConfig, *, label: str) -> Tokens: ...
+    def token_provider(self, oauth: ImapOAuthConfig, *, label: str) -> Tokens:
         """The shared provider for ``oauth`` (``label``: the mailbox that first asks)."""
         return self.tokens.get(oauth, label=label)
 

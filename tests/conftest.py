@@ -39,13 +39,14 @@ def account(dovecot: Dovecot) -> Account:
 
 
 @pytest.fixture
-def dovecot_factory() -> Iterator[Callable[[], Dovecot]]:
-    """Start extra private Dovecots (for restart/kill tests); all are removed at teardown."""
+def dovecot_factory() -> Iterator[Callable[..., Dovecot]]:
+    """Start extra private Dovecots (for restart/kill tests, or with ``Dovecot``'s options such
+    as an oauth2 passdb); all are removed at teardown."""
     _require_dovecot()
     started: list[Dovecot] = []
 
-    def factory() -> Dovecot:
-        server = Dovecot()
+    def factory(**options: Any) -> Dovecot:
+        server = Dovecot(**options)
         started.append(server)
         server.start()
         return server

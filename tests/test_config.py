@@ -556,11 +556,13 @@ def test_the_example_config_reports_all_its_missing_secret_files_at_once(tmp_pat
     with pytest.raises(ConfigError) as caught:
         load_config(ROOT / "examples" / "mailroom.yml", env=env)
     lines = str(caught.value).splitlines()
-    assert lines[0] == "6 settings cannot be read; fix them all:"
+    assert lines[0] == "8 settings cannot be read; fix them all:"
     assert [line.split(":")[0].strip() for line in lines[1:]] == [
         "mailboxes[0].password_file",
         "mailboxes[1].inbox_options.client_secret_file",
         "mailboxes[2].oauth.client_secret_file",
+        "mailboxes[3].oauth.client_secret_file",
+        "mailboxes[3].oauth.refresh_token_file",
         "webhook.signing_secret_file",
         "webhook.jwt.secret_file",
         "reject_notices.smtp.password_file",

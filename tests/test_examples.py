@@ -10,7 +10,13 @@ import pytest
 import yaml
 
 from mailroom import cli
-from mailroom.config import Config, GraphMailboxConfig, ImapMailboxConfig, parse_config
+from mailroom.config import (
+    Config,
+    GoogleOAuthConfig,
+    GraphMailboxConfig,
+    ImapMailboxConfig,
+    parse_config,
+)
 from mailroom.config.sample import SAMPLE
 from tests.helpers import ROOT, WHSEC
 from tests.servers import tls
@@ -130,10 +136,11 @@ def test_example_config_loads(name: str, tmp_path: Path) -> None:
 
 def test_the_commented_example_shows_every_option(tmp_path: Path) -> None:
     config = load("mailroom.yml", tmp_path)
-    imap, graph, xoauth2 = config.mailboxes
+    imap, graph, xoauth2, gmail = config.mailboxes
     assert isinstance(imap, ImapMailboxConfig) and imap.id == "incoming"
     assert isinstance(graph, GraphMailboxConfig) and graph.inbox_options.poll_interval_s == 60
     assert isinstance(xoauth2, ImapMailboxConfig) and xoauth2.auth == "xoauth2"
+    assert isinstance(gmail, ImapMailboxConfig) and isinstance(gmail.oauth, GoogleOAuthConfig)
     assert imap.webhook.url == "https://app.internal/api/service_desk_email"
     assert config.webhook.jwt is not None and config.reject_notices is not None
     assert config.health is not None and (config.health.host, config.health.port) == (

@@ -129,6 +129,7 @@ def test_microsoft_graph_from_gitlabs_docs(tmp_path: Path) -> None:
     assert isinstance(box, GraphMailboxConfig)
     options = box.inbox_options
     assert (options.tenant_id, options.client_id) == ("YOUR-TENANT-ID", "YOUR-CLIENT-ID")
+    assert options.client_secret is not None
     assert options.client_secret.reveal() == "YOUR-CLIENT-SECRET"
     assert options.poll_interval_s == 60
     assert (box.user, box.mailbox) == ("incoming@example.onmicrosoft.com", "inbox")
@@ -144,6 +145,7 @@ def test_service_desk_from_gitlabs_docs(tmp_path: Path) -> None:
     assert desk.webhook.jwt.secret_file == str(tmp_path / "gitlab" / ".gitlab-mailroom-secret")
     assert isinstance(desk, GraphMailboxConfig)
     assert desk.inbox_options.graph_endpoint == "https://graph.microsoft.us"
+    assert desk.inbox_options.client_secret is not None
     assert desk.inbox_options.client_secret.reveal() == "client-secret-of-the-app"
     assert desk.routing.address.template == "project_contact+%{key}@example.onmicrosoft.com"
 

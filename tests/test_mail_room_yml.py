@@ -131,6 +131,7 @@ def test_a_graph_mailbox(tmp_path: Path) -> None:
 """
     (box,) = load_mail_room(write(tmp_path, text), env={}).mailboxes
     assert isinstance(box, GraphMailboxConfig)
+    assert box.inbox_options.client_secret is not None
     assert box.inbox_options.client_secret.reveal() == "graph-secret"
     assert box.inbox_options.poll_interval_s == 30 and not box.delete_after_delivery
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
-from mailroom.auth import TokenProvider
+from mailroom.auth import TokenProvider, token_provider
 from mailroom.check import route
 from mailroom.check.net import certificate, tcp
 from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
@@ -24,13 +24,13 @@ GRAPH_PAGES_AT_MOST = 10
 
 async def imap(report: Report, config: ImapMailboxConfig) -> None:
     target = Target(report, f"imap[{config.id}]")
-    tokens = TokenProvider(config.oauth, label=config.id) if config.oauth is not None else None
+    tokens = token_provider(config.oauth, label=config.id) if config.oauth is not None else None
     session: ImapSession | None = None
 
     async def token() -> Outcome:
         assert tokens is not None and config.oauth is not None
         await tokens.token()
-        return "OK", f"access token for {tokens.scope} acquired (client {config.oauth.client_id})"
+        return "OK", f"access token for {tokens.scope} acquired ({config.oauth.client})"
 
     async def connect() -> Outcome:
         nonlocal session

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,10 +12,10 @@ from mailroom.config.model import (
     GraphMailboxConfig,
     ImapMailboxConfig,
     MailboxConfig,
-    OAuthConfig,
     Secret,
     WebhookConfig,
 )
+from mailroom.config.oauth import entra, imap_oauth
 from mailroom.config.reader import (
     _HOST_RE,
     IDLE_TIMEOUT_MAX_S,
@@ -108,8 +107,12 @@ def _mailbox(
         if password is not None:
             section.fail("password", "auth: xoauth2 gets its token from the oauth block; remove it")
         if (oauth_section := section.section("oauth")) is None:
-            section.fail("oauth", "is required with auth: xoauth2 (tenant_id, client_id, ...)")
-        oauth = _oauth(oauth_section, scope=None)
+            section.fail(
+                "oauth",
+                "is required with auth: xoauth2 (Entra ID: tenant_id, client_id, client_secret; "
+                "or provider: google with service_account_file)",
+            )
+        oauth = imap_oauth(oauth_section, user=user)
         oauth_section.done()
     elif section.has("oauth"):
         section.fail("oauth", "is used only with auth: xoauth2; set auth: xoauth2 or remove it")
@@ -153,42 +156,6 @@ def _mailbox_webhook(section: Section, webhook_raw: dict[str, Any]) -> WebhookCo
     return _webhook(Section(merged, section.where("webhook"), section.env, section.base_dir))
 
 
-def _https_endpoint(section: Section, key: str, default: str) -> str:
-    """An https base URL without a trailing slash (msal accepts only https authorities)."""
-    return str(section.url(key, default)).rstrip("/")
-
-
-def _scope(section: Section) -> str:
-    """An OAuth scope, ``<resource URI>/.default``: where the URI has a host, no
-    ``user:password@``, query or fragment, as for every URL."""
-    default = "https://outlook.office365.com/.default"
-    scope = str(section.text("scope", default))
-    if "://" in scope:
-        section.url("scope", default, schemes=(scope.partition("://")[0],))
-    return scope
-
-
-def _oauth(section: Section, *, scope: str | None) -> OAuthConfig:
-    """``oauth:`` of an IMAP mailbox (``scope`` read from it) or a Graph mailbox's options."""
-    tenant_id = section.text("tenant_id")
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", tenant_id):
-        section.fail("tenant_id", f"{shown(tenant_id)} is not a tenant id or domain (Entra portal)")
-    secret = section.secret("client_secret", required=True)
-    assert secret is not None
-    return OAuthConfig(
-        tenant_id=tenant_id,
-        client_id=section.text("client_id"),
-        client_secret=secret,
-        azure_ad_endpoint=_https_endpoint(
-            section, "azure_ad_endpoint", "https://login.microsoftonline.com"
-        ),
-        scope=scope or _scope(section),
-        ca_file=section.ca_file(),
-        tls_verify=section.flag("tls_verify", True),
-        proxy=section.proxy(),
-    )
-
-
 def _graph_mailbox(
     section: Section, address: routing.AddressTemplate, webhook_raw: dict[str, Any], user: str
 ) -> GraphMailboxConfig:
@@ -198,14 +165,15 @@ def _graph_mailbox(
             section.fail(key, "is an IMAP setting; a microsoft_graph mailbox uses inbox_options")
     if (options_section := section.section("inbox_options")) is None:
         section.fail("inbox_options", "is required with inbox_method: microsoft_graph")
-    graph_endpoint = _https_endpoint(
-        options_section, "graph_endpoint", "https://graph.microsoft.com"
-    )
-    oauth = _oauth(options_section, scope=f"{graph_endpoint}/.default")
+    graph_endpoint = str(
+        options_section.url("graph_endpoint", "https://graph.microsoft.com")
+    ).rstrip("/")
+    oauth = entra(options_section, scope=f"{graph_endpoint}/.default")
     options = GraphInboxOptions(
         tenant_id=oauth.tenant_id,
         client_id=oauth.client_id,
         client_secret=oauth.client_secret,
+        client_certificate=oauth.client_certificate,
         poll_interval_s=options_section.number("poll_interval", 60.0, lo=0.1, hi=86_400),
         azure_ad_endpoint=oauth.azure_ad_endpoint,
         graph_endpoint=graph_endpoint,

@@ -114,7 +114,7 @@ class ImapMailboxConfig:
     user: str
     password: Secret | None = field(default=None, repr=False)  # None with auth: xoauth2
     auth: Literal["password", "xoauth2"] = "password"
-    oauth: OAuthConfig | None = None  # the token source for auth: xoauth2
+    oauth: ImapOAuthConfig | None = None  # the token source for auth: xoauth2
     mailbox: str = "INBOX"
     idle_timeout_s: float = 60.0
     search_command: str = "UNSEEN"
@@ -141,12 +141,24 @@ FAILED_KEYWORD = "$MailroomFailed"  # the IMAP keyword of a dead letter without 
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ClientCertificate:
+    """An Entra ID certificate credential: the app signs a client assertion with this key
+    (``private_key_jwt``, RFC 7523 §2.2) and Entra finds the certificate uploaded to the app
+    registration by its thumbprint. Checked at load: an RSA key that loads."""
+
+    private_key: Secret = field(repr=False)  # PEM (PKCS#8, unencrypted), without the certificate
+    thumbprint: str  # SHA-1 of the certificate (DER): 40 upper-case hex digits, as Entra shows it
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OAuthConfig:
-    """An Entra ID app registration asking for client-credentials tokens (RFC 6749 §4.4)."""
+    """An Entra ID app registration asking for client-credentials tokens (RFC 6749 §4.4), with
+    a client secret or a certificate (exactly one of them, checked at load)."""
 
     tenant_id: str
     client_id: str
-    client_secret: Secret = field(repr=False)
+    client_secret: Secret | None = field(default=None, repr=False)
+    client_certificate: ClientCertificate | None = None
     azure_ad_endpoint: str = "https://login.microsoftonline.com"  # authority host, no tenant
     scope: str = "https://outlook.office365.com/.default"
     ca_file: str | None = None  # trusted on top of the system store, for a private CA
@@ -157,6 +169,63 @@ class OAuthConfig:
     def authority(self) -> str:
         return f"{self.azure_ad_endpoint}/{self.tenant_id}"
 
+    @property
+    def client(self) -> str:
+        """Who asks for tokens, for log lines and messages (no secret)."""
+        return f"client {self.client_id}"
+
+
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+GMAIL_SCOPE = "https://mail.google.com/"  # the only scope that Gmail's IMAP accepts
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GoogleServiceAccount:
+    """A Google service account's JSON key (a secret) for domain-wide delegation; checked at
+    load (``type``, ``client_email``, ``client_id``, an RSA ``private_key`` that loads)."""
+
+    key: Secret = field(repr=False)  # the key file's JSON text
+    client_email: str
+    client_id: str  # the "unique ID" that the Admin console's domain-wide delegation names
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GoogleRefreshToken:
+    """An installed (desktop) app's OAuth client and the refresh token a user granted it
+    (RFC 6749 §6)."""
+
+    client_id: str
+    client_secret: Secret = field(repr=False)
+    refresh_token: Secret = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GoogleOAuthConfig:
+    """``oauth: {provider: google}``: Gmail and Google Workspace access tokens for XOAUTH2.
+
+    A service account acts as ``subject`` (the mailbox's ``user``); a refresh token acts as
+    the user who granted it, and ``subject`` is None. One token source per (credential,
+    subject): mailboxes that name the same share it."""
+
+    credential: GoogleServiceAccount | GoogleRefreshToken
+    subject: str | None = None
+    token_uri: str = GOOGLE_TOKEN_URI
+    scope: str = GMAIL_SCOPE
+    ca_file: str | None = None  # trusted on top of the system store, for a private CA
+    tls_verify: bool = True
+    proxy: str | None = field(default=None, repr=False)  # None: the environment; "direct"
+
+    @property
+    def client(self) -> str:
+        """Who asks for tokens, for log lines and messages (no secret)."""
+        credential = self.credential
+        if isinstance(credential, GoogleServiceAccount):
+            return f"service account {credential.client_email} as {self.subject}"
+        return f"client {credential.client_id}"
+
+
+ImapOAuthConfig = OAuthConfig | GoogleOAuthConfig
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GraphInboxOptions:
@@ -164,7 +233,8 @@ class GraphInboxOptions:
 
     tenant_id: str
     client_id: str
-    client_secret: Secret = field(repr=False)
+    client_secret: Secret | None = field(default=None, repr=False)
+    client_certificate: ClientCertificate | None = None
     poll_interval_s: float = 60.0
     azure_ad_endpoint: str = "https://login.microsoftonline.com"
     graph_endpoint: str = "https://graph.microsoft.com"
@@ -179,6 +249,7 @@ class GraphInboxOptions:
             tenant_id=self.tenant_id,
             client_id=self.client_id,
             client_secret=self.client_secret,
+            client_certificate=self.client_certificate,
             azure_ad_endpoint=self.azure_ad_endpoint,
             scope=f"{self.graph_endpoint}/.default",
             ca_file=self.ca_file,

@@ -48,6 +48,8 @@ _KEY_NAMES = """
     nonce routing secret_encoding token_scheme arbitration method db username namespace
     lease_ttl marker_ttl sentinels master_name sentinel_password sentinel_password_file tls proxy
     reload watch interval
+    provider client_certificate client_certificate_file client_certificate_thumbprint
+    service_account service_account_file refresh_token refresh_token_file token_uri
 """
 KEYS = frozenset(_KEY_NAMES.split())
 
@@ -315,8 +317,9 @@ class Section:
         if inline and from_file:
             self.fail(key, f"give either {key} or {file_key}, not both")
         if from_file:
+            name = self.text(file_key)  # a ConfigError of its own when it is not a string
             try:
-                return Secret(read_file(self.base_dir, self.text(file_key), secret=True))
+                return Secret(read_file(self.base_dir, name, secret=True))
             except ValueError as exc:
                 self.fail(file_key, str(exc))
         if inline:

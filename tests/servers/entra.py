@@ -5,8 +5,11 @@ It implements the documented shapes that mailroom uses, and checks what a real s
 - OpenID configuration: ``GET /{tenant}/v2.0/.well-known/openid-configuration`` (what msal's
   tenant discovery fetches; msal reads ``authorization_endpoint`` and ``token_endpoint``).
 - v2.0 token endpoint: ``POST /{tenant}/oauth2/v2.0/token`` with ``grant_type=
-  client_credentials`` (RFC 6749 §4.4); errors as ``{"error", "error_description",
-  "error_codes", ...}`` with Entra's AADSTS numbers.
+  client_credentials`` (RFC 6749 §4.4), the client authenticated by its secret or by a client
+  assertion (``private_key_jwt``, RFC 7523 §2.2: a JWT signed with the key of a certificate
+  uploaded to the app, found by its ``x5t`` or ``x5t#S256`` thumbprint; ``aud`` the token
+  endpoint, ``iss`` and ``sub`` the client id, current ``exp``, a ``jti``); errors as
+  ``{"error", "error_description", "error_codes", ...}`` with Entra's AADSTS numbers.
 - Token introspection (RFC 7662): ``POST /introspect`` with ``token=...``, for Dovecot's oauth2
   passdb; ``username`` is the mailbox the client was granted.
 - Graph v1.0 under ``graph_prefix``: list messages (``$filter=isRead eq false``, ``$orderby=
@@ -23,19 +26,22 @@ Failures are injected per kind (``"token"``, ``"list"``, ``"value"``, ``"patch"`
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import re
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from yarl import URL
 
-from tests.servers import tls
+from tests.servers.https import HttpsMock
 
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 GRAPH_MESSAGE = re.compile(r"^/v1\.0/users/([^/]+)/messages/([^/]+)$")
 GRAPH_MOVE = re.compile(r"^/v1\.0/users/([^/]+)/messages/([^/]+)/move$")
 GRAPH_FOLDER_MESSAGES = re.compile(r"^/v1\.0/users/([^/]+)/mailFolders/([^/]+)/messages$")
@@ -81,8 +87,10 @@ class Request:
     at: float
 
 
-class EntraGraph:
+class EntraGraph(HttpsMock):
     """The mock identity provider and Graph service; ``async with EntraGraph() as mock``."""
+
+    name = "mock Graph"
 
     def __init__(
         self,
@@ -92,8 +100,10 @@ class EntraGraph:
         graph_prefix: str = "",
         page_size: int | None = None,
     ) -> None:
+        super().__init__()
         self.tenant = tenant
         self.clients = dict(clients or {"app-client": "app-secret-0123456789"})
+        self.certificates: dict[str, list[x509.Certificate]] = {}  # client id → uploaded ones
         self.grants: dict[str, str] = {}  # client id → mailbox for IMAP (introspection username)
         self.graph_prefix = graph_prefix
         self.page_size = page_size  # serve fewer than $top per page (Graph may)
@@ -105,10 +115,7 @@ class EntraGraph:
         self.folders: dict[str, str] = {}  # displayName → id (user folders)
         self.requests: list[Request] = []
         self.introspected: list[tuple[str, bool]] = []  # (token, active) as answered
-        self.port = 0
         self._failures: dict[str, list[tuple[int, dict[str, str], bytes | None]]] = {}
-        self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -161,34 +168,7 @@ class EntraGraph:
         """How many message listings started after ``at`` (time.monotonic())."""
         return sum(1 for r in self.of_kind("list") if r.at > at)
 
-    async def wait_for(
-        self, check: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition"
-    ) -> None:
-        """Wait (bounded) until ``check()`` holds; it is re-checked on every request."""
-        async with self._changed:
-            try:
-                async with asyncio.timeout(timeout):
-                    await self._changed.wait_for(check)
-            except TimeoutError:
-                raise AssertionError(f"mock Graph: timed out after {timeout}s: {what}") from None
-
     # -- server ------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> EntraGraph:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=tls.server_ssl_context())
-        await site.start()
-        for address in self._runner.addresses:
-            if isinstance(address, tuple):
-                self.port = int(address[1])
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -218,8 +198,7 @@ class EntraGraph:
                 time.monotonic(),
             )
         )
-        async with self._changed:
-            self._changed.notify_all()
+        await self._changed_now()
         return response
 
     def _route(self, request: web.Request) -> tuple[str, Any]:
@@ -271,15 +250,22 @@ class EntraGraph:
         return _aad_error(400, "invalid_tenant", "AADSTS90002: Tenant not found.", 90002)
 
     async def _token(self, request: web.Request, body: bytes, token: str | None) -> Any:
-        form = dict(await request.post())
-        client_id, secret = str(form.get("client_id", "")), str(form.get("client_secret", ""))
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        client_id = form.get("client_id", "")
         if form.get("grant_type") != "client_credentials":
             return _aad_error(400, "unsupported_grant_type", "AADSTS70003: unsupported.", 70003)
-        if client_id not in self.clients:
+        if client_id not in self.clients and client_id not in self.certificates:
             return _aad_error(
                 400, "unauthorized_client", "AADSTS700016: Application not found.", 700016
             )
-        if not secrets.compare_digest(secret, self.clients[client_id]):
+        if "client_assertion" in form or "client_assertion_type" in form:
+            endpoint = f"https://{request.host}/{self.tenant}/oauth2/v2.0/token"
+            refusal = self._assertion_refusal(client_id, form, endpoint)
+            if refusal is not None:
+                return refusal
+        elif client_id not in self.clients or not secrets.compare_digest(
+            form.get("client_secret", ""), self.clients[client_id]
+        ):
             return _aad_error(
                 401,
                 "invalid_client",
@@ -302,6 +288,59 @@ class EntraGraph:
                 "access_token": value,
             }
         )
+
+    def _assertion_refusal(
+        self, client_id: str, form: dict[str, str], endpoint: str
+    ) -> web.Response | None:
+        """None when the client assertion proves the client (RFC 7523 §3), else Entra's error."""
+        if form.get("client_assertion_type") != CLIENT_ASSERTION_TYPE:
+            return _aad_error(400, "invalid_request", "AADSTS50027: bad assertion type", 50027)
+        assertion = form.get("client_assertion", "")
+        try:
+            header = jwt.get_unverified_header(assertion)
+        except jwt.PyJWTError:
+            return _aad_error(
+                400, "invalid_request", "AADSTS50027: JWT token is invalid or malformed.", 50027
+            )
+        registered = [
+            certificate
+            for certificate in self.certificates.get(client_id, [])
+            # msal keeps the base64 padding that JOSE leaves out (RFC 7515 §2); Entra takes both.
+            if str(header.get("x5t", "")).rstrip("=") == _thumbprint(certificate, hashes.SHA1())
+            or str(header.get("x5t#S256", "")).rstrip("=")
+            == _thumbprint(certificate, hashes.SHA256())
+        ]
+        if not registered:
+            return _aad_error(
+                401,
+                "invalid_client",
+                "AADSTS700027: The certificate with identifier used to sign the client "
+                "assertion is not registered on application. [Reason - The key was not found.]",
+                700027,
+            )
+        try:
+            claims = jwt.decode(
+                assertion,
+                registered[0].public_key(),  # type: ignore[arg-type]
+                algorithms=["RS256", "PS256"],
+                audience=endpoint,
+                issuer=client_id,
+                options={"require": ["aud", "iss", "sub", "exp", "jti"]},
+            )
+        except jwt.InvalidSignatureError:
+            return _aad_error(
+                401,
+                "invalid_client",
+                "AADSTS700027: Client assertion contains an invalid signature.",
+                700027,
+            )
+        except jwt.PyJWTError as exc:
+            return _aad_error(
+                401, "invalid_client", f"AADSTS700023: Client assertion: {exc}", 700023
+            )
+        if claims["sub"] != client_id:
+            return _aad_error(401, "invalid_client", "AADSTS700021: bad sub", 700021)
+        return None
 
     async def _introspect(self, request: web.Request, body: bytes, token: str | None) -> Any:
         form = dict(await request.post())
@@ -424,6 +463,11 @@ class EntraGraph:
 def _select(message: Message, fields: list[str]) -> dict[str, Any]:
     full = {"id": message.id, "isRead": message.is_read, "categories": message.categories}
     return {k: v for k, v in full.items() if k in fields}
+
+
+def _thumbprint(certificate: x509.Certificate, algorithm: hashes.HashAlgorithm) -> str:
+    """The ``x5t`` (SHA-1) or ``x5t#S256`` JOSE header value of ``certificate`` (RFC 7515)."""
+    return base64.urlsafe_b64encode(certificate.fingerprint(algorithm)).rstrip(b"=").decode()
 
 
 def _aad_error(status: int, error: str, description: str, code: int) -> web.Response:
