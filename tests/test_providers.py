@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
-from mailroom.config import Config, GraphMailboxConfig, ImapMailboxConfig, parse_config
+from mailroom.config import (
+    Config,
+    GraphMailboxConfig,
+    ImapMailboxConfig,
+    OAuthConfig,
+    parse_config,
+)
 from tests.helpers import ROOT, running, wait_until
 from tests.servers import tls
 from tests.servers.dovecot import DOVECOT, Dovecot
@@ -108,7 +114,7 @@ def test_imap_recipes_use_tls_on_the_providers_port(name: str, tmp_path: Path) -
     assert box.delete_after_delivery and box.expunge_deleted
     assert box.failed_folder == "mailroom-failed"
     if auth == "xoauth2":
-        assert box.password is None and box.oauth is not None
+        assert box.password is None and isinstance(box.oauth, OAuthConfig)
         assert box.oauth.authority == f"https://login.microsoftonline.com/{TENANT}"
         assert box.oauth.scope == "https://outlook.office365.com/.default"
     else:
