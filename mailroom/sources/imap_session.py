@@ -332,6 +332,8 @@ class ImapSession:
                 f"cannot select mailbox {self.config.mailbox!r}: {response_text(response)}; "
                 "check the mailbox setting"
             )
+        if readonly:  # aioimaplib's examine() leaves its state at AUTH: no command would go
+            self._client.protocol.state = aioimaplib.SELECTED
         for line in response.lines:
             if isinstance(line, bytes) and (match := _UIDVALIDITY.search(line)):
                 self.uidvalidity = int(match.group(1))
