@@ -29,30 +29,35 @@ __all__ = ["Options", "conflicts", "parse_since", "run"]
 
 
 def conflicts(config: Config, chosen: Iterable[MailboxConfig]) -> list[str]:
-    """Mailboxes whose ``failed_folder`` another mailbox of the same account shares: their
-    dead letters cannot be told apart, so which mailbox gets which back is unknowable."""
-    owners: dict[tuple[str, ...], list[str]] = {}
+    """Mailboxes whose ``failed_folder`` is also another's, or a folder a mailbox watches, on
+    the same account: which of its messages are whose dead letters is unknowable there, and
+    redriving it would post mail that is no dead letter."""
+    uses: dict[tuple[str, ...], list[str]] = {}
     for mailbox in config.mailboxes:
-        if (key := _failed_folder_key(mailbox)) is not None:
-            owners.setdefault(key, []).append(mailbox.id)
+        watched = _folder_key(mailbox, mailbox.mailbox)
+        uses.setdefault(watched, []).append(f"the folder mailbox {mailbox.id} watches")
+        if mailbox.failed_folder is not None:
+            failed = _folder_key(mailbox, mailbox.failed_folder)
+            uses.setdefault(failed, []).append(f"the failed_folder of {mailbox.id}")
     problems = []
     for mailbox in chosen:
-        key = _failed_folder_key(mailbox)
-        others = [i for i in owners.get(key, []) if i != mailbox.id] if key else []
+        if mailbox.failed_folder is None:
+            continue
+        own = f"the failed_folder of {mailbox.id}"
+        others = [u for u in uses[_folder_key(mailbox, mailbox.failed_folder)] if u != own]
         if others:
             problems.append(
-                f"mailboxes[{mailbox.id}].failed_folder: {mailbox.failed_folder!r} is also the "
-                f"failed_folder of {', '.join(others)} on the same account, so their dead "
-                "letters cannot be told apart; give each mailbox a failed_folder of its own "
-                "and sort the folder's messages by hand"
+                f"mailboxes[{mailbox.id}].failed_folder: {mailbox.failed_folder!r} is also "
+                f"{' and '.join(others)} on the same account, so its dead letters cannot be "
+                "told from other mail; give each mailbox a failed_folder of its own (and sort "
+                "that folder's messages by hand)"
             )
     return problems
 
 
-def _failed_folder_key(mailbox: MailboxConfig) -> tuple[str, ...] | None:
-    folder = mailbox.failed_folder
-    if folder is None:
-        return None
+def _folder_key(mailbox: MailboxConfig, folder: str) -> tuple[str, ...]:
+    """A folder of an account, as the server names it (INBOX in any case is INBOX, RFC 3501
+    §5.1; Graph's display names and well-known names ignore case)."""
     if isinstance(mailbox, ImapMailboxConfig):
         name = "INBOX" if folder.upper() == "INBOX" else folder
         return ("imap", mailbox.host.lower(), str(mailbox.port), mailbox.user, name)
