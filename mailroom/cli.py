@@ -245,7 +245,7 @@ def _redrive(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mailroom: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    chosen = [_mailbox(config, wanted) for wanted in args.mailbox or ()]
+    chosen = [_mailbox(config, wanted) for wanted in dict.fromkeys(args.mailbox or ())]
     mailboxes = [m for m in chosen if m is not None] if chosen else list(config.mailboxes)
     problems = redrive.conflicts(config, mailboxes)
     for problem in problems:

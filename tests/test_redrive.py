@@ -7,6 +7,7 @@ import asyncio
 import datetime
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ CLI_TIMEOUT_S = 60.0
 
 
 @pytest.fixture
-async def entra() -> Any:
+async def entra() -> AsyncIterator[EntraGraph]:
     async with EntraGraph() as mock:
         yield mock
 

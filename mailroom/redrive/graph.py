@@ -22,7 +22,7 @@ from urllib.parse import quote
 from mailroom.auth import TokenProvider
 from mailroom.config import GraphMailboxConfig
 from mailroom.errors import GraphError
-from mailroom.redrive.job import Job, Letter, Stopped
+from mailroom.redrive.job import Job, Letter, Stopped, utc_text
 from mailroom.sources.graph import FAILED_CATEGORY, idempotency_key
 from mailroom.sources.graph_client import GraphClient, discard
 
@@ -98,7 +98,7 @@ class _Mailbox:
     async def _list(self, folder_url: str, *, flagged: bool) -> tuple[list[dict[str, Any]], bool]:
         """The messages to redrive in a folder, oldest first; True when more remain."""
         since = self.job.options.since
-        start = "1900-01-01T00:00:00Z" if since is None else _iso(since)
+        start = "1900-01-01T00:00:00Z" if since is None else utc_text(since)
         # Graph wants the $orderby property in $filter too, and first ("InefficientFilter").
         clauses = [f"receivedDateTime ge {start}"]
         if flagged:
@@ -140,10 +140,6 @@ class _Mailbox:
                 self.config.id,
                 message_id[-12:],
             )
-
-
-def _iso(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _received(value: object) -> datetime.datetime | None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from mailroom.arbitration import RedisStore
 from mailroom.errors import MailroomError
 
-__all__ = ["Job", "Letter", "Options", "Stopped", "parse_since", "printable"]
+__all__ = ["Job", "Letter", "Options", "Stopped", "parse_since", "printable", "utc_text"]
 
 SHOWN_AT_MOST = 200  # characters of a Message-ID in a line
 
@@ -82,7 +82,7 @@ class Job:
             self.out(self._line(mailbox, letter, would if self.options.dry_run else done))
 
     def _line(self, mailbox: str, letter: Letter, what: str) -> str:
-        received = "unknown" if letter.received is None else _utc(letter.received)
+        received = "unknown" if letter.received is None else utc_text(letter.received)
         message_id = "(no Message-ID)"
         if letter.message_id:  # Graph's internetMessageId has the brackets, message.parse not
             message_id = printable(f"<{letter.message_id.strip('<>')}>")
@@ -95,7 +95,7 @@ class Job:
     @property
     def since_text(self) -> str:
         since = self.options.since
-        return f" received since {_utc(since)}" if since is not None else ""
+        return f" received since {utc_text(since)}" if since is not None else ""
 
     def summary(self) -> str:
         count = self.kept + self.new
@@ -122,7 +122,8 @@ def printable(text: str) -> str:
     return shown + ("…" if len(text) > SHOWN_AT_MOST else "")
 
 
-def _utc(moment: datetime.datetime) -> str:
+def utc_text(moment: datetime.datetime) -> str:
+    """``2026-05-01T12:30:00Z``: how lines show a moment, and Graph's ``$filter`` takes it."""
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
