@@ -418,6 +418,25 @@ async def test_a_server_refusing_the_id_keyword_still_gets_its_dead_letters_move
     assert "moved back to INBOX; a new webhook-id (it carries no $MailroomId keyword)" in out
 
 
+async def test_without_move_a_dead_letter_is_copied_back_and_its_original_deleted(
+    webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    with Dovecot(extra_config="imap_capability = IMAP4rev1 LITERAL+ ENABLE\n") as dovecot:
+        account = dovecot.add_user()
+        webhook_id = idempotency_key("earlier", 1, 1)
+        date = "01-Mar-2026 09:30:00 +0000"
+        append(dovecot, account, message(1), to=FAILED, flags=id_keyword(webhook_id), date=date)
+        document = config_dict([mailbox_dict(dovecot, account, failed_folder=FAILED)], webhook.url)
+        code, out, _ = await cli(document, tmp_path)
+        assert code == 0 and f"moved back to INBOX; webhook-id {webhook_id} (its own)" in out
+        assert flags(dovecot, account) == [{id_keyword(webhook_id)}]
+        # No UIDPLUS, expunge_deleted off: the original stays, deleted, and is not taken again.
+        deleted = {id_keyword(webhook_id), "\\Seen", "\\Deleted"}
+        assert flags(dovecot, account, FAILED) == [deleted]
+        code, out, _ = await cli(document, tmp_path)
+        assert code == 0 and out.splitlines()[0] == f"{account.user}: no dead letters"
+
+
 # -- pure parts ----------------------------------------------------------------------------------
 
 
