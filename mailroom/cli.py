@@ -1,5 +1,5 @@
-"""``mailroom [run] -c FILE``, ``check``, ``route``, ``credentials edit|show|generate-key``,
-``sample-config``, ``version``.
+"""``mailroom [run] -c FILE``, ``check``, ``route``, ``redrive``, ``credentials
+edit|show|generate-key``, ``sample-config``, ``version``.
 
 ``run`` and ``check`` also read GitLab's files (``--gitlab-config gitlab.yml``, or
 ``$MAIL_ROOM_GITLAB_CONFIG_FILE`` when no file is named) or MailRoom's YAML
@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
-from mailroom import check, credentials, gitlab, logs, supervisor
+from mailroom import check, credentials, gitlab, logs, redrive, supervisor
 from mailroom.check import route
 from mailroom.config import Config, MailboxConfig, credentials_config, load_config
 from mailroom.config.reader import suggestion
@@ -55,7 +55,27 @@ def _parser() -> argparse.ArgumentParser:
     checks = commands.add_parser(
         "check", help="check config, mailboxes, webhook and SMTP: one line each, exit 0 if all pass"
     )
-    for target in (parser, run, checks):
+    redrives = commands.add_parser(
+        "redrive",
+        help="put dead letters back (from failed_folder, or flagged $MailroomFailed) to be "
+        "delivered again under their own webhook-id",
+    )
+    redrives.add_argument(
+        "--mailbox",
+        action="append",
+        metavar="ID",
+        help="only this mailbox (repeat for more; default: every mailbox)",
+    )
+    redrives.add_argument(
+        "--since",
+        metavar="DATE",
+        help="only mail received since: 2026-05-01, 2026-05-01T14:30 or 2026-05-01T14:30+02:00 "
+        "(without a zone: local time)",
+    )
+    redrives.add_argument(
+        "--dry-run", action="store_true", help="list what would be redriven; change nothing"
+    )
+    for target in (parser, run, checks, redrives):
         target.add_argument("-c", "--config", help="the YAML config file")
         target.add_argument(
             "--gitlab-config",
@@ -217,6 +237,34 @@ def _mailbox(config: Config, wanted: str | None) -> MailboxConfig | None:
     return None
 
 
+def _redrive(args: argparse.Namespace) -> int:
+    try:
+        source = _source(args)
+        since = redrive.parse_since(args.since) if args.since else None
+    except (ConfigError, ValueError) as exc:
+        print(f"mailroom: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if source is None:
+        print(NO_CONFIG, file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        config = source[0]()
+    except ConfigError as exc:
+        print(f"mailroom: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    chosen = [_mailbox(config, wanted) for wanted in dict.fromkeys(args.mailbox or ())]
+    mailboxes = [m for m in chosen if m is not None] if chosen else list(config.mailboxes)
+    problems = redrive.conflicts(config, mailboxes)
+    for problem in problems:
+        print(f"mailroom: {problem}", file=sys.stderr)
+    if None in chosen or problems:
+        return EXIT_CONFIG
+    logs.configure("text", "warning")  # stderr; the lines are on stdout
+    options = redrive.Options(since=since, dry_run=args.dry_run)
+    ok = asyncio.run(redrive.run(config, mailboxes, options, lambda line: print(line, flush=True)))
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
 def _credentials(args: argparse.Namespace) -> int:
     try:
         if args.action == "generate-key":
@@ -277,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         return _credentials(args)
     if args.command == "route":
         return _route(args)
+    if args.command == "redrive":
+        return _redrive(args)
     if args.command == "sample-config":
         sys.stdout.write(SAMPLE)
         return EXIT_OK

@@ -1,10 +1,23 @@
-"""Pure IMAP wire helpers: sequence sets, mailbox names, FETCH response parsing."""
+"""Pure IMAP wire helpers: sequence sets, mailbox names, FETCH response parsing, the id
+keyword."""
 
 from __future__ import annotations
 
-import pytest
+import datetime
 
-from mailroom.sources.imap_wire import FetchedMessage, mailbox_name, parse_fetch, uid_set
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailroom.sources.imap import idempotency_key
+from mailroom.sources.imap_wire import (
+    FetchedMessage,
+    fetch_flags,
+    id_keyword,
+    mailbox_name,
+    parse_fetch,
+    uid_set,
+)
 
 
 @pytest.mark.parametrize(
@@ -80,3 +93,101 @@ def test_parse_fetch_merges_data_items_split_over_two_responses() -> None:
         b"OK",
     ]
     assert parse_fetch(lines) == [FetchedMessage(uid=12, size=2, body=b"hi")]
+
+
+def test_the_id_keyword_carries_the_webhook_id_through_flags() -> None:
+    webhook_id = idempotency_key("incoming", 1795997725, 42)
+    keyword = id_keyword(webhook_id)
+    assert keyword == "$MailroomId_" + webhook_id.removeprefix("msg_")
+    assert len(keyword) <= 50  # Dovecot's default mail_max_keyword_length
+    head = f"1 FETCH (UID 7 RFC822.SIZE 2 FLAGS (\\Recent {keyword}) BODY[] {{2}}".encode()
+    lines = [head, bytearray(b"hi"), b")", b"OK"]
+    assert parse_fetch(lines) == [FetchedMessage(7, 2, b"hi", webhook_id=webhook_id)]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (b"", None),
+        (b"\\Seen $MailroomFailed", None),
+        (b"$MailroomId_" + b"ab" * 16, "msg_" + "ab" * 16),
+        (b"$MAILROOMID_" + b"AB" * 16, "msg_" + "ab" * 16),  # a server that changes case
+        (b"$MailroomId_" + b"ab" * 15, None),  # too short
+        (b"$MailroomId_" + b"ab" * 16 + b"0", None),  # too long
+        (b"$MailroomId_" + b"zz" * 16, None),  # not hex
+        (b"$MailroomId_" + b"f" * 32 + b" $MailroomId_" + b"0" * 32, "msg_" + "0" * 32),
+    ],
+)
+def test_the_id_keyword_is_read_exactly(flags: bytes, expected: str | None) -> None:
+    lines = [b"1 FETCH (UID 3 RFC822.SIZE 9 FLAGS (" + flags + b"))", b"OK"]
+    assert parse_fetch(lines)[0].webhook_id == expected
+
+
+def test_a_later_flag_update_of_the_same_message_wins() -> None:
+    keyword = b"$MailroomId_" + b"1" * 32
+    lines = [
+        b"1 FETCH (UID 3 RFC822.SIZE 9 FLAGS (" + keyword + b"))",
+        b"1 FETCH (FLAGS (\\Seen))",  # another client removed the keyword meanwhile
+        b"OK",
+    ]
+    assert parse_fetch(lines)[0].webhook_id is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            b"30-Nov-2026 00:15:24 +0000",
+            datetime.datetime(2026, 11, 30, 0, 15, 24, tzinfo=datetime.UTC),
+        ),
+        (b" 1-Dec-2026 10:00:00 +0130", datetime.datetime(2026, 12, 1, 8, 30, tzinfo=datetime.UTC)),
+        (b"01-jan-2027 23:00:00 -0500", datetime.datetime(2027, 1, 2, 4, 0, tzinfo=datetime.UTC)),
+        (b"31-Feb-2026 00:00:00 +0000", None),  # no such day
+        (b"01-Foo-2026 00:00:00 +0000", None),
+        (b"01-Jan-2026 00:00:00 +2400", None),  # an offset of a day
+    ],
+)
+def test_internaldate(text: bytes, expected: datetime.datetime | None) -> None:
+    lines = [b'1 FETCH (UID 3 RFC822.SIZE 9 INTERNALDATE "' + text + b'")', b"OK"]
+    assert parse_fetch(lines)[0].internal_date == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"* 3 FETCH (FLAGS ())", frozenset()),
+        (b"* 3 FETCH (UID 9 MODSEQ (12) FLAGS (\\Seen $X))", frozenset({b"\\seen", b"$x"})),
+        (b"* 3 EXISTS", None),
+        (b"* OK [ALERT] FLAGS (\\Seen)", None),
+        (b"* 3 FETCH (UID 9)", None),
+        (b"* 3 FETCH (FLAGS (\\Seen", None),  # never closed
+    ],
+)
+def test_fetch_flags_of_an_idle_push(line: bytes, expected: frozenset[bytes] | None) -> None:
+    assert fetch_flags(line) == expected
+
+
+_WIRE = st.lists(
+    st.sampled_from(
+        [
+            *(b"1 FETCH (", b"UID 4 ", b"RFC822.SIZE 9 ", b"FLAGS (", b"$MailroomId_", b"ab" * 16),
+            *(b'INTERNALDATE "', b"30-Nov-2026 00:15:24 +0000", b'"', b")", b" ", b"{2}", b"("),
+        ]
+    ),
+    max_size=40,
+).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_WIRE, st.binary(max_size=60), _WIRE.map(bytearray)), max_size=8))
+def test_fuzz_parse_fetch_never_fails(lines: list[bytes]) -> None:
+    for item in parse_fetch([*lines, b"OK"]):
+        assert item.webhook_id is None or len(item.webhook_id) == 36
+    for line in lines:
+        fetch_flags(bytes(line))
+
+
+def test_many_unclosed_flags_stay_linear() -> None:
+    line = b"1 FETCH (UID 1 RFC822.SIZE 1 " + b"FLAGS (" * 200_000
+    assert parse_fetch([line, b"OK"])[0].webhook_id is None
+    assert fetch_flags(b"* " + line) is None

@@ -270,6 +270,13 @@ class RedisStore:
         ttl = int(self.config.marker_ttl_s)
         await self._call("marker", lambda: self._redis.set(key, outcome, ex=ttl))
 
+    async def forget(self, webhook_ids: Sequence[str]) -> None:
+        """Delete the markers of ``webhook_ids``: ``mailroom redrive`` puts dead letters back to
+        be posted again, which their ``dead_lettered`` markers would prevent."""
+        if webhook_ids:
+            keys = [f"{self._ns}:delivered:{webhook_id}" for webhook_id in webhook_ids]
+            await self._call("marker", lambda: self._redis.delete(*keys))
+
     async def allow_notice(self, recipient: str, reason: str, window_s: float) -> bool:
         """True (and recorded) when no replica sent ``recipient`` a notice for ``reason``
         within ``window_s``."""

@@ -130,15 +130,19 @@ class GraphClient:
                 raise GraphError(f"{method} {_path(url)}: {type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")
 
-    async def folder_id(self, user_url: str, name: str) -> str:
-        """The id of the mail folder ``name`` under the mailbox root, created when missing."""
+    async def find_folder(self, user_url: str, name: str) -> str | None:
+        """The id of the mail folder ``name`` under the mailbox root, or None."""
         odata_name = name.replace("'", "''")  # OData string literal
         query = quote(f"displayName eq '{odata_name}'", safe="")
         url = f"{user_url}/mailFolders?$filter={query}&$select=id,displayName"
+        found = (await self.send("GET", url)).get("value")
+        return _folder_id(found[0]) if found and isinstance(found, list) else None
+
+    async def folder_id(self, user_url: str, name: str) -> str:
+        """The id of the mail folder ``name`` under the mailbox root, created when missing."""
         for attempt in (1, 2):
-            found = (await self.send("GET", url)).get("value")
-            if found and isinstance(found, list):
-                return _folder_id(found[0])
+            if (found := await self.find_folder(user_url, name)) is not None:
+                return found
             try:
                 created = await self.send(
                     "POST", f"{user_url}/mailFolders", body={"displayName": name}

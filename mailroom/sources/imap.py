@@ -38,7 +38,7 @@ from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
 from mailroom.monitor import Monitor
 from mailroom.sources.imap_session import ImapSession
-from mailroom.sources.imap_wire import FetchedMessage
+from mailroom.sources.imap_wire import FetchedMessage, id_keyword
 from mailroom.sources.lifecycle import Activity, Settlement, Source
 
 __all__ = ["FAILED_KEYWORD", "ImapWatcher", "idempotency_key"]
@@ -301,11 +301,11 @@ class ImapWatcher(Source[int]):
         large = [item.uid for item in batch if item.size > self.config.max_message_bytes]
         handed: list[tuple[FetchedMessage, bool]] = []
         if small:
-            fetched = await session.fetch(small, "UID RFC822.SIZE BODY.PEEK[]")
+            fetched = await session.fetch(small, "UID RFC822.SIZE FLAGS BODY.PEEK[]")
             handed += [(item, False) for item in self._received(small, fetched)]
         if large:
             # RFC822.SIZE told us before fetching: only the header block, for the notice.
-            fetched = await session.fetch(large, "UID RFC822.SIZE BODY.PEEK[HEADER]")
+            fetched = await session.fetch(large, "UID RFC822.SIZE FLAGS BODY.PEEK[HEADER]")
             handed += [(item, True) for item in self._received(large, fetched)]
         self._reserved = None
         self._budget.use(reservation, len(handed), sum(self._charge(i, t) for i, t in handed))
@@ -338,15 +338,17 @@ class ImapWatcher(Source[int]):
     def _give(self, fetched: FetchedMessage, *, too_large: bool) -> None:
         assert fetched.body is not None
         uid, uidvalidity = fetched.uid, self._uidvalidity
+        # A dead letter moved back from failed_folder (mailroom redrive) keeps its first id.
+        key = fetched.webhook_id or idempotency_key(self.id, uidvalidity, uid)
         self._hand_out(
             uid,
             ref=f"uid {uid}",
-            idempotency_key=idempotency_key(self.id, uidvalidity, uid),
+            idempotency_key=key,
             raw=fetched.body,
             size=fetched.size,
             charged=self._charge(fetched, too_large),
             too_large=too_large,
-            tag=uidvalidity,
+            tag=(uidvalidity, key),
         )
 
     # -- settlements ---------------------------------------------------------------------------
@@ -354,8 +356,8 @@ class ImapWatcher(Source[int]):
     async def _apply_settlements(self, *args: Any) -> None:
         (session,) = args
         batch = self._take_settlements()
-        current = [s for s in batch if s.tag == session.uidvalidity]
-        for stale in (s for s in batch if s.tag != session.uidvalidity):
+        current = [s for s in batch if s.tag[0] == session.uidvalidity]
+        for stale in (s for s in batch if s.tag[0] != session.uidvalidity):
             self._settled(stale)  # UIDVALIDITY changed: the sweep finds it again
         groups: dict[str, list[Settlement[int]]] = {}
         for settlement in current:
@@ -363,6 +365,8 @@ class ImapWatcher(Source[int]):
         for action, group in groups.items():
             uids = [s.key for s in group]
             try:
+                if action.startswith("move"):
+                    await self._keep_ids(session, group)
                 await self._apply(session, action, uids)
             except ImapError as exc:
                 if isinstance(exc, ImapConnectionLost):
@@ -384,6 +388,22 @@ class ImapWatcher(Source[int]):
             exc,
         )
         self._stuck.update(uids)
+
+    async def _keep_ids(self, session: ImapSession, group: list[Settlement[int]]) -> None:
+        """Keep each dead letter's webhook-id in a keyword (``id_keyword``) before the move
+        gives it a new UID; a server refusing the keyword does not hold up the move."""
+        for settlement in group:
+            try:
+                await session.store([settlement.key], id_keyword(settlement.tag[1]))
+            except ImapError as exc:
+                if isinstance(exc, ImapConnectionLost):
+                    raise
+                self.log.warning(
+                    "uid %d: could not keep its webhook-id in a keyword (%s); moved without it "
+                    "(a redrive gives it a new webhook-id)",
+                    settlement.key,
+                    exc,
+                )
 
     def _action(self, outcome: Outcome) -> str:
         if not outcome.processed:

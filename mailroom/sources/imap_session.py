@@ -24,6 +24,7 @@ from mailroom.config import ImapMailboxConfig
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
 from mailroom.sources.imap_wire import (
     FetchedMessage,
+    fetch_flags,
     mailbox_name,
     parse_fetch,
     response_text,
@@ -42,6 +43,7 @@ LOGOUT_TIMEOUT_S = 5.0
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _EXISTS = re.compile(rb"^(?:\* )?(\d+) EXISTS")
 _EXPUNGE = re.compile(rb"^(?:\* )?(\d+) EXPUNGE")
+_SETTLED_FLAGS = frozenset((b"\\seen", b"\\deleted", b"$mailroomfailed"))
 _LIST_FLAGS = re.compile(rb"^\(([^)]*)\) ")
 
 
@@ -316,17 +318,22 @@ class ImapSession:
         await self._run("CAPABILITY", protocol.capability())
         self.capabilities = frozenset(c.upper() for c in protocol.capabilities)
 
-    async def select(self) -> None:
-        """SELECT the configured mailbox and read its UIDVALIDITY."""
+    async def select(self, *, readonly: bool = False) -> None:
+        """SELECT (or EXAMINE, ``readonly``) the configured mailbox and read its UIDVALIDITY."""
         assert self._client is not None
+        name = mailbox_name(self.config.mailbox)
         response = await self._run(
-            "SELECT", self._client.select(mailbox_name(self.config.mailbox)), check=False
+            "EXAMINE" if readonly else "SELECT",
+            self._client.examine(name) if readonly else self._client.select(name),
+            check=False,
         )
         if response.result != "OK":
             raise ImapError(
                 f"cannot select mailbox {self.config.mailbox!r}: {response_text(response)}; "
                 "check the mailbox setting"
             )
+        if readonly:  # aioimaplib's examine() leaves its state at AUTH: no command would go
+            self._client.protocol.state = aioimaplib.SELECTED
         for line in response.lines:
             if isinstance(line, bytes) and (match := _UIDVALIDITY.search(line)):
                 self.uidvalidity = int(match.group(1))
@@ -366,6 +373,12 @@ class ImapSession:
             self._expunges += 1
             if int(match.group(1)) <= self._idle_base:
                 self._idle_base -= 1  # the swept messages moved down by one
+        elif self._idling is not None and (flags := fetch_flags(line)) is not None:
+            # Another client made a message unseen again (``mailroom redrive`` clearing
+            # $MailroomFailed and \Seen; RFC 3501 §7.4.2, sent during IDLE): sweep now, not
+            # at the next idle_timeout.
+            if not flags & _SETTLED_FLAGS:
+                self.new_mail.set()
         elif line.startswith((b"* BYE", b"BYE")):
             self.bye = line.decode("utf-8", "replace").removeprefix("* ")
 
@@ -541,7 +554,7 @@ class ImapSession:
             fetched = await self._search_then_fetch(
                 "SEARCH",
                 search,
-                f"(UID RFC822.SIZE BODY.PEEK[]<0.{body_bytes}>)",
+                f"(UID RFC822.SIZE FLAGS BODY.PEEK[]<0.{body_bytes}>)",
                 timeout_s=self.timeout_s * 10,  # up to max_count bodies
             )
         except ImapConnectionLost:
@@ -619,12 +632,11 @@ class ImapSession:
             if idle is not None and not idle.done():
                 idle.cancel()
 
-    async def store(self, uids: Iterable[int], flags: str) -> None:
-        """``UID STORE uids +FLAGS.SILENT (flags)``."""
+    async def store(self, uids: Iterable[int], flags: str, *, remove: bool = False) -> None:
+        """``UID STORE uids +FLAGS.SILENT (flags)``, or ``-FLAGS.SILENT`` to ``remove`` them."""
         assert self._client is not None
-        await self._run(
-            "UID STORE", self._client.uid("store", uid_set(uids), "+FLAGS.SILENT", f"({flags})")
-        )
+        change = "-FLAGS.SILENT" if remove else "+FLAGS.SILENT"
+        await self._run("UID STORE", self._client.uid("store", uid_set(uids), change, f"({flags})"))
 
     async def expunge(self, uids: Iterable[int]) -> None:
         """``UID EXPUNGE`` (RFC 4315) when the server has UIDPLUS, else plain EXPUNGE."""

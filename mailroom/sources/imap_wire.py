@@ -1,4 +1,5 @@
-"""Pure IMAP wire details: sequence sets, mailbox names, FETCH responses (RFC 3501).
+"""Pure IMAP wire details: sequence sets, mailbox names, FETCH responses (RFC 3501), and the
+keyword that keeps a dead letter's webhook-id across a move (``id_keyword``).
 
 No I/O and no aioimaplib here; ``imap_session`` feeds these the lines aioimaplib produced.
 """
@@ -6,16 +7,46 @@ No I/O and no aioimaplib here; ``imap_session`` feeds these the lines aioimaplib
 from __future__ import annotations
 
 import base64
+import datetime
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FetchedMessage", "mailbox_name", "parse_fetch", "response_text", "uid_set"]
+__all__ = [
+    "ID_KEYWORD_PREFIX",
+    "FetchedMessage",
+    "fetch_flags",
+    "id_keyword",
+    "mailbox_name",
+    "parse_fetch",
+    "response_text",
+    "uid_set",
+]
 
 _FETCH_HEAD = re.compile(rb"^(\d+) FETCH \(")
 _UID = re.compile(rb"\bUID (\d+)")
 _SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+_FLAGS = re.compile(rb"\bFLAGS \(")
+# RFC 3501 §9 date-time: "dd-Mon-yyyy hh:mm:ss +zzzz", the day may be space-padded.
+_INTERNALDATE = re.compile(
+    rb'\bINTERNALDATE "([ \d]\d)-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)"'
+)
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+
+# A dead letter moved to failed_folder gets a new UID there, and another when it is moved back:
+# its webhook-id (from the inbox's UIDVALIDITY and UID) could not be computed again. So the
+# watcher stores it, before the move, as a keyword that travels with the message (RFC 3501
+# §2.3.2 keywords; COPY and MOVE keep flags, RFC 3501 §6.4.7, RFC 6851 §3.3), and a message
+# that carries one is posted under that id. 44 characters: within Dovecot's default
+# mail_max_keyword_length of 50.
+ID_KEYWORD_PREFIX = "$MailroomId_"
+_ID_KEYWORD = re.compile(rb"^\$mailroomid_([0-9a-f]{32})$", re.IGNORECASE)
+
+
+def id_keyword(webhook_id: str) -> str:
+    """The keyword that carries ``webhook_id`` (``msg_`` + 32 hex digits)."""
+    return ID_KEYWORD_PREFIX + webhook_id.removeprefix("msg_")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +54,8 @@ class FetchedMessage:
     uid: int
     size: int
     body: bytes | None  # None when only the size was asked for
+    webhook_id: str | None = None  # from an id keyword in FLAGS (``id_keyword``)
+    internal_date: datetime.datetime | None = None  # INTERNALDATE, when asked for
 
 
 def uid_set(uids: Iterable[int]) -> str:
@@ -101,8 +134,62 @@ def parse_fetch(lines: list[Any]) -> list[FetchedMessage]:
             item["size"] = int(size.group(1))
         if body is not None:
             item["body"] = body
+        if (flags := _flags(meta)) is not None:
+            item["webhook_id"] = _kept_id(flags)
+        if date := _INTERNALDATE.search(meta):
+            item["internal_date"] = _internal_date(date.groups())
     return [
-        FetchedMessage(uid=item["uid"], size=item["size"], body=item.get("body"))
+        FetchedMessage(
+            uid=item["uid"],
+            size=item["size"],
+            body=item.get("body"),
+            webhook_id=item.get("webhook_id"),
+            internal_date=item.get("internal_date"),
+        )
         for item in items.values()
         if "uid" in item and "size" in item
     ]
+
+
+def fetch_flags(line: bytes) -> frozenset[bytes] | None:
+    """The flags (lower-cased) of an untagged ``* n FETCH (... FLAGS (...))``, or None when
+    ``line`` is no such response (RFC 3501 §7.4.2: a flag change another client made)."""
+    if not _FETCH_HEAD.match(line.removeprefix(b"* ")):
+        return None
+    flags = _flags(line)
+    return None if flags is None else frozenset(flags.lower().split())
+
+
+def _flags(meta: bytes) -> bytes | None:
+    """What the first ``FLAGS (...)`` holds (found in linear time: no regex backtracking)."""
+    if (found := _FLAGS.search(meta)) and (end := meta.find(b")", found.end())) >= 0:
+        return meta[found.end() : end]
+    return None
+
+
+def _kept_id(flags: bytes) -> str | None:
+    """The webhook-id an id keyword among ``flags`` carries; of several, the first in order
+    (deterministic, whatever order the server lists them in)."""
+    found = sorted(m.group(1).lower() for f in flags.split() if (m := _ID_KEYWORD.match(f)))
+    return f"msg_{found[0].decode()}" if found else None
+
+
+def _internal_date(parts: tuple[bytes, ...]) -> datetime.datetime | None:
+    """An INTERNALDATE's parts as an aware datetime, or None when they name no real time."""
+    day, month, year, hour, minute, second, sign, tz_hours, tz_minutes = parts
+    name = month.decode().lower()
+    if name not in _MONTHS:
+        return None
+    offset = datetime.timedelta(hours=int(tz_hours), minutes=int(tz_minutes))
+    try:
+        return datetime.datetime(
+            int(year),
+            _MONTHS.index(name) + 1,
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            tzinfo=datetime.timezone(-offset if sign == b"-" else offset),
+        )
+    except ValueError:  # 31-Feb, 25:00, an offset of a day or more
+        return None

@@ -12,8 +12,9 @@ It implements the documented shapes that mailroom uses, and checks what a real s
   ``{"error", "error_description", "error_codes", ...}`` with Entra's AADSTS numbers.
 - Token introspection (RFC 7662): ``POST /introspect`` with ``token=...``, for Dovecot's oauth2
   passdb; ``username`` is the mailbox the client was granted.
-- Graph v1.0 under ``graph_prefix``: list messages (``$filter=isRead eq false``, ``$orderby=
-  receivedDateTime`` only with that property first in ``$filter``, else 400 InefficientFilter,
+- Graph v1.0 under ``graph_prefix``: list messages (``$filter`` by ``isRead``,
+  ``receivedDateTime ge`` and ``categories/any``; ``$orderby=receivedDateTime`` only with
+  that property first in ``$filter``, else 400 InefficientFilter,
   ``$select``, ``$top``/``$skip`` paging with ``@odata.nextLink``), ``$value``, PATCH, DELETE,
   move, and list/create mail folders. Every Graph call needs a live token whose scope is
   ``<graph base>/.default``, else 401 ``InvalidAuthenticationToken``.
@@ -379,14 +380,19 @@ class EntraGraph(HttpsMock):
         query = request.query
         clauses = query.get("$filter", "").split(" and ")
         order = query.get("$orderby", "").split()
-        if clauses[-1] != "isRead eq false":
-            return _graph_error(400, "BadRequest", "mock: expected $filter=... isRead eq false")
+        tests = [_clause(clause) for clause in clauses]
+        if None in tests:
+            return _graph_error(400, "BadRequest", f"mock: cannot filter by {clauses}")
         if order and (order[0] != "receivedDateTime" or not clauses[0].startswith(order[0])):
             return _graph_error(400, "InefficientFilter", "The sort order is too complex.")
         top = int(query.get("$top", "10"))
         skip = int(query.get("$skip", "0"))
         size = min(top, self.page_size or top)
-        unread = [m for m in self.messages.values() if m.folder == folder and not m.is_read]
+        unread = [
+            m
+            for m in self.messages.values()
+            if m.folder == folder and all(test(m) for test in tests if test is not None)
+        ]
         if order:
             unread.sort(key=lambda m: m.received, reverse=order[1:] == ["desc"])
         page = unread[skip : skip + size]
@@ -460,14 +466,40 @@ class EntraGraph(HttpsMock):
         return _graph_error(404, "ResourceNotFound", f"mock: no route for {request.path}")
 
 
+def _clause(clause: str) -> Callable[[Message], bool] | None:
+    """One ``$filter`` clause the mock knows (``isRead eq ...``, ``receivedDateTime ge ...``,
+    ``categories/any(c:c eq '...')``) as a test, or None."""
+    if match := re.fullmatch(r"isRead eq (true|false)", clause):
+        is_read = match.group(1) == "true"
+        return lambda m: m.is_read == is_read
+    if match := re.fullmatch(r"receivedDateTime ge (\S+Z)", clause):
+        start = match.group(1)
+        return lambda m: m.received >= start  # ISO 8601 in UTC sorts as text
+    if match := re.fullmatch(r"categories/any\((\w+):\1 eq '((?:[^']|'')*)'\)", clause):
+        category = match.group(2).replace("''", "'")
+        return lambda m: category in m.categories
+    return None
+
+
 def _select(message: Message, fields: list[str]) -> dict[str, Any]:
-    full = {"id": message.id, "isRead": message.is_read, "categories": message.categories}
+    full = {
+        "id": message.id,
+        "isRead": message.is_read,
+        "categories": message.categories,
+        "receivedDateTime": message.received,
+        "internetMessageId": _message_id(message.raw),
+    }
     return {k: v for k, v in full.items() if k in fields}
 
 
 def _thumbprint(certificate: x509.Certificate, algorithm: hashes.HashAlgorithm) -> str:
     """The ``x5t`` (SHA-1) or ``x5t#S256`` JOSE header value of ``certificate`` (RFC 7515)."""
     return base64.urlsafe_b64encode(certificate.fingerprint(algorithm)).rstrip(b"=").decode()
+
+
+def _message_id(raw: bytes) -> str | None:
+    match = re.search(rb"^Message-ID: *(\S+)", raw, re.IGNORECASE | re.MULTILINE)
+    return match.group(1).decode(errors="replace") if match else None
 
 
 def _aad_error(status: int, error: str, description: str, code: int) -> web.Response:
