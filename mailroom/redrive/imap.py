@@ -21,7 +21,7 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from mailroom import message
-from mailroom.auth import TokenProvider
+from mailroom.auth import token_provider
 from mailroom.config import ImapMailboxConfig
 from mailroom.config.model import FAILED_KEYWORD
 from mailroom.redrive.job import Job, Letter
@@ -38,7 +38,7 @@ _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 
 async def redrive(config: ImapMailboxConfig, job: Job) -> None:
     """Put back the dead letters of one mailbox (``Stopped`` or ``MailroomError`` on failure)."""
-    tokens = TokenProvider(config.oauth, label=config.id) if config.oauth is not None else None
+    tokens = token_provider(config.oauth, label=config.id) if config.oauth is not None else None
     token = tokens.token if tokens is not None else None
     folder = config.failed_folder
     try:
