@@ -7,7 +7,7 @@
 # BASE_IMAGE needs Python 3.11 or later as `python3`, with the venv module; the same image is
 # used for both stages so that the virtualenv built in the first one runs in the second. Pin it
 # by digest in production (python:3.11-slim-bookworm@sha256:...). Without a registry, a local
-# Debian bookworm image with python3 and python3-venv works as well (see README, Docker).
+# Debian bookworm image with python3 and python3-venv works as well (see docs/operations.md, "Docker").
 ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
 
 # -- build: wheels only (--only-binary): no compiler is needed here, and none is in the image --

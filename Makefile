@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-image lint lock demo demo-serve bench debs venv clean
+.PHONY: test test-image lint docs lock demo demo-serve bench debs venv clean
 
 # constraints.txt pins every dependency (made by `make lock` from pyproject.toml): an install
 # next month gets the same versions as CI got today.
@@ -61,6 +61,11 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+# The documentation site (docs/, mkdocs.yml) in site/; `make lint` checks it (--strict).
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 demo: venv debs
 	$(BIN)/python examples/demo.py

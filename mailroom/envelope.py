@@ -26,7 +26,7 @@ class Outcome(enum.Enum):
 
     @property
     def processed(self) -> bool:
-        """Delivered, rejected and ignored mail is settled alike (README, "Delivery semantics")."""
+        """Delivered, rejected and ignored mail is settled alike (docs/delivery.md)."""
         return self is not Outcome.DEAD_LETTERED
 
 

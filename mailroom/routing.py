@@ -42,7 +42,7 @@ LOCAL_PART_MAX = 64
 PREFIX_WARN_AFTER = 31
 REPLY_PREFIX = "reply-"
 
-# Candidate headers in the documented order (README, "Routing"); the first match wins.
+# Candidate headers in the documented order (docs/routing.md); the first match wins.
 # "References" stands for the reply ids in References, then In-Reply-To.
 CANDIDATE_HEADERS = (
     "To",

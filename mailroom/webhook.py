@@ -1,4 +1,4 @@
-"""The webhook contract (README, "The webhook contract"): payload, headers, signature, and
+"""The webhook contract (docs/webhook.md): payload, headers, signature, and
 what answers mean.
 
 Pure: no I/O. The dispatcher sends what this builds and acts on what ``classify`` says.
@@ -83,7 +83,7 @@ def _address(address: message.Address | None) -> dict[str, str] | None:
 def build_payload(
     envelope: Envelope, parsed: message.ParsedMessage, decision: routing.Deliver
 ) -> dict[str, Any]:
-    """The JSON body of the webhook contract (README, "The webhook contract")."""
+    """The JSON body of the webhook contract (docs/webhook.md)."""
     payload = _payload_fields(envelope, parsed, decision)
     payload["raw"] = base64.b64encode(envelope.raw).decode("ascii")
     return payload
@@ -186,7 +186,7 @@ def _token_authorization(config: WebhookConfig) -> str:
 def classify(
     status: int, answer: bytes, retry_after: float | None, config: WebhookConfig | None = None
 ) -> Outcome | Rejected:
-    """What an answer means (README, "The webhook contract"). A refusal's
+    """What an answer means (docs/webhook.md). A refusal's
     ``{"message": ...}`` (GitLab's 400 ``{"success": false, "message": ...}``) is quoted in the
     error; a 401 names the JWT secret file when there is one. 409: the receiver already has
     it."""

@@ -194,8 +194,8 @@ def test_the_deployment_files_agree_with_the_configs() -> None:
 def test_the_readme_first_config_is_the_sample_config_and_loads(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("### First config", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    guide = (ROOT / "docs" / "getting-started.md").read_text()
+    block = guide.split("## First config", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     assert block == SAMPLE
     assert len(SAMPLE.splitlines()) <= 16
     config = parse_config(yaml.safe_load(SAMPLE), env={"IMAP_PASSWORD": "pw"})
@@ -251,4 +251,17 @@ def test_the_examples_install_from_a_clone_and_link_only_files_that_exist() -> N
     assert "pip install /path/to/the/clone" in service
     texts = [p.read_text() for p in (*EXAMPLES.rglob("*.y*ml"), *(ROOT / "mailroom").rglob("*.py"))]
     assert not any("ARCHITECTURE.md" in text for text in texts)
-    assert "ARCHITECTURE.md" not in (ROOT / "README.md").read_text()
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    docs = [page.read_text() for page in pages]
+    assert not any("ARCHITECTURE.md" in text for text in docs)
+
+
+def test_every_repository_file_the_docs_name_exists() -> None:
+    """The site is built from docs/ alone, so repository files are named, not linked: each
+    one named must exist."""
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    path = re.compile(r"`((?:examples|bench|tests|mailroom|docker)/[^`\s*]+)`")
+    named = {match for page in pages for match in path.findall(page.read_text())}
+    assert len(named) > 20
+    missing = sorted(n for n in named if not (ROOT / n.rstrip("/")).exists())
+    assert not missing, missing

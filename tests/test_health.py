@@ -21,7 +21,7 @@ from tests.helpers import config_dict, mailbox_dict, message, running, wait_unti
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.webhook import WebhookReceiver
 
-# IMAP: a server that closes the connection is noticed at once (README, Health and metrics).
+# IMAP: a server that closes the connection is noticed at once (docs/monitoring.md).
 READY_FLIP_S = 2.0
 
 

@@ -2,8 +2,8 @@
 
     MAILROOM_TEST_IMAGE_BASE=localhost/debian-python:bookworm pytest tests/test_image.py
 
-The base must have Python >= 3.11 as `python3` with the venv module (README: Docker, "without
-a registry"). MAILROOM_TEST_PODMAN overrides the podman command (for example
+The base must have Python >= 3.11 as `python3` with the venv module (docs/operations.md,
+Docker, "without a registry"). MAILROOM_TEST_PODMAN overrides the podman command (for example
 "podman --runtime runc --cgroup-manager cgroupfs" where crun cannot run), and
 MAILROOM_TEST_PODMAN_ARGS adds arguments to `build` and `run` (for example
 "--ulimit nofile=20000:20000 --ulimit nproc=1000:1000" where the default limits cannot be set).

@@ -60,7 +60,8 @@ IMAP = {
         "incoming+%{key}@gitlab.example.com",
     ),
 }
-# recipe → (azure_ad_endpoint, graph_endpoint), as the README's national clouds table has them.
+# recipe → (azure_ad_endpoint, graph_endpoint), as docs/microsoft.md's national clouds table has
+# them.
 GRAPH = {
     "microsoft-365-graph.yml": ("https://login.microsoftonline.com", "https://graph.microsoft.com"),
     "us-government-graph.yml": ("https://login.microsoftonline.us", "https://graph.microsoft.us"),
@@ -83,11 +84,11 @@ def build(raw: dict[str, Any], tmp_path: Path) -> Config:
     return parse_config(with_secret_files(raw, tmp_path), env=ENV, base_dir=tmp_path)
 
 
-def test_every_recipe_is_checked_and_linked_from_the_readme() -> None:
+def test_every_recipe_is_checked_and_named_in_the_docs() -> None:
     assert set(RECIPES) == set(IMAP) | set(GRAPH)
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "providers.md").read_text()
     for name in [*RECIPES, "postfix-dovecot/main.cf", "postfix-dovecot/dovecot-local.conf"]:
-        assert f"examples/providers/{name}" in readme, f"the README does not link {name}"
+        assert f"examples/providers/{name}" in page, f"docs/providers.md does not name {name}"
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -142,8 +143,8 @@ def test_graph_recipes_name_their_clouds_endpoints(name: str, tmp_path: Path) ->
     assert options.oauth.scope == f"{graph}/.default"
     assert options.tls_verify and options.ca_file is None
     assert box.delete_after_delivery is False  # Graph deletes are soft, then purged
-    readme = (ROOT / "README.md").read_text()
-    assert re.search(rf"\| `{re.escape(login)}` \| `{re.escape(graph)}` \|", readme)
+    page = (ROOT / "docs" / "microsoft.md").read_text()
+    assert re.search(rf"\| `{re.escape(login)}` \| `{re.escape(graph)}` \|", page)
 
 
 # -- Postfix + Dovecot ------------------------------------------------------------------------

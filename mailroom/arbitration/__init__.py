@@ -1,4 +1,4 @@
-"""Replicas sharing mailboxes through Redis (README, "Replicas"): ``store`` holds what they
+"""Replicas sharing mailboxes through Redis (docs/scaling.md, "Replicas"): ``store`` holds what they
 share and is the only module importing redis; ``leases`` runs this replica's share."""
 
 from __future__ import annotations

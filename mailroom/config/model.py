@@ -74,7 +74,7 @@ class BasicAuth:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WebhookConfig:
-    """Where and how messages are POSTed (README, "The webhook contract")."""
+    """Where and how messages are POSTed (docs/webhook.md)."""
 
     url: str
     format: Literal["json", "raw"] = "json"
@@ -266,7 +266,7 @@ class GraphMailboxConfig:
     routing: routing.RoutingRules
     user: str  # the mailbox's user principal name or object id
     mailbox: str = "inbox"  # a well-known folder name or a folder id
-    delete_after_delivery: bool = False  # see README: Graph deletes are soft and then purged
+    delete_after_delivery: bool = False  # docs/microsoft.md: Graph deletes are soft, then purged
     failed_folder: str | None = None  # None: category MailroomFailed and isRead
     max_message_bytes: int = 26_214_400
     webhook: WebhookConfig
@@ -360,7 +360,7 @@ class ReloadConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ArbitrationConfig:
-    """``arbitration:``: how replicas share the mailboxes (README, "Replicas").
+    """``arbitration:``: how replicas share the mailboxes (docs/scaling.md, "Replicas").
 
     ``method: none`` (one process, the default) or ``redis``: a Redis at ``url``
     (``redis://``, ``rediss://`` for TLS, ``unix:///path``), or the master ``master_name``

@@ -1,5 +1,6 @@
-"""The minimal config a first setup starts from: ``mailroom sample-config`` prints it, and the
-README shows the same text (tests/test_examples.py keeps them equal and loads it)."""
+"""The minimal config a first setup starts from: ``mailroom sample-config`` prints it, and
+docs/getting-started.md shows the same text (tests/test_examples.py keeps them equal and loads
+it)."""
 
 from __future__ import annotations
 

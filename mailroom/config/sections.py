@@ -324,7 +324,7 @@ def _limits(section: Section) -> LimitsConfig:
 
 
 def _arbitration(section: Section) -> ArbitrationConfig:
-    """``arbitration: {method: redis, url: ..., lease_ttl, ...}`` (README, "Replicas")."""
+    """``arbitration: {method: redis, url: ..., lease_ttl, ...}`` (docs/scaling.md, "Replicas")."""
     method = section.choice("method", "none", ("none", "redis"))
     if method == "none":
         section.done()
