@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mailroom.config import ConfigError, origin, parse_config
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
+from tests.servers.proxy import TcpServer, pump
 from tests.servers.webhook import WebhookReceiver
 from tests.test_reload import reloadable
 
@@ -133,30 +133,16 @@ async def test_a_reload_with_a_bad_ca_file_is_refused_and_the_old_config_keeps_d
 # -- many at once -----------------------------------------------------------------------------
 
 
-class CountingProxy:
+class CountingProxy(TcpServer):
     """A TCP proxy in front of Dovecot's plain port that counts the connections still logging
     in (from accept until the server confirms the SELECT) at the same time."""
 
     def __init__(self, target_port: int) -> None:
+        super().__init__()
         self.target_port = target_port
-        self.port = 0
         self.opening = 0
         self.most_opening = 0
         self.accepted = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> CountingProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
@@ -165,28 +151,16 @@ class CountingProxy:
         upstream_reader, upstream_writer = await asyncio.open_connection(
             "127.0.0.1", self.target_port
         )
-        selected = asyncio.Event()
+        tail = [b"", b""]  # the end of the last chunk; "done" once the SELECT is confirmed
 
-        async def pump(
-            source: asyncio.StreamReader, sink: asyncio.StreamWriter, watch: bool
-        ) -> None:
-            tail = b""
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                while data := await source.read(65536):
-                    if watch and not selected.is_set() and b"[READ-WRITE]" in tail + data:
-                        selected.set()
-                        self.opening -= 1
-                    tail = data[-16:]
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
+        def watch(data: bytes) -> None:
+            if tail[1] != b"done" and b"[READ-WRITE]" in tail[0] + data:
+                tail[1] = b"done"
+                self.opening -= 1
+            tail[0] = data[-16:]
 
-        for task in (
-            asyncio.create_task(pump(reader, upstream_writer, False)),
-            asyncio.create_task(pump(upstream_reader, writer, True)),
-        ):
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self.spawn(pump(reader, upstream_writer))
+        self.spawn(pump(upstream_reader, writer, watch))
 
 
 async def test_200_mailboxes_start_together_all_idle_without_a_connect_storm(

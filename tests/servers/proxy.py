@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any, Self
 from urllib.parse import urlsplit
 
-__all__ = ["HttpProxy"]
+__all__ = ["HttpProxy", "TcpServer", "pump"]
 
 
-class HttpProxy:
-    """``seen`` records ``CONNECT host:port`` or ``GET http://...`` per request line."""
+class TcpServer:
+    """A TCP server on a free 127.0.0.1 port, its connections' tasks cancelled at exit."""
 
     def __init__(self) -> None:
-        self.seen: list[str] = []
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> HttpProxy:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -34,6 +31,26 @@ class HttpProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class HttpProxy(TcpServer):
+    """``seen`` records ``CONNECT host:port`` or ``GET http://...`` per request line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def targets(self) -> list[str]:
         """host:port of every request that went through."""
@@ -71,15 +88,20 @@ class HttpProxy:
                 line for line in rest.split("\r\n") if not line.lower().startswith("proxy-")
             )
             upstream_writer.write(f"{method} {path} {version}\r\n{headers}".encode("latin-1"))
-        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
-            task = asyncio.create_task(_pump(source, sink))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self.spawn(pump(reader, upstream_writer))
+        self.spawn(pump(upstream_reader, writer))
 
 
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def pump(
+    source: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    watch: Callable[[bytes], None] | None = None,
+) -> None:
+    """Copy ``source`` to ``sink`` until it ends (``watch`` sees every chunk first)."""
     with contextlib.suppress(ConnectionError, asyncio.CancelledError):
         while data := await source.read(65536):
+            if watch is not None:
+                watch(data)
             sink.write(data)
             await sink.drain()
     sink.close()
