@@ -16,6 +16,7 @@ import yaml
 
 from mailroom.config import (
     Config,
+    GoogleOAuthConfig,
     GraphMailboxConfig,
     ImapMailboxConfig,
     OAuthConfig,
@@ -40,6 +41,12 @@ IMAP = {
         993,
         "password",
         "gitlab-incoming+%{key}@gmail.com",
+    ),
+    "gmail-oauth.yml": (
+        "imap.gmail.com",
+        993,
+        "xoauth2",
+        "support+%{key}@example.com",
     ),
     "microsoft-365-imap-xoauth2.yml": (
         "outlook.office365.com",
@@ -114,7 +121,11 @@ def test_imap_recipes_use_tls_on_the_providers_port(name: str, tmp_path: Path) -
     assert box.ssl and not box.start_tls and box.tls_verify
     assert box.delete_after_delivery and box.expunge_deleted
     assert box.failed_folder == "mailroom-failed"
-    if auth == "xoauth2":
+    if auth == "xoauth2" and host == "imap.gmail.com":
+        assert box.password is None and isinstance(box.oauth, GoogleOAuthConfig)
+        assert box.oauth.scope == "https://mail.google.com/"
+        assert box.oauth.token_uri == "https://oauth2.googleapis.com/token"
+    elif auth == "xoauth2":
         assert box.password is None and isinstance(box.oauth, OAuthConfig)
         assert box.oauth.authority == f"https://login.microsoftonline.com/{TENANT}"
         assert box.oauth.scope == "https://outlook.office365.com/.default"
