@@ -3,7 +3,9 @@
 A replica watches a mailbox only while it holds that mailbox's lease. Every ``tick`` (at most a
 second) the loop:
 
-1. announces the replica (a heartbeat that lives ``lease_ttl``) and counts the live replicas;
+1. announces the replica (a heartbeat that lives ``lease_ttl``) and counts the live replicas
+   (a new replica takes no lease before its second tick, so that replicas started together
+   count each other first instead of one taking everything and handing half over);
 2. renews its leases every third of ``lease_ttl``. A renewal counts from the moment it was
    *sent*, so ``valid_until`` never runs past what Redis granted;
 3. balances: it holds at most ``ceil(mailboxes / live replicas)`` leases. Extras are handed
@@ -95,6 +97,7 @@ class Coordinator:
     async def run(self, done: asyncio.Event) -> None:
         """Take and keep this replica's share until ``done``; never raises."""
         next_renew = 0.0
+        announced = False  # replicas started together see each other before taking leases
         while not done.is_set():
             now = time.monotonic()
             try:
@@ -102,7 +105,9 @@ class Coordinator:
                 if now >= next_renew:
                     await self._renew()
                     next_renew = now + self.ttl_s / 3
-                await self._balance(done)
+                if announced:
+                    await self._balance(done)
+                announced = True
                 self._set_healthy(True)
             except ArbitrationError as exc:
                 next_renew = 0.0  # try to renew at every tick until it works
