@@ -32,6 +32,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -83,7 +84,10 @@ async def _listen(server: HealthServer) -> None:
     except OSError as exc:
         host, port = server.config.host, server.config.port
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if isinstance(exc, socket.gaierror):
+            reason = f"cannot resolve {host} ({exc.strerror})"
+        else:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
         advice = "stop what uses it, or " if exc.errno == errno.EADDRINUSE else ""
         raise ConfigError(
             "health.listen", f"cannot listen on {address}: {reason}; {advice}choose another"

@@ -64,7 +64,7 @@ def test_redis_arbitration_config() -> None:
     ("block", "error"),
     [
         ({"method": "redis"}, "arbitration.url: is required"),
-        ({"method": "redis", "url": "http://h:6379"}, "arbitration.url: is not an redis or "),
+        ({"method": "redis", "url": "http://h:6379"}, "arbitration.url: is not a Redis URL; write"),
         ({"method": "redis", "url": "redis://h:99999"}, "the port is not a number"),
         (
             {"method": "redis", "url": "redis://:hunter2@h:6379/0"},

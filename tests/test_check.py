@@ -284,6 +284,12 @@ async def test_unseen_messages_are_counted_by_decision_and_left_as_they_are(
     )
     assert await dovecot.amessages(account) == before  # nothing fetched as seen, nothing moved
     assert webhook.requests == []
+    # search_command: ALL counts what a run would search: the unseen ones only (uid 7 is seen).
+    box["search_command"] = "ALL"
+    results = await run_check(build([box], webhook.url))
+    assert results["imap[inbox]", "unseen"].detail.startswith(
+        "6 messages match search_command ALL and are unseen (mailroom adds UNSEEN); "
+    )
 
     other = dovecot.add_user()
     await dovecot.aappend_many(other, [message(n) for n in range(3)])

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -274,3 +275,37 @@ async def test_search_command_all_does_not_post_settled_mail_again(
 
 async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("mailbox", "failed_folder", "refused"),
+    [("INBOX", "inbox", True), ("INBOX", "INBOX", True), ("Support", "support", False),
+     ("Support", "Support", True)],
+)  # fmt: skip
+def test_a_failed_folder_may_not_be_the_watched_folder(
+    mailbox: str, failed_folder: str, refused: bool
+) -> None:
+    box = {"address": "a+%{key}@example.com", "host": "h", "user": "u", "password": "p",
+           "mailbox": mailbox, "failed_folder": failed_folder}  # fmt: skip
+    data = config_dict([box], "http://127.0.0.1:1/")
+    if not refused:  # IMAP names other than INBOX are case-sensitive: another folder
+        assert parse_config(data, env={}).mailboxes[0].failed_folder == failed_folder
+        return
+    with pytest.raises(ConfigError, match=r"failed_folder: is the folder this mailbox watches"):
+        parse_config(data, env={})
+
+
+@pytest.mark.parametrize(
+    ("limits", "error"),
+    [
+        ({"connects": 1.5}, "limits.connects: expected a whole number, got 1.5"),
+        ({"in_flight_bytes": 10}, "10 is out of range; use a value from 1048576 to 1099511627776"),
+    ],
+)
+def test_limits_are_whole_numbers_said_plainly(limits: dict[str, Any], error: str) -> None:
+    box = {"address": "a+%{key}@example.com", "host": "h", "user": "u", "password": "p"}
+    data = config_dict([box], "http://127.0.0.1:1/")
+    data["limits"] = limits
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, env={})
+    assert error in str(caught.value)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mailroom import check
 from mailroom.config import ConfigError, parse_config
 from mailroom.proxies import proxy_for
 from tests.helpers import config_dict, mailbox_dict, message, running
@@ -139,3 +140,18 @@ async def test_a_proxy_key_sends_the_webhook_through_it(
         await webhook.wait_for(1)
     assert proxy.targets() == [f"127.0.0.1:{webhook.port}"]
     assert webhook.requests[0].headers["webhook-id"].startswith("msg_")
+
+
+async def test_check_goes_the_way_deliveries_go(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, proxy: HttpProxy
+) -> None:
+    lines: list[str] = []
+    data = config_dict([mailbox_dict(dovecot, account)], webhook.url, proxy=proxy.url)
+    report = check.Report(lines.append)
+    await check.run(parse_config(data, env={}), path="x.yml", send_test=True, report=report)
+    hook = f"webhook[http://127.0.0.1:{webhook.port}]"
+    assert f"OK   {hook} proxy: deliveries go through http://127.0.0.1:{proxy.port}" in lines
+    assert any(
+        line.startswith(f"OK   {hook} test event: signed test event answered") for line in lines
+    )
+    assert proxy.targets() == [f"127.0.0.1:{webhook.port}"]  # the test event went through it

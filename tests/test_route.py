@@ -107,8 +107,8 @@ def test_ignore_names_the_rule_and_the_key_that_switches_it_off() -> None:
 
 def test_dead_letters_unparsable_and_too_large() -> None:
     assert lines_for("garbage.eml")[1:] == [
-        "decision: dead-letter: unparsable message; flagged $MailroomFailed and \\Seen, left in "
-        "place (no failed_folder)"
+        "decision: dead-letter: unparsable message (NoHeaders); flagged $MailroomFailed and "
+        "\\Seen, left in place (no failed_folder)"
     ]
     lines = lines_for("plain_2k.eml", max_message_bytes=1024, failed_folder="Failed")
     assert lines[1:] == [

@@ -26,6 +26,7 @@ from mailroom.check import endpoints, mailboxes, replicas
 from mailroom.check.endpoints import TEST_EVENT
 from mailroom.check.report import Outcome, Report, Result
 from mailroom.config import Config, ImapMailboxConfig
+from mailroom.webhook import labels
 
 __all__ = ["TEST_EVENT", "Report", "Result", "run"]
 
@@ -108,8 +109,8 @@ async def run(config: Config, *, path: str, send_test: bool, report: Report) -> 
             await mailboxes.imap(report, mailbox)
         else:
             await mailboxes.graph(report, mailbox)
-    for webhook in dict.fromkeys(m.webhook for m in config.mailboxes):
-        await endpoints.webhook(report, webhook, send_test=send_test)
+    for webhook, label in labels(m.webhook for m in config.mailboxes).items():
+        await endpoints.webhook(report, webhook, send_test=send_test, label=label)
     await endpoints.smtp(report, config)
     await replicas.run(report, config)
     return report.ok

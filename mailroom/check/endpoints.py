@@ -24,6 +24,7 @@ from mailroom.check.net import (
 )
 from mailroom.check.report import Failed, Outcome, Report, Status, Target
 from mailroom.config import Config, WebhookConfig, origin
+from mailroom.proxies import proxy_for
 from mailroom.tls import client_context
 from mailroom.webhook import request_headers
 
@@ -47,19 +48,29 @@ def _test_headers(config: WebhookConfig, body: bytes) -> dict[str, str]:
 
 
 _STATUS_HINTS = {
-    401: "the receiver refused the credentials: check token/basic/jwt on both sides",
+    401: "the receiver refused the request: check token/basic/jwt and the signing secret on "
+    "both sides",
     403: "the receiver refused the request: check the signing secret and credentials",
     404: "check the path of webhook.url",
     422: 'answer 2xx to {"type": "mailroom.check"} events',
 }
 
 
-async def webhook(report: Report, config: WebhookConfig, *, send_test: bool) -> None:
-    target = Target(report, f"webhook[{origin(config.url)}]")
+async def webhook(
+    report: Report, config: WebhookConfig, *, send_test: bool, label: str | None = None
+) -> None:
+    """``label``: the webhook's name (its origin, and a digest where two share one)."""
+    target = Target(report, f"webhook[{label or origin(config.url)}]")
     parts = urlsplit(config.url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
     resolved: list[str] = []
+    proxy = proxy_for(config.url, config.proxy)
+    if proxy is not None:  # checked the way deliveries go: through the proxy
+        where = origin(proxy)
+        target.report.add(target.name, "proxy", "OK", f"deliveries go through {where}")
+        host = urlsplit(proxy).hostname or ""
+        port = urlsplit(proxy).port or (443 if proxy.startswith("https:") else 80)
 
     async def dns() -> Outcome:
         try:
@@ -74,11 +85,14 @@ async def webhook(report: Report, config: WebhookConfig, *, send_test: bool) -> 
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise Failed(f"cannot resolve {host}: {exc.strerror}; check webhook.url") from exc
+            setting = "webhook.url" if proxy is None else "the proxy (webhook.proxy, HTTPS_PROXY)"
+            raise Failed(f"cannot resolve {host}: {exc.strerror}; check {setting}") from exc
         resolved.extend(dict.fromkeys(str(info[4][0]) for info in infos))
         return "OK", f"{host} resolves to {', '.join(resolved)}"
 
     async def tls() -> Outcome:
+        if proxy is not None:
+            return "OK", "end to end through the proxy's tunnel (checked by the test event)"
         if parts.scheme != "https":
             if all(is_loopback(a) for a in resolved or [host]):
                 return "OK", "not used (http:// to this machine)"
@@ -108,6 +122,7 @@ async def webhook(report: Report, config: WebhookConfig, *, send_test: bool) -> 
                     timeout=aiohttp.ClientTimeout(total=config.timeout_s),
                     allow_redirects=False,
                     ssl=_webhook_tls(config) if parts.scheme == "https" else True,
+                    proxy=proxy,
                 ) as response,
             ):
                 status = response.status

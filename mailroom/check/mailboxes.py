@@ -67,7 +67,7 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
 
     async def unseen() -> Outcome:
         assert session is not None
-        uids = await session.search(config.search_command)
+        uids = await session.search(config.search_criteria)  # what the run searches
         tally = route.Tally()
         for start in range(0, min(len(uids), COUNT_AT_MOST), COUNT_BATCH):
             batch = uids[start : min(start + COUNT_BATCH, COUNT_AT_MOST)]
@@ -147,6 +147,8 @@ def backlog(tally: route.Tally, found: int, config: MailboxConfig, *, more: str 
     search = "are unread"
     if isinstance(config, ImapMailboxConfig):
         search = f"match search_command {config.search_command}"
+        if " UNSEEN " in f" {config.search_criteria} " and "UNSEEN" not in search.upper():
+            search += " and are unseen (mailroom adds UNSEEN)"
     if not found:
         return "OK", f"no messages {search}: the first start finds none waiting"
     counted = sum(tally.actions.values())

@@ -80,7 +80,10 @@ def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
             f"(ignore_auto_generated.{verdict.why}); no webhook, no notice"
         )
     elif verdict.action is Action.DEAD_LETTER:
-        lines.append(f"decision: dead-letter: {verdict.why}; {dead_letter_text(mailbox)}")
+        why = verdict.why
+        if why == routing.UNPARSABLE_MESSAGE and verdict.parsed.defects:
+            why += f" ({', '.join(verdict.parsed.defects)})"
+        lines.append(f"decision: dead-letter: {why}; {dead_letter_text(mailbox)}")
     else:
         searched = ", ".join(routing.CANDIDATE_HEADERS)
         lines += [

@@ -136,7 +136,7 @@ def _mailbox(
         search_command_exact=section.flag("search_command_exact", False),
         delete_after_delivery=section.flag("delete_after_delivery", True),
         expunge_deleted=section.flag("expunge_deleted", False),
-        failed_folder=section.text("failed_folder", None),
+        failed_folder=_failed_folder(section, mailbox, imap=True),
         max_message_bytes=section.number(
             "max_message_bytes", 26_214_400, lo=1024, hi=2**31, integer=True
         ),
@@ -144,6 +144,25 @@ def _mailbox(
     )
     section.done()
     return config
+
+
+def _failed_folder(section: Section, mailbox: str, *, imap: bool) -> str | None:
+    """``failed_folder``, never the watched folder itself: a dead letter moved there would be
+    found, and posted, again. IMAP names are case-sensitive but INBOX (RFC 3501 §5.1); Graph's
+    are not."""
+    folder: str | None = section.text("failed_folder", None)
+    if folder is None:
+        return None
+    same = folder.casefold() == mailbox.casefold()
+    if imap and folder.casefold() != "inbox":
+        same = folder == mailbox
+    if same:
+        section.fail(
+            "failed_folder",
+            f"is the folder this mailbox watches ({mailbox}); dead letters would be read again: "
+            "name another folder, like mailroom-failed, or remove it to flag them in place",
+        )
+    return folder
 
 
 def _mailbox_webhook(section: Section, webhook_raw: dict[str, Any]) -> WebhookConfig:
@@ -189,7 +208,7 @@ def _graph_mailbox(
         user=user,
         mailbox=mailbox,
         delete_after_delivery=section.flag("delete_after_delivery", False),
-        failed_folder=section.text("failed_folder", None),
+        failed_folder=_failed_folder(section, mailbox, imap=False),
         max_message_bytes=section.number(
             "max_message_bytes", 26_214_400, lo=1024, hi=2**31, integer=True
         ),

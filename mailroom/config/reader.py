@@ -212,12 +212,19 @@ class Section:
         try:
             if isinstance(value, bool):
                 raise ValueError
-            number: float = int(value) if integer else float(value)
+            number: float = float(value)
+            if integer:
+                if not number.is_integer():  # 1.5 connects: refused, not truncated
+                    raise ValueError
+                number = int(number) if isinstance(value, float) else int(value)
         except (TypeError, ValueError, OverflowError):  # int(.inf) overflows
             kind = "a whole number" if integer else "a number"
             self.fail(key, f"expected {kind}, got {shown(value)}")
         if not lo <= number <= hi:
-            self.fail(key, f"{number:g} is out of range; use a value from {lo:g} to {hi:g}")
+            self.fail(
+                key,
+                f"{_plain(number)} is out of range; use a value from {_plain(lo)} to {_plain(hi)}",
+            )
         return number
 
     def choice(self, key: str, default: str, choices: tuple[str, ...]) -> Any:
@@ -359,6 +366,13 @@ class Section:
 def _closest(name: str, known: Iterable[str]) -> str | None:
     close = difflib.get_close_matches(name, sorted(known), n=1)
     return close[0] if close else None
+
+
+def _plain(number: float) -> str:
+    """A number as people write it: 1048576, not 1.04858e+06; 0.5 stays 0.5."""
+    if float(number).is_integer():
+        return str(int(number))
+    return f"{number:g}"
 
 
 def kind(value: Any) -> str:

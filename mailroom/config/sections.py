@@ -339,6 +339,12 @@ def _arbitration(section: Section) -> ArbitrationConfig:
     else:
         master_name = None
         raw_url = section.text("url")
+        if not raw_url.startswith(("redis://", "rediss://", "unix:")):
+            section.fail(
+                "url",
+                "is not a Redis URL; write it like redis://redis:6379/0 (rediss:// for TLS, "
+                "unix:///path/to/redis.socket for a socket)",
+            )
         if raw_url.startswith("unix:"):
             path = raw_url.removeprefix("unix:").removeprefix("//")
             if not path.startswith("/") or "?" in path or "#" in path:
