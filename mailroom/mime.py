@@ -287,13 +287,16 @@ class Part(Message):
         return next((v for k, v in split[1] if k == param), failobj)
 
 
-def _feed(text: str, budget: Budget) -> Part:
-    """The feed parser over ``text``, stopped once it made more than ``MAX_PARTS`` parts or
-    read more than ``MAX_LINES`` lines (what it read so far is kept)."""
+def _feed(data: str | bytes, budget: Budget) -> Part:
+    """The feed parser over ``data``, stopped once it made more than ``MAX_PARTS`` parts or
+    read more than ``MAX_LINES`` lines (what it read so far is kept). Bytes are read as ASCII
+    with surrogate escapes, as BytesParser does, a chunk at a time: decoded whole, a 25 MB
+    message would be one more 25 MB str while the parser holds its lines."""
     parser = FeedParser(_factory=budget.part, policy=compat32)
     lines = 0
-    for start in range(0, len(text), _CHUNK):
-        chunk = text[start : start + _CHUNK]
+    for start in range(0, len(data), _CHUNK):
+        piece = data[start : start + _CHUNK]
+        chunk = piece if isinstance(piece, str) else piece.decode("ascii", "surrogateescape")
         parser.feed(chunk)
         lines += max(chunk.count("\n"), chunk.count("\r"))  # LF, CRLF or CR (RFC 5322 §2.1)
         if budget.parts > MAX_PARTS:
@@ -370,4 +373,4 @@ def read(raw: bytes) -> tuple[Part, Budget]:
     if msg is not None:
         return msg, budget
     budget = Budget()  # the fast path's fields do not count twice
-    return _feed(raw.decode("ascii", "surrogateescape"), budget), budget
+    return _feed(raw, budget), budget
