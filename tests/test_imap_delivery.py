@@ -13,6 +13,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from mailroom.config import parse_config
+from mailroom.delivery import SLICED_BODY_BYTES
 from mailroom.sources.imap import idempotency_key
 from tests.helpers import (
     WHSEC,
@@ -71,6 +72,20 @@ async def test_backlog_at_start_is_delivered_once_signed_and_marked_seen(
     assert payload["to"] == [{"name": "", "address": "incoming+key7@example.com"}]
     assert payload["text"] == "Message number 7.\n"
     assert payload["date"] == "2026-11-22T10:00:00+00:00"
+
+
+async def test_a_large_message_is_posted_whole_in_slices(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    raw = message(1, size=SLICED_BODY_BYTES + 100_000)
+    await dovecot.aappend(account, raw)
+    async with running(make_config(dovecot, account, webhook.url)):
+        (request,) = await webhook.wait_for(1)
+        await wait_until(lambda: all_seen(dovecot, account, 1), what="delivered and seen")
+    payload = Webhook(WHSEC).verify(request.body, dict(request.headers))  # signed unsliced
+    assert base64.b64decode(payload["raw"]) == raw
+    assert payload["text"].startswith("Message number 1.\n")
+    assert request.headers["Content-Length"] == str(len(request.body))  # not chunked
 
 
 async def _uidvalidity(dovecot: Dovecot, account: Account) -> int:
