@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import subprocess
@@ -405,7 +406,7 @@ def test_warnings_for_a_long_prefix_and_a_clear_text_smtp_password() -> None:
     assert SECRET not in " ".join(config.warnings)
 
 
-def test_cli_logs_the_config_warnings(
+def test_cli_logs_the_config_warnings_and_tunes_the_gc(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "mailroom.yml"
@@ -419,18 +420,24 @@ def test_cli_logs_the_config_warnings(
         "log: {format: text}\n"
     )
 
+    thresholds = []
+
     async def run(config: Config, **kwargs: object) -> int:  # kwargs: load= (SIGHUP reload)
+        thresholds.append(gc.get_threshold()[0])
         return 0
 
     monkeypatch.setattr(supervisor, "run", run)
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, logging.getLogger("mailroom").level)
+    saved_gc = gc.get_threshold()
     try:
         assert cli.main(["-c", str(path)]) == 0
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         logging.getLogger("mailroom").setLevel(saved[2])
+        gc.set_threshold(*saved_gc)
+    assert thresholds == [cli.GC_YOUNG_THRESHOLD]  # the service runs with the tuned GC
     err = capsys.readouterr().err
     assert "WARNING mailroom.config config: mailboxes[0].address: the local part before" in err
     assert SECRET not in err
