@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
-from mailroom import check, credentials, gitlab, logs, redrive, supervisor
+from mailroom import check, credentials, gitlab, logs, redrive, supervisor, tls
 from mailroom.check import route
 from mailroom.config import Config, MailboxConfig, credentials_config, load_config
 from mailroom.config.reader import suggestion
@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     for warning in config.warnings:
         logging.getLogger("mailroom.config").warning("config: %s", warning)
     gc.set_threshold(GC_YOUNG_THRESHOLD)
+    tls.small_read_buffers()
     try:
         # SIGHUP reloads the file the same way (an invalid one is refused).
         watch = list(dict.fromkeys(Path(p) for p in (source[1], args.config) if p))

@@ -6,12 +6,14 @@ import asyncio
 import base64
 import logging
 import time
+from asyncio.sslproto import SSLProtocol
 from typing import Any
 
 import jwt
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from mailroom import tls
 from mailroom.config import parse_config
 from mailroom.delivery import SLICED_BODY_BYTES
 from mailroom.sources.imap import idempotency_key
@@ -75,8 +77,11 @@ async def test_backlog_at_start_is_delivered_once_signed_and_marked_seen(
 
 
 async def test_a_large_message_is_posted_whole_in_slices(
-    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Over TLS with the service's read buffers (cli.main sets them), restored afterwards.
+    monkeypatch.setattr(SSLProtocol, "max_size", SSLProtocol.max_size)
+    tls.small_read_buffers()
     raw = message(1, size=SLICED_BODY_BYTES + 100_000)
     await dovecot.aappend(account, raw)
     async with running(make_config(dovecot, account, webhook.url)):
