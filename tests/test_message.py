@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import email.feedparser
 import email.utils
 import random
+import re
 import time
 import timeit
 import tracemalloc
@@ -24,6 +26,7 @@ from mailroom.message import (
     Address,
     Attachment,
     ParsedMessage,
+    _base64_size,
     _iso_date,
     _params,
     _size,
@@ -455,6 +458,8 @@ def test_base64_sizes_are_what_decoding_measures(
         payload = part.get_payload(decode=True)
         assert isinstance(payload, bytes)
         assert _size(part) == len(payload)
+        if cte == "base64":  # matched a slice at a time: a size is right, None falls back
+            assert {_base64_size(body, step) for step in (1, 7, 64)} <= {None, len(payload)}
 
 
 @settings(max_examples=200, deadline=None)
@@ -464,3 +469,12 @@ def test_base64_sizes_of_anything_are_what_decoding_measures(body: str) -> None:
     payload = part.get_payload(decode=True)
     assert isinstance(payload, bytes)
     assert _size(part) == len(payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet="a\r\n", max_size=12))
+def test_the_line_end_before_a_boundary_is_found_as_the_stdlib_finds_it(text: str) -> None:
+    stdlib = re.compile(r"(\r\n|\r|\n)\Z").search(text)
+    ours = vars(email.feedparser)["NLCRE_eol"].search(text)  # mime's, searched from the end
+    assert isinstance(vars(email.feedparser)["NLCRE_eol"], mime._LineEndAtEnd)
+    assert (ours and (ours.span(), ours.group(0))) == (stdlib and (stdlib.span(), stdlib.group(0)))
