@@ -366,6 +366,7 @@ class Bench:
         with contextlib.ExitStack() as stack:
             probes = [(a, stack.enter_context(self.dovecot.imap(a))) for a in others]
             quiet = self.probe(probes, PROBES)
+            first, lag_before = self.quiet_scrapes(mailroom)
             wait_quiet(mailroom.pid, 30)
             before = rss_mib(mailroom.pid)
             reset_hwm(mailroom.pid)
@@ -387,7 +388,8 @@ class Bench:
             (arrived,) = self.receiver.times(key)
             assert arrived is not None
             wait_quiet(mailroom.pid, 30)
-        peak = hwm_mib(mailroom.pid)
+        peak = hwm_mib(mailroom.pid)  # before a scrape allocates its text
+        lag = mailroom.scrape().lag_since(lag_before).without_one_like(lag_before.lag_since(first))
         size_mib = len(raw) / 2**20
         self.table.add(
             f"one {len(raw) / 1e6:.0f} MB message: APPEND -> arrival", f"{arrived - started:.1f} s"
@@ -398,6 +400,10 @@ class Bench:
             f"{peak - before:.0f} MiB ({before:.0f} -> {peak:.0f} MiB): {times:.1f} x its size",
             "< 3 x",
             times < 3,
+        )
+        self.table.add(
+            "  mailroom's event-loop lag meanwhile",
+            f"p99 {ms(lag.quantile(0.99))}, the longest <= {ms(lag.longest())} (n={lag.n})",
         )
         during = [
             latency for n, latency in enumerate(busy) if n * PROBE_EVERY_S < arrived - started

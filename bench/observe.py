@@ -123,25 +123,14 @@ def sampling_rss(pid: int, every_s: float = 0.1) -> Iterator[list[float]]:
 
 @contextlib.contextmanager
 def profiled(pid: int, path: Path | None) -> Iterator[None]:
-    """``py-spy record`` (collapsed stacks, 100 Hz) of ``pid`` while the block runs; nothing
-    when ``path`` is None. py-spy comes from PyPI: ``.venv/bin/pip install py-spy``."""
+    """``py-spy record`` (collapsed stacks per thread, 100 Hz) of ``pid`` while the block runs;
+    nothing when ``path`` is None. py-spy comes from PyPI: ``.venv/bin/pip install py-spy``."""
     if path is None:
         yield
         return
     spy = Path(sys.executable).parent / "py-spy"
-    args = [
-        str(spy),
-        "record",
-        "--pid",
-        str(pid),
-        "--rate",
-        "100",
-        "--format",
-        "raw",
-        "--nonblocking",
-        "--output",
-        str(path),
-    ]
+    args = [str(spy), "record", "--pid", str(pid), "--rate", "100", "--format", "raw"]
+    args += ["--nonblocking", "--threads", "--output", str(path)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield
@@ -173,6 +162,10 @@ class Lag:
         have = [i for i, count in enumerate(self.counts) if count]
         drop = min(have, key=lambda i: (abs(i - like), -i))
         return Lag(self.bounds, tuple(c - (i == drop) for i, c in enumerate(self.counts)))
+
+    def longest(self) -> float:
+        """The upper bound of the highest bucket with a sample."""
+        return max((b for b, c in zip(self.bounds, self.counts, strict=True) if c), default=0.0)
 
     def quantile(self, q: float) -> float:
         """Linear inside a bucket, as PromQL's histogram_quantile."""
