@@ -73,9 +73,13 @@ demo: venv debs
 demo-serve: venv debs
 	$(BIN)/python examples/demo.py --serve
 
+# bench/many_mailboxes.py: 1,000 mailboxes, plain IMAP (all phases, about 5 minutes), then the
+# start, RSS and idle CPU over TLS.
 bench: venv debs
 	$(BIN)/python bench/imap_latency.py
 	$(BIN)/python bench/parse_worst.py
+	$(BIN)/python bench/many_mailboxes.py
+	$(BIN)/python bench/many_mailboxes.py --tls --skip load,outage,big
 
 # After a change to the dependencies in pyproject.toml: pin them again, for every platform
 # (the versions pinned so far stay; `make lock LOCK_FLAGS=--upgrade` takes the newest).

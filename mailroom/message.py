@@ -262,8 +262,40 @@ def _payload(part: mime.Part) -> bytes:
         return b""
 
 
+# A base64 body as a writer that follows RFC 2045 §6.8 sends it: lines of the alphabet, the
+# padding at the end. Possessive: linear, whatever the input.
+_BASE64_LINES = re.compile(r"(?:[A-Za-z0-9+/]*+\r?\n)*+")
+_BASE64_END = re.compile(r"[A-Za-z0-9+/]*+(={0,2})(?:\r?\n)*+")
+# The lines are matched this many characters at a time: a match holds the GIL, and a large
+# message is parsed in a worker thread beside the event loop (25 MB in one match: 67 ms).
+_MATCH_CHARS = 1024 * 1024
+
+
+def _base64_size(payload: str, step: int = _MATCH_CHARS) -> int | None:
+    """What ``get_payload(decode=True)`` of a well-formed base64 body would measure, counted
+    instead of decoded (decoding a 25 MB attachment to measure it costs 1.7 times its size more
+    at the peak: the stdlib joins its lines twice); None for anything else (or for a line
+    longer than ``step``), which is decoded as before."""
+    pos = 0
+    while (lines := _BASE64_LINES.match(payload, pos, pos + step)) and lines.end() > pos:
+        pos = lines.end()
+    match = _BASE64_END.fullmatch(payload, pos)
+    if match is None:
+        return None
+    padding = len(match.group(1))
+    chars = len(payload) - payload.count("\n") - payload.count("\r") - padding
+    if (chars + padding) % 4 or (padding and chars % 4 != 4 - padding):
+        return None  # decode_b pads or repairs it: let it
+    return chars // 4 * 3 + chars % 4 * 3 // 4
+
+
 def _size(part: mime.Part) -> int:
     if not part.is_multipart():
+        # As Message.get_payload(decode=True) reads the transfer encoding.
+        if str(part.get("content-transfer-encoding", "")).lower() == "base64":
+            payload = part.get_payload()
+            if isinstance(payload, str) and (size := _base64_size(payload)) is not None:
+                return size
         return len(_payload(part))
     try:  # message/rfc822: the enclosed message, re-serialised
         return len(part.as_bytes(policy=policy.compat32))

@@ -21,6 +21,7 @@ Parts are read-only once parsed. No I/O here.
 from __future__ import annotations
 
 import codecs
+import email.feedparser
 import re
 import urllib.parse
 from collections.abc import Mapping
@@ -62,6 +63,24 @@ MAX_LINES = 500_000
 MAX_PARAM_CHARS = 16 * 1024
 MAX_PARAMS = 64
 _CHUNK = 8192  # what the stdlib's Parser feeds at a time
+
+
+class _LineEndAtEnd:
+    """The feed parser's ``NLCRE_eol``, ``(\\r\\n|\\r|\\n)\\Z``, searched from the last two
+    characters. The stdlib searches the whole payload of every part for the line end before its
+    boundary: one regex call, holding the GIL, over a 25 MB attachment took 200 ms, and the event
+    loop waits for the thread that parses (bench/many_mailboxes.py). The same match: a line end
+    is at most two characters."""
+
+    _pattern = re.compile(r"(\r\n|\r|\n)\Z")
+
+    def search(self, text: str) -> re.Match[str] | None:
+        return self._pattern.search(text, max(0, len(text) - 2))
+
+
+# A private name of the stdlib (tests/test_message.py fails loudly if an upgrade changes it).
+if isinstance(vars(email.feedparser).get("NLCRE_eol"), re.Pattern):
+    vars(email.feedparser)["NLCRE_eol"] = _LineEndAtEnd()
 
 # WHATWG-style relabelling of charsets that mail gets wrong or Python does not know.
 _CHARSET_ALIASES: Mapping[str, str | None] = {
@@ -287,13 +306,16 @@ class Part(Message):
         return next((v for k, v in split[1] if k == param), failobj)
 
 
-def _feed(text: str, budget: Budget) -> Part:
-    """The feed parser over ``text``, stopped once it made more than ``MAX_PARTS`` parts or
-    read more than ``MAX_LINES`` lines (what it read so far is kept)."""
+def _feed(data: str | bytes, budget: Budget) -> Part:
+    """The feed parser over ``data``, stopped once it made more than ``MAX_PARTS`` parts or
+    read more than ``MAX_LINES`` lines (what it read so far is kept). Bytes are read as ASCII
+    with surrogate escapes, as BytesParser does, a chunk at a time: decoded whole, a 25 MB
+    message would be one more 25 MB str while the parser holds its lines."""
     parser = FeedParser(_factory=budget.part, policy=compat32)
     lines = 0
-    for start in range(0, len(text), _CHUNK):
-        chunk = text[start : start + _CHUNK]
+    for start in range(0, len(data), _CHUNK):
+        piece = data[start : start + _CHUNK]
+        chunk = piece if isinstance(piece, str) else piece.decode("ascii", "surrogateescape")
         parser.feed(chunk)
         lines += max(chunk.count("\n"), chunk.count("\r"))  # LF, CRLF or CR (RFC 5322 §2.1)
         if budget.parts > MAX_PARTS:
@@ -370,4 +392,4 @@ def read(raw: bytes) -> tuple[Part, Budget]:
     if msg is not None:
         return msg, budget
     budget = Budget()  # the fast path's fields do not count twice
-    return _feed(raw.decode("ascii", "surrogateescape"), budget), budget
+    return _feed(raw, budget), budget

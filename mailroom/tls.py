@@ -12,12 +12,18 @@ gets a new context on the next reload. Contexts are never modified after they ar
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import os
 import ssl
 import threading
 from pathlib import Path
 
-__all__ = ["TlsConfigError", "client_context", "trust_sources"]
+__all__ = ["TlsConfigError", "client_context", "small_read_buffers", "trust_sources"]
+
+# asyncio's TLS transport (Python 3.11+) gives every connection a read buffer of 256 KiB, zeroed
+# up front: 1,000 idling IMAP sessions held 280 MiB in them (bench/many_mailboxes.py --tls).
+# A TLS record carries at most 16 KiB (RFC 8446 §5.1), so this buffer still takes a whole one.
+READ_BUFFER_BYTES = 16 * 1024
 
 _ENV_FILES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 _ENV_DIRS = ("SSL_CERT_DIR",)
@@ -100,3 +106,13 @@ def _build(files: list[str], dirs: list[str], ca_file: str | None, verify: bool)
 def _variable_for(path: str) -> str:
     names = [name for name in _ENV_FILES if os.environ.get(name) == path]
     return f"the file named by {names[0]}" if names else "the system CA file"
+
+
+def small_read_buffers() -> None:
+    """Every asyncio TLS connection made from now on reads into ``READ_BUFFER_BYTES``: the
+    stdlib's private ``asyncio.sslproto.SSLProtocol.max_size`` (the tests fail loudly if a
+    Python upgrade removes it)."""
+    protocol = asyncio.sslproto.SSLProtocol
+    if not isinstance(getattr(protocol, "max_size", None), int):
+        raise RuntimeError("asyncio.sslproto.SSLProtocol.max_size is gone: see mailroom/tls.py")
+    protocol.max_size = READ_BUFFER_BYTES

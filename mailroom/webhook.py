@@ -45,6 +45,7 @@ MISCONFIGURED = frozenset({401, 403, 404})
 # 409 Conflict: the receiver already has this webhook-id (a repeat after a crash or a
 # failover); the message is settled as delivered.
 CONFLICT = 409
+SIGN_COPY_BYTES = 64 * 1024  # a larger body is signed without copying it
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +56,14 @@ class Rejected:
 def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
     """Standard Webhooks ``webhook-signature``: ``v1,<base64 HMAC-SHA256(id.timestamp.body)>``."""
     key = base64.b64decode(secret.removeprefix("whsec_"))
-    signed = f"{webhook_id}.{timestamp}.".encode() + body
-    return "v1," + base64.b64encode(hmac.digest(key, signed, hashlib.sha256)).decode()
+    signed = f"{webhook_id}.{timestamp}.".encode()
+    if len(body) < SIGN_COPY_BYTES:
+        digest = hmac.digest(key, signed + body, hashlib.sha256)  # one call: the fastest
+    else:  # no copy of a large body
+        mac = hmac.new(key, signed, hashlib.sha256)
+        mac.update(body)
+        digest = mac.digest()
+    return "v1," + base64.b64encode(digest).decode()
 
 
 def _b64url(data: bytes) -> str:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import subprocess
 import sys
+from asyncio.sslproto import SSLProtocol
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailroom import cli, routing, supervisor
+from mailroom import cli, routing, supervisor, tls
 from mailroom.config import (
     Config,
     ConfigError,
@@ -405,7 +407,7 @@ def test_warnings_for_a_long_prefix_and_a_clear_text_smtp_password() -> None:
     assert SECRET not in " ".join(config.warnings)
 
 
-def test_cli_logs_the_config_warnings(
+def test_cli_logs_the_config_warnings_and_tunes_gc_and_tls_buffers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "mailroom.yml"
@@ -419,18 +421,27 @@ def test_cli_logs_the_config_warnings(
         "log: {format: text}\n"
     )
 
+    thresholds = []
+
     async def run(config: Config, **kwargs: object) -> int:  # kwargs: load= (SIGHUP reload)
+        thresholds.append(gc.get_threshold()[0])
+        thresholds.append(SSLProtocol.max_size)
         return 0
 
     monkeypatch.setattr(supervisor, "run", run)
+    monkeypatch.setattr(SSLProtocol, "max_size", SSLProtocol.max_size)
     root = logging.getLogger()
     saved = (list(root.handlers), root.level, logging.getLogger("mailroom").level)
+    saved_gc = gc.get_threshold()
     try:
         assert cli.main(["-c", str(path)]) == 0
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
         logging.getLogger("mailroom").setLevel(saved[2])
+        gc.set_threshold(*saved_gc)
+    # The service runs with the tuned GC and small TLS read buffers.
+    assert thresholds == [cli.GC_YOUNG_THRESHOLD, tls.READ_BUFFER_BYTES]
     err = capsys.readouterr().err
     assert "WARNING mailroom.config config: mailboxes[0].address: the local part before" in err
     assert SECRET not in err

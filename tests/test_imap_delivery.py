@@ -6,13 +6,16 @@ import asyncio
 import base64
 import logging
 import time
+from asyncio.sslproto import SSLProtocol
 from typing import Any
 
 import jwt
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from mailroom import tls
 from mailroom.config import parse_config
+from mailroom.delivery import SLICED_BODY_BYTES
 from mailroom.sources.imap import idempotency_key
 from tests.helpers import (
     WHSEC,
@@ -71,6 +74,23 @@ async def test_backlog_at_start_is_delivered_once_signed_and_marked_seen(
     assert payload["to"] == [{"name": "", "address": "incoming+key7@example.com"}]
     assert payload["text"] == "Message number 7.\n"
     assert payload["date"] == "2026-11-22T10:00:00+00:00"
+
+
+async def test_a_large_message_is_posted_whole_in_slices(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Over TLS with the service's read buffers (cli.main sets them), restored afterwards.
+    monkeypatch.setattr(SSLProtocol, "max_size", SSLProtocol.max_size)
+    tls.small_read_buffers()
+    raw = message(1, size=SLICED_BODY_BYTES + 100_000)
+    await dovecot.aappend(account, raw)
+    async with running(make_config(dovecot, account, webhook.url)):
+        (request,) = await webhook.wait_for(1)
+        await wait_until(lambda: all_seen(dovecot, account, 1), what="delivered and seen")
+    payload = Webhook(WHSEC).verify(request.body, dict(request.headers))  # signed unsliced
+    assert base64.b64decode(payload["raw"]) == raw
+    assert payload["text"].startswith("Message number 1.\n")
+    assert request.headers["Content-Length"] == str(len(request.body))  # not chunked
 
 
 async def _uidvalidity(dovecot: Dovecot, account: Account) -> int:

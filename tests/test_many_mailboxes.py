@@ -136,7 +136,8 @@ async def test_a_reload_with_a_bad_ca_file_is_refused_and_the_old_config_keeps_d
 
 class CountingProxy(TcpServer):
     """A TCP proxy in front of Dovecot's plain port that counts the connections still logging
-    in (from accept until the server confirms the SELECT) at the same time."""
+    in (from accept until the server confirms the SELECT) at the same time, and the IDLE
+    commands the clients send."""
 
     def __init__(self, target_port: int) -> None:
         super().__init__()
@@ -144,6 +145,7 @@ class CountingProxy(TcpServer):
         self.opening = 0
         self.most_opening = 0
         self.accepted = 0
+        self.idles = 0
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
@@ -160,7 +162,13 @@ class CountingProxy(TcpServer):
                 self.opening -= 1
             tail[0] = data[-16:]
 
-        self.spawn(pump(reader, upstream_writer))
+        sent = [b""]  # the end of the client's last chunk
+
+        def count(data: bytes) -> None:
+            self.idles += (sent[0] + data).count(b" IDLE\r\n") - sent[0].count(b" IDLE\r\n")
+            sent[0] = data[-16:]
+
+        self.spawn(pump(reader, upstream_writer, count))
         self.spawn(pump(upstream_reader, writer, watch))
 
 
@@ -237,6 +245,30 @@ async def test_the_in_flight_budget_holds_across_mailboxes_during_a_webhook_outa
     assert len(outage) == 1  # one line for the outage, not one per attempt
     assert sum("webhook attempt" in r.getMessage() for r in caplog.records) <= 5
     assert sum("answering again" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_backlog_waiting_for_room_keeps_its_idle_instead_of_restarting_it(
+    dovecot: Dovecot, webhook: WebhookReceiver
+) -> None:
+    # While the budget has no room, new mail (here: the periodic sweep every idle_timeout)
+    # cannot be swept before the backlog; waking for it only restarted the IDLE, round trip
+    # after round trip, until room came.
+    account = dovecot.add_user()
+    await dovecot.aappend_many(account, [message(n) for n in range(3)])
+    webhook.stall()
+    async with CountingProxy(dovecot.port) as proxy:
+        box = mailbox_dict(dovecot, account, port=proxy.port, ssl=False, ca_file=None)
+        config = config_dict([{**box, "idle_timeout": 1}], webhook.url)
+        config["limits"] = {"in_flight_messages": 1}
+        async with running(parse_config(config, env={})):
+            await webhook.wait_for(1)  # it holds all the room; the other two wait for it
+            idles = proxy.idles
+            await asyncio.sleep(3)  # three idle_timeouts: the time is what is measured here
+            idles = proxy.idles - idles
+            webhook.release()
+            await webhook.wait_for(3)
+            await wait_until(lambda: all_seen(dovecot, account, 3), what="all three seen")
+    assert idles <= 6  # one per idle_timeout; it was thousands
 
 
 # -- semantics --------------------------------------------------------------------------------

@@ -694,8 +694,11 @@ class ImapSession:
             if expunge or "UIDPLUS" in self.capabilities:
                 await self.expunge(uids)
 
-    async def idle(self, wake: Iterable[asyncio.Event], timeout_s: float) -> bool:
-        """IDLE (RFC 2177) until new mail, any of ``wake``, or ``timeout_s``.
+    async def idle(
+        self, wake: Iterable[asyncio.Event], timeout_s: float, *, new_mail: bool = True
+    ) -> bool:
+        """IDLE (RFC 2177) until new mail (unless ``new_mail`` is False: it is still noted in
+        ``self.new_mail``), any of ``wake``, or ``timeout_s``.
 
         Returns True when ``timeout_s`` ran out with nothing happening. The IDLE is left open:
         the next command ends it with DONE, pipelined when it is a sweep (one round trip
@@ -703,9 +706,11 @@ class ImapSession:
         """
         assert self._client is not None
         client = self._client
+        if new_mail:
+            wake = (*wake, self.new_mail)
         if self._idling is not None:
             await self._end_idle()
-            if self.new_mail.is_set():  # announced during the DONE: the caller sweeps first
+            if new_mail and self.new_mail.is_set():  # announced during the DONE: sweep first
                 return False
         if "IDLE" not in self.capabilities:
             # Without IDLE the periodic sweep is all there is: wait out the interval.
@@ -744,10 +749,8 @@ class ImapSession:
             )
 
     async def _wait_any(self, wake: Iterable[asyncio.Event], timeout_s: float) -> bool:
-        """Wait for any of ``wake``, new mail or a loss; True when ``timeout_s`` ran out."""
-        waiters = [
-            asyncio.ensure_future(event.wait()) for event in (*wake, self.new_mail, self.lost)
-        ]
+        """Wait for any of ``wake`` or a loss; True when ``timeout_s`` ran out."""
+        waiters = [asyncio.ensure_future(event.wait()) for event in (*wake, self.lost)]
         try:
             done, _ = await asyncio.wait(
                 waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED

@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 from aiohttp import web
 from multidict import CIMultiDict
 
+MAX_BODY_BYTES = 64 * 1024 * 1024  # aiohttp's default (1 MiB) would refuse large messages
+
 
 @dataclass
 class Received:
@@ -143,7 +145,7 @@ class WebhookReceiver:
         """Start serving (on the same port as before after a `stop()`)."""
         if self._runner is not None:
             return
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
