@@ -304,10 +304,20 @@ async def test_bad_input_exits_2_and_a_mailbox_that_fails_exits_1_without_secret
     code, out, err = await cli(shared, tmp_path, "--mailbox", "one")
     assert code == 2 and out == ""
     assert "'Failed' is also the failed_folder of two on the same account" in err
+    watched = config_dict(
+        [
+            mailbox_dict(dovecot, account, id="one", failed_folder="Other"),
+            mailbox_dict(dovecot, account, id="two", mailbox="Other"),
+        ],
+        webhook.url,
+    )
+    code, out, err = await cli(watched, tmp_path, "--mailbox", "one")
+    assert code == 2 and out == ""
+    assert "'Other' is also the folder mailbox two watches on the same account" in err
     itself = config_dict([mailbox_dict(dovecot, account, failed_folder="inbox")], webhook.url)
     code, out, err = await cli(itself, tmp_path)
     assert code == 2 and out == ""
-    assert f"'inbox' is also the folder mailbox {account.user} watches on the same" in err
+    assert "failed_folder: is the folder this mailbox watches (INBOX)" in err
     wrong = config_dict([mailbox_dict(dovecot, account, password="wrong")], webhook.url)
     code, out, err = await cli(wrong, tmp_path)
     assert code == 1
