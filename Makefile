@@ -80,6 +80,7 @@ bench: venv debs
 	$(BIN)/python bench/parse_worst.py
 	$(BIN)/python bench/many_mailboxes.py
 	$(BIN)/python bench/many_mailboxes.py --tls --skip load,outage,big
+	$(BIN)/python bench/replicas.py
 
 # After a change to the dependencies in pyproject.toml: pin them again, for every platform
 # (the versions pinned so far stay; `make lock LOCK_FLAGS=--upgrade` takes the newest).

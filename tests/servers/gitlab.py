@@ -27,6 +27,8 @@ import jwt
 from aiohttp import web
 from multidict import CIMultiDict
 
+from tests.servers.http import serve
+
 HEADER = "Gitlab-Mailroom-Api-Request"
 ISSUER = "gitlab-mailroom"
 EXPIRATION_S = 300  # Gitlab::MailRoom::Authenticator::EXPIRATION
@@ -128,20 +130,9 @@ class GitLabInternalApi:
         return response
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        for address in runner.addresses:
-            if isinstance(address, tuple):
-                self.port = int(address[1])
+        self._runner, self.port = await serve(
+            self._handle, port=self.port, client_max_size=64 * 1024 * 1024
+        )
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

@@ -10,6 +10,7 @@ from typing import Self
 from aiohttp import web
 
 from tests.servers import tls
+from tests.servers.http import serve
 
 
 class HttpsMock:
@@ -42,15 +43,7 @@ class HttpsMock:
                 raise AssertionError(f"{self.name}: timed out after {timeout}s: {what}") from None
 
     async def __aenter__(self) -> Self:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=tls.server_ssl_context())
-        await site.start()
-        for address in self._runner.addresses:
-            if isinstance(address, tuple):
-                self.port = int(address[1])
+        self._runner, self.port = await serve(self._handle, ssl_context=tls.server_ssl_context())
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 from aiohttp import web
 from multidict import CIMultiDict
 
+from tests.servers.http import serve
+
 MAX_BODY_BYTES = 64 * 1024 * 1024  # aiohttp's default (1 MiB) would refuse large messages
 
 
@@ -145,19 +147,9 @@ class WebhookReceiver:
         """Start serving (on the same port as before after a `stop()`)."""
         if self._runner is not None:
             return
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        if self.port == 0:
-            self.port = _bound_port(runner)
+        self._runner, self.port = await serve(
+            self._handle, port=self.port, client_max_size=MAX_BODY_BYTES
+        )
 
     async def stop(self) -> None:
         """Stop serving and close all connections; stalled requests get no answer."""
@@ -184,13 +176,6 @@ def _drop(request: web.Request) -> NoReturn:
     if request.transport is not None:
         request.transport.abort()
     raise asyncio.CancelledError  # aiohttp treats this as "connection gone"
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
-    raise RuntimeError("webhook receiver: no bound socket")
 
 
 async def _main(port: int, count: int | None) -> None:
