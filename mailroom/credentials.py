@@ -215,6 +215,13 @@ def parse_logins(text: str) -> dict[str, StoredLogin]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise CredentialsError(f"the credentials are not valid YAML{where}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError):
+        # PyYAML's constructors raise what they meet, with the value in the message:
+        # `password: !!int hunter2` is ValueError("invalid literal for int() ...: 'hunter2'").
+        raise CredentialsError(
+            "the credentials hold a value YAML cannot read (a !!tag, or a date that does not "
+            "exist); put the value in quotes"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -161,6 +161,15 @@ def test_content_errors_name_the_entry_never_the_value(text: str, error: str) ->
     assert str(raised.value).startswith(error)
 
 
+@pytest.mark.parametrize("tagged", ["!!int hunter2", "!!float hunter2", "!!bool hunter2"])
+def test_a_value_yaml_cannot_construct_is_refused_without_it(tagged: str) -> None:
+    # PyYAML's own ValueError/KeyError here quote the value: 'hunter2'.
+    with pytest.raises(CredentialsError) as raised:
+        credentials.parse_logins(f"incoming: {{password: {tagged}}}\n")
+    assert str(raised.value).startswith("the credentials hold a value YAML cannot read")
+    assert "hunter2" not in str(raised.value)
+
+
 # -- the config --------------------------------------------------------------------------
 
 

@@ -331,6 +331,23 @@ def test_damaged_encrypted_files(tmp_path: Path, content: bytes, expected: str) 
     assert expected in error(gitlab_yml)
 
 
+def test_values_yaml_cannot_construct_are_refused_without_them(tmp_path: Path) -> None:
+    # PyYAML's constructors quote what they refuse (int('...') in a ValueError): never shown.
+    enc = tmp_path / "gitlab/shared/encrypted_settings/incoming_email.yaml.enc"
+    ruby_encrypt(enc, f"password: !!int {PASSWORD}\n", KEY_BASE)
+    secrets = {"config/secrets.yml": secrets_yml(encrypted_settings_key_base=KEY_BASE)}
+    gitlab_yml = rails_root(tmp_path, section(), **secrets)
+    assert f"{enc} decrypts, but is not valid YAML" in error(gitlab_yml)
+    tagged = f"production:\n  encrypted_settings_key_base: !!float {KEY_BASE}\n"
+    (gitlab_yml.parent / "secrets.yml").write_text(tagged)
+    assert error(gitlab_yml).endswith("secrets.yml: is not valid YAML; fix its syntax")
+    resque = "production:\n  url: redis://x\n  password: !!int hunter2\n"
+    (tmp_path / "resque.yml").write_text(resque)
+    with pytest.raises(ValueError, match=r"resque\.yml is not valid YAML") as raised:
+        find_queues_redis(tmp_path, env={})
+    assert "hunter2" not in str(raised.value)
+
+
 def test_a_short_key_base_is_refused_as_gitlab_does(tmp_path: Path) -> None:
     gitlab_yml = rails_root(
         tmp_path,

@@ -31,10 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from mailroom.config.document import load as load_yaml
+from mailroom.errors import ConfigError
 from mailroom.gitlab.marshal import MarshalError, load_string
 
 __all__ = ["derive_key", "read_settings"]
@@ -122,9 +123,9 @@ def read_settings(path: Path, base_keys: Sequence[str]) -> dict[str, Any]:
         raise ValueError(f"{path} is over {MAX_FILE_BYTES} bytes: not an encrypted settings file")
     text = decrypt(data, base_keys, name=str(path))
     try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError:
-        # never the parser's message: it quotes the text, which holds the password
+        document = load_yaml(text, str(path))
+    except ConfigError:
+        # never what PyYAML says: it quotes the text, which holds the password
         raise ValueError(
             f"{path} decrypts, but is not valid YAML; fix it with gitlab-rake "
             "gitlab:incoming_email:secret:edit (or gitlab:service_desk_email:secret:edit)"

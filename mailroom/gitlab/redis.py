@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import yaml
-
+from mailroom.config.document import load as load_yaml
 from mailroom.config.model import Secret
+from mailroom.errors import ConfigError
 
 __all__ = ["DEFAULT_URL", "NAMESPACE", "GitLabRedis", "Sentinel", "find_queues_redis"]
 
@@ -93,8 +93,8 @@ def find_queues_redis(
             "themselves (gitlab-ctl reconfigure renders them so)"
         )
     try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError:
+        document = load_yaml(text, str(path))
+    except ConfigError:  # never PyYAML's message: it may quote a password
         raise ValueError(f"{path} is not valid YAML; fix its syntax") from None
     if not isinstance(document, dict) or document.get(rails_env) is None:
         raise ValueError(

@@ -29,9 +29,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mailroom.config import Config, _read_yaml
+from mailroom.config.document import load as load_yaml
 from mailroom.config.reader import _HOST_RE
 from mailroom.errors import ConfigError
 from mailroom.gitlab import encrypted
@@ -366,8 +365,8 @@ class _Secrets:
                 str(path), "holds ERB other than <%= ENV['NAME'] %>; write the values themselves"
             )
         try:
-            document = yaml.safe_load(text)
-        except yaml.YAMLError:  # the parser's message would quote the file's secrets
+            document = load_yaml(text, str(path))
+        except ConfigError:  # never PyYAML's message: it would quote the file's secrets
             raise ConfigError(str(path), "is not valid YAML; fix its syntax") from None
         merged: dict[str, Any] = {}
         for name in ("shared", self.files.rails_env):  # Rails::Secrets.parse
