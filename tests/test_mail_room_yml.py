@@ -134,6 +134,10 @@ def test_a_graph_mailbox(tmp_path: Path) -> None:
     assert box.inbox_options.client_secret is not None
     assert box.inbox_options.client_secret.reveal() == "graph-secret"
     assert box.inbox_options.poll_interval_s == 30 and not box.delete_after_delivery
+    unquoted = text.replace('"graph-secret"', "12345")
+    assert error(tmp_path, unquoted).endswith(
+        ":mailboxes:[0].:inbox_options.:client_secret: expected a string; put the value in quotes"
+    )
 
 
 BASE = """\

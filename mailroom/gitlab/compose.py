@@ -31,7 +31,7 @@ from mailroom.config import (
 )
 from mailroom.errors import ConfigError
 
-__all__ = ["PLACEHOLDER", "Source", "build", "literal"]
+__all__ = ["PLACEHOLDER", "Source", "build", "literal", "secret_text"]
 
 PLACEHOLDER = "(set after validation)"  # stands in for a secret while parse_config runs
 # What the foreign file decides in these modes; the -c file may not change it.
@@ -65,6 +65,14 @@ def literal(source: Source, key: str, value: Any) -> Any:
             "contains ${...}, which mailroom would expand but GitLab and MailRoom take "
             "literally; write the value itself",
         )
+    return value
+
+
+def secret_text(value: Any, where: str) -> str | None:
+    """A password or client secret of the foreign file, which bypasses the YAML tree (nothing
+    there checks it): text, or None when absent."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(where, "expected a string; put the value in quotes")
     return value
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from mailroom.config import Config, _read_yaml
 from mailroom.config.reader import IDLE_TIMEOUT_MAX_S
 from mailroom.errors import ConfigError
-from mailroom.gitlab.compose import PLACEHOLDER, Source, build, literal
+from mailroom.gitlab.compose import PLACEHOLDER, Source, build, literal, secret_text
 
 __all__ = ["load_mail_room"]
 
@@ -155,15 +155,15 @@ def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, list[st
         host = settings["host"]
         box["address"] = literal(source, ":email", email if "@" in email else f"{email}@{host}")
     keys = {mailroom: f":{name}" for name, mailroom in SAME.items()} | {"address": ":email"}
-    password = settings.get("password")
-    if password is not None and not isinstance(password, str):
-        raise ConfigError(f"{where}.:password", "expected a string; put the value in quotes")
+    password = secret_text(settings.get("password"), f"{where}.:password")
     client_secret = None
     if settings.get("inbox_method") == "microsoft_graph":
         options = _symbols(
             settings.get("inbox_options") or {}, source, f"{source.prefix}.:inbox_options"
         )
-        client_secret = options.get("client_secret")
+        client_secret = secret_text(
+            options.get("client_secret"), f"{where}.:inbox_options.:client_secret"
+        )
         box["inbox_method"] = "microsoft_graph"
         box["inbox_options"] = {
             k: PLACEHOLDER if k == "client_secret" else literal(source, f":inbox_options.:{k}", v)

@@ -34,7 +34,7 @@ from mailroom.config.document import load as load_yaml
 from mailroom.config.reader import _HOST_RE
 from mailroom.errors import ConfigError
 from mailroom.gitlab import encrypted
-from mailroom.gitlab.compose import PLACEHOLDER, Source, build, literal
+from mailroom.gitlab.compose import PLACEHOLDER, Source, build, literal, secret_text
 from mailroom.gitlab.redis import GitLabRedis, find_queues_redis
 
 __all__ = ["TYPES", "GitLabFiles", "find_files", "load_gitlab"]
@@ -195,10 +195,9 @@ def _mailbox(
     where = f"{source.file}: {source.prefix}"
     override = secrets.settings(kind, merged, settings)
     user = override.get("user", merged.get("user"))
-    password = override.get("password", merged.get("password"))
-    for name, value in (("user", user), ("password", password)):
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{where}.{name}", "expected a string; put the value in quotes")
+    if user is not None and not isinstance(user, str):
+        raise ConfigError(f"{where}.user", "expected a string; put the value in quotes")
+    password = secret_text(override.get("password", merged.get("password")), f"{where}.password")
     gitlab = _mapping(settings.get("gitlab"))
     host = gitlab.get("host") or "localhost"  # GitLab's default (1_settings.rb)
     if not isinstance(host, str) or not _HOST_RE.fullmatch(host.lower()):
@@ -221,9 +220,9 @@ def _mailbox(
         options = merged.get("inbox_options")
         if not isinstance(options, dict):
             raise ConfigError(f"{where}.inbox_options", "is required with microsoft_graph")
-        client_secret = options.get("client_secret")
-        if client_secret is not None and not isinstance(client_secret, str):
-            raise ConfigError(f"{where}.inbox_options.client_secret", "put the value in quotes")
+        client_secret = secret_text(
+            options.get("client_secret"), f"{where}.inbox_options.client_secret"
+        )
         box["inbox_method"] = "microsoft_graph"
         box["inbox_options"] = {
             k: PLACEHOLDER if k == "client_secret" else literal(source, f"inbox_options.{k}", v)
