@@ -652,5 +652,12 @@ def test_gitlabs_redis_behind_sentinels(tmp_path: Path) -> None:
 
 def test_gitlabs_redis_config_with_erb_is_a_config_error(tmp_path: Path) -> None:
     queues = "production:\n  url: <%= ENV['REDIS_URL'] %>\n"
-    text = error(rails_root(tmp_path, section(), **{"config/redis.queues.yml": queues}))
+    gitlab_yml = rails_root(tmp_path, section(), **{"config/redis.queues.yml": queues})
+    text = error(gitlab_yml)
     assert "holds ERB" in text and "arbitration:" in text
+    # What the error advises: with arbitration: in the -c file, GitLab's Redis is not read.
+    small = tmp_path / "mailroom.yml"
+    small.write_text("arbitration: {method: redis, url: 'redis://other:6379', password: pw}\n")
+    arbitration = load_gitlab(gitlab_yml, mailroom_config=small, env={}).arbitration
+    assert (arbitration.url, arbitration.namespace) == ("redis://other:6379", "mailroom")
+    assert arbitration.password is not None and arbitration.password.reveal() == "pw"

@@ -31,7 +31,7 @@ from mailroom.config import (
 )
 from mailroom.errors import ConfigError
 
-__all__ = ["PLACEHOLDER", "Source", "build", "literal", "secret_text"]
+__all__ = ["PLACEHOLDER", "Source", "build", "literal", "read_overlay", "secret_text"]
 
 PLACEHOLDER = "(set after validation)"  # stands in for a secret while parse_config runs
 # What the foreign file decides in these modes; the -c file may not change it.
@@ -76,20 +76,28 @@ def secret_text(value: Any, where: str) -> str | None:
     return value
 
 
+def read_overlay(overlay: Path | None) -> dict[str, Any]:
+    """The optional mailroom YAML (``-c``) as a mapping; ``{}`` without one."""
+    extra: dict[str, Any] = _read_yaml(overlay) if overlay is not None else {}
+    if not isinstance(extra, dict):
+        raise ConfigError(str(overlay), "expected a mapping of mailroom keys (log, health, ...)")
+    return extra
+
+
 def build(
     mailboxes: list[dict[str, Any]],
     sources: list[Source],
     *,
     top: dict[str, Any],
     overlay: Path | None,
+    extra: Mapping[str, Any],
     env: Mapping[str, str],
     warnings: tuple[str, ...] = (),
 ) -> Config:
     """Validate ``mailboxes`` (mailroom's YAML, one per ``sources`` entry) with the top-level
-    keys ``top`` and the optional mailroom YAML ``overlay`` laid over them."""
-    extra: dict[str, Any] = _read_yaml(overlay) if overlay is not None else {}
-    if not isinstance(extra, dict):
-        raise ConfigError(str(overlay), "expected a mapping of mailroom keys (log, health, ...)")
+    keys ``top`` and ``extra``, the optional mailroom YAML ``overlay`` (``read_overlay``),
+    laid over them."""
+    extra = dict(extra)
     per_mailbox = _overlay_mailboxes(extra, overlay, [s.id for s in sources])
     hook = _overlay_webhook(extra, overlay)
     if "credentials" in extra:

@@ -21,7 +21,14 @@ from typing import Any
 from mailroom.config import Config, _read_yaml
 from mailroom.config.reader import IDLE_TIMEOUT_MAX_S
 from mailroom.errors import ConfigError
-from mailroom.gitlab.compose import PLACEHOLDER, Source, build, literal, secret_text
+from mailroom.gitlab.compose import (
+    PLACEHOLDER,
+    Source,
+    build,
+    literal,
+    read_overlay,
+    secret_text,
+)
 
 __all__ = ["load_mail_room"]
 
@@ -112,7 +119,15 @@ def load_mail_room(
         raise ConfigError(f"{file}: :mailboxes", "is empty; there is no mailbox to watch")
     overlay = Path(mailroom_config) if mailroom_config is not None else None
     environ = os.environ if env is None else env
-    return build(boxes, sources, top=top, overlay=overlay, env=environ, warnings=tuple(warnings))
+    return build(
+        boxes,
+        sources,
+        top=top,
+        overlay=overlay,
+        extra=read_overlay(overlay),
+        env=environ,
+        warnings=tuple(warnings),
+    )
 
 
 def _symbols(item: Any, source: Source, where: str) -> dict[str, Any]:

@@ -34,7 +34,14 @@ from mailroom.config.document import load as load_yaml
 from mailroom.config.reader import _HOST_RE
 from mailroom.errors import ConfigError
 from mailroom.gitlab import encrypted
-from mailroom.gitlab.compose import PLACEHOLDER, Source, build, literal, secret_text
+from mailroom.gitlab.compose import (
+    PLACEHOLDER,
+    Source,
+    build,
+    literal,
+    read_overlay,
+    secret_text,
+)
 from mailroom.gitlab.redis import GitLabRedis, find_queues_redis
 
 __all__ = ["TYPES", "GitLabFiles", "find_files", "load_gitlab"]
@@ -146,26 +153,28 @@ def load_gitlab(
     warnings += secrets.warnings
     top: dict[str, Any] = {"routing": {"mode": "forward_all", "forward_auto_generated": True}}
     overlay = Path(mailroom_config) if mailroom_config is not None else None
-    try:  # GitLab runs MailRoom with arbitration on its queues Redis: so does GitLab mode
-        redis = find_queues_redis(files.gitlab_yml.parent, rails_env=files.rails_env, env=environ)
-    except ValueError as exc:
-        raise ConfigError(
-            "", f"{exc} (or name another Redis in the -c file's arbitration:)"
-        ) from exc
-    top["arbitration"] = _arbitration(redis)
-    config = build(boxes, sources, top=top, overlay=overlay, env=environ, warnings=tuple(warnings))
-    extra = _read_yaml(overlay) if overlay is not None else None
-    if not (isinstance(extra, dict) and "arbitration" in extra):
-        # GitLab's own Redis: its passwords go in here, never through the YAML tree.
-        config = replace(
-            config,
-            arbitration=replace(
-                config.arbitration,
-                password=redis.password,
-                sentinel_password=redis.sentinel_password,
-            ),
-        )
-    return config
+    extra = read_overlay(overlay)
+    redis = None
+    if "arbitration" not in extra:  # else the -c file names a Redis (or none): GitLab's is not read
+        try:  # GitLab runs MailRoom with arbitration on its queues Redis: so does GitLab mode
+            redis = find_queues_redis(
+                files.gitlab_yml.parent, rails_env=files.rails_env, env=environ
+            )
+        except ValueError as exc:
+            raise ConfigError(
+                "", f"{exc} (or name another Redis in the -c file's arbitration:)"
+            ) from exc
+        top["arbitration"] = _arbitration(redis)
+    config = build(
+        boxes, sources, top=top, overlay=overlay, extra=extra, env=environ, warnings=tuple(warnings)
+    )
+    if redis is None:
+        return config
+    # GitLab's own Redis: its passwords go in here, never through the YAML tree.
+    arbitration = replace(
+        config.arbitration, password=redis.password, sentinel_password=redis.sentinel_password
+    )
+    return replace(config, arbitration=arbitration)
 
 
 def _arbitration(redis: GitLabRedis) -> dict[str, Any]:
