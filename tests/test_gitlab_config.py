@@ -411,6 +411,20 @@ def test_the_mailroom_yaml_adds_what_gitlab_yml_cannot_say(tmp_path: Path) -> No
     assert config.log.format == "text"
 
 
+def test_warnings_name_the_file_the_setting_came_from(tmp_path: Path) -> None:
+    gitlab_yml = rails_root(tmp_path, section(port=993, ssl=True))
+    assert not [w for w in load(gitlab_yml).warnings if "clear text" in w]
+    overlay = tmp_path / "mailroom.yml"
+    overlay.write_text(
+        yaml.safe_dump({"mailboxes": {"incoming_email": {"ssl": False, "port": 143}}})
+    )
+    config = load_gitlab(gitlab_yml, mailroom_config=overlay, env={})
+    (warning,) = [w for w in config.warnings if "clear text" in w]
+    assert warning.startswith(f"{overlay}: mailboxes.incoming_email.ssl: the IMAP password")
+    (warning,) = [w for w in load(rails_root(tmp_path / "b", section())).warnings if "clear" in w]
+    assert warning.startswith(f"{tmp_path / 'b'}/gitlab/config/gitlab.yml: production.incoming")
+
+
 @pytest.mark.parametrize(
     ("overlay", "expected"),
     [

@@ -109,12 +109,13 @@ def build(
         box["webhook"] = {**box["webhook"], **hook}
     data = {**top, **extra, "mailboxes": merged, "webhook": merged[0]["webhook"]}
     base_dir = overlay.parent if overlay is not None else Path.cwd()
+    origins = _Origins(sources=sources, overlay=overlay, per_mailbox=per_mailbox, hook=hook)
     try:
         config = parse_config(data, env=env, base_dir=base_dir)
     except ConfigError as exc:
-        raise _retold(exc, sources, overlay, per_mailbox, hook) from None
+        raise origins.error(exc) from None
     boxes = tuple(_with_secrets(m, s) for m, s in zip(config.mailboxes, sources, strict=True))
-    told = tuple(_retold_text(w, sources, overlay) for w in config.warnings)
+    told = tuple(origins.warning(w) for w in config.warnings)
     return replace(config, mailboxes=boxes, warnings=warnings + told)
 
 
@@ -160,41 +161,37 @@ def _with_secrets(mailbox: MailboxConfig, source: Source) -> MailboxConfig:
     return mailbox
 
 
-def _where(
-    path: str,
-    sources: list[Source],
-    overlay: Path | None,
-    per_mailbox: Mapping[str, dict[str, Any]],
-    hook: Mapping[str, Any],
-) -> str:
-    """``path`` of mailroom's tree as ``<file>: <path in that file>``."""
-    index, rest = 0, path
-    if match := _MAILBOX_PATH.fullmatch(path):
-        index, rest = int(match.group(1)), match.group(2) or ""
-    elif not path.startswith("webhook"):
-        return f"{overlay}: {path}" if overlay is not None else path
-    head, _, tail = rest.partition(".")
-    if overlay is not None and head == "webhook" and tail.partition(".")[0] in hook:
-        return f"{overlay}: {rest}"
-    source = sources[index]
-    if head in per_mailbox.get(source.id, {}):
-        return f"{overlay}: mailboxes.{source.id}.{rest}"
-    key = source.keys.get(rest) or source.keys.get(head) or rest
-    return f"{source.file}: {source.prefix}{'.' + key if key else ''}"
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Origins:
+    """Which file each value of the composed tree came from: the foreign file (``sources``) or
+    the ``-c`` file (``overlay``: its per-mailbox keys and webhook keys)."""
 
+    sources: list[Source]
+    overlay: Path | None
+    per_mailbox: Mapping[str, dict[str, Any]]
+    hook: Mapping[str, Any]
 
-def _retold(
-    exc: ConfigError,
-    sources: list[Source],
-    overlay: Path | None,
-    per_mailbox: Mapping[str, dict[str, Any]],
-    hook: Mapping[str, Any],
-) -> ConfigError:
-    return ConfigError(_where(exc.path, sources, overlay, per_mailbox, hook), exc.message)
+    def where(self, path: str) -> str:
+        """``path`` of mailroom's tree as ``<file>: <path in that file>``."""
+        overlay = self.overlay
+        index, rest = 0, path
+        if match := _MAILBOX_PATH.fullmatch(path):
+            index, rest = int(match.group(1)), match.group(2) or ""
+        elif not path.startswith("webhook"):
+            return f"{overlay}: {path}" if overlay is not None else path
+        head, _, tail = rest.partition(".")
+        if overlay is not None and head == "webhook" and tail.partition(".")[0] in self.hook:
+            return f"{overlay}: {rest}"
+        source = self.sources[index]
+        if head in self.per_mailbox.get(source.id, {}):
+            return f"{overlay}: mailboxes.{source.id}.{rest}"
+        key = source.keys.get(rest) or source.keys.get(head) or rest
+        return f"{source.file}: {source.prefix}{'.' + key if key else ''}"
 
+    def error(self, exc: ConfigError) -> ConfigError:
+        return ConfigError(self.where(exc.path), exc.message)
 
-def _retold_text(warning: str, sources: list[Source], overlay: Path | None) -> str:
-    path, sep, message = warning.partition(": ")
-    if not sep:
-        return warning
-    return f"{_where(path, sources, overlay, {}, {})}: {message}"
+    def warning(self, warning: str) -> str:
+        """A load-time warning, ``<dotted.path>: ...``, told the same way."""
+        path, sep, message = warning.partition(": ")
+        return f"{self.where(path)}: {message}" if sep else warning
