@@ -18,6 +18,7 @@ from mailroom.gitlab import load_gitlab
 from tests.helpers import message, running, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.gitlab import GitLabInternalApi
+from tests.servers.proxy import HttpProxy
 from tests.servers.redis import RedisServer
 from tests.servers.webhook import WebhookReceiver
 
@@ -240,6 +241,26 @@ async def test_check_probes_gitlab_without_posting_a_message(
     assert "OK   gitlab[incoming_email] internal API: " in out and "answers 401" in out
     assert "OK   imap[incoming_email] login" in out
     assert [r.status for r in api.requests] == [401] and api.requests[0].body == b""
+
+
+async def test_check_probes_gitlab_through_the_webhooks_proxy(
+    queues_redis: RedisServer, dovecot: Dovecot, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    account = dovecot.add_user()
+    async with GitLabInternalApi({"incoming_email": SECRET}) as api, HttpProxy() as proxy:
+        gitlab_yml, small = gitlab_files(
+            tmp_path,
+            dovecot,
+            api.url,
+            {"incoming_email": account},
+            redis=queues_redis,
+            webhook={"proxy": proxy.url},
+        )
+        argv = ["check", "--gitlab-config", str(gitlab_yml), "-c", str(small)]
+        assert await asyncio.to_thread(cli.main, argv) == 0
+    assert "OK   gitlab[incoming_email] internal API: " in capsys.readouterr().out
+    assert [r.status for r in api.requests] == [401]
+    assert proxy.targets() == [api.url.removeprefix("http://").partition("/")[0]]
 
 
 async def test_check_fails_where_gitlab_is_not(

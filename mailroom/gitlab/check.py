@@ -8,8 +8,6 @@ reaches GitLab; a 2xx means the URL is not GitLab's internal API, or it is open 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 from urllib.parse import urlsplit
 
@@ -17,6 +15,7 @@ import aiohttp
 
 from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
 from mailroom.config import Config, WebhookConfig, origin
+from mailroom.proxies import proxy_for
 from mailroom.tls import client_context
 
 __all__ = ["SECRET_BYTES", "run"]
@@ -38,10 +37,7 @@ async def _secret(hook: WebhookConfig) -> Outcome:
     if jwt is None:
         raise Failed("no JWT configured; GitLab's internal API refuses requests without it")
     where = jwt.secret_file or "the JWT secret"
-    try:
-        key = base64.b64decode(jwt.secret.reveal(), validate=True)
-    except binascii.Error as exc:
-        raise Failed(f"{where} is not base64 text") from exc
+    key = jwt.key()  # base64 in GitLab mode, checked at load
     if len(key) != SECRET_BYTES:
         raise Failed(
             f"{where} decodes to {len(key)} bytes, GitLab writes {SECRET_BYTES}; use the file "
@@ -63,6 +59,7 @@ async def _probe(hook: WebhookConfig) -> Outcome:
                 timeout=aiohttp.ClientTimeout(total=SESSION_TIMEOUT_S),
                 allow_redirects=False,
                 ssl=ssl if hook.url.startswith("https:") else True,
+                proxy=proxy_for(hook.url, hook.proxy),  # the way deliveries go
             ) as response,
         ):
             status = response.status
