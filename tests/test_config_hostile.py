@@ -152,14 +152,19 @@ def test_other_values_are_quoted_only_when_they_are_a_short_word(tmp_path: Path)
         ({"address": "incoming+%{key}@example.com Secret"}, "mailboxes[0].address: a text of"),
         ({"id": "two words"}, "mailboxes[1].id: a text of 9 characters is used twice"),
         ({"reply_host": "Secret host"}, "mailboxes[0].reply_host: a text of 11 characters is"),
+        ({"content_type": "text/plain Secret"}, "webhook.content_type: a text of 17 characters"),
     ],
 )
 def test_values_with_spaces_are_described_not_quoted(change: dict[str, Any], expected: str) -> None:
     box = {"address": "incoming+%{key}@example.com", "host": "h", "user": "u", "password": "p"}
-    box.update(change)
+    webhook = {"url": "https://app/x"}
+    if "content_type" in change:
+        webhook.update(change, format="raw")
+    else:
+        box.update(change)
     boxes = [box, dict(box)] if "id" in change else [box]
     with pytest.raises(ConfigError) as caught:
-        parse_config({"mailboxes": boxes, "webhook": {"url": "https://app/x"}}, env={})
+        parse_config({"mailboxes": boxes, "webhook": webhook}, env={})
     assert str(caught.value).startswith(expected)
     assert WORD not in str(caught.value)
 

@@ -42,7 +42,8 @@ def _webhook(section: Section) -> WebhookConfig:
             section.fail("content_type", "is for format: raw (format: json posts application/json)")
         if not _MEDIA_TYPE.fullmatch(content_type):
             section.fail(
-                "content_type", f"{content_type!r} is not a media type; write it like text/plain"
+                "content_type",
+                f"{shown(content_type)} is not a media type; write it like text/plain",
             )
     jwt = None
     if (jwt_section := section.section("jwt")) is not None:
