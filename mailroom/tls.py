@@ -32,7 +32,12 @@ _lock = threading.Lock()  # contexts are also built in threads (config load, msa
 
 
 class TlsConfigError(ValueError):
-    """A CA file (or a variable naming one) cannot be used; ``str()`` says which and why."""
+    """A CA file (or a variable naming one) cannot be used; ``str()`` says which and why.
+    ``ca_file``: it is the config's ``ca_file``, not one the environment or the system names."""
+
+    def __init__(self, message: str, *, ca_file: bool) -> None:
+        super().__init__(message)
+        self.ca_file = ca_file
 
 
 def trust_sources(ca_file: str | None = None) -> tuple[list[str], list[str]]:
@@ -92,7 +97,8 @@ def _build(files: list[str], dirs: list[str], ca_file: str | None, verify: bool)
             reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
             raise TlsConfigError(
                 f"{what} {path} cannot be used as a CA bundle ({reason}); it must hold PEM "
-                "certificates (-----BEGIN CERTIFICATE-----)"
+                "certificates (-----BEGIN CERTIFICATE-----)",
+                ca_file=path == ca_file,
             ) from exc
     for path in dirs:
         if Path(path).is_dir():

@@ -309,7 +309,7 @@ class Section:
             try:
                 tls.client_context(ca_file=path)
             except tls.TlsConfigError as exc:
-                if str(exc).startswith("ca_file "):  # tls names the file: not here (read_file)
+                if exc.ca_file:  # tls names the file: not here (read_file)
                     self.fail(
                         key,
                         "the file it names holds no PEM certificates (-----BEGIN "
