@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, overload
+from typing import Any, Protocol, TypeVar, overload
 
 import msal
 import requests
@@ -45,6 +45,7 @@ ACQUIRE_TIMEOUT_S = 45.0  # the whole constructor or acquisition, retries of msa
 REFRESH_MARGIN_S = 300.0  # msal treats a token with less than 5 minutes left as expired
 EXECUTOR_THREADS = 4
 _executor: ThreadPoolExecutor | None = None
+_T = TypeVar("_T")
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -104,31 +105,22 @@ class _Session(requests.Session):
         return super().request(method, url, *args, **kwargs)
 
 
-class TokenProvider:
-    """Client-credentials access tokens for one app registration and one scope."""
+class _CachedToken:
+    """What every token provider shares (Entra ID's here, Google's in ``google_auth``): one
+    token kept until ``REFRESH_MARGIN_S`` before it expires (or half its lifetime when that
+    is shorter), one acquisition at a time, its synchronous library called on the token
+    thread pool under a timeout, and the HTTP session to close. A subclass implements
+    ``_acquire``."""
 
-    def __init__(
-        self,
-        config: OAuthConfig,
-        *,
-        label: str,
-        scope: str | None = None,
-        timeout_s: float = ACQUIRE_TIMEOUT_S,
-    ) -> None:
+    def __init__(self, *, label: str, scope: str, timeout_s: float) -> None:
         self.label = label  # the mailbox id, first in every log line
-        self.scope = scope or config.scope
-        self._config = config
+        self.scope = scope
         self._timeout_s = timeout_s
-        self._app: Any = None  # msal.ConfidentialClientApplication, built on first use
         self._session: _Session | None = None
         self._token: str | None = None
         self._refresh_at = 0.0  # time.monotonic() after which the token is fetched anew
-        self._stale = False  # invalidated: msal's own cache must be bypassed too
         self._lock = asyncio.Lock()
         self.acquisitions = 0  # tokens issued by the identity provider to this provider
-
-    def __repr__(self) -> str:
-        return f"TokenProvider({self.label!r}, scope={self.scope!r})"
 
     async def token(self) -> str:
         """A valid access token: the cached one, or a new one from the identity provider."""
@@ -145,6 +137,44 @@ class TokenProvider:
     def invalidate(self) -> None:
         """Forget the cached token (the resource refused it); the next ``token()`` asks anew."""
         self._token = None
+
+    async def _acquire(self) -> str:
+        raise NotImplementedError
+
+    def _keep(self, token: str, lifetime_s: float, started: float) -> str:
+        """Cache ``token``, valid ``lifetime_s`` from ``started`` (``time.monotonic()``)."""
+        self._token = token
+        self._refresh_at = started + max(lifetime_s - REFRESH_MARGIN_S, lifetime_s / 2)
+        return token
+
+    async def _in_pool(self, func: Callable[[], _T]) -> _T:
+        """``func()`` on the token thread pool; ``TimeoutError`` after ``timeout_s``. The
+        worker thread cannot be cancelled: it finishes on its own (``HTTP_TIMEOUT_S``)."""
+        async with asyncio.timeout(self._timeout_s):
+            return await asyncio.get_running_loop().run_in_executor(_pool(), func)
+
+
+class TokenProvider(_CachedToken):
+    """Client-credentials access tokens for one app registration and one scope."""
+
+    def __init__(
+        self,
+        config: OAuthConfig,
+        *,
+        label: str,
+        scope: str | None = None,
+        timeout_s: float = ACQUIRE_TIMEOUT_S,
+    ) -> None:
+        super().__init__(label=label, scope=scope or config.scope, timeout_s=timeout_s)
+        self._config = config
+        self._app: Any = None  # msal.ConfidentialClientApplication, built on first use
+        self._stale = False  # invalidated: msal's own cache must be bypassed too
+
+    def __repr__(self) -> str:
+        return f"TokenProvider({self.label!r}, scope={self.scope!r})"
+
+    def invalidate(self) -> None:
+        super().invalidate()
         self._stale = True
 
     async def _acquire(self) -> str:
@@ -163,8 +193,7 @@ class TokenProvider:
                 description=description,
             )
         lifetime = float(result.get("expires_in") or 0)
-        self._token = str(result["access_token"])
-        self._refresh_at = started + max(lifetime - REFRESH_MARGIN_S, lifetime / 2)
+        token = self._keep(str(result["access_token"]), lifetime, started)
         self._stale = False
         if result.get("token_source") != "cache":
             self.acquisitions += 1
@@ -176,7 +205,7 @@ class TokenProvider:
                 config.client_id,
                 extra={"mailbox": self.label},
             )
-        return self._token
+        return token
 
     def _build(self) -> Any:
         config = self._config
@@ -204,10 +233,8 @@ class TokenProvider:
     async def _in_thread(self, what: str, func: Any) -> Any:
         config = self._config
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await asyncio.get_running_loop().run_in_executor(_pool(), func)
+            return await self._in_pool(func)
         except TimeoutError as exc:
-            # The worker thread cannot be cancelled; it finishes on its own (HTTP_TIMEOUT_S).
             raise TokenError(
                 f"{what}: no answer from {config.authority} within {self._timeout_s:g}s"
             ) from exc

@@ -9,17 +9,17 @@ IMAP accepts:
   the mailbox user as ``sub``, is exchanged for a token (RFC 7523 §2.1, the jwt-bearer grant);
 - an installed app's refresh token (RFC 6749 §6).
 
-The contract is ``auth.TokenProvider``'s: a token is kept until five minutes before it expires
-(or half its lifetime when that is shorter); ``invalidate()`` after the server refused one makes
-the next ``token()`` ask anew. google-auth is synchronous: its calls run under a timeout on the
-token thread pool of ``mailroom.auth``, through ``auth._Session`` (trust from ``mailroom.tls``,
-no environment, no .netrc). Google's ``error`` and ``error_description`` (RFC 6749 §5.2) become
-a ``TokenError`` that says what to fix; secrets and tokens are never logged nor part of one.
+The caching is ``auth.TokenProvider``'s, shared (``auth._CachedToken``): a token is kept until
+five minutes before it expires (or half its lifetime when that is shorter); ``invalidate()``
+after the server refused one makes the next ``token()`` ask anew. google-auth is synchronous:
+its calls run under a timeout on the token thread pool of ``mailroom.auth``, through
+``auth._Session`` (trust from ``mailroom.tls``, no environment, no .netrc). Google's ``error``
+and ``error_description`` (RFC 6749 §5.2) become a ``TokenError`` that says what to fix; secrets
+and tokens are never logged nor part of one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import logging
@@ -33,7 +33,7 @@ import google.oauth2.credentials
 import google.oauth2.service_account
 import requests
 
-from mailroom.auth import ACQUIRE_TIMEOUT_S, HTTP_TIMEOUT_S, REFRESH_MARGIN_S, _pool, _Session
+from mailroom.auth import ACQUIRE_TIMEOUT_S, HTTP_TIMEOUT_S, _CachedToken, _Session
 from mailroom.config import GoogleOAuthConfig, GoogleServiceAccount, origin
 from mailroom.errors import TokenError
 
@@ -56,52 +56,26 @@ class _Request(google.auth.transport.requests.Request):
         return super().__call__(url, method, *args, **kwargs)  # type: ignore[no-untyped-call]
 
 
-class GoogleTokenProvider:
+class GoogleTokenProvider(_CachedToken):
     """Access tokens for one Google credential and the user it acts as."""
 
     def __init__(
         self, config: GoogleOAuthConfig, *, label: str, timeout_s: float = ACQUIRE_TIMEOUT_S
     ) -> None:
-        self.label = label  # the mailbox id, first in every log line
-        self.scope = config.scope
+        super().__init__(label=label, scope=config.scope, timeout_s=timeout_s)
         self._config = config
-        self._timeout_s = timeout_s
         self._credentials: Any = None  # google-auth's Credentials, built on first use
-        self._session: _Session | None = None
-        self._token: str | None = None
-        self._refresh_at = 0.0  # time.monotonic() after which the token is fetched anew
-        self._lock = asyncio.Lock()
-        self.acquisitions = 0  # tokens issued by Google to this provider
 
     def __repr__(self) -> str:
         return f"GoogleTokenProvider({self.label!r}, {self._config.client!r})"
-
-    async def token(self) -> str:
-        """A valid access token: the cached one, or a new one from the token endpoint."""
-        async with self._lock:
-            if self._token is not None and time.monotonic() < self._refresh_at:
-                return self._token
-            return await self._acquire()
-
-    def invalidate(self) -> None:
-        """Forget the cached token (the server refused it); the next ``token()`` asks anew."""
-        self._token = None
-
-    def close(self) -> None:
-        """Close the HTTP connections to the token endpoint (the provider stays usable)."""
-        if self._session is not None:
-            self._session.close()
 
     async def _acquire(self) -> str:
         config = self._config
         started = time.monotonic()
         where = origin(config.token_uri)
         try:
-            async with asyncio.timeout(self._timeout_s):
-                loop = asyncio.get_running_loop()
-                token, lifetime = await loop.run_in_executor(_pool(), self._refresh)
+            token, lifetime = await self._in_pool(self._refresh)
         except TimeoutError as exc:
-            # The worker thread cannot be cancelled; it finishes on its own (HTTP_TIMEOUT_S).
             raise TokenError(f"no answer from {where} within {self._timeout_s:g}s") from exc
         except google.auth.exceptions.RefreshError as exc:
             code, description = refusal(exc.args)
@@ -128,8 +102,7 @@ class GoogleTokenProvider:
             # google-auth reading an answer that is not what RFC 6749 §5.1 says (expires_in
             # not a number, a JSON list, ...): what it says about it may quote the answer.
             raise TokenError(f"unusable answer from {where}: not an RFC 6749 token") from exc
-        self._token = token
-        self._refresh_at = started + max(lifetime - REFRESH_MARGIN_S, lifetime / 2)
+        self._keep(token, lifetime, started)
         self.acquisitions += 1
         log.info(
             "%s: new access token for %s (valid %.0fs, %s)",
