@@ -130,6 +130,7 @@ def test_a_query_in_the_webhook_url_is_allowed_and_never_shown(tmp_path: Path) -
     config = load_config(write(tmp_path, url="'https://app.internal/x?token=Secret'"), env={})
     assert config.webhook.url == "https://app.internal/x?token=Secret"
     assert origin(config.webhook.url) == "https://app.internal:443"
+    assert "Secret" not in repr(config)
 
 
 def test_other_values_are_quoted_only_when_they_are_a_short_word(tmp_path: Path) -> None:

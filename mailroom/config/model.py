@@ -76,7 +76,7 @@ class BasicAuth:
 class WebhookConfig:
     """Where and how messages are POSTed (docs/webhook.md)."""
 
-    url: str
+    url: str = field(repr=False)  # its ?query may hold the receiver's token: origin() shows it
     format: Literal["json", "raw"] = "json"
     content_type: str | None = None  # format: raw only; None: message/rfc822
     timeout_s: float = 30.0
