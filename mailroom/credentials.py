@@ -37,6 +37,7 @@ import yaml
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from mailroom.config.document import key_name
 from mailroom.errors import CredentialsError
 
 __all__ = [
@@ -236,7 +237,10 @@ def parse_logins(text: str) -> dict[str, StoredLogin]:
         values: dict[str, str] = {}
         for name, value in entry.items():
             if name not in _FIELDS:
-                raise CredentialsError(f"{where}.{name}: unknown key; known keys: user, password")
+                # {user: a, password hunter2} (a colon left out) has the password in a key
+                raise CredentialsError(
+                    f"{where}.{key_name(name)}: unknown key; known keys: user, password"
+                )
             if not isinstance(value, str) or value == "":
                 # YAML reads an unquoted 0755 as 493: never guess a password.
                 raise CredentialsError(

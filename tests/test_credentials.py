@@ -151,6 +151,10 @@ def test_keys_missing_malformed_from_env_or_file(tmp_path: Path) -> None:
             "credentials[incoming]: expected a mapping with user and/or password",
         ),
         ("incoming: {user: a, pasword: b}\n", "credentials[incoming].pasword: unknown key"),
+        (
+            "incoming: {user: a, password hunter2}\n",  # a colon left out: a key, not a value
+            "credentials[incoming].<a key of 16 characters>: unknown key",
+        ),
         ("incoming: {password: [1]}\n", "credentials[incoming].password: expected a non-empty"),
         ("incoming: {user: a\n", "the credentials are not valid YAML at line 2, column 1"),
     ],
