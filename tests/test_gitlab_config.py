@@ -231,6 +231,17 @@ def test_unknown_keys_warn_and_mailrooms_log_path_is_ignored(tmp_path: Path) -> 
         f"{gitlab_yml}: production.incoming_email.idle_timout: not a setting GitLab's MailRoom "
         "reads; ignored",
     )
+    # A key of another type, or one a password ended up in ({password hunter2}): not sorted
+    # together, and never shown.
+    document = section(**{"password hunter2": None}, ssl=True, port=993)
+    document["production"]["incoming_email"][7] = "x"
+    config = load(rails_root(tmp_path / "b", document))
+    assert [w.partition(": ")[2] for w in config.warnings] == [
+        "production.incoming_email.<a key of 16 characters>: not a setting GitLab's MailRoom "
+        "reads; ignored",
+        "production.incoming_email.<a key of type int>: not a setting GitLab's MailRoom "
+        "reads; ignored",
+    ]
 
 
 def secrets_yml(**production: Any) -> str:

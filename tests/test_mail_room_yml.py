@@ -159,6 +159,10 @@ BASE = """\
         ("    :arbitration_method: redis\n", "mailroom has no Redis arbitration yet"),
         ("    email: plain\n", ".email: MailRoom reads only symbol keys"),
         ("    :delivery_options:\n      :worker: X\n", ":worker: is not a postback option"),
+        (  # a colon left out: the token is in a key, never shown
+            "    :delivery_options: {':delivery_url': 'http://x/', ':token hunter2'}\n",
+            ":delivery_options.:<a key of 13 characters>: is not a postback option",
+        ),
         (
             "    :delivery_options:\n      :delivery_url: http://x/\n      :jwt_auth_header: H\n",
             ":jwt_secret_path: is missing",

@@ -29,6 +29,7 @@ from mailroom.config import (
     _read_yaml,
     parse_config,
 )
+from mailroom.config.document import key_name
 from mailroom.errors import ConfigError
 
 __all__ = ["PLACEHOLDER", "Source", "build", "literal", "read_overlay", "secret_text"]
@@ -132,7 +133,9 @@ def _overlay_mailboxes(
         )
     for name, keys in found.items():
         if name not in ids:
-            raise ConfigError(f"{overlay}: mailboxes.{name}", f"no such mailbox; ids: {ids}")
+            raise ConfigError(
+                f"{overlay}: mailboxes.{key_name(name)}", f"no such mailbox; ids: {ids}"
+            )
         if fixed := sorted({"id", "address", "inbox_method", "webhook"} & set(keys)):
             raise ConfigError(
                 f"{overlay}: mailboxes.{name}.{fixed[0]}", "comes from the foreign file"

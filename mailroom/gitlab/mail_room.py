@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mailroom.config import Config, _read_yaml
+from mailroom.config.document import key_name
 from mailroom.config.reader import IDLE_TIMEOUT_MAX_S
 from mailroom.errors import ConfigError
 from mailroom.gitlab.compose import (
@@ -107,7 +108,9 @@ def load_mail_room(
                 "(MailRoom served /liveness): point the probes at /healthz"
             )
         elif key != ":mailboxes":
-            raise ConfigError(f"{file}: {key}", "is not a MailRoom setting mailroom reads")
+            raise ConfigError(
+                f"{file}: {key_name(key)}", "is not a MailRoom setting mailroom reads"
+            )
     boxes, sources = [], []
     for index, item in enumerate(document[":mailboxes"]):
         source = Source(id=f"mailbox{index}", file=file, prefix=f":mailboxes:[{index}]")
@@ -137,9 +140,10 @@ def _symbols(item: Any, source: Source, where: str) -> dict[str, Any]:
     found = {}
     for key, value in item.items():
         if not isinstance(key, str) or not key.startswith(":"):
+            name = key_name(key)
             raise ConfigError(
-                f"{source.file}: {where}.{key}",
-                f"MailRoom reads only symbol keys and would ignore this one; write :{key}:",
+                f"{source.file}: {where}.{name}",
+                f"MailRoom reads only symbol keys and would ignore this one; write :{name}:",
             )
         found[key[1:]] = value
     return found
@@ -150,7 +154,8 @@ def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, list[st
     given = _symbols(item, source, source.prefix)
     if unknown := sorted(set(given) - HANDLED):
         key = unknown[0]
-        raise ConfigError(f"{where}.:{key}", EXPLAINED.get(key, "is not a MailRoom setting"))
+        explained = EXPLAINED.get(key, "is not a MailRoom setting")
+        raise ConfigError(f"{where}.:{key_name(key)}", explained)
     settings = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
     advice = []
     if "logger" in given or "log_path" in given:
@@ -221,7 +226,7 @@ def _ssl(value: Any, where: str) -> dict[str, Any]:
             settings["ca_file"] = option
         else:
             raise ConfigError(
-                f"{where}.:ssl.{key}",
+                f"{where}.:ssl.{key_name(key)}",
                 "mailroom takes :verify_mode: (:none or :peer) and :ca_file: from here; set "
                 "other TLS settings with SSL_CERT_FILE or in the -c config (mailboxes.<id>)",
             )
@@ -238,7 +243,9 @@ def _postback(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any],
         settings.get("delivery_options") or {}, source, f"{source.prefix}.:delivery_options"
     )
     if unknown := sorted(set(options) - POSTBACK_OPTIONS):
-        raise ConfigError(f"{where}.:delivery_options.:{unknown[0]}", "is not a postback option")
+        raise ConfigError(
+            f"{where}.:delivery_options.:{key_name(unknown[0])}", "is not a postback option"
+        )
     at = f"{source.prefix}.:delivery_options"
     src = Source(id=source.id, file=source.file, prefix=at)
     url = settings.get("delivery_url") or options.get("delivery_url") or options.get("url")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mailroom.config import Config, _read_yaml
+from mailroom.config.document import key_name
 from mailroom.config.document import load as load_yaml
 from mailroom.config.reader import _HOST_RE
 from mailroom.errors import ConfigError
@@ -137,7 +138,7 @@ def load_gitlab(
             continue
         warnings += [
             f"{source.file}: {source.prefix}.{key}: not a setting GitLab's MailRoom reads; ignored"
-            for key in sorted(set(section) - KNOWN)
+            for key in sorted(key_name(k) for k in set(section) - KNOWN)
         ]
         box, source = _mailbox(
             kind, merged, source, settings=settings, files=files, secrets=secrets
