@@ -48,6 +48,13 @@ def _quoted_disposition(n: int) -> bytes:
     return MULTIPART + b"--z\n" + part + b";" * n + b"\n\nbody\n--z--\n"
 
 
+def _empty_boundary(n: int) -> bytes:
+    # The generator that measures an attached message rewrites an empty boundary with the
+    # stdlib's set_boundary, quadratic in the same way.
+    inner = b'Content-Type: multipart/mixed; boundary=""; a="x' + b";" * n + b"\n\n--\n\nx\n----\n"
+    return HEAD + b"Content-Type: message/rfc822\n\n" + inner
+
+
 def _empty_parts(n: int) -> bytes:
     return MULTIPART + b"--z\n\n" * n + b"--z--\n"
 
@@ -106,6 +113,7 @@ SHAPES: dict[str, tuple[Callable[[int], bytes], tuple[int, ...], tuple[int, ...]
     "params_quote": (_quoted_params, (100_000, 200_000), (100_000, 200_000, 950_000)),
     "boundary_quote": (_quoted_boundary, (200_000,), (200_000, 950_000)),
     "disposition_quote": (_quoted_disposition, (200_000,), (200_000, 950_000)),
+    "empty_boundary": (_empty_boundary, (100_000,), (100_000, 950_000)),
     "empty_parts": (_empty_parts, (190_000,), (190_000, 1_000_000)),
     "cc_lines": (_cc_lines, (100_000,), (100_000, 1_000_000)),
     "address_list": (_one_address_list, (50_000,), (50_000, 1_000_000)),

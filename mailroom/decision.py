@@ -72,12 +72,7 @@ def notice_text(parsed: message.ParsedMessage, rules: routing.RoutingRules, conf
     settings = config.reject_notices
     if settings is None:
         return "none: reject_notices is not configured"
-    recipient = notices.notice_recipient(
-        parsed,
-        rules,
-        require_authenticated_sender=settings.require_authenticated_sender,
-        authserv_ids=settings.trusted_authserv_ids,
-    )
+    recipient = notices.configured_recipient(parsed, rules, settings)
     if recipient.address is None:
         return f"none: {recipient.refused}"
     return f"a reject notice to {recipient.address} (at most one per sender and reason a day)"

@@ -5,8 +5,10 @@ header syntax. Three things in it are unsafe on hostile mail, and are closed her
 
 - ``Message.get_params``/``get_param``/``get_boundary`` are quadratic in the ``;`` of a value
   with a quote in it (``text/plain; a="x;;;…``: 100,000 took 5 s, 950,000 took 444 s), and the
-  feed parser calls ``get_boundary`` itself. ``Part`` replaces them with a linear tokenizer that
-  reads at most ``MAX_PARAM_CHARS`` of a value and ``MAX_PARAMS`` parameters.
+  feed parser calls ``get_boundary`` itself; so is ``set_boundary``, which the generator calls
+  to re-serialise an attached message with an empty boundary (100,000 took 7 s). ``Part``
+  replaces the parser under all of them with a linear tokenizer that reads at most
+  ``MAX_PARAM_CHARS`` of a value and ``MAX_PARAMS`` parameters.
 - Memory and time grow with parts, header fields and nesting far beyond the message size
   (190,000 empty parts in 1 MB took 92 MB; every line is checked against every open boundary).
   ``read`` caps them per message: ``MAX_PARTS``, ``MAX_HEADER_FIELDS``, ``MAX_DEPTH``,
@@ -28,7 +30,7 @@ from collections.abc import Mapping
 from email.feedparser import FeedParser
 from email.message import Message
 from email.policy import compat32
-from email.utils import unquote
+from email.utils import quote, unquote
 from typing import Any
 
 __all__ = [
@@ -239,8 +241,9 @@ class Part(Message):
 
     ``get_params``/``get_param`` (and through them ``get_boundary``, ``get_content_charset``,
     ``get_filename``, which the feed parser and the generator call) use ``split_params``: values
-    are unquoted ``str``, RFC 2231 values already decoded. A container nested ``MAX_DEPTH``
-    deep reads as ``application/octet-stream`` (``opaque``): the parser keeps it unread.
+    are unquoted ``str``, RFC 2231 values already decoded; so does ``_get_params_preserve``
+    (under ``set_boundary``). A container nested ``MAX_DEPTH`` deep reads as
+    ``application/octet-stream`` (``opaque``): the parser keeps it unread.
     """
 
     budget: Budget | None = None
@@ -304,6 +307,16 @@ class Part(Message):
             return failobj
         param = param.lower()
         return next((v for k, v in split[1] if k == param), failobj)
+
+    def _get_params_preserve(self, failobj: Any, header: str) -> Any:
+        """The stdlib's private parser under ``set_boundary``, ``set_param`` and ``del_param``
+        (the generator calls ``set_boundary`` for a multipart whose boundary is empty, which
+        the feed parser accepts): ``split_params``, values quoted again as those write them."""
+        split = self.split(header)
+        if split is None:
+            return failobj
+        main, params = split
+        return [(main, ""), *((name, f'"{quote(value)}"') for name, value in params)]
 
 
 def _feed(data: str | bytes, budget: Budget) -> Part:

@@ -28,6 +28,7 @@ from email import headerregistry, policy
 from email.message import EmailMessage
 
 from mailroom import authresults, routing
+from mailroom.config import RejectNoticesConfig
 from mailroom.errors import NoticeError
 from mailroom.message import ParsedMessage, scan_addresses
 
@@ -38,6 +39,7 @@ __all__ = [
     "NoticeRecipient",
     "RateLimiter",
     "build_notice",
+    "configured_recipient",
     "explain",
     "notice_recipient",
 ]
@@ -122,6 +124,19 @@ def notice_recipient(
     ):
         return NoticeRecipient(None, "sender not authenticated")
     return NoticeRecipient(address)
+
+
+def configured_recipient(
+    parsed: ParsedMessage, rules: routing.RoutingRules, settings: RejectNoticesConfig
+) -> NoticeRecipient:
+    """``notice_recipient`` under the policy of ``settings`` (``reject_notices``): the one
+    reading of it, for the ``Notifier`` and for what the dry run, ``route`` and ``check`` show."""
+    return notice_recipient(
+        parsed,
+        rules,
+        require_authenticated_sender=settings.require_authenticated_sender,
+        authserv_ids=settings.trusted_authserv_ids,
+    )
 
 
 # An addr-spec we can put in To: and RCPT TO: as it is: no whitespace, controls, brackets,

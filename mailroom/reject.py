@@ -1,8 +1,8 @@
 """Sending reject notices: the I/O half of ``notices`` (the only module importing aiosmtplib).
 
 One ``Notifier`` per process holds the rate limit and the SMTP settings. ``notify`` decides
-whether a notice may go (``notices.notice_recipient``, then the rate limit), builds it, and sends
-it; the dispatcher settles the message only after ``notify`` returns:
+whether a notice may go (``notices.configured_recipient``, then the rate limit), builds it, and
+sends it; the dispatcher settles the message only after ``notify`` returns:
 
 - ``SENT``, ``REFUSED`` and ``DISABLED``: settle as the caller meant to. Refused: the policy
   or the rate limit forbade it, no safe notice could be written (``NoticeError``), or it needs
@@ -140,12 +140,7 @@ class Notifier:
                 extra=fields,
             )
             return NoticeResult.DISABLED
-        recipient = notices.notice_recipient(
-            parsed,
-            rules,
-            require_authenticated_sender=config.require_authenticated_sender,
-            authserv_ids=config.trusted_authserv_ids,
-        )
+        recipient = notices.configured_recipient(parsed, rules, config)
         if recipient.address is None:
             log.info("%s: %s: no reject notice: %s", mailbox, ref, recipient.refused, extra=fields)
             return NoticeResult.REFUSED

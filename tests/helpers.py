@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from mailroom import supervisor
@@ -123,6 +124,11 @@ async def wait_until(
             break
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    """The captured log messages that contain ``text``, in order."""
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
 class Process:

@@ -9,14 +9,10 @@ import pytest
 
 from mailroom import cli, supervisor
 from mailroom.config import parse_config
-from tests.helpers import config_dict, mailbox_dict, message, wait_until
+from tests.helpers import config_dict, logged, mailbox_dict, message, wait_until
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.smtp import SmtpServer
 from tests.servers.webhook import WebhookReceiver
-
-
-def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
 async def test_a_dry_run_logs_each_decision_and_settles_nothing(

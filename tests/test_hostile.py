@@ -19,12 +19,12 @@ from mailroom import dispatch, mime
 from mailroom.message import Address, Attachment, ParsedMessage, parse
 from mailroom.notices import Notice, NoticeRecipient, build_notice, notice_recipient
 from mailroom.routing import AddressTemplate, RoutingRules
-from tests.helpers import make_config, running
+from tests.helpers import logged, make_config, running
 from tests.hostile import NOW, SENDER, assert_safe_notice, assert_strict_payload
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.smtp import SmtpServer
 from tests.servers.webhook import WebhookReceiver
-from tests.test_reject import logged, notice_settings, settled
+from tests.test_reject import notice_settings, settled
 
 EML = Path(__file__).parent / "eml"
 RULES = RoutingRules(address=AddressTemplate.parse("incoming+%{key}@incoming.example.com"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import email.message
 import email.utils
+import re
 from email import policy
 from email.message import Message
 
@@ -88,6 +90,37 @@ def test_the_feed_parser_asks_part_for_the_boundary() -> None:
     assert isinstance(children, list) and len(children) == 1
     assert isinstance(children[0], Part) and children[0].get_payload() == "hello"
     assert budget.truncated == {"parameters"}
+
+
+def _empty_boundary(semicolons: int) -> bytes:
+    return (
+        b'Content-Type: multipart/mixed; boundary=""; a="x' + b";" * semicolons + b'"\n\n'
+        b"--\n\npart\n----\n"
+    )
+
+
+def test_the_generator_never_reaches_the_stdlib_parameter_parser(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The feed parser takes an empty boundary; the generator, which message.parse runs to
+    # measure an attached message, then calls set_boundary: 100,000 ";" took 7 s there.
+    def boundaries_alike(data: bytes) -> bytes:
+        return re.sub(rb"={15}[0-9]{19}==", b"B", data)
+
+    msg, _ = read(_empty_boundary(10))
+    stdlib = email.message_from_bytes(_empty_boundary(10), policy=policy.compat32)
+    assert boundaries_alike(msg.as_bytes()) == boundaries_alike(stdlib.as_bytes())
+    assert msg.get_boundary() != ""
+
+    def quadratic(value: str) -> list[str]:
+        raise AssertionError(f"the stdlib's parameter parser ran on {value[:30]!r}")
+
+    monkeypatch.setattr(email.message, "_parseparam", quadratic)
+    msg, budget = read(_empty_boundary(100_000))
+    assert msg.as_bytes().startswith(b'Content-Type: multipart/mixed;\n boundary="=====')
+    assert budget.truncated == {"parameters"}
+    part = msg.get_payload(0)
+    assert isinstance(part, Part) and part.get_payload() == "part"
 
 
 def test_get_param_and_get_params_keep_the_stdlib_contract() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import make_config, message, running, wait_until
+from tests.helpers import logged, make_config, message, running, wait_until
 from tests.servers import tls
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.smtp import ReceivedMail, SmtpServer
@@ -84,10 +84,6 @@ def body_of(notice: ReceivedMail) -> str:
     content = notice.message().get_content()
     assert isinstance(content, str)
     return content.replace("\r\n", "\n")  # as it came over SMTP: CRLF
-
-
-def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
 async def count_in(dovecot: Dovecot, account: Account, mailbox: str, count: int) -> bool:

@@ -72,7 +72,7 @@ def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
             f"key:      {verdict.decision.key}",
             f"decision: deliver: POST to {origin(hook.url)} (webhook.url), format {hook.format}",
         ]
-        lines += _payload(raw, mailbox, verdict.decision)
+        lines += _payload(parsed, mailbox, verdict.decision)
         return lines
     if verdict.action is Action.IGNORE:
         lines.append(
@@ -98,7 +98,10 @@ def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
     return lines
 
 
-def _payload(raw: bytes, mailbox: MailboxConfig, decision: routing.Deliver) -> list[str]:
+def _payload(
+    parsed: message.ParsedMessage, mailbox: MailboxConfig, decision: routing.Deliver
+) -> list[str]:
+    raw = parsed.raw
     if mailbox.webhook.format == "raw":
         return [f"payload:  the message itself, {len(raw)} bytes (format: raw)"]
 
@@ -115,7 +118,7 @@ def _payload(raw: bytes, mailbox: MailboxConfig, decision: routing.Deliver) -> l
         size=len(raw),
         _settle=unused,
     )
-    payload: dict[str, Any] = build_payload(envelope, message.parse(raw), decision)
+    payload: dict[str, Any] = build_payload(envelope, parsed, decision)
     encoded = payload["raw"]
     if len(encoded) > RAW_SHOWN:
         payload["raw"] = f"{encoded[:RAW_SHOWN]}… ({len(encoded)} characters of base64)"
