@@ -233,20 +233,19 @@ class Running:
             i for i in before if i in after and _connection(before[i]) != _connection(after[i])
         ]
         added = [i for i in after if i not in before]
-        if (
-            self.coordinator is not None
-        ):  # leases start and stop mailboxes; only a running one is restarted
+        starting = [*changed, *added]
+        if self.coordinator is not None:  # leases start mailboxes; only a running one restarts
             changed = [i for i in changed if i in self.mailboxes]
-            stopping, starting = changed, changed
-        else:
-            stopping, starting = [*removed, *changed], [*changed, *added]
-        await asyncio.gather(*(self.stop(i) for i in stopping))
+            starting = changed
+        # A removed mailbox stops here, with replicas too (``stop`` ignores one not running
+        # here): the dispatcher's new config no longer knows it, so its source must not hand
+        # out more mail until the lease's handover at the coordinator's next tick.
+        await asyncio.gather(*(self.stop(i) for i in [*removed, *changed]))
         self.dispatcher.apply(prepared)
         self.health.configure(new)
         self.resources.apply_limits(new)
-        if self.coordinator is None:
-            for mailbox_id in removed:
-                self.health.forget(mailbox_id)
+        for mailbox_id in removed:
+            self.health.forget(mailbox_id)
         self.start([after[i] for i in starting])
         if self.coordinator is not None:
             self.coordinator.configure(new)
