@@ -63,7 +63,7 @@ def _source(
 ) -> Source[int] | Source[str]:
     if isinstance(config, ImapMailboxConfig):
         tokens = (
-            resources.token_provider(config.oauth, label=config.id)
+            resources.tokens.get(config.oauth, label=config.id)
             if config.oauth is not None
             else None
         )
@@ -84,7 +84,7 @@ def _source(
         dispatcher.submit,
         stopping=stopping,
         drained=drained,
-        tokens=resources.token_provider(options.oauth, label=config.id),
+        tokens=resources.tokens.get(options.oauth, label=config.id),
         http=resources.graph_session(options),
         monitor=health,
         budget=resources.budget,
