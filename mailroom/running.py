@@ -184,16 +184,17 @@ class Running:
         mailbox.stopping.set()
         started = time.monotonic()
         drain_s = self.config.shutdown_timeout_s
-        try:
-            if timeout_s is None:
-                await self.dispatcher.drain_mailbox(mailbox_id, drain_s)
-                await mailbox.close()
-            else:
-                # Deliveries get most of the time; settlements and LOGOUT the rest.
-                await self.dispatcher.drain_mailbox(mailbox_id, min(drain_s, timeout_s * 0.8))
-                left = timeout_s - (time.monotonic() - started)
-                await mailbox.close(max(0.05, left))
-        finally:
+        if timeout_s is None:
+            await self.dispatcher.drain_mailbox(mailbox_id, drain_s)
+            await mailbox.close()
+        else:
+            # Deliveries get most of the time; settlements and LOGOUT the rest.
+            await self.dispatcher.drain_mailbox(mailbox_id, min(drain_s, timeout_s * 0.8))
+            left = timeout_s - (time.monotonic() - started)
+            await mailbox.close(max(0.05, left))
+        # Not in a ``finally``: a stop cancelled halfway (a SIGTERM during a reload) leaves
+        # its source waiting for the drain, and ``shutdown`` must still close it.
+        if mailbox in self.retiring:  # else ``abort`` dropped it meanwhile
             self.retiring.remove(mailbox)
 
     def abort(self, mailbox_id: str) -> None:
@@ -201,6 +202,7 @@ class Running:
         mailbox = self.mailboxes.pop(mailbox_id, None)
         for each in [m for m in self.retiring if m.source.id == mailbox_id]:
             each.abort()
+            self.retiring.remove(each)
         if mailbox is not None:
             self.health.stopping(mailbox_id)
             mailbox.abort()

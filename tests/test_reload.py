@@ -155,6 +155,29 @@ async def _async(value: bool) -> bool:
     return value
 
 
+async def test_a_stop_during_a_reload_still_closes_the_mailbox_the_reload_was_stopping(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = config_dict([mailbox_dict(dovecot, account)], webhook.url)
+    async with reloadable(data, caplog) as mailroom:
+        await wait_until(lambda: logged_in(dovecot, account, 1), what="login")
+        webhook.stall()  # the reload's drain of the changed mailbox waits for this delivery
+        await dovecot.aappend(account, message(1))
+        await webhook.wait_for(1)
+        new = copy.deepcopy(data)
+        new["mailboxes"] = [mailbox_dict(dovecot, account, idle_timeout=30)]
+        mailroom.request(new)
+        await mailroom.logged(f"{account.user}: connected → stopping", 1)
+        mailroom.stop.set()
+        await mailroom.logged("reload interrupted by the stop", 1)
+        webhook.release()
+    # run() returned: the shutdown drained the delivery, settled it and logged the mailbox out
+    # (the reload's stop, cancelled halfway, no longer leaves its source waiting forever).
+    assert await seen(dovecot, account) == [True]
+    assert len(webhook.requests) == 1
+    assert logged_out(dovecot, account, logins(dovecot, account)[0])
+
+
 async def test_with_replicas_a_reload_stops_a_removed_mailbox_before_it_is_done(
     dovecot: Dovecot,
     redis_server: RedisServer,
