@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from mailroom import message, notices, routing
 from mailroom.config import Config, ImapMailboxConfig, MailboxConfig
+from mailroom.config.model import FAILED_KEYWORD
 
 __all__ = ["Action", "Verdict", "dead_letter_text", "decide", "notice_text"]
 
@@ -63,7 +64,7 @@ def dead_letter_text(mailbox: MailboxConfig) -> str:
     if mailbox.failed_folder is not None:
         return f"moved to {mailbox.failed_folder} (failed_folder)"
     if isinstance(mailbox, ImapMailboxConfig):
-        return "flagged $MailroomFailed and \\Seen, left in place (no failed_folder)"
+        return f"flagged {FAILED_KEYWORD} and \\Seen, left in place (no failed_folder)"
     return "categorised MailroomFailed and read, left in place (no failed_folder)"
 
 

@@ -76,7 +76,6 @@ class Webhooks:
         self._monitor = monitor
         self.by_config: dict[WebhookConfig, Webhook] = {}
         self._session: aiohttp.ClientSession | None = None
-        self.in_flight = 0
 
     async def __aenter__(self) -> Webhooks:
         # One session for every webhook; per-request timeouts come from each webhook's config.
@@ -180,7 +179,6 @@ class Webhooks:
             # what the socket did not take at once into its buffer, twice over for a large body.
             headers["Content-Length"] = str(len(body))
             data = _slices(body)
-        self.in_flight += 1
         started = time.monotonic()
         status_class = "error"  # no answer: a timeout or a connection error
         try:
@@ -207,7 +205,6 @@ class Webhooks:
         except aiohttp.ClientError as exc:
             raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
         finally:
-            self.in_flight -= 1
             self._monitor.webhook(envelope.mailbox, status_class, time.monotonic() - started)
         fields["status"] = status
         return classify(status, answer, delay_s, config)

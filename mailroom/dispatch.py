@@ -76,7 +76,9 @@ class Dispatcher:
         self._markers = Markers(None if dry_run else shared)  # a dry run settles nothing
         self.dry_run = dry_run
         self._notifier = Notifier(config.reject_notices, shared=shared)
-        self._closed: set[str] = set()  # mailboxes a reload is stopping: their mail waits
+        # Mailboxes being stopped (a reload, a lease handed over): their mail waits. Only
+        # ``open`` takes one back, when ``Running.start`` starts its source again.
+        self._closed: set[str] = set()
         self.apply(self.prepare(config))
         self._tasks: dict[asyncio.Task[None], str] = {}  # → mailbox id
         self.accepting = True
@@ -108,7 +110,6 @@ class Dispatcher:
         self._mailboxes = {m.id: m for m in prepared.config.mailboxes}
         self._webhooks.by_config = prepared.webhooks
         self._notifier = prepared.notifier
-        self._closed -= set(self._mailboxes)
 
     def submit(self, envelope: Envelope) -> None:
         """Start bringing ``envelope`` to an outcome. Called by the sources; never blocks."""

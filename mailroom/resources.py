@@ -15,12 +15,10 @@ running (two-phase reload). ``retain(config)`` then closes what only the old con
 
 from __future__ import annotations
 
-from typing import overload
-
 import aiohttp
 
 from mailroom import tls
-from mailroom.auth import TokenProvider, TokenProviders, Tokens
+from mailroom.auth import TokenProviders
 from mailroom.budget import Budget
 from mailroom.config import (
     Config,
@@ -28,7 +26,6 @@ from mailroom.config import (
     GraphMailboxConfig,
     ImapMailboxConfig,
     ImapOAuthConfig,
-    OAuthConfig,
 )
 from mailroom.sources import graph_client
 
@@ -90,14 +87,6 @@ class Resources:
         limits = config.limits
         self.budget.resize(messages=limits.in_flight_messages, size=limits.in_flight_bytes)
         self.connects.resize(messages=limits.connects, size=0)
-
-    @overload
-    def token_provider(self, oauth: OAuthConfig, *, label: str) -> TokenProvider: ...
-    @overload
-    def token_provider(self, oauth: ImapOAuthConfig, *, label: str) -> Tokens: ...
-    def token_provider(self, oauth: ImapOAuthConfig, *, label: str) -> Tokens:
-        """The shared provider for ``oauth`` (``label``: the mailbox that first asks)."""
-        return self.tokens.get(oauth, label=label)
 
     def graph_session(self, options: GraphInboxOptions) -> aiohttp.ClientSession:
         """The session for ``options.graph_endpoint`` (made on first use)."""

@@ -63,7 +63,7 @@ def _source(
 ) -> Source[int] | Source[str]:
     if isinstance(config, ImapMailboxConfig):
         tokens = (
-            resources.token_provider(config.oauth, label=config.id)
+            resources.tokens.get(config.oauth, label=config.id)
             if config.oauth is not None
             else None
         )
@@ -84,7 +84,7 @@ def _source(
         dispatcher.submit,
         stopping=stopping,
         drained=drained,
-        tokens=resources.token_provider(options.oauth, label=config.id),
+        tokens=resources.tokens.get(options.oauth, label=config.id),
         http=resources.graph_session(options),
         monitor=health,
         budget=resources.budget,
@@ -184,16 +184,17 @@ class Running:
         mailbox.stopping.set()
         started = time.monotonic()
         drain_s = self.config.shutdown_timeout_s
-        try:
-            if timeout_s is None:
-                await self.dispatcher.drain_mailbox(mailbox_id, drain_s)
-                await mailbox.close()
-            else:
-                # Deliveries get most of the time; settlements and LOGOUT the rest.
-                await self.dispatcher.drain_mailbox(mailbox_id, min(drain_s, timeout_s * 0.8))
-                left = timeout_s - (time.monotonic() - started)
-                await mailbox.close(max(0.05, left))
-        finally:
+        if timeout_s is None:
+            await self.dispatcher.drain_mailbox(mailbox_id, drain_s)
+            await mailbox.close()
+        else:
+            # Deliveries get most of the time; settlements and LOGOUT the rest.
+            await self.dispatcher.drain_mailbox(mailbox_id, min(drain_s, timeout_s * 0.8))
+            left = timeout_s - (time.monotonic() - started)
+            await mailbox.close(max(0.05, left))
+        # Not in a ``finally``: a stop cancelled halfway (a SIGTERM during a reload) leaves
+        # its source waiting for the drain, and ``shutdown`` must still close it.
+        if mailbox in self.retiring:  # else ``abort`` dropped it meanwhile
             self.retiring.remove(mailbox)
 
     def abort(self, mailbox_id: str) -> None:
@@ -201,6 +202,7 @@ class Running:
         mailbox = self.mailboxes.pop(mailbox_id, None)
         for each in [m for m in self.retiring if m.source.id == mailbox_id]:
             each.abort()
+            self.retiring.remove(each)
         if mailbox is not None:
             self.health.stopping(mailbox_id)
             mailbox.abort()
@@ -233,20 +235,19 @@ class Running:
             i for i in before if i in after and _connection(before[i]) != _connection(after[i])
         ]
         added = [i for i in after if i not in before]
-        if (
-            self.coordinator is not None
-        ):  # leases start and stop mailboxes; only a running one is restarted
+        starting = [*changed, *added]
+        if self.coordinator is not None:  # leases start mailboxes; only a running one restarts
             changed = [i for i in changed if i in self.mailboxes]
-            stopping, starting = changed, changed
-        else:
-            stopping, starting = [*removed, *changed], [*changed, *added]
-        await asyncio.gather(*(self.stop(i) for i in stopping))
+            starting = changed
+        # A removed mailbox stops here, with replicas too (``stop`` ignores one not running
+        # here): the dispatcher's new config no longer knows it, so its source must not hand
+        # out more mail until the lease's handover at the coordinator's next tick.
+        await asyncio.gather(*(self.stop(i) for i in [*removed, *changed]))
         self.dispatcher.apply(prepared)
         self.health.configure(new)
         self.resources.apply_limits(new)
-        if self.coordinator is None:
-            for mailbox_id in removed:
-                self.health.forget(mailbox_id)
+        for mailbox_id in removed:
+            self.health.forget(mailbox_id)
         self.start([after[i] for i in starting])
         if self.coordinator is not None:
             self.coordinator.configure(new)

@@ -12,6 +12,7 @@ from mailroom.budget import Budget
 from mailroom.circuit import Circuit
 from mailroom.config import parse_config
 from mailroom.config.model import ImapMailboxConfig
+from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ImapAuthError, ImapConnectionLost, TokenError
 from mailroom.monitor import Monitor
 from mailroom.sources.lifecycle import AUTH_BACKOFF_INITIAL_S, Source
@@ -197,7 +198,8 @@ class Scripted(Source[int]):
     retry_max_s = 0.002
 
     def __init__(self, failures: list[Exception], **kwargs: Any) -> None:
-        super().__init__(_imap_config(), lambda envelope: None, logger=logging.getLogger("t"),
+        self.submitted: list[Envelope] = []
+        super().__init__(_imap_config(), self.submitted.append, logger=logging.getLogger("t"),
                          **kwargs)  # fmt: skip
         self.failures = failures
         self.serves = 0
@@ -278,6 +280,33 @@ async def test_repeated_refused_logins_back_off_for_minutes() -> None:
     # An identity provider that refuses the app counts too; one that is unreachable does not.
     assert source._delay_after(TokenError("refused", code="invalid_client")) >= 30
     assert source._delay_after(TokenError("no answer")) <= Scripted.retry_max_s
+
+
+async def test_a_forgotten_hand_out_leaves_a_new_message_under_the_same_key_alone() -> None:
+    budget = Budget(messages=10, size=10_000)
+    source = Scripted([], stopping=asyncio.Event(), drained=asyncio.Event(), budget=budget)
+
+    def hand_out(size: int) -> Envelope:
+        budget.charge(1, size)  # a source takes the budget before it fetches
+        source._hand_out(7, ref="uid 7", idempotency_key=f"msg_{size}", raw=b"x", size=size,
+                         charged=size, too_large=False, tag=None)  # fmt: skip
+        return source.submitted[-1]
+
+    old = hand_out(100)
+    source._release_all()  # a new UIDVALIDITY: UID 7 names another message from now on
+    assert (source.pending, budget.messages, budget.bytes) == (0, 0, 0)
+    new = hand_out(200)
+    # The old message's delivery ends after the new one was handed out under the same UID.
+    settling = asyncio.create_task(old.settle(Outcome.DELIVERED))
+    await asyncio.sleep(0)
+    await source._apply_settlements()
+    async with asyncio.timeout(5):
+        await settling
+    old.release(hold=True)
+    assert (source.pending, budget.messages, budget.bytes) == (1, 1, 200)
+    assert 7 not in source._stuck
+    new.release(hold=False)
+    assert (source.pending, budget.messages, budget.bytes) == (0, 0, 0)
 
 
 # -- search_command ---------------------------------------------------------------------------

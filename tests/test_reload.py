@@ -20,6 +20,7 @@ from mailroom import supervisor
 from mailroom.config import Config, load_config, parse_config
 from tests.helpers import Process, config_dict, mailbox_dict, message, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
+from tests.servers.redis import RedisServer
 from tests.servers.webhook import WebhookReceiver
 
 
@@ -152,6 +153,60 @@ async def test_reload_keeps_untouched_restarts_changed_starts_new_stops_removed(
 
 async def _async(value: bool) -> bool:
     return value
+
+
+async def test_a_stop_during_a_reload_still_closes_the_mailbox_the_reload_was_stopping(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = config_dict([mailbox_dict(dovecot, account)], webhook.url)
+    async with reloadable(data, caplog) as mailroom:
+        await wait_until(lambda: logged_in(dovecot, account, 1), what="login")
+        webhook.stall()  # the reload's drain of the changed mailbox waits for this delivery
+        await dovecot.aappend(account, message(1))
+        await webhook.wait_for(1)
+        new = copy.deepcopy(data)
+        new["mailboxes"] = [mailbox_dict(dovecot, account, idle_timeout=30)]
+        mailroom.request(new)
+        await mailroom.logged(f"{account.user}: connected → stopping", 1)
+        mailroom.stop.set()
+        await mailroom.logged("reload interrupted by the stop", 1)
+        webhook.release()
+    # run() returned: the shutdown drained the delivery, settled it and logged the mailbox out
+    # (the reload's stop, cancelled halfway, no longer leaves its source waiting forever).
+    assert await seen(dovecot, account) == [True]
+    assert len(webhook.requests) == 1
+    assert logged_out(dovecot, account, logins(dovecot, account)[0])
+
+
+async def test_with_replicas_a_reload_stops_a_removed_mailbox_before_it_is_done(
+    dovecot: Dovecot,
+    redis_server: RedisServer,
+    webhook: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    kept, removed = dovecot.add_user(), dovecot.add_user()
+    data = config_dict([mailbox_dict(dovecot, a) for a in (kept, removed)], webhook.url)
+    data["arbitration"] = {"method": "redis", "url": redis_server.url, "lease_ttl": 3}
+    async with reloadable(data, caplog) as mailroom:
+        for account in (kept, removed):
+            await wait_until(lambda: logged_in(dovecot, account, 1), what="2 logins")  # noqa: B023
+        new = copy.deepcopy(data)
+        new["mailboxes"] = [mailbox_dict(dovecot, kept)]
+        mailroom.request(new)
+        line = await mailroom.logged("config reloaded", 1)
+        assert line == (
+            "config reloaded: 0 mailbox(es) started, 0 restarted, 1 stopped, 1 unchanged"
+        )
+        # Stopped by the reload itself, not later by the lease's handover: meanwhile the
+        # dispatcher, on the new config, would have been handed mail it knows nothing of.
+        assert logged_out(dovecot, removed, logins(dovecot, removed)[0])
+        for n, account in enumerate((removed, kept), start=1):
+            await dovecot.aappend(account, message(n))
+        received = await webhook.wait_for(1)
+        assert [r.headers["X-Mailroom-Mailbox"] for r in received] == [kept.user]
+    assert len(webhook.requests) == 1
+    assert await seen(dovecot, removed) == [False]
+    assert len(logins(dovecot, removed)) == 1
 
 
 async def test_an_invalid_config_is_refused_and_the_old_one_keeps_running(

@@ -39,7 +39,7 @@ from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
 from mailroom.monitor import Monitor
 from mailroom.sources.imap_session import ImapSession
 from mailroom.sources.imap_wire import FetchedMessage, id_keyword
-from mailroom.sources.lifecycle import Activity, Settlement, Source
+from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
 
 __all__ = ["FAILED_KEYWORD", "ImapWatcher", "idempotency_key"]
 
@@ -204,12 +204,7 @@ class ImapWatcher(Source[int]):
             self._full_sweep = True
 
     async def _wait(self, session: ImapSession, event: asyncio.Event) -> None:
-        waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, event, session.lost)]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await wait_any((self._wake, event, session.lost))
         if session.lost.is_set():
             raise ImapConnectionLost("connection lost")
 

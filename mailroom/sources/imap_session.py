@@ -21,6 +21,7 @@ from typing import Any
 from aioimaplib import aioimaplib
 
 from mailroom.config import ImapMailboxConfig
+from mailroom.config.model import FAILED_KEYWORD
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
 from mailroom.sources.imap_wire import (
     FetchedMessage,
@@ -43,7 +44,7 @@ LOGOUT_TIMEOUT_S = 5.0
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _EXISTS = re.compile(rb"^(?:\* )?(\d+) EXISTS")
 _EXPUNGE = re.compile(rb"^(?:\* )?(\d+) EXPUNGE")
-_SETTLED_FLAGS = frozenset((b"\\seen", b"\\deleted", b"$mailroomfailed"))
+_SETTLED_FLAGS = frozenset((b"\\seen", b"\\deleted", FAILED_KEYWORD.lower().encode()))
 _LIST_FLAGS = re.compile(rb"^\(([^)]*)\) ")
 
 

@@ -80,11 +80,13 @@ class Settlement(Generic[K]):
     """An outcome the dispatcher decided, waiting to be applied on the server.
 
     ``tag`` is what the source needs besides the key (IMAP: the UIDVALIDITY it was fetched
-    under; Graph: the message's categories)."""
+    under; Graph: the message's categories); ``epoch`` is the source's ``_epoch`` when the
+    message was handed out."""
 
     key: K
     outcome: Outcome
     tag: Any
+    epoch: int
     done: asyncio.Future[None] = field(repr=False)
 
 
@@ -120,6 +122,10 @@ class Source(abc.ABC, Generic[K]):
         self._wake = asyncio.Event()
         self._pending: dict[K, int] = {}  # key → bytes charged, handed out and not settled
         self._pending_bytes = 0
+        # Bumped when the in-flight set is forgotten (``_release_all``): a settle or release of
+        # an earlier hand-out then leaves the set alone, where its key (a UID under a new
+        # UIDVALIDITY) may name another message by now.
+        self._epoch = 0
         self._stuck: set[K] = set()
         self._settlements: list[Settlement[K]] = []
         self._closed = False  # run() ended: settlements can no longer be applied
@@ -276,6 +282,7 @@ class Source(abc.ABC, Generic[K]):
         taken) are given back when it is settled or released."""
         self._pending[key] = charged
         self._pending_bytes += charged
+        epoch = self._epoch
 
         async def settle(outcome: Outcome) -> None:
             if self._closed:
@@ -287,9 +294,13 @@ class Source(abc.ABC, Generic[K]):
                 )
                 return
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._settlements.append(Settlement(key, outcome, tag, done))
+            self._settlements.append(Settlement(key, outcome, tag, epoch, done))
             self._wake.set()
             await done
+
+        def release(hold: bool) -> None:
+            if epoch == self._epoch:
+                self.release(key, hold=hold)
 
         self._submit(
             Envelope(
@@ -300,7 +311,7 @@ class Source(abc.ABC, Generic[K]):
                 size=size,
                 too_large=too_large,
                 _settle=settle,
-                _release=lambda hold: self.release(key, hold=hold),
+                _release=release,
             )
         )
 
@@ -308,19 +319,26 @@ class Source(abc.ABC, Generic[K]):
         """Take ``key`` out of the in-flight set without settling it: it stays as it is on the
         server, and is looked at again by the next sweep, or (``hold``) only on the next
         connection."""
-        charged = self._pending.pop(key, None)
-        if charged is not None:
-            self._pending_bytes -= charged
-            self._budget.release(1, charged)
+        if self._forget(key):
             if hold:
                 self._stuck.add(key)
             self._wake.set()
+
+    def _forget(self, key: K) -> bool:
+        """Take ``key`` out of the in-flight set and give back its budget; False if absent."""
+        charged = self._pending.pop(key, None)
+        if charged is None:
+            return False
+        self._pending_bytes -= charged
+        self._budget.release(1, charged)
+        return True
 
     def _release_all(self) -> None:
         """Forget every message in flight (a new UIDVALIDITY, or the source ended)."""
         self._budget.release(len(self._pending), self._pending_bytes)
         self._pending.clear()
         self._pending_bytes = 0
+        self._epoch += 1
 
     # -- settlements ---------------------------------------------------------------------------
 
@@ -330,10 +348,8 @@ class Source(abc.ABC, Generic[K]):
 
     def _settled(self, settlement: Settlement[K]) -> None:
         """``settlement`` is applied (or refused for good): the message leaves the set."""
-        charged = self._pending.pop(settlement.key, None)
-        if charged is not None:
-            self._pending_bytes -= charged
-            self._budget.release(1, charged)
+        if settlement.epoch == self._epoch:
+            self._forget(settlement.key)
         if not settlement.done.done():
             settlement.done.set_result(None)
 
