@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,45 @@ async def test_without_redis_sources_stop_before_their_leases_lapse_and_come_bac
     redis_server.start()  # empty: the leases are free again
     await until(lambda: len(side.running) == 3, [side], "all 3 taken again")
     assert coordinator.healthy is True
+    done.set()
+    await task
+    await coordinator.release_all()
+    await store.close()
+
+
+async def test_a_hanging_redis_does_not_delay_the_stops_past_the_leases(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailroom.arbitration import Coordinator  # noqa: PLC0415
+
+    ttl = 3.0  # renewed every second; stopped gracefully with less than a second left
+    config = shared_config(redis_server, 3, ttl)
+    side = Sources()
+    done = asyncio.Event()
+    store = RedisStore(config.arbitration, replica="r0")
+    coordinator = Coordinator(config, store, start=side.start, stop=side.stop, abort=side.abort)
+    task = asyncio.create_task(coordinator.run(done))
+    await until(lambda: len(side.running) == 3, [side], "all 3 taken")
+    lapse: dict[str, float] = {}
+    renew = store.renew
+
+    async def hang_from_this_renewal_on(leases: Any, ttl_s: float) -> list[bool]:
+        lapse.update({m: h.valid_until for m, h in coordinator.held.items()})
+        if min(lapse.values()) - time.monotonic() > 2:  # one just after taking them
+            return await renew(leases, ttl_s)
+        monkeypatch.setattr(store, "renew", renew)
+        redis_server.pause()  # this call and every next one wait for the socket timeout
+        return await renew(leases, ttl_s)
+
+    monkeypatch.setattr(store, "renew", hang_from_this_renewal_on)
+    try:
+        await until(lambda: not side.running, [side], "all stopped")
+    finally:
+        redis_server.resume()
+    assert sorted(lapse) == ["box0", "box1", "box2"]
+    assert side.aborts == []  # each stopped gracefully, none dropped at (or after) the lapse
+    for mailbox, timeout_s, at in side.stops:
+        assert at + timeout_s < lapse[mailbox]
     done.set()
     await task
     await coordinator.release_all()
