@@ -21,6 +21,11 @@ mailbox at once. These deadlines are kept by a loop of their own, on the clock a
 that hangs (each call may take ``2 * COMMAND_TIMEOUT_S``) cannot delay them. Nothing is acquired
 while Redis is unreachable; the replica is not ready, and resumes by itself when Redis answers
 again.
+
+After ``done`` (shutting down) nothing is taken or handed over, but the leases held are still
+renewed, and their deadlines kept, until ``release_all``: a shutdown's drain may take longer
+than a lease lives (``shutdown_timeout`` 20 s, ``lease_ttl`` 15 s), and a lease that lapsed
+meanwhile would let another replica fetch and post the messages still in flight here.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class Coordinator:
         self.live = 1
         self.healthy: bool | None = None  # as last logged
         self._lock = asyncio.Lock()  # one renewal or release at a time
+        self._left = asyncio.Event()  # release_all: run ends
         self._mailboxes: dict[str, MailboxConfig] = {}
         self._order: dict[str, int] = {}
         self.ttl_s = config.arbitration.lease_ttl_s
@@ -98,22 +104,24 @@ class Coordinator:
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self, done: asyncio.Event) -> None:
-        """Take and keep this replica's share until ``done``; never raises."""
+        """Take and keep this replica's share until ``done``, then keep what is held until
+        ``release_all``; never raises."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._keep_deadlines(done), name="arbitration:deadlines")
+            group.create_task(self._keep_deadlines(), name="arbitration:deadlines")
             await self._keep(done)
 
     async def _keep(self, done: asyncio.Event) -> None:
         next_renew = 0.0
         announced = False  # replicas started together see each other before taking leases
-        while not done.is_set():
+        while not self._left.is_set():
             now = time.monotonic()
             try:
-                self.live = max(1, await self.store.heartbeat(self.ttl_s))
+                if not done.is_set():
+                    self.live = max(1, await self.store.heartbeat(self.ttl_s))
                 if now >= next_renew:
                     await self._renew()
                     next_renew = now + self.ttl_s / 3
-                if announced:
+                if announced and not done.is_set():
                     await self._balance(done)
                 announced = True
                 self._set_healthy(True)
@@ -122,17 +130,17 @@ class Coordinator:
                 self._set_healthy(False, exc)
             self._monitor.leases(len(self.held), self.live)
             self._monitor.expect(set(self.held))
-            await self._tick(done)
+            await self._tick()
 
-    async def _keep_deadlines(self, done: asyncio.Event) -> None:
-        while not done.is_set():
+    async def _keep_deadlines(self) -> None:
+        while not self._left.is_set():
             self._enforce_deadlines()
-            await self._tick(done)
+            await self._tick()
 
-    async def _tick(self, done: asyncio.Event) -> None:
+    async def _tick(self) -> None:
         try:
             async with asyncio.timeout(self.tick_s):
-                await done.wait()
+                await self._left.wait()
         except TimeoutError:
             pass
 
@@ -269,7 +277,9 @@ class Coordinator:
         self._monitor.lease_change("lost")
 
     async def release_all(self) -> None:
-        """After a clean stop: give every lease back and leave, so others take over at once."""
+        """After a clean stop: give every lease back and leave, so others take over at once;
+        ``run`` ends."""
+        self._left.set()
         for held in list(self.held.values()):
             if held.stopping is not None:
                 held.stopping.cancel()
