@@ -59,7 +59,7 @@ class _Held:
 
 class Coordinator:
     """Takes and gives up leases for one replica; ``start``/``stop``/``abort`` act on the
-    sources (``supervisor._Running``)."""
+    sources (``running.Running``)."""
 
     def __init__(
         self,
