@@ -2,7 +2,8 @@
 
 - ``/proc/<pid>``: VmRSS and VmHWM (and resetting the latter), utime + stime;
 - ``/metrics``: the few series the bench reads, and the event-loop lag histogram;
-- ``Mailroom``: ``python -m mailroom -c FILE`` as a process of its own;
+- ``Mailroom``: ``python -m mailroom -c FILE`` as a process of its own (bench/replicas.py's
+  replicas too);
 - ``multiappend``, ``Appenders``: MULTIAPPEND (LITERAL+) over connections opened beforehand,
   with the webhook-ids to expect (from APPENDUID's UIDVALIDITY and UIDs); ``big_message``;
 - ``profiled``: ``py-spy record`` of a process while a block runs;
@@ -252,10 +253,10 @@ class Mailroom:
         if self.proc.poll() is not None:
             raise RuntimeError(f"mailroom exited with {self.proc.returncode}; see {self.log}")
 
-    def stop(self) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(sig)
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:

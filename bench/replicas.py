@@ -23,16 +23,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.observe import Mailroom, scrape  # noqa: E402
 from tests.helpers import config_dict, mailbox_dict  # noqa: E402
 from tests.servers.dovecot import Account, Dovecot, free_port  # noqa: E402
 from tests.servers.redis import RedisServer  # noqa: E402
@@ -56,43 +54,21 @@ service imap-login {
 """
 
 
-class Replica:
-    """One ``python -m mailroom`` with its own health port."""
+def replica(config: dict[str, Any], workdir: Path, name: str) -> Mailroom:
+    """One ``python -m mailroom`` of the set, started, with its own health port."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    process = Mailroom({**config, "health": {"listen": f"127.0.0.1:{port}"}}, workdir, port, name)
+    process.start()
+    return process
 
-    def __init__(self, config: dict[str, Any], workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.path = workdir / "mailroom.yml"
-        self.path.write_text(
-            yaml.safe_dump({**config, "health": {"listen": f"127.0.0.1:{self.port}"}})
-        )
-        self.log = (workdir / "mailroom.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailroom", "-c", str(self.path)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
 
-    def leases(self) -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-        except OSError:
-            return 0
-        match = re.search(r"^mailroom_leases_held (\S+)$", text, re.M)
-        return int(float(match.group(1))) if match else 0
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
+def leases(process: Mailroom) -> int:
+    """Its ``mailroom_leases_held``; 0 while it does not answer (starting, or killed)."""
+    try:
+        return int(scrape(process.health_port).value("mailroom_leases_held"))
+    except OSError:
+        return 0
 
 
 def idle_users(dovecot: Dovecot) -> Counter[str]:
@@ -131,32 +107,32 @@ def run(count: int, dovecot: Dovecot, accounts: list[Account], workdir: Path) ->
         config["log"] = {"format": "json", "level": "warning"}
         expected = Counter({a.user: 1 for a in accounts})
         started = time.monotonic()
-        replicas = [Replica(config, workdir / f"r{count}-{i}") for i in range(count)]
+        replicas = [replica(config, workdir, f"r{count}-{i}") for i in range(count)]
         try:
             watched = wait_for(
                 lambda: (
                     idle_users(dovecot) == expected
-                    and sum(r.leases() for r in replicas) == len(accounts)
+                    and sum(leases(r) for r in replicas) == len(accounts)
                 ),
                 "every mailbox watched once",
             )
             result: dict[str, Any] = {
                 "replicas": count,
                 "watched_s": watched,
-                "balance": sorted(r.leases() for r in replicas),
+                "balance": sorted(leases(r) for r in replicas),
             }
             settle = wait_for(
-                lambda: max(r.leases() for r in replicas) <= -(-len(accounts) // count),
+                lambda: max(leases(r) for r in replicas) <= -(-len(accounts) // count),
                 "the share",
             )
             result["balanced_s"] = watched + settle
-            result["balance"] = sorted(r.leases() for r in replicas)
+            result["balance"] = sorted(leases(r) for r in replicas)
             before = redis_commands(redis)
             time.sleep(REST_S)
             result["redis_per_s"] = (redis_commands(redis) - before - 1) / REST_S
             if count > 1:
-                victim = max(replicas, key=lambda r: r.leases())
-                lost = victim.leases()
+                victim = max(replicas, key=leases)
+                lost = leases(victim)
                 killed = time.monotonic()
                 victim.stop(signal.SIGKILL)
                 replicas.remove(victim)
@@ -171,8 +147,8 @@ def run(count: int, dovecot: Dovecot, accounts: list[Account], workdir: Path) ->
             result["total_s"] = time.monotonic() - started
             return result
         finally:
-            for replica in replicas:
-                replica.stop()
+            for process in replicas:
+                process.stop()
             wait_for(lambda: not idle_users(dovecot), "all sessions closed", 60)
 
 

@@ -265,8 +265,12 @@ class Health(Monitor):
 
     # -- readiness -----------------------------------------------------------------------------
 
-    def mailbox_ready(self, source: _Source, now: float) -> bool:
-        """Whether the source itself is ready (its webhook aside)."""
+    def mailbox_ready(self, source: _Source, now: float, webhooks: dict[str, WebhookState]) -> bool:
+        """Whether the mailbox counts as ready (``/readyz`` and ``mailroom_mailbox_ready``): its
+        source is, and its webhook (``webhook_states``) is not stalled."""
+        return self._source_ready(source, now) and not _stalled(source, webhooks)
+
+    def _source_ready(self, source: _Source, now: float) -> bool:
         if self._stopping:
             return False
         if source.kind == "imap":
@@ -316,9 +320,9 @@ class Health(Monitor):
         expected = [m for m in self._expected if self._held is None or m in self._held]
         for mailbox_id in expected:
             source = self.sources[mailbox_id]
-            stalled = source.webhook in webhooks and webhooks[source.webhook].stalled
-            ready = self.mailbox_ready(source, now) and not stalled
+            ready = self.mailbox_ready(source, now, webhooks)
             if not ready:
+                stalled = _stalled(source, webhooks)
                 why = f"webhook {source.webhook} stalled" if stalled else source.state
                 not_ready.append(f"{mailbox_id} {why}")
             oldest = next(iter(source.unsettled.values()), now)
@@ -408,6 +412,10 @@ class Health(Monitor):
                 needed,
                 _summary(not_ready),
             )
+
+
+def _stalled(source: _Source, webhooks: dict[str, WebhookState]) -> bool:
+    return source.webhook in webhooks and webhooks[source.webhook].stalled
 
 
 def _summary(reasons: tuple[str, ...], most: int = 10) -> str:

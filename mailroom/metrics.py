@@ -160,9 +160,8 @@ class _StateCollector(Collector):
         }
         webhooks = health.webhook_states(now)
         for mailbox, source in health.sources.items():
-            stalled = webhooks[source.webhook].stalled if source.webhook in webhooks else False
             gauges["mailroom_connected"].add_metric([mailbox], float(source.state == "connected"))
-            ready = health.mailbox_ready(source, now) and not stalled
+            ready = health.mailbox_ready(source, now, webhooks)
             gauges["mailroom_mailbox_ready"].add_metric([mailbox], float(ready))
             gauges["mailroom_unsettled"].add_metric([mailbox], float(len(source.unsettled)))
             first = next(iter(source.unsettled.values()), now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -15,19 +15,42 @@ from tests.servers.smtp import SmtpServer
 from tests.servers.webhook import WebhookReceiver
 
 
-def _require_dovecot() -> None:
-    if not os.path.exists(DOVECOT):
+class _Server(Protocol):
+    def start(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Server)
+
+
+def _require(path: str, package: str) -> None:
+    if not os.path.exists(path):
         pytest.fail(
-            f"{DOVECOT} is missing: run `make test` (it installs dovecot-imapd), "
-            "or `apt-get install dovecot-imapd` as root",
+            f"{path} is missing: run `make test` (it installs {package}), "
+            f"or `apt-get install {package}` as root",
             pytrace=False,
         )
+
+
+def _factory(make: Callable[..., S], end: Callable[[S], None]) -> Iterator[Callable[..., S]]:
+    """The body of a factory fixture: each call makes a server with the arguments given and
+    starts it; ``end`` stops each one at teardown."""
+    started: list[S] = []
+
+    def factory(*args: Any, **kwargs: Any) -> S:
+        server = make(*args, **kwargs)
+        started.append(server)
+        server.start()
+        return server
+
+    yield factory
+    for server in started:
+        end(server)
 
 
 @pytest.fixture(scope="session")
 def dovecot() -> Iterator[Dovecot]:
     """One private Dovecot for the whole session; use `account` for isolation."""
-    _require_dovecot()
+    _require(DOVECOT, "dovecot-imapd")
     with Dovecot() as server:
         yield server
 
@@ -42,18 +65,8 @@ def account(dovecot: Dovecot) -> Account:
 def dovecot_factory() -> Iterator[Callable[..., Dovecot]]:
     """Start extra private Dovecots (for restart/kill tests, or with ``Dovecot``'s options such
     as an oauth2 passdb); all are removed at teardown."""
-    _require_dovecot()
-    started: list[Dovecot] = []
-
-    def factory(**options: Any) -> Dovecot:
-        server = Dovecot(**options)
-        started.append(server)
-        server.start()
-        return server
-
-    yield factory
-    for server in started:
-        server.close()
+    _require(DOVECOT, "dovecot-imapd")
+    yield from _factory(Dovecot, Dovecot.close)
 
 
 @pytest.fixture
@@ -73,17 +86,7 @@ def smtp() -> Iterator[SmtpServer]:
 @pytest.fixture
 def smtp_factory() -> Iterator[Callable[..., SmtpServer]]:
     """Start SMTP servers with other settings (``SmtpServer`` arguments); stopped at teardown."""
-    started: list[SmtpServer] = []
-
-    def factory(*args: Any, **kwargs: Any) -> SmtpServer:
-        server = SmtpServer(*args, **kwargs)
-        started.append(server)
-        server.start()
-        return server
-
-    yield factory
-    for server in started:
-        server.stop()
+    yield from _factory(SmtpServer, SmtpServer.stop)
 
 
 @pytest.fixture
@@ -98,23 +101,4 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_factory() -> Iterator[Callable[..., RedisServer]]:
     """Start redis-servers with other settings (``RedisServer`` arguments)."""
     _require(REDIS_SERVER, "redis-server")
-    started: list[RedisServer] = []
-
-    def factory(**kwargs: Any) -> RedisServer:
-        server = RedisServer(**kwargs)
-        started.append(server)
-        server.start()
-        return server
-
-    yield factory
-    for server in started:
-        server.close()
-
-
-def _require(path: str, package: str) -> None:
-    if not os.path.exists(path):
-        pytest.fail(
-            f"{path} is missing: run `make test` (it installs {package}), "
-            f"or `apt-get install {package}` as root",
-            pytrace=False,
-        )
+    yield from _factory(RedisServer, RedisServer.close)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -328,9 +329,9 @@ async def test_two_replicas_share_the_mailboxes_evenly_and_exactly_once(
     await until(even, sides, "4 and 3, none twice")
     assert sides[0].aborts == [] and len(sides[0].stops) == 3  # handed over, not dropped
     done.set()
-    await asyncio.gather(task, task2)
     for coordinator in (first, second):
         await coordinator.release_all()
+    await asyncio.gather(task, task2)
     assert await stores[0].holders([f"box{i}" for i in range(7)]) == {
         f"box{i}": None for i in range(7)
     }
@@ -367,6 +368,72 @@ async def test_without_redis_sources_stop_before_their_leases_lapse_and_come_bac
     await until(lambda: len(side.running) == 3, [side], "all 3 taken again")
     assert coordinator.healthy is True
     done.set()
-    await task
     await coordinator.release_all()
+    await task
+    await store.close()
+
+
+async def test_a_hanging_redis_does_not_delay_the_stops_past_the_leases(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailroom.arbitration import Coordinator  # noqa: PLC0415
+
+    ttl = 3.0  # renewed every second; stopped gracefully with less than a second left
+    config = shared_config(redis_server, 3, ttl)
+    side = Sources()
+    done = asyncio.Event()
+    store = RedisStore(config.arbitration, replica="r0")
+    coordinator = Coordinator(config, store, start=side.start, stop=side.stop, abort=side.abort)
+    task = asyncio.create_task(coordinator.run(done))
+    await until(lambda: len(side.running) == 3, [side], "all 3 taken")
+    lapse: dict[str, float] = {}
+    renew = store.renew
+
+    async def hang_from_this_renewal_on(leases: Any, ttl_s: float) -> list[bool]:
+        lapse.update({m: h.valid_until for m, h in coordinator.held.items()})
+        if min(lapse.values()) - time.monotonic() > 2:  # one just after taking them
+            return await renew(leases, ttl_s)
+        monkeypatch.setattr(store, "renew", renew)
+        redis_server.pause()  # this call and every next one wait for the socket timeout
+        return await renew(leases, ttl_s)
+
+    monkeypatch.setattr(store, "renew", hang_from_this_renewal_on)
+    try:
+        await until(lambda: not side.running, [side], "all stopped")
+    finally:
+        redis_server.resume()
+    assert sorted(lapse) == ["box0", "box1", "box2"]
+    assert side.aborts == []  # each stopped gracefully, none dropped at (or after) the lapse
+    for mailbox, timeout_s, at in side.stops:
+        assert at + timeout_s < lapse[mailbox]
+    done.set()
+    await coordinator.release_all()
+    await task
+    await store.close()
+
+
+async def test_while_shutting_down_the_leases_held_are_renewed_until_released(
+    redis_server: RedisServer,
+) -> None:
+    from mailroom.arbitration import Coordinator  # noqa: PLC0415
+
+    ttl = 1.5
+    ids = ["box0", "box1", "box2"]
+    config = shared_config(redis_server, 3, ttl)
+    side = Sources()
+    done = asyncio.Event()
+    store = RedisStore(config.arbitration, replica="r0")
+    coordinator = Coordinator(config, store, start=side.start, stop=side.stop, abort=side.abort)
+    task = asyncio.create_task(coordinator.run(done))
+    await until(lambda: len(side.running) == 3, [side], "all 3 taken")
+    done.set()  # the shutdown drains: longer than a lease lives
+    await asyncio.sleep(2 * ttl)
+    holders = await store.holders(ids)
+    assert {m: lease.replica if lease else None for m, lease in holders.items()} == dict.fromkeys(
+        ids, "r0"
+    )
+    assert side.running == set(ids) and side.stops == [] and side.aborts == []
+    await coordinator.release_all()
+    await task
+    assert await store.holders(ids) == dict.fromkeys(ids)
     await store.close()

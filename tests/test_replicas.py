@@ -33,14 +33,21 @@ class Replica(Process):
         self.port = free_port()
         super().__init__({**config, "health": {"listen": f"127.0.0.1:{self.port}"}}, workdir)
 
-    async def metric(self, name: str) -> float | None:
+    async def _get(self, path: str) -> tuple[int, str]:
+        """The status and body of ``path`` on the health port; 0 while nothing listens
+        (starting, or gone)."""
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-                session.get(f"http://127.0.0.1:{self.port}/metrics") as response,
+                session.get(f"http://127.0.0.1:{self.port}{path}") as response,
             ):
-                text = await response.text()
+                return response.status, await response.text()
         except aiohttp.ClientError:
+            return 0, ""
+
+    async def metric(self, name: str) -> float | None:
+        status, text = await self._get("/metrics")
+        if status == 0:
             return None
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -50,18 +57,18 @@ class Replica(Process):
 
     async def ready(self) -> int:
         """/readyz's status; 0 while nothing listens (starting, or gone)."""
-        try:
-            async with (
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-                session.get(f"http://127.0.0.1:{self.port}/readyz") as response,
-            ):
-                return response.status
-        except aiohttp.ClientError:
-            return 0
+        return (await self._get("/readyz"))[0]
+
+
+async def leases_held(replicas: list[Replica]) -> list[float | None]:
+    return [await r.metric("mailroom_leases_held") for r in replicas]
+
+
+Replicas = Callable[[dict[str, Any]], Replica]
 
 
 @pytest.fixture
-def replicas(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Replica]]:
+def replicas(tmp_path: Path) -> Iterator[Replicas]:
     started: list[Replica] = []
 
     def start(config: dict[str, Any]) -> Replica:
@@ -91,12 +98,23 @@ def shared(config: dict[str, Any], redis: RedisServer) -> dict[str, Any]:
     return config
 
 
+Setup = Callable[[int], tuple[Dovecot, list[Account], dict[str, Any]]]
+
+
+@pytest.fixture
 def setup(
-    dovecot: Dovecot, webhook: WebhookReceiver, redis: RedisServer, count: int
-) -> tuple[list[Account], dict[str, Any]]:
-    accounts = [dovecot.add_user() for _ in range(count)]
-    boxes = [mailbox_dict(dovecot, a) for a in accounts]
-    return accounts, shared(config_dict(boxes, webhook.url), redis)
+    dovecot_factory: Callable[[], Dovecot], webhook: WebhookReceiver, redis_server: RedisServer
+) -> Setup:
+    """``setup(count)``: a Dovecot of its own with ``count`` accounts, and the replicas' config
+    (one mailbox each, posting to ``webhook``, sharing ``redis_server``)."""
+
+    def make(count: int) -> tuple[Dovecot, list[Account], dict[str, Any]]:
+        dovecot = dovecot_factory()
+        accounts = [dovecot.add_user() for _ in range(count)]
+        boxes = [mailbox_dict(dovecot, a) for a in accounts]
+        return dovecot, accounts, shared(config_dict(boxes, webhook.url), redis_server)
+
+    return make
 
 
 def idle_sessions(dovecot: Dovecot) -> Counter[str]:
@@ -138,18 +156,13 @@ class Overlaps:
 
 @pytest.mark.timeout(180)
 async def test_three_replicas_watch_each_of_30_mailboxes_once_ten_each(
-    dovecot_factory: Callable[[], Dovecot],
-    webhook: WebhookReceiver,
-    redis_server: RedisServer,
-    replicas: Callable[[dict[str, Any]], Replica],
-    store: RedisStore,
+    setup: Setup, webhook: WebhookReceiver, replicas: Replicas, store: RedisStore
 ) -> None:
-    dovecot = dovecot_factory()
-    accounts, config = setup(dovecot, webhook, redis_server, 30)
+    dovecot, accounts, config = setup(30)
     started = [replicas(config) for _ in range(3)]
 
     async def balanced() -> bool:
-        held = [await r.metric("mailroom_leases_held") for r in started]
+        held = await leases_held(started)
         return None not in held and sorted(held) == [10, 10, 10]  # type: ignore[type-var]
 
     async with Overlaps(dovecot) as overlaps:
@@ -167,14 +180,9 @@ async def test_three_replicas_watch_each_of_30_mailboxes_once_ten_each(
 
 @pytest.mark.timeout(240)
 async def test_a_killed_replica_is_replaced_and_only_its_in_flight_messages_come_twice(
-    dovecot_factory: Callable[[], Dovecot],
-    webhook: WebhookReceiver,
-    redis_server: RedisServer,
-    replicas: Callable[[dict[str, Any]], Replica],
-    store: RedisStore,
+    setup: Setup, webhook: WebhookReceiver, replicas: Replicas, store: RedisStore
 ) -> None:
-    dovecot = dovecot_factory()
-    accounts, config = setup(dovecot, webhook, redis_server, 10)
+    dovecot, accounts, config = setup(10)
     for account in accounts:
         await dovecot.aappend_many(account, [message(n) for n in range(100)])
     config["webhook"]["concurrency"] = 4
@@ -206,18 +214,13 @@ async def test_a_killed_replica_is_replaced_and_only_its_in_flight_messages_come
 
 @pytest.mark.timeout(180)
 async def test_sigterm_hands_the_leases_over_at_once(
-    dovecot_factory: Callable[[], Dovecot],
-    webhook: WebhookReceiver,
-    redis_server: RedisServer,
-    replicas: Callable[[dict[str, Any]], Replica],
-    store: RedisStore,
+    setup: Setup, replicas: Replicas, store: RedisStore
 ) -> None:
-    dovecot = dovecot_factory()
-    accounts, config = setup(dovecot, webhook, redis_server, 8)
+    dovecot, accounts, config = setup(8)
     first, second = replicas(config), replicas(config)
 
     async def four_each() -> bool:
-        return [await r.metric("mailroom_leases_held") for r in (first, second)] == [4, 4]
+        return await leases_held([first, second]) == [4, 4]
 
     await wait_until(four_each, timeout=60, what="4 leases each")
     before = await store.holders([a.user for a in accounts])
@@ -242,17 +245,16 @@ def _replica_of(replica: Replica) -> str:
 
 @pytest.mark.timeout(240)
 async def test_a_redis_outage_under_load_never_lets_two_replicas_watch_one_mailbox(
-    dovecot_factory: Callable[[], Dovecot],
+    setup: Setup,
     webhook: WebhookReceiver,
     redis_server: RedisServer,
-    replicas: Callable[[dict[str, Any]], Replica],
+    replicas: Replicas,
 ) -> None:
-    dovecot = dovecot_factory()
-    accounts, config = setup(dovecot, webhook, redis_server, 6)
+    dovecot, accounts, config = setup(6)
     started = [replicas(config), replicas(config)]
 
     async def three_each() -> bool:
-        return [await r.metric("mailroom_leases_held") for r in started] == [3, 3]
+        return await leases_held(started) == [3, 3]
 
     await wait_until(three_each, timeout=60, what="3 leases each")
     await wait_until(lambda: each_idle_once(dovecot, accounts), timeout=60, what="all watched")
@@ -286,14 +288,8 @@ async def test_a_redis_outage_under_load_never_lets_two_replicas_watch_one_mailb
 
 
 @pytest.mark.timeout(180)
-async def test_a_joining_replica_gets_its_share(
-    dovecot_factory: Callable[[], Dovecot],
-    webhook: WebhookReceiver,
-    redis_server: RedisServer,
-    replicas: Callable[[dict[str, Any]], Replica],
-) -> None:
-    dovecot = dovecot_factory()
-    accounts, config = setup(dovecot, webhook, redis_server, 12)
+async def test_a_joining_replica_gets_its_share(setup: Setup, replicas: Replicas) -> None:
+    dovecot, accounts, config = setup(12)
     first = replicas(config)
 
     async def held(replica: Replica, count: int) -> bool:
@@ -323,7 +319,7 @@ def test_a_malformed_redis_url_is_a_config_error(
 async def test_an_unreachable_redis_is_said_and_nothing_is_watched(
     dovecot: Dovecot,
     webhook: WebhookReceiver,
-    replicas: Callable[[dict[str, Any]], Replica],
+    replicas: Replicas,
     tmp_path: Path,
 ) -> None:
     account = dovecot.add_user()

@@ -17,8 +17,15 @@ second) the loop:
 When renewals fail (Redis down, a partition), each source is stopped gracefully once less than
 a third of ``lease_ttl`` is left, and dropped without ceremony just before the lease lapses:
 another replica can only take the lease after it lapsed, so two replicas never watch one
-mailbox at once. Nothing is acquired while Redis is unreachable; the replica is not ready, and
-resumes by itself when Redis answers again.
+mailbox at once. These deadlines are kept by a loop of their own, on the clock alone: a Redis
+that hangs (each call may take ``2 * COMMAND_TIMEOUT_S``) cannot delay them. Nothing is acquired
+while Redis is unreachable; the replica is not ready, and resumes by itself when Redis answers
+again.
+
+After ``done`` (shutting down) nothing is taken or handed over, but the leases held are still
+renewed, and their deadlines kept, until ``release_all``: a shutdown's drain may take longer
+than a lease lives (``shutdown_timeout`` 20 s, ``lease_ttl`` 15 s), and a lease that lapsed
+meanwhile would let another replica fetch and post the messages still in flight here.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ class _Held:
 
 class Coordinator:
     """Takes and gives up leases for one replica; ``start``/``stop``/``abort`` act on the
-    sources (``supervisor._Running``)."""
+    sources (``running.Running``)."""
 
     def __init__(
         self,
@@ -73,6 +80,8 @@ class Coordinator:
         self.held: dict[str, _Held] = {}
         self.live = 1
         self.healthy: bool | None = None  # as last logged
+        self._lock = asyncio.Lock()  # one renewal or release at a time
+        self._left = asyncio.Event()  # release_all: run ends
         self._mailboxes: dict[str, MailboxConfig] = {}
         self._order: dict[str, int] = {}
         self.ttl_s = config.arbitration.lease_ttl_s
@@ -95,31 +104,45 @@ class Coordinator:
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self, done: asyncio.Event) -> None:
-        """Take and keep this replica's share until ``done``; never raises."""
+        """Take and keep this replica's share until ``done``, then keep what is held until
+        ``release_all``; never raises."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._keep_deadlines(), name="arbitration:deadlines")
+            await self._keep(done)
+
+    async def _keep(self, done: asyncio.Event) -> None:
         next_renew = 0.0
         announced = False  # replicas started together see each other before taking leases
-        while not done.is_set():
+        while not self._left.is_set():
             now = time.monotonic()
             try:
-                self.live = max(1, await self.store.heartbeat(self.ttl_s))
+                if not done.is_set():
+                    self.live = max(1, await self.store.heartbeat(self.ttl_s))
                 if now >= next_renew:
                     await self._renew()
                     next_renew = now + self.ttl_s / 3
-                if announced:
+                if announced and not done.is_set():
                     await self._balance(done)
                 announced = True
                 self._set_healthy(True)
             except ArbitrationError as exc:
                 next_renew = 0.0  # try to renew at every tick until it works
                 self._set_healthy(False, exc)
-            self._enforce_deadlines()
             self._monitor.leases(len(self.held), self.live)
             self._monitor.expect(set(self.held))
-            try:
-                async with asyncio.timeout(self.tick_s):
-                    await done.wait()
-            except TimeoutError:
-                continue
+            await self._tick()
+
+    async def _keep_deadlines(self) -> None:
+        while not self._left.is_set():
+            self._enforce_deadlines()
+            await self._tick()
+
+    async def _tick(self) -> None:
+        try:
+            async with asyncio.timeout(self.tick_s):
+                await self._left.wait()
+        except TimeoutError:
+            pass
 
     def _set_healthy(self, healthy: bool, exc: ArbitrationError | None = None) -> None:
         reason = str(exc) if exc is not None else None
@@ -139,12 +162,17 @@ class Coordinator:
             )
 
     async def _renew(self) -> None:
-        held = list(self.held.items())  # a lease being handed over is still ours until then
-        if not held:
-            return
-        sent = time.monotonic()
-        renewed = await self.store.renew([h.lease for _, h in held], self.ttl_s)
+        # Under the lock: a release sent while this renewal is on its way would be undone by
+        # it (the script takes a vanished key again).
+        async with self._lock:
+            held = list(self.held.items())  # a lease being handed over is ours until then
+            if not held:
+                return
+            sent = time.monotonic()
+            renewed = await self.store.renew([h.lease for _, h in held], self.ttl_s)
         for (mailbox, h), ok in zip(held, renewed, strict=True):
+            if self.held.get(mailbox) is not h:
+                continue  # handed over or dropped meanwhile
             if ok:
                 h.valid_until = sent + self.ttl_s
                 continue
@@ -154,9 +182,7 @@ class Coordinator:
                 mailbox,
                 h.lease.fence,
             )
-            self._monitor.lease_change("lost")
-            self._abort(mailbox)
-            del self.held[mailbox]
+            self._drop(mailbox, h)
 
     def _share(self) -> int:
         return math.ceil(len(self._mailboxes) / self.live)
@@ -200,7 +226,7 @@ class Coordinator:
         log.info("%s: handing the lease over (%s)", mailbox, why)
         # Renewed meanwhile: the drain may take shutdown_timeout (the deadlines still apply).
         held.stopping = asyncio.create_task(
-            self._stop_and_release(mailbox, self.drain_s), name=f"handover:{mailbox}"
+            self._stop_and_release(mailbox, held, self.drain_s), name=f"handover:{mailbox}"
         )
 
     @property
@@ -208,8 +234,7 @@ class Coordinator:
         """How long before a lease lapses its source must be gone."""
         return min(1.0, self.ttl_s / 10)
 
-    async def _stop_and_release(self, mailbox: str, timeout_s: float) -> None:
-        held = self.held[mailbox]
+    async def _stop_and_release(self, mailbox: str, held: _Held, timeout_s: float) -> None:
         try:
             await self._stop(mailbox, max(0.1, timeout_s))
         finally:
@@ -217,7 +242,8 @@ class Coordinator:
                 del self.held[mailbox]
         if time.monotonic() < held.valid_until:
             try:
-                await self.store.release([held.lease])
+                async with self._lock:
+                    await self.store.release([held.lease])
                 self._monitor.lease_change("released")
             except ArbitrationError as exc:
                 log.warning("%s: lease not released (%s); it lapses by itself", mailbox, exc)
@@ -229,11 +255,7 @@ class Coordinator:
             left = held.valid_until - now
             if left <= self._safety_s:
                 log.error("%s: the lease lapses now; the source is dropped", mailbox)
-                self._abort(mailbox)
-                if held.stopping is not None:
-                    held.stopping.cancel()
-                del self.held[mailbox]
-                self._monitor.lease_change("lost")
+                self._drop(mailbox, held)
             elif left < self.ttl_s / 3 and held.stopping is None:
                 log.warning(
                     "%s: the lease could not be renewed; stopping the source within %.1fs, "
@@ -242,22 +264,33 @@ class Coordinator:
                     left - self._safety_s,
                 )
                 held.stopping = asyncio.create_task(
-                    self._stop_and_release(mailbox, left - self._safety_s),
+                    self._stop_and_release(mailbox, held, left - self._safety_s),
                     name=f"lapse:{mailbox}",
                 )
 
+    def _drop(self, mailbox: str, held: _Held) -> None:
+        """Stop ``mailbox``'s source at once, without ceremony: its lease is lost or lapsing."""
+        self._abort(mailbox)
+        if held.stopping is not None:
+            held.stopping.cancel()
+        del self.held[mailbox]
+        self._monitor.lease_change("lost")
+
     async def release_all(self) -> None:
-        """After a clean stop: give every lease back and leave, so others take over at once."""
+        """After a clean stop: give every lease back and leave, so others take over at once;
+        ``run`` ends."""
+        self._left.set()
         for held in list(self.held.values()):
             if held.stopping is not None:
                 held.stopping.cancel()
-        leases = [h.lease for h in self.held.values()]
-        self.held.clear()
-        try:
-            await self.store.release(leases)
-            await self.store.heartbeat(0)
-        except ArbitrationError as exc:
-            log.warning("arbitration: leases not released (%s); they lapse by themselves", exc)
-            return
+        async with self._lock:
+            leases = [h.lease for h in self.held.values()]
+            self.held.clear()
+            try:
+                await self.store.release(leases)
+                await self.store.heartbeat(0)
+            except ArbitrationError as exc:
+                log.warning("arbitration: leases not released (%s); they lapse by themselves", exc)
+                return
         if leases:
             log.info("arbitration: %d lease(s) released", len(leases))

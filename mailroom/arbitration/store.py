@@ -194,6 +194,9 @@ class RedisStore:
     def lease_key(self, mailbox: str) -> str:
         return f"{self._ns}:lease:{mailbox}"
 
+    def _marker_key(self, webhook_id: str) -> str:
+        return f"{self._ns}:delivered:{webhook_id}"
+
     async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         try:
             async with asyncio.timeout(COMMAND_TIMEOUT_S * 2):
@@ -259,14 +262,12 @@ class RedisStore:
 
     async def delivered(self, webhook_id: str) -> str | None:
         """The outcome a replica recorded for ``webhook_id``, or None."""
-        value = await self._call(
-            "marker", lambda: self._redis.get(f"{self._ns}:delivered:{webhook_id}")
-        )
+        value = await self._call("marker", lambda: self._redis.get(self._marker_key(webhook_id)))
         return str(value) if value is not None else None
 
     async def record(self, webhook_id: str, outcome: str) -> None:
         """Record that ``webhook_id`` came to ``outcome`` (before it is settled)."""
-        key = f"{self._ns}:delivered:{webhook_id}"
+        key = self._marker_key(webhook_id)
         ttl = int(self.config.marker_ttl_s)
         await self._call("marker", lambda: self._redis.set(key, outcome, ex=ttl))
 
@@ -274,7 +275,7 @@ class RedisStore:
         """Delete the markers of ``webhook_ids``: ``mailroom redrive`` puts dead letters back to
         be posted again, which their ``dead_lettered`` markers would prevent."""
         if webhook_ids:
-            keys = [f"{self._ns}:delivered:{webhook_id}" for webhook_id in webhook_ids]
+            keys = [self._marker_key(webhook_id) for webhook_id in webhook_ids]
             await self._call("marker", lambda: self._redis.delete(*keys))
 
     async def allow_notice(self, recipient: str, reason: str, window_s: float) -> bool:

@@ -108,6 +108,15 @@ class RedisServer:
                 self._proc.wait(5)
         self._proc = None
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open and commands hang, as through a partition."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
