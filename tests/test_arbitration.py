@@ -373,6 +373,40 @@ async def test_without_redis_sources_stop_before_their_leases_lapse_and_come_bac
     await store.close()
 
 
+async def test_leases_taken_before_redis_failed_halfway_are_watched(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mailroom.arbitration import Coordinator  # noqa: PLC0415
+
+    config = shared_config(redis_server, 3, ttl=3)
+    side = Sources()
+    done = asyncio.Event()
+    store = RedisStore(config.arbitration, replica="r0")
+    acquire = store.acquire
+    calls = 0
+
+    async def fail_the_second(mailbox: str, ttl_s: float) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            monkeypatch.setattr(store, "acquire", acquire)
+            raise ArbitrationError("Redis at test: connection lost")
+        return await acquire(mailbox, ttl_s)
+
+    monkeypatch.setattr(store, "acquire", fail_the_second)
+    coordinator = Coordinator(config, store, start=side.start, stop=side.stop, abort=side.abort)
+    task = asyncio.create_task(coordinator.run(done))
+    await until(lambda: len(side.running) >= 1, [side], "the first lease's source started")
+    # The lease taken before the failure has its source: none is held and left unwatched.
+    assert calls == 2 and set(coordinator.held) == side.running
+    await until(lambda: len(side.running) == 3, [side], "all 3 taken after all")
+    assert set(coordinator.held) == side.running
+    done.set()
+    await coordinator.release_all()
+    await task
+    await store.close()
+
+
 async def test_a_hanging_redis_does_not_delay_the_stops_past_the_leases(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -206,20 +206,22 @@ class Coordinator:
         )
         holders = await self.store.holders(candidates)
         started = []
-        for mailbox in (m for m in candidates if holders[m] is None):
-            if wanted <= 0 or done.is_set():
-                break
-            sent = time.monotonic()
-            lease = await self.store.acquire(mailbox, self.ttl_s)
-            if lease is None:
-                continue  # another replica was quicker
-            self.held[mailbox] = _Held(lease, sent + self.ttl_s)
-            self._monitor.lease_change("acquired")
-            log.info("%s: lease taken (fence %d); watching it", mailbox, lease.fence)
-            started.append(self._mailboxes[mailbox])
-            wanted -= 1
-        if started:
-            self._start(started)
+        try:
+            for mailbox in (m for m in candidates if holders[m] is None):
+                if wanted <= 0 or done.is_set():
+                    break
+                sent = time.monotonic()
+                lease = await self.store.acquire(mailbox, self.ttl_s)
+                if lease is None:
+                    continue  # another replica was quicker
+                self.held[mailbox] = _Held(lease, sent + self.ttl_s)
+                self._monitor.lease_change("acquired")
+                log.info("%s: lease taken (fence %d); watching it", mailbox, lease.fence)
+                started.append(self._mailboxes[mailbox])
+                wanted -= 1
+        finally:  # Redis failing halfway: the leases taken so far are watched all the same
+            if started:
+                self._start(started)
 
     def _hand_over(self, mailbox: str, why: str) -> None:
         held = self.held[mailbox]
