@@ -12,6 +12,7 @@ a new config in two phases (build everything first; then stop, start and swap), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -236,23 +237,30 @@ class Running:
         ]
         added = [i for i in after if i not in before]
         starting = [*changed, *added]
-        if self.coordinator is not None:  # leases start mailboxes; only a running one restarts
+        leases = self.coordinator
+        if leases is not None:  # leases start mailboxes; only a running one restarts
             changed = [i for i in changed if i in self.mailboxes]
-            starting = changed
-        # A removed mailbox stops here, with replicas too (``stop`` ignores one not running
-        # here): the dispatcher's new config no longer knows it, so its source must not hand
-        # out more mail until the lease's handover at the coordinator's next tick.
-        await asyncio.gather(*(self.stop(i) for i in [*removed, *changed]))
-        self.dispatcher.apply(prepared)
-        self.health.configure(new)
-        self.resources.apply_limits(new)
-        for mailbox_id in removed:
-            self.health.forget(mailbox_id)
-        self.start([after[i] for i in starting])
-        if self.coordinator is not None:
-            self.coordinator.configure(new)
-            if new.arbitration != old.arbitration:
-                log.warning("reload: a changed arbitration block takes effect after a restart")
+        # With replicas, no lease starts a source (on either config) while sources are swapped.
+        async with leases.paused() if leases is not None else contextlib.nullcontext():
+            # A removed mailbox stops here, with replicas too (``stop`` ignores one not running
+            # here): the dispatcher's new config no longer knows it, so its source must not
+            # hand out more mail until the lease's handover at the coordinator's next tick.
+            await asyncio.gather(*(self.stop(i) for i in [*removed, *changed]))
+            if leases is not None:
+                # A lease lost or handed over during the stop belongs to another replica now.
+                starting = [i for i in changed if leases.holds(i)]
+                for mailbox_id in (i for i in changed if i not in starting):
+                    log.info("%s: not restarted: its lease was given up meanwhile", mailbox_id)
+            self.dispatcher.apply(prepared)
+            self.health.configure(new)
+            self.resources.apply_limits(new)
+            for mailbox_id in removed:
+                self.health.forget(mailbox_id)
+            self.start([after[i] for i in starting])
+            if leases is not None:
+                leases.configure(new)
+        if leases is not None and new.arbitration != old.arbitration:
+            log.warning("reload: a changed arbitration block takes effect after a restart")
         await self.resources.retain(new)
         if new.log != old.log:
             logs.configure(new.log.format, new.log.level)
@@ -264,7 +272,7 @@ class Running:
         log.info(
             "config reloaded: %d mailbox(es) started, %d restarted, %d stopped, %d unchanged",
             len(added),
-            len(changed),
+            len([i for i in starting if i in before]),
             len(removed),
             len(after) - len(added) - len(changed),
         )

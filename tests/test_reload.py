@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 import yaml
 
 from mailroom import supervisor
@@ -207,6 +208,52 @@ async def test_with_replicas_a_reload_stops_a_removed_mailbox_before_it_is_done(
     assert len(webhook.requests) == 1
     assert await seen(dovecot, removed) == [False]
     assert len(logins(dovecot, removed)) == 1
+
+
+async def test_with_replicas_a_lease_lost_while_a_reload_restarts_its_mailbox_stays_lost(
+    dovecot: Dovecot,
+    account: Account,
+    redis_server: RedisServer,
+    webhook: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = config_dict([mailbox_dict(dovecot, account)], webhook.url)
+    data["arbitration"] = {"method": "redis", "url": redis_server.url, "lease_ttl": 3}
+    key = f"mailroom:lease:{account.user}"
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with reloadable(data, caplog) as mailroom:
+            await wait_until(lambda: logged_in(dovecot, account, 1), what="login")
+            webhook.stall()  # the reload's stop of the changed mailbox waits for this delivery
+            await dovecot.aappend(account, message(1))
+            await webhook.wait_for(1)
+            new = copy.deepcopy(data)
+            new["mailboxes"] = [mailbox_dict(dovecot, account, idle_timeout=30)]
+            mailroom.request(new)
+            await mailroom.logged(f"{account.user}: connected → stopping", 1)
+            # Meanwhile another replica holds the lease (as after a partition).
+            await client.set(key, "other-replica 999", px=60_000)
+            await mailroom.logged("the lease is no longer ours", 1)
+            webhook.release()
+            line = await mailroom.logged("config reloaded", 1)
+            assert line == (
+                "config reloaded: 0 mailbox(es) started, 0 restarted, 0 stopped, 0 unchanged"
+            )
+            assert mailroom.count(f"{account.user}: not restarted: its lease was given up") == 1
+            # The other replica leaves; this one takes the lease again and starts one source.
+            await client.delete(key)
+            await mailroom.logged(f"{account.user}: lease taken", 2)
+            await wait_until(
+                lambda: _async(len(logins(dovecot, account)) >= 2), what="second login"
+            )
+            await dovecot.aappend(account, message(2))
+            received = await webhook.wait_for(2)
+            assert [r.headers["X-Mailroom-Mailbox"] for r in received] == [account.user] * 2
+            # Not restarted by the reload without its lease: the second login is the lease's.
+            assert len(logins(dovecot, account)) == 2
+    finally:
+        await client.aclose()
+    assert await seen(dovecot, account) == [True, True]
 
 
 async def test_an_invalid_config_is_refused_and_the_old_one_keeps_running(

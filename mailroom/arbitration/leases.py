@@ -31,11 +31,12 @@ meanwhile would let another replica fetch and post the messages still in flight 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from mailroom.arbitration.store import Lease, RedisStore
@@ -82,11 +83,18 @@ class Coordinator:
         self.healthy: bool | None = None  # as last logged
         self._lock = asyncio.Lock()  # one renewal or release at a time
         self._left = asyncio.Event()  # release_all: run ends
+        self._paused = False  # a reload swaps sources: no lease is taken meanwhile
+        self._taking = asyncio.Lock()  # held while leases are taken and their sources started
         self._mailboxes: dict[str, MailboxConfig] = {}
         self._order: dict[str, int] = {}
         self.ttl_s = config.arbitration.lease_ttl_s
         self.drain_s = config.shutdown_timeout_s
         self.configure(config)
+
+    def holds(self, mailbox: str) -> bool:
+        """Whether this replica holds ``mailbox``'s lease and is not giving it up."""
+        held = self.held.get(mailbox)
+        return held is not None and held.stopping is None
 
     @property
     def tick_s(self) -> float:
@@ -197,31 +205,43 @@ class Coordinator:
         for mailbox in active[: max(0, len(active) - share)]:
             self._hand_over(mailbox, f"the share is {share} of {len(self._mailboxes)}")
         wanted = share - min(len(active), share)
-        if wanted <= 0 or done.is_set():
+        if wanted <= 0 or done.is_set() or self._paused:
             return
-        candidates = sorted(
-            (m for m in self._mailboxes if m not in self.held),
-            key=self._order.__getitem__,
-            reverse=True,
-        )
-        holders = await self.store.holders(candidates)
-        started = []
+        async with self._taking:
+            candidates = sorted(
+                (m for m in self._mailboxes if m not in self.held),
+                key=self._order.__getitem__,
+                reverse=True,
+            )
+            holders = await self.store.holders(candidates)
+            started = []
+            try:
+                for mailbox in (m for m in candidates if holders[m] is None):
+                    if wanted <= 0 or done.is_set() or self._paused:
+                        break
+                    sent = time.monotonic()
+                    lease = await self.store.acquire(mailbox, self.ttl_s)
+                    if lease is None:
+                        continue  # another replica was quicker
+                    self.held[mailbox] = _Held(lease, sent + self.ttl_s)
+                    self._monitor.lease_change("acquired")
+                    log.info("%s: lease taken (fence %d); watching it", mailbox, lease.fence)
+                    started.append(self._mailboxes[mailbox])
+                    wanted -= 1
+            finally:  # Redis failing halfway: the leases taken so far are watched all the same
+                if started:
+                    self._start(started)
+
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No lease is taken inside (a reload swaps sources and configs); leases being taken
+        when it is entered, and their sources started, come first."""
+        self._paused = True
         try:
-            for mailbox in (m for m in candidates if holders[m] is None):
-                if wanted <= 0 or done.is_set():
-                    break
-                sent = time.monotonic()
-                lease = await self.store.acquire(mailbox, self.ttl_s)
-                if lease is None:
-                    continue  # another replica was quicker
-                self.held[mailbox] = _Held(lease, sent + self.ttl_s)
-                self._monitor.lease_change("acquired")
-                log.info("%s: lease taken (fence %d); watching it", mailbox, lease.fence)
-                started.append(self._mailboxes[mailbox])
-                wanted -= 1
-        finally:  # Redis failing halfway: the leases taken so far are watched all the same
-            if started:
-                self._start(started)
+            async with self._taking:
+                yield
+        finally:
+            self._paused = False
 
     def _hand_over(self, mailbox: str, why: str) -> None:
         held = self.held[mailbox]
