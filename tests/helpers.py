@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import subprocess
@@ -113,12 +114,14 @@ def message(n: int, *, to: str = "incoming+key{n}@example.com", size: int = 0) -
 
 
 async def wait_until(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 15.0, what: str = "condition"
+    check: Callable[[], Awaitable[bool] | bool], *, timeout: float = 15.0, what: str = "condition"
 ) -> None:
-    """Poll the real server state until ``check`` holds; bounded in time and count."""
+    """Poll the real server state until ``check`` (a coroutine function or a plain one) holds;
+    bounded in time and count."""
     deadline = time.monotonic() + timeout
     for _ in range(int(timeout / 0.05) + 1):
-        if await check():
+        held = check()
+        if await held if inspect.isawaitable(held) else held:
             return
         if time.monotonic() > deadline:
             break

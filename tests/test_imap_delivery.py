@@ -60,7 +60,7 @@ async def test_backlog_at_start_is_delivered_once_signed_and_marked_seen(
     assert set(by_raw) == set(raws)  # byte-exact, each exactly once
     stored = {m.raw: m.uid for m in await dovecot.amessages(account)}
     request, payload = by_raw[raws[7]]
-    uidvalidity = await _uidvalidity(dovecot, account)
+    uidvalidity = await asyncio.to_thread(dovecot.uidvalidity, account)
     assert payload["id"] == idempotency_key(account.user, uidvalidity, stored[raws[7]])
     assert stored[raws[7]] == uids[7]
     assert request.headers["X-Mailroom-Key"] == "key7"
@@ -91,16 +91,6 @@ async def test_a_large_message_is_posted_whole_in_slices(
     assert base64.b64decode(payload["raw"]) == raw
     assert payload["text"].startswith("Message number 1.\n")
     assert request.headers["Content-Length"] == str(len(request.body))  # not chunked
-
-
-async def _uidvalidity(dovecot: Dovecot, account: Account) -> int:
-    def read() -> int:
-        with dovecot.imap(account) as conn:
-            typ, data = conn.status("INBOX", "(UIDVALIDITY)")
-            assert typ == "OK"
-            return int(data[0].split(b"UIDVALIDITY ")[1].rstrip(b")"))
-
-    return await asyncio.to_thread(read)
 
 
 async def test_mail_during_idle_arrives_within_a_second(

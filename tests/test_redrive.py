@@ -85,12 +85,6 @@ def append(
     return dovecot.messages(account, to)[-1].uid
 
 
-def uidvalidity(dovecot: Dovecot, account: Account) -> int:
-    with dovecot.imap(account) as conn:
-        conn.select("INBOX", readonly=True)
-        return int(conn.response("UIDVALIDITY")[1][0] or 0)
-
-
 # -- IMAP: the whole flow with a running mailroom -------------------------------------------------
 
 
@@ -113,7 +107,7 @@ async def test_flag_mode_dead_letter_is_delivered_again_under_its_webhook_id(
         )
     webhook_id = first.headers["webhook-id"]
     assert second.headers["webhook-id"] == webhook_id
-    assert webhook_id == idempotency_key(account.user, uidvalidity(dovecot, account), uid)
+    assert webhook_id == idempotency_key(account.user, dovecot.uidvalidity(account), uid)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"{account.user}: uid {uid} in INBOX, received 20")
@@ -252,7 +246,7 @@ async def test_a_dry_run_lists_them_and_changes_nothing(
     assert [line.split(":")[0] for line in lines[:-1]] == ["a"] * 5 + ["b"]
     assert lines[0].endswith(
         "would clear $MailroomFailed and \\Seen; webhook-id "
-        f"{idempotency_key('a', uidvalidity(dovecot, a), 1)} (its own)"
+        f"{idempotency_key('a', dovecot.uidvalidity(a), 1)} (its own)"
     )
     assert f"would move back to INBOX; webhook-id {kept['old']} (its own)" in lines[2]
     assert lines[-1] == (
@@ -266,7 +260,7 @@ async def test_redrive_deletes_the_dead_letter_markers_of_replicas(
     redis_server: RedisServer,
 ) -> None:  # fmt: skip
     uid = await dovecot.aappend(account, message(1), flags="$MailroomFailed \\Seen")
-    webhook_id = idempotency_key(account.user, uidvalidity(dovecot, account), uid)
+    webhook_id = idempotency_key(account.user, dovecot.uidvalidity(account), uid)
     document = config_dict([mailbox_dict(dovecot, account)], webhook.url)
     document["arbitration"] = {"method": "redis", "url": redis_server.url}
     client = aioredis.Redis.from_url(redis_server.url)

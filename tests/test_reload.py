@@ -122,7 +122,7 @@ async def test_reload_keeps_untouched_restarts_changed_starts_new_stops_removed(
         new["webhook"]["url"] = second.url  # a dispatch-only change: no reconnect for it
         mailroom.request(new)
         await wait_until(
-            lambda: _async(mailroom.count(f"{removed.user}: connected → stopping") == 1),
+            lambda: mailroom.count(f"{removed.user}: connected → stopping") == 1,
             what="the removed mailbox stopping",
         )
         assert await seen(server, removed) == [False]
@@ -150,10 +150,6 @@ async def test_reload_keeps_untouched_restarts_changed_starts_new_stops_removed(
     assert len(second.requests) == 3  # the removed mailbox's new message was not fetched
     assert await seen(server, removed) == [True, False]
     assert len(logins(server, kept)) == 1
-
-
-async def _async(value: bool) -> bool:
-    return value
 
 
 async def test_a_stop_during_a_reload_still_closes_the_mailbox_the_reload_was_stopping(
@@ -243,9 +239,7 @@ async def test_with_replicas_a_lease_lost_while_a_reload_restarts_its_mailbox_st
             # The other replica leaves; this one takes the lease again and starts one source.
             await client.delete(key)
             await mailroom.logged(f"{account.user}: lease taken", 2)
-            await wait_until(
-                lambda: _async(len(logins(dovecot, account)) >= 2), what="second login"
-            )
+            await wait_until(lambda: len(logins(dovecot, account)) >= 2, what="second login")
             await dovecot.aappend(account, message(2))
             received = await webhook.wait_for(2)
             assert [r.headers["X-Mailroom-Mailbox"] for r in received] == [account.user] * 2
@@ -319,9 +313,7 @@ async def test_sighup_reloads_a_real_process_and_refuses_a_broken_file(
 
         mailroom.path.write_text("mailboxes: [\n")  # broken YAML
         mailroom.signal(signal.SIGHUP)
-        await wait_until(
-            lambda: _async("reload refused" in mailroom.output()), what="the refusal logged"
-        )
+        await wait_until(lambda: "reload refused" in mailroom.output(), what="the refusal logged")
         assert "fix the YAML syntax" in mailroom.output()
         await dovecot.aappend(second, message(1))
         (request,) = await webhook.wait_for(1)

@@ -460,6 +460,16 @@ class Dovecot:
             _check(typ, fetched, "FETCH")
         return _parse_fetch(fetched)
 
+    def uidvalidity(self, account: Account, mailbox: str = "INBOX") -> int:
+        """The mailbox's UIDVALIDITY (STATUS: selects nothing)."""
+        with self.imap(account) as conn:
+            typ, data = conn.status(quote_mailbox(mailbox), "(UIDVALIDITY)")
+            _check(typ, data, "STATUS")
+        match = re.search(rb"UIDVALIDITY (\d+)", data[0] if isinstance(data[0], bytes) else b"")
+        if match is None:
+            raise RuntimeError(f"no UIDVALIDITY in {data!r}")
+        return int(match.group(1))
+
     def mailboxes(self, account: Account) -> list[str]:
         """Names of all mailboxes (decoded), separator "/"."""
         with self.imap(account) as conn:
