@@ -192,7 +192,7 @@ class Dispatcher:
                 extra=fields,
             )
             self._monitor.marker_hit(envelope.mailbox)
-            await self._settle(envelope, seen, fields)
+            await self._settle(envelope, seen, fields, recorded=True)
             return
         try:
             outcome = await self._decide(envelope, mailbox, fields)
@@ -215,18 +215,28 @@ class Dispatcher:
             return
         await self._settle(envelope, outcome, fields)
 
-    async def _settle(self, envelope: Envelope, outcome: Outcome, fields: dict[str, Any]) -> None:
+    async def _settle(
+        self,
+        envelope: Envelope,
+        outcome: Outcome,
+        fields: dict[str, Any],
+        *,
+        recorded: bool = False,
+    ) -> None:
+        """Settle ``envelope``; with replicas, its marker first (unless it is ``recorded``: the
+        marker another replica left)."""
         fields["outcome"] = outcome.value
         # Shield the settlement, not the work (arq worker.py): once the outcome is known, a
         # cancellation must not lose the acknowledgement (nor its marker, with replicas).
-        await asyncio.shield(self._record_and_settle(envelope, outcome, fields))
+        await asyncio.shield(self._record_and_settle(envelope, outcome, fields, recorded))
         self._monitor.outcome(envelope.mailbox, outcome, fields.get("rule"))
         log.info("%s: %s: %s", envelope.mailbox, envelope.ref, outcome.value, extra=fields)
 
     async def _record_and_settle(
-        self, envelope: Envelope, outcome: Outcome, fields: dict[str, Any]
+        self, envelope: Envelope, outcome: Outcome, fields: dict[str, Any], recorded: bool
     ) -> None:
-        await self._markers.record(envelope, outcome, fields)
+        if not recorded:
+            await self._markers.record(envelope, outcome, fields)
         await envelope.settle(outcome)
 
     async def _decide(

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailroom.arbitration import RedisStore
 from mailroom.config import ArbitrationConfig, ConfigError, parse_config
 from mailroom.errors import ArbitrationError
-from tests.helpers import config_dict
+from mailroom.sources.imap import idempotency_key
+from tests.helpers import config_dict, logged, mailbox_dict, message, running, wait_until
 from tests.servers import tls
-from tests.servers.dovecot import free_port
+from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.redis import RedisServer, Sentinel
+from tests.servers.webhook import WebhookReceiver
 
 BOX = {"address": "a+%{key}@example.com", "host": "h", "user": "u", "password": "p"}
 
@@ -471,3 +475,39 @@ async def test_while_shutting_down_the_leases_held_are_renewed_until_released(
     await task
     assert await store.holders(ids) == dict.fromkeys(ids)
     await store.close()
+
+
+# -- the dispatcher and the markers ------------------------------------------------------------
+
+
+async def test_a_message_another_replica_delivered_is_settled_without_posting_it_again(
+    dovecot: Dovecot,
+    account: Account,
+    redis_server: RedisServer,
+    webhook: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its owner died after the 2xx and its marker, before settling: the new owner settles it
+    from the marker, neither posting it nor writing the marker again."""
+    caplog.set_level(logging.INFO, logger="mailroom")
+    first = await dovecot.aappend(account, message(1))
+    uidvalidity = await asyncio.to_thread(dovecot.uidvalidity, account)
+    marker = f"mailroom:delivered:{idempotency_key(account.user, uidvalidity, first)}"
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.set(marker, "delivered", ex=600)  # what the dead owner recorded
+        data = config_dict([mailbox_dict(dovecot, account)], webhook.url)
+        data["arbitration"] = {"method": "redis", "url": redis_server.url, "lease_ttl": 3}
+        async with running(parse_config(data, env={})):
+            await dovecot.aappend(account, message(2))
+            received = await webhook.wait_for(1)
+            await wait_until(
+                lambda: len(logged(caplog, "another replica already brought it")) == 1,
+                what="the marker's message settled",
+            )
+        assert [r.json()["subject"] for r in received] == ["test 2"]
+        assert await client.ttl(marker) <= 600  # not recorded again (that sets 7 days)
+    finally:
+        await client.aclose()
+    assert len(webhook.requests) == 1
+    assert ["\\Seen" in m.flags for m in await dovecot.amessages(account)] == [True, True]
