@@ -36,6 +36,7 @@ import requests
 from mailroom.auth import ACQUIRE_TIMEOUT_S, HTTP_TIMEOUT_S, _CachedToken, _Session
 from mailroom.config import GoogleOAuthConfig, GoogleServiceAccount, origin
 from mailroom.errors import TokenError
+from mailroom.logs import printable
 
 __all__ = ["GoogleTokenProvider", "refusal"]
 
@@ -170,9 +171,7 @@ def _line(value: object) -> str:
     """The first line of ``value`` when it is text, printable and cut short: it is shown."""
     if not isinstance(value, str):
         return ""
-    first = value.strip().split("\n", 1)[0].strip()
-    text = "".join(c if c.isprintable() else "?" for c in first[: DESCRIPTION_CHARS_MAX + 1])
-    return text if len(text) <= DESCRIPTION_CHARS_MAX else text[:DESCRIPTION_CHARS_MAX] + "..."
+    return printable(value.strip().split("\n", 1)[0].strip(), DESCRIPTION_CHARS_MAX)
 
 
 def _hint(config: GoogleOAuthConfig, code: str, description: str) -> str:

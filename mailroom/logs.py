@@ -14,10 +14,21 @@ import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["FIELDS", "MailboxLog", "configure"]
+__all__ = ["FIELDS", "MailboxLog", "configure", "printable"]
 
 # Structured fields a log call may pass in ``extra``.
 FIELDS = ("mailbox", "uid", "message_id", "webhook_id", "outcome", "status", "attempt", "delay_s")
+
+
+def printable(text: str, limit: int, *, blank: bool = False) -> str:
+    """Text someone else chose, fit for one line of a log or a terminal: at most ``limit``
+    characters (then ``…``), each that is not printable (line breaks, control and format
+    characters such as escape sequences, lone surrogates) shown as ``?``, or with ``blank`` as
+    a space (then stripped)."""
+    shown = "".join(c if c.isprintable() else " " if blank else "?" for c in text[: limit + 1])
+    if blank:
+        shown = shown.strip()
+    return shown if len(shown) <= limit else shown[:limit] + "…"
 
 
 class MailboxLog(logging.LoggerAdapter):  # type: ignore[type-arg]

@@ -22,6 +22,8 @@ from mailroom import message, routing
 from mailroom.config import JwtConfig, WebhookConfig, origin
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
+from mailroom.logs import printable
+from mailroom.notices import MAX_REASON_CHARS
 
 __all__ = [
     "USER_AGENT",
@@ -201,7 +203,8 @@ def classify(
         return Outcome.DELIVERED
     document = _document(answer) if 400 <= status < 500 else None
     if status == 422 and document is not None and isinstance(document.get("reject"), str):
-        return Rejected(str(document["reject"]))
+        # The application's text, bounded and on one line: it is logged and goes in a notice.
+        return Rejected(printable(document["reject"], MAX_REASON_CHARS, blank=True))
     if status in TRANSIENT or 500 <= status < 600:
         raise TransientDeliveryError(f"HTTP {status}", retry_after_s=retry_after)
     if status in MISCONFIGURED:
@@ -217,7 +220,7 @@ def classify(
         )
     message = document.get("message") if document else None
     if isinstance(message, str) and message.strip():
-        raise PermanentDeliveryError(f"HTTP {status}: {_printable(message)}")
+        raise PermanentDeliveryError(f"HTTP {status}: {printable(message, 300, blank=True)}")
     raise PermanentDeliveryError(f"HTTP {status}")
 
 
@@ -238,12 +241,6 @@ def _document(answer: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return document if isinstance(document, dict) else None
-
-
-def _printable(text: str, limit: int = 300) -> str:
-    """One line of at most ``limit`` characters, without control characters (a log line)."""
-    flat = "".join(c if c.isprintable() else " " for c in text[: limit + 1]).strip()
-    return flat if len(flat) <= limit else flat[:limit] + "..."
 
 
 def labels(webhooks: Iterable[WebhookConfig]) -> dict[WebhookConfig, str]:

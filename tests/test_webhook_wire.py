@@ -134,6 +134,16 @@ def test_gitlab_answers() -> None:
     assert classify(422, b'{"reject": "no such project"}', None) == Rejected("no such project")
 
 
+def test_a_422_reason_is_one_bounded_printable_line() -> None:
+    """It is logged and goes into a notice: no line breaks, no lone surrogates (JSON's
+    ``\\ud800``), no megabyte of text."""
+    answer = b'{"reject": "no such\\nproject \\ud800\\u001b[31m' + b"x" * 100_000 + b'"}'
+    result = classify(422, answer, None)
+    assert isinstance(result, Rejected)
+    assert result.reason.startswith("no such project   [31mxxx")
+    assert result.reason.isprintable() and len(result.reason) == 1_001  # 1,000 and "…"
+
+
 def test_a_401_names_the_jwt_secret_file(tmp_path: Path) -> None:
     (tmp_path / "secret").write_text(KEY_B64)
     config = hook(jwt={"secret_file": str(tmp_path / "secret"), "secret_encoding": "base64"})
@@ -156,6 +166,8 @@ def test_classify_never_fails_on_any_answer(status: int, body: bytes) -> None:
         assert text.isprintable() and len(text) < 400
     else:
         assert result is Outcome.DELIVERED or isinstance(result, Rejected)
+        if isinstance(result, Rejected):
+            assert result.reason.isprintable() and len(result.reason) <= 1_001
 
 
 def rules(**switches: Any) -> routing.RoutingRules:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from mailroom.arbitration import RedisStore
 from mailroom.errors import MailroomError
+from mailroom.logs import printable
 
 __all__ = ["Job", "Letter", "Options", "Stopped", "parse_since", "printable", "utc_text"]
 
@@ -85,7 +86,7 @@ class Job:
         received = "unknown" if letter.received is None else utc_text(letter.received)
         message_id = "(no Message-ID)"
         if letter.message_id:  # Graph's internetMessageId has the brackets, message.parse not
-            message_id = printable(f"<{letter.message_id.strip('<>')}>")
+            message_id = printable(f"<{letter.message_id.strip('<>')}>", SHOWN_AT_MOST)
         if letter.webhook_id is None:
             webhook = "a new webhook-id (it carries no $MailroomId keyword)"
         else:
@@ -113,13 +114,6 @@ class Job:
             f"mailroom redrive: {count} dead letter(s){since} redriven ({ids}){failed}; a running "
             "mailroom delivers them at its next sweep or poll"
         )
-
-
-def printable(text: str) -> str:
-    """``text`` fit for a terminal line: control and format characters (a stranger's
-    Message-ID may hold escape sequences) shown as ``?``, at most ``SHOWN_AT_MOST``."""
-    shown = "".join(c if c.isprintable() else "?" for c in text[:SHOWN_AT_MOST])
-    return shown + ("…" if len(text) > SHOWN_AT_MOST else "")
 
 
 def utc_text(moment: datetime.datetime) -> str:
