@@ -11,7 +11,14 @@ from mailroom.check.net import certificate, tcp
 from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
 from mailroom.config import GraphMailboxConfig, ImapMailboxConfig, MailboxConfig
 from mailroom.errors import MailroomError
-from mailroom.sources.graph_client import GraphClient, discard, read_mime
+from mailroom.sources.graph_client import (
+    GraphClient,
+    discard,
+    message_url,
+    messages_url,
+    read_mime,
+    user_url,
+)
 from mailroom.sources.imap_session import ImapSession
 
 __all__ = ["backlog", "graph", "imap"]
@@ -176,8 +183,8 @@ async def graph(report: Report, config: GraphMailboxConfig) -> None:
     target = Target(report, f"graph[{config.id}]")
     options = config.inbox_options
     tokens = TokenProvider(options.oauth, label=config.id)
-    user_url = f"{options.graph_endpoint}/v1.0/users/{quote(config.user, safe='@')}"
-    folder_url = f"{user_url}/mailFolders/{quote(config.mailbox, safe='')}/messages"
+    user = user_url(config)
+    folder_url = messages_url(user, config.mailbox)
     sample: list[tuple[str, list[str]]] = []  # (id, categories) of one unread message
 
     async def token() -> Outcome:
@@ -208,7 +215,7 @@ async def graph(report: Report, config: GraphMailboxConfig) -> None:
             # changes nothing a poller relies on (isRead stays as it is).
             await client.send(
                 "PATCH",
-                f"{user_url}/messages/{quote(message_id, safe='')}",
+                message_url(user, message_id),
                 body={"categories": categories},
                 read=discard,
             )

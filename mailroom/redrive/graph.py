@@ -24,7 +24,13 @@ from mailroom.config import GraphMailboxConfig
 from mailroom.errors import GraphError
 from mailroom.redrive.job import Job, Letter, Stopped, utc_text
 from mailroom.sources.graph import FAILED_CATEGORY, idempotency_key
-from mailroom.sources.graph_client import GraphClient, discard
+from mailroom.sources.graph_client import (
+    GraphClient,
+    discard,
+    message_url,
+    messages_url,
+    user_url,
+)
 
 __all__ = ["redrive"]
 
@@ -39,16 +45,14 @@ async def redrive(config: GraphMailboxConfig, job: Job) -> None:
     """Put back the dead letters of one mailbox (``Stopped`` or ``MailroomError`` on failure)."""
     options = config.inbox_options
     tokens = TokenProvider(options.oauth, label=config.id)
-    user_url = f"{options.graph_endpoint}/v1.0/users/{quote(config.user, safe='@')}"
+    user = user_url(config)
     try:
         async with GraphClient(options, tokens, label=config.id) as client:
-            mailbox = _Mailbox(config, job, client, user_url)
-            folder_url = f"{user_url}/mailFolders/{quote(config.mailbox, safe='')}/messages"
-            await mailbox.redrive(folder_url, config.mailbox, flagged=True)
+            mailbox = _Mailbox(config, job, client, user)
+            await mailbox.redrive(messages_url(user, config.mailbox), config.mailbox, flagged=True)
             name = config.failed_folder
-            if name is not None and (folder := await client.find_folder(user_url, name)):
-                folder_url = f"{user_url}/mailFolders/{quote(folder, safe='')}/messages"
-                await mailbox.redrive(folder_url, name, flagged=False)
+            if name is not None and (folder := await client.find_folder(user, name)):
+                await mailbox.redrive(messages_url(user, folder), name, flagged=False)
     finally:
         tokens.close()
 
@@ -122,7 +126,7 @@ class _Mailbox:
         return items, url is not None
 
     def _url(self, message_id: str) -> str:
-        return f"{self.user_url}/messages/{quote(message_id, safe='')}"
+        return message_url(self.user_url, message_id)
 
     async def _patch(self, message_id: str, categories: list[str]) -> None:
         body = {"isRead": False, "categories": [c for c in categories if c != FAILED_CATEGORY]}

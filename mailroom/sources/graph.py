@@ -47,7 +47,14 @@ from mailroom.config import GraphMailboxConfig
 from mailroom.envelope import Envelope
 from mailroom.errors import GraphError, SourceError
 from mailroom.monitor import Monitor
-from mailroom.sources.graph_client import GraphClient, discard, read_mime
+from mailroom.sources.graph_client import (
+    GraphClient,
+    discard,
+    message_url,
+    messages_url,
+    read_mime,
+    user_url,
+)
 from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
 
 __all__ = ["GraphPoller", "idempotency_key"]
@@ -118,7 +125,7 @@ class GraphPoller(Source[str]):
         options = config.inbox_options
         self._own_tokens = tokens is None
         self.tokens = tokens or TokenProvider(options.oauth, label=config.id)
-        self._user_url = f"{options.graph_endpoint}/v1.0/users/{quote(config.user, safe='@')}"
+        self._user_url = user_url(config)
         self._fetch_failures: dict[str, int] = {}  # message id → polls in a row its $value failed
         self._more = False  # the last poll stopped for want of room: poll again on room
         self._asked: Reservation | None = None  # budget asked for and not granted yet
@@ -192,8 +199,7 @@ class GraphPoller(Source[str]):
     # -- polling -------------------------------------------------------------------------------
 
     def _messages_url(self) -> str:
-        folder = quote(self.config.mailbox, safe="")
-        return f"{self._user_url}/mailFolders/{folder}/messages"
+        return messages_url(self._user_url, self.config.mailbox)
 
     async def _poll(self) -> None:
         self.polls += 1
@@ -323,7 +329,7 @@ class GraphPoller(Source[str]):
             self._settled(settlement)
 
     async def _apply(self, settlement: Settlement[str]) -> None:
-        url = f"{self._user_url}/messages/{quote(settlement.key, safe='')}"
+        url = message_url(self._user_url, settlement.key)
         try:
             if settlement.outcome.processed:
                 if self.config.delete_after_delivery:

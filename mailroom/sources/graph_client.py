@@ -20,13 +20,21 @@ import aiohttp
 from yarl import URL
 
 from mailroom.auth import TokenProvider
-from mailroom.config import GraphInboxOptions
+from mailroom.config import GraphInboxOptions, GraphMailboxConfig
 from mailroom.errors import GraphError
 from mailroom.proxies import proxy_for
 from mailroom.tls import client_context
 from mailroom.webhook import USER_AGENT, retry_after
 
-__all__ = ["GraphClient", "discard", "read_mime", "session"]
+__all__ = [
+    "GraphClient",
+    "discard",
+    "message_url",
+    "messages_url",
+    "read_mime",
+    "session",
+    "user_url",
+]
 
 log = logging.getLogger("mailroom.graph")
 
@@ -35,6 +43,22 @@ HEADER_LIMIT = 256 * 1024  # a too-large message: at most this much of its heade
 CHUNK = 64 * 1024
 
 Reader = Callable[[aiohttp.ClientResponse], Awaitable[Any]]
+
+
+def user_url(config: GraphMailboxConfig) -> str:
+    """``.../v1.0/users/{user}``: where every URL of one mailbox begins."""
+    return f"{config.inbox_options.graph_endpoint}/v1.0/users/{quote(config.user, safe='@')}"
+
+
+def messages_url(user: str, folder: str) -> str:
+    """The messages of ``folder`` (a well-known name, a display name's id, or an id) under
+    ``user`` (``user_url``)."""
+    return f"{user}/mailFolders/{quote(folder, safe='')}/messages"
+
+
+def message_url(user: str, message_id: str) -> str:
+    """One message of ``user`` (``user_url``), whichever folder it is in."""
+    return f"{user}/messages/{quote(message_id, safe='')}"
 
 
 def session(options: GraphInboxOptions, *, limit: int = 8) -> aiohttp.ClientSession:
