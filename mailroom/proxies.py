@@ -40,10 +40,15 @@ def _bypassed(host: str, port: int | None, no_proxy: str) -> bool:
             continue
         if entry == "*":
             return True
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry.startswith("["):  # [IPv6] or [IPv6]:port
+            name, _, rest = entry[1:].partition("]")
+            entry_port = rest.removeprefix(":")
+        elif entry.count(":") == 1:  # host:port (a bare IPv6 address has more colons)
+            name, _, entry_port = entry.rpartition(":")
+        else:
+            name, entry_port = entry, ""
         if entry_port and (not entry_port.isdigit() or int(entry_port) != port):
             continue
-        name = name.strip("[]")
         if address is not None:
             try:
                 if address in ipaddress.ip_network(name, strict=False):
