@@ -15,6 +15,9 @@ from mailroom import cli, routing
 from mailroom.config import ConfigError, GraphMailboxConfig, ImapMailboxConfig
 from mailroom.gitlab import load_mail_room
 from mailroom.webhook import request_headers
+from tests.helpers import message, running
+from tests.servers.dovecot import Dovecot
+from tests.servers.webhook import WebhookReceiver
 
 # The README of tpitale/mail_room, first two mailboxes, and a JWT postback as GitLab renders it
 README_EXAMPLE = """\
@@ -273,3 +276,67 @@ def test_any_mail_room_yml_loads_or_is_a_config_error(
         load_mail_room(path, env={})
     except ConfigError as exc:
         assert str(exc).startswith(str(path)), str(exc)
+
+
+def test_a_mailbox_never_inherits_another_mailboxs_delivery_options(tmp_path: Path) -> None:
+    """MailRoom keeps each mailbox's delivery options to itself: mailbox 0's token, basic auth
+    or JWT never becomes another mailbox's default."""
+    text = """\
+:mailboxes:
+  - :email: "a@example.com"
+    :password: "pa"
+    :delivery_options:
+      :delivery_url: "https://gitlab.example.com/api/inbox"
+      :delivery_token: "gitlab-token"
+      :content_type: "text/plain"
+      :jwt_auth_header: "Gitlab-Mailroom-Api-Request"
+      :jwt_secret_path: "SECRET_PATH"
+  - :email: "b@example.com"
+    :password: "pb"
+    :delivery_options:
+      :delivery_url: "https://thirdparty.example.net/inbox"
+"""
+    first, second = load_mail_room(write(tmp_path, text), env={}).mailboxes
+    assert first.webhook.token is not None and first.webhook.jwt is not None
+    hook = second.webhook
+    assert (hook.token, hook.basic, hook.jwt, hook.content_type) == (None, None, None, None)
+    headers = request_headers(hook, webhook_id="msg_1", body=b"", content_type="message/rfc822")
+    assert "Authorization" not in headers and "Gitlab-Mailroom-Api-Request" not in headers
+
+
+async def test_a_token_never_reaches_another_mailboxs_receiver(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    """End to end: two MailRoom mailboxes on a real Dovecot, each posting to its own receiver;
+    only the first configures a token, and the second receiver never sees it."""
+    first, second = dovecot.add_user(), dovecot.add_user()
+    await dovecot.aappend(first, message(1))
+    await dovecot.aappend(second, message(2))
+    async with WebhookReceiver() as gitlab, WebhookReceiver() as thirdparty:
+        boxes = [
+            {
+                ":email": account.user,
+                ":password": account.password,
+                ":host": dovecot.host,
+                ":port": dovecot.tls_port,
+                ":ssl": {":ca_file": str(dovecot.ca_file)},
+                ":idle_timeout": 60,
+                ":delivery_options": {":delivery_url": receiver.url, **extra},
+            }
+            for account, receiver, extra in (
+                (first, gitlab, {":delivery_token": "gitlab-token"}),
+                (second, thirdparty, {}),
+            )
+        ]
+        path = tmp_path / "mail_room.yml"
+        path.write_text(yaml.safe_dump({":mailboxes": boxes}))
+        overlay = tmp_path / "mailroom.yml"
+        overlay.write_text(yaml.safe_dump({"health": None, "shutdown_timeout": 5}))
+        config = load_mail_room(path, mailroom_config=overlay, env={})
+        async with running(config):
+            (to_gitlab,) = await gitlab.wait_for(1)
+            (to_thirdparty,) = await thirdparty.wait_for(1)
+    assert to_gitlab.headers["Authorization"] == 'Token token="gitlab-token"'
+    assert "Authorization" not in to_thirdparty.headers
+    assert b"gitlab-token" not in bytes(str(to_thirdparty.headers), "utf-8") + to_thirdparty.body
+    assert to_thirdparty.body.startswith(b"From: Sender 2")

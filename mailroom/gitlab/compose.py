@@ -107,7 +107,10 @@ def build(
         )
     merged = [{**m, **per_mailbox.get(s.id, {})} for m, s in zip(mailboxes, sources, strict=True)]
     for box in merged:
-        box["webhook"] = {**box["webhook"], **hook}
+        # Each foreign mailbox states its whole delivery: what it leaves out is absent, never
+        # inherited from the top-level webhook (mailbox 0's), which would lend mailbox 0's token
+        # to another mailbox's receiver. MailRoom keeps each mailbox's options to itself.
+        box["webhook"] = {**dict.fromkeys(_WEBHOOK_FIXED), **box["webhook"], **hook}
     data = {**top, **extra, "mailboxes": merged, "webhook": merged[0]["webhook"]}
     base_dir = overlay.parent if overlay is not None else Path.cwd()
     origins = _Origins(sources=sources, overlay=overlay, per_mailbox=per_mailbox, hook=hook)
