@@ -38,8 +38,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mailroom import supervisor  # noqa: E402
 from mailroom.config import parse_config  # noqa: E402
+from mailroom.runtime import supervisor  # noqa: E402
 from tests.helpers import config_dict, mailbox_dict, message  # noqa: E402
 from tests.servers.dovecot import Account, Dovecot, free_port  # noqa: E402
 

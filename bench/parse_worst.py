@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mailroom import message, routing, webhook  # noqa: E402
+from mailroom.delivery import webhook  # noqa: E402
+from mailroom.mail import message, routing  # noqa: E402
 from tests.hostile import envelope  # noqa: E402
 
 HEAD = b"From: a@example.org\nTo: incoming+k@example.com\nSubject: s\nMIME-Version: 1.0\n"

@@ -21,13 +21,15 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
-from mailroom import check, credentials, gitlab, logs, redrive, supervisor, tls
+from mailroom import check, gitlab, logs, redrive
+from mailroom.check import gitlab as gitlab_check
 from mailroom.check import route
 from mailroom.config import Config, MailboxConfig, credentials_config, load_config
 from mailroom.config.reader import suggestion
 from mailroom.config.sample import SAMPLE, SAMPLE_HINT
 from mailroom.errors import ConfigError, CredentialsError
-from mailroom.gitlab import check as gitlab_check
+from mailroom.runtime import supervisor
+from mailroom.trust import credentials, tls
 
 __all__ = ["main"]
 

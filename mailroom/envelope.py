@@ -13,7 +13,11 @@ import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Envelope", "Outcome"]
+__all__ = ["FAILED_KEYWORD", "Envelope", "Outcome"]
+
+# How a dead letter without failed_folder is marked where it lies: this IMAP keyword (and \Seen),
+# the only keyword mailroom writes; on Graph, the category "MailroomFailed".
+FAILED_KEYWORD = "$MailroomFailed"
 
 
 class Outcome(enum.Enum):

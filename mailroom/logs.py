@@ -3,7 +3,7 @@
 Every mailroom log line starts with the mailbox id. Structured fields go in ``extra=`` under
 the names in ``FIELDS`` and come out as JSON keys. Secrets never reach a log line: config
 values are ``Secret`` objects whose repr is masked, and aioimaplib's DEBUG output (whole
-messages, LOGIN arguments) is never enabled.
+messages, LOGIN arguments) is never enabled (``sources.imap_session`` pins its logger).
 """
 
 from __future__ import annotations
@@ -14,21 +14,10 @@ import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["FIELDS", "MailboxLog", "configure", "printable"]
+__all__ = ["FIELDS", "MailboxLog", "configure"]
 
 # Structured fields a log call may pass in ``extra``.
 FIELDS = ("mailbox", "uid", "message_id", "webhook_id", "outcome", "status", "attempt", "delay_s")
-
-
-def printable(text: str, limit: int, *, blank: bool = False) -> str:
-    """Text someone else chose, fit for one line of a log or a terminal: at most ``limit``
-    characters (then ``…``), each that is not printable (line breaks, control and format
-    characters such as escape sequences, lone surrogates) shown as ``?``, or with ``blank`` as
-    a space (then stripped)."""
-    shown = "".join(c if c.isprintable() else " " if blank else "?" for c in text[: limit + 1])
-    if blank:
-        shown = shown.strip()
-    return shown if len(shown) <= limit else shown[:limit] + "…"
 
 
 class MailboxLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -76,5 +65,3 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("mailroom").setLevel(level.upper())
-    # aioimaplib's DEBUG lines contain whole messages and, for some commands, credentials.
-    logging.getLogger("aioimaplib").setLevel(logging.WARNING)

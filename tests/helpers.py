@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mailroom import supervisor
 from mailroom.config import Config, parse_config
+from mailroom.runtime import supervisor
 from tests.servers.dovecot import Account, Dovecot
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -7,10 +7,11 @@ from datetime import UTC, datetime
 from email import policy
 from email.parser import BytesParser
 
-from mailroom import routing, webhook
+from mailroom.delivery import webhook
+from mailroom.delivery.notices import Notice
 from mailroom.envelope import Envelope, Outcome
-from mailroom.message import ParsedMessage
-from mailroom.notices import Notice
+from mailroom.mail import routing
+from mailroom.mail.message import ParsedMessage
 
 NOW = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 SENDER = "Example <noreply@example.com>"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mailroom import cli, routing, supervisor, tls
+from mailroom import cli
 from mailroom.config import (
     Config,
     ConfigError,
@@ -24,6 +24,9 @@ from mailroom.config import (
     parse_config,
 )
 from mailroom.config.reader import KEYS
+from mailroom.mail import routing
+from mailroom.runtime import supervisor
+from mailroom.trust import tls
 from tests.helpers import ROOT
 
 SECRET = "hunter2-do-not-print"

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from mailroom import credentials
 from mailroom.config import ConfigError, ImapMailboxConfig, parse_config
 from mailroom.errors import CredentialsError
+from mailroom.trust import credentials
 from tests.helpers import ROOT, WHSEC, config_dict, mailbox_dict
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.webhook import WebhookReceiver

@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
-from mailroom import cli, supervisor
+from mailroom import cli
 from mailroom.config import parse_config
+from mailroom.runtime import supervisor
 from tests.helpers import config_dict, logged, mailbox_dict, message, wait_until
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.smtp import SmtpServer

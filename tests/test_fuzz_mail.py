@@ -16,10 +16,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailroom import routing
-from mailroom.message import parse
-from mailroom.notices import build_notice, notice_recipient
-from mailroom.routing import AddressTemplate, RoutingRules
+from mailroom.delivery.notices import build_notice, notice_recipient
+from mailroom.mail import routing
+from mailroom.mail.message import parse
+from mailroom.mail.routing import AddressTemplate, RoutingRules
 from tests.hostile import NOW, SENDER, assert_safe_notice, assert_strict_payload
 
 EML = Path(__file__).parent / "eml"

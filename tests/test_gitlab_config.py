@@ -16,11 +16,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailroom import cli, routing
+from mailroom import cli
 from mailroom.config import Config, ConfigError, GraphMailboxConfig, ImapMailboxConfig
 from mailroom.gitlab import encrypted, find_queues_redis, load_gitlab
 from mailroom.gitlab.marshal import MarshalError, load_string
 from mailroom.gitlab.redis import parse_entry
+from mailroom.mail import routing
 
 FIXTURES = Path(__file__).parent / "gitlab_yml"
 SECRET = base64.b64encode(bytes(range(32))).decode()

@@ -9,9 +9,10 @@ from typing import Any
 
 import yaml
 
-from mailroom import cli, routing
+from mailroom import cli
 from mailroom.config import GraphMailboxConfig, ImapMailboxConfig, parse_config
 from mailroom.gitlab import load_gitlab
+from mailroom.mail import routing
 from tests.helpers import ROOT
 
 EXAMPLES = ROOT / "examples" / "gitlab"

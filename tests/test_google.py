@@ -19,10 +19,10 @@ import jwt
 import pytest
 
 from mailroom import check
-from mailroom.auth import TokenProviders
 from mailroom.config import GoogleOAuthConfig, ImapMailboxConfig, parse_config
 from mailroom.errors import TokenError
-from mailroom.google_auth import GoogleTokenProvider
+from mailroom.trust.google import GoogleTokenProvider
+from mailroom.trust.providers import TokenProviders
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
 from tests.servers import tls
 from tests.servers.dovecot import Account, Dovecot

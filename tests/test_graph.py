@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from mailroom.auth import TokenProvider
 from mailroom.config import ConfigError, GraphMailboxConfig, parse_config
 from mailroom.sources.graph import FAILED_CATEGORY, MAX_PAGES, idempotency_key
+from mailroom.trust.entra import TokenProvider
 from tests.helpers import config_dict, message, running, wait_until
 from tests.servers import tls
 from tests.servers.entra import EntraGraph

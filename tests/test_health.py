@@ -13,10 +13,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailroom import supervisor
-from mailroom.config import ConfigError, origin, parse_config
+from mailroom.config import ConfigError, parse_config
 from mailroom.envelope import Outcome
-from mailroom.health import GRAPH_GRACE_S, Health
+from mailroom.observe.health import GRAPH_GRACE_S, Health
+from mailroom.redact import origin
+from mailroom.runtime import supervisor
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.webhook import WebhookReceiver

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from mailroom import dispatch, mime
-from mailroom.message import Address, Attachment, ParsedMessage, parse
-from mailroom.notices import Notice, NoticeRecipient, build_notice, notice_recipient
-from mailroom.routing import AddressTemplate, RoutingRules
+from mailroom.delivery import dispatch
+from mailroom.delivery.notices import Notice, NoticeRecipient, build_notice, notice_recipient
+from mailroom.mail import mime
+from mailroom.mail.message import Address, Attachment, ParsedMessage, parse
+from mailroom.mail.routing import AddressTemplate, RoutingRules
 from tests.helpers import logged, make_config, running
 from tests.hostile import NOW, SENDER, assert_safe_notice, assert_strict_payload
 from tests.servers.dovecot import Account, Dovecot

@@ -13,10 +13,10 @@ import jwt
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from mailroom import tls
 from mailroom.config import parse_config
-from mailroom.delivery import SLICED_BODY_BYTES
+from mailroom.delivery.posting import SLICED_BODY_BYTES
 from mailroom.sources.imap import idempotency_key
+from mailroom.trust import tls
 from tests.helpers import (
     WHSEC,
     config_dict,
@@ -385,7 +385,7 @@ async def test_an_internal_error_dead_letters_instead_of_looping(
     def broken(*args: object) -> None:
         raise RuntimeError("a bug in routing")
 
-    monkeypatch.setattr("mailroom.dispatch.routing.decide", broken)
+    monkeypatch.setattr("mailroom.delivery.dispatch.routing.decide", broken)
     await dovecot.aappend(account, message(1))
     async with running(make_config(dovecot, account, webhook.url)):
         await wait_until(

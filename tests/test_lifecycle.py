@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 
-from mailroom.budget import Budget
-from mailroom.circuit import Circuit
 from mailroom.config import parse_config
 from mailroom.config.model import ImapMailboxConfig
+from mailroom.delivery.circuit import Circuit
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ImapAuthError, ImapConnectionLost, TokenError
-from mailroom.monitor import Monitor
+from mailroom.observe.monitor import Monitor
+from mailroom.sources.budget import Budget
+from mailroom.sources.imap import search_criteria
 from mailroom.sources.lifecycle import AUTH_BACKOFF_INITIAL_S, Source
 from tests.helpers import config_dict
 
@@ -331,4 +332,4 @@ def test_search_command_is_combined_with_unseen_and_not_failed(
            "password": "p", "search_command": command, "search_command_exact": exact}  # fmt: skip
     mailbox = parse_config(config_dict([box], "http://127.0.0.1:1/"), env={}).mailboxes[0]
     assert isinstance(mailbox, ImapMailboxConfig)
-    assert mailbox.search_criteria == criteria
+    assert search_criteria(mailbox) == criteria

@@ -11,10 +11,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailroom import cli, routing
+from mailroom import cli
 from mailroom.config import ConfigError, GraphMailboxConfig, ImapMailboxConfig
+from mailroom.delivery.webhook import request_headers
 from mailroom.gitlab import load_mail_room
-from mailroom.webhook import request_headers
+from mailroom.mail import routing
 from tests.helpers import message, running
 from tests.servers.dovecot import Dovecot
 from tests.servers.webhook import WebhookReceiver

@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailroom.config import ConfigError, origin, parse_config
+from mailroom.config import ConfigError, parse_config
+from mailroom.redact import origin
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.proxy import TcpServer, pump

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailroom import mime
-from mailroom.message import (
+from mailroom.mail import mime
+from mailroom.mail.message import (
     MAX_ADDRESSES,
     Address,
     Attachment,
@@ -35,7 +35,7 @@ from mailroom.message import (
     parse,
     scan_addresses,
 )
-from mailroom.mime import Part, header_fields
+from mailroom.mail.mime import Part, header_fields
 
 EML = Path(__file__).parent / "eml"
 ALL_FIXTURES = sorted(p.name for p in EML.glob("*.eml"))

@@ -10,8 +10,8 @@ from email.message import Message
 
 import pytest
 
-from mailroom import mime
-from mailroom.mime import Part, decode_bytes, read, split_params
+from mailroom.mail import mime
+from mailroom.mail.mime import Part, decode_bytes, read, split_params
 
 NO_SURROGATE = "".join(chr(c) for c in range(0xD800, 0xE000))
 

@@ -9,10 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from mailroom.authresults import AuthResult, authenticated_sender, parse_authentication_results
-from mailroom.message import ParsedMessage, parse
-from mailroom.notices import Notice, NoticeRecipient, RateLimiter, build_notice, notice_recipient
-from mailroom.routing import AddressTemplate, Ignore, RoutingRules, decide
+from mailroom.delivery.notices import (
+    Notice,
+    NoticeRecipient,
+    RateLimiter,
+    build_notice,
+    notice_recipient,
+)
+from mailroom.mail.authresults import AuthResult, authenticated_sender, parse_authentication_results
+from mailroom.mail.message import ParsedMessage, parse
+from mailroom.mail.routing import AddressTemplate, Ignore, RoutingRules, decide
 
 EML = Path(__file__).parent / "eml"
 RULES = RoutingRules(

@@ -31,7 +31,7 @@ from mailroom.config import (
 )
 from mailroom.config.oauth import load_private_key, service_account_key
 from mailroom.errors import TokenError
-from mailroom.google_auth import GoogleTokenProvider, refusal
+from mailroom.trust.google import GoogleTokenProvider, refusal
 from tests.servers.google import ServiceAccount, key_file_text
 from tests.servers.keys import key_pair
 
@@ -470,7 +470,7 @@ def test_fuzz_token_endpoint_answers(status: int, answer: dict[str, Any] | bytes
     provider = GoogleTokenProvider(config.oauth, label="fuzz")
     issued = answer.get("access_token") if isinstance(answer, dict) else None
     try:
-        with mock.patch("mailroom.google_auth._Session", lambda *args: session):
+        with mock.patch("mailroom.trust.google.HttpSession", lambda *args: session):
             token = asyncio.run(provider.token())
     except TokenError as exc:
         assert SECRET not in str(exc) and REFRESH not in str(exc)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mailroom import check
 from mailroom.config import ConfigError, parse_config
-from mailroom.proxies import proxy_for
+from mailroom.trust.proxies import proxy_for
 from tests.helpers import config_dict, mailbox_dict, message, running
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.entra import EntraGraph

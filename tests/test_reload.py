@@ -17,8 +17,8 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from mailroom import supervisor
 from mailroom.config import Config, load_config, parse_config
+from mailroom.runtime import supervisor
 from tests.helpers import Process, config_dict, mailbox_dict, message, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.redis import RedisServer

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mailroom.message import parse
-from mailroom.routing import (
+from mailroom.mail.message import parse
+from mailroom.mail.routing import (
     AUTO_GENERATED_RULES,
     CANDIDATE_HEADERS,
     AddressTemplate,

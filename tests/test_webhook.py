@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mailroom import message, routing
+from mailroom.delivery.webhook import build_payload, payload_body
 from mailroom.envelope import Envelope, Outcome
-from mailroom.webhook import build_payload, payload_body
+from mailroom.mail import message, routing
 
 EML = Path(__file__).parent / "eml"
 

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailroom import message, routing
 from mailroom.config import ConfigError, WebhookConfig, parse_config
+from mailroom.delivery.webhook import Rejected, classify, request_headers
 from mailroom.envelope import Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
-from mailroom.webhook import Rejected, classify, request_headers
+from mailroom.mail import message, routing
 
 EML = Path(__file__).parent / "eml"
 KEY = bytes(range(32))

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from mailroom.arbitration.store import Lease, RedisStore
 from mailroom.config import Config, MailboxConfig
 from mailroom.errors import ArbitrationError
-from mailroom.monitor import Monitor
+from mailroom.observe.monitor import Monitor
 
 __all__ = ["Coordinator"]
 

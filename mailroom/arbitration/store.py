@@ -33,9 +33,9 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
 
-from mailroom import tls
 from mailroom.config import ArbitrationConfig
 from mailroom.errors import ArbitrationError
+from mailroom.trust import tls
 
 __all__ = ["COMMAND_TIMEOUT_S", "Lease", "RedisStore"]
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import secrets
 
-from mailroom import message, routing
 from mailroom.check import endpoints, mailboxes, replicas
 from mailroom.check.endpoints import TEST_EVENT
 from mailroom.check.report import Outcome, Report, Result
-from mailroom.config import Config, ImapMailboxConfig
-from mailroom.webhook import labels
+from mailroom.config import Config, ImapMailboxConfig, webhook_labels
+from mailroom.mail import message, routing
 
 __all__ = ["TEST_EVENT", "Report", "Result", "run"]
 
@@ -109,7 +108,7 @@ async def run(config: Config, *, path: str, send_test: bool, report: Report) -> 
             await mailboxes.imap(report, mailbox)
         else:
             await mailboxes.graph(report, mailbox)
-    for webhook, label in labels(m.webhook for m in config.mailboxes).items():
+    for webhook, label in webhook_labels(m.webhook for m in config.mailboxes).items():
         await endpoints.webhook(report, webhook, send_test=send_test, label=label)
     await endpoints.smtp(report, config)
     await replicas.run(report, config)

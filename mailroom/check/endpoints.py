@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from mailroom import reject
 from mailroom.check.net import (
     CONNECT_TIMEOUT_S,
     certificate,
@@ -23,10 +22,12 @@ from mailroom.check.net import (
     tcp,
 )
 from mailroom.check.report import Failed, Outcome, Report, Status, Target
-from mailroom.config import Config, WebhookConfig, origin
-from mailroom.proxies import proxy_for
-from mailroom.tls import client_context
-from mailroom.webhook import request_headers
+from mailroom.config import Config, WebhookConfig
+from mailroom.delivery import reject
+from mailroom.delivery.webhook import request_headers
+from mailroom.redact import origin
+from mailroom.trust.proxies import proxy_for
+from mailroom.trust.tls import client_context
 
 __all__ = ["TEST_EVENT", "smtp", "webhook"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
-from mailroom.auth import TokenProvider, token_provider
 from mailroom.check import route
 from mailroom.check.net import certificate, tcp
 from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
@@ -19,7 +18,10 @@ from mailroom.sources.graph_client import (
     read_mime,
     user_url,
 )
+from mailroom.sources.imap import search_criteria
 from mailroom.sources.imap_session import ImapSession
+from mailroom.trust.entra import TokenProvider
+from mailroom.trust.providers import token_provider
 
 __all__ = ["backlog", "graph", "imap"]
 
@@ -74,7 +76,7 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
 
     async def unseen() -> Outcome:
         assert session is not None
-        uids = await session.search(config.search_criteria)  # what the run searches
+        uids = await session.search(search_criteria(config))  # what the run searches
         tally = route.Tally()
         for start in range(0, min(len(uids), COUNT_AT_MOST), COUNT_BATCH):
             batch = uids[start : min(start + COUNT_BATCH, COUNT_AT_MOST)]
@@ -154,7 +156,7 @@ def backlog(tally: route.Tally, found: int, config: MailboxConfig, *, more: str 
     search = "are unread"
     if isinstance(config, ImapMailboxConfig):
         search = f"match search_command {config.search_command}"
-        if " UNSEEN " in f" {config.search_criteria} " and "UNSEEN" not in search.upper():
+        if " UNSEEN " in f" {search_criteria(config)} " and "UNSEEN" not in search.upper():
             search += " and are unseen (mailroom adds UNSEEN)"
     if not found:
         return "OK", f"no messages {search}: the first start finds none waiting"

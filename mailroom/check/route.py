@@ -13,11 +13,13 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from mailroom import decision, message, routing
-from mailroom.config import Config, MailboxConfig, origin
-from mailroom.decision import Action, Verdict, dead_letter_text, notice_text
+from mailroom.config import Config, MailboxConfig
+from mailroom.delivery.dispatch import dead_letter_text, notice_text
+from mailroom.delivery.webhook import build_payload
 from mailroom.envelope import Envelope, Outcome
-from mailroom.webhook import build_payload
+from mailroom.mail import decision, message, routing
+from mailroom.mail.decision import Action, Verdict
+from mailroom.redact import origin
 
 __all__ = ["Action", "Tally", "Verdict", "decide", "describe"]
 
@@ -28,7 +30,7 @@ def decide(raw: bytes, mailbox: MailboxConfig, *, size: int | None = None) -> Ve
     """The decision the dispatcher takes for ``raw`` (``size``: the server's RFC822.SIZE,
     when ``raw`` is only the header block)."""
     too_large = (size if size is not None else len(raw)) > mailbox.max_message_bytes
-    return decision.decide(message.parse(raw), mailbox, too_large=too_large)
+    return decision.decide(message.parse(raw), mailbox.routing, too_large=too_large)
 
 
 class Tally:

@@ -13,49 +13,52 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mailroom import credentials
 from mailroom.config.document import load as load_yaml
 from mailroom.config.mailboxes import (
-    _mailbox,
+    parse_mailbox,
 )
 from mailroom.config.model import (
     ArbitrationConfig,
     BasicAuth,
-    ClientCertificate,
     Config,
     CredentialsConfig,
-    GoogleOAuthConfig,
-    GoogleRefreshToken,
-    GoogleServiceAccount,
     GraphInboxOptions,
     GraphMailboxConfig,
     HealthConfig,
     ImapMailboxConfig,
-    ImapOAuthConfig,
     JwtConfig,
     LimitsConfig,
     LogConfig,
     MailboxConfig,
-    OAuthConfig,
     RejectNoticesConfig,
     ReloadConfig,
     RetryConfig,
-    Secret,
     SmtpConfig,
     WebhookConfig,
+    webhook_labels,
 )
-from mailroom.config.reader import Section, missing, origin, shown
+from mailroom.config.reader import Section, missing, shown
 from mailroom.config.sample import SAMPLE_HINT
 from mailroom.config.sections import (
-    _arbitration,
-    _health,
-    _limits,
-    _reject_notices,
-    _routing,
-    _warnings,
-    _webhook,
+    load_warnings,
+    parse_arbitration,
+    parse_health,
+    parse_limits,
+    parse_reject_notices,
+    parse_routing,
+    parse_webhook,
 )
 from mailroom.errors import ConfigError, CredentialsError
+from mailroom.trust import credentials
+from mailroom.trust.values import (
+    ClientCertificate,
+    GoogleOAuthConfig,
+    GoogleRefreshToken,
+    GoogleServiceAccount,
+    ImapOAuthConfig,
+    OAuthConfig,
+    Secret,
+)
 
 __all__ = [
     "ArbitrationConfig",
@@ -85,8 +88,8 @@ __all__ = [
     "WebhookConfig",
     "credentials_config",
     "load_config",
-    "origin",
     "parse_config",
+    "webhook_labels",
 ]
 
 
@@ -107,7 +110,7 @@ def parse_config(
         raise ConfigError("", f"{len(problems)} settings cannot be read; fix them all:{lines}")
     root = Section(data, "", env, base_dir)
     webhook_raw = root.raw("webhook")
-    top_webhook = _webhook(Section(webhook_raw, "webhook", root.env, root.base_dir))
+    top_webhook = parse_webhook(Section(webhook_raw, "webhook", root.env, root.base_dir))
     raw_mailboxes = root.raw("mailboxes")
     if not isinstance(raw_mailboxes, list) or not raw_mailboxes:
         root.fail("mailboxes", "expected a list with at least one mailbox")
@@ -117,7 +120,9 @@ def parse_config(
         credentials_settings = _credentials_config(credentials_section)
         stored, credentials_warnings = _load_credentials(credentials_settings, root.env)
     mailboxes = tuple(
-        _mailbox(Section(item, f"mailboxes[{i}]", root.env, root.base_dir), webhook_raw, i, stored)
+        parse_mailbox(
+            Section(item, f"mailboxes[{i}]", root.env, root.base_dir), webhook_raw, i, stored
+        )
         for i, item in enumerate(raw_mailboxes)
     )
     credentials_warnings += [
@@ -135,7 +140,7 @@ def parse_config(
         seen.add(mailbox.id)
     notices, notice_address = None, None
     if (notices_section := root.section("reject_notices")) is not None:
-        notices, notice_address = _reject_notices(notices_section)
+        notices, notice_address = parse_reject_notices(notices_section)
     if notice_address is not None:  # never send a notice to ourselves (nor loop: X-Loop)
         mailboxes = tuple(
             replace(
@@ -147,7 +152,7 @@ def parse_config(
             for m in mailboxes
         )
     if (routing_section := root.section("routing")) is not None:
-        mode, forward_auto = _routing(routing_section)
+        mode, forward_auto = parse_routing(routing_section)
         mailboxes = tuple(
             replace(m, routing=replace(m.routing, mode=mode, forward_auto_generated=forward_auto))
             for m in mailboxes
@@ -161,13 +166,13 @@ def parse_config(
         log_section.done()
     health = None
     if (health_section := root.section("health")) is not None:
-        health = _health(health_section)
+        health = parse_health(health_section)
     limits = LimitsConfig()
     if (limits_section := root.section("limits")) is not None:
-        limits = _limits(limits_section)
+        limits = parse_limits(limits_section)
     arbitration = ArbitrationConfig()
     if (arbitration_section := root.section("arbitration")) is not None:
-        arbitration = _arbitration(arbitration_section)
+        arbitration = parse_arbitration(arbitration_section)
     reload = ReloadConfig()
     if (reload_section := root.section("reload")) is not None:
         reload = ReloadConfig(
@@ -185,7 +190,7 @@ def parse_config(
         limits=limits,
         arbitration=arbitration,
         reload=reload,
-        warnings=_warnings(mailboxes, notices, top_webhook) + tuple(credentials_warnings),
+        warnings=load_warnings(mailboxes, notices, top_webhook) + tuple(credentials_warnings),
         credentials=credentials_settings,
     )
     root.done()
@@ -226,7 +231,7 @@ def credentials_config(
 ) -> CredentialsConfig:
     """Only the ``credentials:`` block of a config file, for ``mailroom credentials``: it
     must work before the credentials exist, when the whole config cannot load yet."""
-    data = _read_yaml(Path(path))
+    data = read_yaml(Path(path))
     if not isinstance(data, dict) or data.get("credentials") is None:
         raise ConfigError(
             "credentials",
@@ -242,10 +247,10 @@ def credentials_config(
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML config file."""
     file = Path(path)
-    return parse_config(_read_yaml(file), env=env, base_dir=file.parent)
+    return parse_config(read_yaml(file), env=env, base_dir=file.parent)
 
 
-def _read_yaml(file: Path) -> Any:
+def read_yaml(file: Path) -> Any:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -19,10 +19,10 @@ import yaml
 from yaml.constructor import ConstructorError
 
 from mailroom.errors import ConfigError
+from mailroom.redact import key_name
 
-__all__ = ["WORD", "Invalid", "key_name", "load", "walk"]
+__all__ = ["Invalid", "load", "walk"]
 
-WORD = re.compile(r"[^\s\x00-\x1f\x7f]{1,40}")  # what an error may quote: a short single word
 
 _UNDEFINED_ALIAS = "tag:mailroom,2024:undefined-alias"
 _QUOTED = re.compile(r"""\s*(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
@@ -221,11 +221,3 @@ def _join(path: str, key: Any, index: bool) -> str:
         return f"{path}[{key}]"
     name = key_name(key)
     return f"{path}.{name}" if path else name
-
-
-def key_name(key: Any) -> str:
-    """A key as an error shows it: itself when it is a short word (every key mailroom knows
-    is one), else only what it is (a secret may have ended up as a key)."""
-    if isinstance(key, str):
-        return key if WORD.fullmatch(key) else f"<a key of {len(key)} characters>"
-    return f"<a key of type {type(key).__name__}>"

@@ -5,27 +5,28 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mailroom import credentials, routing
-from mailroom.config.document import WORD
 from mailroom.config.model import (
     GraphInboxOptions,
     GraphMailboxConfig,
     ImapMailboxConfig,
     MailboxConfig,
-    Secret,
     WebhookConfig,
 )
 from mailroom.config.oauth import entra, imap_oauth
 from mailroom.config.reader import (
-    _HOST_RE,
+    HOST_RE,
     IDLE_TIMEOUT_MAX_S,
     Section,
-    _address,
     kind,
+    parse_address,
     shown,
     suggestion,
 )
-from mailroom.config.sections import _webhook
+from mailroom.config.sections import parse_webhook
+from mailroom.mail import routing
+from mailroom.redact import WORD
+from mailroom.trust import credentials
+from mailroom.trust.values import Secret
 
 
 def _stored_login(
@@ -51,7 +52,7 @@ def _user(section: Section, login: credentials.StoredLogin | None, *, stored: bo
     return login.user
 
 
-def _mailbox(
+def parse_mailbox(
     section: Section,
     webhook_raw: dict[str, Any],
     index: int,
@@ -172,7 +173,7 @@ def _mailbox_webhook(section: Section, webhook_raw: dict[str, Any]) -> WebhookCo
         if not isinstance(override, dict):
             section.fail("webhook", f"expected a mapping of webhook keys, got {kind(override)}")
         merged.update(override)
-    return _webhook(Section(merged, section.where("webhook"), section.env, section.base_dir))
+    return parse_webhook(Section(merged, section.where("webhook"), section.env, section.base_dir))
 
 
 def _graph_mailbox(
@@ -224,7 +225,7 @@ def _routing_rules(
 ) -> routing.RoutingRules:
     """``reply_host``, ``ignore_auto_generated`` and ``own_addresses`` of one mailbox."""
     reply_host = section.text("reply_host", None)
-    if reply_host is not None and not _HOST_RE.fullmatch(reply_host.lower()):
+    if reply_host is not None and not HOST_RE.fullmatch(reply_host.lower()):
         section.fail(
             "reply_host", f"{shown(reply_host)} is not a host name; write it like example.com"
         )
@@ -245,7 +246,9 @@ def _routing_rules(
     for i, item in enumerate(raw_own):
         if not isinstance(item, str):
             section.fail(f"own_addresses[{i}]", f"expected an address, got {kind(item)}")
-        own.add(_address(section, f"own_addresses[{i}]", section._expand("own_addresses", item)))
+        own.add(
+            parse_address(section, f"own_addresses[{i}]", section.expand("own_addresses", item))
+        )
     return routing.RoutingRules(
         address=address,
         reply_host=reply_host,

@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mailroom import routing
-
-
-class Secret:
-    """A secret string that never shows itself in ``repr``, ``str`` or a log line."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+from mailroom.mail import routing
+from mailroom.redact import origin
+from mailroom.trust.values import (
+    ClientCertificate,
+    ImapOAuthConfig,
+    OAuthConfig,
+    Secret,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +85,19 @@ class WebhookConfig:
         return self.content_type or "message/rfc822"
 
 
+def webhook_labels(webhooks: Iterable[WebhookConfig]) -> dict[WebhookConfig, str]:
+    """A name for each webhook, fit for logs and metric labels: its ``scheme://host:port``
+    (a path or a query can hold a credential), plus a short digest of the whole URL where two
+    webhooks share an origin."""
+    unique = list(dict.fromkeys(webhooks))
+    origins = [origin(hook.url) for hook in unique]
+    named = {}
+    for hook, name in zip(unique, origins, strict=True):
+        digest = hashlib.sha256(hook.url.encode()).hexdigest()[:6]
+        named[hook] = f"{name}~{digest}" if origins.count(name) > 1 else name
+    return named
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ImapMailboxConfig:
     """One IMAP mailbox, in the vocabulary of GitLab's ``incoming_email`` settings."""
@@ -124,107 +123,6 @@ class ImapMailboxConfig:
     failed_folder: str | None = None
     max_message_bytes: int = 26_214_400
     webhook: WebhookConfig
-
-    @property
-    def search_criteria(self) -> str:
-        """What is searched for: ``search_command`` and UNSEEN and not dead-lettered, so that
-        criteria like ``ALL`` cannot find settled mail again (unless ``search_command_exact``).
-        RFC 3501 §6.4.4: search keys are ANDed, and CHARSET may only come first."""
-        if self.search_command_exact:
-            return self.search_command
-        tokens = self.search_command.upper().split()
-        unseen = "" if {"UNSEEN", "NEW"} & set(tokens) else " UNSEEN"
-        return f"{self.search_command}{unseen} NOT KEYWORD {FAILED_KEYWORD}"
-
-
-FAILED_KEYWORD = "$MailroomFailed"  # the IMAP keyword of a dead letter without failed_folder
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClientCertificate:
-    """An Entra ID certificate credential: the app signs a client assertion with this key
-    (``private_key_jwt``, RFC 7523 §2.2) and Entra finds the certificate uploaded to the app
-    registration by its thumbprint. Checked at load: an RSA key that loads."""
-
-    private_key: Secret = field(repr=False)  # PEM (PKCS#8, unencrypted), without the certificate
-    thumbprint: str  # SHA-1 of the certificate (DER): 40 upper-case hex digits, as Entra shows it
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OAuthConfig:
-    """An Entra ID app registration asking for client-credentials tokens (RFC 6749 §4.4), with
-    a client secret or a certificate (exactly one of them, checked at load)."""
-
-    tenant_id: str
-    client_id: str
-    client_secret: Secret | None = field(default=None, repr=False)
-    client_certificate: ClientCertificate | None = None
-    azure_ad_endpoint: str = "https://login.microsoftonline.com"  # authority host, no tenant
-    scope: str = "https://outlook.office365.com/.default"
-    ca_file: str | None = None  # trusted on top of the system store, for a private CA
-    tls_verify: bool = True
-    proxy: str | None = field(default=None, repr=False)  # None: the environment; "direct"
-
-    @property
-    def authority(self) -> str:
-        return f"{self.azure_ad_endpoint}/{self.tenant_id}"
-
-    @property
-    def client(self) -> str:
-        """Who asks for tokens, for log lines and messages (no secret)."""
-        return f"client {self.client_id}"
-
-
-GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
-GMAIL_SCOPE = "https://mail.google.com/"  # the only scope that Gmail's IMAP accepts
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GoogleServiceAccount:
-    """A Google service account's JSON key (a secret) for domain-wide delegation; checked at
-    load (``type``, ``client_email``, ``client_id``, an RSA ``private_key`` that loads)."""
-
-    key: Secret = field(repr=False)  # the key file's JSON text
-    client_email: str
-    client_id: str  # the "unique ID" that the Admin console's domain-wide delegation names
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GoogleRefreshToken:
-    """An installed (desktop) app's OAuth client and the refresh token a user granted it
-    (RFC 6749 §6)."""
-
-    client_id: str
-    client_secret: Secret = field(repr=False)
-    refresh_token: Secret = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GoogleOAuthConfig:
-    """``oauth: {provider: google}``: Gmail and Google Workspace access tokens for XOAUTH2.
-
-    A service account acts as ``subject`` (the mailbox's ``user``); a refresh token acts as
-    the user who granted it, and ``subject`` is None. One token source per (credential,
-    subject): mailboxes that name the same share it."""
-
-    credential: GoogleServiceAccount | GoogleRefreshToken
-    subject: str | None = None
-    token_uri: str = GOOGLE_TOKEN_URI
-    scope: str = GMAIL_SCOPE
-    ca_file: str | None = None  # trusted on top of the system store, for a private CA
-    tls_verify: bool = True
-    proxy: str | None = field(default=None, repr=False)  # None: the environment; "direct"
-
-    @property
-    def client(self) -> str:
-        """Who asks for tokens, for log lines and messages (no secret)."""
-        credential = self.credential
-        if isinstance(credential, GoogleServiceAccount):
-            return f"service account {credential.client_email} as {self.subject}"
-        return f"client {credential.client_id}"
-
-
-ImapOAuthConfig = OAuthConfig | GoogleOAuthConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,7 +23,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from mailroom.config.model import (
+from mailroom.config.reader import Section, shown
+from mailroom.trust.values import (
     GOOGLE_TOKEN_URI,
     ClientCertificate,
     GoogleOAuthConfig,
@@ -33,7 +34,6 @@ from mailroom.config.model import (
     OAuthConfig,
     Secret,
 )
-from mailroom.config.reader import Section, shown
 
 __all__ = ["entra", "imap_oauth", "load_private_key", "service_account_key"]
 

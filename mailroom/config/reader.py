@@ -15,16 +15,17 @@ import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
-from mailroom import tls
-from mailroom.config.document import WORD, key_name, walk
-from mailroom.config.model import Secret
+from mailroom.config.document import walk
 from mailroom.errors import ConfigError
+from mailroom.redact import WORD, key_name, origin
+from mailroom.trust import tls
+from mailroom.trust.values import Secret
 
-_REQUIRED: Any = object()  # the default of a required key
+REQUIRED: Any = object()  # the default of a required key
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
+HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 
 # RFC 2177 §3: clients should re-issue IDLE at least every 29 minutes.
 IDLE_TIMEOUT_MAX_S = 1740
@@ -71,30 +72,6 @@ def suggestion(name: str, known: Iterable[str]) -> str:
     """``; did you mean password?`` for a close match of ``name`` among ``known``, or ``""``."""
     close = _closest(name, known)
     return f"; did you mean {close}?" if close else ""
-
-
-def origin(url: str) -> str:
-    """``scheme://host:port`` of ``url``: what may be shown of it (a path or query, or a
-    ``user:password@``, can hold a credential). A port that is not a number is shown as ?."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(not a URL)"
-    host = parts.hostname or ""
-    try:
-        port: int | str | None = parts.port
-    except ValueError:
-        port = _port_text(parts)
-    if port is None:
-        port = 443 if parts.scheme == "https" else 80
-    scheme = parts.scheme if WORD.fullmatch(parts.scheme or "-") else "?"
-    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
-
-
-def _port_text(parts: SplitResult) -> str:
-    hostport = parts.netloc.rpartition("@")[2].rpartition("]")[2]
-    text = hostport.rpartition(":")[2] if ":" in hostport else ""
-    return text if text.isdigit() and len(text) <= 10 else "?"
 
 
 def read_file(base_dir: Path, name: str, *, secret: bool) -> str:
@@ -162,18 +139,18 @@ class Section:
                 self._fail(self.path, f"unknown key {key_name(close[0])}; did you mean {name}?")
         self.fail(key, message)
 
-    def raw(self, key: str, default: Any = _REQUIRED) -> Any:
+    def raw(self, key: str, default: Any = REQUIRED) -> Any:
         self.used.add(key)
         value = self.data.get(key)
         if value is None:
-            if default is _REQUIRED:
+            if default is REQUIRED:
                 self.required(key)
             return default
         if isinstance(value, str):
-            value = self._expand(key, value)
+            value = self.expand(key, value)
         return value
 
-    def _expand(self, key: str, value: str) -> str:
+    def expand(self, key: str, value: str) -> str:
         def substitute(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in self.env:
@@ -184,7 +161,7 @@ class Section:
 
         return _ENV_RE.sub(substitute, value)
 
-    def text(self, key: str, default: Any = _REQUIRED) -> Any:
+    def text(self, key: str, default: Any = REQUIRED) -> Any:
         value = self.raw(key, default)
         if value is None or value is default:
             return value
@@ -249,7 +226,7 @@ class Section:
     def url(
         self,
         key: str,
-        default: Any = _REQUIRED,
+        default: Any = REQUIRED,
         *,
         schemes: tuple[str, ...] = ("https",),
         query: bool = False,
@@ -335,7 +312,7 @@ class Section:
             if not isinstance(value, str):
                 # YAML reads an unquoted 0755 as 493 and 1_000 as 1000: never guess a secret.
                 self.fail(key, f"expected a string, got {kind(value)}; put the value in quotes")
-            return Secret(self._expand(key, value))
+            return Secret(self.expand(key, value))
         self.used.update((key, file_key))
         if required:
             self.required(key, f"is required (or {file_key} naming a file that holds it)")
@@ -381,7 +358,7 @@ def kind(value: Any) -> str:
     )
 
 
-def _address(section: Section, key: str, value: str) -> str:
+def parse_address(section: Section, key: str, value: str) -> str:
     """The addr-spec of ``value`` (``Name <a@b>`` or ``a@b``), or a ConfigError."""
     address = email.utils.parseaddr(value)[1]
     if "@" not in address or not address.partition("@")[0] or " " in address:

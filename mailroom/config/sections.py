@@ -7,7 +7,6 @@ import binascii
 import re
 from typing import Literal, cast
 
-from mailroom import routing
 from mailroom.config.model import (
     NOTICE_RETRY,
     ArbitrationConfig,
@@ -19,18 +18,20 @@ from mailroom.config.model import (
     MailboxConfig,
     RejectNoticesConfig,
     RetryConfig,
-    Secret,
     SmtpConfig,
     WebhookConfig,
 )
-from mailroom.config.reader import _REQUIRED, Section, _address, kind, origin, shown
+from mailroom.config.reader import REQUIRED, Section, kind, parse_address, shown
+from mailroom.mail import routing
+from mailroom.redact import origin
+from mailroom.trust.values import Secret
 
 # RFC 9110 §8.3.1: type "/" subtype *( OWS ";" OWS parameter ), parameter = token "=" value.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _MEDIA_TYPE = re.compile(rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\r\n]*"))*')
 
 
-def _webhook(section: Section) -> WebhookConfig:
+def parse_webhook(section: Section) -> WebhookConfig:
     # A query may hold the receiver's token: allowed, and never shown (origin() only).
     url = section.url(
         "url", schemes=("http", "https"), query=True, userinfo="use webhook.basic or webhook.token"
@@ -91,7 +92,7 @@ def _webhook(section: Section) -> WebhookConfig:
     return config
 
 
-def _routing(section: Section) -> tuple[routing.RoutingMode, bool]:
+def parse_routing(section: Section) -> tuple[routing.RoutingMode, bool]:
     """Top-level ``routing: {mode: match | forward_all, forward_auto_generated: false}``: the
     mode and the switch it sets on every mailbox's ``RoutingRules``."""
     mode = routing.RoutingMode(section.choice("mode", "match", ("match", "forward_all")))
@@ -183,11 +184,11 @@ def _smtp(section: Section) -> SmtpConfig:
     return config
 
 
-def _reject_notices(section: Section) -> tuple[RejectNoticesConfig | None, str | None]:
+def parse_reject_notices(section: Section) -> tuple[RejectNoticesConfig | None, str | None]:
     """The notices config (None with ``enabled: false``) and the ``from`` address, if given."""
     enabled = section.flag("enabled", True)
-    sender = section.text("from", _REQUIRED if enabled else None)
-    sender_address = None if sender is None else _address(section, "from", sender)
+    sender = section.text("from", REQUIRED if enabled else None)
+    sender_address = None if sender is None else parse_address(section, "from", sender)
     smtp_section = section.section("smtp")
     if smtp_section is None and enabled:
         section.fail(
@@ -224,7 +225,7 @@ def _reject_notices(section: Section) -> tuple[RejectNoticesConfig | None, str |
         smtp=smtp,
         require_authenticated_sender=require_authenticated_sender,
         trusted_authserv_ids=frozenset(
-            section._expand("trusted_authserv_ids", i).lower() for i in raw_ids
+            section.expand("trusted_authserv_ids", i).lower() for i in raw_ids
         ),
         footer=footer,
         retry=retry,
@@ -232,7 +233,7 @@ def _reject_notices(section: Section) -> tuple[RejectNoticesConfig | None, str |
     return config, sender_address
 
 
-def _warnings(
+def load_warnings(
     mailboxes: tuple[MailboxConfig, ...],
     notices: RejectNoticesConfig | None,
     webhook: WebhookConfig,
@@ -274,7 +275,7 @@ def _warnings(
     return tuple(found)
 
 
-def _health(section: Section) -> HealthConfig:
+def parse_health(section: Section) -> HealthConfig:
     """``health: {listen: "host:port", stall_after: seconds}``."""
     listen = str(section.text("listen", "127.0.0.1:8080"))
     host, _, port = listen.rpartition(":")
@@ -308,7 +309,7 @@ def _ready_when(section: Section) -> Literal["all", "any"] | float:
     return fraction
 
 
-def _limits(section: Section) -> LimitsConfig:
+def parse_limits(section: Section) -> LimitsConfig:
     """``limits: {in_flight_messages, in_flight_bytes, connects}``, process-wide."""
     default = LimitsConfig()
     config = LimitsConfig(
@@ -324,7 +325,7 @@ def _limits(section: Section) -> LimitsConfig:
     return config
 
 
-def _arbitration(section: Section) -> ArbitrationConfig:
+def parse_arbitration(section: Section) -> ArbitrationConfig:
     """``arbitration: {method: redis, url: ..., lease_ttl, ...}`` (docs/scaling.md, "Replicas")."""
     method = section.choice("method", "none", ("none", "redis"))
     if method == "none":

@@ -26,11 +26,11 @@ from mailroom.config import (
     ImapMailboxConfig,
     MailboxConfig,
     Secret,
-    _read_yaml,
     parse_config,
+    read_yaml,
 )
-from mailroom.config.document import key_name
 from mailroom.errors import ConfigError
+from mailroom.redact import key_name
 
 __all__ = ["PLACEHOLDER", "Source", "build", "literal", "read_overlay", "secret_text"]
 
@@ -79,7 +79,7 @@ def secret_text(value: Any, where: str) -> str | None:
 
 def read_overlay(overlay: Path | None) -> dict[str, Any]:
     """The optional mailroom YAML (``-c``) as a mapping; ``{}`` without one."""
-    extra: dict[str, Any] = _read_yaml(overlay) if overlay is not None else {}
+    extra: dict[str, Any] = read_yaml(overlay) if overlay is not None else {}
     if not isinstance(extra, dict):
         raise ConfigError(str(overlay), "expected a mapping of mailroom keys (log, health, ...)")
     return extra

@@ -18,8 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mailroom.config import Config, _read_yaml
-from mailroom.config.document import key_name
+from mailroom.config import Config, read_yaml
 from mailroom.config.reader import IDLE_TIMEOUT_MAX_S
 from mailroom.errors import ConfigError
 from mailroom.gitlab.compose import (
@@ -30,6 +29,7 @@ from mailroom.gitlab.compose import (
     read_overlay,
     secret_text,
 )
+from mailroom.redact import key_name
 
 __all__ = ["load_mail_room"]
 
@@ -83,14 +83,14 @@ def load_mail_room(
     try:
         erb = "<%" in file.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        erb = False  # _read_yaml says what is wrong with the file
+        erb = False  # read_yaml says what is wrong with the file
     if erb:
         raise ConfigError(
             str(file),
             "is an ERB template (GitLab's config/mail_room.yml); mailroom reads GitLab's "
             "settings directly: run with --gitlab-config config/gitlab.yml instead",
         )
-    document = _read_yaml(file)
+    document = read_yaml(file)
     if not isinstance(document, dict) or not isinstance(document.get(":mailboxes"), list):
         raise ConfigError(
             str(file),

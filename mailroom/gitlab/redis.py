@@ -28,8 +28,8 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from mailroom.config.document import load as load_yaml
-from mailroom.config.model import Secret
 from mailroom.errors import ConfigError
+from mailroom.trust.values import Secret
 
 __all__ = ["DEFAULT_URL", "NAMESPACE", "GitLabRedis", "Sentinel", "find_queues_redis"]
 

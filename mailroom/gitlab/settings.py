@@ -29,10 +29,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mailroom.config import Config, _read_yaml
-from mailroom.config.document import key_name
+from mailroom.config import Config, read_yaml
 from mailroom.config.document import load as load_yaml
-from mailroom.config.reader import _HOST_RE
+from mailroom.config.reader import HOST_RE
 from mailroom.errors import ConfigError
 from mailroom.gitlab import encrypted
 from mailroom.gitlab.compose import (
@@ -44,6 +43,7 @@ from mailroom.gitlab.compose import (
     secret_text,
 )
 from mailroom.gitlab.redis import GitLabRedis, find_queues_redis
+from mailroom.redact import key_name
 
 __all__ = ["TYPES", "GitLabFiles", "find_files", "load_gitlab"]
 
@@ -118,7 +118,7 @@ def load_gitlab(
     """The ``Config`` GitLab's files describe, with the optional mailroom YAML laid over it."""
     environ = os.environ if env is None else env
     files = find_files(gitlab_config, environ)
-    document = _read_yaml(files.gitlab_yml)
+    document = read_yaml(files.gitlab_yml)
     settings = document.get(files.rails_env) if isinstance(document, dict) else None
     if not isinstance(settings, dict):
         raise ConfigError(
@@ -210,7 +210,7 @@ def _mailbox(
     password = secret_text(override.get("password", merged.get("password")), f"{where}.password")
     gitlab = _mapping(settings.get("gitlab"))
     host = gitlab.get("host") or "localhost"  # GitLab's default (1_settings.rb)
-    if not isinstance(host, str) or not _HOST_RE.fullmatch(host.lower()):
+    if not isinstance(host, str) or not HOST_RE.fullmatch(host.lower()):
         raise ConfigError(
             f"{source.file}: {files.rails_env}.gitlab.host",
             "is not a host name, like gitlab.example.com",

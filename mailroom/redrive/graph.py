@@ -19,7 +19,6 @@ import logging
 from typing import Any
 from urllib.parse import quote
 
-from mailroom.auth import TokenProvider
 from mailroom.config import GraphMailboxConfig
 from mailroom.errors import GraphError
 from mailroom.redrive.job import Job, Letter, Stopped, utc_text
@@ -31,6 +30,7 @@ from mailroom.sources.graph_client import (
     messages_url,
     user_url,
 )
+from mailroom.trust.entra import TokenProvider
 
 __all__ = ["redrive"]
 

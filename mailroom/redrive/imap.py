@@ -20,14 +20,14 @@ import datetime
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from mailroom import message
-from mailroom.auth import token_provider
 from mailroom.config import ImapMailboxConfig
-from mailroom.config.model import FAILED_KEYWORD
+from mailroom.envelope import FAILED_KEYWORD
+from mailroom.mail import message
 from mailroom.redrive.job import Job, Letter
 from mailroom.sources.imap import idempotency_key
 from mailroom.sources.imap_session import ImapSession
 from mailroom.sources.imap_wire import FetchedMessage
+from mailroom.trust.providers import token_provider
 
 __all__ = ["redrive"]
 

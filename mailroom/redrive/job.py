@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from mailroom.arbitration import RedisStore
 from mailroom.errors import MailroomError
-from mailroom.logs import printable
+from mailroom.redact import printable
 
 __all__ = ["Job", "Letter", "Options", "Stopped", "parse_since", "printable", "utc_text"]
 

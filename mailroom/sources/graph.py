@@ -41,12 +41,11 @@ from urllib.parse import quote
 
 import aiohttp
 
-from mailroom.auth import TokenProvider
-from mailroom.budget import Budget, Reservation
 from mailroom.config import GraphMailboxConfig
 from mailroom.envelope import Envelope
 from mailroom.errors import GraphError, SourceError
-from mailroom.monitor import Monitor
+from mailroom.observe.monitor import Monitor
+from mailroom.sources.budget import Budget, Reservation
 from mailroom.sources.graph_client import (
     GraphClient,
     discard,
@@ -56,6 +55,7 @@ from mailroom.sources.graph_client import (
     user_url,
 )
 from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
+from mailroom.trust.entra import TokenProvider
 
 __all__ = ["GraphPoller", "idempotency_key"]
 

@@ -19,12 +19,13 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from yarl import URL
 
-from mailroom.auth import TokenProvider
+from mailroom import USER_AGENT
+from mailroom.backoff import retry_after
 from mailroom.config import GraphInboxOptions, GraphMailboxConfig
 from mailroom.errors import GraphError
-from mailroom.proxies import proxy_for
-from mailroom.tls import client_context
-from mailroom.webhook import USER_AGENT, retry_after
+from mailroom.trust.entra import TokenProvider
+from mailroom.trust.proxies import proxy_for
+from mailroom.trust.tls import client_context
 
 __all__ = [
     "GraphClient",

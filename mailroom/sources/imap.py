@@ -31,17 +31,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mailroom.budget import Budget, Reservation
 from mailroom.config import ImapMailboxConfig
-from mailroom.config.model import FAILED_KEYWORD
-from mailroom.envelope import Envelope, Outcome
+from mailroom.envelope import FAILED_KEYWORD, Envelope, Outcome
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
-from mailroom.monitor import Monitor
+from mailroom.observe.monitor import Monitor
+from mailroom.sources.budget import Budget, Reservation
 from mailroom.sources.imap_session import ImapSession
 from mailroom.sources.imap_wire import FetchedMessage, id_keyword
 from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
 
-__all__ = ["FAILED_KEYWORD", "ImapWatcher", "idempotency_key"]
+__all__ = ["ImapWatcher", "idempotency_key", "search_criteria"]
 
 log = logging.getLogger("mailroom.imap")
 
@@ -58,6 +57,17 @@ def idempotency_key(mailbox_id: str, uidvalidity: int, uid: int) -> str:
     """The ``webhook-id``: stable for one message across restarts and replicas."""
     digest = hashlib.sha256(f"{mailbox_id}\0{uidvalidity}\0{uid}".encode()).hexdigest()
     return f"msg_{digest[:32]}"
+
+
+def search_criteria(config: ImapMailboxConfig) -> str:
+    """What is searched for: ``search_command`` and UNSEEN and not dead-lettered, so that
+    criteria like ``ALL`` cannot find settled mail again (unless ``search_command_exact``).
+    RFC 3501 §6.4.4: search keys are ANDed, and CHARSET may only come first."""
+    if config.search_command_exact:
+        return config.search_command
+    tokens = config.search_command.upper().split()
+    unseen = "" if {"UNSEEN", "NEW"} & set(tokens) else " UNSEEN"
+    return f"{config.search_command}{unseen} NOT KEYWORD {FAILED_KEYWORD}"
 
 
 class ImapWatcher(Source[int]):
@@ -212,7 +222,7 @@ class ImapWatcher(Source[int]):
         """Find new mail. After a push, the pushed messages come with their bodies in the
         same round trip and are handed out at once; otherwise (or when that does not apply)
         ``UID SEARCH`` over the whole mailbox, sizes only: the backlog to fetch."""
-        criteria = self.config.search_criteria
+        criteria = search_criteria(self.config)
         found = None
         pushed: Reservation | None = None
         if not self._full_sweep and self._has_capacity(PUSH_MAX, PUSH_MAX * PUSH_BODY_BYTES):

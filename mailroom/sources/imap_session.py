@@ -21,7 +21,7 @@ from typing import Any
 from aioimaplib import aioimaplib
 
 from mailroom.config import ImapMailboxConfig
-from mailroom.config.model import FAILED_KEYWORD
+from mailroom.envelope import FAILED_KEYWORD
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
 from mailroom.sources.imap_wire import (
     FetchedMessage,
@@ -31,11 +31,14 @@ from mailroom.sources.imap_wire import (
     response_text,
     uid_set,
 )
-from mailroom.tls import client_context
+from mailroom.trust.tls import client_context
 
 __all__ = ["ImapSession"]
 
 log = logging.getLogger("mailroom.imap")
+# aioimaplib's DEBUG lines contain whole messages and, for some commands, credentials: never
+# enabled, whatever the root logger's level.
+logging.getLogger("aioimaplib").setLevel(logging.WARNING)
 
 COMMAND_TIMEOUT_S = 30.0
 SIZE_BATCH = 2048  # UIDs per UID FETCH (RFC822.SIZE) without SEARCHRES

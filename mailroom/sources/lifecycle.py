@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from mailroom.backoff import backoff_delay
-from mailroom.budget import Budget
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ImapAuthError, SourceError, TokenError
 from mailroom.logs import MailboxLog
-from mailroom.monitor import Monitor
+from mailroom.observe.monitor import Monitor
+from mailroom.sources.budget import Budget
 
 __all__ = ["Activity", "Settlement", "Source", "unlimited_budget"]
 

@@ -8,9 +8,20 @@ prometheus-client. ``Monitor`` itself ignores every event (tests, ``health: null
 
 from __future__ import annotations
 
+import enum
+
 from mailroom.envelope import Outcome
 
-__all__ = ["Monitor"]
+__all__ = ["Monitor", "NoticeResult"]
+
+
+class NoticeResult(enum.Enum):
+    """What became of a reject notice."""
+
+    SENT = "sent"
+    REFUSED = "refused"  # the policy or the rate limit forbade it
+    DISABLED = "disabled"  # no reject_notices block (or enabled: false)
+    FAILED = "failed"  # refused for good, or not sent within retry.give_up_after
 
 
 class Monitor:
@@ -44,9 +55,8 @@ class Monitor:
         """A message was settled as ``outcome``; ``rule`` names the auto-generated rule that
         made it ignored."""
 
-    def notice(self, mailbox: str, result: str) -> None:
-        """A reject notice ended as ``result``: ``sent``, ``refused`` (policy or rate limit),
-        ``disabled`` (no reject_notices) or ``failed`` (the message is dead-lettered)."""
+    def notice(self, mailbox: str, result: NoticeResult) -> None:
+        """A reject notice ended as ``result`` (``FAILED``: the message is dead-lettered)."""
 
     def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
         """One webhook request ended: ``2xx``..``5xx``, or ``error`` (no answer)."""

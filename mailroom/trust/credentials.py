@@ -37,8 +37,8 @@ import yaml
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from mailroom.config.document import key_name
 from mailroom.errors import CredentialsError
+from mailroom.redact import key_name
 
 __all__ = [
     "KEY_ENV",

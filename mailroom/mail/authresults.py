@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mailroom.message import ParsedMessage
+from mailroom.mail.message import ParsedMessage
 
 __all__ = [
     "MAX_AUTH_RESULTS_CHARS",

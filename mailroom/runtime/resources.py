@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import aiohttp
 
-from mailroom import tls
-from mailroom.auth import TokenProviders
-from mailroom.budget import Budget
 from mailroom.config import (
     Config,
     GraphInboxOptions,
@@ -28,6 +25,9 @@ from mailroom.config import (
     ImapOAuthConfig,
 )
 from mailroom.sources import graph_client
+from mailroom.sources.budget import Budget
+from mailroom.trust import tls
+from mailroom.trust.providers import TokenProviders
 
 __all__ = ["Resources"]
 

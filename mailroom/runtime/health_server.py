@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from mailroom.config import HealthConfig
-from mailroom.health import Health
+from mailroom.observe.health import Health
 
 __all__ = ["CHECK_INTERVAL_S", "HealthServer"]
 

@@ -39,12 +39,12 @@ from pathlib import Path
 from mailroom import arbitration as replicas
 from mailroom.arbitration import Coordinator
 from mailroom.config import Config
-from mailroom.dispatch import Dispatcher
+from mailroom.delivery.dispatch import Dispatcher
 from mailroom.errors import ConfigError
-from mailroom.health import Health
-from mailroom.health_server import HealthServer
-from mailroom.resources import Resources
-from mailroom.running import Running
+from mailroom.observe.health import Health
+from mailroom.runtime.health_server import HealthServer
+from mailroom.runtime.resources import Resources
+from mailroom.runtime.running import Running
 from mailroom.sources.lifecycle import wait_any
 
 __all__ = ["run"]

@@ -16,11 +16,11 @@ import logging
 import time
 
 from mailroom.backoff import backoff_delay
-from mailroom.monitor import Monitor
+from mailroom.observe.monitor import Monitor
 
 __all__ = ["Circuit", "CircuitState"]
 
-log = logging.getLogger("mailroom.dispatch")
+log = logging.getLogger("mailroom.delivery.dispatch")
 
 FAILURES_TO_OPEN = 5
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from mailroom import message, notices, routing
-from mailroom.config import Config, ImapMailboxConfig, MailboxConfig
-from mailroom.config.model import FAILED_KEYWORD
+from mailroom.mail import message, routing
 
-__all__ = ["Action", "Verdict", "dead_letter_text", "decide", "notice_text"]
+__all__ = ["TOO_LARGE", "Action", "Verdict", "decide"]
+
+TOO_LARGE = "too large"  # the reason of a message over max_message_bytes
 
 
 class Action(enum.Enum):
@@ -41,15 +41,18 @@ class Verdict:
     @property
     def notice(self) -> bool:
         """Whether a reject notice may go (the policy still decides to whom)."""
-        return self.action is Action.REJECT or self.why == notices.TOO_LARGE
+        return self.action is Action.REJECT or self.why == TOO_LARGE
 
 
-def decide(parsed: message.ParsedMessage, mailbox: MailboxConfig, *, too_large: bool) -> Verdict:
-    """The decision the dispatcher takes for ``parsed`` in ``mailbox``; ``too_large``: the
-    server said it is over ``max_message_bytes`` (only its header block was read)."""
+def decide(
+    parsed: message.ParsedMessage, rules: routing.RoutingRules, *, too_large: bool
+) -> Verdict:
+    """The decision the dispatcher takes for ``parsed`` under a mailbox's ``rules``;
+    ``too_large``: the server said it is over ``max_message_bytes`` (only its header block was
+    read)."""
     if too_large:
-        return Verdict(Action.DEAD_LETTER, notices.TOO_LARGE, parsed, None)
-    decision = routing.decide(parsed, mailbox.routing)
+        return Verdict(Action.DEAD_LETTER, TOO_LARGE, parsed, None)
+    decision = routing.decide(parsed, rules)
     if isinstance(decision, routing.Ignore):
         return Verdict(Action.IGNORE, decision.rule, parsed, decision)
     if isinstance(decision, routing.Reject):
@@ -57,23 +60,3 @@ def decide(parsed: message.ParsedMessage, mailbox: MailboxConfig, *, too_large: 
             return Verdict(Action.DEAD_LETTER, decision.reason, parsed, decision)
         return Verdict(Action.REJECT, decision.reason, parsed, decision)
     return Verdict(Action.DELIVER, "", parsed, decision)
-
-
-def dead_letter_text(mailbox: MailboxConfig) -> str:
-    """Where a dead letter of ``mailbox`` goes."""
-    if mailbox.failed_folder is not None:
-        return f"moved to {mailbox.failed_folder} (failed_folder)"
-    if isinstance(mailbox, ImapMailboxConfig):
-        return f"flagged {FAILED_KEYWORD} and \\Seen, left in place (no failed_folder)"
-    return "categorised MailroomFailed and read, left in place (no failed_folder)"
-
-
-def notice_text(parsed: message.ParsedMessage, rules: routing.RoutingRules, config: Config) -> str:
-    """Who would get a reject notice, or why nobody would (the rate limit aside)."""
-    settings = config.reject_notices
-    if settings is None:
-        return "none: reject_notices is not configured"
-    recipient = notices.configured_recipient(parsed, rules, settings)
-    if recipient.address is None:
-        return f"none: {recipient.refused}"
-    return f"a reject notice to {recipient.address} (at most one per sender and reason a day)"

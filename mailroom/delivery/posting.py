@@ -20,21 +20,21 @@ from urllib.parse import quote
 
 import aiohttp
 
-from mailroom import routing
 from mailroom.backoff import backoff_delay
-from mailroom.circuit import Circuit
-from mailroom.config import Config, WebhookConfig
+from mailroom.backoff import retry_after as parse_retry_after
+from mailroom.config import Config, WebhookConfig, webhook_labels
+from mailroom.delivery.circuit import Circuit
+from mailroom.delivery.webhook import MAX_ANSWER_BYTES, Rejected, classify, request_headers
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
-from mailroom.monitor import Monitor
-from mailroom.proxies import proxy_for
-from mailroom.tls import client_context
-from mailroom.webhook import MAX_ANSWER_BYTES, Rejected, classify, labels, request_headers
-from mailroom.webhook import retry_after as parse_retry_after
+from mailroom.mail import routing
+from mailroom.observe.monitor import Monitor
+from mailroom.trust.proxies import proxy_for
+from mailroom.trust.tls import client_context
 
 __all__ = ["Webhook", "Webhooks"]
 
-log = logging.getLogger("mailroom.dispatch")
+log = logging.getLogger("mailroom.delivery.dispatch")
 
 # A larger body is posted in slices (with its Content-Length): given whole, asyncio's
 # transport copied a 25 MB message's 33 MB body twice over (measured by
@@ -92,7 +92,7 @@ class Webhooks:
 
     def prepare(self, config: Config) -> dict[WebhookConfig, Webhook]:
         """The webhooks ``config`` names; an unchanged one keeps its slots and circuit."""
-        named = labels(m.webhook for m in config.mailboxes)
+        named = webhook_labels(m.webhook for m in config.mailboxes)
         return {
             hook: self.by_config.get(hook) or Webhook(hook, label, self._monitor)
             for hook, label in named.items()

@@ -19,7 +19,7 @@ from mailroom.errors import ArbitrationError
 
 __all__ = ["UNKNOWN", "Markers", "Shared"]
 
-log = logging.getLogger("mailroom.dispatch")
+log = logging.getLogger("mailroom.delivery.dispatch")
 
 RECORD_ATTEMPTS = 8  # about 5 s: then the message is settled anyway (settled mail is not re-read)
 UNKNOWN = "unknown"  # seen() could not ask: the message waits for the next sweep

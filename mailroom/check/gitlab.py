@@ -14,9 +14,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
-from mailroom.config import Config, WebhookConfig, origin
-from mailroom.proxies import proxy_for
-from mailroom.tls import client_context
+from mailroom.config import Config, WebhookConfig
+from mailroom.redact import origin
+from mailroom.trust.proxies import proxy_for
+from mailroom.trust.tls import client_context
 
 __all__ = ["SECRET_BYTES", "run"]
 

@@ -21,8 +21,8 @@ from datetime import datetime, timedelta, timezone
 from email import policy
 from types import MappingProxyType
 
-from mailroom import mime
-from mailroom.mime import decode_bytes
+from mailroom.mail import mime
+from mailroom.mail.mime import decode_bytes
 
 __all__ = [
     "Address",

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mailroom import routing
 from mailroom.envelope import Outcome
-from mailroom.reject import NoticeResult
-
-if TYPE_CHECKING:
-    from mailroom.health import Health
+from mailroom.mail import routing
+from mailroom.observe.monitor import NoticeResult
 
 __all__ = ["LAG_INTERVAL_S", "LEASE_CHANGES", "Metrics"]
 
@@ -39,9 +34,9 @@ LAG_INTERVAL_S = 0.25  # how often the event loop's lag is measured
 
 
 class Metrics:
-    """The counters and histograms ``Health`` feeds, and its gauges."""
+    """The counters and histograms ``Health`` feeds; its gauges are ``gauges``."""
 
-    def __init__(self, health: Health) -> None:
+    def __init__(self, gauges: Collector) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
 
         def counter(name: str, documentation: str, *labels: str) -> Counter:
@@ -89,7 +84,7 @@ class Metrics:
             buckets=LAG_BUCKETS_S,
             registry=registry,
         )
-        registry.register(_StateCollector(health))
+        registry.register(gauges)  # computed at scrape time from the state (observe.health)
 
     def series(self, mailbox: str) -> Iterable[tuple[Counter, tuple[str, ...]]]:
         yield self.fetched, (mailbox,)
@@ -132,88 +127,3 @@ class Metrics:
                     await done.wait()
             except TimeoutError:
                 self.lag.observe(max(0.0, loop.time() - started - LAG_INTERVAL_S))
-
-
-class _StateCollector(Collector):
-    """The gauges, computed at scrape time from the state (ages grow between events)."""
-
-    def __init__(self, health: Health) -> None:
-        self._health = health
-
-    def collect(self) -> Iterable[Metric]:
-        health = self._health
-        now = health.clock()
-        gauges = {
-            name: GaugeMetricFamily(name, text, labels=["mailbox"])
-            for name, text in (
-                (
-                    "mailroom_connected",
-                    "1 while the mailbox is connected (IMAP) or its last poll succeeded (Graph).",
-                ),
-                ("mailroom_mailbox_ready", "1 while the mailbox counts as ready."),
-                ("mailroom_unsettled", "Messages handed to the dispatcher and not yet settled."),
-                (
-                    "mailroom_unsettled_oldest_age_seconds",
-                    "Age of the oldest message not yet settled (0 when there is none).",
-                ),
-            )
-        }
-        webhooks = health.webhook_states(now)
-        for mailbox, source in health.sources.items():
-            gauges["mailroom_connected"].add_metric([mailbox], float(source.state == "connected"))
-            ready = health.mailbox_ready(source, now, webhooks)
-            gauges["mailroom_mailbox_ready"].add_metric([mailbox], float(ready))
-            gauges["mailroom_unsettled"].add_metric([mailbox], float(len(source.unsettled)))
-            first = next(iter(source.unsettled.values()), now)
-            gauges["mailroom_unsettled_oldest_age_seconds"].add_metric([mailbox], now - first)
-        yield from gauges.values()
-        stalled_gauge = GaugeMetricFamily(
-            "mailroom_webhook_stalled",
-            "1 while the webhook's messages wait longer than health.stall_after and none of "
-            "them was settled in that time.",
-            labels=["webhook"],
-        )
-        circuit = GaugeMetricFamily(
-            "mailroom_webhook_circuit_open",
-            "1 while the webhook's circuit breaker holds deliveries back (one probe at a time).",
-            labels=["webhook"],
-        )
-        for label, state in webhooks.items():
-            stalled_gauge.add_metric([label], float(state.stalled))
-            circuit.add_metric([label], float(label in health.open_circuits))
-        yield stalled_gauge
-        yield circuit
-        yield GaugeMetricFamily(
-            "mailroom_dispatcher_stalled",
-            "1 while any webhook is stalled (see mailroom_webhook_stalled).",
-            value=float(any(state.stalled for state in webhooks.values())),
-        )
-        if health.arbitration_ok is not None:
-            for name, text, value in (
-                ("mailroom_arbitration_connected", "1 while Redis answers.", health.arbitration_ok),
-                ("mailroom_leases_held", "Mailbox leases this replica holds.", health.leases_held),
-                ("mailroom_replicas_live", "Replicas with a live heartbeat.", health.replicas_live),
-            ):
-                yield GaugeMetricFamily(name, text, value=float(value))
-        budget = health.budget
-        if budget is not None:
-            for name, text, value in (
-                (
-                    "mailroom_in_flight_messages",
-                    "Messages fetched and not settled.",
-                    budget.messages,
-                ),
-                ("mailroom_in_flight_bytes", "Bytes of the messages in flight.", budget.bytes),
-                (
-                    "mailroom_in_flight_limit_messages",
-                    "limits.in_flight_messages",
-                    budget.max_messages,
-                ),
-                ("mailroom_in_flight_limit_bytes", "limits.in_flight_bytes", budget.max_bytes),
-                (
-                    "mailroom_budget_waiting",
-                    "Fetches waiting for room under the limits.",
-                    budget.waiting,
-                ),
-            ):
-                yield GaugeMetricFamily(name, text, value=float(value))

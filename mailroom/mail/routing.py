@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from mailroom.message import ParsedMessage, scan_addresses
+from mailroom.mail.message import ParsedMessage, scan_addresses
 
 __all__ = [
     "AUTO_GENERATED_RULES",

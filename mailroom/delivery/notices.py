@@ -27,13 +27,13 @@ from datetime import datetime
 from email import headerregistry, policy
 from email.message import EmailMessage
 
-from mailroom import authresults, routing
 from mailroom.config import RejectNoticesConfig
 from mailroom.errors import NoticeError
-from mailroom.message import ParsedMessage, scan_addresses
+from mailroom.mail import authresults, routing
+from mailroom.mail.decision import TOO_LARGE
+from mailroom.mail.message import ParsedMessage, scan_addresses
 
 __all__ = [
-    "TOO_LARGE",
     "UNKNOWN_INCOMING_EMAIL",
     "Notice",
     "NoticeRecipient",
@@ -45,7 +45,6 @@ __all__ = [
 ]
 
 UNKNOWN_INCOMING_EMAIL = routing.UNKNOWN_INCOMING_EMAIL
-TOO_LARGE = "too large"
 DAY_S = 86_400.0
 MAX_SUBJECT_CHARS = 200
 MAX_REASON_CHARS = 1_000

@@ -20,19 +20,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from mailroom import message, routing
-from mailroom.config import Config, MailboxConfig, WebhookConfig, origin
-from mailroom.decision import Action, Verdict, dead_letter_text, decide, notice_text
-from mailroom.delivery import Webhook, Webhooks
-from mailroom.envelope import Envelope, Outcome
-from mailroom.markers import UNKNOWN, Markers, Shared
-from mailroom.monitor import Monitor
-from mailroom.reject import NoticeResult, Notifier
-from mailroom.webhook import Rejected, payload_body
+from mailroom.config import Config, ImapMailboxConfig, MailboxConfig, WebhookConfig
+from mailroom.delivery import notices
+from mailroom.delivery.markers import UNKNOWN, Markers, Shared
+from mailroom.delivery.posting import Webhook, Webhooks
+from mailroom.delivery.reject import Notifier
+from mailroom.delivery.webhook import Rejected, payload_body
+from mailroom.envelope import FAILED_KEYWORD, Envelope, Outcome
+from mailroom.mail import message, routing
+from mailroom.mail.decision import Action, Verdict, decide
+from mailroom.observe.monitor import Monitor, NoticeResult
+from mailroom.redact import origin
 
 __all__ = ["Dispatcher", "Prepared"]
 
-log = logging.getLogger("mailroom.dispatch")
+log = logging.getLogger("mailroom.delivery.dispatch")
 
 T = TypeVar("T")
 # Above this size a message is parsed, and its JSON body encoded, in a worker thread. Parsing is
@@ -245,7 +247,7 @@ class Dispatcher:
         """The outcome of ``envelope``; None in a dry run (nothing is to be settled)."""
         parsed = await _off_loop(len(envelope.raw), message.parse, envelope.raw)
         fields["message_id"] = parsed.message_id
-        verdict = decide(parsed, mailbox, too_large=envelope.too_large)
+        verdict = decide(parsed, mailbox.routing, too_large=envelope.too_large)
         if self.dry_run:
             self._dry_run(envelope, mailbox, verdict, fields)
             return None
@@ -321,5 +323,25 @@ class Dispatcher:
             max_message_bytes=mailbox.max_message_bytes,
             fields=fields,
         )
-        self._monitor.notice(envelope.mailbox, result.value)
+        self._monitor.notice(envelope.mailbox, result)
         return Outcome.DEAD_LETTERED if result is NoticeResult.FAILED else outcome
+
+
+def dead_letter_text(mailbox: MailboxConfig) -> str:
+    """Where a dead letter of ``mailbox`` goes (for the dry run and ``mailroom route``)."""
+    if mailbox.failed_folder is not None:
+        return f"moved to {mailbox.failed_folder} (failed_folder)"
+    if isinstance(mailbox, ImapMailboxConfig):
+        return f"flagged {FAILED_KEYWORD} and \\Seen, left in place (no failed_folder)"
+    return "categorised MailroomFailed and read, left in place (no failed_folder)"
+
+
+def notice_text(parsed: message.ParsedMessage, rules: routing.RoutingRules, config: Config) -> str:
+    """Who would get a reject notice, or why nobody would (the rate limit aside)."""
+    settings = config.reject_notices
+    if settings is None:
+        return "none: reject_notices is not configured"
+    recipient = notices.configured_recipient(parsed, rules, settings)
+    if recipient.address is None:
+        return f"none: {recipient.refused}"
+    return f"a reject notice to {recipient.address} (at most one per sender and reason a day)"

@@ -20,7 +20,6 @@ from then on.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import ssl
 import time
@@ -31,15 +30,17 @@ from typing import Any, Literal
 
 import aiosmtplib
 
-from mailroom import notices, routing
 from mailroom.backoff import backoff_delay
 from mailroom.config import RejectNoticesConfig, SmtpConfig
+from mailroom.delivery import notices
+from mailroom.delivery.markers import Shared
 from mailroom.errors import ArbitrationError, NoticeError
-from mailroom.markers import Shared
-from mailroom.message import ParsedMessage
-from mailroom.tls import client_context
+from mailroom.mail import routing
+from mailroom.mail.message import ParsedMessage
+from mailroom.observe.monitor import NoticeResult
+from mailroom.trust.tls import client_context
 
-__all__ = ["NoticeResult", "Notifier", "SmtpStep", "check_connection"]
+__all__ = ["Notifier", "SmtpStep", "check_connection"]
 
 log = logging.getLogger("mailroom.reject")
 
@@ -48,15 +49,6 @@ MAX_CONNECTIONS = 4
 # RFC 4954 §6 and RFC 3207 §4: 530 authentication required, 534/535 credentials refused,
 # 538 encryption required: a config fix cures these, so they are retried like a 4xx.
 MISCONFIGURED_CODES = frozenset({530, 534, 535, 538})
-
-
-class NoticeResult(enum.Enum):
-    """What became of a reject notice."""
-
-    SENT = "sent"
-    REFUSED = "refused"  # the policy or the rate limit forbade it
-    DISABLED = "disabled"  # no reject_notices block (or enabled: false)
-    FAILED = "failed"  # refused for good, or not sent within retry.give_up_after
 
 
 class _SendError(Exception):

@@ -25,10 +25,10 @@ from mailroom import logs
 from mailroom.arbitration import Coordinator
 from mailroom.backoff import backoff_delay
 from mailroom.config import Config, ImapMailboxConfig, MailboxConfig
-from mailroom.dispatch import Dispatcher
+from mailroom.delivery.dispatch import Dispatcher
 from mailroom.errors import ConfigError
-from mailroom.health import Health
-from mailroom.resources import Resources
+from mailroom.observe.health import Health
+from mailroom.runtime.resources import Resources
 from mailroom.sources.graph import GraphPoller
 from mailroom.sources.imap import ImapWatcher
 from mailroom.sources.lifecycle import Source, wait_any

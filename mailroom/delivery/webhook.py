@@ -7,38 +7,32 @@ Pure: no I/O. The dispatcher sends what this builds and acts on what ``classify`
 from __future__ import annotations
 
 import base64
-import email.utils
 import hashlib
 import hmac
 import json
 import secrets
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any
 
-from mailroom import message, routing
-from mailroom.config import JwtConfig, WebhookConfig, origin
+from mailroom import USER_AGENT
+from mailroom.config import JwtConfig, WebhookConfig
+from mailroom.delivery.notices import MAX_REASON_CHARS
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
-from mailroom.logs import printable
-from mailroom.notices import MAX_REASON_CHARS
+from mailroom.mail import message, routing
+from mailroom.redact import printable
 
 __all__ = [
-    "USER_AGENT",
     "Rejected",
     "build_payload",
     "classify",
     "jwt_token",
-    "labels",
     "payload_body",
     "request_headers",
-    "retry_after",
     "sign",
 ]
 
-USER_AGENT = "mailroom/0.1 (+https://github.com/mailroom)"
 MAX_ANSWER_BYTES = 64 * 1024
 # 408/425/429 and 5xx are worth retrying (RFC 9110 §15); 401/403/404 mean a misconfiguration that
 # a fix will cure, so the message waits for it instead of being dead-lettered.
@@ -140,22 +134,6 @@ def _payload_fields(
     }
 
 
-def retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # not "²": str.isdigit() takes more than 0-9
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:  # RFC 9110 §5.6.7: HTTP-dates are GMT; "-0000" parses naive
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - time.time())
-
-
 def request_headers(
     config: WebhookConfig, *, webhook_id: str, body: bytes, content_type: str
 ) -> dict[str, str]:
@@ -241,16 +219,3 @@ def _document(answer: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return document if isinstance(document, dict) else None
-
-
-def labels(webhooks: Iterable[WebhookConfig]) -> dict[WebhookConfig, str]:
-    """A name for each webhook, fit for logs and metric labels: its ``scheme://host:port``
-    (a path or a query can hold a credential), plus a short digest of the whole URL where two
-    webhooks share an origin."""
-    unique = list(dict.fromkeys(webhooks))
-    origins = [origin(hook.url) for hook in unique]
-    named = {}
-    for hook, name in zip(unique, origins, strict=True):
-        digest = hashlib.sha256(hook.url.encode()).hexdigest()[:6]
-        named[hook] = f"{name}~{digest}" if origins.count(name) > 1 else name
-    return named

@@ -31,22 +31,41 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from mailroom.budget import Budget
-from mailroom.config import Config, GraphMailboxConfig, HealthConfig, MailboxConfig
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from mailroom.config import (
+    Config,
+    GraphMailboxConfig,
+    HealthConfig,
+    MailboxConfig,
+    webhook_labels,
+)
 from mailroom.envelope import Outcome
-from mailroom.metrics import LEASE_CHANGES, Metrics
-from mailroom.monitor import Monitor
-from mailroom.webhook import labels
+from mailroom.observe.metrics import LEASE_CHANGES, Metrics
+from mailroom.observe.monitor import Monitor, NoticeResult
 
 __all__ = ["GRAPH_GRACE_S", "Health", "WebhookState"]
 
 log = logging.getLogger("mailroom.health")
 
 GRAPH_GRACE_S = 30.0  # a Graph mailbox may be this late on top of two poll intervals
+
+
+class InFlight(Protocol):
+    """The process-wide in-flight budget as the metrics read it (``sources.budget.Budget``)."""
+
+    messages: int
+    bytes: int
+    max_messages: int
+    max_bytes: int
+
+    @property
+    def waiting(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -82,7 +101,7 @@ class Health(Monitor):
         self,
         config: Config,
         *,
-        budget: Budget | None = None,
+        budget: InFlight | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.clock = clock
@@ -103,7 +122,7 @@ class Health(Monitor):
         self._stopping = False
         self._not_ready: tuple[str, ...] | None = None  # as last logged
         self.started = clock()
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(_Gauges(self))
         self.registry = self.metrics.registry
         self.configure(config)
 
@@ -116,7 +135,7 @@ class Health(Monitor):
         if config.health is not None:
             self._stall_after_s = config.health.stall_after_s
             self._ready_when = config.health.ready_when
-        named = labels(m.webhook for m in config.mailboxes)
+        named = webhook_labels(m.webhook for m in config.mailboxes)
         for label in set(named.values()) - set(self._progress):
             self._progress[label] = self.clock()
             self.metrics.add_webhook(label)
@@ -228,9 +247,9 @@ class Health(Monitor):
         if outcome is Outcome.IGNORED and rule is not None:
             self.metrics.ignored.labels(mailbox, rule).inc()
 
-    def notice(self, mailbox: str, result: str) -> None:
+    def notice(self, mailbox: str, result: NoticeResult) -> None:
         if mailbox in self.sources:
-            self.metrics.notices.labels(mailbox, result).inc()
+            self.metrics.notices.labels(mailbox, result.value).inc()
 
     def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
         if (source := self.sources.get(mailbox)) is None:
@@ -422,3 +441,88 @@ def _summary(reasons: tuple[str, ...], most: int = 10) -> str:
     """At most ``most`` reasons: a thousand mailboxes down make one readable line."""
     shown = ", ".join(reasons[:most])
     return shown if len(reasons) <= most else f"{shown} and {len(reasons) - most} more"
+
+
+class _Gauges(Collector):
+    """The gauges, computed at scrape time from the state (ages grow between events)."""
+
+    def __init__(self, health: Health) -> None:
+        self._health = health
+
+    def collect(self) -> Iterable[Metric]:
+        health = self._health
+        now = health.clock()
+        gauges = {
+            name: GaugeMetricFamily(name, text, labels=["mailbox"])
+            for name, text in (
+                (
+                    "mailroom_connected",
+                    "1 while the mailbox is connected (IMAP) or its last poll succeeded (Graph).",
+                ),
+                ("mailroom_mailbox_ready", "1 while the mailbox counts as ready."),
+                ("mailroom_unsettled", "Messages handed to the dispatcher and not yet settled."),
+                (
+                    "mailroom_unsettled_oldest_age_seconds",
+                    "Age of the oldest message not yet settled (0 when there is none).",
+                ),
+            )
+        }
+        webhooks = health.webhook_states(now)
+        for mailbox, source in health.sources.items():
+            gauges["mailroom_connected"].add_metric([mailbox], float(source.state == "connected"))
+            ready = health.mailbox_ready(source, now, webhooks)
+            gauges["mailroom_mailbox_ready"].add_metric([mailbox], float(ready))
+            gauges["mailroom_unsettled"].add_metric([mailbox], float(len(source.unsettled)))
+            first = next(iter(source.unsettled.values()), now)
+            gauges["mailroom_unsettled_oldest_age_seconds"].add_metric([mailbox], now - first)
+        yield from gauges.values()
+        stalled_gauge = GaugeMetricFamily(
+            "mailroom_webhook_stalled",
+            "1 while the webhook's messages wait longer than health.stall_after and none of "
+            "them was settled in that time.",
+            labels=["webhook"],
+        )
+        circuit = GaugeMetricFamily(
+            "mailroom_webhook_circuit_open",
+            "1 while the webhook's circuit breaker holds deliveries back (one probe at a time).",
+            labels=["webhook"],
+        )
+        for label, state in webhooks.items():
+            stalled_gauge.add_metric([label], float(state.stalled))
+            circuit.add_metric([label], float(label in health.open_circuits))
+        yield stalled_gauge
+        yield circuit
+        yield GaugeMetricFamily(
+            "mailroom_dispatcher_stalled",
+            "1 while any webhook is stalled (see mailroom_webhook_stalled).",
+            value=float(any(state.stalled for state in webhooks.values())),
+        )
+        if health.arbitration_ok is not None:
+            for name, text, value in (
+                ("mailroom_arbitration_connected", "1 while Redis answers.", health.arbitration_ok),
+                ("mailroom_leases_held", "Mailbox leases this replica holds.", health.leases_held),
+                ("mailroom_replicas_live", "Replicas with a live heartbeat.", health.replicas_live),
+            ):
+                yield GaugeMetricFamily(name, text, value=float(value))
+        budget = health.budget
+        if budget is not None:
+            for name, text, value in (
+                (
+                    "mailroom_in_flight_messages",
+                    "Messages fetched and not settled.",
+                    budget.messages,
+                ),
+                ("mailroom_in_flight_bytes", "Bytes of the messages in flight.", budget.bytes),
+                (
+                    "mailroom_in_flight_limit_messages",
+                    "limits.in_flight_messages",
+                    budget.max_messages,
+                ),
+                ("mailroom_in_flight_limit_bytes", "limits.in_flight_bytes", budget.max_bytes),
+                (
+                    "mailroom_budget_waiting",
+                    "Fetches waiting for room under the limits.",
+                    budget.waiting,
+                ),
+            ):
+                yield GaugeMetricFamily(name, text, value=float(value))

@@ -9,11 +9,11 @@ IMAP accepts:
   the mailbox user as ``sub``, is exchanged for a token (RFC 7523 §2.1, the jwt-bearer grant);
 - an installed app's refresh token (RFC 6749 §6).
 
-The caching is ``auth.TokenProvider``'s, shared (``auth._CachedToken``): a token is kept until
+The caching is ``auth.TokenProvider``'s, shared (``auth.CachedToken``): a token is kept until
 five minutes before it expires (or half its lifetime when that is shorter); ``invalidate()``
 after the server refused one makes the next ``token()`` ask anew. google-auth is synchronous:
-its calls run under a timeout on the token thread pool of ``mailroom.auth``, through
-``auth._Session`` (trust from ``mailroom.tls``, no environment, no .netrc). Google's ``error``
+its calls run under a timeout on the token thread pool of ``tokens``, through
+``tokens.HttpSession`` (trust from ``tls``, no environment, no .netrc). Google's ``error``
 and ``error_description`` (RFC 6749 §5.2) become a ``TokenError`` that says what to fix; secrets
 and tokens are never logged nor part of one.
 """
@@ -33,10 +33,10 @@ import google.oauth2.credentials
 import google.oauth2.service_account
 import requests
 
-from mailroom.auth import ACQUIRE_TIMEOUT_S, HTTP_TIMEOUT_S, _CachedToken, _Session
-from mailroom.config import GoogleOAuthConfig, GoogleServiceAccount, origin
 from mailroom.errors import TokenError
-from mailroom.logs import printable
+from mailroom.redact import origin, printable
+from mailroom.trust.tokens import ACQUIRE_TIMEOUT_S, HTTP_TIMEOUT_S, CachedToken, HttpSession
+from mailroom.trust.values import GoogleOAuthConfig, GoogleServiceAccount
 
 __all__ = ["GoogleTokenProvider", "refusal"]
 
@@ -57,7 +57,7 @@ class _Request(google.auth.transport.requests.Request):
         return super().__call__(url, method, *args, **kwargs)  # type: ignore[no-untyped-call]
 
 
-class GoogleTokenProvider(_CachedToken):
+class GoogleTokenProvider(CachedToken):
     """Access tokens for one Google credential and the user it acts as."""
 
     def __init__(
@@ -118,7 +118,7 @@ class GoogleTokenProvider(_CachedToken):
     def _refresh(self) -> tuple[str, float]:
         """In a worker thread: a new token from Google and its lifetime in seconds."""
         if self._credentials is None:
-            self._session = _Session(self._config, HTTP_TIMEOUT_S)
+            self._session = HttpSession(self._config, HTTP_TIMEOUT_S)
             self._credentials = self._build()
         self._credentials.refresh(_Request(self._session))
         token = self._credentials.token

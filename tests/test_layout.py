@@ -1,0 +1,37 @@
+"""The layout rules that import-linter cannot state: no module reaches into another's private
+names, and each stage's package says in its docstring what it owns and may import."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import mailroom
+
+PACKAGE = Path(mailroom.__file__).parent
+STAGES = ("sources", "mail", "delivery", "observe", "runtime", "trust")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        importer = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mailroom"):
+                found += [
+                    f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and node.module != importer
+                ]
+    assert found == [], "make the name public, or move the code that needs it"
+
+
+def test_every_stage_says_what_it_owns_and_may_import() -> None:
+    for stage in STAGES:
+        doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text()))
+        assert doc is not None and "May import" in doc, stage
