@@ -540,7 +540,8 @@ def test_the_keys_derived_from_the_model_are_the_keys_the_getters_read() -> None
     """KEYS comes from the model (model.FIELD_KEYS): a key no getter reads is a field that
     needs its entry there; a key read and not derived would miss the typo check."""
     source = "".join(p.read_text() for p in (ROOT / "mailroom" / "config").glob("*.py"))
-    getters = r"\.(?:text|number|flag|secret|choice|raw|section|path_value|url)\(\s*\"([a-z_]+)\""
+    getters = r"(?:\.(?:text|number|flag|secret|choice|raw|section|path_value|url)\(|_block\(root,)"
+    getters += r"\s*\"([a-z_]+)\""
     keys = set(re.findall(getters, source))
     keys |= {name for name in ("ca_file", "proxy") if f".{name}()" in source}  # their default
     secrets = set(re.findall(r"\.secret\(\s*\"([a-z_]+)\"", source))

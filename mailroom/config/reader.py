@@ -14,7 +14,7 @@ import re
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, overload
 from urllib.parse import urlsplit
 
 from mailroom.config.document import walk
@@ -278,7 +278,13 @@ class Section:
                 self.fail(key, str(exc))  # a file SSL_CERT_FILE or REQUESTS_CA_BUNDLE names
         return path
 
+    @overload
+    def secret(self, key: str, *, required: Literal[True]) -> Secret: ...
+    @overload
+    def secret(self, key: str, *, required: bool) -> Secret | None: ...
     def secret(self, key: str, *, required: bool) -> Secret | None:
+        """``key``, or the text of the file ``<key>_file`` names; None when neither is given
+        (a ConfigError when ``required``)."""
         file_key = f"{key}_file"
         inline, from_file = self.has(key), self.has(file_key)
         if inline and from_file:

@@ -17,8 +17,10 @@ from mailroom.config.model import (
     ImapMailboxConfig,
     JwtConfig,
     LimitsConfig,
+    LogConfig,
     MailboxConfig,
     RejectNoticesConfig,
+    ReloadConfig,
     RetryConfig,
     SmtpConfig,
     WebhookConfig,
@@ -55,7 +57,6 @@ def parse_webhook(section: Section) -> WebhookConfig:
     basic = None
     if (basic_section := section.section("basic")) is not None:
         password = basic_section.secret("password", required=True)
-        assert password is not None
         basic = BasicAuth(user=basic_section.text("user"), password=password)
         basic_section.done()
     token = section.secret("token", required=False)
@@ -110,8 +111,6 @@ def _jwt(section: Section) -> JwtConfig:
     """``webhook.jwt``; a base64 secret must decode (GitLab's secret files hold base64), and
     PyJWT must take the key for HS256."""
     secret = section.secret("secret", required=True)
-    if secret is None:  # section.secret(required=True) raised already
-        raise AssertionError("webhook.jwt.secret: required")
     encoding = section.choice("secret_encoding", "raw", ("raw", "base64"))
     secret_file = None
     if section.has("secret_file"):
@@ -230,7 +229,8 @@ def parse_reject_notices(section: Section) -> tuple[RejectNoticesConfig | None, 
     section.done()
     if not enabled:
         return None, sender_address
-    assert sender is not None and sender_address is not None and smtp is not None
+    if sender_address is None or smtp is None:  # both required when enabled, above
+        section.fail("smtp" if smtp is None else "from", "is required with enabled: true")
     config = RejectNoticesConfig(
         sender=sender,
         sender_address=sender_address,
@@ -304,6 +304,26 @@ def _short_jwt_keys(mailboxes: tuple[MailboxConfig, ...], webhook: WebhookConfig
         for where, hook in hooks.items()
         if (signer := hook.jwt) is not None and len(signer.key()) < JWT_KEY_BYTES
     ]
+
+
+def parse_log(section: Section) -> LogConfig:
+    """``log: {format: json | text, level}``."""
+    config = LogConfig(
+        format=section.choice("format", "json", ("json", "text")),
+        level=section.choice("level", "info", ("debug", "info", "warning", "error")),
+    )
+    section.done()
+    return config
+
+
+def parse_reload(section: Section) -> ReloadConfig:
+    """``reload: {watch, interval}``."""
+    config = ReloadConfig(
+        watch=section.flag("watch", False),
+        interval_s=section.number("interval", 2.0, lo=0.1, hi=3600),
+    )
+    section.done()
+    return config
 
 
 def parse_health(section: Section) -> HealthConfig:

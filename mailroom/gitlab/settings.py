@@ -127,31 +127,7 @@ def load_gitlab(
             "the section RAILS_ENV names: set RAILS_ENV, or check that this is gitlab.yml",
         )
     secrets = _Secrets(files, environ)
-    boxes, sources, warnings = [], [], []
-    for kind in TYPES:
-        section = settings.get(kind) or {}
-        source = Source(id=kind, file=files.gitlab_yml, prefix=f"{files.rails_env}.{kind}")
-        if not isinstance(section, dict):
-            raise ConfigError(f"{source.file}: {source.prefix}", "expected a mapping of settings")
-        merged = {**DEFAULTS, **{k: v for k, v in section.items() if v is not None}}
-        if not (merged["enabled"] is True and str(merged.get("address") or "")):
-            continue
-        warnings += [
-            f"{source.file}: {source.prefix}.{key}: not a setting GitLab's MailRoom reads; ignored"
-            for key in sorted(key_name(k) for k in set(section) - KNOWN)
-        ]
-        box, source = _mailbox(
-            kind, merged, source, settings=settings, files=files, secrets=secrets
-        )
-        boxes.append(box)
-        sources.append(source)
-    if not boxes:
-        raise ConfigError(
-            str(files.gitlab_yml),
-            f"neither {files.rails_env}.incoming_email nor {files.rails_env}.service_desk_email "
-            "is enabled (enabled: true and an address): there is no mailbox to watch",
-        )
-    warnings += secrets.warnings
+    boxes, sources, warnings = _mailboxes(settings, files, secrets)
     top: dict[str, Any] = {"routing": {"mode": "forward_all", "forward_auto_generated": True}}
     overlay = Path(mailroom_config) if mailroom_config is not None else None
     extra = read_overlay(overlay)
@@ -176,6 +152,38 @@ def load_gitlab(
         config.arbitration, password=redis.password, sentinel_password=redis.sentinel_password
     )
     return replace(config, arbitration=arbitration)
+
+
+def _mailboxes(
+    settings: dict[str, Any], files: GitLabFiles, secrets: _Secrets
+) -> tuple[list[dict[str, Any]], list[Source], list[str]]:
+    """The mailbox trees of the enabled mailbox types, where their values came from, and
+    warnings (settings MailRoom does not read, and the secrets')."""
+    boxes, sources, warnings = [], [], []
+    for kind in TYPES:
+        section = settings.get(kind) or {}
+        source = Source(id=kind, file=files.gitlab_yml, prefix=f"{files.rails_env}.{kind}")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source.file}: {source.prefix}", "expected a mapping of settings")
+        merged = {**DEFAULTS, **{k: v for k, v in section.items() if v is not None}}
+        if not (merged["enabled"] is True and str(merged.get("address") or "")):
+            continue
+        warnings += [
+            f"{source.file}: {source.prefix}.{key}: not a setting GitLab's MailRoom reads; ignored"
+            for key in sorted(key_name(k) for k in set(section) - KNOWN)
+        ]
+        box, source = _mailbox(
+            kind, merged, source, settings=settings, files=files, secrets=secrets
+        )
+        boxes.append(box)
+        sources.append(source)
+    if not boxes:
+        raise ConfigError(
+            str(files.gitlab_yml),
+            f"neither {files.rails_env}.incoming_email nor {files.rails_env}.service_desk_email "
+            "is enabled (enabled: true and an address): there is no mailbox to watch",
+        )
+    return boxes, sources, warnings + secrets.warnings
 
 
 def _arbitration(redis: GitLabRedis) -> dict[str, Any]:
