@@ -35,3 +35,20 @@ def test_every_stage_says_what_it_owns_and_may_import() -> None:
     for stage in STAGES:
         doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text()))
         assert doc is not None and "May import" in doc, stage
+
+
+# Packages whose invariants are real checks: `python -O` strips an assert (issue 19). The
+# other stages join this list as their asserts go.
+WITHOUT_ASSERTS = ("check", "config", "gitlab", "mail", "redrive", "trust")
+
+
+def test_no_bare_asserts_in_production_code() -> None:
+    paths = [p for p in PACKAGE.glob("*.py")]
+    paths += [p for stage in WITHOUT_ASSERTS for p in (PACKAGE / stage).rglob("*.py")]
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+        for path in sorted(paths)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Assert)
+    ]
+    assert found == [], "raise an exception that says what broke, or narrow the type without"
