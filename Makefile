@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-image lint docs lock demo demo-serve bench debs venv clean
+.PHONY: test test-fast test-image lint docs lock demo demo-serve bench debs venv clean
 
 # constraints.txt pins every dependency (made by `make lock` from pyproject.toml): an install
 # next month gets the same versions as CI got today.
@@ -42,6 +42,11 @@ promtool: venv
 
 test: venv debs promtool
 	$(BIN)/pytest
+
+# The edit loop: everything but the tests marked slow (replicas, many mailboxes, real
+# processes, the image, long fuzzing), under 90 s on a 2-core machine. `make test` runs all.
+test-fast: venv debs promtool
+	$(BIN)/pytest -m "not slow"
 
 # The container image, built and run with podman on a base made from Debian's packages (no
 # registry needed). Opt-in: it downloads a Debian base and mailroom's wheels, a few minutes.

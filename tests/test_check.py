@@ -625,6 +625,7 @@ async def mailroom(*args: str, env: dict[str, str] | None = None) -> tuple[int, 
     return proc.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_command_output_exit_codes_and_no_secrets(
     dovecot: Dovecot,
     account: Account,

@@ -485,6 +485,7 @@ def _apply(text: str, edits: list[tuple[int, str, int]]) -> str:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(st.one_of(mutated, generated))
+@pytest.mark.slow
 def test_fuzz_any_yaml_gives_a_config_or_a_config_error_without_the_secret(
     tmp_path: Path, text: str
 ) -> None:

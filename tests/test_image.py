@@ -33,6 +33,7 @@ EXTRA = shlex.split(os.environ.get("MAILROOM_TEST_PODMAN_ARGS", ""))
 IMAGE = "localhost/mailroom:test"
 
 pytestmark = [
+    pytest.mark.slow,  # builds and runs the image: minutes
     pytest.mark.skipif(not BASE, reason="set MAILROOM_TEST_IMAGE_BASE to build the image"),
     pytest.mark.skipif(shutil.which(PODMAN[0]) is None, reason=f"{PODMAN[0]} is not installed"),
 ]

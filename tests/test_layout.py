@@ -43,7 +43,7 @@ WITHOUT_ASSERTS = ("check", "config", "gitlab", "mail", "redrive", "trust")
 
 
 def test_no_bare_asserts_in_production_code() -> None:
-    paths = [p for p in PACKAGE.glob("*.py")]
+    paths = list(PACKAGE.glob("*.py"))
     paths += [p for stage in WITHOUT_ASSERTS for p in (PACKAGE / stage).rglob("*.py")]
     found = [
         f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"

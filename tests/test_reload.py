@@ -97,6 +97,7 @@ async def seen(dovecot: Dovecot, account: Account) -> list[bool]:
     return ["\\Seen" in m.flags for m in await dovecot.amessages(account)]
 
 
+@pytest.mark.slow
 async def test_reload_keeps_untouched_restarts_changed_starts_new_stops_removed(
     dovecot_factory: Any, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -206,6 +207,7 @@ async def test_with_replicas_a_reload_stops_a_removed_mailbox_before_it_is_done(
     assert len(logins(dovecot, removed)) == 1
 
 
+@pytest.mark.slow
 async def test_with_replicas_a_lease_lost_while_a_reload_restarts_its_mailbox_stays_lost(
     dovecot: Dovecot,
     account: Account,
@@ -281,6 +283,7 @@ def process(tmp_path: Path) -> Iterator[list[Process]]:
         each.kill()
 
 
+@pytest.mark.slow
 async def test_sighup_reloads_a_real_process_and_refuses_a_broken_file(
     dovecot: Dovecot, webhook: WebhookReceiver, process: list[Process], tmp_path: Path
 ) -> None:
