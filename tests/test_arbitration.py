@@ -309,6 +309,7 @@ async def until(check: Callable[[], bool], sources: list[Sources], what: str) ->
     assert check(), what
 
 
+@pytest.mark.slow
 async def test_two_replicas_share_the_mailboxes_evenly_and_exactly_once(
     redis_server: RedisServer,
 ) -> None:
@@ -343,6 +344,7 @@ async def test_two_replicas_share_the_mailboxes_evenly_and_exactly_once(
         await store.close()
 
 
+@pytest.mark.slow
 async def test_without_redis_sources_stop_before_their_leases_lapse_and_come_back(
     redis_server: RedisServer,
 ) -> None:

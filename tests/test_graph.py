@@ -234,6 +234,7 @@ async def test_a_malformed_answer_while_settling_is_retried(
     assert len(webhook.requests) == 1
 
 
+@pytest.mark.slow
 async def test_503_and_value_errors_back_off_and_recover(
     entra: EntraGraph, webhook: WebhookReceiver
 ) -> None:

@@ -249,6 +249,7 @@ async def test_readyz_follows_dovecot_stop_and_start(
     ]
 
 
+@pytest.mark.slow
 async def test_a_stalled_webhook_makes_the_dispatcher_not_ready(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession
 ) -> None:
@@ -420,6 +421,7 @@ def test_stopping_is_not_ready_and_forget_drops_the_series(
     assert ready is False and body["stopping"] is True
 
 
+@pytest.mark.slow
 async def test_a_backlog_behind_a_stalled_webhook_is_bounded_in_memory(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession
 ) -> None:

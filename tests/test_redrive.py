@@ -88,6 +88,7 @@ def append(
 # -- IMAP: the whole flow with a running mailroom -------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_flag_mode_dead_letter_is_delivered_again_under_its_webhook_id(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:

@@ -176,6 +176,7 @@ async def test_a_stop_during_a_reload_still_closes_the_mailbox_the_reload_was_st
     assert logged_out(dovecot, account, logins(dovecot, account)[0])
 
 
+@pytest.mark.slow
 async def test_with_replicas_a_reload_stops_a_removed_mailbox_before_it_is_done(
     dovecot: Dovecot,
     redis_server: RedisServer,
