@@ -18,10 +18,12 @@ from mailroom.config.mailboxes import (
     parse_mailbox,
 )
 from mailroom.config.model import (
+    POLL_GRACE_S,
     ArbitrationConfig,
     BasicAuth,
     Config,
     CredentialsConfig,
+    FolderMailboxConfig,
     GraphInboxOptions,
     GraphMailboxConfig,
     HealthConfig,
@@ -30,6 +32,7 @@ from mailroom.config.model import (
     LimitsConfig,
     LogConfig,
     MailboxConfig,
+    Readiness,
     RejectNoticesConfig,
     ReloadConfig,
     RetryConfig,
@@ -61,12 +64,14 @@ from mailroom.trust.values import (
 )
 
 __all__ = [
+    "POLL_GRACE_S",
     "ArbitrationConfig",
     "BasicAuth",
     "ClientCertificate",
     "Config",
     "ConfigError",
     "CredentialsConfig",
+    "FolderMailboxConfig",
     "GoogleOAuthConfig",
     "GoogleRefreshToken",
     "GoogleServiceAccount",
@@ -80,6 +85,7 @@ __all__ = [
     "LogConfig",
     "MailboxConfig",
     "OAuthConfig",
+    "Readiness",
     "RejectNoticesConfig",
     "ReloadConfig",
     "RetryConfig",

@@ -24,13 +24,13 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aiosmtplib
 
-from mailroom.backoff import backoff_delay
+from mailroom.backoff import Retry
 from mailroom.config import RejectNoticesConfig, SmtpConfig
 from mailroom.delivery import notices
 from mailroom.delivery.markers import Shared
@@ -179,13 +179,12 @@ class Notifier:
     ) -> NoticeResult:
         assert self.config is not None
         recipient = notice.recipient
-        retry = self.config.retry
-        give_up_after_s = retry.give_up_after_s or notices.DAY_S
-        started = time.monotonic()
-        attempt = 0
+        settings = self.config.retry
+        retry = Retry(
+            replace(settings.backoff, give_up_after_s=settings.give_up_after_s or notices.DAY_S)
+        )
         while True:
-            attempt += 1
-            fields["attempt"] = attempt
+            attempt = fields["attempt"] = retry.begin()
             try:
                 await self._send(notice, mailbox)
             except _SendError as exc:
@@ -211,16 +210,15 @@ class Notifier:
                     )
                     self.failed += 1
                     return NoticeResult.FAILED
-                delay = backoff_delay(attempt, initial_s=retry.initial_s, max_s=retry.max_s)
-                waited = time.monotonic() - started
-                if waited + delay > give_up_after_s:
+                delay = retry.delay()
+                if delay is None:
                     log.error(
                         "%s: %s: reject notice to %s failed for %.0fs (%d attempts, last: %s); "
                         "giving up (reject_notices.retry.give_up_after) and dead-lettering",
                         mailbox,
                         ref,
                         recipient,
-                        waited,
+                        retry.elapsed_s,
                         attempt,
                         exc,
                         extra=fields,
@@ -235,7 +233,7 @@ class Notifier:
                     attempt,
                     exc,
                     delay,
-                    extra={**fields, "delay_s": round(delay, 3)},
+                    extra={**fields, **retry.extra(exc, delay)},
                 )
                 await asyncio.sleep(delay)
             else:

@@ -1,7 +1,7 @@
 """Owns the TaskGroup, the signals, reloads and the bounded, ordered shutdown.
 
-Tasks: ``imap:<mailbox>`` per IMAP mailbox, ``graph:<mailbox>`` per Microsoft Graph mailbox
-(``Running``), ``health``, ``arbitration`` (replicas), ``watch`` (``reload.watch``) and
+Tasks: ``<kind>:<mailbox>`` per mailbox (``imap:``, ``graph:``; ``Running``), ``health``,
+``arbitration`` (replicas), ``watch`` (``reload.watch``) and
 ``dispatch`` (the drain). Each source is supervised on its own (the shared ``Source``
 lifecycle): a mailbox that fails (bad password, server down, a bug) is logged and retried with
 backoff and never stops the others. What sources share (the in-flight budget, the connect
@@ -43,7 +43,7 @@ from mailroom.delivery.dispatch import Dispatcher
 from mailroom.errors import ConfigError
 from mailroom.observe.health import Health
 from mailroom.runtime.health_server import HealthServer
-from mailroom.runtime.resources import Resources
+from mailroom.runtime.resources import Resources, SourceKinds
 from mailroom.runtime.running import Running
 from mailroom.sources.lifecycle import wait_any
 
@@ -126,6 +126,7 @@ async def run(
     config: Config,
     stop: asyncio.Event | None = None,
     *,
+    kinds: SourceKinds,
     load: Callable[[], Config] | None = None,
     reload: asyncio.Event | None = None,
     dry_run: bool = False,
@@ -133,6 +134,8 @@ async def run(
 ) -> int:
     """Run until ``stop`` is set (or a signal arrives); returns the exit code.
 
+    ``kinds`` builds each mailbox's source (``mailroom.kinds.KINDS``: the command line hands
+    it down, this floor knows no kind of source).
     Setting ``reload`` (SIGHUP does, and with ``reload.watch`` a change to one of ``watch``'s
     files) calls ``load`` for the new config and applies it. With
     ``dry_run`` nothing is posted, sent or settled (``Dispatcher``), and replicas' Redis is
@@ -141,7 +144,7 @@ async def run(
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()
     installed = _install_signals(stop, reload)
-    resources = Resources(config)
+    resources = Resources(config, kinds)
     health = Health(config, budget=resources.budget)
     server = HealthServer(health, config.health) if config.health is not None else None
     shared = config.arbitration.enabled and not dry_run
