@@ -272,15 +272,15 @@ class Dispatcher:
         if verdict.action is Action.REJECT:
             log.info("%s: rejected: %s", ref, verdict.why, extra=fields)
             return await self._notify(Outcome.REJECTED, envelope, verdict, fields)
-        assert isinstance(verdict.decision, routing.Deliver)
+        delivery = verdict.delivery
         hook = mailbox.webhook
         body = envelope.raw
         if hook.format == "json":
-            body = await _off_loop(len(body), payload_body, envelope, parsed, verdict.decision)
-        result = await self._webhooks.deliver(envelope, verdict.decision, hook, body, fields)
+            body = await _off_loop(len(body), payload_body, envelope, parsed, delivery)
+        result = await self._webhooks.deliver(envelope, delivery, hook, body, fields)
         if isinstance(result, Rejected):
             log.info("%s: the application rejected it: %s", ref, result.reason, extra=fields)
-            rejected = Verdict(Action.REJECT, result.reason, parsed, verdict.decision)
+            rejected = Verdict(Action.REJECT, result.reason, parsed, delivery)
             return await self._notify(Outcome.DELIVERED, envelope, rejected, fields)
         return result
 
@@ -289,10 +289,10 @@ class Dispatcher:
     ) -> None:
         """Log what would happen to ``envelope``; nothing is posted, sent or settled."""
         if verdict.action is Action.DELIVER:
-            assert isinstance(verdict.decision, routing.Deliver)
+            delivery = verdict.delivery
             what = (
-                f"would POST to {origin(mailbox.webhook.url)} (key {verdict.decision.key}, "
-                f"matched {verdict.decision.matched_header})"
+                f"would POST to {origin(mailbox.webhook.url)} (key {delivery.key}, "
+                f"matched {delivery.matched_header})"
             )
         elif verdict.action is Action.IGNORE:
             what = f"would ignore it as auto-generated ({verdict.why})"

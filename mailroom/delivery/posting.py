@@ -160,7 +160,8 @@ class Webhooks:
         body: bytes,
         fields: dict[str, Any],
     ) -> Outcome | Rejected:
-        assert self._session is not None, "use Webhooks in `async with`"
+        if self._session is None:
+            raise RuntimeError("use Webhooks in `async with`")
         config = webhook.config
         headers = webhook.headers(envelope, key, body)
         data: bytes | AsyncIterator[memoryview] = body

@@ -344,19 +344,7 @@ class Health(Monitor):
                 stalled = _stalled(source, webhooks)
                 why = f"webhook {source.webhook} stalled" if stalled else source.state.value
                 not_ready.append(f"{mailbox_id} {why}")
-            oldest = next(iter(source.unsettled.values()), now)
-            mailboxes[mailbox_id] = {
-                "kind": source.kind,
-                "ready": ready,
-                "state": source.state.value,
-                "since_s": round(now - source.since, 3),
-                "reason": source.reason,
-                "webhook": source.webhook,
-                "last_ok_age_s": None if source.last_ok is None else round(now - source.last_ok, 3),
-                "reconnects": source.reconnects,
-                "unsettled": len(source.unsettled),
-                "oldest_unsettled_age_s": round(now - oldest, 3),
-            }
+            mailboxes[mailbox_id] = _mailbox_body(source, ready, now)
         needed = self._needed(len(expected))
         ready_count = sum(1 for m in mailboxes.values() if m["ready"])
         redis_down = self.arbitration_ok is False
@@ -369,23 +357,13 @@ class Health(Monitor):
                 *(("stopping",) if self._stopping else ()),
             )
         self._log_readiness(tuple(reasons), ready_count, needed)
-        stalled_webhooks = [label for label, state in webhooks.items() if state.stalled]
-        unsettled = sum(state.unsettled for state in webhooks.values())
-        oldest_age = max((state.oldest_age_s for state in webhooks.values()), default=0.0)
-        progress_age = min((state.last_progress_age_s for state in webhooks.values()), default=0.0)
         body = {
             "ready": ready,
             "stopping": self._stopping,
             "ready_when": self._ready_when,
             "mailboxes_ready": ready_count,
             "mailboxes_needed": needed,
-            "dispatcher": {
-                "stalled": bool(stalled_webhooks),
-                "unsettled": unsettled,
-                "oldest_unsettled_age_s": round(oldest_age, 3),
-                "last_progress_age_s": round(progress_age, 3),
-                "stall_after_s": self._stall_after_s,
-            },
+            "dispatcher": self._dispatcher_body(webhooks),
             "webhooks": {
                 label: {
                     "stalled": state.stalled,
@@ -406,6 +384,21 @@ class Health(Monitor):
                 "replicas": self.replicas_live,
             }
         return ready, body
+
+    def _dispatcher_body(self, webhooks: dict[str, WebhookState]) -> dict[str, Any]:
+        """``/readyz``'s ``dispatcher``: every webhook's messages taken together."""
+        states = webhooks.values()
+        return {
+            "stalled": any(state.stalled for state in states),
+            "unsettled": sum(state.unsettled for state in states),
+            "oldest_unsettled_age_s": round(
+                max((state.oldest_age_s for state in states), default=0.0), 3
+            ),
+            "last_progress_age_s": round(
+                min((state.last_progress_age_s for state in states), default=0.0), 3
+            ),
+            "stall_after_s": self._stall_after_s,
+        }
 
     def _log_readiness(self, not_ready: tuple[str, ...], ready: int, needed: int) -> None:
         if not_ready == self._not_ready:
@@ -433,6 +426,23 @@ class Health(Monitor):
             )
 
 
+def _mailbox_body(source: _MailboxState, ready: bool, now: float) -> dict[str, Any]:
+    """``/readyz``'s entry for one mailbox."""
+    oldest = next(iter(source.unsettled.values()), now)
+    return {
+        "kind": source.kind,
+        "ready": ready,
+        "state": source.state.value,
+        "since_s": round(now - source.since, 3),
+        "reason": source.reason,
+        "webhook": source.webhook,
+        "last_ok_age_s": None if source.last_ok is None else round(now - source.last_ok, 3),
+        "reconnects": source.reconnects,
+        "unsettled": len(source.unsettled),
+        "oldest_unsettled_age_s": round(now - oldest, 3),
+    }
+
+
 def _stalled(source: _MailboxState, webhooks: dict[str, WebhookState]) -> bool:
     return source.webhook in webhooks and webhooks[source.webhook].stalled
 
@@ -452,6 +462,21 @@ class _Gauges(Collector):
     def collect(self) -> Iterable[Metric]:
         health = self._health
         now = health.clock()
+        webhooks = health.webhook_states(now)
+        yield from self._mailboxes(now, webhooks)
+        yield from self._webhooks(webhooks)
+        if health.arbitration_ok is not None:
+            for name, text, value in (
+                ("mailroom_arbitration_connected", "1 while Redis answers.", health.arbitration_ok),
+                ("mailroom_leases_held", "Mailbox leases this replica holds.", health.leases_held),
+                ("mailroom_replicas_live", "Replicas with a live heartbeat.", health.replicas_live),
+            ):
+                yield GaugeMetricFamily(name, text, value=float(value))
+        if health.budget is not None:
+            yield from self._budget(health.budget)
+
+    def _mailboxes(self, now: float, webhooks: dict[str, WebhookState]) -> Iterable[Metric]:
+        health = self._health
         gauges = {
             name: GaugeMetricFamily(name, text, labels=["mailbox"])
             for name, text in (
@@ -467,7 +492,6 @@ class _Gauges(Collector):
                 ),
             )
         }
-        webhooks = health.webhook_states(now)
         for mailbox, source in health.sources.items():
             connected = source.state is SourceState.CONNECTED
             gauges["mailroom_connected"].add_metric([mailbox], float(connected))
@@ -476,7 +500,9 @@ class _Gauges(Collector):
             gauges["mailroom_unsettled"].add_metric([mailbox], float(len(source.unsettled)))
             first = next(iter(source.unsettled.values()), now)
             gauges["mailroom_unsettled_oldest_age_seconds"].add_metric([mailbox], now - first)
-        yield from gauges.values()
+        return gauges.values()
+
+    def _webhooks(self, webhooks: dict[str, WebhookState]) -> Iterable[Metric]:
         stalled_gauge = GaugeMetricFamily(
             "mailroom_webhook_stalled",
             "1 while the webhook's messages wait longer than health.stall_after and none of "
@@ -490,7 +516,7 @@ class _Gauges(Collector):
         )
         for label, state in webhooks.items():
             stalled_gauge.add_metric([label], float(state.stalled))
-            circuit.add_metric([label], float(label in health.open_circuits))
+            circuit.add_metric([label], float(label in self._health.open_circuits))
         yield stalled_gauge
         yield circuit
         yield GaugeMetricFamily(
@@ -498,32 +524,18 @@ class _Gauges(Collector):
             "1 while any webhook is stalled (see mailroom_webhook_stalled).",
             value=float(any(state.stalled for state in webhooks.values())),
         )
-        if health.arbitration_ok is not None:
-            for name, text, value in (
-                ("mailroom_arbitration_connected", "1 while Redis answers.", health.arbitration_ok),
-                ("mailroom_leases_held", "Mailbox leases this replica holds.", health.leases_held),
-                ("mailroom_replicas_live", "Replicas with a live heartbeat.", health.replicas_live),
-            ):
-                yield GaugeMetricFamily(name, text, value=float(value))
-        budget = health.budget
-        if budget is not None:
-            for name, text, value in (
-                (
-                    "mailroom_in_flight_messages",
-                    "Messages fetched and not settled.",
-                    budget.messages,
-                ),
-                ("mailroom_in_flight_bytes", "Bytes of the messages in flight.", budget.bytes),
-                (
-                    "mailroom_in_flight_limit_messages",
-                    "limits.in_flight_messages",
-                    budget.max_messages,
-                ),
-                ("mailroom_in_flight_limit_bytes", "limits.in_flight_bytes", budget.max_bytes),
-                (
-                    "mailroom_budget_waiting",
-                    "Fetches waiting for room under the limits.",
-                    budget.waiting,
-                ),
-            ):
-                yield GaugeMetricFamily(name, text, value=float(value))
+
+    @staticmethod
+    def _budget(budget: InFlight) -> Iterable[Metric]:
+        for name, text, value in (
+            ("mailroom_in_flight_messages", "Messages fetched and not settled.", budget.messages),
+            ("mailroom_in_flight_bytes", "Bytes of the messages in flight.", budget.bytes),
+            ("mailroom_in_flight_limit_messages", "limits.in_flight_messages", budget.max_messages),
+            ("mailroom_in_flight_limit_bytes", "limits.in_flight_bytes", budget.max_bytes),
+            (
+                "mailroom_budget_waiting",
+                "Fetches waiting for room under the limits.",
+                budget.waiting,
+            ),
+        ):
+            yield GaugeMetricFamily(name, text, value=float(value))

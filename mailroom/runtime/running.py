@@ -22,7 +22,7 @@ from collections.abc import Callable
 from mailroom import logs
 from mailroom.arbitration import Coordinator
 from mailroom.config import Config, MailboxConfig
-from mailroom.delivery.dispatch import Dispatcher
+from mailroom.delivery.dispatch import Dispatcher, Prepared
 from mailroom.errors import ConfigError
 from mailroom.observe.health import Health
 from mailroom.runtime.resources import Resources, SourceKinds, Wiring
@@ -161,25 +161,11 @@ class Running:
 
     async def reload(self, load: Callable[[], Config] | None) -> None:
         """Load the config again and apply the difference; refuse an invalid one."""
-        if load is None:
-            log.warning("reload: mailroom was not started from a config file; nothing to reload")
+        prepared = await self._prepare(load)
+        if prepared is None:
             return
-        try:
-            new = await asyncio.to_thread(load)
-        except ConfigError as exc:
-            log.error("reload refused, the running config stays: config error: %s", exc)
-            return
-        except Exception:
-            log.exception("reload refused, the running config stays: cannot load the config")
-            return
-        try:  # phase one: build everything the new config needs, change nothing yet
-            self.resources.prepare(new)
-            prepared = self.dispatcher.prepare(new)
-        except Exception as exc:
-            log.error("reload refused, the running config stays: %s: %s", type(exc).__name__, exc)
-            await self.resources.retain(self.config)
-            return
-        old, self.config = self.config, new  # phase two: apply
+        old, new = self.config, prepared.config
+        self.config = new  # phase two: apply
         before = {m.id: m for m in old.mailboxes}
         after = {m.id: m for m in new.mailboxes}
         removed = [i for i in before if i not in after]
@@ -187,10 +173,49 @@ class Running:
             i for i in before if i in after and _connection(before[i]) != _connection(after[i])
         ]
         added = [i for i in after if i not in before]
+        if self.coordinator is not None:  # leases start mailboxes; only a running one restarts
+            changed = [i for i in changed if i in self.mailboxes]
+        starting = await self._swap(prepared, removed, changed, added)
+        await self._reloaded(old)
+        log.info(
+            "config reloaded: %d mailbox(es) started, %d restarted, %d stopped, %d unchanged",
+            len(added),
+            len([i for i in starting if i in before]),
+            len(removed),
+            len(after) - len(added) - len(changed),
+        )
+
+    async def _prepare(self, load: Callable[[], Config] | None) -> Prepared | None:
+        """Phase one: load the new config and build everything it needs, changing nothing
+        yet; None (and the reason logged) when it is refused."""
+        if load is None:
+            log.warning("reload: mailroom was not started from a config file; nothing to reload")
+            return None
+        try:
+            new = await asyncio.to_thread(load)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: config error: %s", exc)
+            return None
+        except Exception:
+            log.exception("reload refused, the running config stays: cannot load the config")
+            return None
+        try:
+            self.resources.prepare(new)
+            return self.dispatcher.prepare(new)
+        except Exception as exc:
+            log.error("reload refused, the running config stays: %s: %s", type(exc).__name__, exc)
+            await self.resources.retain(self.config)
+            return None
+
+    async def _swap(
+        self, prepared: Prepared, removed: list[str], changed: list[str], added: list[str]
+    ) -> list[str]:
+        """Stop the removed and changed mailboxes, take the new config, start the changed and
+        added ones; returns those started here."""
+        new = prepared.config
+        after = {m.id: m for m in new.mailboxes}
         starting = [*changed, *added]
         leases = self.coordinator
-        if leases is not None:  # leases start mailboxes; only a running one restarts
-            changed = [i for i in changed if i in self.mailboxes]
         # With replicas, no lease starts a source (on either config) while sources are swapped.
         async with leases.paused() if leases is not None else contextlib.nullcontext():
             # A removed mailbox stops here, with replicas too (``stop`` ignores one not running
@@ -210,7 +235,13 @@ class Running:
             self.start([after[i] for i in starting])
             if leases is not None:
                 leases.configure(new)
-        if leases is not None and new.arbitration != old.arbitration:
+        return starting
+
+    async def _reloaded(self, old: Config) -> None:
+        """After the swap: close what only ``old`` used, apply the new log settings, and say
+        what takes effect only after a restart."""
+        new = self.config
+        if self.coordinator is not None and new.arbitration != old.arbitration:
             log.warning("reload: a changed arbitration block takes effect after a restart")
         await self.resources.retain(new)
         if new.log != old.log:
@@ -220,13 +251,6 @@ class Running:
             log.warning("reload: a changed health.listen takes effect after a restart")
         for warning in new.warnings:
             logging.getLogger("mailroom.config").warning("config: %s", warning)
-        log.info(
-            "config reloaded: %d mailbox(es) started, %d restarted, %d stopped, %d unchanged",
-            len(added),
-            len([i for i in starting if i in before]),
-            len(removed),
-            len(after) - len(added) - len(changed),
-        )
 
     async def shutdown(self) -> int:
         """Stop the sources, drain the dispatcher (bounded), then close the sources."""

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mailroom import arbitration as replicas
-from mailroom.arbitration import Coordinator
+from mailroom.arbitration import Coordinator, RedisStore
 from mailroom.config import Config
 from mailroom.delivery.dispatch import Dispatcher
 from mailroom.errors import ConfigError
@@ -122,6 +122,57 @@ async def _watch(
             reload.set()
 
 
+def _start(
+    running: Running, store: RedisStore | None, finished: asyncio.Event, *, dry_run: bool
+) -> None:
+    """Start every mailbox; with replicas, the coordinator that starts those whose lease this
+    replica takes."""
+    config = running.config
+    if store is None:
+        running.start(list(config.mailboxes))
+        log.info(
+            "mailroom started: %d mailbox(es)%s",
+            len(config.mailboxes),
+            "; DRY RUN: nothing is posted, sent or settled" if dry_run else "",
+        )
+        return
+    coordinator = running.coordinator = Coordinator(
+        config,
+        store,
+        start=running.start,
+        stop=running.stop,
+        abort=running.abort,
+        monitor=running.health,
+    )
+    running.group.create_task(coordinator.run(finished), name="arbitration")
+    log.info(
+        "mailroom started: %d mailbox(es) shared with other replicas through %s",
+        len(config.mailboxes),
+        store.where,
+    )
+
+
+async def _reloads(
+    running: Running,
+    stop: asyncio.Event,
+    reload: asyncio.Event,
+    load: Callable[[], Config] | None,
+) -> None:
+    """One reload per ``reload`` (SIGHUP, ``reload.watch``), until ``stop``; a stop during a
+    reload cuts it short."""
+    while True:
+        await wait_any((stop, reload))
+        if stop.is_set():
+            return
+        reload.clear()
+        reloading = asyncio.create_task(running.reload(load), name="reload")
+        await wait_any((stop,), futures=(reloading,))
+        if not reloading.done():  # SIGTERM during a reload: stop now
+            reloading.cancel()
+            log.info("reload interrupted by the stop")
+        await asyncio.wait({reloading})
+
+
 async def run(
     config: Config,
     stop: asyncio.Event | None = None,
@@ -134,12 +185,12 @@ async def run(
 ) -> int:
     """Run until ``stop`` is set (or a signal arrives); returns the exit code.
 
-    ``kinds`` builds each mailbox's source (``mailroom.kinds.KINDS``: the command line hands
-    it down, this floor knows no kind of source).
-    Setting ``reload`` (SIGHUP does, and with ``reload.watch`` a change to one of ``watch``'s
-    files) calls ``load`` for the new config and applies it. With
-    ``dry_run`` nothing is posted, sent or settled (``Dispatcher``), and replicas' Redis is
-    not used: a dry run takes no lease from the replicas doing the real work.
+    ``kinds`` builds each mailbox's source (``mailroom.kinds.KINDS``, which the command line
+    hands down: this floor knows no kind of source). Setting ``reload`` (SIGHUP does, and with
+    ``reload.watch`` a change to one of ``watch``'s files) calls ``load`` for the new config
+    and applies it. With ``dry_run`` nothing is posted, sent or settled (``Dispatcher``), and
+    replicas' Redis is not used: a dry run takes no lease from the replicas doing the real
+    work.
     """
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()
@@ -165,39 +216,8 @@ async def run(
                 interval_s = config.reload.interval_s
                 group.create_task(_watch(watch, interval_s, reload, finished), name="watch")
             running = Running(config, dispatcher, health, resources, group)
-            if store is None:
-                running.start(list(config.mailboxes))
-                log.info(
-                    "mailroom started: %d mailbox(es)%s",
-                    len(config.mailboxes),
-                    "; DRY RUN: nothing is posted, sent or settled" if dry_run else "",
-                )
-            else:
-                coordinator = running.coordinator = Coordinator(
-                    config,
-                    store,
-                    start=running.start,
-                    stop=running.stop,
-                    abort=running.abort,
-                    monitor=health,
-                )
-                group.create_task(coordinator.run(finished), name="arbitration")
-                log.info(
-                    "mailroom started: %d mailbox(es) shared with other replicas through %s",
-                    len(config.mailboxes),
-                    store.where,
-                )
-            while True:  # one turn per SIGHUP, until stopped
-                await wait_any((stop, reload))
-                if stop.is_set():
-                    break
-                reload.clear()
-                reloading = asyncio.create_task(running.reload(load), name="reload")
-                await wait_any((stop,), futures=(reloading,))
-                if not reloading.done():  # SIGTERM during a reload: stop now
-                    reloading.cancel()
-                    log.info("reload interrupted by the stop")
-                await asyncio.wait({reloading})
+            _start(running, store, finished, dry_run=dry_run)
+            await _reloads(running, stop, reload, load)
             finished.set()  # no new leases from here on
             abandoned = await running.shutdown()
             if running.coordinator is not None:
