@@ -44,7 +44,9 @@ class MailboxChecks(Protocol):
 
 def _config(report: Report, config: Config, path: str) -> None:
     methods = [m.inbox_method for m in config.mailboxes]
-    counts = ", ".join(f"{methods.count(method)} {method}" for method in SECTIONS)
+    counts = ", ".join(
+        f"{methods.count(method)} {method}" for method in dict.fromkeys([*SECTIONS, *methods])
+    )
     notices = "on" if config.reject_notices is not None else "off"
     detail = f"{path}: {len(config.mailboxes)} mailbox(es) ({counts}), reject notices {notices}"
     if config.credentials is not None:
