@@ -14,10 +14,12 @@ TRYCREATE). Each logs what failed, the attempt and what comes next (``Retry.extr
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
@@ -111,6 +113,29 @@ class Retry:
         if left is not None and delay > left:
             return None
         return delay
+
+    async def wait(
+        self,
+        logger: logging.Logger,
+        level: int,
+        what: str,
+        exc: BaseException,
+        *,
+        delay_s: float,
+        fields: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Log ``<what> attempt <n> failed: <exc>; retrying in <delay>s`` (with the attempt,
+        the error's class and the delay as fields beside ``fields``), then wait ``delay_s``."""
+        logger.log(
+            level,
+            "%s attempt %d failed: %s; retrying in %.1fs",
+            what,
+            self.attempt,
+            exc,
+            delay_s,
+            extra={**(fields or {}), **self.extra(exc, delay_s)},
+        )
+        await asyncio.sleep(delay_s)
 
     def extra(self, exc: BaseException | None, delay_s: float | None) -> dict[str, Any]:
         """The structured fields of a retry's log line: what failed, which attempt, and the

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -100,6 +102,22 @@ def test_retry_log_fields_say_what_failed_which_attempt_and_what_next() -> None:
         "delay_s": 1.0,
     }
     assert retry.extra(None, None) == {"attempt": 1}
+
+
+async def test_a_retry_says_what_failed_which_attempt_and_what_next(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    retry = Retry(Backoff(initial_s=0.01, max_s=0.01, jitter=False))
+    retry.begin()
+    retry.begin()
+    logger = logging.getLogger("mailroom.test")
+    with caplog.at_level(logging.WARNING, logger="mailroom.test"):
+        await retry.wait(logger, logging.WARNING, "box: uid 7: webhook", TimeoutError("slow"),
+                         delay_s=0.01, fields={"mailbox": "box"})  # fmt: skip
+    (record,) = caplog.records
+    assert record.getMessage() == "box: uid 7: webhook attempt 2 failed: slow; retrying in 0.0s"
+    fields = {name: getattr(record, name) for name in ("mailbox", "attempt", "error", "delay_s")}
+    assert fields == {"mailbox": "box", "attempt": 2, "error": "TimeoutError", "delay_s": 0.01}
 
 
 def test_retry_after_reads_seconds_and_http_dates() -> None:

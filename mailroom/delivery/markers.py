@@ -9,7 +9,6 @@ without posting it again. Without replicas (``shared`` is None) there is nothing
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Protocol
 
@@ -90,14 +89,11 @@ class Markers:
                         extra={**fields, **retry.extra(exc, None)},
                     )
                     return
-                log.debug(
-                    "%s: %s: writing its delivered marker failed (attempt %d: %s); retrying "
-                    "in %.1fs",
-                    envelope.mailbox,
-                    envelope.ref,
-                    attempt,
+                await retry.wait(
+                    log,
+                    logging.DEBUG,
+                    f"{envelope.mailbox}: {envelope.ref}: writing its delivered marker:",
                     exc,
-                    delay,
-                    extra={**fields, **retry.extra(exc, delay)},
+                    delay_s=delay,
+                    fields=fields,
                 )
-                await asyncio.sleep(delay)

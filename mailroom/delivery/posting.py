@@ -112,7 +112,7 @@ class Webhooks:
         while True:
             if not await circuit.admit(retry.left_s):
                 return _give_up(envelope, retry, "the webhook's circuit is open", fields)
-            attempt = fields["attempt"] = retry.begin()
+            fields["attempt"] = retry.begin()
             try:
                 async with webhook.slots:
                     result = await self._post(webhook, envelope, decision.key, body, fields)
@@ -134,17 +134,14 @@ class Webhooks:
                 delay = retry.delay(exc.retry_after_s)
                 if delay is None:
                     return _give_up(envelope, retry, str(exc), fields)
-                log.log(
+                await retry.wait(
+                    log,
                     logging.ERROR if exc.misconfigured else logging.WARNING,
-                    "%s: %s: webhook attempt %d failed: %s; retrying in %.1fs",
-                    envelope.mailbox,
-                    envelope.ref,
-                    attempt,
+                    f"{envelope.mailbox}: {envelope.ref}: webhook",
                     exc,
-                    delay,
-                    extra={**fields, **retry.extra(exc, delay)},
+                    delay_s=delay,
+                    fields=fields,
                 )
-                await asyncio.sleep(delay)
             except BaseException:
                 circuit.abandoned()
                 raise

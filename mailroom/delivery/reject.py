@@ -187,23 +187,21 @@ class Notifier:
         retry = Retry(replace(settings.backoff, give_up_after_s=give_up_after_s))
         where = f"{mailbox}: {ref}"
         while True:
-            attempt = fields["attempt"] = retry.begin()
+            fields["attempt"] = retry.begin()
             try:
                 await self._send(config, notice, mailbox)
             except _SendError as exc:
                 delay = None if exc.refused or not exc.transient else retry.delay()
                 if delay is None:
                     return self._not_sent(exc, notice, where, retry, fields)
-                log.log(
+                await retry.wait(
+                    log,
                     logging.ERROR if exc.misconfigured else logging.WARNING,
-                    "%s: reject notice attempt %d failed: %s; retrying in %.1fs",
-                    where,
-                    attempt,
+                    f"{where}: reject notice",
                     exc,
-                    delay,
-                    extra={**fields, **retry.extra(exc, delay)},
+                    delay_s=delay,
+                    fields=fields,
                 )
-                await asyncio.sleep(delay)
             else:
                 log.info(
                     "%s: reject notice sent to %s (%s)",
