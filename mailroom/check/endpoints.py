@@ -21,7 +21,7 @@ from mailroom.check.net import (
     open_connection,
     tcp,
 )
-from mailroom.check.report import Failed, Outcome, Report, Status, Target
+from mailroom.check.report import Failed, Finding, Report, Status, Target
 from mailroom.config import Config, WebhookConfig
 from mailroom.delivery import reject
 from mailroom.delivery.webhook import request_headers
@@ -64,9 +64,8 @@ async def webhook(
     target = Target(report, f"webhook[{label or origin(config.url)}]")
     steps = _WebhookSteps(config, send_test=send_test)
     if steps.proxy is not None:  # checked the way deliveries go: through the proxy
-        target.report.add(
-            target.name, "proxy", "OK", f"deliveries go through {origin(steps.proxy)}"
-        )
+        where = origin(steps.proxy)
+        target.report.add(target.name, "proxy", Status.OK, f"deliveries go through {where}")
     await target.run("dns", steps.dns)
     await target.run("tcp", lambda: tcp(steps.host, steps.port))
     await target.run("tls", steps.tls)
@@ -86,7 +85,7 @@ class _WebhookSteps:
         self.port = through.port or (443 if through.scheme == "https" else 80)
         self.resolved: list[str] = []
 
-    async def dns(self) -> Outcome:
+    async def dns(self) -> Finding:
         host = self.host
         try:
             ipaddress.ip_address(host)
@@ -94,7 +93,7 @@ class _WebhookSteps:
             pass
         else:
             self.resolved.append(host)
-            return "OK", f"{host} is an IP address (no lookup)"
+            return Status.OK, f"{host} is an IP address (no lookup)"
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
@@ -105,15 +104,15 @@ class _WebhookSteps:
             )
             raise Failed(f"cannot resolve {host}: {exc.strerror}; check {setting}") from exc
         self.resolved.extend(dict.fromkeys(str(info[4][0]) for info in infos))
-        return "OK", f"{host} resolves to {', '.join(self.resolved)}"
+        return Status.OK, f"{host} resolves to {', '.join(self.resolved)}"
 
-    async def tls(self) -> Outcome:
+    async def tls(self) -> Finding:
         if self.proxy is not None:
-            return "OK", "end to end through the proxy's tunnel (checked by the test event)"
+            return Status.OK, "end to end through the proxy's tunnel (checked by the test event)"
         if self.parts.scheme != "https":
             if all(is_loopback(a) for a in self.resolved or [self.host]):
-                return "OK", "not used (http:// to this machine)"
-            return "WARN", (
+                return Status.OK, "not used (http:// to this machine)"
+            return Status.WARN, (
                 "not used: messages cross the network in clear text; use an https:// URL"
             )
         context = _webhook_tls(self.config)
@@ -125,9 +124,12 @@ class _WebhookSteps:
         finally:
             await close(writer)
 
-    async def test_event(self) -> Outcome:
+    async def test_event(self) -> Finding:
         if not self.send_test:
-            return "SKIP", 'skipped: add --send-test to POST a signed {"type": "mailroom.check"}'
+            return (
+                Status.SKIP,
+                'skipped: add --send-test to POST a signed {"type": "mailroom.check"}',
+            )
         config = self.config
         body = json.dumps(TEST_EVENT).encode()
         started = time.monotonic()
@@ -152,10 +154,10 @@ class _WebhookSteps:
         return _answered(status, (time.monotonic() - started) * 1000)
 
 
-def _answered(status: int, elapsed_ms: float) -> Outcome:
+def _answered(status: int, elapsed_ms: float) -> Finding:
     """What the receiver's answer to the test event says."""
     if 200 <= status < 300:
-        return "OK", f"signed test event answered HTTP {status} in {elapsed_ms:.0f} ms"
+        return Status.OK, f"signed test event answered HTTP {status} in {elapsed_ms:.0f} ms"
     hint = _STATUS_HINTS.get(status)
     if hint is None:
         hint = (
@@ -163,7 +165,7 @@ def _answered(status: int, elapsed_ms: float) -> Outcome:
             if 300 <= status < 400
             else "the receiver failed; see its logs"
         )
-    return "FAIL", f"HTTP {status} to the signed test event (2xx expected); {hint}"
+    return Status.FAIL, f"HTTP {status} to the signed test event (2xx expected); {hint}"
 
 
 # -- SMTP ------------------------------------------------------------------------------------
@@ -172,16 +174,18 @@ def _answered(status: int, elapsed_ms: float) -> Outcome:
 async def smtp(report: Report, config: Config) -> None:
     notices = config.reject_notices
     if notices is None:
-        report.add("smtp", "reject notices", "OK", "not configured: rejected mail gets no notice")
+        report.add(
+            "smtp", "reject notices", Status.OK, "not configured: rejected mail gets no notice"
+        )
         return
     smtp = notices.smtp
     target = f"smtp[{smtp.host}:{smtp.port}]"
     steps = await reject.check_connection(smtp)
-    statuses: dict[str, Status] = {"ok": "OK", "warn": "WARN", "fail": "FAIL"}
+    statuses: dict[str, Status] = {"ok": Status.OK, "warn": Status.WARN, "fail": Status.FAIL}
     for step in steps:
         report.add(target, step.step, statuses[step.status], step.detail)
     done = {step.step for step in steps}
     failed = next((step.step for step in steps if step.status == "fail"), None)
     for name in ("connect", "tls", "ehlo", "auth"):
         if name not in done and failed is not None:
-            report.add(target, name, "SKIP", f"skipped: {failed} failed")
+            report.add(target, name, Status.SKIP, f"skipped: {failed} failed")

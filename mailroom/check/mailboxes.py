@@ -7,8 +7,13 @@ from urllib.parse import quote
 
 from mailroom.check import route
 from mailroom.check.net import certificate, tcp
-from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
-from mailroom.config import GraphMailboxConfig, ImapMailboxConfig, ImapOAuthConfig, MailboxConfig
+from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Finding, Report, Status, Target
+from mailroom.config import (
+    FolderMailboxConfig,
+    GraphMailboxConfig,
+    ImapMailboxConfig,
+    ImapOAuthConfig,
+)
 from mailroom.errors import MailroomError
 from mailroom.sources.graph_client import (
     GraphClient,
@@ -74,7 +79,7 @@ class _ImapSteps:
         if selected or target.blocked is not None:
             await target.run("unseen", self.unseen, blocking=False)
         else:
-            target.report.add(target.name, "unseen", "SKIP", "skipped: mailbox failed")
+            target.report.add(target.name, "unseen", Status.SKIP, "skipped: mailbox failed")
 
     async def close(self) -> None:
         if self._session is not None:
@@ -82,7 +87,7 @@ class _ImapSteps:
         if self.tokens is not None:
             self.tokens.close()
 
-    async def connect(self) -> Outcome:
+    async def connect(self) -> Finding:
         config = self.config
         self._session = await ImapSession.connect(
             config,
@@ -92,19 +97,20 @@ class _ImapSteps:
         if config.ssl or config.start_tls:
             how = "implicit TLS" if config.ssl else "STARTTLS"
             return certificate(self._session.tls, verified=config.tls_verify, how=how)
-        return "WARN", (
+        return Status.WARN, (
             "IMAP greeting on a plain connection: the password crosses the network in clear "
             "text; set ssl: true (port 993) or start_tls: true"
         )
 
-    async def login(self) -> Outcome:
+    async def login(self) -> Finding:
         await self.session.login()
         how = "XOAUTH2" if self.config.auth == "xoauth2" else "password"
-        return "OK", f"logged in as {self.config.user} ({how})"
+        return Status.OK, f"logged in as {self.config.user} ({how})"
 
-    async def select(self) -> Outcome:
+    async def select(self) -> Finding:
         await self.session.select()
-        return "OK", f"{self.config.mailbox} selected (UIDVALIDITY {self.session.uidvalidity})"
+        uidvalidity = self.session.uidvalidity
+        return Status.OK, f"{self.config.mailbox} selected (UIDVALIDITY {uidvalidity})"
 
     def _capabilities(self) -> list[tuple[str, str, str]]:
         """What each capability mailroom uses gives, and what its absence costs."""
@@ -129,28 +135,35 @@ class _ImapSteps:
             ),
         ]
 
-    async def capability(self, name: str, missing: str, present: str) -> Outcome:
+    async def capability(self, name: str, missing: str, present: str) -> Finding:
         if name in self.session.capabilities:
-            return "OK", f"{name} advertised: {present}"
-        return "WARN", f"{name} not advertised: {missing}"
+            return Status.OK, f"{name} advertised: {present}"
+        return Status.WARN, f"{name} not advertised: {missing}"
 
-    async def unseen(self) -> Outcome:
+    async def unseen(self) -> Finding:
         config = self.config
-        uids = await self.session.search(search_criteria(config))  # what the run searches
+        criteria = search_criteria(config)
+        uids = await self.session.search(criteria)  # what the run searches
         tally = route.Tally()
         for start in range(0, min(len(uids), COUNT_AT_MOST), COUNT_BATCH):
             batch = uids[start : min(start + COUNT_BATCH, COUNT_AT_MOST)]
             # Routing reads only the header block: no bodies are fetched, nothing is marked.
             for item in await self.session.fetch(batch, "UID RFC822.SIZE BODY.PEEK[HEADER]"):
                 tally.add(route.decide(item.body or b"", config, size=item.size))
-        return backlog(tally, len(uids), config)
+        search = f"match search_command {config.search_command}"
+        if " UNSEEN " in f" {criteria} " and "UNSEEN" not in search.upper():
+            search += " and are unseen (mailroom adds UNSEEN)"
+        return backlog(tally, len(uids), config, search=search)
 
-    async def failed_folder(self) -> Outcome:
+    async def failed_folder(self) -> Finding:
         folder = self.config.failed_folder
         if folder is None:
-            return "OK", "not set: dead letters are flagged $MailroomFailed and \\Seen in place"
+            return (
+                Status.OK,
+                "not set: dead letters are flagged $MailroomFailed and \\Seen in place",
+            )
         if await self.session.folder_exists(folder):
-            return "OK", f"{folder!r} exists"
+            return Status.OK, f"{folder!r} exists"
         try:
             await self.session.create(folder)
         except MailroomError as exc:
@@ -158,24 +171,27 @@ class _ImapSteps:
                 f"{folder!r} does not exist and cannot be created ({exc}); create it by hand, "
                 "or fix failed_folder"
             ) from exc
-        return "OK", f"{folder!r} did not exist; created it (as the first dead letter would)"
+        return Status.OK, f"{folder!r} did not exist; created it (as the first dead letter would)"
 
 
-async def _token(tokens: Tokens, oauth: ImapOAuthConfig) -> Outcome:
+async def _token(tokens: Tokens, oauth: ImapOAuthConfig) -> Finding:
     await tokens.token()
-    return "OK", f"access token for {tokens.scope} acquired ({oauth.client})"
+    return Status.OK, f"access token for {tokens.scope} acquired ({oauth.client})"
 
 
-def backlog(tally: route.Tally, found: int, config: MailboxConfig, *, more: str = "") -> Outcome:
-    """What the first start does with the messages waiting, and a warning when some would not
-    reach the webhook: an inbox people read loses its unread mail that way."""
-    search = "are unread"
-    if isinstance(config, ImapMailboxConfig):
-        search = f"match search_command {config.search_command}"
-        if " UNSEEN " in f" {search_criteria(config)} " and "UNSEEN" not in search.upper():
-            search += " and are unseen (mailroom adds UNSEEN)"
+def backlog(
+    tally: route.Tally,
+    found: int,
+    config: FolderMailboxConfig,
+    *,
+    more: str = "",
+    search: str = "are unread",
+) -> Finding:
+    """What the first start does with the ``found`` messages waiting (those that ``search``),
+    and a warning when some would not reach the webhook: an inbox people read loses its unread
+    mail that way."""
     if not found:
-        return "OK", f"no messages {search}: the first start finds none waiting"
+        return Status.OK, f"no messages {search}: the first start finds none waiting"
     counted = sum(tally.actions.values())
     of = f" (of the first {counted})" if counted < found else ""
     parts = [tally.text(action) for action in route.Action if tally.actions[action]]
@@ -187,8 +203,8 @@ def backlog(tally: route.Tally, found: int, config: MailboxConfig, *, more: str 
         f"(delete_after_delivery: {str(config.delete_after_delivery).lower()})"
     )
     if tally.actions[route.Action.DELIVER] == counted:
-        return "OK", detail
-    return "WARN", (
+        return Status.OK, detail
+    return Status.WARN, (
         f"{detail}. If people read this mailbox, give mailroom a mailbox of its own; "
         "`mailroom route -c FILE message.eml` shows the decision on one message"
     )
@@ -223,12 +239,12 @@ class _GraphSteps:
         self.folder_url = messages_url(self.user, config.mailbox)
         self.sample: list[tuple[str, list[str]]] = []  # (id, categories) of one unread message
 
-    async def token(self) -> Outcome:
+    async def token(self) -> Finding:
         await self.tokens.token()
         client_id = self.config.inbox_options.client_id
-        return "OK", f"access token for {self.tokens.scope} acquired (client {client_id})"
+        return Status.OK, f"access token for {self.tokens.scope} acquired (client {client_id})"
 
-    async def folder(self) -> Outcome:
+    async def folder(self) -> Finding:
         # The poller's own listing, one message long.
         url = f"{self.folder_url}?$filter=isRead%20eq%20false&$select=id,categories&$top=1"
         page = await self.client.send("GET", url)
@@ -238,11 +254,11 @@ class _GraphSteps:
                 self.sample.append((item["id"], categories))
         unread = "at least one unread message" if self.sample else "no unread messages"
         config = self.config
-        return "OK", f"users/{config.user}/mailFolders/{config.mailbox} readable ({unread})"
+        return Status.OK, f"users/{config.user}/mailFolders/{config.mailbox} readable ({unread})"
 
-    async def patch(self) -> Outcome:
+    async def patch(self) -> Finding:
         if not self.sample:
-            return "WARN", (
+            return Status.WARN, (
                 "not tried: no unread message to PATCH without changing it; send the mailbox "
                 "a message and check again"
             )
@@ -255,9 +271,9 @@ class _GraphSteps:
             body={"categories": categories},
             read=discard,
         )
-        return "OK", "PATCH of a message allowed (Mail.ReadWrite)"
+        return Status.OK, "PATCH of a message allowed (Mail.ReadWrite)"
 
-    async def unread(self) -> Outcome:
+    async def unread(self) -> Finding:
         # The poller's own listing, then each message's header block from its $value (read no
         # further: read_mime with a limit of 0 stops after the headers).
         url: str | None = f"{self.folder_url}?$filter=isRead%20eq%20false&$select=id&$top=100"

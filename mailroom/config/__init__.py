@@ -18,10 +18,12 @@ from mailroom.config.mailboxes import (
     parse_mailbox,
 )
 from mailroom.config.model import (
+    POLL_GRACE_S,
     ArbitrationConfig,
     BasicAuth,
     Config,
     CredentialsConfig,
+    FolderMailboxConfig,
     GraphInboxOptions,
     GraphMailboxConfig,
     HealthConfig,
@@ -30,6 +32,7 @@ from mailroom.config.model import (
     LimitsConfig,
     LogConfig,
     MailboxConfig,
+    Readiness,
     RejectNoticesConfig,
     ReloadConfig,
     RetryConfig,
@@ -66,12 +69,14 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 __all__ = [
+    "POLL_GRACE_S",
     "ArbitrationConfig",
     "BasicAuth",
     "ClientCertificate",
     "Config",
     "ConfigError",
     "CredentialsConfig",
+    "FolderMailboxConfig",
     "GoogleOAuthConfig",
     "GoogleRefreshToken",
     "GoogleServiceAccount",
@@ -85,6 +90,7 @@ __all__ = [
     "LogConfig",
     "MailboxConfig",
     "OAuthConfig",
+    "Readiness",
     "RejectNoticesConfig",
     "ReloadConfig",
     "RetryConfig",

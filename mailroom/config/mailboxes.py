@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mailroom.config.model import (
@@ -58,7 +58,7 @@ def parse_mailbox(
     index: int,
     stored: Mapping[str, credentials.StoredLogin] | None = None,
 ) -> MailboxConfig:
-    method = section.choice("inbox_method", "imap", ("imap", "microsoft_graph"))
+    method = section.choice("inbox_method", "imap", tuple(SECTIONS))
     template = section.text("address")  # outside the try: a ConfigError is a ValueError
     try:
         address = routing.AddressTemplate.parse(template)
@@ -71,16 +71,9 @@ def parse_mailbox(
             "like incoming+%{key}@example.com (no spaces)",
         )
     login = _stored_login(section, stored)
-    if method == "microsoft_graph":
-        if login is not None and login.password is not None:
-            section.fail(
-                "id",
-                "the credentials file gives this microsoft_graph mailbox a password; it takes "
-                "only user there (its secret is inbox_options.client_secret)",
-            )
-        user = _user(section, login, stored=stored is not None)
-        return _graph_mailbox(section, address, webhook_raw, user)
-    return _imap_mailbox(section, address, webhook_raw, login, stored=stored is not None)
+    mailbox = SECTIONS[method](section, address, webhook_raw, login, stored is not None)
+    section.done()
+    return mailbox
 
 
 def _imap_mailbox(
@@ -88,11 +81,10 @@ def _imap_mailbox(
     address: routing.AddressTemplate,
     webhook_raw: dict[str, Any],
     login: credentials.StoredLogin | None,
-    *,
     stored: bool,
 ) -> ImapMailboxConfig:
-    """``inbox_method: imap``: GitLab's keys, the login from the config or the credentials
-    file."""
+    """``inbox_method: imap``: GitLab's ``incoming_email`` keys; the login from the config or
+    the credentials file."""
     ssl, start_tls, port = _imap_transport(section)
     auth = section.choice("auth", "password", ("password", "xoauth2"))
     host = section.text("host")
@@ -100,7 +92,7 @@ def _imap_mailbox(
     mailbox = section.text("mailbox", "INBOX")
     password, oauth = _imap_credentials(section, auth, login, user)
     webhook = _mailbox_webhook(section, webhook_raw)
-    config = ImapMailboxConfig(
+    return ImapMailboxConfig(
         id=section.text("id", f"{user}@{host}/{mailbox}"),
         routing=_routing_rules(section, address, user),
         host=host,
@@ -125,8 +117,6 @@ def _imap_mailbox(
         ),
         webhook=webhook,
     )
-    section.done()
-    return config
 
 
 def _imap_transport(section: Section) -> tuple[bool, bool, int]:
@@ -205,9 +195,20 @@ def _mailbox_webhook(section: Section, webhook_raw: dict[str, Any]) -> WebhookCo
 
 
 def _graph_mailbox(
-    section: Section, address: routing.AddressTemplate, webhook_raw: dict[str, Any], user: str
+    section: Section,
+    address: routing.AddressTemplate,
+    webhook_raw: dict[str, Any],
+    login: credentials.StoredLogin | None,
+    stored: bool,
 ) -> GraphMailboxConfig:
     """``inbox_method: microsoft_graph``: GitLab's keys, with ``inbox_options``."""
+    if login is not None and login.password is not None:
+        section.fail(
+            "id",
+            "the credentials file gives this microsoft_graph mailbox a password; it takes "
+            "only user there (its secret is inbox_options.client_secret)",
+        )
+    user = _user(section, login, stored=stored)
     for key in ("host", "port", "ssl", "start_tls", "password", "password_file", "auth"):
         if section.has(key):
             section.fail(key, "is an IMAP setting; a microsoft_graph mailbox uses inbox_options")
@@ -231,7 +232,7 @@ def _graph_mailbox(
     )
     options_section.done()
     mailbox = section.text("mailbox", "inbox")
-    config = GraphMailboxConfig(
+    return GraphMailboxConfig(
         id=section.text("id", f"{user}@graph/{mailbox}"),
         routing=_routing_rules(section, address, user),
         user=user,
@@ -244,8 +245,18 @@ def _graph_mailbox(
         webhook=_mailbox_webhook(section, webhook_raw),
         inbox_options=options,
     )
-    section.done()
-    return config
+
+
+# Each kind of mailbox and how its section is read, by its inbox_method; the config's one
+# place that knows the kinds (what runs each one is mailroom.kinds).
+SectionParser = Callable[
+    [Section, routing.AddressTemplate, dict[str, Any], credentials.StoredLogin | None, bool],
+    MailboxConfig,
+]
+SECTIONS: dict[str, SectionParser] = {
+    ImapMailboxConfig.inbox_method: _imap_mailbox,
+    GraphMailboxConfig.inbox_method: _graph_mailbox,
+}
 
 
 def _routing_rules(

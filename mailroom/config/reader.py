@@ -32,9 +32,10 @@ HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 IDLE_TIMEOUT_MAX_S = 1740
 SECRET_FILE_MAX_BYTES = 64 * 1024  # a secret file holds one secret, not /dev/zero
 
-# Every key any block of the config has, derived from the model (model.FIELD_KEYS). A key
-# outside this set that is close to a required key that is missing is reported as the typo it
-# is ("unknown key pasword; did you mean password?"), not as "password: is required".
+# Every key any block of the config has, derived from the model (model.FIELD_KEYS) once, at
+# import: each kind's config class is in model.py, as IMAP's and Graph's are. A key outside
+# this set that is close to a required key that is missing is reported as the typo it is
+# ("unknown key pasword; did you mean password?"), not as "password: is required".
 KEYS = config_keys()
 
 
