@@ -148,6 +148,29 @@ async def session(capabilities: str = CAPABILITIES) -> AsyncIterator[tuple[ImapS
             peer.writer.close()
 
 
+async def searched(
+    opened: ImapSession, peer: Peer, criteria: str, *untagged: str, idle: str | None = None
+) -> list[int]:
+    """``opened.search(criteria)``, the peer answering ``untagged`` lines and OK; first the
+    DONE that ends the open IDLE tagged ``idle``, if any."""
+    searching = asyncio.create_task(opened.search(criteria))
+    if idle is not None:
+        assert await peer.line() == "DONE"
+        peer.send(f"{idle} OK idle done")
+    tag = await peer.expect(f"UID SEARCH {criteria}")
+    peer.send(*untagged, f"{tag} OK searched")
+    return await searching
+
+
+async def pushed_during_idle(opened: ImapSession, peer: Peer) -> str:
+    """An IDLE that a pushed EXISTS wakes (it stays open); its tag."""
+    idling = asyncio.create_task(opened.idle([], 30))
+    tag = await peer.expect("IDLE")
+    peer.send("+ idling", "* 4 EXISTS")
+    assert await idling is False  # woken by the new mail, not timed out
+    return tag
+
+
 def fingerprint(function: Any) -> str:
     return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
 
@@ -357,15 +380,8 @@ async def pipeline() -> None:
 async def idle_start() -> None:
     assert parameters(aioimaplib.IMAP4.idle_start) == ["self", "timeout"]
     async with session() as (opened, peer):
-        idling = asyncio.create_task(opened.idle([], 30))
-        idle = await peer.expect("IDLE")
-        peer.send("+ idling", "* 4 EXISTS")
-        assert await idling is False  # woken by the new mail
-        searching = asyncio.create_task(opened.search("UNSEEN"))
-        assert await peer.line() == "DONE"
-        peer.send(f"{idle} OK idle done")
-        peer.send(f"{await peer.expect('UID SEARCH UNSEEN')} OK searched")
-        assert await searching == []
+        idle = await pushed_during_idle(opened, peer)
+        assert await searched(opened, peer, "UNSEEN", idle=idle) == []
 
 
 @relies_on(
@@ -376,16 +392,9 @@ async def idle_start() -> None:
 async def idle_queue() -> None:
     async with session() as (opened, peer):
         queue = client(opened).protocol.idle_queue
-        idling = asyncio.create_task(opened.idle([], 30))
-        idle = await peer.expect("IDLE")
-        peer.send("+ idling", "* 4 EXISTS")
-        await idling
+        idle = await pushed_during_idle(opened, peer)
         assert queue.qsize() == 1
-        searching = asyncio.create_task(opened.search("UNSEEN"))
-        await peer.line()  # DONE
-        peer.send(f"{idle} OK idle done")
-        peer.send(f"{await peer.expect('UID SEARCH UNSEEN')} OK searched")
-        await searching
+        await searched(opened, peer, "UNSEEN", idle=idle)
         assert queue.empty()
 
 
@@ -396,10 +405,7 @@ async def idle_queue() -> None:
 )
 async def search() -> None:
     async with session() as (opened, peer):
-        searching = asyncio.create_task(opened.search("UNSEEN"))
-        tag = await peer.expect("UID SEARCH UNSEEN")
-        peer.send("* SEARCH 3 1 2", f"{tag} OK searched")
-        assert await searching == [1, 2, 3]
+        assert await searched(opened, peer, "UNSEEN", "* SEARCH 3 1 2") == [1, 2, 3]
 
 
 @relies_on(
@@ -414,9 +420,7 @@ async def examine_state() -> None:
         peer.send("* OK [UIDVALIDITY 7] UIDs valid", f"{tag} OK [READ-ONLY] done")
         await selecting
         assert client(opened).protocol.state == aioimaplib.SELECTED
-        searching = asyncio.create_task(opened.search("ALL"))
-        peer.send(f"{await peer.expect('UID SEARCH ALL')} OK searched")
-        assert await searching == []
+        assert await searched(opened, peer, "ALL") == []
 
 
 @relies_on(
@@ -453,9 +457,7 @@ async def transport() -> None:
     async with session() as (opened, peer):
         protocol = client(opened).protocol
         recording = protocol.transport = Recording(protocol.transport)
-        searching = asyncio.create_task(opened.search("ALL"))
-        peer.send(f"{await peer.expect('UID SEARCH ALL')} OK searched")
-        await searching
+        await searched(opened, peer, "ALL")
         assert recording.written.endswith(b" UID SEARCH ALL\r\n")
 
 
