@@ -5,11 +5,14 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import Process, config_dict, mailbox_dict
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.webhook import WebhookReceiver
 
 
+@pytest.mark.slow
 async def test_a_busy_health_listen_is_one_line_and_exit_2(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:

@@ -201,6 +201,7 @@ def test_load_config_reports_yaml_syntax(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.slow
 def test_cli_config_error_exits_2_without_the_secret(tmp_path: Path) -> None:
     path = tmp_path / "mailroom.yml"
     path.write_text(

@@ -238,6 +238,7 @@ def test_run_exits_2_and_check_prints_its_config_load_line(
     assert WORD not in out + err
 
 
+@pytest.mark.slow
 def test_no_traceback_from_the_real_process(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mailroom", "-c", str(write(tmp_path, "!!int Secret"))],

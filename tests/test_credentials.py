@@ -352,6 +352,7 @@ async def test_generate_key_prints_one_and_commands_need_the_block(tmp_path: Pat
     assert WHSEC not in err
 
 
+@pytest.mark.slow
 async def test_sigterm_while_editing_removes_the_plain_text(tmp_path: Path) -> None:
     runtime = tmp_path / "run"  # stands for $XDG_RUNTIME_DIR, preferred (RAM) for the temp dir
     runtime.mkdir(mode=0o700)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tracemalloc
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +21,8 @@ from mailroom.mail import routing
 from mailroom.mail.message import parse
 from mailroom.mail.routing import AddressTemplate, RoutingRules
 from tests.hostile import NOW, SENDER, assert_safe_notice, assert_strict_payload
+
+pytestmark = pytest.mark.slow  # 200 hostile messages through the whole pipeline: seconds
 
 EML = Path(__file__).parent / "eml"
 SEEDS = [path.read_bytes() for path in sorted(EML.glob("*.eml"))]
