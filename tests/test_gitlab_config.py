@@ -214,7 +214,66 @@ def test_secret_file_problems_name_the_file_never_the_secret(tmp_path: Path) -> 
     assert "plain secret" not in text
     secret.unlink()
     text = error(gitlab_yml)
-    assert "production.incoming_email.secret_file: the file it names does not exist" in text
+    assert (
+        f"{gitlab_yml}: production.incoming_email.secret_file: .gitlab_incoming_email_secret "
+        "is in none of the directories GitLab and MailRoom read it from on a self-compiled "
+        f"install (tried {secret})" in text
+    )
+
+
+def test_both_types_problems_are_told_with_gitlabs_keys(tmp_path: Path) -> None:
+    document = section(secret_file="/nonexistent/incoming")
+    desk = {**document["production"]["incoming_email"], "secret_file": ".missing_desk_secret"}
+    document["production"]["service_desk_email"] = desk
+    gitlab_yml = rails_root(tmp_path, document)
+    text = error(gitlab_yml)
+    assert text.startswith("2 settings cannot be read; fix them all:")
+    assert (
+        f"\n  {gitlab_yml}: production.incoming_email.secret_file: /nonexistent/incoming does "
+        "not exist" in text
+    )
+    assert f"\n  {gitlab_yml}: production.service_desk_email.secret_file: .missing_desk" in text
+    assert "mailboxes[" not in text and "webhook.jwt" not in text
+
+
+def test_the_linux_package_layout_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Linux package's files (its cookbook's links), gitlab.yml named by its real path or
+    through the Rails root's link: a relative secret_file is found in the Rails root, in
+    MailRoom's working directory, or (only /var/opt/gitlab there) as the file the links name."""
+    rails_dir = tmp_path / "var" / "gitlab-rails"
+    (rails_dir / "etc").mkdir(parents=True)
+    (rails_dir / "working").mkdir()
+    gitlab_yml = rails_dir / "etc" / "gitlab.yml"
+    gitlab_yml.write_text(yaml.safe_dump(section()))
+    secret = rails_dir / "etc" / "gitlab_incoming_email_secret"
+    secret.write_text(SECRET + "\n")
+    monkeypatch.chdir("/")
+    (box,) = load(gitlab_yml).mailboxes
+    assert box.webhook.jwt is not None and box.webhook.jwt.secret_file == str(secret)
+    root = tmp_path / "opt" / "gitlab-rails"
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "gitlab.yml").symlink_to(gitlab_yml)
+    (root / ".gitlab_incoming_email_secret").symlink_to(secret)
+    (rails_dir / "working" / ".gitlab_incoming_email_secret").write_text(SECRET + "\n")
+    (box,) = load(root / "config" / "gitlab.yml").mailboxes
+    assert box.webhook.jwt is not None
+    assert box.webhook.jwt.secret_file == str(root / ".gitlab_incoming_email_secret")
+    (root / ".gitlab_incoming_email_secret").unlink()
+    (box,) = load(root / "config" / "gitlab.yml").mailboxes
+    assert box.webhook.jwt is not None
+    working = rails_dir / "working" / ".gitlab_incoming_email_secret"
+    assert box.webhook.jwt.secret_file == str(working)
+    secret.unlink()
+    working.unlink()
+    text = error(gitlab_yml)
+    tried = [
+        "/opt/gitlab/embedded/service/gitlab-rails/.gitlab_incoming_email_secret",
+        str(rails_dir / "working" / ".gitlab_incoming_email_secret"),
+        str(secret),
+    ]
+    assert f"on a Linux package install (tried {', '.join(tried)})" in text
 
 
 def test_a_password_is_taken_literally(tmp_path: Path) -> None:
@@ -385,7 +444,7 @@ def test_cli_exit_2_names_the_file_for_each_bad_input(
     missing_secret = rails_root(tmp_path / "b", section(secret_file="missing"))
     assert cli.main(["check", "--gitlab-config", str(missing_secret)]) == 2
     out = capsys.readouterr().out
-    assert f"{missing_secret}: production.incoming_email.secret_file: the file it names" in out
+    assert f"{missing_secret}: production.incoming_email.secret_file: missing is in none" in out
     assert cli.main(["check", "--gitlab-config", str(missing_secret), "--send-test"]) == 2
     assert "would take for an email" in capsys.readouterr().err
     assert cli.main(["run", "--gitlab-config", "x", "--mail-room-config", "y"]) == 2

@@ -104,10 +104,7 @@ def parse_config(
     env = os.environ if env is None else env
     base_dir = base_dir or Path.cwd()
     if problems := missing(data, env, base_dir):
-        if len(problems) == 1:
-            raise problems[0]
-        lines = "".join(f"\n  {problem}" for problem in problems)
-        raise ConfigError("", f"{len(problems)} settings cannot be read; fix them all:{lines}")
+        raise ConfigError.several(problems)
     root = Section(data, "", env, base_dir)
     webhook_raw = root.raw("webhook")
     top_webhook = parse_webhook(Section(webhook_raw, "webhook", root.env, root.base_dir))

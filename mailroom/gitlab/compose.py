@@ -195,6 +195,8 @@ class _Origins:
         return f"{source.file}: {source.prefix}{'.' + key if key else ''}"
 
     def error(self, exc: ConfigError) -> ConfigError:
+        if exc.problems:  # several: each told in the words of its own file
+            return ConfigError.several([self.error(problem) for problem in exc.problems])
         return ConfigError(self.where(exc.path), exc.message)
 
     def warning(self, warning: str) -> str:

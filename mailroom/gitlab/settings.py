@@ -4,8 +4,8 @@ Read the way GitLab's ``lib/gitlab/mail_room.rb`` reads them for MailRoom:
 
 - gitlab.yml: ``--gitlab-config``, else ``$MAIL_ROOM_GITLAB_CONFIG_FILE``; the section named by
   ``$RAILS_ENV``, which defaults to ``production`` here (GitLab's own default is
-  ``development``, meant for developers). The Rails root is the parent of gitlab.yml's directory
-  (``config/``); relative paths are taken from there, as GitLab does.
+  ``development``, meant for developers). Relative paths resolve as GitLab and MailRoom resolve
+  them on the installer the file belongs to (``layout``), whatever directory mailroom runs in.
 - ``incoming_email`` and ``service_desk_email`` over GitLab's defaults (port 143, ssl false,
   start_tls false, mailbox ``inbox``, idle_timeout 60, expunge_deleted false,
   delete_after_delivery true); a type is on when ``enabled`` and ``address`` is not empty.
@@ -42,6 +42,7 @@ from mailroom.gitlab.compose import (
     read_overlay,
     secret_text,
 )
+from mailroom.gitlab.layout import Layout, find_layout
 from mailroom.gitlab.redis import GitLabRedis, find_queues_redis
 from mailroom.redact import key_name
 
@@ -88,7 +89,7 @@ class GitLabFiles:
 
     gitlab_yml: Path
     secrets_yml: Path
-    rails_root: Path
+    layout: Layout
     rails_env: str
 
 
@@ -104,7 +105,7 @@ def find_files(gitlab_config: str | os.PathLike[str] | None, env: Mapping[str, s
     return GitLabFiles(
         gitlab_yml=gitlab_yml,
         secrets_yml=Path(secrets).absolute(),
-        rails_root=gitlab_yml.parent.parent,
+        layout=find_layout(gitlab_yml),
         rails_env=env.get("RAILS_ENV") or "production",
     )
 
@@ -127,7 +128,7 @@ def load_gitlab(
             "the section RAILS_ENV names: set RAILS_ENV, or check that this is gitlab.yml",
         )
     secrets = _Secrets(files, environ)
-    boxes, sources, warnings = [], [], []
+    boxes, sources, warnings, errors = [], [], [], []
     for kind in TYPES:
         section = settings.get(kind) or {}
         source = Source(id=kind, file=files.gitlab_yml, prefix=f"{files.rails_env}.{kind}")
@@ -140,11 +141,17 @@ def load_gitlab(
             f"{source.file}: {source.prefix}.{key}: not a setting GitLab's MailRoom reads; ignored"
             for key in sorted(key_name(k) for k in set(section) - KNOWN)
         ]
-        box, source = _mailbox(
-            kind, merged, source, settings=settings, files=files, secrets=secrets
-        )
+        try:
+            box, source = _mailbox(
+                kind, merged, source, settings=settings, files=files, secrets=secrets
+            )
+        except ConfigError as exc:  # each type's problems are told, not only the first's
+            errors.append(exc)
+            continue
         boxes.append(box)
         sources.append(source)
+    if errors:
+        raise ConfigError.several(errors)
     if not boxes:
         raise ConfigError(
             str(files.gitlab_yml),
@@ -291,7 +298,11 @@ def _webhook(
         "jwt": {
             "header": JWT_HEADER,
             "issuer": JWT_ISSUER,
-            "secret_file": literal(source, "secret_file", str(files.rails_root / secret_file)),
+            "secret_file": literal(
+                source,
+                "secret_file",
+                str(files.layout.secret_file(secret_file.strip(), f"{where}.secret_file")),
+            ),
             "secret_encoding": "base64",
         },
     }
@@ -346,12 +357,14 @@ class _Secrets:
         return {k: v for k, v in found.items() if k in ("user", "password") and v is not None}
 
     def _encrypted_file(self, kind: str, merged: dict[str, Any], settings: dict[str, Any]) -> Path:
-        root = self.files.rails_root
+        """lib/gitlab/mail_room.rb's ``encrypted_secret_file``: each relative path expanded
+        from the Rails root."""
+        layout = self.files.layout
         if isinstance(named := merged.get("encrypted_secret_file"), str):
-            return root / named
-        shared_path = root / str(_mapping(settings.get("shared")).get("path") or "shared")
+            return layout.path(named)
+        shared_path = layout.path(str(_mapping(settings.get("shared")).get("path") or "shared"))
         named = _mapping(settings.get("encrypted_settings")).get("path")
-        directory = root / str(named or shared_path / "encrypted_settings")
+        directory = layout.path(str(named or shared_path / "encrypted_settings"))
         return directory / f"{kind}.yaml.enc"
 
     def _base_keys(self) -> list[str]:
