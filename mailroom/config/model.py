@@ -278,6 +278,16 @@ class ArbitrationConfig:
     namespace: str = "mailroom"
     lease_ttl_s: float = 15.0
     marker_ttl_s: float = 7 * 86_400.0
+    # A migration from the MailRoom gem: claim MailRoom's "<ns>:delivered:<uid>" key too, so
+    # MailRoom processes still running leave alone what mailroom takes, and the reverse.
+    mail_room_claims: bool = False
+    mail_room_namespace: str | None = None  # MailRoom's namespace; None: ``namespace``
+
+    def mail_room_key(self, uid: str) -> str:
+        """MailRoom's claim of the message ``uid`` (lib/mail_room/arbitration/redis.rb, under
+        its Redis::Namespace)."""
+        namespace = self.namespace if self.mail_room_namespace is None else self.mail_room_namespace
+        return f"{namespace}:delivered:{uid}" if namespace else f"delivered:{uid}"
 
     @property
     def enabled(self) -> bool:

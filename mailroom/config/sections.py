@@ -376,6 +376,8 @@ def parse_arbitration(section: Section) -> ArbitrationConfig:
         namespace=section.text("namespace", "mailroom"),
         lease_ttl_s=lease_ttl,
         marker_ttl_s=section.number("marker_ttl", 7 * 86_400.0, lo=lease_ttl, hi=366 * 86_400),
+        mail_room_claims=section.flag("mail_room_claims", False),
+        mail_room_namespace=section.text("mail_room_namespace", None),
     )
     if (config.ca_file or not config.tls_verify) and not config.tls:
         section.fail("ca_file" if config.ca_file else "tls_verify", "is for TLS: use rediss://")

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from mailroom.config import Config, ImapMailboxConfig, MailboxConfig, WebhookConfig
 from mailroom.delivery import notices
+from mailroom.delivery.claims import Claim, Claims, MailRoomClaims
 from mailroom.delivery.markers import UNKNOWN, Markers, Shared
 from mailroom.delivery.posting import Webhook, Webhooks
 from mailroom.delivery.reject import Notifier
@@ -69,6 +70,7 @@ class Dispatcher:
         monitor: Monitor | None = None,
         *,
         shared: Shared | None = None,
+        claims: MailRoomClaims | None = None,
         dry_run: bool = False,
     ) -> None:
         self._monitor = monitor or Monitor()
@@ -76,6 +78,7 @@ class Dispatcher:
         self._config = config
         self._webhooks = Webhooks(self._monitor)
         self._markers = Markers(None if dry_run else shared)  # a dry run settles nothing
+        self._claims = Claims(None if dry_run else claims)  # a migration from MailRoom
         self.dry_run = dry_run
         self._notifier = Notifier(config.reject_notices, shared=shared)
         # Mailboxes being stopped (a reload, a lease handed over): their mail waits. Only
@@ -196,6 +199,17 @@ class Dispatcher:
             self._monitor.marker_hit(envelope.mailbox)
             await self._settle(envelope, seen, fields, recorded=True)
             return
+        async with self._claims.held(envelope, fields) as claim:
+            if claim is not Claim.OURS:  # MailRoom has it, or it cannot be told
+                envelope.release(hold=False)
+                self._monitor.released(envelope.mailbox)
+                return
+            await self._deliver(envelope, mailbox, fields)
+
+    async def _deliver(
+        self, envelope: Envelope, mailbox: MailboxConfig, fields: dict[str, Any]
+    ) -> None:
+        """Decide, deliver and settle ``envelope``."""
         try:
             outcome = await self._decide(envelope, mailbox, fields)
         except asyncio.CancelledError:

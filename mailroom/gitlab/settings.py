@@ -163,7 +163,10 @@ def load_gitlab(
     overlay = Path(mailroom_config) if mailroom_config is not None else None
     extra = read_overlay(overlay)
     redis = None
-    if "arbitration" not in extra:  # else the -c file names a Redis (or none): GitLab's is not read
+    named = extra.get("arbitration")
+    # A -c arbitration: with a method names another Redis (or none), and GitLab's is not read;
+    # without one it only changes settings (mail_room_claims: false, lease_ttl) of GitLab's.
+    if not (isinstance(named, dict) and "method" in named):
         try:  # GitLab runs MailRoom with arbitration on its queues Redis: so does GitLab mode
             redis = find_queues_redis(
                 files.gitlab_yml.parent, rails_env=files.rails_env, env=environ
@@ -172,7 +175,7 @@ def load_gitlab(
             raise ConfigError(
                 "", f"{exc} (or name another Redis in the -c file's arbitration:)"
             ) from exc
-        top["arbitration"] = _arbitration(redis)
+        top["arbitration"] = {**_arbitration(redis), **(extra.pop("arbitration", None) or {})}
     config = build(
         boxes, sources, top=top, overlay=overlay, extra=extra, env=environ, warnings=tuple(warnings)
     )
@@ -188,6 +191,12 @@ def load_gitlab(
 def _arbitration(redis: GitLabRedis) -> dict[str, Any]:
     """The ``arbitration:`` block for GitLab's queues Redis (passwords are added after)."""
     block: dict[str, Any] = {"method": "redis", "namespace": redis.namespace, "db": redis.db}
+    # MailRoom's namespace too: mailroom claims its keys as well, so that GitLab's MailRoom and
+    # mailroom can run side by side during a migration. On by default: a MailRoom left running
+    # (Omnibus' not yet disabled, the chart's old pods in a rolling update) would otherwise post
+    # every message a second time, and the claim costs one Redis command per message. Switch it
+    # off with arbitration: {mail_room_claims: false} in the -c file once no MailRoom is left.
+    block["mail_room_claims"] = True
     if redis.sentinels:
         block["sentinels"] = [{"host": s.host, "port": s.port} for s in redis.sentinels]
         block["master_name"] = redis.master_name

@@ -153,7 +153,13 @@ async def run(
         if server is not None:
             await _listen(server)  # before any mailbox: a port in use fails at once
         async with (
-            Dispatcher(config, health, shared=store, dry_run=dry_run) as dispatcher,
+            Dispatcher(
+                config,
+                health,
+                shared=store,
+                claims=store if config.arbitration.mail_room_claims else None,
+                dry_run=dry_run,
+            ) as dispatcher,
             asyncio.TaskGroup() as group,
         ):
             if server is not None:

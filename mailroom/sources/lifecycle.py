@@ -310,6 +310,7 @@ class Source(abc.ABC, Generic[K]):
                 raw=raw,
                 size=size,
                 too_large=too_large,
+                native_id=str(key),
                 _settle=settle,
                 _release=release,
             )
