@@ -29,6 +29,7 @@ from mailroom.config.reader import suggestion
 from mailroom.config.sample import SAMPLE, SAMPLE_HINT
 from mailroom.errors import ConfigError, CredentialsError
 from mailroom.runtime import supervisor
+from mailroom.runtime.running import configure_logs
 from mailroom.trust import credentials, tls
 
 __all__ = ["main"]
@@ -140,6 +141,10 @@ def _source(args: argparse.Namespace) -> tuple[Callable[[], Config], str, Mode] 
         raise ConfigError("", "give --gitlab-config or --mail-room-config, not both")
     if not (gitlab_yml or mail_room or config):
         gitlab_yml = os.environ.get("MAIL_ROOM_GITLAB_CONFIG_FILE")  # as GitLab's MailRoom
+    if config and not (gitlab_yml or mail_room) and gitlab.is_mail_room_yaml(config):
+        # MailRoom's YAML where mailroom's is expected (the image's default -c, with the Helm
+        # chart's ConfigMap mounted there): read as --mail-room-config would read it.
+        mail_room, config = config, None
     if gitlab_yml:
         return (
             functools.partial(gitlab.load_gitlab, gitlab_yml, mailroom_config=config),
@@ -352,7 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mailroom: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.configure(config.log.format, config.log.level)
+    try:
+        configure_logs(config.log)
+    except ConfigError as exc:
+        print(f"mailroom: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     for warning in config.warnings:
         logging.getLogger("mailroom.config").warning("config: %s", warning)
     gc.set_threshold(GC_YOUNG_THRESHOLD)

@@ -115,8 +115,10 @@ def test_the_readme_example_with_mail_rooms_defaults(tmp_path: Path) -> None:
         "0.0.0.0",
         8081,
     )
-    assert any(":logger: mailroom logs to stderr" in w for w in config.warnings)
-    assert any("/healthz" in w for w in config.warnings)
+    assert [(f.path, f.mailboxes) for f in config.log.files] == [
+        ("/var/log/mail_room.log", frozenset({"mailbox2"}))
+    ]
+    assert config.warnings == ()  # :health_check: is served as it is (/liveness too)
 
 
 def test_a_graph_mailbox(tmp_path: Path) -> None:
@@ -160,7 +162,11 @@ BASE = """\
         ("    :delivery_method: sidekiq\n", ":delivery_method: sidekiq: mailroom always posts"),
         ("    :delivery_klass: Foo\n", ":delivery_klass: a Ruby class"),
         ("    :location: /tmp/x\n", ":location: letter_opener's directory"),
-        ("    :arbitration_method: redis\n", "mailroom has no Redis arbitration yet"),
+        ("    :arbitration_method: postgresql\n", ":arbitration_method: postgresql: is not"),
+        (
+            "    :arbitration_method: redis\n    :arbitration_options: {':redis_url': 'x:/'}\n",
+            "url is not redis://, rediss:// or unix://",
+        ),
         ("    email: plain\n", ".email: MailRoom reads only symbol keys"),
         ("    :delivery_options:\n      :worker: X\n", ":worker: is not a postback option"),
         (  # a colon left out: the token is in a key, never shown

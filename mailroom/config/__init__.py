@@ -29,6 +29,7 @@ from mailroom.config.model import (
     JwtConfig,
     LimitsConfig,
     LogConfig,
+    LogFile,
     MailboxConfig,
     RejectNoticesConfig,
     ReloadConfig,
@@ -78,6 +79,7 @@ __all__ = [
     "JwtConfig",
     "LimitsConfig",
     "LogConfig",
+    "LogFile",
     "MailboxConfig",
     "OAuthConfig",
     "RejectNoticesConfig",
@@ -156,9 +158,11 @@ def parse_config(
         )
     log = LogConfig()
     if (log_section := root.section("log")) is not None:
+        file = log_section.text("file", None)
         log = LogConfig(
             format=log_section.choice("format", "json", ("json", "text")),
             level=log_section.choice("level", "info", ("debug", "info", "warning", "error")),
+            files=() if file is None else (LogFile(path=str(log_section.base_dir / file)),),
         )
         log_section.done()
     health = None

@@ -221,9 +221,19 @@ class CredentialsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LogFile:
+    """A file that gets every log line as JSON as well (MailRoom's ``log_path``)."""
+
+    path: str
+    mailboxes: frozenset[str] | None = None  # whose lines go there; None: every line
+    origin: str = "log.file"  # the setting it came from, for messages
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     format: Literal["json", "text"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    files: tuple[LogFile, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -377,12 +377,20 @@ def parse_arbitration(section: Section) -> ArbitrationConfig:
         lease_ttl_s=lease_ttl,
         marker_ttl_s=section.number("marker_ttl", 7 * 86_400.0, lo=lease_ttl, hi=366 * 86_400),
         mail_room_claims=section.flag("mail_room_claims", False),
-        mail_room_namespace=section.text("mail_room_namespace", None),
+        mail_room_namespace=_mail_room_namespace(section),
     )
     if (config.ca_file or not config.tls_verify) and not config.tls:
         section.fail("ca_file" if config.ca_file else "tls_verify", "is for TLS: use rediss://")
     section.done()
     return config
+
+
+def _mail_room_namespace(section: Section) -> str | None:
+    """MailRoom's Redis namespace; "" for none (MailRoom's keys are then ``delivered:<uid>``)."""
+    value = section.raw("mail_room_namespace", None)
+    if value is not None and not isinstance(value, str):
+        section.fail("mail_room_namespace", f"expected text, got {kind(value)}")
+    return value
 
 
 def _url_db(section: Section, url: str | None) -> int:

@@ -24,6 +24,7 @@ from mailroom.config import (
     Config,
     GraphMailboxConfig,
     ImapMailboxConfig,
+    LogFile,
     MailboxConfig,
     Secret,
     parse_config,
@@ -32,7 +33,16 @@ from mailroom.config import (
 from mailroom.errors import ConfigError
 from mailroom.redact import key_name
 
-__all__ = ["PLACEHOLDER", "Source", "build", "literal", "read_overlay", "secret_text"]
+__all__ = [
+    "PLACEHOLDER",
+    "Source",
+    "build",
+    "literal",
+    "overlay_arbitration",
+    "read_overlay",
+    "secret_text",
+    "with_log_files",
+]
 
 PLACEHOLDER = "(set after validation)"  # stands in for a secret while parse_config runs
 # What the foreign file decides in these modes; the -c file may not change it.
@@ -85,6 +95,17 @@ def read_overlay(overlay: Path | None) -> dict[str, Any]:
     return extra
 
 
+def overlay_arbitration(top: dict[str, Any], extra: dict[str, Any], block: dict[str, Any]) -> bool:
+    """Put the foreign file's Redis ``block`` in ``top``, under the ``-c`` file's ``arbitration:``
+    settings when it has no ``method`` (``mail_room_claims: false``, ``lease_ttl``); False when
+    the ``-c`` file names a Redis of its own (or ``method: none``) instead."""
+    named = extra.get("arbitration")
+    if isinstance(named, dict) and "method" in named:
+        return False
+    top["arbitration"] = {**block, **(extra.pop("arbitration", None) or {})}
+    return True
+
+
 def build(
     mailboxes: list[dict[str, Any]],
     sources: list[Source],
@@ -121,6 +142,20 @@ def build(
     boxes = tuple(_with_secrets(m, s) for m, s in zip(config.mailboxes, sources, strict=True))
     told = tuple(origins.warning(w) for w in config.warnings)
     return replace(config, mailboxes=boxes, warnings=warnings + told)
+
+
+def with_log_files(config: Config, named: list[tuple[Path, str, str]]) -> Config:
+    """``config`` logging to the foreign file's log files as well: ``(path, mailbox id, the
+    setting it came from)``, one file per path with the lines of the mailboxes naming it."""
+    by_path: dict[Path, tuple[set[str], str]] = {}
+    for path, mailbox, origin in named:
+        by_path.setdefault(path, (set(), origin))[0].add(mailbox)
+    every = {m.id for m in config.mailboxes}
+    files = tuple(
+        LogFile(path=str(path), mailboxes=None if ids == every else frozenset(ids), origin=origin)
+        for path, (ids, origin) in by_path.items()
+    )
+    return replace(config, log=replace(config.log, files=config.log.files + files))
 
 
 def _overlay_mailboxes(

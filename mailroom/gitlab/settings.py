@@ -39,11 +39,13 @@ from mailroom.gitlab.compose import (
     Source,
     build,
     literal,
+    overlay_arbitration,
     read_overlay,
     secret_text,
+    with_log_files,
 )
 from mailroom.gitlab.layout import Layout, find_layout
-from mailroom.gitlab.redis import GitLabRedis, find_queues_redis
+from mailroom.gitlab.redis import arbitration_block, find_queues_redis
 from mailroom.redact import key_name
 
 __all__ = ["TYPES", "GitLabFiles", "find_files", "load_gitlab"]
@@ -60,10 +62,11 @@ DEFAULTS: dict[str, Any] = {  # Gitlab::MailRoom::DEFAULT_CONFIG and config/mail
     "delete_after_delivery": True,
     "delivery_method": "webhook",  # the only one current GitLab has
 }
+DEFAULT_LOG_PATH = "log/mail_room_json.log"  # DEFAULT_CONFIG's, from the Rails root
 IMAP_KEYS = ("host", "port", "ssl", "start_tls", "idle_timeout", "expunge_deleted")
-# GitLab keys with no meaning for mailroom (MailRoom's log file; the JWT public keys GitLab
-# verifies with, which MailRoom never uses).
-IGNORED = frozenset({"log_path", "public_key_files"})
+# GitLab keys with no meaning for mailroom (the JWT public keys GitLab verifies with, which
+# MailRoom never uses).
+IGNORED = frozenset({"log_path", "public_key_files"})  # log_path is read on its own
 KNOWN = frozenset(
     {"enabled", "address", "user", "password", "mailbox", "delete_after_delivery"}
     | {"delivery_method", "gitlab_url", "secret_file", "inbox_method", "inbox_options"}
@@ -129,6 +132,7 @@ def load_gitlab(
         )
     secrets = _Secrets(files, environ)
     boxes, sources, warnings, errors = [], [], [], []
+    log_files: list[tuple[Path, str, str]] = []
     for kind in TYPES:
         section = settings.get(kind) or {}
         source = Source(id=kind, file=files.gitlab_yml, prefix=f"{files.rails_env}.{kind}")
@@ -150,6 +154,11 @@ def load_gitlab(
             continue
         boxes.append(box)
         sources.append(source)
+        log_path = merged.get("log_path") or DEFAULT_LOG_PATH
+        if not isinstance(log_path, str):
+            raise ConfigError(f"{source.file}: {source.prefix}.log_path", "expected a path")
+        origin = f"{source.file}: {source.prefix}.log_path"
+        log_files.append((files.layout.path(log_path), kind, origin))
     if errors:
         raise ConfigError.several(errors)
     if not boxes:
@@ -175,10 +184,11 @@ def load_gitlab(
             raise ConfigError(
                 "", f"{exc} (or name another Redis in the -c file's arbitration:)"
             ) from exc
-        top["arbitration"] = {**_arbitration(redis), **(extra.pop("arbitration", None) or {})}
+        overlay_arbitration(top, extra, arbitration_block(redis))
     config = build(
         boxes, sources, top=top, overlay=overlay, extra=extra, env=environ, warnings=tuple(warnings)
     )
+    config = with_log_files(config, log_files)
     if redis is None:
         return config
     # GitLab's own Redis: its passwords go in here, never through the YAML tree.
@@ -186,26 +196,6 @@ def load_gitlab(
         config.arbitration, password=redis.password, sentinel_password=redis.sentinel_password
     )
     return replace(config, arbitration=arbitration)
-
-
-def _arbitration(redis: GitLabRedis) -> dict[str, Any]:
-    """The ``arbitration:`` block for GitLab's queues Redis (passwords are added after)."""
-    block: dict[str, Any] = {"method": "redis", "namespace": redis.namespace, "db": redis.db}
-    # MailRoom's namespace too: mailroom claims its keys as well, so that GitLab's MailRoom and
-    # mailroom can run side by side during a migration. On by default: a MailRoom left running
-    # (Omnibus' not yet disabled, the chart's old pods in a rolling update) would otherwise post
-    # every message a second time, and the claim costs one Redis command per message. Switch it
-    # off with arbitration: {mail_room_claims: false} in the -c file once no MailRoom is left.
-    block["mail_room_claims"] = True
-    if redis.sentinels:
-        block["sentinels"] = [{"host": s.host, "port": s.port} for s in redis.sentinels]
-        block["master_name"] = redis.master_name
-        block["tls"] = redis.url.startswith("rediss:")
-    else:
-        block["url"] = redis.url
-    if redis.username is not None:
-        block["username"] = redis.username
-    return block
 
 
 def _mailbox(

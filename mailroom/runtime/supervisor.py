@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mailroom import arbitration as replicas
+from mailroom import logs
 from mailroom.arbitration import Coordinator
 from mailroom.config import Config
 from mailroom.delivery.dispatch import Dispatcher
@@ -195,6 +196,7 @@ async def run(
                 if stop.is_set():
                     break
                 reload.clear()
+                logs.reopen()  # after a rotation (logrotate sends SIGHUP)
                 reloading = asyncio.create_task(running.reload(load), name="reload")
                 await wait_any((stop,), futures=(reloading,))
                 if not reloading.done():  # SIGTERM during a reload: stop now
