@@ -154,7 +154,7 @@ async def test_the_linux_package_with_the_documented_command(
         socket = mounts["/var/opt/gitlab"] / "redis" / "redis.socket"
         assert callable(redis_factory)
         redis: RedisServer = redis_factory(unixsocket=socket)
-        client = aioredis.Redis(unix_socket_path=str(socket), decode_responses=True)
+        client = aioredis.Redis(unix_socket_path=str(socket))
         argv = [MAILROOM, "run", "--gitlab-config", "/var/opt/gitlab/gitlab-rails/etc/gitlab.yml"]
         env = {"SSL_CERT_FILE": str(dovecot.ca_file)}
         log = mounts["/var/log/gitlab"] / "mailroom" / "mail_room_json.log"
@@ -163,7 +163,7 @@ async def test_the_linux_package_with_the_documented_command(
                 uid = await dovecot.aappend(account, message(1))
                 await api.wait_for(1, timeout=30)
                 claim = await client.get(f"mail_room:gitlab:delivered:{uid}")
-                assert claim is not None and claim.startswith("mailroom incoming_email ")
+                assert claim is not None and claim.startswith(b"mailroom incoming_email ")  # the resque.yml socket
                 await wait_until(lambda: log.exists() and b"delivered" in log.read_bytes())
                 lines = log_lines(log)
                 assert any(line.get("mailbox") == "incoming_email" for line in lines)
