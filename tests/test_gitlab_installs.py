@@ -163,7 +163,8 @@ async def test_the_linux_package_with_the_documented_command(
                 uid = await dovecot.aappend(account, message(1))
                 await api.wait_for(1, timeout=30)
                 claim = await client.get(f"mail_room:gitlab:delivered:{uid}")
-                assert claim is not None and claim.startswith(b"mailroom incoming_email ")  # the resque.yml socket
+                assert isinstance(claim, bytes)  # claimed through resque.yml's Unix socket
+                assert claim.startswith(b"mailroom incoming_email ")
                 await wait_until(lambda: log.exists() and b"delivered" in log.read_bytes())
                 lines = log_lines(log)
                 assert any(line.get("mailbox") == "incoming_email" for line in lines)
