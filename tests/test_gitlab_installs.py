@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from tests.helpers import message, wait_until
-from tests.servers.dovecot import Account, Dovecot
+from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.gitlab import GitLabInternalApi
 from tests.servers.redis import RedisServer
 
@@ -201,3 +201,64 @@ async def test_the_linux_package_missing_secret_names_every_path(
         "/var/opt/gitlab/gitlab-rails/working/.gitlab_incoming_email_secret, "
         "/var/opt/gitlab/gitlab-rails/etc/gitlab_incoming_email_secret)" in err.decode()
     )
+
+
+CHART = Path(__file__).parent / "gitlab_chart" / "mailroom-configmap.yaml"
+
+
+async def test_the_helm_charts_configmap_as_the_chart_renders_it(
+    dovecot: Dovecot, redis_factory: object, tmp_path: Path
+) -> None:
+    """The chart's mail_room.yml (its ERB reading the secrets the chart mounts under
+    /etc/gitlab, :health_check:, Redis arbitration with the password in the URL) read by
+    mailroom's image's default command, where helm-values.yaml mounts it."""
+    incoming, desk = dovecot.add_user(), dovecot.add_user()
+    password = "p@ss:w/rd%"  # the chart url-encodes it into the Redis URL
+    assert callable(redis_factory)
+    redis: RedisServer = redis_factory(password=password)
+    health = free_port()
+    secrets = tmp_path / "etc-gitlab"
+    for name, text in {
+        "mailroom/password_incoming_email": incoming.password + "\n",
+        "mailroom/password_service_desk": desk.password + "\n",
+        "mailroom/incoming_email_webhook_secret": base64.b64encode(SECRET).decode() + "\n",
+        "mailroom/service_desk_email_webhook_secret": base64.b64encode(SECRET).decode(),
+        "redis/redis-password": password + "\n",
+    }.items():
+        (secrets / name).parent.mkdir(parents=True, exist_ok=True)
+        (secrets / name).write_text(text)
+    async with GitLabInternalApi({"incoming_email": SECRET, "service_desk_email": SECRET}) as api:
+        rendered = yaml.safe_load(CHART.read_text())["data"]["mail_room.yml"]
+        for placeholder, value in {
+            "INCOMING_USER": incoming.user,
+            "SERVICE_DESK_USER": desk.user,
+            "IMAP_HOST": dovecot.host,
+            "IMAP_PORT": str(dovecot.tls_port),
+            "WORKHORSE_URL": api.url,
+            "REDIS_HOST": "127.0.0.1",
+            "REDIS_PORT": str(redis.port),
+            ":port: 8080": f":port: {health}",
+        }.items():
+            rendered = rendered.replace(placeholder, value)
+        config_dir = tmp_path / "etc-mailroom"
+        config_dir.mkdir()
+        (config_dir / "mailroom.yml").write_text(rendered)
+        mounts = [("/etc/gitlab", secrets), ("/etc/mailroom", config_dir)]
+        argv = [MAILROOM, "run", "-c", "/etc/mailroom/mailroom.yml"]  # the image's CMD
+        client = aioredis.Redis(port=redis.port, password=password)
+        try:
+            async with started(mounts, tmp_path, argv, {"SSL_CERT_FILE": str(dovecot.ca_file)}):
+                await dovecot.aappend(incoming, message(1))
+                await dovecot.aappend(desk, message(2))
+                await api.wait_for(2, timeout=30)
+                reader, writer = await asyncio.open_connection("127.0.0.1", health)
+                writer.write(b"GET /liveness HTTP/1.0\r\n\r\n")
+                answer = await reader.read()
+                writer.close()
+                assert answer.split(b"\r\n")[0].endswith(b" 200 OK"), answer
+                keys = {str(k) for k in await client.keys("mail_room:gitlab:*")}
+                assert any("mail_room:gitlab:lease:" in k for k in keys), keys
+                assert any("mail_room:gitlab:delivered:" in k for k in keys), keys
+        finally:
+            await client.aclose()
+    assert sorted(r.mailbox_type for r in api.delivered) == ["incoming_email", "service_desk_email"]

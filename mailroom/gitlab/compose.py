@@ -47,6 +47,7 @@ __all__ = [
 PLACEHOLDER = "(set after validation)"  # stands in for a secret while parse_config runs
 # What the foreign file decides in these modes; the -c file may not change it.
 _WEBHOOK_FIXED = ("url", "format", "content_type", "jwt", "token", "token_scheme", "basic")
+STREAMS = frozenset({"/dev/stdout", "/dev/stderr"})
 _ENV = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 _MAILBOX_PATH = re.compile(r"mailboxes\[(\d+)\](?:\.(.*))?")
 
@@ -149,6 +150,8 @@ def with_log_files(config: Config, named: list[tuple[Path, str, str]]) -> Config
     setting it came from)``, one file per path with the lines of the mailboxes naming it."""
     by_path: dict[Path, tuple[set[str], str]] = {}
     for path, mailbox, origin in named:
+        if str(path) in STREAMS:
+            continue  # the chart's default: mailroom logs to its stream already
         by_path.setdefault(path, (set(), origin))[0].add(mailbox)
     every = {m.id for m in config.mailboxes}
     files = tuple(
