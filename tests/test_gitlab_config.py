@@ -180,7 +180,7 @@ def test_rails_env_picks_the_section(tmp_path: Path) -> None:
     ("changes", "expected"),
     [
         ({"enabled": False}, "neither production.incoming_email nor production.service_desk"),
-        ({"delivery_method": "sidekiq"}, "incoming_email.delivery_method: sidekiq (MailRoom"),
+        ({"delivery_method": "que"}, "incoming_email.delivery_method: 'que' is not webhook or"),
         ({"gitlab_url": None}, "gitlab_url: is required with delivery_method: webhook"),
         ({"secret_file": None}, "secret_file: is required with delivery_method: webhook"),
         ({"port": 993}, "production.incoming_email.port: 993 with ssl: false; set ssl: true"),
@@ -453,10 +453,23 @@ def test_cli_exit_2_names_the_file_for_each_bad_input(
 def test_the_environment_names_gitlab_yml_as_for_gitlabs_mailroom(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gitlab_yml = rails_root(tmp_path, section(delivery_method="sidekiq"))
+    gitlab_yml = rails_root(tmp_path, section(delivery_method="que"))
     monkeypatch.setenv("MAIL_ROOM_GITLAB_CONFIG_FILE", str(gitlab_yml))
     assert cli.main([]) == 2
-    assert "delivery_method: sidekiq" in capsys.readouterr().err
+    assert "delivery_method: 'que' is not webhook or sidekiq" in capsys.readouterr().err
+
+
+def test_a_log_path_that_cannot_be_opened_names_gitlabs_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GitLab's default log_path is log/mail_room_json.log in the Rails root."""
+    gitlab_yml = rails_root(tmp_path, section())
+    assert cli.main(["run", "--gitlab-config", str(gitlab_yml)]) == 2
+    log = tmp_path / "gitlab" / "log" / "mail_room_json.log"
+    assert (
+        f"mailroom: config error: {gitlab_yml}: production.incoming_email.log_path: cannot open "
+        f"{log} to log to: No such file or directory" in capsys.readouterr().err
+    )
 
 
 def test_the_mailroom_yaml_adds_what_gitlab_yml_cannot_say(tmp_path: Path) -> None:

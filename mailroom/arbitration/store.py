@@ -1,4 +1,5 @@
-"""What replicas share in Redis: the only module that imports redis.
+"""What replicas share in Redis, and the Sidekiq queues GitLab's ``delivery_method: sidekiq``
+pushes to: the only module that imports redis.
 
 Keys, all under ``arbitration.namespace`` (``ns``):
 
@@ -40,7 +41,14 @@ from mailroom.config import ArbitrationConfig
 from mailroom.errors import ArbitrationError
 from mailroom.trust import tls
 
-__all__ = ["COMMAND_TIMEOUT_S", "MAIL_ROOM_CLAIM_S", "Lease", "RedisStore"]
+__all__ = [
+    "COMMAND_TIMEOUT_S",
+    "MAIL_ROOM_CLAIM_S",
+    "JobQueues",
+    "Lease",
+    "RedisQueue",
+    "RedisStore",
+]
 
 COMMAND_TIMEOUT_S = 2.0
 MAIL_ROOM_CLAIM_S = 600  # MailRoom::Arbitration::Redis::EXPIRATION
@@ -324,3 +332,53 @@ class RedisStore:
         for client in (self._redis, *self._sentinels):
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await client.aclose()
+
+
+class RedisQueue:
+    """One Redis that Sidekiq jobs are pushed to (``delivery.sidekiq``), with the same client
+    settings as the store: bounded commands, each made once (the delivery's retries decide)."""
+
+    def __init__(self, config: ArbitrationConfig) -> None:
+        self.where = config.describe()
+        self._redis, self._sentinels = _client(config)
+
+    async def push(self, key: str, job: str) -> None:
+        """``LPUSH key job``; ``ArbitrationError`` when Redis did not take it."""
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S * 2):
+                await self._redis.lpush(key, job)
+        except TimeoutError as exc:
+            raise ArbitrationError(f"LPUSH: Redis at {self.where} did not answer in time") from exc
+        except redis.exceptions.AuthenticationError as exc:
+            raise ArbitrationError(
+                f"LPUSH: Redis at {self.where} refused the password", misconfigured=True
+            ) from exc
+        except (redis.exceptions.RedisError, OSError) as exc:
+            reason = str(exc).split("\n")[0][:200] or type(exc).__name__
+            misconfigured = any(w in reason for w in ("NOAUTH", "WRONGPASS", "NOPERM"))
+            raise ArbitrationError(
+                f"LPUSH: Redis at {self.where}: {reason}", misconfigured=misconfigured
+            ) from exc
+
+    async def close(self) -> None:
+        for client in (self._redis, *self._sentinels):
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await client.aclose()
+
+
+class JobQueues:
+    """The Sidekiq Redis of each config, built once (two mailboxes on one Redis share it)."""
+
+    def __init__(self) -> None:
+        self._queues: dict[ArbitrationConfig, RedisQueue] = {}
+
+    def __call__(self, config: ArbitrationConfig) -> RedisQueue:
+        queue = self._queues.get(config)
+        if queue is None:
+            queue = self._queues[config] = RedisQueue(config)
+        return queue
+
+    async def close(self) -> None:
+        for queue in self._queues.values():
+            await queue.close()
+        self._queues.clear()

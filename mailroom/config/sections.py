@@ -18,6 +18,7 @@ from mailroom.config.model import (
     MailboxConfig,
     RejectNoticesConfig,
     RetryConfig,
+    SidekiqConfig,
     SmtpConfig,
     WebhookConfig,
 )
@@ -32,6 +33,8 @@ _MEDIA_TYPE = re.compile(rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN
 
 
 def parse_webhook(section: Section) -> WebhookConfig:
+    if (sidekiq_section := section.section("sidekiq")) is not None:
+        return _sidekiq_webhook(section, sidekiq_section)
     # A query may hold the receiver's token: allowed, and never shown (origin() only).
     url = section.url(
         "url", schemes=("http", "https"), query=True, userinfo="use webhook.basic or webhook.token"
@@ -88,6 +91,51 @@ def parse_webhook(section: Section) -> WebhookConfig:
         proxy=section.proxy(),
         retry=retry,
     )
+    section.done()
+    return config
+
+
+# The webhook keys that mean something for a Sidekiq push (the rest are HTTP's).
+SIDEKIQ_WEBHOOK_KEYS = frozenset({"sidekiq", "format", "timeout", "concurrency", "retry"})
+
+
+def _sidekiq_webhook(section: Section, sidekiq: Section) -> WebhookConfig:
+    """``webhook: {sidekiq: {url, queue, worker, namespace, <Redis keys>}}``: each message is
+    pushed as the Sidekiq job GitLab's MailRoom pushes (GitLab's ``delivery_method: sidekiq``);
+    the Redis keys are those of ``arbitration:`` (url or sentinels, db, password, tls)."""
+    for key in section.data:
+        if key not in SIDEKIQ_WEBHOOK_KEYS and section.data[key] is not None:
+            section.fail(str(key), "is for posting over HTTP; a sidekiq webhook pushes to Redis")
+    if section.choice("format", "raw", ("raw",)) != "raw":  # pragma: no cover
+        section.fail("format", "a Sidekiq job carries the raw message")
+    queue = sidekiq.text("queue", "default")
+    worker = sidekiq.text("worker")
+    namespace = sidekiq.text("namespace", None)
+    redis_keys = {
+        k: v for k, v in sidekiq.data.items() if k not in ("queue", "worker", "namespace")
+    }
+    redis = parse_arbitration(
+        Section({**redis_keys, "method": "redis"}, sidekiq.path, sidekiq.env, sidekiq.base_dir)
+    )
+    sidekiq.used.update(sidekiq.data)
+    sidekiq.done()
+    retry = RetryConfig()
+    if (retry_section := section.section("retry")) is not None:
+        retry = RetryConfig(
+            initial_s=retry_section.number("initial", 1.0, lo=0.01, hi=3600),
+            max_s=retry_section.number("max", 600.0, lo=0.01, hi=86400),
+            give_up_after_s=retry_section.number("give_up_after", None, lo=1, hi=365 * 86400),
+        )
+        retry_section.done()
+    config = WebhookConfig(
+        url="",
+        format="raw",
+        timeout_s=section.number("timeout", 30.0, lo=0.1, hi=3600),
+        concurrency=section.number("concurrency", 8, lo=1, hi=1024, integer=True),
+        retry=retry,
+        sidekiq=SidekiqConfig(redis=redis, queue=queue, worker=worker, namespace=namespace),
+    )
+    section.used.update(section.data)
     section.done()
     return config
 

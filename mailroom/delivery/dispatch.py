@@ -20,18 +20,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from mailroom.config import Config, ImapMailboxConfig, MailboxConfig, WebhookConfig
+from mailroom.config import (
+    ArbitrationConfig,
+    Config,
+    ImapMailboxConfig,
+    MailboxConfig,
+    WebhookConfig,
+)
 from mailroom.delivery import notices
 from mailroom.delivery.claims import Claim, Claims, MailRoomClaims
 from mailroom.delivery.markers import UNKNOWN, Markers, Shared
 from mailroom.delivery.posting import Webhook, Webhooks
 from mailroom.delivery.reject import Notifier
+from mailroom.delivery.sidekiq import JobQueue
 from mailroom.delivery.webhook import Rejected, payload_body
 from mailroom.envelope import FAILED_KEYWORD, Envelope, Outcome
 from mailroom.mail import message, routing
 from mailroom.mail.decision import Action, Verdict, decide
 from mailroom.observe.monitor import Monitor, NoticeResult
-from mailroom.redact import origin
 
 __all__ = ["Dispatcher", "Prepared"]
 
@@ -71,12 +77,13 @@ class Dispatcher:
         *,
         shared: Shared | None = None,
         claims: MailRoomClaims | None = None,
+        queues: Callable[[ArbitrationConfig], JobQueue] | None = None,
         dry_run: bool = False,
     ) -> None:
         self._monitor = monitor or Monitor()
         self._mailboxes: dict[str, MailboxConfig] = {}
         self._config = config
-        self._webhooks = Webhooks(self._monitor)
+        self._webhooks = Webhooks(self._monitor, queues)
         self._markers = Markers(None if dry_run else shared)  # a dry run settles nothing
         self._claims = Claims(None if dry_run else claims)  # a migration from MailRoom
         self.dry_run = dry_run
@@ -305,7 +312,7 @@ class Dispatcher:
         if verdict.action is Action.DELIVER:
             assert isinstance(verdict.decision, routing.Deliver)
             what = (
-                f"would POST to {origin(mailbox.webhook.url)} (key {verdict.decision.key}, "
+                f"would deliver to {mailbox.webhook.origin} (key {verdict.decision.key}, "
                 f"matched {verdict.decision.matched_header})"
             )
         elif verdict.action is Action.IGNORE:

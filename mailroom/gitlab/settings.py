@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from mailroom.gitlab.compose import (
     with_log_files,
 )
 from mailroom.gitlab.layout import Layout, find_layout
-from mailroom.gitlab.redis import arbitration_block, find_queues_redis
+from mailroom.gitlab.redis import GitLabRedis, arbitration_block, find_queues_redis
 from mailroom.redact import key_name
 
 __all__ = ["TYPES", "GitLabFiles", "find_files", "load_gitlab"]
@@ -60,7 +60,12 @@ DEFAULTS: dict[str, Any] = {  # Gitlab::MailRoom::DEFAULT_CONFIG and config/mail
     "idle_timeout": 60,
     "expunge_deleted": False,
     "delete_after_delivery": True,
-    "delivery_method": "webhook",  # the only one current GitLab has
+    "delivery_method": "sidekiq",  # still GitLab's default; deprecated since 16.0
+}
+# Gitlab::MailRoom::MAILBOX_SPECIFIC_CONFIGS (queue "default" for both)
+WORKERS = {
+    "incoming_email": "EmailReceiverWorker",
+    "service_desk_email": "ServiceDeskEmailReceiverWorker",
 }
 DEFAULT_LOG_PATH = "log/mail_room_json.log"  # DEFAULT_CONFIG's, from the Rails root
 IMAP_KEYS = ("host", "port", "ssl", "start_tls", "idle_timeout", "expunge_deleted")
@@ -70,7 +75,7 @@ IGNORED = frozenset({"log_path", "public_key_files"})  # log_path is read on its
 KNOWN = frozenset(
     {"enabled", "address", "user", "password", "mailbox", "delete_after_delivery"}
     | {"delivery_method", "gitlab_url", "secret_file", "inbox_method", "inbox_options"}
-    | {"encrypted_secret_file", *IMAP_KEYS}
+    | {"encrypted_secret_file", "queue", "worker", *IMAP_KEYS}
     | IGNORED
 )
 # mailroom's path under a mailbox → the GitLab key it came from (for error messages)
@@ -80,6 +85,14 @@ GITLAB_KEYS = {
     "webhook.jwt.secret": "secret_file",
     "webhook.jwt.secret_file": "secret_file",
 }
+_SIDEKIQ_DEPRECATED = (
+    "{where}.delivery_method: sidekiq (GitLab's default when none is set) is deprecated in "
+    "GitLab since 16.0 and planned to be removed in 19.0; mailroom pushes the job MailRoom "
+    "pushes into GitLab's queues Redis. Switch to webhook: on the Linux package "
+    "gitlab_rails['{kind}_delivery_method'] = 'webhook' and gitlab-ctl reconfigure (it writes "
+    "the secret file); self-compiled: delivery_method: webhook, gitlab_url and secret_file in "
+    "gitlab.yml (docs/gitlab.md); Helm chart: global.appConfig.<type>.deliveryMethod: webhook"
+)
 JWT_HEADER = "Gitlab-Mailroom-Api-Request"  # Gitlab::MailRoom::INTERNAL_API_REQUEST_HEADER
 JWT_ISSUER = "gitlab-mailroom"
 API_PATH = "/api/v4/internal/mail_room/"
@@ -94,6 +107,22 @@ class GitLabFiles:
     secrets_yml: Path
     layout: Layout
     rails_env: str
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    _queues: list[GitLabRedis] = field(default_factory=list, repr=False)  # found once
+
+    def queues_redis(self) -> GitLabRedis:
+        """GitLab's queues Redis (``redis.find_queues_redis``), read once."""
+        if not self._queues:
+            try:
+                found = find_queues_redis(
+                    self.gitlab_yml.parent, rails_env=self.rails_env, env=self.env
+                )
+            except ValueError as exc:
+                raise ConfigError(
+                    "", f"{exc} (or name another Redis in the -c file's arbitration:)"
+                ) from exc
+            self._queues.append(found)
+        return self._queues[0]
 
 
 def find_files(gitlab_config: str | os.PathLike[str] | None, env: Mapping[str, str]) -> GitLabFiles:
@@ -110,6 +139,7 @@ def find_files(gitlab_config: str | os.PathLike[str] | None, env: Mapping[str, s
         secrets_yml=Path(secrets).absolute(),
         layout=find_layout(gitlab_yml),
         rails_env=env.get("RAILS_ENV") or "production",
+        env=env,
     )
 
 
@@ -154,6 +184,10 @@ def load_gitlab(
             continue
         boxes.append(box)
         sources.append(source)
+        if merged["delivery_method"] == "sidekiq":
+            warnings.append(
+                _SIDEKIQ_DEPRECATED.format(where=f"{source.file}: {source.prefix}", kind=kind)
+            )
         log_path = merged.get("log_path") or DEFAULT_LOG_PATH
         if not isinstance(log_path, str):
             raise ConfigError(f"{source.file}: {source.prefix}.log_path", "expected a path")
@@ -176,19 +210,13 @@ def load_gitlab(
     # A -c arbitration: with a method names another Redis (or none), and GitLab's is not read;
     # without one it only changes settings (mail_room_claims: false, lease_ttl) of GitLab's.
     if not (isinstance(named, dict) and "method" in named):
-        try:  # GitLab runs MailRoom with arbitration on its queues Redis: so does GitLab mode
-            redis = find_queues_redis(
-                files.gitlab_yml.parent, rails_env=files.rails_env, env=environ
-            )
-        except ValueError as exc:
-            raise ConfigError(
-                "", f"{exc} (or name another Redis in the -c file's arbitration:)"
-            ) from exc
+        # GitLab runs MailRoom with arbitration on its queues Redis: so does GitLab mode
+        redis = files.queues_redis()
         overlay_arbitration(top, extra, arbitration_block(redis))
     config = build(
         boxes, sources, top=top, overlay=overlay, extra=extra, env=environ, warnings=tuple(warnings)
     )
-    config = with_log_files(config, log_files)
+    config = _with_sidekiq_passwords(with_log_files(config, log_files), files)
     if redis is None:
         return config
     # GitLab's own Redis: its passwords go in here, never through the YAML tree.
@@ -268,14 +296,9 @@ def _webhook(
     where = f"{source.file}: {source.prefix}"
     method = merged["delivery_method"]
     if method == "sidekiq":
-        raise ConfigError(
-            f"{where}.delivery_method",
-            "sidekiq (MailRoom pushing into GitLab's Redis) is gone from current GitLab and "
-            "mailroom does not do it; set delivery_method: webhook with gitlab_url and "
-            "secret_file (gitlab.rb: gitlab_rails['incoming_email_delivery_method'] = 'webhook')",
-        )
+        return _sidekiq(kind, merged, source, files)
     if method != "webhook":
-        raise ConfigError(f"{where}.delivery_method", f"{method!r} is not webhook")
+        raise ConfigError(f"{where}.delivery_method", f"{method!r} is not webhook or sidekiq")
     url, secret_file = merged.get("gitlab_url"), merged.get("secret_file")
     if not isinstance(url, str) or not url.strip():
         raise ConfigError(
@@ -305,6 +328,46 @@ def _webhook(
             "secret_encoding": "base64",
         },
     }
+
+
+def _sidekiq(
+    kind: str, merged: dict[str, Any], source: Source, files: GitLabFiles
+) -> dict[str, Any]:
+    """The webhook tree of ``delivery_method: sidekiq`` (GitLab's default, deprecated since
+    16.0): the job MailRoom pushes, into GitLab's queues Redis (its passwords are added after
+    validation), queue and worker as config/mail_room.yml renders them."""
+    redis = files.queues_redis()
+    connection = {
+        k: v
+        for k, v in arbitration_block(redis).items()
+        if k not in ("method", "namespace", "mail_room_claims", "mail_room_namespace")
+    }
+    queue, worker = merged.get("queue", "default"), merged.get("worker", WORKERS[kind])
+    return {
+        "format": "raw",
+        "sidekiq": {
+            **connection,
+            "queue": literal(source, "queue", queue),
+            "worker": literal(source, "worker", worker),
+        },
+    }
+
+
+def _with_sidekiq_passwords(config: Config, files: GitLabFiles) -> Config:
+    """GitLab's Redis passwords in each ``delivery_method: sidekiq`` webhook."""
+    boxes = []
+    for box in config.mailboxes:
+        hook = box.webhook
+        if hook.sidekiq is not None:
+            redis = files.queues_redis()
+            connection = replace(
+                hook.sidekiq.redis,
+                password=redis.password,
+                sentinel_password=redis.sentinel_password,
+            )
+            hook = replace(hook, sidekiq=replace(hook.sidekiq, redis=connection))
+        boxes.append(replace(box, webhook=hook))
+    return replace(config, mailboxes=tuple(boxes), webhook=boxes[0].webhook)
 
 
 def _gitlab_url(gitlab: dict[str, Any]) -> str:

@@ -147,6 +147,7 @@ async def run(
     server = HealthServer(health, config.health) if config.health is not None else None
     shared = config.arbitration.enabled and not dry_run
     store = replicas.store(config.arbitration) if shared else None
+    queues = replicas.JobQueues()  # delivery_method: sidekiq (GitLab's, deprecated)
     finished = asyncio.Event()
     abandoned = 0
     try:
@@ -159,6 +160,7 @@ async def run(
                 health,
                 shared=store,
                 claims=store if config.arbitration.mail_room_claims else None,
+                queues=queues,
                 dry_run=dry_run,
             ) as dispatcher,
             asyncio.TaskGroup() as group,
@@ -212,6 +214,7 @@ async def run(
         if server is not None:
             await server.close()
         await resources.close()
+        await queues.close()
         if store is not None:
             await store.close()
         loop = asyncio.get_running_loop()
