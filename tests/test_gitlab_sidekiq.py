@@ -12,6 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import yaml
 
+from mailroom import cli
 from mailroom.config import ArbitrationConfig, SidekiqConfig
 from mailroom.delivery.sidekiq import job, utf8_text
 from mailroom.gitlab import load_gitlab
@@ -147,3 +148,15 @@ async def test_a_self_compiled_gitlab_yml_without_delivery_method(
 async def _all_deleted(dovecot: Dovecot, account: Any) -> bool:
     stored = await dovecot.amessages(account)
     return bool(stored) and all("\\Deleted" in m.flags for m in stored)
+
+
+def test_check_asks_the_sidekiq_queue(
+    redis_server: RedisServer, dovecot: Dovecot, tmp_path: Path, capsys: Any
+) -> None:
+    account = dovecot.add_user()
+    gitlab_yml, overlay = self_compiled(tmp_path, dovecot, account, redis_server)
+    assert cli.main(["check", "--gitlab-config", str(gitlab_yml), "-c", str(overlay)]) == 0
+    out = capsys.readouterr().out
+    assert "OK   webhook[sidekiq queue:default at redis://127.0.0.1:" in out
+    assert "sidekiq: Redis answers; 0 job(s) waiting in queue:default" in out
+    assert "gitlab[incoming_email]" not in out  # no JWT, no internal API with sidekiq

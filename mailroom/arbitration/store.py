@@ -342,6 +342,15 @@ class RedisQueue:
         self.where = config.describe()
         self._redis, self._sentinels = _client(config)
 
+    async def length(self, key: str) -> int:
+        """``LLEN key``: the jobs waiting there (``mailroom check``)."""
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S * 2):
+                return int(await self._redis.llen(key))
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
+            reason = str(exc).split("\n")[0][:200] or type(exc).__name__
+            raise ArbitrationError(f"LLEN: Redis at {self.where}: {reason}") from exc
+
     async def push(self, key: str, job: str) -> None:
         """``LPUSH key job``; ``ArbitrationError`` when Redis did not take it."""
         try:

@@ -31,6 +31,7 @@ from mailroom.config import (
     read_yaml,
 )
 from mailroom.errors import ConfigError
+from mailroom.gitlab.redis import GitLabRedis, arbitration_block
 from mailroom.redact import key_name
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "overlay_arbitration",
     "read_overlay",
     "secret_text",
+    "sidekiq_tree",
     "with_log_files",
 ]
 
@@ -66,6 +68,7 @@ class Source:
     keys: Mapping[str, str] = field(default_factory=dict)
     password: str | None = field(default=None, repr=False)
     client_secret: str | None = field(default=None, repr=False)
+    sidekiq_redis: GitLabRedis | None = field(default=None, repr=False)  # its passwords
 
 
 def literal(source: Source, key: str, value: Any) -> Any:
@@ -142,7 +145,23 @@ def build(
         raise origins.error(exc) from None
     boxes = tuple(_with_secrets(m, s) for m, s in zip(config.mailboxes, sources, strict=True))
     told = tuple(origins.warning(w) for w in config.warnings)
-    return replace(config, mailboxes=boxes, warnings=warnings + told)
+    return replace(config, mailboxes=boxes, webhook=boxes[0].webhook, warnings=warnings + told)
+
+
+def sidekiq_tree(
+    redis: GitLabRedis, queue: Any, worker: Any, namespace: Any = None
+) -> dict[str, Any]:
+    """The ``webhook:`` tree of a ``delivery_method: sidekiq`` mailbox pushing to ``redis``
+    (its passwords go in after validation, from the mailbox's ``Source.sidekiq_redis``)."""
+    connection = {
+        k: v
+        for k, v in arbitration_block(redis).items()
+        if k not in ("method", "namespace", "mail_room_claims", "mail_room_namespace")
+    }
+    tree = {**connection, "queue": queue, "worker": worker}
+    if namespace is not None:
+        tree["namespace"] = namespace
+    return {"format": "raw", "sidekiq": tree}
 
 
 def with_log_files(config: Config, named: list[tuple[Path, str, str]]) -> Config:
@@ -197,6 +216,14 @@ def _overlay_webhook(extra: dict[str, Any], overlay: Path | None) -> dict[str, A
 
 
 def _with_secrets(mailbox: MailboxConfig, source: Source) -> MailboxConfig:
+    hook, redis = mailbox.webhook, source.sidekiq_redis
+    if hook.sidekiq is not None and redis is not None:  # delivery_method: sidekiq
+        connection = replace(
+            hook.sidekiq.redis, password=redis.password, sentinel_password=redis.sentinel_password
+        )
+        mailbox = replace(
+            mailbox, webhook=replace(hook, sidekiq=replace(hook.sidekiq, redis=connection))
+        )
     if isinstance(mailbox, ImapMailboxConfig) and source.password is not None:
         return replace(mailbox, password=Secret(source.password))
     if isinstance(mailbox, GraphMailboxConfig) and source.client_secret is not None:

@@ -33,6 +33,7 @@ from mailroom.gitlab.compose import (
     overlay_arbitration,
     read_overlay,
     secret_text,
+    sidekiq_tree,
     with_log_files,
 )
 from mailroom.gitlab.redis import GitLabRedis, arbitration_block, parse_entry
@@ -69,6 +70,8 @@ HANDLED |= {"arbitration_method", "arbitration_options", "logger", "log_path"}
 POSTBACK_OPTIONS = {"delivery_url", "url", "delivery_token", "token", "username", "password"}
 POSTBACK_OPTIONS |= {"content_type", "jwt_auth_header", "jwt_issuer", "jwt_algorithm"}
 POSTBACK_OPTIONS |= {"jwt_secret_path"}
+SIDEKIQ_OPTIONS = {"redis_url", "redis_db", "namespace", "sentinels", "sentinel_password"}
+SIDEKIQ_OPTIONS |= {"queue", "worker"}
 ARBITRATION_OPTIONS = {"redis_url", "namespace", "sentinels", "sentinel_username"}
 ARBITRATION_OPTIONS |= {"sentinel_password", "redis_db"}
 EXPLAINED = {
@@ -247,6 +250,17 @@ def _arbitration(settings: dict[str, Any], source: Source) -> _Arbitration | Non
         raise ConfigError(
             f"{source.file}: {prefix}.:{key_name(unknown[0])}", "is not a Redis arbitration option"
         )
+    found = _redis(options, source, prefix, default="redis://localhost:6379")
+    namespace = options.get("namespace")
+    if namespace is not None and not isinstance(namespace, str):
+        raise ConfigError(f"{source.file}: {prefix}.:namespace", "expected a string")
+    found = replace(found, namespace=namespace or "")
+    return _Arbitration(block=arbitration_block(found), found=found, where=f"{where}")
+
+
+def _redis(options: dict[str, Any], source: Source, prefix: str, *, default: str) -> GitLabRedis:
+    """The Redis MailRoom's options name (redis_url, redis_db, sentinels, sentinel_username,
+    sentinel_password), read as GitLab's Redis files are: a password in the URL taken out."""
     sentinels = options.get("sentinels")
     if isinstance(sentinels, list):  # [{:host:, :port:}]
         sentinels = [
@@ -254,21 +268,16 @@ def _arbitration(settings: dict[str, Any], source: Source) -> _Arbitration | Non
             for s in sentinels
         ]
     entry = {
-        "url": options.get("redis_url") or "redis://localhost:6379",  # MailRoom's default
+        "url": options.get("redis_url") or default,
         "db": options.get("redis_db"),
         "sentinels": sentinels,
         "sentinel_username": options.get("sentinel_username"),
         "sentinel_password": options.get("sentinel_password"),
     }
     try:
-        found = parse_entry({k: v for k, v in entry.items() if v is not None}, source=prefix)
+        return parse_entry({k: v for k, v in entry.items() if v is not None}, source=prefix)
     except ValueError as exc:
         raise ConfigError(str(source.file), str(exc)) from None
-    namespace = options.get("namespace")
-    if namespace is not None and not isinstance(namespace, str):
-        raise ConfigError(f"{source.file}: {prefix}.:namespace", "expected a string")
-    found = replace(found, namespace=namespace or "")
-    return _Arbitration(block=arbitration_block(found), found=found, where=f"{where}")
 
 
 def _shared_arbitration(
@@ -333,9 +342,13 @@ def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, _Arbitr
         box.update(_ssl(settings["ssl"], where))
         if password is not None:
             box["password"] = PLACEHOLDER
-    webhook, hook_keys = _postback(settings, source)
-    box["webhook"] = webhook
-    keys |= hook_keys
+    sidekiq_redis = None
+    if settings["delivery_method"] == "sidekiq":
+        box["webhook"], sidekiq_redis = _sidekiq(settings, source)
+        keys |= {"webhook": ":delivery_options", "webhook.sidekiq": ":delivery_options"}
+    else:
+        box["webhook"], hook_keys = _postback(settings, source)
+        keys |= hook_keys
     source = Source(
         id=source.id,
         file=source.file,
@@ -343,6 +356,7 @@ def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, _Arbitr
         keys=keys,
         password=password if client_secret is None else None,
         client_secret=client_secret,
+        sidekiq_redis=sidekiq_redis,
     )
     return box, source, arbitration
 
@@ -365,6 +379,22 @@ def _ssl(value: Any, where: str) -> dict[str, Any]:
                 "other TLS settings with SSL_CERT_FILE or in the -c config (mailboxes.<id>)",
             )
     return settings
+
+
+def _sidekiq(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any], GitLabRedis]:
+    """``:delivery_method: sidekiq`` (MailRoom::Delivery::Sidekiq::Options: redis_url, redis_db,
+    namespace, sentinels, sentinel_password, queue, worker): the job MailRoom pushes."""
+    prefix = f"{source.prefix}.:delivery_options"
+    options = _symbols(settings.get("delivery_options") or {}, source, prefix)
+    if unknown := sorted(set(options) - SIDEKIQ_OPTIONS):
+        raise ConfigError(
+            f"{source.file}: {prefix}.:{key_name(unknown[0])}", "is not a sidekiq option"
+        )
+    if not options.get("worker"):
+        raise ConfigError(f"{source.file}: {prefix}.:worker", "is required: the job's class")
+    found = _redis(options, source, prefix, default="redis://localhost:6379")
+    queue = options.get("queue") or "default"
+    return sidekiq_tree(found, queue, options["worker"], options.get("namespace")), found
 
 
 def _postback(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any], dict[str, str]]:

@@ -42,6 +42,7 @@ from mailroom.gitlab.compose import (
     overlay_arbitration,
     read_overlay,
     secret_text,
+    sidekiq_tree,
     with_log_files,
 )
 from mailroom.gitlab.layout import Layout, find_layout
@@ -216,7 +217,7 @@ def load_gitlab(
     config = build(
         boxes, sources, top=top, overlay=overlay, extra=extra, env=environ, warnings=tuple(warnings)
     )
-    config = _with_sidekiq_passwords(with_log_files(config, log_files), files)
+    config = with_log_files(config, log_files)
     if redis is None:
         return config
     # GitLab's own Redis: its passwords go in here, never through the YAML tree.
@@ -285,6 +286,7 @@ def _mailbox(
         keys=GITLAB_KEYS,
         password=password if client_secret is None else None,
         client_secret=client_secret,
+        sidekiq_redis=files.queues_redis() if merged["delivery_method"] == "sidekiq" else None,
     )
     return box, source
 
@@ -334,40 +336,12 @@ def _sidekiq(
     kind: str, merged: dict[str, Any], source: Source, files: GitLabFiles
 ) -> dict[str, Any]:
     """The webhook tree of ``delivery_method: sidekiq`` (GitLab's default, deprecated since
-    16.0): the job MailRoom pushes, into GitLab's queues Redis (its passwords are added after
-    validation), queue and worker as config/mail_room.yml renders them."""
-    redis = files.queues_redis()
-    connection = {
-        k: v
-        for k, v in arbitration_block(redis).items()
-        if k not in ("method", "namespace", "mail_room_claims", "mail_room_namespace")
-    }
+    16.0): the job MailRoom pushes, into GitLab's queues Redis, queue and worker as
+    config/mail_room.yml renders them."""
     queue, worker = merged.get("queue", "default"), merged.get("worker", WORKERS[kind])
-    return {
-        "format": "raw",
-        "sidekiq": {
-            **connection,
-            "queue": literal(source, "queue", queue),
-            "worker": literal(source, "worker", worker),
-        },
-    }
-
-
-def _with_sidekiq_passwords(config: Config, files: GitLabFiles) -> Config:
-    """GitLab's Redis passwords in each ``delivery_method: sidekiq`` webhook."""
-    boxes = []
-    for box in config.mailboxes:
-        hook = box.webhook
-        if hook.sidekiq is not None:
-            redis = files.queues_redis()
-            connection = replace(
-                hook.sidekiq.redis,
-                password=redis.password,
-                sentinel_password=redis.sentinel_password,
-            )
-            hook = replace(hook, sidekiq=replace(hook.sidekiq, redis=connection))
-        boxes.append(replace(box, webhook=hook))
-    return replace(config, mailboxes=tuple(boxes), webhook=boxes[0].webhook)
+    return sidekiq_tree(
+        files.queues_redis(), literal(source, "queue", queue), literal(source, "worker", worker)
+    )
 
 
 def _gitlab_url(gitlab: dict[str, Any]) -> str:
