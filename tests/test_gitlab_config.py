@@ -459,6 +459,7 @@ def test_the_environment_names_gitlab_yml_as_for_gitlabs_mailroom(
     assert "delivery_method: 'que' is not webhook or sidekiq" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_a_log_path_that_cannot_be_opened_names_gitlabs_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 import yaml
 
@@ -150,6 +151,7 @@ async def _all_deleted(dovecot: Dovecot, account: Any) -> bool:
     return bool(stored) and all("\\Deleted" in m.flags for m in stored)
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_check_asks_the_sidekiq_queue(
     redis_server: RedisServer, dovecot: Dovecot, tmp_path: Path, capsys: Any
 ) -> None:

@@ -312,7 +312,8 @@ class Dispatcher:
         if verdict.action is Action.DELIVER:
             assert isinstance(verdict.decision, routing.Deliver)
             what = (
-                f"would deliver to {mailbox.webhook.origin} (key {verdict.decision.key}, "
+                f"would {'push a Sidekiq job to' if mailbox.webhook.sidekiq else 'POST to'} "
+                f"{mailbox.webhook.origin} (key {verdict.decision.key}, "
                 f"matched {verdict.decision.matched_header})"
             )
         elif verdict.action is Action.IGNORE:
