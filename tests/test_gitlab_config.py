@@ -760,3 +760,19 @@ def test_gitlabs_redis_config_with_erb_is_a_config_error(tmp_path: Path) -> None
     arbitration = load_gitlab(gitlab_yml, mailroom_config=small, env={}).arbitration
     assert (arbitration.url, arbitration.namespace) == ("redis://other:6379", "mailroom")
     assert arbitration.password is not None and arbitration.password.reveal() == "pw"
+
+
+def test_mailroom_gems_claims_are_on_in_gitlab_mode_and_can_be_switched_off(
+    tmp_path: Path,
+) -> None:
+    gitlab_yml = rails_root(tmp_path, section())
+    arbitration = load(gitlab_yml).arbitration
+    assert arbitration.enabled and arbitration.mail_room_claims
+    assert arbitration.mail_room_key("12") == "mail_room:gitlab:delivered:12"
+    overlay = tmp_path / "mailroom.yml"
+    overlay.write_text("arbitration: {mail_room_claims: false, lease_ttl: 30}\n")
+    arbitration = load_gitlab(gitlab_yml, mailroom_config=overlay, env={}).arbitration
+    assert arbitration.enabled and arbitration.url == "redis://localhost:6381"  # still GitLab's
+    assert not arbitration.mail_room_claims and arbitration.lease_ttl_s == 30
+    overlay.write_text("arbitration: {method: none}\n")
+    assert not load_gitlab(gitlab_yml, mailroom_config=overlay, env={}).arbitration.enabled

@@ -25,12 +25,13 @@ def test_the_gitlab_yml_excerpt_with_its_mailroom_yaml(tmp_path: Path) -> None:
     document = yaml.safe_load((EXAMPLES / "gitlab.yml").read_text())
     production = document["production"]
     production["shared"]["path"] = str(tmp_path / "shared")
+    etc = tmp_path / "gitlab-rails" / "etc"  # the Linux package's layout, without /opt/gitlab
+    etc.mkdir(parents=True)
+    (etc.parent / "working").mkdir()
     for kind in ("incoming_email", "service_desk_email"):
-        secret = tmp_path / Path(production[kind]["secret_file"]).name
-        secret.write_text(SECRET)
-        production[kind]["secret_file"] = str(secret)
-    gitlab_yml = tmp_path / "etc" / "gitlab.yml"
-    gitlab_yml.parent.mkdir()
+        assert production[kind]["secret_file"] == f".gitlab_{kind}_secret"
+        (etc / f"gitlab_{kind}_secret").write_text(SECRET)  # where the package's links point
+    gitlab_yml = etc / "gitlab.yml"
     gitlab_yml.write_text(yaml.safe_dump(document))
     config = load_gitlab(gitlab_yml, mailroom_config=EXAMPLES / "mailroom.yml", env={})
     incoming, desk = config.mailboxes

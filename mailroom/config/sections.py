@@ -65,16 +65,7 @@ def parse_webhook(section: Section) -> WebhookConfig:
     signing_secret = section.secret("signing_secret", required=False)
     if signing_secret is not None:
         _check_whsec(section, signing_secret)
-    retry = RetryConfig()
-    if (retry_section := section.section("retry")) is not None:
-        retry = RetryConfig(
-            initial_s=retry_section.number("initial", 1.0, lo=0.01, hi=3600),
-            max_s=retry_section.number("max", 600.0, lo=0.01, hi=86400),
-            give_up_after_s=retry_section.number("give_up_after", None, lo=1, hi=365 * 86400),
-        )
-        if retry.max_s < retry.initial_s:
-            retry_section.fail("max", "must be at least retry.initial")
-        retry_section.done()
+    retry = _retry(section)
     config = WebhookConfig(
         url=url,
         format=fmt,
@@ -119,14 +110,7 @@ def _sidekiq_webhook(section: Section, sidekiq: Section) -> WebhookConfig:
     )
     sidekiq.used.update(sidekiq.data)
     sidekiq.done()
-    retry = RetryConfig()
-    if (retry_section := section.section("retry")) is not None:
-        retry = RetryConfig(
-            initial_s=retry_section.number("initial", 1.0, lo=0.01, hi=3600),
-            max_s=retry_section.number("max", 600.0, lo=0.01, hi=86400),
-            give_up_after_s=retry_section.number("give_up_after", None, lo=1, hi=365 * 86400),
-        )
-        retry_section.done()
+    retry = _retry(section)
     config = WebhookConfig(
         url="",
         format="raw",
@@ -138,6 +122,21 @@ def _sidekiq_webhook(section: Section, sidekiq: Section) -> WebhookConfig:
     section.used.update(section.data)
     section.done()
     return config
+
+
+def _retry(section: Section) -> RetryConfig:
+    """A webhook's ``retry: {initial, max, give_up_after}``."""
+    retry = RetryConfig()
+    if (retry_section := section.section("retry")) is not None:
+        retry = RetryConfig(
+            initial_s=retry_section.number("initial", 1.0, lo=0.01, hi=3600),
+            max_s=retry_section.number("max", 600.0, lo=0.01, hi=86400),
+            give_up_after_s=retry_section.number("give_up_after", None, lo=1, hi=365 * 86400),
+        )
+        if retry.max_s < retry.initial_s:
+            retry_section.fail("max", "must be at least retry.initial")
+        retry_section.done()
+    return retry
 
 
 def parse_routing(section: Section) -> tuple[routing.RoutingMode, bool]:

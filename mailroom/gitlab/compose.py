@@ -119,10 +119,13 @@ def build(
     extra: Mapping[str, Any],
     env: Mapping[str, str],
     warnings: tuple[str, ...] = (),
+    log_files: list[tuple[Path, str, str]] | None = None,
+    redis: GitLabRedis | None = None,
 ) -> Config:
     """Validate ``mailboxes`` (mailroom's YAML, one per ``sources`` entry) with the top-level
     keys ``top`` and ``extra``, the optional mailroom YAML ``overlay`` (``read_overlay``),
-    laid over them."""
+    laid over them; then the foreign file's log files (``with_log_files``) and the passwords of
+    its arbitration ``redis``, which never go through the YAML tree."""
     extra = dict(extra)
     per_mailbox = _overlay_mailboxes(extra, overlay, [s.id for s in sources])
     hook = _overlay_webhook(extra, overlay)
@@ -145,7 +148,14 @@ def build(
         raise origins.error(exc) from None
     boxes = tuple(_with_secrets(m, s) for m, s in zip(config.mailboxes, sources, strict=True))
     told = tuple(origins.warning(w) for w in config.warnings)
-    return replace(config, mailboxes=boxes, webhook=boxes[0].webhook, warnings=warnings + told)
+    config = replace(config, mailboxes=boxes, webhook=boxes[0].webhook, warnings=warnings + told)
+    config = with_log_files(config, log_files or [])
+    if redis is None:
+        return config
+    arbitration = replace(
+        config.arbitration, password=redis.password, sentinel_password=redis.sentinel_password
+    )
+    return replace(config, arbitration=arbitration)
 
 
 def sidekiq_tree(

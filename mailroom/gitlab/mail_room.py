@@ -34,7 +34,6 @@ from mailroom.gitlab.compose import (
     read_overlay,
     secret_text,
     sidekiq_tree,
-    with_log_files,
 )
 from mailroom.gitlab.redis import GitLabRedis, arbitration_block, parse_entry
 from mailroom.redact import key_name
@@ -127,19 +126,17 @@ def load_mail_room(
     extra = read_overlay(overlay)
     if shared is not None and not overlay_arbitration(top, extra, shared.block):
         shared = None  # the -c file names another Redis (or none)
-    config = build(
-        boxes, sources, top=top, overlay=overlay, extra=extra, env=environ, warnings=tuple(warnings)
+    return build(
+        boxes,
+        sources,
+        top=top,
+        overlay=overlay,
+        extra=extra,
+        env=environ,
+        warnings=tuple(warnings),
+        log_files=log_files,
+        redis=shared.found if shared is not None else None,
     )
-    config = with_log_files(config, log_files)
-    if shared is None:
-        return config
-    # The Redis passwords (from the URL or :sentinel_password:) never go through the YAML tree.
-    arbitration = replace(
-        config.arbitration,
-        password=shared.found.password,
-        sentinel_password=shared.found.sentinel_password,
-    )
-    return replace(config, arbitration=arbitration)
 
 
 def is_mail_room_yaml(path: str | os.PathLike[str]) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ from mailroom.gitlab.compose import (
     read_overlay,
     secret_text,
     sidekiq_tree,
-    with_log_files,
 )
 from mailroom.gitlab.layout import Layout, find_layout
 from mailroom.gitlab.redis import GitLabRedis, arbitration_block, find_queues_redis
@@ -214,17 +213,17 @@ def load_gitlab(
         # GitLab runs MailRoom with arbitration on its queues Redis: so does GitLab mode
         redis = files.queues_redis()
         overlay_arbitration(top, extra, arbitration_block(redis))
-    config = build(
-        boxes, sources, top=top, overlay=overlay, extra=extra, env=environ, warnings=tuple(warnings)
+    return build(
+        boxes,
+        sources,
+        top=top,
+        overlay=overlay,
+        extra=extra,
+        env=environ,
+        warnings=tuple(warnings),
+        log_files=log_files,
+        redis=redis,
     )
-    config = with_log_files(config, log_files)
-    if redis is None:
-        return config
-    # GitLab's own Redis: its passwords go in here, never through the YAML tree.
-    arbitration = replace(
-        config.arbitration, password=redis.password, sentinel_password=redis.sentinel_password
-    )
-    return replace(config, arbitration=arbitration)
 
 
 def _mailbox(
