@@ -4,6 +4,7 @@ took (MailRoom's claims, ``arbitration.mail_room_claims``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import logging
 from pathlib import Path
@@ -123,12 +124,12 @@ async def test_only_mailroom_gems_own_claims_count_as_taken(redis_server: RedisS
 async def test_a_message_mailroom_gem_claimed_is_left_to_it(
     redis_server: RedisServer, dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="mailroom")
     account = dovecot.add_user()
     uid = await dovecot.aappend(account, message(1))
     client = aioredis.Redis.from_url(redis_server.url)
     await client.set(f"{NAMESPACE}:delivered:{uid}", 1, nx=True, ex=600)
-    async with GitLabInternalApi({"incoming_email": SECRET}) as api:
+    async with GitLabInternalApi({"incoming_email": SECRET}) as api, contextlib.aclosing(client):
         sweeps = {"incoming_email": {"ca_file": str(dovecot.ca_file), "idle_timeout": 1}}
         files = gitlab_files(
             tmp_path,
@@ -146,6 +147,5 @@ async def test_a_message_mailroom_gem_claimed_is_left_to_it(
             assert api.requests == []  # MailRoom has it
             await client.delete(f"{NAMESPACE}:delivered:{uid}")  # MailRoom died; claim expired
             await api.wait_for(1)
-    await client.aclose()
     stored = await dovecot.amessages(account)
     assert [("\\Deleted" in m.flags) for m in stored] == [True]
