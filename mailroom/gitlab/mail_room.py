@@ -27,7 +27,7 @@ from mailroom.errors import ConfigError
 from mailroom.gitlab import erb
 from mailroom.gitlab.compose import (
     PLACEHOLDER,
-    Source,
+    ForeignMailbox,
     build,
     literal,
     overlay_arbitration,
@@ -111,7 +111,7 @@ def load_mail_room(
     boxes, sources, arbitrations = [], [], []
     log_files: list[tuple[Path, str, str]] = []
     for index, item in enumerate(document[":mailboxes"]):
-        source = Source(id=f"mailbox{index}", file=file, prefix=f":mailboxes:[{index}]")
+        source = ForeignMailbox(id=f"mailbox{index}", file=file, prefix=f":mailboxes:[{index}]")
         box, source, found = _mailbox(item, source)
         boxes.append(box)
         sources.append(source)
@@ -174,7 +174,7 @@ def _read(file: Path, env: Mapping[str, str]) -> Any:
     return data
 
 
-def _log_path(item: dict[str, Any], source: Source) -> Path | None:
+def _log_path(item: dict[str, Any], source: ForeignMailbox) -> Path | None:
     """``:logger: {:log_path:}``: MailRoom's structured log file (relative: from the directory
     MailRoom runs in, as Ruby's Logger opens it)."""
     logger = item.get(":logger")
@@ -205,7 +205,7 @@ def _health_check(value: Any, file: Path) -> dict[str, Any]:
     return {"listen": f"{host}:{port}"}
 
 
-def _symbols(item: Any, source: Source, where: str) -> dict[str, Any]:
+def _symbols(item: Any, source: ForeignMailbox, where: str) -> dict[str, Any]:
     """A mapping with symbol keys (``:email``) as plain names; plain keys are explained."""
     if not isinstance(item, dict):
         raise ConfigError(f"{source.file}: {where}", "expected a mapping of :key: value")
@@ -231,7 +231,7 @@ class _Arbitration:
     where: str
 
 
-def _arbitration(settings: dict[str, Any], source: Source) -> _Arbitration | None:
+def _arbitration(settings: dict[str, Any], source: ForeignMailbox) -> _Arbitration | None:
     """``:arbitration_method: redis`` with ``:arbitration_options:`` (MailRoom's
     Arbitration::Redis::Options: redis_url, namespace, sentinels, sentinel_username,
     sentinel_password): mailroom's replicas on that Redis, claiming MailRoom's keys there."""
@@ -255,7 +255,9 @@ def _arbitration(settings: dict[str, Any], source: Source) -> _Arbitration | Non
     return _Arbitration(block=arbitration_block(found), found=found, where=f"{where}")
 
 
-def _redis(options: dict[str, Any], source: Source, prefix: str, *, default: str) -> GitLabRedis:
+def _redis(
+    options: dict[str, Any], source: ForeignMailbox, prefix: str, *, default: str
+) -> GitLabRedis:
     """The Redis MailRoom's options name (redis_url, redis_db, sentinels, sentinel_username,
     sentinel_password), read as GitLab's Redis files are: a password in the URL taken out."""
     sentinels = options.get("sentinels")
@@ -278,7 +280,7 @@ def _redis(options: dict[str, Any], source: Source, prefix: str, *, default: str
 
 
 def _shared_arbitration(
-    found: list[_Arbitration | None], sources: list[Source]
+    found: list[_Arbitration | None], sources: list[ForeignMailbox]
 ) -> tuple[_Arbitration | None, list[str]]:
     """The arbitration of all mailboxes: mailroom's replicas share one Redis, the first
     mailbox's. Another mailbox naming another Redis is told (its MailRoom claims would be
@@ -298,7 +300,9 @@ def _shared_arbitration(
     return first, advice
 
 
-def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, _Arbitration | None]:
+def _mailbox(
+    item: Any, source: ForeignMailbox
+) -> tuple[dict[str, Any], ForeignMailbox, _Arbitration | None]:
     where = f"{source.file}: {source.prefix}"
     given = _symbols(item, source, source.prefix)
     if unknown := sorted(set(given) - HANDLED):
@@ -316,14 +320,12 @@ def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, _Arbitr
         box["address"] = literal(source, ":email", email if "@" in email else f"{email}@{host}")
     keys = {mailroom: f":{name}" for name, mailroom in SAME.items()} | {"address": ":email"}
     password = secret_text(settings.get("password"), f"{where}.:password")
-    client_secret = None
+    secret = password  # the one login secret its kind takes, injected after validation
     if settings.get("inbox_method") == "microsoft_graph":
         options = _symbols(
             settings.get("inbox_options") or {}, source, f"{source.prefix}.:inbox_options"
         )
-        client_secret = secret_text(
-            options.get("client_secret"), f"{where}.:inbox_options.:client_secret"
-        )
+        secret = secret_text(options.get("client_secret"), f"{where}.:inbox_options.:client_secret")
         box["inbox_method"] = "microsoft_graph"
         box["inbox_options"] = {
             k: PLACEHOLDER if k == "client_secret" else literal(source, f":inbox_options.:{k}", v)
@@ -346,13 +348,12 @@ def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, _Arbitr
     else:
         box["webhook"], hook_keys = _postback(settings, source)
         keys |= hook_keys
-    source = Source(
+    source = ForeignMailbox(
         id=source.id,
         file=source.file,
         prefix=source.prefix,
         keys=keys,
-        password=password if client_secret is None else None,
-        client_secret=client_secret,
+        secret=secret,
         sidekiq_redis=sidekiq_redis,
     )
     return box, source, arbitration
@@ -378,7 +379,9 @@ def _ssl(value: Any, where: str) -> dict[str, Any]:
     return settings
 
 
-def _sidekiq(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any], GitLabRedis]:
+def _sidekiq(
+    settings: dict[str, Any], source: ForeignMailbox
+) -> tuple[dict[str, Any], GitLabRedis]:
     """``:delivery_method: sidekiq`` (MailRoom::Delivery::Sidekiq::Options: redis_url, redis_db,
     namespace, sentinels, sentinel_password, queue, worker): the job MailRoom pushes."""
     prefix = f"{source.prefix}.:delivery_options"
@@ -394,7 +397,9 @@ def _sidekiq(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any], 
     return sidekiq_tree(found, queue, options["worker"], options.get("namespace")), found
 
 
-def _postback(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any], dict[str, str]]:
+def _postback(
+    settings: dict[str, Any], source: ForeignMailbox
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The webhook of a postback mailbox, and where its keys came from."""
     where = f"{source.file}: {source.prefix}"
     method = settings["delivery_method"]
@@ -408,7 +413,7 @@ def _postback(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any],
             f"{where}.:delivery_options.:{key_name(unknown[0])}", "is not a postback option"
         )
     at = f"{source.prefix}.:delivery_options"
-    src = Source(id=source.id, file=source.file, prefix=at)
+    src = ForeignMailbox(id=source.id, file=source.file, prefix=at)
     url = settings.get("delivery_url") or options.get("delivery_url") or options.get("url")
     token = settings.get("delivery_token") or options.get("delivery_token") or options.get("token")
     hook: dict[str, Any] = {"url": literal(src, ":delivery_url", url), "format": "raw"}
