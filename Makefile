@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-image lint docs lock demo demo-serve bench debs venv clean
+.PHONY: test test-image lint docs lock demo demo-serve demo-send bench debs venv clean
 
 # constraints.txt pins every dependency (made by `make lock` from pyproject.toml): an install
 # next month gets the same versions as CI got today.
@@ -75,6 +75,12 @@ demo: venv debs
 
 demo-serve: venv debs
 	$(BIN)/python examples/demo.py --serve
+
+# While demo-serve runs: put a message into its mailbox, e.g.
+#   make demo-send ARGS="--to nobody@demo.example"   (or --auto-reply, --subject ..., FILE.eml)
+ARGS ?=
+demo-send: venv
+	$(BIN)/python examples/demo.py send $(ARGS)
 
 # bench/many_mailboxes.py: 1,000 mailboxes, plain IMAP (all phases, about 5 minutes), then the
 # start, RSS and idle CPU over TLS.

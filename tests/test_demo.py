@@ -115,3 +115,99 @@ async def test_demo_stops_everything_it_started_on_a_signal(
         return _gone(group, group=True) and all(_gone(pid) for pid in pids) and _removed(root)
 
     await wait_until(cleaned_up, what="Dovecot, the receiver and mailroom gone, temp dir removed")
+
+
+async def _demo_send(cwd: Path, *args: str) -> str:
+    send = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "examples" / "demo.py"),
+        "send",
+        *args,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(60):
+        out, _ = await send.communicate()
+    assert send.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def test_the_demo_can_be_talked_to(tmp_path: Path) -> None:
+    """docs/getting-started.md's walk through `make demo-serve`: the seeded messages, then one
+    delivered, one rejected with a notice the sink prints, an auto-reply dropped, a 422 from
+    the receiver with a notice carrying its reason, and an .eml file as it is."""
+    demo = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "examples" / "demo.py"),
+        "--serve",
+        cwd=tmp_path,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert demo.stdout is not None
+    log = tmp_path / "mailroom.log"
+    seen: list[str] = []
+    mailroom = None
+    try:
+        await _read_until(demo.stdout, "press Enter", seen)
+        assert "send --to incoming+closed-7@demo.example" in "".join(seen)
+        with log.open("wb") as out:
+            mailroom = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mailroom", "-c", "mailroom-demo.yml",
+                cwd=tmp_path, stdout=out, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        # The seeded three: one for the application, a reject notice to Ada, an auto-reply.
+        await _read_until(demo.stdout, "subject: [Rejected] Lunch on Friday?", seen)
+        await _read_until(demo.stdout, "key=ticket-42", seen)
+
+        sent = await _demo_send(tmp_path, "--subject", "Printed by the receiver")
+        assert "appended To: Support <incoming+ticket-42@demo.example>" in sent
+        await _read_until(demo.stdout, "subject: Printed by the receiver", seen)
+
+        await _demo_send(tmp_path, "--to", "nobody@demo.example", "--from", "grace@sender.example")
+        await _read_until(demo.stdout, "── mail to grace@sender.example  (MAIL FROM:<>)", seen)
+        await _read_until(demo.stdout, "The address you sent it to is not known here.", seen)
+
+        await _demo_send(tmp_path, "--auto-reply")
+        await _demo_send(tmp_path, "--to", "incoming+closed-7@demo.example")
+        await _read_until(demo.stdout, 'answered 422 {"reject": "Ticket closed-7 is closed.', seen)
+        await _read_until(demo.stdout, "| Ticket closed-7 is closed.", seen)
+
+        eml = tmp_path / "mine.eml"
+        eml.write_bytes(
+            b"From: Bob <bob@sender.example>\r\nTo: incoming+from-a-file@demo.example\r\n"
+            b"Subject: From a file\r\n\r\nHello.\r\n"
+        )
+        await _demo_send(tmp_path, str(eml))
+        await _read_until(demo.stdout, "key=from-a-file", seen)
+
+        def ignored() -> int:
+            return log.read_text().count("auto-generated (auto_submitted); ignored")
+
+        await wait_until(lambda: ignored() == 2, what="both auto-replies ignored")
+        text = log.read_text()
+        assert "the application rejected it: Ticket closed-7 is closed." in text
+        assert "bad signature" not in "".join(seen)
+    finally:
+        if mailroom is not None:
+            mailroom.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(60):
+                assert await mailroom.wait() == 0
+        demo.send_signal(signal.SIGINT)
+        async with asyncio.timeout(60):
+            await demo.communicate()
+
+
+def test_demo_send_says_what_to_do_without_a_running_demo(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "send"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "is `make demo-serve` running, and is this the config it wrote?" in result.stderr

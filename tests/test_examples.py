@@ -55,6 +55,7 @@ def environment(tmp_path: Path) -> dict[str, str]:
         "DEMO_IMAP_PASSWORD": "demo-password",
         "DEMO_WEBHOOK_URL": "http://127.0.0.1:8025/",
         "DEMO_WEBHOOK_SECRET": WHSEC,
+        "DEMO_SMTP_PORT": "8026",
     }
 
 
