@@ -102,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     routes = commands.add_parser(
         "route",
-        help="what mailroom would do with one message (no network): the matching header, the "
-        "key, deliver/reject/ignore and why, the payload",
+        help="what mailroom would do with one message (no network, no secrets needed): the "
+        "matching header, the key, deliver/reject/ignore and why, the payload",
     )
     routes.add_argument("-c", "--config", help="the YAML config file")
     routes.add_argument(
@@ -198,20 +198,21 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
-def _load(path: str | None) -> Config | None:
-    """The config in ``path``, or None after saying on stderr why there is none (exit 2)."""
+def _load_offline(path: str | None) -> Config | None:
+    """The config in ``path`` for work without the network (no secret read, none needs to be
+    set), or None after saying on stderr why there is none (exit 2)."""
     if not path:
         print(NO_CONFIG, file=sys.stderr)
         return None
     try:
-        return load_config(path)
+        return load_config(path, offline=True)
     except ConfigError as exc:
         print(f"mailroom: config error: {exc}", file=sys.stderr)
         return None
 
 
 def _route(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load_offline(args.config)
     mailbox = None if config is None else _mailbox(config, args.mailbox)
     if config is None or mailbox is None:
         return EXIT_CONFIG
