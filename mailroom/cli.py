@@ -17,11 +17,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
-from mailroom import check, gitlab, logs, redrive
+from mailroom import __version__, check, gitlab, logs, redrive
 from mailroom.check import gitlab as gitlab_check
 from mailroom.check import route
 from mailroom.config import Config, MailboxConfig, credentials_config, load_config
@@ -39,13 +38,6 @@ NO_CONFIG = (
     f"{SAMPLE_HINT} (or --gitlab-config gitlab.yml, or --mail-room-config mail_room.yml)"
 )
 Mode = Literal["mailroom", "gitlab", "mail_room"]
-
-
-def _version() -> str:
-    try:
-        return version("mailroom-incoming")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -330,7 +322,7 @@ def _quiet_broken_pipe(command: Callable[[list[str] | None], int]) -> Callable[.
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
-        print(f"mailroom {_version()}")
+        print(f"mailroom {__version__}")
         return EXIT_OK
     if args.command == "check":
         return _check(args)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -117,6 +118,15 @@ async def test_demo_stops_everything_it_started_on_a_signal(
     await wait_until(cleaned_up, what="Dovecot, the receiver and mailroom gone, temp dir removed")
 
 
+GUIDE = ROOT / "docs" / "getting-started.md"
+DOCUMENTED_SENDS = {
+    tuple(shlex.split(line))
+    for line in re.findall(
+        r"^\.venv/bin/python examples/demo\.py send (.*)$", GUIDE.read_text(), re.M
+    )
+}
+
+
 async def _demo_send(cwd: Path, *args: str) -> str:
     send = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -149,7 +159,13 @@ async def test_the_demo_can_be_talked_to(tmp_path: Path) -> None:
     assert demo.stdout is not None
     log = tmp_path / "mailroom.log"
     seen: list[str] = []
+    sends: set[tuple[str, ...]] = set()
     mailroom = None
+
+    async def send(*args: str) -> str:
+        sends.add(args)
+        return await _demo_send(tmp_path, *args)
+
     try:
         await _read_until(demo.stdout, "press Enter", seen)
         assert "send --to incoming+closed-7@demo.example" in "".join(seen)
@@ -162,16 +178,16 @@ async def test_the_demo_can_be_talked_to(tmp_path: Path) -> None:
         await _read_until(demo.stdout, "subject: [Rejected] Lunch on Friday?", seen)
         await _read_until(demo.stdout, "key=ticket-42", seen)
 
-        sent = await _demo_send(tmp_path, "--subject", "Printed by the receiver")
+        sent = await send("--subject", "My printer is on fire")
         assert "appended To: Support <incoming+ticket-42@demo.example>" in sent
-        await _read_until(demo.stdout, "subject: Printed by the receiver", seen)
+        await _read_until(demo.stdout, "subject: My printer is on fire", seen)
 
-        await _demo_send(tmp_path, "--to", "nobody@demo.example", "--from", "grace@sender.example")
+        await send("--to", "nobody@demo.example", "--from", "grace@sender.example")
         await _read_until(demo.stdout, "── mail to grace@sender.example  (MAIL FROM:<>)", seen)
         await _read_until(demo.stdout, "The address you sent it to is not known here.", seen)
 
-        await _demo_send(tmp_path, "--auto-reply")
-        await _demo_send(tmp_path, "--to", "incoming+closed-7@demo.example")
+        await send("--auto-reply")
+        await send("--to", "incoming+closed-7@demo.example")
         await _read_until(demo.stdout, 'answered 422 {"reject": "Ticket closed-7 is closed.', seen)
         await _read_until(demo.stdout, "| Ticket closed-7 is closed.", seen)
 
@@ -180,7 +196,7 @@ async def test_the_demo_can_be_talked_to(tmp_path: Path) -> None:
             b"From: Bob <bob@sender.example>\r\nTo: incoming+from-a-file@demo.example\r\n"
             b"Subject: From a file\r\n\r\nHello.\r\n"
         )
-        await _demo_send(tmp_path, str(eml))
+        await send(str(eml))
         await _read_until(demo.stdout, "key=from-a-file", seen)
 
         def ignored() -> int:
@@ -190,6 +206,7 @@ async def test_the_demo_can_be_talked_to(tmp_path: Path) -> None:
         text = log.read_text()
         assert "the application rejected it: Ticket closed-7 is closed." in text
         assert "bad signature" not in "".join(seen)
+        assert sends - {(str(eml),)} == DOCUMENTED_SENDS  # getting-started's walk, as tested
     finally:
         if mailroom is not None:
             mailroom.send_signal(signal.SIGTERM)
