@@ -17,6 +17,7 @@ from mailroom.config import ConfigError, ImapMailboxConfig, compat, load_config,
 from mailroom.config.compat import Deprecated, normalise
 from mailroom.config.document import load as load_yaml
 from mailroom.config.reader import KEYS
+from tests.helpers import ROOT
 
 ANCHORED = """\
 x-imap: &imap                  # a block to merge into each mailbox
@@ -176,3 +177,17 @@ def _keys(node: Any) -> list[Any]:
     if isinstance(node, list):
         return [k for item in node for k in _keys(item)]
     return []
+
+
+def test_the_documented_anchor_example_loads(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    section = page.split("## Repeated settings", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    secret = tmp_path / "imap-password"
+    secret.write_text("pw\n")
+    text = block.replace("/run/secrets/imap-password", str(secret))
+    config = parse_config(load_yaml(text, "configuration.md"), env={})
+    assert [(m.id, getattr(m, "host", None)) for m in config.mailboxes] == [
+        ("sales", "imap.example.com"),
+        ("support", "imap.example.com"),
+    ]
