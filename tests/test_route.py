@@ -171,8 +171,9 @@ def test_route_needs_no_secret_and_no_ca_file(
         "jwt": {"secret_file": f"{gone}/jwt", "secret_encoding": "base64"},
         "basic": {"user": "app", "password": "${HOOK_PASSWORD}"},
     }
-    data["reject_notices"] = {**NOTICES, "smtp": {**NOTICES["smtp"], "user": "u"}}
-    data["reject_notices"]["smtp"]["password_file"] = f"{gone}/smtp"
+    smtp = {"host": "smtp.example.com", "start_tls": True, "user": "u"}
+    data["reject_notices"] = {"from": "noreply@example.com", "smtp": smtp}
+    smtp["password_file"] = f"{gone}/smtp"
     data["mailboxes"][1] = {
         "id": "desk",
         "inbox_method": "microsoft_graph",
