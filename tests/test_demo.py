@@ -34,6 +34,20 @@ def test_demo_delivers_the_sample_message() -> None:
     assert "bad signature" not in result.stdout
 
 
+async def _demo(cwd: Path, *args: str) -> asyncio.subprocess.Process:
+    """examples/demo.py in ``cwd``, its output (stdout and stderr) and its input piped: an
+    open, silent stdin, so that it waits for Enter."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "examples" / "demo.py"),
+        *args,
+        cwd=cwd,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+
 async def _read_until(stream: asyncio.StreamReader, text: str, seen: list[str]) -> None:
     async with asyncio.timeout(60):
         while not any(text in line for line in seen):
@@ -62,15 +76,7 @@ def _gone(pid: int, *, group: bool = False) -> bool:
 async def test_demo_stops_everything_it_started_on_a_signal(
     tmp_path: Path, mode: list[str], sig: signal.Signals
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "examples" / "demo.py"),
-        *mode,
-        cwd=tmp_path,
-        stdin=asyncio.subprocess.PIPE,  # open and silent: the demo waits for Enter
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    proc = await _demo(tmp_path, *mode)
     assert proc.stdout is not None
     seen: list[str] = []
     try:
@@ -128,15 +134,7 @@ DOCUMENTED_SENDS = {
 
 
 async def _demo_send(cwd: Path, *args: str) -> str:
-    send = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "examples" / "demo.py"),
-        "send",
-        *args,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    send = await _demo(cwd, "send", *args)
     async with asyncio.timeout(60):
         out, _ = await send.communicate()
     assert send.returncode == 0, out.decode()
@@ -147,15 +145,7 @@ async def test_the_demo_can_be_talked_to(tmp_path: Path) -> None:
     """docs/getting-started.md's walk through `make demo-serve`: the seeded messages, then one
     delivered, one rejected with a notice the sink prints, an auto-reply dropped, a 422 from
     the receiver with a notice carrying its reason, and an .eml file as it is."""
-    demo = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "examples" / "demo.py"),
-        "--serve",
-        cwd=tmp_path,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    demo = await _demo(tmp_path, "--serve")
     assert demo.stdout is not None
     log = tmp_path / "mailroom.log"
     seen: list[str] = []
