@@ -181,6 +181,14 @@ async def test_the_demo_can_be_talked_to(tmp_path: Path) -> None:
         await _read_until(demo.stdout, 'answered 422 {"reject": "Ticket closed-7 is closed.', seen)
         await _read_until(demo.stdout, "| Ticket closed-7 is closed.", seen)
 
+        check = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mailroom", "check", "--send-test", "-c", "mailroom-demo.yml",
+            cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            assert await check.wait() == 0
+        await _read_until(demo.stdout, "mailroom check's test event, signed", seen)
+
         eml = tmp_path / "mine.eml"
         eml.write_bytes(
             b"From: Bob <bob@sender.example>\r\nTo: incoming+from-a-file@demo.example\r\n"
