@@ -3,10 +3,11 @@
 from importlib.metadata import PackageNotFoundError, version
 
 try:
-    __version__ = version("mailroom-incoming")  # the distribution's name: pyproject.toml
+    VERSION = version("mailroom-incoming")  # the distribution's name: pyproject.toml
 except PackageNotFoundError:  # imported from a clone that was never installed
-    __version__ = "0+unknown"
+    VERSION = "0+unknown"
+__version__ = VERSION
 
 # Every HTTP request mailroom makes (RFC 9110 §10.1.5). The product and its version only: the
 # project has no public home page to name in a comment.
-USER_AGENT = f"mailroom/{__version__}"
+USER_AGENT = f"mailroom/{VERSION}"

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from mailroom import __version__, check, gitlab, logs, redrive
+from mailroom import VERSION, check, gitlab, logs, redrive
 from mailroom.check import gitlab as gitlab_check
 from mailroom.check import route
 from mailroom.config import Config, MailboxConfig, credentials_config, load_config
@@ -322,7 +322,7 @@ def _quiet_broken_pipe(command: Callable[[list[str] | None], int]) -> Callable[.
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
-        print(f"mailroom {__version__}")
+        print(f"mailroom {VERSION}")
         return EXIT_OK
     if args.command == "check":
         return _check(args)

@@ -84,8 +84,8 @@ async def test_demo_stops_everything_it_started_on_a_signal(
         text = "".join(seen)
         dovecot = re.search(r"Dovecot \(pid (\d+)\).*; its files in (\S+)", text)
         assert dovecot is not None, text
-        pids = [int(p) for p in re.findall(r"(?:receiver|mailroom) \(pid (\d+)\)", text)]
-        assert len(pids) == (1 if mode else 2), text
+        pids = [int(p) for p in re.findall(r"(?:receiver|SMTP sink|mailroom) \(pid (\d+)\)", text)]
+        assert len(pids) == (2 if mode else 3), text
         if mode:  # --serve: the config it wrote works, and check counts the seeded messages
             config = tmp_path / "mailroom-demo.yml"
             assert config.stat().st_mode & 0o777 == 0o600
@@ -121,7 +121,7 @@ async def test_demo_stops_everything_it_started_on_a_signal(
     async def cleaned_up() -> bool:  # SIGKILLed Dovecot children take a moment to be reaped
         return _gone(group, group=True) and all(_gone(pid) for pid in pids) and _removed(root)
 
-    await wait_until(cleaned_up, what="Dovecot, the receiver and mailroom gone, temp dir removed")
+    await wait_until(cleaned_up, what="Dovecot, receiver, sink and mailroom gone, temp dir removed")
 
 
 GUIDE = ROOT / "docs" / "getting-started.md"

@@ -17,12 +17,14 @@ the host's network so that all traffic stays on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -198,46 +200,69 @@ async def test_container_delivers_reports_health_and_drains_on_sigterm(  # noqa:
     assert [("\\Seen" in m.flags) for m in stored] == [True, True]
 
 
-# -- examples/docker-compose.yml ----------------------------------------------------------------
+# -- the compose examples ------------------------------------------------------------------
+
+
+@dataclass
+class Project:
+    """A compose example copied into a directory, with what this machine needs changed."""
+
+    directory: Path
+    compose: dict[str, Any]
+    config: dict[str, Any]  # the mailroom config the example mounts
+    config_name: str
+    app_port: int = field(default_factory=free_port)
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "docker-compose.yml"
+
+    def write(self, secrets: dict[str, str]) -> Path:
+        (self.directory / self.config_name).write_text(yaml.safe_dump(self.config))
+        (self.directory / "secrets").mkdir()
+        for name, value in secrets.items():
+            (self.directory / "secrets" / name).write_text(value + "\n")
+        for file in self.directory.rglob("*"):
+            if file.is_file():
+                file.chmod(0o644)  # what the compose files' headers tell users to make them
+        self.path.write_text(yaml.safe_dump(self.compose))
+        return self.path
 
 
 def compose_project(
-    directory: Path, dovecot: Dovecot, account: Account, app_port: int, health_port: int
-) -> Path:
-    """examples/docker-compose.yml as it is, but for what this machine needs: every service on
-    the host's network (the test servers are on 127.0.0.1, and no traffic may leave loopback),
-    so the app listens on a free port instead of 3000 and the webhook URL names 127.0.0.1
-    instead of the service name; mailroom's config names the test Dovecot. The rest (the
-    image, the secrets as files, read_only, cap_drop, no-new-privileges, the receiver) is the
-    example's."""
+    directory: Path, name: str, config_name: str, dovecot: Dovecot, account: Account
+) -> Project:
+    """examples/<name> as it is, but for what this machine needs: every service on the host's
+    network (the test servers are on 127.0.0.1, and no traffic may leave loopback), so the app
+    listens on a free port instead of 3000 and the webhook URL names 127.0.0.1 instead of the
+    service; the image is the one built here; the mailboxes are on the test Dovecot. The rest
+    (the secrets as files, read_only, cap_drop, no-new-privileges, the receiver, the commands)
+    is the example's."""
     examples = ROOT / "examples"
-    compose: dict[str, Any] = yaml.safe_load((examples / "docker-compose.yml").read_text())
-    app, mailroom = compose["services"]["app"], compose["services"]["mailroom"]
-    for service in (app, mailroom):
-        service["network_mode"] = "host"
-    app["command"] = [part.replace("--port 3000", f"--port {app_port}") for part in app["command"]]
-    assert f"--port {app_port}" in app["command"][0]
-    del mailroom["ports"], mailroom["build"]  # published ports mean nothing on the host network
     shutil.copy(examples / "receiver.py", directory / "receiver.py")
-    config: dict[str, Any] = yaml.safe_load((examples / "docker-compose.mailroom.yml").read_text())
+    project = Project(
+        directory,
+        yaml.safe_load((examples / name).read_text()),
+        yaml.safe_load((examples / config_name).read_text()),
+        config_name,
+    )
+    services = project.compose["services"]
+    for service in services.values():
+        service["network_mode"] = "host"
+        service.pop("ports", None)  # published ports mean nothing on the host network
+        service.pop("build", None)  # the image fixture built it
+        if any(config_name in volume for volume in service.get("volumes", [])):
+            service["volumes"].append(f"{dovecot.ca_file}:/etc/mailroom/ca.pem:ro")
+    app = services["app"]
+    port = f"--port {project.app_port}"
+    app["command"] = [part.replace("--port 3000", port) for part in app["command"]]
+    assert port in app["command"][0]
+    webhook = project.config["webhook"]
+    webhook["url"] = webhook["url"].replace("app:3000", f"127.0.0.1:{project.app_port}")
     box = mailbox_dict(dovecot, account, ca_file="/etc/mailroom/ca.pem")
-    config["mailboxes"] = [
-        {**config["mailboxes"][0], **{k: box[k] for k in ("host", "port", "user", "ca_file")}}
-    ]
-    config["webhook"]["url"] = config["webhook"]["url"].replace("app:3000", f"127.0.0.1:{app_port}")
-    config["health"]["listen"] = f"127.0.0.1:{health_port}"
-    (directory / "docker-compose.mailroom.yml").write_text(yaml.safe_dump(config))
-    mailroom["volumes"].append(f"{dovecot.ca_file}:/etc/mailroom/ca.pem:ro")
-    secrets = directory / "secrets"
-    secrets.mkdir()
-    (secrets / "imap-password").write_text(account.password + "\n")
-    (secrets / "webhook-signing-secret").write_text(WHSEC + "\n")
-    for file in (*directory.iterdir(), *secrets.iterdir()):
-        if file.is_file():
-            file.chmod(0o644)  # the files docker-compose.yml's header tells users to make
-    path = directory / "docker-compose.yml"
-    path.write_text(yaml.safe_dump(compose))
-    return path
+    for mailbox in project.config["mailboxes"]:
+        mailbox.update({k: box[k] for k in ("host", "port", "user", "ca_file")})
+    return project
 
 
 def compose(path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -255,24 +280,40 @@ def compose(path: Path, *args: str, timeout: float = 120) -> subprocess.Complete
     )
 
 
+@contextlib.asynccontextmanager
+async def stack(path: Path) -> AsyncIterator[Callable[[], Awaitable[str]]]:
+    """The compose project up; yields what its app printed so far; down at the end."""
+
+    async def printed() -> str:
+        logs = await asyncio.to_thread(compose, path, "logs", "app")
+        return logs.stdout + logs.stderr
+
+    up = await asyncio.to_thread(compose, path, "up", "--detach", "--no-build")
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        yield printed
+    finally:
+        down = await asyncio.to_thread(compose, path, "down", "--timeout", "40")
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+
+
 @pytest.mark.timeout(240)
 async def test_the_compose_example_delivers_a_signed_message(
     image: str, dovecot: Dovecot, account: Account, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    directory = tmp_path_factory.mktemp("compose")
-    app_port, health_port = free_port(), free_port()
-    path = await asyncio.to_thread(
-        compose_project, directory, dovecot, account, app_port, health_port
+    project = compose_project(
+        tmp_path_factory.mktemp("compose"),
+        "docker-compose.yml",
+        "docker-compose.mailroom.yml",
+        dovecot,
+        account,
     )
-    try:
-        up = await asyncio.to_thread(compose, path, "up", "--detach", "--no-build")
-        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    health_port = free_port()
+    project.config["health"]["listen"] = f"127.0.0.1:{health_port}"
+    path = project.write({"imap-password": account.password, "webhook-signing-secret": WHSEC})
+    async with stack(path) as printed:
         await ready(health_port)
         await dovecot.aappend(account, message(1, to="incoming+ticket-7@incoming.example.com"))
-
-        async def printed() -> str:
-            logs = await asyncio.to_thread(compose, path, "logs", "app")
-            return logs.stdout + logs.stderr
 
         async def arrived() -> bool:
             return "key=ticket-7" in await printed()
@@ -280,8 +321,84 @@ async def test_the_compose_example_delivers_a_signed_message(
         await wait_until(arrived, timeout=60, what="the app printing the message")
         text = await printed()
         assert "subject: test 1" in text and "bad signature" not in text, text
-    finally:
-        down = await asyncio.to_thread(compose, path, "down", "--timeout", "40")
-    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     stored = await dovecot.amessages(account)
     assert [("\\Seen" in m.flags) for m in stored] == [True]
+
+
+@pytest.fixture(scope="module")
+def redis_image(image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Redis from Debian's package on the same base, for the replicas example (which names
+    docker.io's redis image; this machine reaches no image registry)."""
+    assert BASE is not None
+    context = tmp_path_factory.mktemp("redis-image")
+    (context / "Containerfile").write_text(
+        f"FROM {BASE}\n"
+        "RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+        "--no-install-recommends redis-server && rm -rf /var/lib/apt/lists/*\n"
+    )
+    name = "localhost/mailroom-test-redis:bookworm"
+    build = podman("build", "--network", "host", *EXTRA, "-t", name, str(context), timeout=900)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return name
+
+
+@pytest.mark.timeout(240)
+async def test_the_replicas_compose_example_shares_the_mailboxes_through_redis(
+    image: str,
+    redis_image: str,
+    dovecot: Dovecot,
+    account: Account,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """docker-compose.replicas.yml: Redis asks for the password from its secret file, both
+    replicas read the same config and the same secrets, and each message is delivered once."""
+    project = compose_project(
+        tmp_path_factory.mktemp("replicas"),
+        "docker-compose.replicas.yml",
+        "docker-compose.replicas.mailroom.yml",
+        dovecot,
+        account,
+    )
+    redis, redis_port = project.compose["services"]["redis"], free_port()
+    redis["image"] = redis_image
+    (command,) = [part for part in redis["command"] if "redis-server" in part]
+    redis["command"] = [
+        part.replace("--save", f"--port {redis_port} --bind 127.0.0.1 --save")
+        for part in redis["command"]
+    ]
+    assert '--requirepass "$$(cat /run/secrets/redis-password)"' in command
+    config = project.config
+    config["arbitration"]["url"] = f"redis://127.0.0.1:{redis_port}/0"
+    config["health"]["listen"] = "127.0.0.1:0"  # two replicas on one network: any free port
+    support = config["mailboxes"][1]
+    assert support["id"] == "support"
+    support["mailbox"] = "Support"  # the same test account, another folder
+    await asyncio.to_thread(dovecot.create_mailbox, account, "Support")
+    path = project.write(
+        {
+            "imap-password": account.password,
+            "webhook-signing-secret": WHSEC,
+            "redis-password": "a-long-random-string-for-the-test",
+        }
+    )
+    async with stack(path) as printed:
+        await dovecot.aappend(account, message(1, to="incoming+one@example.com"))
+        await dovecot.aappend(account, message(2, to="support+two@example.com"), "Support")
+
+        async def arrived() -> bool:
+            text = await printed()
+            return "key=one" in text and "key=two" in text
+
+        await wait_until(arrived, timeout=90, what="the app printing both messages")
+        text = await printed()
+        assert text.count("key=one") == text.count("key=two") == 1, text
+        assert "bad signature" not in text
+        logs = [
+            await asyncio.to_thread(compose, path, "logs", name)
+            for name in ("mailroom-1", "mailroom-2")
+        ]
+        leases = "".join(log.stdout + log.stderr for log in logs)
+        assert "NOAUTH" not in leases and "WRONGPASS" not in leases
+    for folder in ("INBOX", "Support"):
+        stored = await dovecot.amessages(account, folder)
+        assert [("\\Seen" in m.flags) for m in stored] == [True], folder
