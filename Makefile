@@ -45,7 +45,7 @@ test: venv debs promtool
 
 # The container image, built and run with podman on a base made from Debian's packages (no
 # registry needed): tests/test_image.py (read-only root, uid 10001, the health checks, a
-# delivery, the SIGTERM drain, the compose example). `.ci/run` runs it after `make test`; the
+# delivery, the SIGTERM drain, the compose examples). `.ci/run` runs it after `make test`; the
 # first run debootstraps the base and downloads mailroom's wheels (a few minutes).
 # runc + cgroupfs + explicit ulimits: where crun cannot set rlimits or drive hybrid cgroups.
 IMAGE_BASE ?= localhost/debian-python:bookworm
