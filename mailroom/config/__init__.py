@@ -21,10 +21,12 @@ from mailroom.config.mailboxes import (
     parse_mailbox,
 )
 from mailroom.config.model import (
+    POLL_GRACE_S,
     ArbitrationConfig,
     BasicAuth,
     Config,
     CredentialsConfig,
+    FolderMailboxConfig,
     GraphInboxOptions,
     GraphMailboxConfig,
     HealthConfig,
@@ -33,6 +35,7 @@ from mailroom.config.model import (
     LimitsConfig,
     LogConfig,
     MailboxConfig,
+    Readiness,
     RejectNoticesConfig,
     ReloadConfig,
     RetryConfig,
@@ -64,12 +67,14 @@ from mailroom.trust.values import (
 )
 
 __all__ = [
+    "POLL_GRACE_S",
     "ArbitrationConfig",
     "BasicAuth",
     "ClientCertificate",
     "Config",
     "ConfigError",
     "CredentialsConfig",
+    "FolderMailboxConfig",
     "GoogleOAuthConfig",
     "GoogleRefreshToken",
     "GoogleServiceAccount",
@@ -83,6 +88,7 @@ __all__ = [
     "LogConfig",
     "MailboxConfig",
     "OAuthConfig",
+    "Readiness",
     "RejectNoticesConfig",
     "ReloadConfig",
     "RetryConfig",
