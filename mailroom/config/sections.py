@@ -451,7 +451,7 @@ def _sentinels(section: Section) -> tuple[tuple[str, int], ...]:
         )
     found = []
     for i, item in enumerate(raw):
-        entry = Section(item, section.where(f"sentinels[{i}]"), section.env, section.base_dir)
+        entry = section.child(item, section.where(f"sentinels[{i}]"))
         host = entry.text("host")
         port = entry.number("port", 26379, lo=1, hi=65535, integer=True)
         entry.done()
