@@ -44,7 +44,8 @@ test: venv debs promtool
 	$(BIN)/pytest
 
 # The edit loop: everything but the tests marked slow (replicas, many mailboxes, real
-# processes, the image, long fuzzing): about 1.5 minutes on a 2-core machine. `make test` runs all.
+# processes, the image, long fuzzing): about 1.5 minutes on a 2-core machine. `make test`
+# runs them all.
 test-fast: venv debs promtool
 	$(BIN)/pytest -m "not slow"
 
