@@ -18,8 +18,10 @@ measured against target.
    it is processed, against the same without it.
 
 ``make bench`` runs it after bench/imap_latency.py. Options: ``--mailboxes N``, ``--tls``
-(implicit TLS instead of the plain port), ``--skip idle,load,outage,big``, ``--py-spy DIR``
-(profiles of the phases, py-spy from PyPI), ``--workdir DIR`` (keep mailroom's config and log).
+(implicit TLS instead of the plain port), ``--skip idle,load,outage,big``, ``--profile DIR``
+(CPU-time profiles of the phases, summarised in the output: bench/cpu_profile.py; and
+py-spy's wall-time ones beside them when it is installed), ``--workdir DIR`` (keep mailroom's
+config and log).
 """
 
 from __future__ import annotations
@@ -165,11 +167,12 @@ class Bench:
             log_level=options.log_level,
         )
         self.runs += 1
-        return Mailroom(config, self.workdir, health_port, f"mailroom{self.runs}")
+        profile = self.options.profile is not None
+        return Mailroom(config, self.workdir, health_port, f"mailroom{self.runs}", profile=profile)
 
     def profile(self, mailroom: Mailroom, phase: str) -> contextlib.AbstractContextManager[None]:
-        folder = self.options.py_spy
-        return profiled(mailroom.pid, folder / f"{phase}.txt" if folder else None)
+        folder = self.options.profile
+        return profiled(mailroom, folder / f"{phase}.txt" if folder else None)
 
     def start(self, mailroom: Mailroom, label: str) -> None:
         """Popen → every mailbox's session in IDLE."""
@@ -426,7 +429,11 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=IDLE_CPU_S)
     parser.add_argument("--outage-s", type=float, default=OUTAGE_S)
     parser.add_argument("--log-level", default="info", help="mailroom's log.level")
-    parser.add_argument("--py-spy", type=Path, help="write py-spy profiles of the phases here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="write CPU-time profiles of the phases here (and py-spy's, when installed)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep mailroom's configs and logs here")
     options = parser.parse_args()
     skip = set(filter(None, options.skip.split(",")))

@@ -6,7 +6,8 @@
   replicas too);
 - ``multiappend``, ``Appenders``: MULTIAPPEND (LITERAL+) over connections opened beforehand,
   with the webhook-ids to expect (from APPENDUID's UIDVALIDITY and UIDs); ``big_message``;
-- ``profiled``: ``py-spy record`` of a process while a block runs;
+- ``profiled``: a CPU-time profile (bench/cpu_profile.py) and ``py-spy record`` (wall time) of
+  a process while a block runs, with the CPU profile's summary printed;
 - ``Table``: the results, measured against target.
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from bench.cpu_profile import summary
 from mailroom.sources.imap import idempotency_key
 from tests.servers.dovecot import Account, Dovecot
 
@@ -123,21 +125,36 @@ def sampling_rss(pid: int, every_s: float = 0.1) -> Iterator[list[float]]:
 
 
 @contextlib.contextmanager
-def profiled(pid: int, path: Path | None) -> Iterator[None]:
-    """``py-spy record`` (collapsed stacks per thread, 100 Hz) of ``pid`` while the block runs;
-    nothing when ``path`` is None. py-spy comes from PyPI: ``.venv/bin/pip install py-spy``."""
+def profiled(mailroom: Mailroom, path: Path | None) -> Iterator[None]:
+    """While the block runs: the CPU-time profile of ``mailroom`` (bench/cpu_profile.py: it
+    runs under it when started with ``profile=``) written to ``path``, its summary printed,
+    and ``py-spy record`` (wall time: collapsed stacks per thread, 100 Hz) beside it in
+    ``<phase>.py-spy.txt`` when py-spy is installed (``.venv/bin/pip install py-spy``). Nothing
+    when ``path`` is None."""
     if path is None:
         yield
         return
     spy = Path(sys.executable).parent / "py-spy"
-    args = [str(spy), "record", "--pid", str(pid), "--rate", "100", "--format", "raw"]
-    args += ["--nonblocking", "--threads", "--output", str(path)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = None
+    if spy.exists():
+        args = [str(spy), "record", "--pid", str(mailroom.pid), "--rate", "100"]
+        args += ["--format", "raw", "--nonblocking", "--threads"]
+        args += ["--output", str(path.with_suffix(".py-spy.txt"))]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.kill(mailroom.pid, signal.SIGUSR1)
     try:
         yield
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        written = mailroom.profile_written()
+        os.kill(mailroom.pid, signal.SIGUSR2)
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+        found = written.wait()
+        if found is not None:
+            found.rename(path)
+            print(f"  CPU profile of this phase ({path}):")
+            print("\n".join(summary(path)))
 
 
 # -- /metrics ----------------------------------------------------------------------------------
@@ -224,13 +241,24 @@ def scrape(port: int) -> Scrape:
 class Mailroom:
     """``python -m mailroom -c FILE``, its config and log in ``workdir``."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, health_port: int, name: str) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        health_port: int,
+        name: str,
+        *,
+        profile: bool = False,
+    ) -> None:
         self.path = workdir / f"{name}.yml"
         self.path.write_text(yaml.safe_dump(config))
         self.log = workdir / f"{name}.log"
         self.health_port = health_port
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
+        # Under bench/cpu_profile.py, which writes a profile per SIGUSR2 to <profile>.<n>.
+        self.profile = workdir / f"{name}.profile" if profile else None
+        self._profiles = 0
 
     @property
     def pid(self) -> int:
@@ -240,9 +268,14 @@ class Mailroom:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.started = time.monotonic()
+            under = ["-m", "bench.cpu_profile"] if self.profile is not None else []
+            env = dict(os.environ)
+            if self.profile is not None:
+                env["MAILROOM_BENCH_PROFILE"] = str(self.profile)
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mailroom", "-c", str(self.path)],
+                [sys.executable, *under, "-m", "mailroom", "-c", str(self.path)],
                 cwd=ROOT,
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -266,6 +299,13 @@ class Mailroom:
     def scrape(self) -> Scrape:
         return scrape(self.health_port)
 
+    def profile_written(self) -> _Awaited:
+        """The file the next SIGUSR2 makes bench/cpu_profile.py write (None: not profiled)."""
+        if self.profile is None:
+            return _Awaited(None)
+        self._profiles += 1
+        return _Awaited(Path(f"{self.profile}.{self._profiles}"))
+
     def log_levels(self) -> dict[str, int]:
         """Log lines by level (the JSON log format)."""
         counts: dict[str, int] = {}
@@ -276,6 +316,22 @@ class Mailroom:
                 level = "not JSON"
             counts[level] = counts.get(level, 0) + 1
         return counts
+
+
+@dataclass(frozen=True)
+class _Awaited:
+    path: Path | None
+
+    def wait(self, timeout_s: float = 30) -> Path | None:
+        """The file once it exists (bounded), or None."""
+        if self.path is None:
+            return None
+        deadline = time.monotonic() + timeout_s
+        while not self.path.exists():
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+        return self.path
 
 
 # -- appending ---------------------------------------------------------------------------------

@@ -413,6 +413,19 @@ def test_warnings_for_a_long_prefix_and_a_clear_text_smtp_password() -> None:
     assert SECRET not in " ".join(config.warnings)
 
 
+def test_a_thousand_clear_text_mailboxes_make_one_warning() -> None:
+    data = with_notices()
+    box = data["mailboxes"][0]
+    data["mailboxes"] = [{**box, "id": f"box{n:04d}"} for n in range(1000)]
+    config = parse_config(data, env={})
+    clear = [w for w in config.warnings if "clear text" in w and w.startswith("mailboxes")]
+    assert clear == [
+        "mailboxes[0].ssl: the IMAP password would cross the network in clear text; set ssl: "
+        "true (port 993) or start_tls: true (the same for 999 more mailboxes: box0001, box0002, "
+        "box0003 and 996 more)"
+    ]
+
+
 def test_cli_logs_the_config_warnings_and_tunes_gc_and_tls_buffers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,7 +11,7 @@ import pytest
 from mailroom.backoff import Backoff
 from mailroom.config import parse_config
 from mailroom.config.model import ImapMailboxConfig
-from mailroom.delivery.circuit import Circuit
+from mailroom.delivery.circuit import PROBE_MAX_S, Circuit
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ImapAuthError, ImapConnectionLost, TokenError
 from mailroom.observe.monitor import AuthFailure, Monitor
@@ -177,6 +177,19 @@ async def test_an_abandoned_probe_lets_the_next_one_go_and_admit_can_time_out() 
     circuit.abandoned()
     async with asyncio.timeout(5):
         assert await waiter
+
+
+def test_probes_come_within_seconds_however_long_the_outage_and_honour_retry_after() -> None:
+    """Issue 23: with retry.max 600 s, the probes' backoff grew to minutes, and a webhook
+    that came back waited that long for its first delivery."""
+    policy = Backoff(initial_s=1.0, max_s=600.0)
+    circuit = Circuit("h", policy, failures_to_open=1)
+    # The breaker's n-th failed probe waits circuit.backoff.delay(n + 1).
+    delays = [circuit.backoff.delay(attempt) for attempt in range(1, 60)]
+    assert max(delays) <= PROBE_MAX_S and min(delays[10:]) >= PROBE_MAX_S / 2
+    # A Retry-After still counts, up to the policy's own cap (retry.max).
+    assert circuit.backoff.delay(30, retry_after_s=120) == 120
+    assert circuit.backoff.delay(30, retry_after_s=3600) == 600
 
 
 # -- supervision -------------------------------------------------------------------------------

@@ -292,6 +292,24 @@ def parse_reject_notices(section: Section) -> tuple[RejectNoticesConfig | None, 
     return config, sender_address
 
 
+def _advice(mailboxes: tuple[MailboxConfig, ...], named: int = 3) -> list[str]:
+    """Each mailbox's ``advice``, one line per piece of advice: a thousand clear-text
+    mailboxes make one warning naming the first, how many more, and a few of their ids."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, mailbox in enumerate(mailboxes):
+        for key, text in mailbox.advice():
+            groups.setdefault((key, text), []).append(i)
+    found = []
+    for (key, text), indexes in groups.items():
+        line = f"mailboxes[{indexes[0]}].{key}: {text}"
+        if more := indexes[1:]:
+            ids = ", ".join(mailboxes[i].id for i in more[:named])
+            rest = f" and {len(more) - named} more" if len(more) > named else ""
+            line += f" (the same for {len(more)} more mailboxes: {ids}{rest})"
+        found.append(line)
+    return found
+
+
 def load_warnings(
     mailboxes: tuple[MailboxConfig, ...],
     notices: RejectNoticesConfig | None,
@@ -303,8 +321,8 @@ def load_warnings(
         for i, mailbox in enumerate(mailboxes)
         for text in routing.warnings(mailbox.routing.address)
     ]
+    found += _advice(mailboxes)
     for i, mailbox in enumerate(mailboxes):
-        found += [f"mailboxes[{i}].{key}: {text}" for key, text in mailbox.advice()]
         hook = mailbox.webhook
         inherited = [
             name

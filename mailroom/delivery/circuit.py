@@ -3,7 +3,10 @@
 While the webhook answers, deliveries go straight through (CLOSED). After ``FAILURES_TO_OPEN``
 transient failures in a row (timeouts, refused connections, 5xx, 429, 401/403/404) the circuit
 OPENs: deliveries stop sending and wait here, and one of them at a time is let through as a
-probe, after a capped, jittered backoff (never sooner than a ``Retry-After``). The first answer
+probe, after a jittered backoff capped at ``PROBE_MAX_S`` (never sooner than a ``Retry-After``,
+which is honoured up to ``retry.max``), so a webhook that comes back is probed within seconds
+however long it was down (issue 23: with ``retry.max``'s 600 s it waited up to 44 s in the
+bench, and minutes after longer outages); a probe is one request, cheap to send. The first answer
 that is not a transient failure CLOSEs it and lets every waiting delivery go (the webhook's
 concurrency still bounds them). Each change is logged once; the attempts in between are not.
 """
@@ -14,6 +17,7 @@ import asyncio
 import enum
 import logging
 import time
+from dataclasses import replace
 
 from mailroom.backoff import Backoff
 from mailroom.observe.monitor import Monitor
@@ -23,6 +27,7 @@ __all__ = ["Circuit", "CircuitState"]
 log = logging.getLogger("mailroom.delivery.dispatch")
 
 FAILURES_TO_OPEN = 5
+PROBE_MAX_S = 4.0  # the longest wait between probes without a Retry-After (equal jitter: 2-4 s)
 
 
 class CircuitState(enum.Enum):
@@ -42,7 +47,14 @@ class Circuit:
         failures_to_open: int = FAILURES_TO_OPEN,
     ) -> None:
         self.label = label
-        self.backoff = backoff  # the probes' pace; a Retry-After is honoured within its clamp
+        # The probes' pace: the retry policy's, capped at PROBE_MAX_S; a Retry-After is
+        # honoured within the policy's own clamp (up to retry.max).
+        self.backoff = replace(
+            backoff,
+            initial_s=min(backoff.initial_s, PROBE_MAX_S),
+            max_s=min(backoff.max_s, PROBE_MAX_S),
+            retry_after_max_s=backoff.retry_after_max_s or backoff.max_s,
+        )
         self.failures_to_open = failures_to_open
         self._monitor = monitor or Monitor()
         self.state = CircuitState.CLOSED
