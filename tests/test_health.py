@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import prometheus_client.exposition
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -423,6 +425,41 @@ def test_stopping_is_not_ready_and_forget_drops_the_series(
     health.stopping()
     ready, body = health.readiness()
     assert ready is False and body["stopping"] is True
+
+
+async def test_metrics_are_written_off_the_loop_and_concurrent_scrapes_share_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 23: writing 24,000 series for 1,000 mailboxes took 0.3 s on the event loop. The
+    gauges are collected on the loop, the rest is written in a worker thread; two scrapes at
+    once get one text."""
+    health = health_of(*(imap_box(f"box{n}") for n in range(50)), clock=Clock())
+    health.state("box7", SourceState.CONNECTED)
+    health.outcome("box7", Outcome.DELIVERED)
+    threads: list[str] = []
+    write = prometheus_client.exposition.generate_latest
+
+    def recording(registry: Any) -> bytes:
+        threads.append(threading.current_thread().name)
+        return write(registry)
+
+    monkeypatch.setattr("mailroom.observe.metrics.generate_latest", recording)
+    first, second = await asyncio.gather(
+        health.metrics.exposition(), health.metrics.exposition()
+    )
+    assert first is second and len(threads) == 1
+    assert threads[0] != threading.main_thread().name
+    assert first == write(health.registry)  # the same text as written on the loop
+    samples = {
+        (sample.name, sample.labels.get("mailbox"), sample.labels.get("outcome")): sample.value
+        for family in text_string_to_metric_families(first.decode())
+        for sample in family.samples
+    }
+    assert samples[("mailroom_connected", "box7", None)] == 1
+    assert samples[("mailroom_connected", "box8", None)] == 0
+    assert samples[("mailroom_settled_total", "box7", "delivered")] == 1
+    await health.metrics.exposition()
+    assert len(threads) == 2  # a scrape after it is written again
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from aiohttp import web
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mailroom.config import HealthConfig
 from mailroom.observe.health import Health
@@ -91,6 +91,6 @@ class HealthServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(
-            body=generate_latest(self.health.registry),
+            body=await self.health.metrics.exposition(),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
