@@ -51,6 +51,13 @@ class _Counts:
             self.status = int(cmd["status"])
         if "times" in cmd:
             return {"times": [self.arrived.get(key) for key in cmd["times"]]}
+        if cmd.get("reset"):
+            self.requests = self.refused = 0
+            self.delivered.clear()
+            self.arrived.clear()
+        if cmd.get("span"):
+            arrived = self.arrived.values()
+            return {"first": min(arrived, default=None), "last": max(arrived, default=None)}
         return {
             "requests": self.requests,
             "refused": self.refused,
@@ -98,7 +105,8 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/"
 
     def ask(self, **cmd: Any) -> dict[str, Any]:
-        """Set ``status=``; ask for ``times=[webhook-ids]``; or (anyway) the counts."""
+        """Set ``status=``; ask for ``times=[webhook-ids]``, or ``span=True`` (the first and
+        the last first 2xx); ``reset=True`` forgets every request; or (anyway) the counts."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
