@@ -444,9 +444,7 @@ async def test_metrics_are_written_off_the_loop_and_concurrent_scrapes_share_one
         return write(registry)
 
     monkeypatch.setattr("mailroom.observe.metrics.generate_latest", recording)
-    first, second = await asyncio.gather(
-        health.metrics.exposition(), health.metrics.exposition()
-    )
+    first, second = await asyncio.gather(health.metrics.exposition(), health.metrics.exposition())
     assert first is second and len(threads) == 1
     assert threads[0] != threading.main_thread().name
     assert first == write(health.registry)  # the same text as written on the loop

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
+import ssl
 import time
 from asyncio.sslproto import SSLProtocol
 from importlib.metadata import version
@@ -85,6 +87,7 @@ async def test_a_large_message_is_posted_whole_in_slices(
 ) -> None:
     # Over TLS with the service's read buffers (cli.main sets them), restored afterwards.
     monkeypatch.setattr(SSLProtocol, "max_size", SSLProtocol.max_size)
+    monkeypatch.setattr(SSLProtocol, "get_buffer", SSLProtocol.get_buffer)
     tls.small_read_buffers()
     raw = message(1, size=SLICED_BODY_BYTES + 100_000)
     await dovecot.aappend(account, raw)
@@ -95,6 +98,54 @@ async def test_a_large_message_is_posted_whole_in_slices(
     assert base64.b64decode(payload["raw"]) == raw
     assert payload["text"].startswith("Message number 1.\n")
     assert request.headers["Content-Length"] == str(len(request.body))  # not chunked
+
+
+async def test_tls_connections_share_one_read_buffer_and_each_reads_its_own(
+    dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23: one read buffer per thread, not per connection (16 MiB for 1,000 idle TLS
+    mailboxes). Forty connections talk at once; each gets its own answers, whole."""
+    monkeypatch.setattr(SSLProtocol, "max_size", SSLProtocol.max_size)
+    monkeypatch.setattr(SSLProtocol, "get_buffer", SSLProtocol.get_buffer)
+    tls.small_read_buffers()
+    views: set[int] = set()
+    shared = SSLProtocol.get_buffer
+
+    def recording(self: SSLProtocol, n: int) -> memoryview:
+        view: memoryview = shared(self, n)
+        views.add(id(view))
+        return view
+
+    monkeypatch.setattr(SSLProtocol, "get_buffer", recording)
+    context = tls.client_context(ca_file=str(dovecot.ca_file))
+    accounts = [dovecot.add_user() for _ in range(8)]
+
+    async def session(n: int) -> bytes:
+        account = accounts[n % len(accounts)]
+        reader, writer = await asyncio.open_connection(
+            dovecot.host, dovecot.tls_port, ssl=context, server_hostname=dovecot.host
+        )
+        sent = b""
+        for k in range(5):  # tagged round trips, each answered on this connection only
+            tag = f"c{n}x{k}".encode()
+            if k == 0:
+                command = f'LOGIN "{account.user}" "{account.password}"'.encode()
+            else:
+                command = f"NOOP {'z' * (n * 37 % 3000)}".encode() if k == 2 else b"NOOP"
+            writer.write(tag + b" " + command + b"\r\n")
+            sent += tag
+            async with asyncio.timeout(30):
+                while not (line := await reader.readline()).startswith(tag):
+                    assert line.startswith(b"* ") and tag not in line, line
+            assert line.startswith(tag + b" "), line
+        writer.write(b"z LOGOUT\r\n")
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+        return sent
+
+    await asyncio.gather(*(session(n) for n in range(40)))
+    assert len(views) == 1  # one buffer for the whole loop
 
 
 async def test_mail_during_idle_arrives_by_push(

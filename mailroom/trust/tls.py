@@ -115,10 +115,36 @@ def _variable_for(path: str) -> str:
 
 
 def small_read_buffers() -> None:
-    """Every asyncio TLS connection made from now on reads into ``READ_BUFFER_BYTES``: the
-    stdlib's private ``asyncio.sslproto.SSLProtocol.max_size`` (the tests fail loudly if a
-    Python upgrade removes it)."""
+    """Every asyncio TLS connection made from now on reads into ``READ_BUFFER_BYTES``, and
+    into one such buffer per thread instead of one per connection.
+
+    asyncio's TLS protocol (Python 3.11: the private ``asyncio.sslproto.SSLProtocol``'s
+    ``max_size``, ``get_buffer`` and ``_ssl_buffer``/``_ssl_buffer_view``) reads the socket
+    into its buffer and copies what came into OpenSSL's in the same callback
+    (``buffer_updated``), so the buffer holds nothing between two reads: one per thread
+    serves every connection of that thread's event loop, and 1,000 idle TLS mailboxes hold
+    16 MiB less (bench/many_mailboxes.py --tls; issue 23). A Python without these names makes
+    this raise (the tests call it) rather than change nothing silently."""
     protocol = asyncio.sslproto.SSLProtocol
-    if not isinstance(getattr(protocol, "max_size", None), int):
-        raise RuntimeError("asyncio.sslproto.SSLProtocol.max_size is gone: see mailroom/tls.py")
+    if not isinstance(getattr(protocol, "max_size", None), int) or not callable(
+        getattr(protocol, "get_buffer", None)
+    ):
+        raise RuntimeError("asyncio.sslproto.SSLProtocol has changed: see mailroom/trust/tls.py")
     protocol.max_size = READ_BUFFER_BYTES
+    protocol.get_buffer = _thread_buffer  # type: ignore[method-assign]
+
+
+_buffers = threading.local()
+
+
+def _thread_buffer(self: asyncio.sslproto.SSLProtocol, n: int) -> memoryview:
+    """``SSLProtocol.get_buffer``: this thread's read buffer, which ``buffer_updated`` copies
+    from before anything else can read into it."""
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(READ_BUFFER_BYTES))
+    # buffer_updated reads what came from these attributes; the connection's own buffer,
+    # made when it was, is freed at its first read.
+    self._ssl_buffer = view.obj  # type: ignore[attr-defined]
+    self._ssl_buffer_view = view  # type: ignore[attr-defined]
+    return view
