@@ -221,6 +221,14 @@ class Health(Monitor):
         if mailbox in self.sources:
             self.metrics.restarts.labels(mailbox).inc()
 
+    def violation(self, mailbox: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.violations.labels(mailbox).inc()
+
+    def malformed(self, mailbox: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.malformed.labels(mailbox).inc()
+
     def accepted(self, mailbox: str) -> int:
         token = next(self._tokens)
         self.metrics.fetched.labels(mailbox).inc()

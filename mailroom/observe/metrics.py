@@ -57,6 +57,14 @@ class Metrics:
         self.auth_errors = counter(
             "mailroom_auth_errors", "Logins refused (login), OAuth tokens not had (token).", "kind"
         )
+        self.violations = counter(
+            "mailroom_peer_violations",
+            "Connections dropped because the server broke a bound (line, literal, answer size).",
+        )
+        self.malformed = counter(
+            "mailroom_malformed_items",
+            "Messages skipped because the server described them out of range.",
+        )
         self.restarts = counter(
             "mailroom_source_restarts", "Sources restarted after an unexpected error (a bug)."
         )
@@ -90,6 +98,8 @@ class Metrics:
         yield self.fetched, (mailbox,)
         yield self.reconnects, (mailbox,)
         yield self.restarts, (mailbox,)
+        yield self.violations, (mailbox,)
+        yield self.malformed, (mailbox,)
         yield self.marker_hits, (mailbox,)
         for outcome in Outcome:
             yield self.settled, (mailbox, outcome.value)

@@ -37,6 +37,14 @@ class Monitor:
         """A connection failed on its credentials: the IMAP ``login`` was refused, or no OAuth
         ``token`` (the identity provider refused the app or could not be reached)."""
 
+    def violation(self, mailbox: str) -> None:
+        """The server broke a bound (a line, a literal, an answer too large, too deep): its
+        connection was dropped, and the source reconnects with backoff."""
+
+    def malformed(self, mailbox: str) -> None:
+        """The server described one message out of range (a UID, a size, an id): that message
+        was skipped, the others were read."""
+
     def restarted(self, mailbox: str) -> None:
         """The source survived an unexpected error (a bug): logged, counted, restarted."""
 

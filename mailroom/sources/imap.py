@@ -24,6 +24,7 @@ UIDVALIDITY is unchanged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import random
@@ -37,7 +38,7 @@ from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
 from mailroom.observe.monitor import Monitor
 from mailroom.sources.budget import Budget, Reservation
 from mailroom.sources.imap_session import ImapSession
-from mailroom.sources.imap_wire import FetchedMessage, id_keyword
+from mailroom.sources.imap_wire import BodyLimits, FetchedMessage, id_keyword
 from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
 
 __all__ = ["ImapWatcher", "idempotency_key", "search_criteria"]
@@ -51,6 +52,7 @@ FETCH_BATCH_BYTES = 8 * 1024 * 1024
 PUSH_MAX = 8  # at most this many new messages are fetched with their push (fetch_pushed)
 PUSH_BODY_BYTES = 1024 * 1024  # a longer body comes with a push cut short, then fetched again
 IDLE_JITTER = 0.1  # each IDLE lasts idle_timeout minus up to this fraction of it
+MAX_LEARNED_SIZES = 1024  # messages remembered as larger than the server announced
 
 
 def idempotency_key(mailbox_id: str, uidvalidity: int, uid: int) -> str:
@@ -107,6 +109,7 @@ class ImapWatcher(Source[int]):
         self._full_sweep = True  # the next sweep searches the whole mailbox, not just a push
         self._uidvalidity = 0
         self._reserved: tuple[Reservation, list[FetchedMessage]] | None = None
+        self._sizes: dict[int, int] = {}  # uid → the size its literal announced (``_learn``)
 
     # -- one connection ------------------------------------------------------------------------
 
@@ -115,7 +118,9 @@ class ImapWatcher(Source[int]):
         self._session = None
         # limits.connects: no connect storm at start, after an outage or after a reload
         async with self._connects.hold():
-            session = self._session = await ImapSession.open(self.config, token=self._token)
+            session = self._session = await ImapSession.open(
+                self.config, token=self._token, malformed=self._malformed
+            )
         try:
             self._on_connected(session)
             await self._loop(session)
@@ -123,6 +128,23 @@ class ImapWatcher(Source[int]):
         finally:
             self._unreserve()
             session.abort()  # no-op after a LOGOUT
+            self._learn(session)
+
+    def _malformed(self, what: str) -> None:
+        self._monitor.malformed(self.id)
+
+    def _learn(self, session: ImapSession) -> None:
+        """A message sent larger than announced broke its bound and the connection: its true
+        size is remembered, so the next connection fetches it as what it is (alone, or only
+        its header when over max_message_bytes) instead of breaking again (issue 18)."""
+        violation = session.violation
+        if violation is None:
+            return
+        self._monitor.violation(self.id)
+        if violation.uid is not None and violation.size is not None:
+            if len(self._sizes) >= MAX_LEARNED_SIZES:
+                del self._sizes[next(iter(self._sizes))]
+            self._sizes[violation.uid] = violation.size
 
     def _on_error(self, exc: Exception) -> None:
         """Drop the OAuth token the server refused or ended the session over."""
@@ -144,6 +166,7 @@ class ImapWatcher(Source[int]):
                 self.pending,
             )
             self._release_all()
+            self._sizes.clear()
         self._uidvalidity = session.uidvalidity
         self._set_connected()
         self.log.info(
@@ -248,6 +271,8 @@ class ImapWatcher(Source[int]):
             for item in found:
                 if item.uid in self._pending or item.uid in self._stuck:
                     continue
+                if (learned := self._sizes.get(item.uid, 0)) > item.size:
+                    item = dataclasses.replace(item, size=learned, body=None)  # noqa: PLW2901
                 if item.body is None:
                     backlog.append(item)
                 else:
@@ -309,15 +334,25 @@ class ImapWatcher(Source[int]):
     async def _fetch_reserved(self, session: ImapSession) -> None:
         assert self._reserved is not None
         reservation, batch = self._reserved
-        small = [item.uid for item in batch if item.size <= self.config.max_message_bytes]
-        large = [item.uid for item in batch if item.size > self.config.max_message_bytes]
+        cap = self.config.max_message_bytes
+        small = {item.uid: item.size for item in batch if item.size <= cap}
+        large = [item.uid for item in batch if item.size > cap]
         handed: list[tuple[FetchedMessage, bool]] = []
         if small:
-            fetched = await session.fetch(small, "UID RFC822.SIZE FLAGS BODY.PEEK[]")
-            handed += [(item, False) for item in self._received(small, fetched)]
+            # Each body at most its announced size (plus slack): a server cannot fill memory
+            # with a message it said was small (issue 18).
+            fetched = await session.fetch(
+                small, "UID RFC822.SIZE FLAGS BODY.PEEK[]", limits=BodyLimits(cap, small)
+            )
+            handed += [(item, False) for item in self._received(list(small), fetched)]
         if large:
-            # RFC822.SIZE told us before fetching: only the header block, for the notice.
-            fetched = await session.fetch(large, "UID RFC822.SIZE FLAGS BODY.PEEK[HEADER]")
+            # RFC822.SIZE told us before fetching: only the header block, for the notice, and
+            # at most PUSH_BODY_BYTES of it (RFC 3501 §6.4.5: a partial fetch of a section).
+            fetched = await session.fetch(
+                large,
+                f"UID RFC822.SIZE FLAGS BODY.PEEK[HEADER]<0.{PUSH_BODY_BYTES}>",
+                limits=BodyLimits(PUSH_BODY_BYTES, count=len(large)),
+            )
             handed += [(item, True) for item in self._received(large, fetched)]
         self._reserved = None
         self._budget.use(reservation, len(handed), sum(self._charge(i, t) for i, t in handed))
