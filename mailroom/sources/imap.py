@@ -392,7 +392,7 @@ class ImapWatcher(Source[int]):
             ref=f"uid {uid}",
             idempotency_key=key,
             raw=fetched.body,
-            size=fetched.size,
+            size=max(fetched.size, self._sizes.get(uid, 0)),  # a server's lie is not believed
             charged=self._charge(fetched, too_large),
             too_large=too_large,
             tag=(uidvalidity, key),

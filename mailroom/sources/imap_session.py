@@ -15,7 +15,8 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from aioimaplib import aioimaplib
@@ -29,6 +30,7 @@ from mailroom.sources.imap_wire import (
     RESPONSE_BYTES,
     UID_MAX,
     BodyLimits,
+    Event,
     FetchedMessage,
     Framer,
     Limits,
@@ -57,6 +59,7 @@ _EXISTS = re.compile(rb"^(?:\* )?(\d{1,10}) EXISTS")  # longer: no count of ours
 _EXPUNGE = re.compile(rb"^(?:\* )?(\d{1,10}) EXPUNGE")
 SEARCH_LINE_MAX_BYTES = 64 * 1024 * 1024  # a SEARCH answer: 11 bytes per message at most
 _DEFAULT_LIMITS = Limits()
+EVENTS_PER_TURN = 256  # lines and literals read per turn of the event loop (a few ms)
 _SECRET_COMMANDS = frozenset(("LOGIN", "AUTHENTICATE XOAUTH2"))
 _SETTLED_FLAGS = frozenset((b"\\seen", b"\\deleted", FAILED_KEYWORD.lower().encode()))
 _LIST_FLAGS = re.compile(rb"^\(([^)]*)\) ")
@@ -64,12 +67,14 @@ _LIST_FLAGS = re.compile(rb"^\(([^)]*)\) ")
 
 class _FetchCommand(aioimaplib.FetchCommand):  # type: ignore[misc]
     """aioimaplib's FetchCommand rescans every line received so far for each new line to see
-    whether a response's parentheses are closed (quadratic in the lines of a response); this
-    one keeps the count as the lines come."""
+    whether a response's parentheses are closed (quadratic in the lines of a response), and
+    restarts its timer (a new timer handle) at every line; this one keeps the count as the
+    lines come, and restarts the timer once per read (``touch``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._open = 0  # "(" minus ")" in the lines of the FETCH response being read
+        self._progress = False  # data came since the timer was last restarted
 
     def append_to_resp(self, line: Any, result: str = "Pending") -> None:
         if type(line) is bytes:
@@ -81,16 +86,27 @@ class _FetchCommand(aioimaplib.FetchCommand):  # type: ignore[misc]
     def wait_data(self) -> bool:
         return self._open != 0
 
+    def _reset_timer(self) -> None:
+        self._progress = True
+
+    def touch(self) -> None:
+        """Restart the timer if data came since it was last restarted."""
+        if self._progress:
+            self._progress = False
+            super()._reset_timer()
+
 
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
     """aioimaplib's protocol with mailroom's framing, telling us about every EXISTS and BYE.
 
     aioimaplib's own ``data_received`` copies the pending line for every read (8 MiB without
     a CRLF cost 8 s of the event loop), buffers literals of any announced size, recurses once
-    per line, and keeps every untagged response of an IDLE until DONE (issue 18). Here the
-    ``Framer`` splits the bytes in linear time within the ``Limits`` the session sets for each
-    command, and the lines and literals are handed to aioimaplib's line handler in a loop. A
-    server that breaks a limit loses its connection (``violation`` says why).
+    per line, handles a whole read at once however many lines it holds, and keeps every
+    untagged response of an IDLE until DONE (issue 18). Here the ``Framer`` splits the bytes in
+    linear time within the ``Limits`` the session sets for each command; the lines and literals
+    go to aioimaplib's line handler in a loop, at most ``EVENTS_PER_TURN`` of them per turn of
+    the event loop (reading pauses meanwhile), so a flood of short lines delays no other
+    mailbox. A server that breaks a limit loses its connection (``violation`` says why).
     """
 
     session: ImapSession | None = None
@@ -101,16 +117,29 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         self.framer = Framer()
         self.violation: ImapLimitError | None = None
         self._greeted = False
+        self._chunks: deque[bytes] = deque()  # received, not yet read
+        self._events: Iterator[Event] | None = None  # the chunk being read
+        self._working = False  # a turn is scheduled, or running
+        self._lost: tuple[Exception | None] | None = None  # connection_lost, held until read
 
     def data_received(self, d: bytes) -> None:
-        if self.violation is not None:
-            return
+        if self.violation is None:
+            self._chunks.append(d)
+            if not self._working:
+                self._work()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._working:  # what came before the loss is read first (a BYE, a tagged OK)
+            self._lost = (exc,)
+        else:
+            super().connection_lost(exc)
+
+    def _work(self) -> None:
+        """Read what was received, at most ``EVENTS_PER_TURN`` lines and literals; then
+        pause reading and come back in the next turn of the event loop."""
+        self._working = True
         try:
-            for event in self.framer.feed(d):
-                if isinstance(event, bytearray):
-                    self.current_command.append_to_resp(event)
-                else:
-                    self._line(*event)
+            done = self._read(EVENTS_PER_TURN)
         except ImapLimitError as exc:
             self.violation = exc
             log.warning(
@@ -118,21 +147,60 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
                 self.session.id if self.session is not None else "imap",
                 exc,
             )
-            if self.transport is not None:
-                self.transport.abort()
-            return
+            done = self._drop()
         except Exception as exc:
             # aioimaplib's protocol errors quote the pending command, which can be LOGIN
             # with its password or AUTHENTICATE with a token: log the class only.
             log.error("IMAP protocol error (%s); dropping the connection", type(exc).__name__)
-            if self.transport is not None:
-                self.transport.abort()
+            done = self._drop()
+        self._progressed()
+        transport = self.transport
+        if not done:
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()
+            self.loop.call_soon(self._work)
             return
+        self._working = False
+        if self._lost is not None:
+            (reason,), self._lost = self._lost, None
+            super().connection_lost(reason)
+        elif transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _read(self, budget: int) -> bool:
+        """Hand up to ``budget`` lines and literals to aioimaplib; True when all were read."""
+        while True:
+            if self._events is None:
+                if not self._chunks:
+                    return True
+                self._events = self.framer.feed(self._chunks.popleft())
+            for event in self._events:
+                if isinstance(event, bytearray):
+                    self.current_command.append_to_resp(event)
+                else:
+                    self._line(*event)
+                budget -= 1
+                if budget <= 0:
+                    return False
+            self._events = None
+
+    def _drop(self) -> bool:
+        self._chunks.clear()
+        self._events = None
+        if self.transport is not None:
+            self.transport.abort()
+        return True
+
+    def _progressed(self) -> None:
+        """After a turn: restart the timers of commands that received data, and forget the
+        pushes of an IDLE (``_on_untagged`` saw them; aioimaplib would queue them until DONE)."""
         if self.framer.in_literal and self.current_command is not None:
-            self.current_command._reset_timer()  # progress: a large body is no stall
+            self.current_command._reset_timer()  # a large body on its way is no stall
+        for command in self.pending_async_commands.values():
+            if isinstance(command, _FetchCommand):
+                command.touch()
         idle = self.pending_sync_command
         if isinstance(idle, aioimaplib.IdleCommand):
-            # Its pushes were seen by _on_untagged; aioimaplib would queue them until DONE.
             idle.buffer.clear()
 
     def _line(self, line: bytes, literal: int | None) -> None:

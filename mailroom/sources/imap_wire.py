@@ -26,6 +26,7 @@ __all__ = [
     "SMALL_LITERAL_BYTES",
     "UID_MAX",
     "BodyLimits",
+    "Event",
     "FetchedMessage",
     "Framer",
     "Limits",
