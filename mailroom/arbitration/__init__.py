@@ -7,11 +7,11 @@ import os
 import secrets
 import socket
 
-from mailroom.arbitration.leases import Coordinator
+from mailroom.arbitration.leases import Coordinator, conflicts
 from mailroom.arbitration.store import Lease, RedisStore
 from mailroom.config import ArbitrationConfig
 
-__all__ = ["Coordinator", "Lease", "RedisStore", "replica_id", "store"]
+__all__ = ["Coordinator", "Lease", "RedisStore", "conflicts", "replica_id", "store"]
 
 
 def replica_id() -> str:

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mailroom.identity import mailbox_key
 from mailroom.mail import routing
 from mailroom.redact import origin
 from mailroom.trust.values import (
@@ -122,7 +123,18 @@ class ImapMailboxConfig:
     expunge_deleted: bool = False
     failed_folder: str | None = None
     max_message_bytes: int = 26_214_400
+    # Take a dead letter's webhook-id from the $MailroomId_ keyword versions before 0.2 stored
+    # (anyone who can set keywords could choose it): off unless old dead letters need it.
+    legacy_id_keywords: bool = False
     webhook: WebhookConfig
+
+    @property
+    def identity(self) -> str:
+        """What names the watched folder on its server (``identity.mailbox_key``): host,
+        port, user and folder; in every webhook-id and in the mailbox's lease."""
+        folder = "INBOX" if self.mailbox.upper() == "INBOX" else self.mailbox
+        host = self.host.lower().rstrip(".")
+        return mailbox_key("imap", host, str(self.port), self.user, folder)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,6 +181,16 @@ class GraphMailboxConfig:
     max_message_bytes: int = 26_214_400
     webhook: WebhookConfig
     inbox_options: GraphInboxOptions
+
+    @property
+    def identity(self) -> str:
+        """What names the watched folder (``identity.mailbox_key``): the Graph endpoint,
+        tenant, user and folder; in every webhook-id and in the mailbox's lease."""
+        options = self.inbox_options
+        endpoint = options.graph_endpoint.lower().rstrip("/")
+        return mailbox_key(
+            "graph", endpoint, options.tenant_id.lower(), self.user.lower(), self.mailbox
+        )
 
 
 MailboxConfig = ImapMailboxConfig | GraphMailboxConfig

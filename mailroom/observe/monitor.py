@@ -85,6 +85,10 @@ class Monitor:
         """Replicas: a message another replica already brought to an outcome was settled
         without posting it again."""
 
+    def conflict(self, mailbox: str, reason: str | None) -> None:
+        """Replicas: ``mailbox``'s lease is held for another mailbox under the same id (another
+        deployment in the same namespace; ``reason`` says so), or no longer (None)."""
+
     def expect(self, mailboxes: set[str] | None) -> None:
         """Replicas: readiness counts only these mailboxes (this replica's leases); None: all
         configured ones."""

@@ -40,7 +40,7 @@ from mailroom import arbitration as replicas
 from mailroom.arbitration import Coordinator
 from mailroom.config import Config
 from mailroom.delivery.dispatch import Dispatcher
-from mailroom.errors import ConfigError
+from mailroom.errors import ArbitrationError, ConfigError
 from mailroom.observe.health import Health
 from mailroom.runtime.health_server import HealthServer
 from mailroom.runtime.resources import Resources
@@ -92,6 +92,18 @@ async def _listen(server: HealthServer) -> None:
         raise ConfigError(
             "health.listen", f"cannot listen on {address}: {reason}; {advice}choose another"
         ) from exc
+
+
+async def _refuse_shared_namespace(config: Config, store: replicas.RedisStore) -> None:
+    """A lease of one of our mailbox ids held for another mailbox: another deployment uses the
+    same namespace, and would lose mail to us (or we to it). A config error (exit 2); Redis
+    out of reach is no error here (the leases wait for it)."""
+    try:
+        problems = await replicas.conflicts(config, store)
+    except ArbitrationError:
+        return
+    if problems:
+        raise ConfigError("arbitration.namespace", "; ".join(problems))
 
 
 def _signature(paths: Sequence[Path]) -> tuple[object, ...]:
@@ -150,6 +162,8 @@ async def run(
     abandoned = 0
     try:
         resources.prepare(config)
+        if store is not None:
+            await _refuse_shared_namespace(config, store)
         if server is not None:
             await _listen(server)  # before any mailbox: a port in use fails at once
         async with (

@@ -31,7 +31,6 @@ stops another mailbox or the process.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import time
@@ -41,6 +40,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from mailroom import identity
 from mailroom.config import GraphMailboxConfig
 from mailroom.envelope import Envelope
 from mailroom.errors import GraphError, SourceError
@@ -57,7 +57,7 @@ from mailroom.sources.graph_client import (
 from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
 from mailroom.trust.entra import TokenProvider
 
-__all__ = ["GraphPoller", "idempotency_key"]
+__all__ = ["GraphPoller", "webhook_id"]
 
 log = logging.getLogger("mailroom.graph")
 
@@ -80,10 +80,11 @@ _LIST_QUERY = "?$filter={}&$orderby={}&$select={}&$top={}".format(
 _SERVICE_WIDE = (401, 403, 408, 429, 503)  # a $value failure that says nothing of the message
 
 
-def idempotency_key(mailbox_id: str, message_id: str) -> str:
-    """The ``webhook-id``: from the (immutable) Graph message id; a valid header value."""
-    digest = hashlib.sha256(f"graph\0{mailbox_id}\0{message_id}".encode()).hexdigest()
-    return f"msg_{digest[:32]}"
+def webhook_id(config: GraphMailboxConfig, message_id: str) -> str:
+    """The ``webhook-id`` of a message (``identity``): the mailbox's endpoint, tenant, user
+    and folder, and the message's immutable id, which moves to ``failed_folder`` and back do
+    not change."""
+    return identity.webhook_id(config.identity, identity.graph_message(message_id))
 
 
 def _transient(exc: SourceError) -> bool:
@@ -299,7 +300,7 @@ class GraphPoller(Source[str]):
         self._hand_out(
             message_id,
             ref=f"graph {message_id[-12:]}",
-            idempotency_key=idempotency_key(self.id, message_id),
+            idempotency_key=webhook_id(self.config, message_id),
             raw=raw,
             size=size,
             charged=charged,

@@ -25,23 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mailroom import identity
 from mailroom.config import ImapMailboxConfig
 from mailroom.envelope import FAILED_KEYWORD, Envelope, Outcome
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
 from mailroom.observe.monitor import Monitor
 from mailroom.sources.budget import Budget, Reservation
 from mailroom.sources.imap_session import ImapSession
-from mailroom.sources.imap_wire import BodyLimits, FetchedMessage, id_keyword
+from mailroom.sources.imap_wire import BodyLimits, FetchedMessage
 from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
 
-__all__ = ["ImapWatcher", "idempotency_key", "search_criteria"]
+__all__ = ["ImapWatcher", "message_key", "search_criteria", "webhook_id"]
 
 log = logging.getLogger("mailroom.imap")
 
@@ -53,12 +53,20 @@ PUSH_MAX = 8  # at most this many new messages are fetched with their push (fetc
 PUSH_BODY_BYTES = 1024 * 1024  # a longer body comes with a push cut short, then fetched again
 IDLE_JITTER = 0.1  # each IDLE lasts idle_timeout minus up to this fraction of it
 MAX_LEARNED_SIZES = 1024  # messages remembered as larger than the server announced
+DIGEST_ON_LOOP_BYTES = 1024 * 1024  # a larger message is hashed in a worker thread
 
 
-def idempotency_key(mailbox_id: str, uidvalidity: int, uid: int) -> str:
-    """The ``webhook-id``: stable for one message across restarts and replicas."""
-    digest = hashlib.sha256(f"{mailbox_id}\0{uidvalidity}\0{uid}".encode()).hexdigest()
-    return f"msg_{digest[:32]}"
+def message_key(raw: bytes, *, too_large: bool) -> str:
+    """What names a fetched message in its webhook-id (``identity``): its bytes, or its header
+    block when only that was fetched (over ``max_message_bytes``)."""
+    return identity.header(raw) if too_large else identity.content(raw)
+
+
+def webhook_id(config: ImapMailboxConfig, raw: bytes, *, too_large: bool = False) -> str:
+    """The webhook-id of the message ``raw`` (its header block, ``too_large``) in the
+    mailbox of ``config``, wherever it lies on that account: the watched folder or
+    ``failed_folder``."""
+    return identity.webhook_id(config.identity, message_key(raw, too_large=too_large))
 
 
 def search_criteria(config: ImapMailboxConfig) -> str:
@@ -279,8 +287,9 @@ class ImapWatcher(Source[int]):
                     handed.append(item)
             if pushed is not None:
                 self._budget.use(pushed, len(handed), sum(item.size for item in handed))
-            for item in handed:
-                self._give(item, too_large=False)
+            for item in handed:  # at most PUSH_BODY_BYTES each: hashed here
+                assert item.body is not None
+                self._give(item, message_key(item.body, too_large=False), too_large=False)
         finally:
             if pushed is not None:
                 self._budget.cancel(pushed)
@@ -354,10 +363,11 @@ class ImapWatcher(Source[int]):
                 limits=BodyLimits(PUSH_BODY_BYTES, count=len(large)),
             )
             handed += [(item, True) for item in self._received(large, fetched)]
+        keys = [await _message_key(item, too_large) for item, too_large in handed]
         self._reserved = None
         self._budget.use(reservation, len(handed), sum(self._charge(i, t) for i, t in handed))
-        for item, too_large in handed:
-            self._give(item, too_large=too_large)
+        for (item, too_large), key in zip(handed, keys, strict=True):
+            self._give(item, key, too_large=too_large)
 
     def _received(self, asked: list[int], fetched: list[FetchedMessage]) -> list[FetchedMessage]:
         """What came back of ``asked``, each once, in order."""
@@ -382,11 +392,13 @@ class ImapWatcher(Source[int]):
         assert item.body is not None
         return len(item.body) if too_large else item.size
 
-    def _give(self, fetched: FetchedMessage, *, too_large: bool) -> None:
+    def _give(self, fetched: FetchedMessage, message: str, *, too_large: bool) -> None:
+        """Hand out ``fetched``, named ``message`` (``message_key``) in its webhook-id."""
         assert fetched.body is not None
         uid, uidvalidity = fetched.uid, self._uidvalidity
-        # A dead letter moved back from failed_folder (mailroom redrive) keeps its first id.
-        key = fetched.webhook_id or idempotency_key(self.id, uidvalidity, uid)
+        key = identity.webhook_id(self.config.identity, message)
+        if self.config.legacy_id_keywords and fetched.webhook_id is not None:
+            key = fetched.webhook_id  # dead-lettered before 0.2: its $MailroomId_ keyword
         self._hand_out(
             uid,
             ref=f"uid {uid}",
@@ -395,7 +407,7 @@ class ImapWatcher(Source[int]):
             size=max(fetched.size, self._sizes.get(uid, 0)),  # a server's lie is not believed
             charged=self._charge(fetched, too_large),
             too_large=too_large,
-            tag=(uidvalidity, key),
+            tag=uidvalidity,
         )
 
     # -- settlements ---------------------------------------------------------------------------
@@ -403,8 +415,8 @@ class ImapWatcher(Source[int]):
     async def _apply_settlements(self, *args: Any) -> None:
         (session,) = args
         batch = self._take_settlements()
-        current = [s for s in batch if s.tag[0] == session.uidvalidity]
-        for stale in (s for s in batch if s.tag[0] != session.uidvalidity):
+        current = [s for s in batch if s.tag == session.uidvalidity]
+        for stale in (s for s in batch if s.tag != session.uidvalidity):
             self._settled(stale)  # UIDVALIDITY changed: the sweep finds it again
         groups: dict[str, list[Settlement[int]]] = {}
         for settlement in current:
@@ -412,8 +424,6 @@ class ImapWatcher(Source[int]):
         for action, group in groups.items():
             uids = [s.key for s in group]
             try:
-                if action.startswith("move"):
-                    await self._keep_ids(session, group)
                 await self._apply(session, action, uids)
             except ImapError as exc:
                 if isinstance(exc, ImapConnectionLost):
@@ -436,22 +446,6 @@ class ImapWatcher(Source[int]):
         )
         self._stuck.update(uids)
 
-    async def _keep_ids(self, session: ImapSession, group: list[Settlement[int]]) -> None:
-        """Keep each dead letter's webhook-id in a keyword (``id_keyword``) before the move
-        gives it a new UID; a server refusing the keyword does not hold up the move."""
-        for settlement in group:
-            try:
-                await session.store([settlement.key], id_keyword(settlement.tag[1]))
-            except ImapError as exc:
-                if isinstance(exc, ImapConnectionLost):
-                    raise
-                self.log.warning(
-                    "uid %d: could not keep its webhook-id in a keyword (%s); moved without it "
-                    "(a redrive gives it a new webhook-id)",
-                    settlement.key,
-                    exc,
-                )
-
     def _action(self, outcome: Outcome) -> str:
         if not outcome.processed:
             return f"move to {self.config.failed_folder}" if self.config.failed_folder else "flag"
@@ -472,3 +466,12 @@ class ImapWatcher(Source[int]):
         else:
             assert config.failed_folder is not None
             await session.move(uids, config.failed_folder, expunge=config.expunge_deleted)
+
+
+async def _message_key(item: FetchedMessage, too_large: bool) -> str:
+    """``message_key`` of a fetched message, in a worker thread when it is large (hashing
+    25 MB takes tens of milliseconds: not on the event loop)."""
+    assert item.body is not None
+    if len(item.body) <= DIGEST_ON_LOOP_BYTES:
+        return message_key(item.body, too_large=too_large)
+    return await asyncio.to_thread(message_key, item.body, too_large=too_large)
