@@ -52,6 +52,7 @@ from mailroom.sources.graph_client import (
     message_url,
     messages_url,
     read_mime,
+    segment,
     user_url,
 )
 from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
@@ -78,6 +79,23 @@ _LIST_QUERY = "?$filter={}&$orderby={}&$select={}&$top={}".format(
     PAGE_SIZE,
 )
 _SERVICE_WIDE = (401, 403, 408, 429, 503)  # a $value failure that says nothing of the message
+MAX_ID_CHARS = 1024  # Graph's ids are about 150 characters
+MAX_CATEGORIES = 100  # per message, as Outlook allows at most
+
+
+def _message_id(item: object) -> str | None:
+    """The id of a listed message, or None when the server sent something else in its place
+    (not an object, no id, an id that is no short printable text): skipped and counted."""
+    message_id = item.get("id") if isinstance(item, dict) else None
+    if not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_ID_CHARS:
+        return None
+    return message_id if message_id.isprintable() else None
+
+
+def _categories(value: object) -> tuple[str, ...]:
+    """A listed message's categories: only text, and no more than a message may have."""
+    listed = value[:MAX_CATEGORIES] if isinstance(value, list) else []
+    return tuple(c for c in listed if isinstance(c, str))
 
 
 def webhook_id(config: GraphMailboxConfig, message_id: str) -> str:
@@ -219,9 +237,16 @@ class GraphPoller(Source[str]):
                 break
             seen.add(url)
             page = await self._graph.send("GET", url)
-            for item in page.get("value", []):
-                message_id = item.get("id")
-                if not isinstance(message_id, str) or message_id in self._pending:
+            items = page.get("value", [])
+            if not isinstance(items, list):
+                raise GraphError("Graph answered a listing whose value is not a list")
+            for item in items:
+                message_id = _message_id(item)
+                if message_id is None:
+                    self.log.warning("Graph listed a message without a usable id; skipped")
+                    self._monitor.malformed(self.id)
+                    continue
+                if message_id in self._pending:
                     continue
                 if message_id in self._stuck:
                     continue
@@ -230,7 +255,7 @@ class GraphPoller(Source[str]):
                 if not self._has_capacity() or (reservation := self._reserve()) is None:
                     self._more = True
                     return
-                categories = tuple(c for c in item.get("categories") or () if isinstance(c, str))
+                categories = _categories(item.get("categories"))
                 try:
                     await self._fetch(message_id, categories, reservation)
                 except GraphError as exc:
@@ -288,7 +313,7 @@ class GraphPoller(Source[str]):
     async def _fetch(
         self, message_id: str, categories: tuple[str, ...], reservation: Reservation
     ) -> None:
-        url = f"{self._messages_url()}/{quote(message_id, safe='')}/$value"
+        url = f"{self._messages_url()}/{segment(message_id)}/$value"
         limit = self.config.max_message_bytes
         raw, size, too_large = await self._graph.send(
             "GET", url, read=lambda response: read_mime(response, limit), accept="*/*"
