@@ -31,6 +31,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -50,6 +51,9 @@ from mailroom.sources.lifecycle import wait_any
 __all__ = ["run"]
 
 log = logging.getLogger("mailroom")
+
+OPEN_FILES_WANTED = 65_536  # with no hard limit: as many as this
+OPEN_FILES_ADVISED = 4096  # fewer: a warning
 
 
 def _install_signals(stop: asyncio.Event, reload: asyncio.Event) -> list[signal.Signals]:
@@ -92,6 +96,31 @@ async def _listen(server: HealthServer) -> None:
         raise ConfigError(
             "health.listen", f"cannot listen on {address}: {reason}; {advice}choose another"
         ) from exc
+
+
+def raise_open_files() -> int:
+    """Raise the soft limit of open files to the hard one and say what there is (issue 18:
+    systemd's default soft limit of 1,024 ran out under 1,100 connections to the health port,
+    and then no webhook POST could open a socket). The limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("open files: cannot raise the soft limit %d to %d (%s)", soft, wanted, exc)
+    shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    log.info("open files: up to %d (hard limit %s)", soft, shown)
+    if soft < OPEN_FILES_ADVISED:
+        log.warning(
+            "open files: %d is few; each mailbox, webhook connection and health client takes "
+            "one: raise the hard limit (systemd LimitNOFILE=, docker --ulimit nofile=) to %d "
+            "or more",
+            soft,
+            OPEN_FILES_ADVISED,
+        )
+    return int(soft)
 
 
 async def _refuse_shared_namespace(config: Config, store: replicas.RedisStore) -> None:
@@ -152,6 +181,7 @@ async def run(
     """
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()
+    raise_open_files()
     installed = _install_signals(stop, reload)
     resources = Resources(config)
     health = Health(config, budget=resources.budget)
