@@ -30,6 +30,7 @@ from mailroom.config.model import (
     LimitsConfig,
     LogConfig,
     MailboxConfig,
+    MetricsConfig,
     RejectNoticesConfig,
     ReloadConfig,
     RetryConfig,
@@ -79,6 +80,7 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "MailboxConfig",
+    "MetricsConfig",
     "OAuthConfig",
     "RejectNoticesConfig",
     "ReloadConfig",
@@ -167,6 +169,12 @@ def parse_config(
     health = None
     if (health_section := root.section("health")) is not None:
         health = parse_health(health_section)
+    metrics = MetricsConfig()
+    if (metrics_section := root.section("metrics")) is not None:
+        metrics = MetricsConfig(
+            mailbox_label=metrics_section.choice("mailbox_label", "id", ("id", "hash"))
+        )
+        metrics_section.done()
     limits = LimitsConfig()
     if (limits_section := root.section("limits")) is not None:
         limits = parse_limits(limits_section)
@@ -187,6 +195,7 @@ def parse_config(
         shutdown_timeout_s=root.number("shutdown_timeout", 20.0, lo=0.1, hi=3600),
         reject_notices=notices,
         health=health,
+        metrics=metrics,
         limits=limits,
         arbitration=arbitration,
         reload=reload,

@@ -260,6 +260,22 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """``metrics:``: how ``/metrics`` (and ``/readyz``) name mailboxes. ``hash`` shows a
+    digest of the id instead of the id (its default, ``<user>@<host>/<mailbox>``, tells who
+    reads which mailbox where), and no error texts in ``/readyz``."""
+
+    mailbox_label: Literal["id", "hash"] = "id"
+
+    def label(self, mailbox: str) -> str:
+        """What ``/metrics`` calls ``mailbox``."""
+        if self.mailbox_label == "id":
+            return mailbox
+        digest = hashlib.sha256(mailbox.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"mailbox-{digest[:12]}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     """``limits:``, process-wide: what may be in flight across all mailboxes, and how many
     connects and logins may run at once. The defaults fit a 512 MiB container."""
@@ -323,6 +339,7 @@ class Config:
     shutdown_timeout_s: float = 20.0
     reject_notices: RejectNoticesConfig | None = None  # None: notices are off
     health: HealthConfig | None = None  # None (absent or null): no health server
+    metrics: MetricsConfig = MetricsConfig()
     limits: LimitsConfig = LimitsConfig()
     arbitration: ArbitrationConfig = ArbitrationConfig()
     reload: ReloadConfig = ReloadConfig()

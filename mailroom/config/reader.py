@@ -48,7 +48,7 @@ _KEY_NAMES = """
     token_file trusted_authserv_ids url user webhook content_type forward_auto_generated mode
     nonce routing secret_encoding token_scheme arbitration method db username namespace
     lease_ttl marker_ttl sentinels master_name sentinel_password sentinel_password_file tls proxy
-    reload watch interval legacy_id_keywords
+    reload watch interval legacy_id_keywords metrics mailbox_label
     provider client_certificate client_certificate_file client_certificate_thumbprint
     service_account service_account_file refresh_token refresh_token_file token_uri
 """

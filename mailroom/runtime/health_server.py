@@ -20,14 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from mailroom.config import HealthConfig
+from mailroom.config import HealthConfig, MetricsConfig
 from mailroom.observe.health import Health
 
 __all__ = ["CHECK_INTERVAL_S", "CONNECTION_MAX_S", "MAX_CONNECTIONS", "HealthServer"]
@@ -102,9 +103,12 @@ class _Server(web.Server):
 class HealthServer:
     """``/healthz``, ``/readyz`` and ``/metrics`` over HTTP (aiohttp)."""
 
-    def __init__(self, health: Health, config: HealthConfig) -> None:
+    def __init__(
+        self, health: Health, config: HealthConfig, metrics: MetricsConfig | None = None
+    ) -> None:
         self.health = health
         self.config = config
+        self.labels = metrics or MetricsConfig()
         self.port = config.port
         self._server: _Server | None = None
         self._listener: asyncio.Server | None = None
@@ -190,10 +194,40 @@ class HealthServer:
 
     def _readyz(self) -> web.Response:
         ready, body = self.health.readiness()
+        if self.labels.mailbox_label == "hash":  # no ids, no error texts (they name hosts)
+            body["mailboxes"] = {
+                self.labels.label(mailbox): {**state, "reason": None}
+                for mailbox, state in body["mailboxes"].items()
+            }
+            body.pop("arbitration", None)
         return web.json_response(body, status=200 if ready else 503)
 
     def _metrics(self) -> web.Response:
+        registry: Any = self.health.registry
+        if self.labels.mailbox_label == "hash":
+            registry = _Relabelled(registry, self.labels.label)
         return web.Response(
-            body=generate_latest(self.health.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+
+class _Relabelled:
+    """A registry whose ``mailbox`` label values are shown as ``label`` makes them (the
+    ``metrics.mailbox_label: hash`` view), computed at each scrape."""
+
+    def __init__(self, registry: Any, label: Callable[[str], str]) -> None:
+        self._registry = registry
+        self._label = label
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            family.samples = [
+                sample._replace(
+                    labels={
+                        name: self._label(value) if name == "mailbox" else value
+                        for name, value in sample.labels.items()
+                    }
+                )
+                for sample in family.samples
+            ]
+            yield family

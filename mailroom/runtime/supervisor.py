@@ -185,7 +185,9 @@ async def run(
     installed = _install_signals(stop, reload)
     resources = Resources(config)
     health = Health(config, budget=resources.budget)
-    server = HealthServer(health, config.health) if config.health is not None else None
+    server = None
+    if config.health is not None:
+        server = HealthServer(health, config.health, config.metrics)
     shared = config.arbitration.enabled and not dry_run
     store = replicas.store(config.arbitration) if shared else None
     finished = asyncio.Event()
