@@ -13,6 +13,7 @@ import time
 import pytest
 
 from mailroom.config import parse_config
+from mailroom.logs import TextFormatter
 from tests.helpers import config_dict, logged, mailbox_dict, message, running, wait_until
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.hostile_imap import MODES, PASSWORD, USER, HostileImap
@@ -114,3 +115,29 @@ def _posts(webhook: WebhookReceiver, mailbox: str) -> int:
     if mailbox == "hostile":
         assert all(r.json()["subject"] == "from a hostile server" for r in posts)
     return len(posts)
+
+
+async def test_a_server_cannot_forge_a_text_log_line(
+    webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 10: a NO whose text has a bare LF and terminal escapes: in the text log it stays
+    one line, the LF and ESC escaped."""
+    caplog.set_level(logging.INFO, logger="mailroom")
+    with HostileImap("control@login") as server:
+        config = parse_config(config_dict([hostile_mailbox(server)], webhook.url), env={})
+        async with running(config):
+            await wait_until(lambda: bool(logged(caplog, "refused")), what="the refused login")
+    records = [r for r in caplog.records if "login as hostile refused" in r.getMessage()]
+    text = TextFormatter().format(records[0])  # the server's text replaced at the edge
+    assert "\n" not in text and "\x1b" not in text
+    assert "no?2026-01-01 ERROR mailroom: forged ?[2J?[31m" in text
+
+
+def test_the_text_log_escapes_control_characters() -> None:
+    """Whatever reaches a text log line, wherever from, stays on it (escaped)."""
+    record = logging.LogRecord(
+        "mailroom.imap", logging.ERROR, __file__, 1, "%s: %s", ("box", "a\nb\x1b[2J\u2028c"), None
+    )
+    text = TextFormatter().format(record)
+    assert text.endswith("ERROR mailroom.imap box: a\\nb\\x1b[2J\\u2028c")
+    assert record.getMessage() == "box: a\nb\x1b[2J\u2028c"  # other handlers see it as it was
