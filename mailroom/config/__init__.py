@@ -38,7 +38,7 @@ from mailroom.config.model import (
     WebhookConfig,
     webhook_labels,
 )
-from mailroom.config.reader import Section, missing, shown
+from mailroom.config.reader import Section, missing, read_text, shown
 from mailroom.config.sample import SAMPLE_HINT
 from mailroom.config.sections import (
     load_warnings,
@@ -261,7 +261,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 
 def read_yaml(file: Path) -> Any:
     try:
-        text = file.read_text(encoding="utf-8")
+        text = read_text(file)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError("", f"cannot read config file {file}: {reason}") from exc

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mailroom.config import Config, read_yaml
-from mailroom.config.reader import IDLE_TIMEOUT_MAX_S
+from mailroom.config.reader import IDLE_TIMEOUT_MAX_S, read_regular
 from mailroom.errors import ConfigError
 from mailroom.gitlab.compose import (
     PLACEHOLDER,
@@ -81,7 +81,7 @@ def load_mail_room(
     """The ``Config`` MailRoom's YAML describes, with the optional mailroom YAML over it."""
     file = Path(path).absolute()
     try:
-        erb = "<%" in file.read_text(encoding="utf-8", errors="replace")
+        erb = b"<%" in read_regular(file)
     except OSError:
         erb = False  # read_yaml says what is wrong with the file
     if erb:
