@@ -28,6 +28,7 @@ from mailroom.config import Config, MailboxConfig, credentials_config, load_conf
 from mailroom.config.reader import suggestion
 from mailroom.config.sample import SAMPLE, SAMPLE_HINT
 from mailroom.errors import ConfigError, CredentialsError
+from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
 from mailroom.trust import credentials, tls
 
@@ -160,7 +161,7 @@ def _source(args: argparse.Namespace) -> tuple[Callable[[], Config], str, Mode] 
 async def _checks(
     config: Config, *, path: str, send_test: bool, report: check.Report, mode: Mode
 ) -> bool:
-    await check.run(config, path=path, send_test=send_test, report=report)
+    await check.run(config, path=path, send_test=send_test, report=report, kinds=KINDS)
     if mode == "gitlab":
         await gitlab_check.run(report, config)
     return report.ok
@@ -188,7 +189,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         config = load()
     except ConfigError as exc:
-        print(check.Result("config", "load", "FAIL", str(exc)).line(), flush=True)
+        print(check.Result("config", "load", check.Status.FAIL, str(exc)).line(), flush=True)
         print("mailroom check: the config does not load; nothing else was checked")
         return EXIT_CONFIG
     report = check.Report(lambda line: print(line, flush=True))
@@ -264,7 +265,8 @@ def _redrive(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.configure("text", "warning")  # stderr; the lines are on stdout
     options = redrive.Options(since=since, dry_run=args.dry_run)
-    ok = asyncio.run(redrive.run(config, mailboxes, options, lambda line: print(line, flush=True)))
+    out = functools.partial(print, flush=True)
+    ok = asyncio.run(redrive.run(config, mailboxes, options, out, kinds=KINDS))
     return EXIT_OK if ok else EXIT_FAILURE
 
 
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGHUP reloads the file the same way (an invalid one is refused).
         watch = list(dict.fromkeys(Path(p) for p in (source[1], args.config) if p))
-        run = supervisor.run(config, load=load, dry_run=args.dry_run, watch=watch)
+        run = supervisor.run(config, kinds=KINDS, load=load, dry_run=args.dry_run, watch=watch)
         return asyncio.run(run)
     except ConfigError as exc:  # found at start: health.listen cannot be bound
         print(f"mailroom: config error: {exc}", file=sys.stderr)

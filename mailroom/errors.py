@@ -43,7 +43,10 @@ class CredentialsError(MailroomError, ValueError):
 
 
 class SourceError(MailroomError):
-    """A mailbox could not be read; the watcher reconnects with backoff."""
+    """A mailbox could not be read; the watcher reconnects with backoff, not sooner than
+    ``retry_after_s`` when the server asked for that (``Backoff`` clamps it)."""
+
+    retry_after_s: float | None = None
 
 
 class ImapError(SourceError):

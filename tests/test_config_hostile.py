@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailroom import cli
-from mailroom.config import ConfigError, load_config, parse_config
+from mailroom.config import ConfigError, GraphMailboxConfig, load_config, parse_config
 from mailroom.config.document import load as load_yaml
 from mailroom.config.reader import KEYS
 from mailroom.redact import origin
@@ -332,7 +332,9 @@ def test_endpoints_with_a_path_and_a_port_load() -> None:
         azure_ad_endpoint="https://login.example.com:8443/", graph_endpoint="https://g.example/p/"
     )
     config = parse_config({"mailboxes": [box], "webhook": {"url": "https://app/x"}}, env={})
-    options = config.mailboxes[0].inbox_options  # type: ignore[union-attr]
+    mailbox = config.mailboxes[0]
+    assert isinstance(mailbox, GraphMailboxConfig)
+    options = mailbox.inbox_options
     assert options.azure_ad_endpoint == "https://login.example.com:8443"
     assert options.graph_endpoint == "https://g.example/p"
 

@@ -73,6 +73,13 @@ def load(gitlab_yml: Path, **env: str) -> Config:
     return load_gitlab(gitlab_yml, env=env)
 
 
+def first(config: Config) -> ImapMailboxConfig:
+    """The first mailbox, an IMAP one in these files."""
+    mailbox = config.mailboxes[0]
+    assert isinstance(mailbox, ImapMailboxConfig)
+    return mailbox
+
+
 def section(**changes: Any) -> dict[str, Any]:
     incoming = {
         "enabled": True,
@@ -170,7 +177,7 @@ def test_rails_env_picks_the_section(tmp_path: Path) -> None:
     document["staging"] = document["production"]["incoming_email"] | {"user": "staging"}
     document["staging"] = {"incoming_email": document["staging"]}
     gitlab_yml = rails_root(tmp_path, document)
-    assert load(gitlab_yml, RAILS_ENV="staging").mailboxes[0].user == "staging"
+    assert first(load(gitlab_yml, RAILS_ENV="staging")).user == "staging"
     assert "has no development: section (RAILS_ENV=development)" in error(
         gitlab_yml, RAILS_ENV="development"
     )
@@ -277,7 +284,7 @@ def test_encrypted_file_paths_as_gitlab_finds_them(tmp_path: Path) -> None:
     document["production"]["encrypted_settings"] = {"path": str(tmp_path / "enc")}
     gitlab_yml = rails_root(tmp_path, document, **secrets)
     ruby_encrypt(tmp_path / "enc/incoming_email.yaml.enc", "user: from-enc\n", KEY_BASE)
-    assert load(gitlab_yml).mailboxes[0].user == "from-enc"
+    assert first(load(gitlab_yml)).user == "from-enc"
     named = tmp_path / "elsewhere.enc"
     document["production"]["incoming_email"]["encrypted_secret_file"] = str(named)
     gitlab_yml.write_text(yaml.safe_dump(document))
@@ -298,7 +305,7 @@ def test_rotated_keys_and_a_secrets_file_named_by_the_environment(tmp_path: Path
         tmp_path / "gitlab/shared/encrypted_settings/incoming_email.yaml.enc", "user: r\n", old
     )
     config = load(gitlab_yml, MAIL_ROOM_GITLAB_SECRETS_FILE=str(elsewhere))
-    assert config.mailboxes[0].user == "r"
+    assert first(config).user == "r"
 
 
 def test_a_wrong_key_base_is_a_config_error_without_the_key(tmp_path: Path) -> None:
@@ -319,7 +326,7 @@ def test_no_key_base_means_gitlab_reads_no_encrypted_file(tmp_path: Path) -> Non
     enc = tmp_path / "gitlab/shared/encrypted_settings/incoming_email.yaml.enc"
     ruby_encrypt(enc, "user: never-read\n", KEY_BASE)
     config = load(gitlab_yml)
-    assert config.mailboxes[0].user == "incoming"
+    assert first(config).user == "incoming"
     (warning,) = [w for w in config.warnings if "encrypted_settings_key_base" in w]
     assert warning.startswith(f"{enc}: not read, as GitLab would not read it")
 
@@ -415,7 +422,8 @@ def test_the_mailroom_yaml_adds_what_gitlab_yml_cannot_say(tmp_path: Path) -> No
         )
     )
     config = load_gitlab(gitlab_yml, mailroom_config=overlay, env={})
-    (box,) = config.mailboxes
+    box = first(config)
+    assert len(config.mailboxes) == 1
     assert box.failed_folder == "Failed" and box.webhook.timeout_s == 5
     assert box.webhook.jwt is not None and box.webhook.retry.initial_s == 2
     assert not box.routing.forward_auto_generated
@@ -744,5 +752,6 @@ def test_rotated_keys_beyond_eight_are_not_tried(tmp_path: Path) -> None:
         tmp_path / "gitlab/shared/encrypted_settings/incoming_email.yaml.enc", "user: r\n", KEY_BASE
     )
     config = load(gitlab_yml)
+    assert isinstance(config.mailboxes[0], ImapMailboxConfig)
     assert config.mailboxes[0].user == "r"
     assert any("lists 200 keys; only the first 8 are tried" in w for w in config.warnings)

@@ -221,6 +221,7 @@ def test_with_the_mailroom_yaml_over_it(tmp_path: Path) -> None:
     overlay.write_text("mailboxes: {mailbox0: {failed_folder: Failed}}\nlog: {level: debug}\n")
     path = write(tmp_path, BASE)
     config = load_mail_room(path, mailroom_config=overlay, env={})
+    assert isinstance(config.mailboxes[0], ImapMailboxConfig)
     assert config.mailboxes[0].failed_folder == "Failed" and config.log.level == "debug"
 
 

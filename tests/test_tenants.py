@@ -17,6 +17,7 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from mailroom.config import parse_config
+from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
 from tests.helpers import Process, config_dict, mailbox_dict, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
@@ -105,11 +106,12 @@ async def test_a_reload_onto_another_tenants_id_is_not_ready_and_says_why(
     stops = [asyncio.Event(), asyncio.Event()]
     reload = asyncio.Event()
     tasks = [
-        asyncio.create_task(supervisor.run(holder, stops[0])),
+        asyncio.create_task(supervisor.run(holder, stops[0], kinds=KINDS)),
         asyncio.create_task(
             supervisor.run(
                 parse_config(before, env={}),
                 stops[1],
+                kinds=KINDS,
                 load=lambda: parse_config(after, env={}),
                 reload=reload,
             )

@@ -164,7 +164,8 @@ def _client(config: ArbitrationConfig) -> tuple[aioredis.Redis, list[aioredis.Re
             config.master_name or "", db=config.db, **common, **extra
         )
         return client, list(sentinel.sentinels)
-    assert config.url is not None
+    if config.url is None:  # the config requires url or sentinels
+        raise ArbitrationError("arbitration: neither url nor sentinels", misconfigured=True)
     if config.url.startswith("unix:"):
         socket_path = config.url.removeprefix("unix://")
         return aioredis.Redis(unix_socket_path=socket_path, db=config.db, **common), []

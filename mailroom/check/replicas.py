@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from mailroom import arbitration
-from mailroom.check.report import Outcome, Report, Status, Target
+from mailroom.check.report import Finding, Report, Status, Target
 from mailroom.config import Config
 
 __all__ = ["run"]
@@ -20,22 +20,22 @@ async def run(report: Report, config: Config) -> None:
     target = Target(report, f"arbitration[{settings.describe()}]")
     ids = [m.id for m in config.mailboxes]
 
-    async def connect() -> Outcome:
+    async def connect() -> Finding:
         await store.ping()
         live = await store.heartbeat(0)  # counts without joining
-        return "OK", f"Redis answers; {live} replica(s) live (namespace {settings.namespace})"
+        return Status.OK, f"Redis answers; {live} replica(s) live (namespace {settings.namespace})"
 
-    async def leases() -> Outcome:
+    async def leases() -> Finding:
         holders = await store.holders(ids)
         held = {m: lease for m, lease in holders.items() if lease is not None}
         for mailbox, lease in held.items():
             report.add(
-                target.name, "lease", "OK", f"{mailbox}: {lease.replica} (fence {lease.fence})"
+                target.name, "lease", Status.OK, f"{mailbox}: {lease.replica} (fence {lease.fence})"
             )
         per_replica = Counter(lease.replica for lease in held.values())
         spread = ", ".join(f"{r}: {n}" for r, n in sorted(per_replica.items())) or "none"
         free = len(ids) - len(held)
-        status: Status = "OK" if free == 0 else "WARN"
+        status: Status = Status.OK if free == 0 else Status.WARN
         return status, f"{len(held)} of {len(ids)} mailboxes watched ({spread}); {free} free"
 
     try:

@@ -18,10 +18,12 @@ from mailroom.config.mailboxes import (
     parse_mailbox,
 )
 from mailroom.config.model import (
+    POLL_GRACE_S,
     ArbitrationConfig,
     BasicAuth,
     Config,
     CredentialsConfig,
+    FolderMailboxConfig,
     GraphInboxOptions,
     GraphMailboxConfig,
     HealthConfig,
@@ -31,6 +33,7 @@ from mailroom.config.model import (
     LogConfig,
     MailboxConfig,
     MetricsConfig,
+    Readiness,
     RejectNoticesConfig,
     ReloadConfig,
     RetryConfig,
@@ -62,12 +65,14 @@ from mailroom.trust.values import (
 )
 
 __all__ = [
+    "POLL_GRACE_S",
     "ArbitrationConfig",
     "BasicAuth",
     "ClientCertificate",
     "Config",
     "ConfigError",
     "CredentialsConfig",
+    "FolderMailboxConfig",
     "GoogleOAuthConfig",
     "GoogleRefreshToken",
     "GoogleServiceAccount",
@@ -82,6 +87,7 @@ __all__ = [
     "MailboxConfig",
     "MetricsConfig",
     "OAuthConfig",
+    "Readiness",
     "RejectNoticesConfig",
     "ReloadConfig",
     "RetryConfig",

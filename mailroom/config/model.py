@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import abc
 import base64
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
 
+from mailroom.backoff import Backoff
+from mailroom.envelope import FAILED_CATEGORY, FAILED_KEYWORD
+from mailroom.errors import ConfigError
 from mailroom.identity import mailbox_key
 from mailroom.mail import routing
 from mailroom.redact import origin
@@ -26,6 +30,13 @@ class RetryConfig:
     initial_s: float = 1.0
     max_s: float = 600.0
     give_up_after_s: float | None = None  # None: never give up
+
+    @property
+    def backoff(self) -> Backoff:
+        """The policy of these settings; a ``Retry-After`` is honoured up to ``max``."""
+        return Backoff(
+            initial_s=self.initial_s, max_s=self.max_s, give_up_after_s=self.give_up_after_s
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,19 +110,109 @@ def webhook_labels(webhooks: Iterable[WebhookConfig]) -> dict[WebhookConfig, str
     return named
 
 
+# A poller may be this late on top of two poll intervals before it stops counting as ready.
+POLL_GRACE_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """When a mailbox counts as ready (its webhook aside; ``observe.health``).
+
+    ``within_s`` None: while its source is connected (a watcher, a listener). Else while its
+    source's last success is at most ``within_s`` old (a poller: one failed poll, a 429 say,
+    does not flip it)."""
+
+    within_s: float | None = None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ImapMailboxConfig:
-    """One IMAP mailbox, in the vocabulary of GitLab's ``incoming_email`` settings."""
+class MailboxConfig(abc.ABC):
+    """What every kind of mailbox has; each kind's section adds its own keys.
+
+    A kind also states here, as values every floor may read, the facts the rest of mailroom
+    needs without knowing the kind: its names, when it is ready, how a dead letter is marked,
+    and the advice its settings deserve. What runs it is in ``mailroom.kinds``.
+    """
+
+    kind: ClassVar[str]  # a short name: task names (imap:<id>), /readyz, logs
+    inbox_method: ClassVar[str]  # the config's name for it (GitLab's inbox_method)
 
     id: str
     routing: routing.RoutingRules  # the address template and the routing switches
+    max_message_bytes: int = 26_214_400
+    webhook: WebhookConfig
+
+    @property
+    def readiness(self) -> Readiness:
+        """When the mailbox counts as ready: by default while its source is connected."""
+        return Readiness()
+
+    @property
+    @abc.abstractmethod
+    def dead_letter(self) -> str:
+        """How a dead letter of this mailbox is marked, for the dry run and ``route``."""
+
+    @property
+    @abc.abstractmethod
+    def identity(self) -> str:
+        """What names this mailbox wherever it is watched from (``identity.mailbox_key``, not
+        the configured id): in every webhook-id, and in its lease, so that two deployments
+        sharing a Redis cannot take each other's mail (issue 18)."""
+
+    def advice(self) -> tuple[tuple[str, str], ...]:
+        """Settings that work but deserve a warning at load: ``(key, what to do)`` pairs."""
+        return ()
+
+    def with_secret(self, secret: Secret) -> MailboxConfig:
+        """The same mailbox with its login secret set (GitLab mode injects it after
+        validation)."""
+        raise ConfigError("", f"a {self.inbox_method} mailbox takes no login secret")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FolderMailboxConfig(MailboxConfig):
+    """A mailbox read from a folder of an account on a server (IMAP, Graph): settled by acting
+    on the message there, a dead letter moved to ``failed_folder`` or marked in place."""
+
+    marked: ClassVar[str]  # how a dead letter is marked in place, without failed_folder
+
+    user: str
+    mailbox: str
+    delete_after_delivery: bool
+    failed_folder: str | None = None
+
+    @property
+    def dead_letter(self) -> str:
+        if self.failed_folder is not None:
+            return f"moved to {self.failed_folder} (failed_folder)"
+        return f"{self.marked}, left in place (no failed_folder)"
+
+    @abc.abstractmethod
+    def folder_key(self, folder: str) -> tuple[str, ...]:
+        """``folder`` of this mailbox's account as its server names it: two mailboxes with
+        the same key for a folder share it."""
+
+    @property
+    def identity(self) -> str:
+        """The key of the watched folder (``folder_key``): host, port, user and folder for
+        IMAP; a move to ``failed_folder`` and back does not change it."""
+        return mailbox_key(*self.folder_key(self.mailbox))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImapMailboxConfig(FolderMailboxConfig):
+    """One IMAP mailbox, in the vocabulary of GitLab's ``incoming_email`` settings."""
+
+    kind = "imap"
+    inbox_method = "imap"
+    marked = f"flagged {FAILED_KEYWORD} and \\Seen"
+
     host: str
     port: int
     ssl: bool = False
     start_tls: bool = False
     tls_verify: bool = True
     ca_file: str | None = None
-    user: str
     password: Secret | None = field(default=None, repr=False)  # None with auth: xoauth2
     auth: Literal["password", "xoauth2"] = "password"
     oauth: ImapOAuthConfig | None = None  # the token source for auth: xoauth2
@@ -121,20 +222,27 @@ class ImapMailboxConfig:
     search_command_exact: bool = False  # True: search_command is sent as written
     delete_after_delivery: bool = True
     expunge_deleted: bool = False
-    failed_folder: str | None = None
-    max_message_bytes: int = 26_214_400
     # Take a dead letter's webhook-id from the $MailroomId_ keyword versions before 0.2 stored
     # (anyone who can set keywords could choose it): off unless old dead letters need it.
     legacy_id_keywords: bool = False
-    webhook: WebhookConfig
 
-    @property
-    def identity(self) -> str:
-        """What names the watched folder on its server (``identity.mailbox_key``): host,
-        port, user and folder; in every webhook-id and in the mailbox's lease."""
-        folder = "INBOX" if self.mailbox.upper() == "INBOX" else self.mailbox
-        host = self.host.lower().rstrip(".")
-        return mailbox_key("imap", host, str(self.port), self.user, folder)
+    def advice(self) -> tuple[tuple[str, str], ...]:
+        if self.auth == "password" and not (self.ssl or self.start_tls):
+            return (
+                (
+                    "ssl",
+                    "the IMAP password would cross the network in clear text; set ssl: true "
+                    "(port 993) or start_tls: true",
+                ),
+            )
+        return ()
+
+    def with_secret(self, secret: Secret) -> ImapMailboxConfig:
+        return replace(self, password=secret)
+
+    def folder_key(self, folder: str) -> tuple[str, ...]:
+        name = "INBOX" if folder.upper() == "INBOX" else folder  # RFC 3501 §5.1: any case
+        return (self.kind, self.host.lower(), str(self.port), self.user, name)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,31 +277,38 @@ class GraphInboxOptions:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GraphMailboxConfig:
+class GraphMailboxConfig(FolderMailboxConfig):
     """One Microsoft 365 mailbox read through Microsoft Graph (``microsoft_graph``)."""
 
-    id: str
-    routing: routing.RoutingRules
-    user: str  # the mailbox's user principal name or object id
+    kind = "graph"
+    inbox_method = "microsoft_graph"
+    marked = f"categorised {FAILED_CATEGORY} and read"
+
+    # user: the mailbox's user principal name or object id
     mailbox: str = "inbox"  # a well-known folder name or a folder id
     delete_after_delivery: bool = False  # docs/microsoft.md: Graph deletes are soft, then purged
-    failed_folder: str | None = None  # None: category MailroomFailed and isRead
-    max_message_bytes: int = 26_214_400
-    webhook: WebhookConfig
     inbox_options: GraphInboxOptions
 
     @property
+    def readiness(self) -> Readiness:
+        """While its last successful poll is at most two intervals (and a grace) old."""
+        return Readiness(within_s=2 * self.inbox_options.poll_interval_s + POLL_GRACE_S)
+
+    @property
     def identity(self) -> str:
-        """What names the watched folder (``identity.mailbox_key``): the Graph endpoint,
-        tenant, user and folder; in every webhook-id and in the mailbox's lease."""
-        options = self.inbox_options
-        endpoint = options.graph_endpoint.lower().rstrip("/")
-        return mailbox_key(
-            "graph", endpoint, options.tenant_id.lower(), self.user.lower(), self.mailbox
-        )
+        """Its folder's key, and the tenant: a user principal name names one mailbox only
+        within its tenant's cloud."""
+        tenant = self.inbox_options.tenant_id.lower()
+        return mailbox_key(*self.folder_key(self.mailbox), tenant)
 
+    def with_secret(self, secret: Secret) -> GraphMailboxConfig:
+        options = replace(self.inbox_options, client_secret=secret)
+        return replace(self, inbox_options=options)
 
-MailboxConfig = ImapMailboxConfig | GraphMailboxConfig
+    def folder_key(self, folder: str) -> tuple[str, ...]:
+        # Graph's display names and well-known names ignore case.
+        endpoint = self.inbox_options.graph_endpoint
+        return (self.kind, endpoint, self.user.lower(), folder.lower())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,7 +12,6 @@ from mailroom.config.model import (
     ArbitrationConfig,
     BasicAuth,
     HealthConfig,
-    ImapMailboxConfig,
     JwtConfig,
     LimitsConfig,
     MailboxConfig,
@@ -245,15 +244,7 @@ def load_warnings(
         for text in routing.warnings(mailbox.routing.address)
     ]
     for i, mailbox in enumerate(mailboxes):
-        if (
-            isinstance(mailbox, ImapMailboxConfig)
-            and mailbox.auth == "password"
-            and not (mailbox.ssl or mailbox.start_tls)
-        ):
-            found.append(
-                f"mailboxes[{i}].ssl: the IMAP password would cross the network in clear "
-                "text; set ssl: true (port 993) or start_tls: true"
-            )
+        found += [f"mailboxes[{i}].{key}: {text}" for key, text in mailbox.advice()]
         hook = mailbox.webhook
         inherited = [
             name

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from mailroom.backoff import backoff_delay
+from mailroom.backoff import Retry
 from mailroom.backoff import retry_after as parse_retry_after
 from mailroom.config import Config, WebhookConfig, webhook_labels
 from mailroom.delivery.circuit import Circuit
@@ -28,7 +28,7 @@ from mailroom.delivery.webhook import MAX_ANSWER_BYTES, Rejected, classify, requ
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
 from mailroom.mail import routing
-from mailroom.observe.monitor import Monitor
+from mailroom.observe.monitor import Monitor, StatusClass
 from mailroom.redact import error_text
 from mailroom.trust.proxies import proxy_for
 from mailroom.trust.tls import client_context
@@ -50,8 +50,7 @@ class Webhook:
         self.config = config
         self.label = label
         self.slots = asyncio.Semaphore(config.concurrency)
-        retry = config.retry
-        self.circuit = Circuit(label, initial_s=retry.initial_s, max_s=retry.max_s, monitor=monitor)
+        self.circuit = Circuit(label, config.retry.backoff, monitor=monitor)
         self.ssl: ssl.SSLContext | bool = True
         if config.url.startswith("https:"):
             self.ssl = client_context(ca_file=config.ca_file, verify=config.tls_verify)
@@ -110,16 +109,11 @@ class Webhooks:
         """Post ``body`` until the webhook gives an answer that settles it."""
         webhook = self.by_config[config]
         circuit = webhook.circuit
-        retry = config.retry
-        started = time.monotonic()
-        attempt = 0
+        retry = Retry(config.retry.backoff)
         while True:
-            waited = time.monotonic() - started
-            left = None if retry.give_up_after_s is None else retry.give_up_after_s - waited
-            if not await circuit.admit(left):
-                return _give_up(envelope, waited, attempt, "the webhook's circuit is open", fields)
-            attempt += 1
-            fields["attempt"] = attempt
+            if not await circuit.admit(retry.left_s):
+                return _give_up(envelope, retry, "the webhook's circuit is open", fields)
+            fields["attempt"] = retry.begin()
             try:
                 async with webhook.slots:
                     result = await self._post(webhook, envelope, decision.key, body, fields)
@@ -137,25 +131,18 @@ class Webhooks:
                 circuit.failed(str(exc), exc.retry_after_s)
                 if circuit.is_open:
                     continue  # the circuit paces the retries now, and logged the outage
-                delay = backoff_delay(attempt, initial_s=retry.initial_s, max_s=retry.max_s)
-                if exc.retry_after_s is not None:
-                    # Not sooner than asked, nor sooner than the backoff: "Retry-After: 0"
-                    # from a struggling server must not become a tight loop.
-                    delay = min(max(exc.retry_after_s, delay), retry.max_s)
-                waited = time.monotonic() - started
-                if retry.give_up_after_s is not None and waited + delay > retry.give_up_after_s:
-                    return _give_up(envelope, waited, attempt, str(exc), fields)
-                log.log(
+                # Not sooner than a Retry-After asks, nor than the backoff (Backoff.delay).
+                delay = retry.delay(exc.retry_after_s)
+                if delay is None:
+                    return _give_up(envelope, retry, str(exc), fields)
+                await retry.wait(
+                    log,
                     logging.ERROR if exc.misconfigured else logging.WARNING,
-                    "%s: %s: webhook attempt %d failed: %s; retrying in %.1fs",
-                    envelope.mailbox,
-                    envelope.ref,
-                    attempt,
+                    f"{envelope.mailbox}: {envelope.ref}: webhook",
                     exc,
-                    delay,
-                    extra={**fields, "delay_s": round(delay, 3)},
+                    delay_s=delay,
+                    fields=fields,
                 )
-                await asyncio.sleep(delay)
             except BaseException:
                 circuit.abandoned()
                 raise
@@ -171,7 +158,8 @@ class Webhooks:
         body: bytes,
         fields: dict[str, Any],
     ) -> Outcome | Rejected:
-        assert self._session is not None, "use Webhooks in `async with`"
+        if self._session is None:
+            raise RuntimeError("use Webhooks in `async with`")
         config = webhook.config
         headers = webhook.headers(envelope, key, body)
         data: bytes | AsyncIterator[memoryview] = body
@@ -181,7 +169,7 @@ class Webhooks:
             headers["Content-Length"] = str(len(body))
             data = _slices(body)
         started = time.monotonic()
-        status_class = "error"  # no answer: a timeout or a connection error
+        status_class = StatusClass.ERROR  # no answer: a timeout or a connection error
         try:
             async with self._session.post(
                 config.url,
@@ -193,7 +181,7 @@ class Webhooks:
                 proxy=proxy_for(config.url, config.proxy),
             ) as response:
                 status = response.status
-                status_class = f"{min(max(status // 100, 2), 5)}xx"
+                status_class = StatusClass.of(status)
                 delay_s = parse_retry_after(response.headers.get("Retry-After"))
                 try:
                     answer = await _read_bounded(response, MAX_ANSWER_BYTES)
@@ -212,16 +200,14 @@ class Webhooks:
         return classify(status, answer, delay_s, config)
 
 
-def _give_up(
-    envelope: Envelope, waited: float, attempts: int, last: str, fields: dict[str, Any]
-) -> Outcome:
+def _give_up(envelope: Envelope, retry: Retry, last: str, fields: dict[str, Any]) -> Outcome:
     log.error(
         "%s: %s: webhook failed for %.0fs (%d attempts, last: %s); giving up "
         "(retry.give_up_after) and dead-lettering",
         envelope.mailbox,
         envelope.ref,
-        waited,
-        attempts,
+        retry.elapsed_s,
+        retry.attempt,
         last,
         extra=fields,
     )

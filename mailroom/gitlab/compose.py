@@ -22,8 +22,6 @@ from typing import Any
 
 from mailroom.config import (
     Config,
-    GraphMailboxConfig,
-    ImapMailboxConfig,
     MailboxConfig,
     Secret,
     parse_config,
@@ -32,7 +30,7 @@ from mailroom.config import (
 from mailroom.errors import ConfigError
 from mailroom.redact import key_name
 
-__all__ = ["PLACEHOLDER", "Source", "build", "literal", "read_overlay", "secret_text"]
+__all__ = ["PLACEHOLDER", "ForeignMailbox", "build", "literal", "read_overlay", "secret_text"]
 
 PLACEHOLDER = "(set after validation)"  # stands in for a secret while parse_config runs
 # What the foreign file decides in these modes; the -c file may not change it.
@@ -42,22 +40,22 @@ _MAILBOX_PATH = re.compile(r"mailboxes\[(\d+)\](?:\.(.*))?")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Source:
+class ForeignMailbox:
     """Where one mailbox's settings came from, to tell errors in that file's words.
 
     ``keys`` maps a mailroom path under the mailbox (``webhook.url``) to the foreign key
-    (``gitlab_url``); ``password`` and ``client_secret`` are injected after validation.
+    (``gitlab_url``); ``secret`` (the password or client secret its kind takes) is injected
+    after validation.
     """
 
     id: str  # the mailbox id
     file: Path
     prefix: str  # production.incoming_email, or :mailboxes:[0]
     keys: Mapping[str, str] = field(default_factory=dict)
-    password: str | None = field(default=None, repr=False)
-    client_secret: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
 
 
-def literal(source: Source, key: str, value: Any) -> Any:
+def literal(source: ForeignMailbox, key: str, value: Any) -> Any:
     """``value`` for the mailroom tree; a ``${NAME}`` in it would be expanded there, but the
     foreign program reads it literally: refuse it instead of guessing."""
     if isinstance(value, str) and _ENV.search(value):
@@ -87,7 +85,7 @@ def read_overlay(overlay: Path | None) -> dict[str, Any]:
 
 def build(
     mailboxes: list[dict[str, Any]],
-    sources: list[Source],
+    sources: list[ForeignMailbox],
     *,
     top: dict[str, Any],
     overlay: Path | None,
@@ -158,13 +156,9 @@ def _overlay_webhook(extra: dict[str, Any], overlay: Path | None) -> dict[str, A
     return hook
 
 
-def _with_secrets(mailbox: MailboxConfig, source: Source) -> MailboxConfig:
-    if isinstance(mailbox, ImapMailboxConfig) and source.password is not None:
-        return replace(mailbox, password=Secret(source.password))
-    if isinstance(mailbox, GraphMailboxConfig) and source.client_secret is not None:
-        options = replace(mailbox.inbox_options, client_secret=Secret(source.client_secret))
-        return replace(mailbox, inbox_options=options)
-    return mailbox
+def _with_secrets(mailbox: MailboxConfig, source: ForeignMailbox) -> MailboxConfig:
+    """The mailbox with the secret its foreign file gave it, validated with a placeholder."""
+    return mailbox if source.secret is None else mailbox.with_secret(Secret(source.secret))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,7 +166,7 @@ class _Origins:
     """Which file each value of the composed tree came from: the foreign file (``sources``) or
     the ``-c`` file (``overlay``: its per-mailbox keys and webhook keys)."""
 
-    sources: list[Source]
+    sources: list[ForeignMailbox]
     overlay: Path | None
     per_mailbox: Mapping[str, dict[str, Any]]
     hook: Mapping[str, Any]

@@ -23,7 +23,7 @@ from mailroom.config.reader import IDLE_TIMEOUT_MAX_S, read_regular
 from mailroom.errors import ConfigError
 from mailroom.gitlab.compose import (
     PLACEHOLDER,
-    Source,
+    ForeignMailbox,
     build,
     literal,
     read_overlay,
@@ -113,7 +113,7 @@ def load_mail_room(
             )
     boxes, sources = [], []
     for index, item in enumerate(document[":mailboxes"]):
-        source = Source(id=f"mailbox{index}", file=file, prefix=f":mailboxes:[{index}]")
+        source = ForeignMailbox(id=f"mailbox{index}", file=file, prefix=f":mailboxes:[{index}]")
         box, source, advice = _mailbox(item, source)
         boxes.append(box)
         sources.append(source)
@@ -133,7 +133,7 @@ def load_mail_room(
     )
 
 
-def _symbols(item: Any, source: Source, where: str) -> dict[str, Any]:
+def _symbols(item: Any, source: ForeignMailbox, where: str) -> dict[str, Any]:
     """A mapping with symbol keys (``:email``) as plain names; plain keys are explained."""
     if not isinstance(item, dict):
         raise ConfigError(f"{source.file}: {where}", "expected a mapping of :key: value")
@@ -149,7 +149,7 @@ def _symbols(item: Any, source: Source, where: str) -> dict[str, Any]:
     return found
 
 
-def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, list[str]]:
+def _mailbox(item: Any, source: ForeignMailbox) -> tuple[dict[str, Any], ForeignMailbox, list[str]]:
     where = f"{source.file}: {source.prefix}"
     given = _symbols(item, source, source.prefix)
     if unknown := sorted(set(given) - HANDLED):
@@ -176,14 +176,12 @@ def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, list[st
         box["address"] = literal(source, ":email", email if "@" in email else f"{email}@{host}")
     keys = {mailroom: f":{name}" for name, mailroom in SAME.items()} | {"address": ":email"}
     password = secret_text(settings.get("password"), f"{where}.:password")
-    client_secret = None
+    secret = password  # the one login secret its kind takes, injected after validation
     if settings.get("inbox_method") == "microsoft_graph":
         options = _symbols(
             settings.get("inbox_options") or {}, source, f"{source.prefix}.:inbox_options"
         )
-        client_secret = secret_text(
-            options.get("client_secret"), f"{where}.:inbox_options.:client_secret"
-        )
+        secret = secret_text(options.get("client_secret"), f"{where}.:inbox_options.:client_secret")
         box["inbox_method"] = "microsoft_graph"
         box["inbox_options"] = {
             k: PLACEHOLDER if k == "client_secret" else literal(source, f":inbox_options.:{k}", v)
@@ -202,13 +200,12 @@ def _mailbox(item: Any, source: Source) -> tuple[dict[str, Any], Source, list[st
     webhook, hook_keys = _postback(settings, source)
     box["webhook"] = webhook
     keys |= hook_keys
-    source = Source(
+    source = ForeignMailbox(
         id=source.id,
         file=source.file,
         prefix=source.prefix,
         keys=keys,
-        password=password if client_secret is None else None,
-        client_secret=client_secret,
+        secret=secret,
     )
     return box, source, advice
 
@@ -233,7 +230,9 @@ def _ssl(value: Any, where: str) -> dict[str, Any]:
     return settings
 
 
-def _postback(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any], dict[str, str]]:
+def _postback(
+    settings: dict[str, Any], source: ForeignMailbox
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The webhook of a postback mailbox, and where its keys came from."""
     where = f"{source.file}: {source.prefix}"
     method = settings["delivery_method"]
@@ -247,7 +246,7 @@ def _postback(settings: dict[str, Any], source: Source) -> tuple[dict[str, Any],
             f"{where}.:delivery_options.:{key_name(unknown[0])}", "is not a postback option"
         )
     at = f"{source.prefix}.:delivery_options"
-    src = Source(id=source.id, file=source.file, prefix=at)
+    src = ForeignMailbox(id=source.id, file=source.file, prefix=at)
     url = settings.get("delivery_url") or options.get("delivery_url") or options.get("url")
     token = settings.get("delivery_token") or options.get("delivery_token") or options.get("token")
     hook: dict[str, Any] = {"url": literal(src, ":delivery_url", url), "format": "raw"}

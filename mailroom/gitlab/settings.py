@@ -36,7 +36,7 @@ from mailroom.errors import ConfigError
 from mailroom.gitlab import encrypted
 from mailroom.gitlab.compose import (
     PLACEHOLDER,
-    Source,
+    ForeignMailbox,
     build,
     literal,
     read_overlay,
@@ -131,7 +131,7 @@ def load_gitlab(
     boxes, sources, warnings = [], [], []
     for kind in TYPES:
         section = settings.get(kind) or {}
-        source = Source(id=kind, file=files.gitlab_yml, prefix=f"{files.rails_env}.{kind}")
+        source = ForeignMailbox(id=kind, file=files.gitlab_yml, prefix=f"{files.rails_env}.{kind}")
         if not isinstance(section, dict):
             raise ConfigError(f"{source.file}: {source.prefix}", "expected a mapping of settings")
         merged = {**DEFAULTS, **{k: v for k, v in section.items() if v is not None}}
@@ -196,12 +196,12 @@ def _arbitration(redis: GitLabRedis) -> dict[str, Any]:
 def _mailbox(
     kind: str,
     merged: dict[str, Any],
-    source: Source,
+    source: ForeignMailbox,
     *,
     settings: dict[str, Any],
     files: GitLabFiles,
     secrets: _Secrets,
-) -> tuple[dict[str, Any], Source]:
+) -> tuple[dict[str, Any], ForeignMailbox]:
     """Mailroom's mailbox tree for one GitLab mailbox type, and where its values came from."""
     where = f"{source.file}: {source.prefix}"
     override = secrets.settings(kind, merged, settings)
@@ -226,14 +226,12 @@ def _mailbox(
         "reply_host": host,
         "webhook": _webhook(kind, merged, source, files, gitlab),
     }
-    client_secret = None
+    secret = password  # the one login secret its kind takes, injected after validation
     if merged.get("inbox_method") == "microsoft_graph":
         options = merged.get("inbox_options")
         if not isinstance(options, dict):
             raise ConfigError(f"{where}.inbox_options", "is required with microsoft_graph")
-        client_secret = secret_text(
-            options.get("client_secret"), f"{where}.inbox_options.client_secret"
-        )
+        secret = secret_text(options.get("client_secret"), f"{where}.inbox_options.client_secret")
         box["inbox_method"] = "microsoft_graph"
         box["inbox_options"] = {
             k: PLACEHOLDER if k == "client_secret" else literal(source, f"inbox_options.{k}", v)
@@ -245,19 +243,22 @@ def _mailbox(
         box.update({k: literal(source, k, merged[k]) for k in IMAP_KEYS if k in merged})
         if password is not None:
             box["password"] = PLACEHOLDER
-    source = Source(
+    source = ForeignMailbox(
         id=kind,
         file=source.file,
         prefix=source.prefix,
         keys=GITLAB_KEYS,
-        password=password if client_secret is None else None,
-        client_secret=client_secret,
+        secret=secret,
     )
     return box, source
 
 
 def _webhook(
-    kind: str, merged: dict[str, Any], source: Source, files: GitLabFiles, gitlab: dict[str, Any]
+    kind: str,
+    merged: dict[str, Any],
+    source: ForeignMailbox,
+    files: GitLabFiles,
+    gitlab: dict[str, Any],
 ) -> dict[str, Any]:
     """The webhook tree of ``delivery_method: webhook`` (config/mail_room.yml's postback)."""
     where = f"{source.file}: {source.prefix}"
