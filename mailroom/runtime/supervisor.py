@@ -235,7 +235,6 @@ async def run(
     """
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()
-    raise_open_files()
     installed = _install_signals(stop, reload)
     resources = Resources(config, kinds)
     health = Health(config, budget=resources.budget)
@@ -252,6 +251,7 @@ async def run(
             await _refuse_shared_namespace(config, store)
         if server is not None:
             await _listen(server)  # before any mailbox: a port in use fails at once
+        raise_open_files()  # before the mailboxes' and webhooks' connections
         async with (
             Dispatcher(config, health, shared=store, dry_run=dry_run) as dispatcher,
             asyncio.TaskGroup() as group,
