@@ -45,6 +45,7 @@ class Envelope:
     raw: bytes = field(repr=False)
     size: int
     too_large: bool = False  # raw holds only the header block; the body was not fetched
+    native_id: str = ""  # its id where it lies (IMAP UID, Graph message id): MailRoom's claims
     _settle: Callable[[Outcome], Awaitable[None]] = field(repr=False)
     _release: Callable[[bool], None] = field(repr=False, default=lambda hold: None)
 

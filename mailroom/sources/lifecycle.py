@@ -309,6 +309,7 @@ class Source(abc.ABC, Generic[C, K, T]):
                 raw=raw,
                 size=size,
                 too_large=too_large,
+                native_id=str(key),
                 _settle=settle,
                 _release=release,
             )
