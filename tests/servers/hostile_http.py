@@ -31,15 +31,12 @@ import contextlib
 import itertools
 import json
 import ssl
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
+from tests.servers.process import ServerProcess
 from tests.servers.tls import write_server_cert
 
 MODES = (
@@ -159,7 +156,7 @@ async def serve(
         await server.serve_forever()
 
 
-class HostileHttp:
+class HostileHttp(ServerProcess):
     """``python -m tests.servers.hostile_http`` as a process of its own; ``requests`` lists
     the ``(method, path)`` of what it was asked."""
 
@@ -174,53 +171,25 @@ class HostileHttp:
         assert mode in MODES, mode
         self.mode = mode
         self.tls = tls
-        self.port = 0
-        self.requests: list[tuple[str, str]] = []
-        self._args = ["--max-bytes", str(max_bytes), "--max-seconds", str(max_seconds)]
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._reader: threading.Thread | None = None
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="hostile-http-")
+        args = ["--mode", mode, "--max-bytes", str(max_bytes), "--max-seconds", str(max_seconds)]
+        if tls:  # the test CA is this process's: its certificate goes to the server
+            files = write_server_cert(Path(self._dir.name))
+            args += ["--cert", str(files.cert), "--key", str(files.key)]
+        super().__init__("tests.servers.hostile_http", args)
 
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> HostileHttp:
-        root = Path(__file__).resolve().parents[2]
-        args = [sys.executable, "-m", "tests.servers.hostile_http", "--mode", self.mode]
-        if self.tls:  # the test CA is this process's: its certificate goes to the server
-            self._dir = tempfile.TemporaryDirectory(prefix="hostile-http-")
-            files = write_server_cert(Path(self._dir.name))
-            args += ["--cert", str(files.cert), "--key", str(files.key)]
-        self._proc = subprocess.Popen([*args, *self._args], cwd=root, stdout=subprocess.PIPE)
-        assert self._proc.stdout is not None
-        first = self._proc.stdout.readline().decode()  # bounded: the server prints it first
-        if not first.startswith("PORT "):
-            self.__exit__(None, None, None)
-            raise RuntimeError(f"hostile HTTP server did not start: {first!r}")
-        self.port = int(first.split()[1])
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-        return self
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        found = [line.removeprefix("REQUEST ").partition(" ") for line in self.lines]
+        return [(method, path) for method, _, path in found]
 
-    def _collect(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        for line in self._proc.stdout:
-            method, _, path = line.decode().removeprefix("REQUEST ").strip().partition(" ")
-            self.requests.append((method, path))
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-        if self._reader is not None:
-            self._reader.join(timeout=10)
-        if self._proc is not None and self._proc.stdout is not None:
-            self._proc.stdout.close()
-        if self._dir is not None:
-            self._dir.cleanup()
+    def stop(self) -> None:
+        super().stop()
+        self._dir.cleanup()
 
 
 def main() -> None:

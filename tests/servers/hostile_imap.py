@@ -28,12 +28,10 @@ import asyncio
 import contextlib
 import itertools
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from types import TracebackType
+
+from tests.servers.process import ServerProcess
 
 WHATS = ("line", "literal", "lie", "flood", "parens", "bignum", "control")
 WHERES = ("greeting", "login", "select", "search", "fetch", "idle")
@@ -233,41 +231,15 @@ async def serve(mode: str, port: int, *, max_bytes: int, max_seconds: float) -> 
         await server.serve_forever()
 
 
-class HostileImap:
+class HostileImap(ServerProcess):
     """``python -m tests.servers.hostile_imap`` as a process of its own, so that what it
     sends costs the process under test nothing but the receiving."""
 
     def __init__(self, mode: str, *, max_bytes: int = MAX_BYTES, max_seconds: float = 30.0):
         assert mode in MODES or mode.partition("@")[0] in WHATS, mode
         self.mode = mode
-        self.host = "127.0.0.1"
-        self.port = 0
-        self._args = ["--max-bytes", str(max_bytes), "--max-seconds", str(max_seconds)]
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> HostileImap:
-        root = Path(__file__).resolve().parents[2]
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.servers.hostile_imap", "--mode", self.mode, *self._args],
-            cwd=root,
-            stdout=subprocess.PIPE,
-        )
-        assert self._proc.stdout is not None
-        first = self._proc.stdout.readline().decode()  # bounded: the server prints it first
-        if not first.startswith("PORT "):
-            self.__exit__(None, None, None)
-            raise RuntimeError(f"hostile IMAP server did not start: {first!r}")
-        self.port = int(first.split()[1])
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-            if self._proc.stdout is not None:
-                self._proc.stdout.close()
+        args = ["--mode", mode, "--max-bytes", str(max_bytes), "--max-seconds", str(max_seconds)]
+        super().__init__("tests.servers.hostile_imap", args)
 
 
 def main() -> None:
