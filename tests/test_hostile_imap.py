@@ -39,7 +39,9 @@ def reset_peak_rss() -> int:
 
 
 def hostile_mailbox(server: HostileImap) -> dict[str, object]:
+    starttls = {"start_tls": True} if server.mode == "inject@starttls" else {}
     return {
+        **starttls,
         "id": "hostile",
         "address": "incoming+%{key}@example.com",
         "host": server.host,
@@ -60,6 +62,7 @@ SIGNS = {
     "bignum@fetch": "a UID or RFC822.SIZE out of range",
     "bignum@idle": None,  # a count no server can have: not new mail, nothing else
     "control@login": "login as hostile refused",
+    "inject@starttls": "sent more after its STARTTLS answer, before TLS began; refused",
 }
 
 

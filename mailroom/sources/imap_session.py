@@ -185,6 +185,12 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
                     return False
             self._events = None
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing received since the last tagged response (the framer's count, a partial
+        line, or chunks not read yet)."""
+        return not self._chunks and self._events is None and self.framer.quiet
+
     def _drop(self) -> bool:
         self._chunks.clear()
         self._events = None
@@ -401,6 +407,14 @@ class ImapSession:
             )
         command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
         await self._run("STARTTLS", protocol.execute(command))
+        if not protocol.quiet:
+            # Anything after the tagged OK came in clear text, before TLS: a man in the middle
+            # injecting responses (CVE-2011-0411's kind). Nothing of it may be believed.
+            self.abort()
+            raise ImapConnectionLost(
+                f"{self.config.host}:{self.config.port} sent more after its STARTTLS answer, "
+                "before TLS began; refused (someone on the path may be injecting responses)"
+            )
         try:
             transport = await asyncio.wait_for(
                 protocol.loop.start_tls(

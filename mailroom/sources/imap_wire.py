@@ -45,7 +45,7 @@ SIZE_MAX = 2**63 - 1  # RFC 9051 §9: number64
 
 # What a server may send (the bytes of aioimaplib's parse of them are in the same order):
 LINE_BYTES = 1024 * 1024  # one response line; a SEARCH answer may be longer (imap_session)
-RESPONSE_BYTES = 16 * 1024 * 1024  # one command's untagged lines and literals, besides bodies
+RESPONSE_BYTES = 4 * 1024 * 1024  # one command's untagged lines and literals, besides bodies
 SMALL_LITERAL_BYTES = 64 * 1024  # a literal where no message body is expected
 LINE_COST = 64  # what a line costs in memory beyond its bytes (a bytes object, a list slot)
 
@@ -169,6 +169,11 @@ class Framer:
     @property
     def in_literal(self) -> bool:
         return self._literal is not None
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing received since ``settled()``: no line, no part of one."""
+        return self.spent == 0 and not self._partial and self._literal is None
 
     def settled(self) -> None:
         self.spent = 0

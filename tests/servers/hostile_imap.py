@@ -10,6 +10,8 @@ A mode is ``what@where``: ``where`` is the place (``greeting``, ``login``, ``sel
 - ``parens``: a FETCH response whose parentheses never close, one line at a time;
 - ``bignum``: a 5,000-digit number (a UID in SEARCH or FETCH, UIDVALIDITY, an EXISTS count);
 - ``control``: a NO whose text has a bare LF and terminal escapes (a forged log line);
+- ``inject@starttls``: STARTTLS offered, its OK followed in the same write by a response sent
+  in clear text (a man in the middle's injection);
 - ``healthy``: no misbehaviour: one message (UID 1) to deliver, then IDLE.
 
 Except where they break the protocol for good, modes also serve the one message, so a test can
@@ -33,8 +35,8 @@ from collections.abc import Iterator
 
 from tests.servers.process import ServerProcess
 
-WHATS = ("line", "literal", "lie", "flood", "parens", "bignum", "control")
-WHERES = ("greeting", "login", "select", "search", "fetch", "idle")
+WHATS = ("line", "literal", "lie", "flood", "parens", "bignum", "control", "inject")
+WHERES = ("greeting", "starttls", "login", "select", "search", "fetch", "idle")
 # The modes the tests run: each misbehaviour where the issue found it, and a few more.
 MODES = (
     "healthy",
@@ -54,6 +56,7 @@ MODES = (
     "bignum@fetch",
     "bignum@idle",
     "control@login",
+    "inject@starttls",
 )
 MAX_BYTES = 512 * 1024 * 1024
 MAX_SECONDS = 30.0
@@ -96,6 +99,8 @@ def stream(mode: str) -> Iterator[bytes]:
         }.get(where, b"* OK " + BIG + b"\r\n")
     elif what == "control":
         yield b"NO [AUTHENTICATIONFAILED] no\n2026-01-01 ERROR mailroom: forged \x1b[2J\x1b[31m"
+    elif what == "inject":  # after the tagged OK, in the same write: read as if it were TLS
+        yield b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\n"
 
 
 def _endless(mode: str) -> bool:
@@ -138,13 +143,17 @@ class _Connection:
                 return True
         return _endless(self.mode)
 
+    @property
+    def capabilities(self) -> bytes:
+        return b"IMAP4rev1 IDLE UIDPLUS" + (b" STARTTLS" if self.here("starttls") else b"")
+
     def here(self, where: str) -> bool:
         return self.where == where and self.what != "healthy"
 
     async def run(self) -> None:
         if self.here("greeting") and await self.misbehave():
             return
-        await self.write(b"* OK [CAPABILITY IMAP4rev1 IDLE UIDPLUS] hostile ready\r\n")
+        await self.write(b"* OK [CAPABILITY " + self.capabilities + b"] hostile ready\r\n")
         while True:
             line = await self.reader.readuntil(b"\r\n")  # StreamReader's limit bounds it
             match = _COMMAND.match(line)
@@ -156,8 +165,12 @@ class _Connection:
 
     async def command(self, tag: bytes, name: bytes, line: bytes) -> bool:
         done = tag + b" OK done\r\n"
+        if name == b"STARTTLS":
+            injected = next(stream(self.mode))
+            await self.write(tag + b" OK Begin TLS negotiation now\r\n" + injected)
+            return True
         if name == b"CAPABILITY":
-            await self.write(b"* CAPABILITY IMAP4rev1 IDLE UIDPLUS\r\n" + done)
+            await self.write(b"* CAPABILITY " + self.capabilities + b"\r\n" + done)
         elif name == b"LOGIN":
             if self.here("login"):
                 if self.what == "control":
