@@ -434,9 +434,9 @@ async def test_many_dead_letters_use_no_keyword_and_keep_their_ids(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
     """Issue 21: a keyword per dead letter used up the server's keywords (Dovecot's maildir
-    keeps 26 a folder in its file names, Cyrus 100): 60 dead letters now write none, and all
+    keeps 26 a folder in its file names, Cyrus 100): 300 dead letters now write none, and all
     come back under their first webhook-ids."""
-    count = 60
+    count = 300
     box = mailbox_dict(dovecot, account, failed_folder=FAILED)
     document = config_dict([box], webhook.url)
     webhook.respond(400)
