@@ -43,7 +43,7 @@ __all__ = [
 UID_MAX = 2**32 - 1  # RFC 3501 §9: nz-number, a 32-bit unsigned integer
 SIZE_MAX = 2**63 - 1  # RFC 9051 §9: number64
 
-# What a server may send (the bytes of aioimaplib's parse of them are in the same order):
+# What a server may send (the Framer's Limits; imap_session sets larger ones per command):
 LINE_BYTES = 1024 * 1024  # one response line; a SEARCH answer may be longer (imap_session)
 RESPONSE_BYTES = 4 * 1024 * 1024  # one command's untagged lines and literals, besides bodies
 SMALL_LITERAL_BYTES = 64 * 1024  # a literal where no message body is expected
@@ -198,10 +198,10 @@ class Framer:
             else:
                 found = data.find(b"\r\n", pos)
                 if found < 0:
-                    self._check_line(len(self._partial) + end - pos)
+                    self._check_line(len(self._partial) + end - pos, data[pos : pos + 40])
                     self._partial += view[pos:]
                     return
-                self._check_line(len(self._partial) + found - pos)
+                self._check_line(len(self._partial) + found - pos, data[pos : pos + 40])
                 if self._partial:
                     self._partial += view[pos:found]
                     line = bytes(self._partial)
@@ -221,11 +221,12 @@ class Framer:
                 self._literal = None
                 yield bytearray()
 
-    def _check_line(self, length: int) -> None:
+    def _check_line(self, length: int, start: bytes) -> None:
         if length > self.limits.line_bytes:
+            head = bytes(self._partial[:40]) or start
             raise ImapLimitError(
                 f"the server sent a line of more than {self.limits.line_bytes} bytes "
-                f"({printable(bytes(self._partial[:40]).decode('latin-1'), 40)}...)"
+                f"({_shown(head)}...)"
             )
 
     def _charge(self, size: int) -> None:
