@@ -9,7 +9,9 @@ the same id is refused: exit 2 at start, not ready after a reload.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import redis.asyncio as aioredis
 from mailroom.config import parse_config
 from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
-from tests.helpers import Process, config_dict, mailbox_dict, wait_until
+from tests.helpers import ROOT, Process, config_dict, mailbox_dict, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.redis import RedisServer
 from tests.servers.webhook import WebhookReceiver
@@ -84,6 +86,15 @@ async def test_the_second_tenant_refuses_to_start_while_the_first_holds_the_id(
             output
         )
         assert "two deployments share the namespace" in output
+        check = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mailroom", "check", "-c", str(second.path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            out, _ = await check.communicate()
+        lines = [line for line in out.decode().splitlines() if "another mailbox" in line]
+        assert check.returncode == 1 and lines and "FAIL" in lines[0]
         await dovecot.aappend(a, SAME[0])
         await webhook.wait_for(1)
         assert await first.ready() == 200  # the first one never noticed
