@@ -106,6 +106,7 @@ def append(
 # -- IMAP: the whole flow with a running mailroom -------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_flag_mode_dead_letter_is_delivered_again_under_its_webhook_id(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -138,6 +139,7 @@ async def test_flag_mode_dead_letter_is_delivered_again_under_its_webhook_id(
     assert len(lines) == 2 and account.password not in out + err
 
 
+@pytest.mark.slow
 async def test_failed_folder_dead_letter_moves_back_and_keeps_its_webhook_id(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -210,6 +212,7 @@ def two_mailboxes(dovecot: Dovecot, a: Account, b: Account, url: str) -> dict[st
     return config_dict(boxes, url)
 
 
+@pytest.mark.slow
 async def test_since_and_mailbox_choose_the_dead_letters(
     dovecot: Dovecot, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -254,6 +257,7 @@ async def test_since_and_mailbox_choose_the_dead_letters(
     assert [m.flags for m in dovecot.messages(a, FAILED)] == [{"\\Deleted"}]
 
 
+@pytest.mark.slow
 async def test_a_dry_run_lists_them_and_changes_nothing(
     dovecot: Dovecot, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -282,6 +286,7 @@ async def test_a_dry_run_lists_them_and_changes_nothing(
     )
 
 
+@pytest.mark.slow
 async def test_redrive_deletes_the_dead_letter_markers_of_replicas(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path,
     redis_server: RedisServer,
@@ -308,6 +313,7 @@ async def test_redrive_deletes_the_dead_letter_markers_of_replicas(
 # -- what goes wrong -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_bad_input_exits_2_and_a_mailbox_that_fails_exits_1_without_secrets(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -359,6 +365,7 @@ def graph_document(mock: EntraGraph, url: str, **overrides: Any) -> dict[str, An
 
 
 @pytest.mark.parametrize("failed_folder", [None, "Dead letters"])
+@pytest.mark.slow
 async def test_graph_dead_letter_is_delivered_again_under_its_webhook_id(
     failed_folder: str | None, entra: EntraGraph, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -393,6 +400,7 @@ async def test_graph_dead_letter_is_delivered_again_under_its_webhook_id(
     )
 
 
+@pytest.mark.slow
 async def test_graph_since_dry_run_and_other_categories(
     entra: EntraGraph, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -474,6 +482,7 @@ async def test_legacy_id_keywords_give_the_ids_of_old_dead_letters(
     assert received[1].headers["webhook-id"] == old_id
 
 
+@pytest.mark.slow
 async def test_without_move_a_dead_letter_is_copied_back_and_its_original_deleted(
     webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
