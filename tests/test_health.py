@@ -554,6 +554,7 @@ async def test_hashed_mailbox_labels_name_no_mailbox(
     assert list(body["mailboxes"]) == [label]
 
 
+@pytest.mark.slow
 async def test_the_health_port_serves_four_paths_to_bounded_requests(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession
 ) -> None:

@@ -64,6 +64,7 @@ GRAPH_SIGNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(GRAPH_SIGNS))
 async def test_a_hostile_graph_endpoint_costs_its_own_mailbox_only(
     mode: str, entra: EntraGraph, healthy: Healthy, caplog: pytest.LogCaptureFixture
@@ -122,6 +123,7 @@ WEBHOOK_SIGNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(WEBHOOK_SIGNS))
 async def test_a_hostile_receiver_costs_retries_and_shows_no_secret(
     mode: str, dovecot: Dovecot, account: Account, caplog: pytest.LogCaptureFixture

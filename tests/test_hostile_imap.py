@@ -66,6 +66,7 @@ SIGNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_hostile_server_costs_its_own_mailbox_only(
     mode: str,
@@ -120,6 +121,7 @@ def _posts(webhook: WebhookReceiver, mailbox: str) -> int:
     return len(posts)
 
 
+@pytest.mark.slow
 async def test_a_server_cannot_forge_a_text_log_line(
     webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -438,6 +438,7 @@ async def test_graph_since_dry_run_and_other_categories(
     ]
 
 
+@pytest.mark.slow
 async def test_many_dead_letters_use_no_keyword_and_keep_their_ids(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:

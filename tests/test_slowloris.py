@@ -24,6 +24,8 @@ from tests.helpers import ROOT, config_dict, mailbox_dict, message, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.webhook import WebhookReceiver
 
+pytestmark = pytest.mark.slow  # real processes and servers, seconds each
+
 NOFILE = 256
 SLOW_CLIENTS = 1000
 MESSAGES = 12

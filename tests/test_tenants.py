@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 
 from mailroom.config import parse_config
@@ -26,6 +27,8 @@ from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.redis import RedisServer
 from tests.servers.webhook import WebhookReceiver
 from tests.test_replicas import Replica
+
+pytestmark = pytest.mark.slow  # real processes and servers, seconds each
 
 # The same bytes in both tenants' mailboxes: only the mailbox tells them apart.
 SAME = [
