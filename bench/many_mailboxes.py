@@ -49,6 +49,7 @@ from bench.observe import (  # noqa: E402
     Table,
     big_message,
     cpu_s,
+    expected_id,
     hwm_mib,
     load_average,
     ms,
@@ -61,7 +62,6 @@ from bench.observe import (  # noqa: E402
     wait_quiet,
 )
 from bench.receiver import Receiver  # noqa: E402
-from mailroom.sources.imap import idempotency_key  # noqa: E402
 from tests.helpers import WHSEC, message  # noqa: E402
 from tests.servers.dovecot import Account, Dovecot, free_port  # noqa: E402
 
@@ -153,6 +153,12 @@ class Bench:
     options: argparse.Namespace
     table: Table = field(default_factory=Table)
     delivered: int = 0  # webhook-ids the receiver has by now
+
+    @property
+    def port(self) -> int:
+        """The port mailroom watches the mailboxes on (part of their webhook-ids)."""
+        return self.dovecot.tls_port if self.options.tls else self.dovecot.port
+
     runs: int = 0
 
     def mailroom(self) -> Mailroom:
@@ -358,8 +364,9 @@ class Bench:
             account, conn = probes[n % len(probes)]
             time.sleep(max(0.0, next_at - time.monotonic()))
             next_at += PROBE_EVERY_S
-            uidvalidity, uids = multiappend(conn, [message(100_000 + n)])
-            sent.append((idempotency_key(account.user, uidvalidity, uids[0]), time.monotonic()))
+            raw = message(100_000 + n)
+            multiappend(conn, [raw])
+            sent.append((expected_id(self.dovecot, account, raw, self.port), time.monotonic()))
         self.delivered += len(sent)
         self.receiver.wait_delivered(self.delivered, 120)
         times = self.receiver.times([key for key, _ in sent])
@@ -379,8 +386,8 @@ class Bench:
 
             def append_big() -> None:
                 with self.dovecot.imap(target) as conn:
-                    uidvalidity, uids = multiappend(conn, [raw])
-                key.append(idempotency_key(target.user, uidvalidity, uids[0]))
+                    multiappend(conn, [raw])
+                key.append(expected_id(self.dovecot, target, raw, self.port))
 
             appender = threading.Thread(target=append_big)
             started = time.monotonic()
@@ -460,7 +467,8 @@ def main() -> None:
             if "idle" not in skip:
                 bench.at_rest(mailroom)
             if not {"load", "outage"} <= skip:
-                appenders = Appenders(dovecot, accounts)
+                port = dovecot.tls_port if options.tls else dovecot.port
+                appenders = Appenders(dovecot, accounts, port=port)
                 try:
                     if "load" not in skip:
                         bench.load(mailroom, appenders)

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from bench.cpu_profile import summary
-from mailroom.sources.imap import idempotency_key
+from mailroom import identity
 from tests.servers.dovecot import Account, Dovecot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -360,12 +360,23 @@ def multiappend(conn: imaplib.IMAP4, raws: list[bytes]) -> tuple[int, list[int]]
     raise RuntimeError("no tagged APPEND response")
 
 
+def expected_id(dovecot: Dovecot, account: Account, raw: bytes, port: int) -> str:
+    """The webhook-id mailroom gives ``raw`` in ``account``'s INBOX watched on ``port``
+    (``mailroom.identity``: the mailbox's server identity and the message's bytes)."""
+    mailbox = identity.mailbox_key("imap", dovecot.host.lower(), str(port), account.user, "INBOX")
+    return identity.webhook_id(mailbox, identity.content(raw))
+
+
 class Appenders:
     """One logged-in connection per account, opened before any clock starts (each login is a
     process fork in Dovecot: a thousand of them would measure Dovecot, not mailroom)."""
 
-    def __init__(self, dovecot: Dovecot, accounts: list[Account], threads: int = 16) -> None:
+    def __init__(
+        self, dovecot: Dovecot, accounts: list[Account], *, port: int, threads: int = 16
+    ) -> None:
         self.pool = ThreadPoolExecutor(threads)
+        self.dovecot = dovecot
+        self.port = port  # the port mailroom watches the accounts on (it names the mailbox)
 
         def login(account: Account) -> imaplib.IMAP4:
             conn = imaplib.IMAP4(dovecot.host, dovecot.port, timeout=120)
@@ -378,8 +389,8 @@ class Appenders:
         """One MULTIAPPEND per account, all at once; the webhook-ids to expect."""
 
         def one(account: Account) -> list[str]:
-            uidvalidity, uids = multiappend(self.conns[account], batches[account])
-            return [idempotency_key(account.user, uidvalidity, uid) for uid in uids]
+            multiappend(self.conns[account], batches[account])
+            return [expected_id(self.dovecot, account, raw, self.port) for raw in batches[account]]
 
         return [key for keys in self.pool.map(one, batches) for key in keys]
 

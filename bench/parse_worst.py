@@ -107,6 +107,20 @@ def _long_header_line(n: int) -> bytes:
     return HEAD + b"X-Long: " + b"a" * n + b"\n\nbody\n"
 
 
+def _folded_subject(n: int) -> bytes:
+    # Issue 18: one top-level header folded into n lines of 4 bytes (single-part).
+    return HEAD.replace(b"Subject: s", b"Subject: s" + b"\n x" * n) + b"\nbody\n"
+
+
+def _folded_in_a_part(n: int) -> bytes:
+    return MULTIPART + b"--z\nX-Folded: a" + b"\n x" * n + b"\n\nbody\n--z--\n"
+
+
+def _folded_in_an_attached_message(n: int) -> bytes:
+    inner = b"Content-Type: message/rfc822\n\nSubject: inner" + b"\n x" * n + b"\n\nhello\n"
+    return MULTIPART + b"--z\n" + inner + b"--z--\n"
+
+
 def _text_body(n: int) -> bytes:
     line = b"Gr\xc3\xbc\xc3\x9fe, this is a plain line of an ordinary long text body.\n"
     return HEAD + b"Content-Type: text/plain; charset=utf-8\n\n" + line * (n // len(line))
@@ -157,6 +171,9 @@ SHAPES: dict[str, tuple[Callable[[int], bytes], tuple[int, ...], tuple[int, ...]
     "encoded_words": (_encoded_words, (50_000,), (50_000, 500_000)),
     "utf7_body": (_utf7_body, (200_000,), (200_000, 2_000_000)),
     "long_header_line": (_long_header_line, (1_000_000,), (1_000_000, 10_000_000)),
+    "folded_subject": (_folded_subject, (250_000,), (250_000, 6_250_000)),
+    "folded_in_part": (_folded_in_a_part, (250_000,), (250_000, 6_250_000)),
+    "folded_attached": (_folded_in_an_attached_message, (250_000,), (250_000, 6_250_000)),
     "text_body": (_text_body, (1 << 20,), (1 << 20, 25 << 20)),
     "attached_messages": (_attached_messages, (10_000,), (10_000, 100_000)),
     "nested_levels": (_nested_levels, (3_000,), (3_000, 30_000)),

@@ -8,6 +8,7 @@
     ├── SourceError(MailroomError)                    a mailbox cannot be read right now
     │   ├── ImapError                                 the IMAP server said NO/BAD or broke protocol
     │   │   ├── ImapAuthError                         login refused: retried, but says so loudly
+    │   │   ├── ImapLimitError                        it sent more than a bound allows: dropped
     │   │   └── ImapConnectionLost(ImapError, ConnectionError)
     │   ├── TokenError                                no OAuth token: refused or unreachable
     │   └── GraphError                                Graph answered an error or was unreachable
@@ -64,6 +65,19 @@ class ImapError(SourceError):
 
 class ImapAuthError(ImapError):
     """The IMAP server refused the credentials."""
+
+
+class ImapLimitError(ImapError):
+    """The IMAP server sent more than a bound allows (a line, a literal, a command's responses):
+    the connection is dropped and the mailbox reconnects with backoff.
+
+    ``uid`` and ``size``: a message whose literal was larger than its announced ``RFC822.SIZE``
+    allows, and the size the literal announced (the watcher fetches it alone next time)."""
+
+    def __init__(self, message: str, *, uid: int | None = None, size: int | None = None) -> None:
+        super().__init__(message)
+        self.uid = uid
+        self.size = size
 
 
 class ImapConnectionLost(ImapError, ConnectionError):

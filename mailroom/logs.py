@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-__all__ = ["FIELDS", "MailboxLog", "configure", "reopen"]
+__all__ = ["FIELDS", "MailboxLog", "TextFormatter", "configure", "reopen"]
 
 # Structured fields a log call may pass in ``extra``.
 FIELDS = ("mailbox", "uid", "message_id", "webhook_id", "outcome", "status", "attempt", "delay_s")
@@ -54,6 +55,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+# What a text log line must not carry as it is: C0 and C1 controls and DEL (a bare LF starts a
+# forged line, ESC a terminal sequence), and Unicode's line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char)
+    return named or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger message``, the message with every control character escaped
+    (``\\n``, ``\\x1b``): a server's error text cannot forge a line or drive a terminal
+    (issue 18). A traceback, mailroom's own, keeps its lines."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        record.message = _CONTROL.sub(_escape, message)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message  # other handlers see the record as it was
+
+
 class _Mailboxes(logging.Filter):
     """Lines of these mailboxes, and lines of none (the process's own)."""
 
@@ -83,7 +113,7 @@ def configure(
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     handlers: list[logging.Handler] = [handler]
     try:
         for path, mailboxes in files:

@@ -16,14 +16,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailroom.arbitration import RedisStore
-from mailroom.config import ArbitrationConfig, ConfigError, parse_config
+from mailroom.config import ArbitrationConfig, ConfigError, ImapMailboxConfig, parse_config
 from mailroom.errors import ArbitrationError
-from mailroom.sources.imap import idempotency_key
+from mailroom.sources.imap import webhook_id
 from tests.helpers import config_dict, logged, mailbox_dict, message, running, wait_until
 from tests.servers import tls
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.redis import RedisServer, Sentinel
 from tests.servers.webhook import WebhookReceiver
+
+KEY = "5ca1ab1e" * 8  # a mailbox key (identity.mailbox_key)
 
 BOX = {"address": "a+%{key}@example.com", "host": "h", "user": "u", "password": "p"}
 
@@ -144,15 +146,15 @@ async def test_a_lease_is_taken_once_renewed_only_by_its_holder_and_released(
     stores: Callable[[str], RedisStore],
 ) -> None:
     a, b = stores("a"), stores("b")
-    lease = await a.acquire("box", 3)
+    lease = await a.acquire("box", 3, KEY)
     assert lease is not None and (lease.replica, lease.fence) == ("a", 1)
-    assert await b.acquire("box", 3) is None
+    assert await b.acquire("box", 3, KEY) is None
     assert await b.holders(["box", "other"]) == {"box": lease, "other": None}
     assert await a.renew([lease], 3) == [True]
     await b.release([type(lease)("box", "b 1")])  # not b's: nothing happens
     assert (await a.holders(["box"]))["box"] == lease
     await a.release([lease])
-    again = await b.acquire("box", 3)
+    again = await b.acquire("box", 3, KEY)
     assert again is not None and again.fence == 2  # fencing numbers only grow
     assert await a.renew([lease], 3) == [False]  # b holds it now: renew says so
 
@@ -161,7 +163,7 @@ async def test_a_lease_whose_key_vanished_is_taken_again(
     redis_server: RedisServer, stores: Callable[[str], RedisStore]
 ) -> None:
     a = stores("a")
-    lease = await a.acquire("box", 30)
+    lease = await a.acquire("box", 30, KEY)
     assert lease is not None
     redis_server.stop()  # no persistence: Redis comes back empty
     redis_server.start()
@@ -176,11 +178,11 @@ async def test_a_lease_whose_key_vanished_is_taken_again(
 
 async def test_a_lease_lapses_by_itself(stores: Callable[[str], RedisStore]) -> None:
     a, b = stores("a"), stores("b")
-    assert await a.acquire("box", 0.2) is not None
+    assert await a.acquire("box", 0.2, KEY) is not None
     lease = None
     async with asyncio.timeout(10):
         while lease is None:  # Redis expires it after 200 ms
-            lease = await b.acquire("box", 3)
+            lease = await b.acquire("box", 3, KEY)
             await asyncio.sleep(0.05)
     assert lease.replica == "b"
 
@@ -256,7 +258,7 @@ async def test_through_sentinel(redis_server: RedisServer) -> None:
             }
         )
         store = RedisStore(config, replica="a")
-        lease = await store.acquire("box", 3)
+        lease = await store.acquire("box", 3, KEY)
         await store.close()
     finally:
         sentinel.close()
@@ -388,13 +390,13 @@ async def test_leases_taken_before_redis_failed_halfway_are_watched(
     acquire = store.acquire
     calls = 0
 
-    async def fail_the_second(mailbox: str, ttl_s: float) -> Any:
+    async def fail_the_second(mailbox: str, ttl_s: float, key: str) -> Any:
         nonlocal calls
         calls += 1
         if calls == 2:
             monkeypatch.setattr(store, "acquire", acquire)
             raise ArbitrationError("Redis at test: connection lost")
-        return await acquire(mailbox, ttl_s)
+        return await acquire(mailbox, ttl_s, key)
 
     monkeypatch.setattr(store, "acquire", fail_the_second)
     coordinator = Coordinator(config, store, start=side.start, stop=side.stop, abort=side.abort)
@@ -491,9 +493,12 @@ async def test_a_message_another_replica_delivered_is_settled_without_posting_it
     """Its owner died after the 2xx and its marker, before settling: the new owner settles it
     from the marker, neither posting it nor writing the marker again."""
     caplog.set_level(logging.INFO, logger="mailroom")
-    first = await dovecot.aappend(account, message(1))
-    uidvalidity = await asyncio.to_thread(dovecot.uidvalidity, account)
-    marker = f"mailroom:delivered:{idempotency_key(account.user, uidvalidity, first)}"
+    raw = message(1)
+    await dovecot.aappend(account, raw)
+    data = config_dict([mailbox_dict(dovecot, account)], webhook.url)
+    mailbox = parse_config(data, env={}).mailboxes[0]
+    assert isinstance(mailbox, ImapMailboxConfig)
+    marker = f"mailroom:delivered:{webhook_id(mailbox, raw)}"
     client = aioredis.Redis.from_url(redis_server.url)
     try:
         await client.set(marker, "delivered", ex=600)  # what the dead owner recorded

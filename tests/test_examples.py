@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +247,24 @@ def test_the_commented_example_marks_every_value_that_is_not_the_default(tmp_pat
         if getattr(imap, name) != getattr(plain, name):
             assert "default: " in line, f"{line!r} shows a value that is not the default"
     assert "with its default" not in CONFIGS["mailroom.yml"]
+
+
+def test_the_systemd_unit_sets_limits() -> None:
+    """Issue 18: systemd's default soft limit of 1,024 open files ran out under 1,100
+    connections to the health port; the unit raises it, and bounds memory and tasks."""
+    service = (EXAMPLES / "mailroom.service").read_text()
+    (nofile,) = re.findall(r"^LimitNOFILE=(\d+)$", service, re.M)
+    assert int(nofile) >= 4096  # below it mailroom warns at start
+    assert re.search(r"^MemoryMax=\d+[MG]$", service, re.M)
+    assert re.search(r"^TasksMax=\d+$", service, re.M)
+    if shutil.which("systemd-analyze"):
+        done = subprocess.run(
+            ["systemd-analyze", "verify", str(EXAMPLES / "mailroom.service")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert "LimitNOFILE" not in done.stderr and "MemoryMax" not in done.stderr
 
 
 def test_the_examples_install_from_a_clone_and_link_only_files_that_exist() -> None:

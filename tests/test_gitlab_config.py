@@ -772,6 +772,66 @@ def test_gitlabs_redis_config_with_erb_is_a_config_error(tmp_path: Path) -> None
     assert arbitration.password is not None and arbitration.password.reveal() == "pw"
 
 
+# -- GitLab's files are read within bounds (issue 18, item 9) --------------------------------------
+
+
+def test_a_billion_laughs_in_gitlab_yml_is_refused_at_once(tmp_path: Path) -> None:
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    gitlab_yml = rails_root(tmp_path, section())
+    text = gitlab_yml.read_text().replace(
+        "address: incoming+%{key}@gitlab.example.com", "address: *l8"
+    )
+    gitlab_yml.write_text("\n".join(levels) + "\n" + text)
+    assert "its aliases (*name) expand it to more than 1000000 values" in error(gitlab_yml)
+
+
+@pytest.mark.parametrize("what", ["fifo", "dev_zero", "directory", "huge"])
+@pytest.mark.parametrize("which", ["secrets.yml", "incoming_email.yaml.enc"])
+def test_only_regular_files_of_bounded_size_are_read(tmp_path: Path, what: str, which: str) -> None:
+    """A FIFO would hold the start until someone wrote to it, /dev/zero would never end."""
+    secrets = {"config/secrets.yml": secrets_yml(encrypted_settings_key_base=KEY_BASE)}
+    gitlab_yml = rails_root(tmp_path, section(), **secrets)
+    path = (
+        tmp_path / "gitlab/config/secrets.yml"
+        if which == "secrets.yml"
+        else tmp_path / "gitlab/shared/encrypted_settings/incoming_email.yaml.enc"
+    )
+    enc = tmp_path / "gitlab/shared/encrypted_settings/incoming_email.yaml.enc"
+    enc.parent.mkdir(parents=True, exist_ok=True)
+    enc.write_bytes(b"x--y--z")  # secrets.yml is read only when there is one to decrypt
+    path.unlink(missing_ok=True)
+    if what == "fifo":
+        os.mkfifo(path)
+    elif what == "dev_zero":
+        path.symlink_to("/dev/zero")
+    elif what == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"#" * (5 * 1024 * 1024))
+    text = error(gitlab_yml)
+    reason = "larger than" if what == "huge" else "not a regular file"
+    if which == "incoming_email.yaml.enc" and what == "huge":
+        reason = "is over"
+    assert reason in text, text
+
+
+def test_rotated_keys_beyond_eight_are_not_tried(tmp_path: Path) -> None:
+    """Each costs 2**16 rounds of PBKDF2 (200 added 13 s to the start)."""
+    rotated = [f"an-old-key-base-{n:03d}-" * 3 for n in range(200)]
+    secrets = secrets_yml(
+        encrypted_settings_key_base=KEY_BASE, rotated_encrypted_settings_key_base=rotated
+    )
+    gitlab_yml = rails_root(tmp_path, section(), **{"config/secrets.yml": secrets})
+    ruby_encrypt(
+        tmp_path / "gitlab/shared/encrypted_settings/incoming_email.yaml.enc", "user: r\n", KEY_BASE
+    )
+    config = load(gitlab_yml)
+    assert isinstance(config.mailboxes[0], ImapMailboxConfig)
+    assert config.mailboxes[0].user == "r"
+    assert any("lists 200 keys; only the first 8 are tried" in w for w in config.warnings)
+
+
 def test_mailroom_gems_claims_are_on_in_gitlab_mode_and_can_be_switched_off(
     tmp_path: Path,
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mailroom.config import ConfigError, GraphMailboxConfig, parse_config
-from mailroom.sources.graph import FAILED_CATEGORY, MAX_PAGES, idempotency_key
+from mailroom.sources.graph import FAILED_CATEGORY, MAX_PAGES, webhook_id
 from mailroom.trust.entra import TokenProvider
 from tests.helpers import config_dict, message, running, wait_until
 from tests.servers import tls
@@ -72,7 +72,8 @@ async def test_delivers_then_marks_read_never_before_the_webhook_answered(
     raws = [message(n) for n in range(3)]
     ids = [entra.add_message(raw) for raw in raws]
     webhook.stall()
-    async with running(graph_config(entra, webhook.url)):
+    config = graph_config(entra, webhook.url)
+    async with running(config):
         received = await webhook.wait_for(3)
         await entra.wait_for(lambda: entra.polls_after(received[-1].at) >= 2, what="2 polls")
         assert entra.of_kind("patch", "delete", "move") == []  # nothing settled while waiting
@@ -86,7 +87,9 @@ async def test_delivers_then_marks_read_never_before_the_webhook_answered(
     by_raw = {base64.b64decode(r.json()["raw"]): r for r in received}
     assert set(by_raw) == set(raws)  # byte-exact
     request = by_raw[raws[1]]
-    assert request.headers["webhook-id"] == idempotency_key("graph", ids[1])
+    mailbox = config.mailboxes[0]
+    assert isinstance(mailbox, GraphMailboxConfig)
+    assert request.headers["webhook-id"] == webhook_id(mailbox, ids[1])
     assert request.headers["webhook-id"].isascii()
     assert request.json()["key"] == "key1"
     listing = entra.of_kind("list")[0]

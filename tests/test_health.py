@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -22,6 +23,7 @@ from mailroom.observe.health import Health
 from mailroom.observe.monitor import LeaseChange, SourceState
 from mailroom.redact import origin
 from mailroom.runtime import supervisor
+from mailroom.runtime.health_server import MAX_CONNECTIONS
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.webhook import WebhookReceiver
@@ -560,3 +562,64 @@ def test_replica_series_exist_from_the_first_arbitration_round() -> None:
     assert samples["mailroom_lease_changes_total", "released"] == 0
     assert samples["mailroom_lease_changes_total", "acquired"] == 1
     assert samples["mailroom_arbitration_connected", None] == 1
+
+
+# -- the health port is a stranger's too (issue 18) ------------------------------------------------
+
+
+async def test_hashed_mailbox_labels_name_no_mailbox(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession
+) -> None:
+    """``metrics.mailbox_label: hash``: /metrics and /readyz show a digest of each mailbox id
+    (``<user>@<host>/<mailbox>`` by default), and /readyz no error text."""
+    port = free_port()
+    config = with_health(config_dict([mailbox_dict(dovecot, account)], webhook.url), port)
+    config["metrics"] = {"mailbox_label": "hash"}
+    parsed = parse_config(config, env={})
+    label = parsed.metrics.label(account.user)
+    assert label.startswith("mailbox-") and len(label) == 20
+    probe = Probe(session, port)
+    async with running(parsed):
+        await wait_until(probe.ready, what="/readyz 200")
+        metrics = await probe.metrics()
+        _, text = await probe.get("/metrics")
+        _, body = await probe.get("/readyz")
+    assert value(metrics, "mailroom_connected", mailbox=label) == 1
+    assert account.user not in text and account.user not in str(body)
+    assert list(body["mailboxes"]) == [label]
+
+
+@pytest.mark.slow
+async def test_the_health_port_serves_four_paths_to_bounded_requests(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    config = with_health(config_dict([mailbox_dict(dovecot, account)], webhook.url), port)
+    probe = Probe(session, port)
+    base = f"http://127.0.0.1:{port}"
+    async with running(parse_config(config, env={})):
+        await wait_until(probe.ready, what="/readyz 200")
+        async with session.post(base + "/healthz", data=b"x") as response:
+            assert response.status == 405
+        async with session.get(base + "/admin") as response:
+            assert response.status == 404
+        async with session.get(base + "/healthz", data=b"x" * 4096) as response:
+            assert response.status == 413
+        async with session.get(base + "/healthz", headers={"X-Big": "a" * 8192}) as response:
+            assert response.status == 400  # aiohttp: the header line is too long
+        async with session.head(base + "/metrics") as response:
+            assert response.status == 200
+        # Connections beyond the cap close the oldest, so the newest is answered; and within
+        # CONNECTION_MAX_S every connection ends (a slow client is cut off).
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_CONNECTIONS)]
+        try:
+            async with aiohttp.ClientSession() as fresh, fresh.get(base + "/healthz") as response:
+                assert response.status == 200
+            closed = 0
+            for reader, _ in idle:
+                with contextlib.suppress(ConnectionError):
+                    closed += await reader.read(1) == b""
+            assert closed == len(idle)
+        finally:
+            for _, writer in idle:
+                writer.close()

@@ -9,15 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailroom.sources.imap import idempotency_key
+from mailroom.errors import ImapLimitError
 from mailroom.sources.imap_wire import (
+    BodyLimits,
     FetchedMessage,
+    Framer,
     fetch_flags,
     id_keyword,
+    literal_slack,
     mailbox_name,
     parse_fetch,
     uid_set,
 )
+from tests.servers.hostile_imap import MESSAGE, MODES, stream
 
 
 @pytest.mark.parametrize(
@@ -96,7 +100,7 @@ def test_parse_fetch_merges_data_items_split_over_two_responses() -> None:
 
 
 def test_the_id_keyword_carries_the_webhook_id_through_flags() -> None:
-    webhook_id = idempotency_key("incoming", 1795997725, 42)
+    webhook_id = "msg_" + "3bf48351ba6cdf075b308a6201c374ca"
     keyword = id_keyword(webhook_id)
     assert keyword == "$MailroomId_" + webhook_id.removeprefix("msg_")
     assert len(keyword) <= 50  # Dovecot's default mail_max_keyword_length
@@ -191,3 +195,85 @@ def test_many_unclosed_flags_stay_linear() -> None:
     line = b"1 FETCH (UID 1 RFC822.SIZE 1 " + b"FLAGS (" * 200_000
     assert parse_fetch([line, b"OK"])[0].webhook_id is None
     assert fetch_flags(b"* " + line) is None
+
+
+# -- the framer, fed by the hostile server's modes (issue 18) --------------------------------
+
+
+def _wire(mode: str, size: int) -> bytes:
+    """The first ``size`` bytes ``mode`` sends, after a well-formed answer."""
+    good = (
+        b"* 1 FETCH (UID 1 RFC822.SIZE %d BODY[] {%d}\r\n" % (len(MESSAGE), len(MESSAGE))
+        + MESSAGE
+        + b")\r\n"
+    )
+    chunks = [good]
+    for chunk in stream(mode):
+        chunks.append(chunk)
+        if sum(map(len, chunks)) >= size:
+            break
+    return b"".join(chunks)[:size]
+
+
+def _feed(framer: Framer, wire: bytes, cuts: list[int]) -> list[bytes | bytearray]:
+    """Feed ``wire`` split at ``cuts``; the events, until the framer refuses."""
+    out: list[bytes | bytearray] = []
+    start = 0
+    for end in [*sorted(set(cuts)), len(wire)]:
+        for event in framer.feed(wire[start:end]):
+            out.append(event if isinstance(event, bytearray) else event[0])
+        start = end
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    mode=st.sampled_from([m for m in MODES if m != "healthy"]),
+    size=st.integers(min_value=1, max_value=300_000),
+    cuts=st.lists(st.integers(min_value=0, max_value=300_000), max_size=12),
+    noise=st.binary(max_size=40),
+    at=st.integers(min_value=0, max_value=300_000),
+)
+def test_fuzz_the_framer_with_hostile_modes(
+    mode: str, size: int, cuts: list[int], noise: bytes, at: int
+) -> None:
+    wire = _wire(mode, size)
+    at = min(at, len(wire))
+    wire = wire[:at] + noise + wire[at:]
+    framer = Framer()
+    framer.limits = BodyLimits(len(MESSAGE), {1: len(MESSAGE)})
+    framer.limits.line_bytes = 4096
+    framer.limits.response_bytes = 128 * 1024
+    try:
+        events = _feed(framer, wire, [c for c in cuts if c < len(wire)])
+    except ImapLimitError as exc:
+        assert exc.size is None or exc.size > framer.limits.cap
+        return
+    kept = sum(len(e) for e in events) + len(framer._partial)
+    assert kept <= len(wire)
+    assert len(framer._partial) <= 4096
+    for event in events:
+        if isinstance(event, bytearray):
+            assert len(event) <= len(MESSAGE) + literal_slack(len(MESSAGE))
+    lines = [e if isinstance(e, bytearray) else e.removeprefix(b"* ") for e in events]
+    skipped: list[str] = []
+    for item in parse_fetch([*lines, b"OK"], malformed=skipped.append):
+        assert 0 < item.uid < 2**32 and 0 <= item.size < 2**63
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "healthy"])
+def test_every_hostile_mode_is_refused_or_harmless(mode: str) -> None:
+    """Each mode, fed whole (up to a few MiB): it breaks a bound, or yields what is harmless."""
+    framer = Framer()
+    framer.limits = BodyLimits(len(MESSAGE), {1: len(MESSAGE)})
+    try:
+        events = _feed(framer, _wire(mode, 24 * 1024 * 1024), [])
+    except ImapLimitError:
+        assert mode.partition("@")[0] in ("line", "literal", "lie", "flood", "parens")
+        return
+    assert mode.partition("@")[0] in ("bignum", "control", "inject")
+    skipped: list[str] = []
+    lines = [e if isinstance(e, bytearray) else e.removeprefix(b"* ") for e in events]
+    for item in parse_fetch([*lines, b"OK"], malformed=skipped.append):
+        assert item.uid == 1
+    assert bool(skipped) == (mode == "bignum@fetch")

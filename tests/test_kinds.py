@@ -25,6 +25,7 @@ from mailroom import check, redrive
 from mailroom.config import Config, MailboxConfig, parse_config
 from mailroom.envelope import Outcome
 from mailroom.errors import SourceError
+from mailroom.identity import mailbox_key
 from mailroom.kinds import KINDS, Kind
 from mailroom.observe.monitor import SourceState
 from mailroom.redrive.job import Options
@@ -44,6 +45,10 @@ class ProbeMailboxConfig(MailboxConfig):
     @property
     def dead_letter(self) -> str:
         return "answered 5xx (the probe's own way)"
+
+    @property
+    def identity(self) -> str:
+        return mailbox_key("probe", self.id)  # a listener would name its address here
 
 
 class ProbeSource(Source[ProbeMailboxConfig, int, None]):

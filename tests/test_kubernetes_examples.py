@@ -316,3 +316,28 @@ def test_the_sidecar_app_reads_the_signing_secret_mailroom_signs_with() -> None:
     assert config is not None
     signs_with = mailroom.read(config["webhook"]["signing_secret_file"])
     assert [app.read(path) for path in sorted(app.paths())] == [signs_with]
+
+
+def test_the_health_port_is_private_and_the_containers_limited() -> None:
+    """Issue 18: /metrics and /readyz only for Prometheus (networkpolicy.yaml selects the
+    sidecar's pod, and admits the app's port to everyone, the health port to the monitoring
+    namespace only); every mailroom container has a memory limit."""
+    (policy,) = [d for _, _, d in MANIFESTS if d["kind"] == "NetworkPolicy"]
+    (deployment,) = [
+        d for _, _, d in MANIFESTS if d["kind"] == "Deployment" and d["metadata"]["name"] == "app"
+    ]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    rules = policy["spec"]["ingress"]
+    assert [r for r in rules if "from" not in r] == [{"ports": [{"port": 3000, "protocol": "TCP"}]}]
+    (health,) = [r for r in rules if "from" in r]
+    assert health["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert health["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    for _, _, doc in MANIFESTS:
+        if doc["kind"] != "Deployment":
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            if "mailroom" in container["image"] or container["name"] == "mailroom":
+                assert container["resources"]["limits"]["memory"]

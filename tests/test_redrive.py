@@ -1,5 +1,6 @@
 """``mailroom redrive`` against Dovecot and the mock Graph, run as a real process beside a
-running mailroom: dead-lettered by a 4xx, redriven, delivered again under the same webhook-id."""
+running mailroom: dead-lettered by a 4xx, redriven, delivered again under the same webhook-id,
+which comes from the message itself: no keyword is written to keep it (issues 18 and 21)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from mailroom.config import parse_config
+from mailroom.config import ImapMailboxConfig, parse_config
 from mailroom.redrive.job import Job, Letter, Options, parse_since
 from mailroom.sources.graph import FAILED_CATEGORY
-from mailroom.sources.imap import idempotency_key
+from mailroom.sources.imap import webhook_id as imap_webhook_id
 from mailroom.sources.imap_wire import id_keyword
 from tests.helpers import ROOT, config_dict, mailbox_dict, message, running, wait_until
 from tests.servers.dovecot import Account, Dovecot, quote_mailbox
@@ -61,6 +62,23 @@ async def cli(config: dict[str, Any], tmp_path: Path, *args: str) -> tuple[int, 
     return proc.returncode, out.decode(), err.decode()
 
 
+def webhook_id(document: dict[str, Any], raw: bytes, index: int = 0) -> str:
+    """The webhook-id the watcher gives ``raw`` in the mailbox ``document`` names."""
+    mailbox = parse_config(document, env={}).mailboxes[index]
+    assert isinstance(mailbox, ImapMailboxConfig)
+    return imap_webhook_id(mailbox, raw)
+
+
+def keywords(dovecot: Dovecot, account: Account, folder: str = "INBOX") -> list[str]:
+    """The keywords the folder has ever been given (its FLAGS response, RFC 3501 §7.2.6)."""
+    with dovecot.imap(account) as conn:
+        typ, _ = conn.select(quote_mailbox(folder), readonly=True)
+        assert typ == "OK"
+        _, data = conn.response("FLAGS")
+    text = b" ".join(d for d in data if isinstance(d, bytes)).decode()
+    return [flag for flag in text.strip("()").split() if not flag.startswith("\\")]
+
+
 def flags(dovecot: Dovecot, account: Account, folder: str = "INBOX") -> list[frozenset[str]]:
     if folder not in dovecot.mailboxes(account):  # not created yet
         return []
@@ -96,7 +114,8 @@ async def test_flag_mode_dead_letter_is_delivered_again_under_its_webhook_id(
     # flag change Dovecot pushes during IDLE is.
     document = config_dict([mailbox_dict(dovecot, account, idle_timeout=600)], webhook.url)
     webhook.respond(400)  # permanent: dead-letter
-    uid = await dovecot.aappend(account, message(1))
+    raw = message(1)
+    uid = await dovecot.aappend(account, raw)
     async with running(parse_config(document, env={})):
         first = (await webhook.wait_for(1))[0]
         await wait_until(lambda: flags_are(dovecot, account, [SEEN_FAILED]), what="$MailroomFailed")
@@ -106,19 +125,16 @@ async def test_flag_mode_dead_letter_is_delivered_again_under_its_webhook_id(
         await wait_until(
             lambda: flags_are(dovecot, account, [frozenset({"\\Seen"})]), what="delivered"
         )
-    webhook_id = first.headers["webhook-id"]
-    assert second.headers["webhook-id"] == webhook_id
-    assert webhook_id == idempotency_key(account.user, dovecot.uidvalidity(account), uid)
+    first_id = first.headers["webhook-id"]
+    assert second.headers["webhook-id"] == first_id == webhook_id(document, raw)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"{account.user}: uid {uid} in INBOX, received 20")
-    assert lines[0].endswith(
-        f"$MailroomFailed and \\Seen cleared; webhook-id {webhook_id} (its own)"
-    )
+    assert lines[0].endswith(f"$MailroomFailed and \\Seen cleared; webhook-id {first_id}")
     assert "<m1." in lines[0]
     assert lines[1].startswith(
-        "mailroom redrive: 1 dead letter(s) redriven (1 with their own webhook-id, 0 with a new "
-        "one); a running mailroom delivers them"
+        "mailroom redrive: 1 dead letter(s) redriven under their webhook-ids; a running mailroom "
+        "delivers them"
     )
     assert len(lines) == 2 and account.password not in out + err
 
@@ -131,34 +147,38 @@ async def test_failed_folder_dead_letter_moves_back_and_keeps_its_webhook_id(
     document = config_dict([box], webhook.url)
     webhook.respond(400)
     await dovecot.aappend(account, message(1))
+    nothing = frozenset[str]()
     async with running(parse_config(document, env={})):
         first = (await webhook.wait_for(1))[0]
-        webhook_id = first.headers["webhook-id"]
-        keyword = frozenset({id_keyword(webhook_id)})
-        await wait_until(lambda: flags_are(dovecot, account, [keyword], FAILED), what="moved")
+        first_id = first.headers["webhook-id"]
+        # Moved as it is: no keyword written to keep its id (issue 21).
+        await wait_until(lambda: flags_are(dovecot, account, [nothing], FAILED), what="moved")
         # Redriven while the webhook still refuses it: dead-lettered again, the same id kept.
         code, out, _ = await cli(document, tmp_path)
-        assert code == 0 and f"moved back to INBOX; webhook-id {webhook_id} (its own)" in out
+        assert code == 0 and f"moved back to INBOX; webhook-id {first_id}\n" in out
         second = (await webhook.wait_for(2, timeout=30))[1]
-        await wait_until(lambda: flags_are(dovecot, account, [keyword], FAILED), what="again")
+        await wait_until(lambda: flags_are(dovecot, account, [nothing], FAILED), what="again")
         webhook.respond(200)
         code, out, _ = await cli(document, tmp_path)
         assert code == 0
         third = (await webhook.wait_for(3, timeout=30))[2]
         await wait_until(
-            lambda: flags_are(dovecot, account, [keyword | {"\\Seen"}]), what="delivered"
+            lambda: flags_are(dovecot, account, [frozenset({"\\Seen"})]), what="delivered"
         )
-    assert [r.headers["webhook-id"] for r in (first, second, third)] == [webhook_id] * 3
+    assert [r.headers["webhook-id"] for r in (first, second, third)] == [first_id] * 3
     assert flags(dovecot, account, FAILED) == []
+    assert keywords(dovecot, account) == keywords(dovecot, account, FAILED) == []
 
 
 # -- IMAP: which messages, and a dry run ---------------------------------------------------------
 
 
-def dead_letters(dovecot: Dovecot, a: Account, b: Account) -> dict[str, str]:
+def dead_letters(dovecot: Dovecot, a: Account, b: Account) -> tuple[dict[str, str], list[bytes]]:
     """Dead letters of mailbox a (flagged in INBOX, and in FAILED) and b, old and new, among
-    other mail; the webhook-ids the id keywords carry, by age."""
-    kept = {age: idempotency_key("earlier", 1, n) for n, age in enumerate(("new", "old"))}
+    other mail; the webhook-ids the $MailroomId_ keywords of versions before 0.2 carry, by age,
+    and the messages (``raws[n]`` is "test n")."""
+    kept = {age: "msg_" + f"{n}e" * 16 for n, age in enumerate(("new", "old"))}
+    raws = [message(n) for n in range(10)]
     date = {"old": "15-Jan-2026 10:00:00 +0000", "new": "01-Mar-2026 09:30:00 +0100"}
     for n, (account, folder, flags, age) in enumerate(
         [
@@ -168,14 +188,14 @@ def dead_letters(dovecot: Dovecot, a: Account, b: Account) -> dict[str, str]:
             (a, "INBOX", "", "new"),  # unseen: the watcher's, not redrive's
             (a, FAILED, id_keyword(kept["old"]), "old"),
             (a, FAILED, id_keyword(kept["new"]), "new"),
-            (a, FAILED, "\\Seen", "new"),  # no id keyword (dead-lettered by an older mailroom)
+            (a, FAILED, "\\Seen", "new"),  # no id keyword (dead-lettered by 0.2 or later)
             (a, FAILED, "\\Deleted", "new"),  # deleted by someone: left alone
             (b, "INBOX", "$MailroomFailed \\Seen", "new"),
         ],
         start=1,
     ):
-        append(dovecot, account, message(n), to=folder, flags=flags, date=date[age])
-    return kept
+        append(dovecot, account, raws[n], to=folder, flags=flags, date=date[age])
+    return kept, raws
 
 
 def state(dovecot: Dovecot, *accounts: Account) -> list[list[tuple[int, frozenset[str]]]]:
@@ -197,22 +217,23 @@ async def test_since_and_mailbox_choose_the_dead_letters(
     dovecot: Dovecot, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
     a, b = dovecot.add_user(), dovecot.add_user()
-    kept = await asyncio.to_thread(dead_letters, dovecot, a, b)
+    kept, raws = await asyncio.to_thread(dead_letters, dovecot, a, b)
     document = two_mailboxes(dovecot, a, b, webhook.url)
     code, out, err = await cli(document, tmp_path, "--mailbox", "a", "--since", "2026-02-01")
     assert code == 0, err
     lines = out.splitlines()
     assert len(lines) == 4, out
     assert lines[0].startswith("a: uid 2 in INBOX, received 2026-03-01T08:30:00Z, <m2.")
-    assert lines[1].endswith(f"moved back to INBOX; webhook-id {kept['new']} (its own)")
-    assert "<m6." in lines[1]
-    assert lines[2].endswith(
-        "moved back to INBOX; a new webhook-id (it carries no $MailroomId keyword)"
+    assert lines[0].endswith(f"webhook-id {webhook_id(document, raws[2])}")
+    assert lines[1].endswith(
+        f"moved back to INBOX; webhook-id {webhook_id(document, raws[6])}; not {kept['new']}, "
+        "which its $MailroomId_ keyword names (legacy_id_keywords: false)"
     )
+    assert "<m6." in lines[1]
+    assert lines[2].endswith(f"moved back to INBOX; webhook-id {webhook_id(document, raws[7])}")
     assert lines[3] == (
-        "mailroom redrive: 3 dead letter(s) received since 2026-02-01T00:00:00Z redriven "
-        "(2 with their own webhook-id, 1 with a new one); a running mailroom delivers them at "
-        "its next sweep or poll"
+        "mailroom redrive: 3 dead letter(s) received since 2026-02-01T00:00:00Z redriven under "
+        "their webhook-ids; a running mailroom delivers them at its next sweep or poll"
     )
     inbox = {m.raw.split(b"Subject: ")[1][:6]: m.flags for m in dovecot.messages(a)}
     assert inbox == {
@@ -231,7 +252,7 @@ async def test_since_and_mailbox_choose_the_dead_letters(
     # Everything else (b, and a's older ones), without --since
     code, out, _ = await cli(document, tmp_path)
     assert code == 0
-    assert out.splitlines()[-1].startswith("mailroom redrive: 3 dead letter(s) redriven (3 with")
+    assert out.splitlines()[-1].startswith("mailroom redrive: 3 dead letter(s) redriven under")
     assert flags(dovecot, b) == [frozenset()]
     assert [m.flags for m in dovecot.messages(a, FAILED)] == [{"\\Deleted"}]
 
@@ -241,21 +262,27 @@ async def test_a_dry_run_lists_them_and_changes_nothing(
     dovecot: Dovecot, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
     a, b = dovecot.add_user(), dovecot.add_user()
-    kept = await asyncio.to_thread(dead_letters, dovecot, a, b)
+    kept, raws = await asyncio.to_thread(dead_letters, dovecot, a, b)
     before = state(dovecot, a, b)
-    code, out, err = await cli(two_mailboxes(dovecot, a, b, webhook.url), tmp_path, "--dry-run")
+    document = two_mailboxes(dovecot, a, b, webhook.url)
+    # With legacy_id_keywords, a $MailroomId_ keyword gives the id, as in the watcher.
+    document["mailboxes"][0]["legacy_id_keywords"] = True
+    code, out, err = await cli(document, tmp_path, "--dry-run")
     assert code == 0, out + err
     assert state(dovecot, a, b) == before
     lines = out.splitlines()
     assert [line.split(":")[0] for line in lines[:-1]] == ["a"] * 5 + ["b"]
     assert lines[0].endswith(
-        "would clear $MailroomFailed and \\Seen; webhook-id "
-        f"{idempotency_key('a', dovecot.uidvalidity(a), 1)} (its own)"
+        f"would clear $MailroomFailed and \\Seen; webhook-id {webhook_id(document, raws[1])}"
     )
-    assert f"would move back to INBOX; webhook-id {kept['old']} (its own)" in lines[2]
+    assert lines[2].endswith(
+        f"would move back to INBOX; webhook-id {kept['old']} (its $MailroomId_ keyword: "
+        "legacy_id_keywords)"
+    )
+    assert lines[5].endswith(f"webhook-id {webhook_id(document, raws[9], 1)}")
     assert lines[-1] == (
-        "mailroom redrive: dry run: 6 dead letter(s) would be redriven (5 with their own "
-        "webhook-id, 1 with a new one); nothing was changed"
+        "mailroom redrive: dry run: 6 dead letter(s) would be redriven under their webhook-ids; "
+        "nothing was changed"
     )
 
 
@@ -264,19 +291,20 @@ async def test_redrive_deletes_the_dead_letter_markers_of_replicas(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path,
     redis_server: RedisServer,
 ) -> None:  # fmt: skip
-    uid = await dovecot.aappend(account, message(1), flags="$MailroomFailed \\Seen")
-    webhook_id = idempotency_key(account.user, dovecot.uidvalidity(account), uid)
+    raw = message(1)
+    await dovecot.aappend(account, raw, flags="$MailroomFailed \\Seen")
     document = config_dict([mailbox_dict(dovecot, account)], webhook.url)
     document["arbitration"] = {"method": "redis", "url": redis_server.url}
+    marker = f"mailroom:delivered:{webhook_id(document, raw)}"
     client = aioredis.Redis.from_url(redis_server.url)
     try:
-        await client.set(f"mailroom:delivered:{webhook_id}", "dead_lettered")
+        await client.set(marker, "dead_lettered")
         await client.set("mailroom:delivered:msg_other", "delivered")
         code, out, _ = await cli(document, tmp_path, "--dry-run")
-        assert code == 0 and await client.exists(f"mailroom:delivered:{webhook_id}")
+        assert code == 0 and await client.exists(marker)
         code, out, _ = await cli(document, tmp_path)
         assert code == 0, out
-        assert await client.exists(f"mailroom:delivered:{webhook_id}") == 0
+        assert await client.exists(marker) == 0
         assert await client.get("mailroom:delivered:msg_other") == b"delivered"
     finally:
         await client.aclose()
@@ -368,7 +396,7 @@ async def test_graph_dead_letter_is_delivered_again_under_its_webhook_id(
     webhook_id, internet_id = first.headers["webhook-id"], first.json()["message_id"]
     assert out.splitlines()[0] == (
         f"graph: message {message_id[-12:]} in {where}, received 2026-01-01T00:00:00Z, "
-        f"<{internet_id}>: {done}; webhook-id {webhook_id} (its own)"
+        f"<{internet_id}>: {done}; webhook-id {webhook_id}"
     )
 
 
@@ -411,24 +439,48 @@ async def test_graph_since_dry_run_and_other_categories(
 
 
 @pytest.mark.slow
-async def test_a_server_refusing_the_id_keyword_still_gets_its_dead_letters_moved(
-    webhook: WebhookReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_many_dead_letters_use_no_keyword_and_keep_their_ids(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
-    # Dovecot refuses keywords longer than mail_max_keyword_length with NO [CANNOT].
-    with Dovecot(extra_config="mail_max_keyword_length = 20\n") as dovecot:
-        account = dovecot.add_user()
-        box = mailbox_dict(dovecot, account, failed_folder=FAILED)
-        document = config_dict([box], webhook.url)
-        webhook.respond(400)
-        await dovecot.aappend(account, message(1))
-        async with running(parse_config(document, env={})):
-            await wait_until(
-                lambda: flags_are(dovecot, account, [frozenset()], FAILED), what="moved"
-            )
-        code, out, _ = await cli(document, tmp_path)
-    assert "could not keep its webhook-id in a keyword" in caplog.text
-    assert code == 0
-    assert "moved back to INBOX; a new webhook-id (it carries no $MailroomId keyword)" in out
+    """Issue 21: a keyword per dead letter used up the server's keywords (Dovecot's maildir
+    keeps 26 a folder in its file names, Cyrus 100): 300 dead letters now write none, and all
+    come back under their first webhook-ids."""
+    count = 300
+    box = mailbox_dict(dovecot, account, failed_folder=FAILED)
+    document = config_dict([box], webhook.url)
+    webhook.respond(400)
+    await dovecot.aappend_many(account, [message(n) for n in range(count)])
+    async with running(parse_config(document, env={})):
+        first = await webhook.wait_for(count, timeout=60)
+        await wait_until(
+            lambda: len(flags(dovecot, account, FAILED)) == count, timeout=60, what="moved"
+        )
+        webhook.respond(200)
+        code, _, err = await cli(document, tmp_path)
+        assert code == 0, err
+        again = await webhook.wait_for(2 * count, timeout=60)
+    ids = {r.headers["webhook-id"] for r in first}
+    assert len(ids) == count and {r.headers["webhook-id"] for r in again[count:]} == ids
+    assert keywords(dovecot, account) == keywords(dovecot, account, FAILED) == []
+
+
+async def test_legacy_id_keywords_give_the_ids_of_old_dead_letters(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    """A $MailroomId_ keyword (dead-lettered before 0.2) gives the webhook-id only with
+    legacy_id_keywords: true; otherwise anyone who can set keywords could choose one."""
+    old_id = "msg_" + "0123456789abcdef" * 2
+    raws = [message(1), message(2)]
+    await dovecot.aappend(account, raws[0], flags=id_keyword(old_id))
+    plain = config_dict([mailbox_dict(dovecot, account)], webhook.url)
+    async with running(parse_config(plain, env={})):
+        received = await webhook.wait_for(1)
+    assert received[0].headers["webhook-id"] == webhook_id(plain, raws[0]) != old_id
+    await dovecot.aappend(account, raws[1], flags=id_keyword(old_id))
+    legacy = config_dict([mailbox_dict(dovecot, account, legacy_id_keywords=True)], webhook.url)
+    async with running(parse_config(legacy, env={})):
+        received = await webhook.wait_for(2)
+    assert received[1].headers["webhook-id"] == old_id
 
 
 @pytest.mark.slow
@@ -437,15 +489,16 @@ async def test_without_move_a_dead_letter_is_copied_back_and_its_original_delete
 ) -> None:
     with Dovecot(extra_config="imap_capability = IMAP4rev1 LITERAL+ ENABLE\n") as dovecot:
         account = dovecot.add_user()
-        webhook_id = idempotency_key("earlier", 1, 1)
+        raw = message(1)
         date = "01-Mar-2026 09:30:00 +0000"
-        append(dovecot, account, message(1), to=FAILED, flags=id_keyword(webhook_id), date=date)
+        append(dovecot, account, raw, to=FAILED, flags="$Label1", date=date)
         document = config_dict([mailbox_dict(dovecot, account, failed_folder=FAILED)], webhook.url)
         code, out, _ = await cli(document, tmp_path)
-        assert code == 0 and f"moved back to INBOX; webhook-id {webhook_id} (its own)" in out
-        assert flags(dovecot, account) == [{id_keyword(webhook_id)}]
+        expected = webhook_id(document, raw)
+        assert code == 0 and f"moved back to INBOX; webhook-id {expected}\n" in out
+        assert flags(dovecot, account) == [{"$Label1"}]
         # No UIDPLUS, expunge_deleted off: the original stays, deleted, and is not taken again.
-        deleted = {id_keyword(webhook_id), "\\Seen", "\\Deleted"}
+        deleted = {"$Label1", "\\Seen", "\\Deleted"}
         assert flags(dovecot, account, FAILED) == [deleted]
         code, out, _ = await cli(document, tmp_path)
         assert code == 0 and out.splitlines()[0] == f"{account.user}: no dead letters"
@@ -474,7 +527,7 @@ def test_a_line_never_carries_control_characters() -> None:
         where="uid 1 in INBOX",
         received=None,
         message_id="\x1b]0;owned\x07<x\u202e@example.org>" + "y" * 300,
-        webhook_id=None,
+        webhook_id="msg_0",
     )
     asyncio.run(job.apply("box", [letter], lambda: asyncio.sleep(0), "done", "would"))
     assert lines[0].startswith("box: uid 1 in INBOX, received unknown, <?]0;owned?<x?@example.org")

@@ -216,6 +216,46 @@ def test_template_match(template: str, address: str, key: str | None) -> None:
 
 
 @pytest.mark.parametrize(
+    "address",
+    [
+        "incoming+../../admin@example.com",  # a path an application may build of the key
+        "incoming+a/./b@example.com",
+        "incoming+..@example.com",
+        "incoming+abc@evil.example@example.com",  # "@" in the key (a Received for <...>)
+        "incoming+ab\u202ec@example.com",  # a bidi override: the key reads otherwise
+        "incoming+ab\u2066c@example.com",
+        "incoming+ab\u200bc@example.com",  # zero-width space
+        "incoming+ab\ufeffc@example.com",
+        "incoming+ab\x07c@example.com",
+        "incoming+abc@\u212aexample.com",  # the Kelvin sign is no "k" (str.lower() says it is)
+        "incoming+abc@example.\u0441om",  # a Cyrillic es for the "c"
+        "\u0130ncoming+abc@example.com",  # the dotted capital I is no "I"
+    ],
+)
+def test_unsafe_keys_and_lookalike_addresses_do_not_match(address: str) -> None:
+    """Issue 18, item 11: such a key is no key, and such an address none of ours."""
+    for domain in ("example.com", "kexample.com"):
+        assert AddressTemplate.parse(f"incoming+%{{key}}@{domain}").match(address) is None
+
+
+def test_safe_keys_still_match() -> None:
+    template = AddressTemplate.parse("incoming+%{key}@example.com")
+    for key in ("gitlab-org-gitlab-123-issue-", "a/b/c", "a..b", "f3a9" * 8, "ключ"):
+        assert template.match(f"incoming+{key}@example.com") == key
+    assert RULES.reply_key("reply-../x@incoming.example.com") is None
+    assert RULES.reply_key("reply-abc@INCOMING.example.com") == "abc"
+
+
+def test_a_received_for_with_two_ats_delivers_nothing() -> None:
+    raw = (
+        b"Received: from x by mx (Postfix) for <incoming+abc@evil.example@incoming.example.com>;"
+        b" Sun, 22 Nov 2026 10:00:00 +0000\r\nFrom: a@example.org\r\nTo: b@example.org\r\n"
+        b"Subject: s\r\n\r\nbody\r\n"
+    )
+    assert decide(parse(raw), RULES) == Reject("unknown incoming email")
+
+
+@pytest.mark.parametrize(
     ("template", "message"),
     [
         ("incoming", "not an address template; write it like incoming+%{key}@example.com"),

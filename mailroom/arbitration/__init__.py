@@ -7,7 +7,7 @@ import os
 import secrets
 import socket
 
-from mailroom.arbitration.leases import Coordinator
+from mailroom.arbitration.leases import Coordinator, conflicts
 from mailroom.arbitration.store import JobQueues, Lease, RedisQueue, RedisStore
 from mailroom.config import ArbitrationConfig
 
@@ -17,6 +17,7 @@ __all__ = [
     "Lease",
     "RedisQueue",
     "RedisStore",
+    "conflicts",
     "replica_id",
     "store",
 ]

@@ -22,6 +22,11 @@ that hangs (each call may take ``2 * COMMAND_TIMEOUT_S``) cannot delay them. Not
 while Redis is unreachable; the replica is not ready, and resumes by itself when Redis answers
 again.
 
+A lease of the same mailbox id held for *another* mailbox (its key names another host, port,
+user or folder: a second deployment using the same ``arbitration.namespace``) is never taken
+over: the mailbox is not ready and says why, and at start mailroom refuses to run
+(``conflicts``, exit 2).
+
 After ``done`` (shutting down) nothing is taken or handed over, but the leases held are still
 renewed, and their deadlines kept, until ``release_all``: a shutdown's drain may take longer
 than a lease lives (``shutdown_timeout`` 20 s, ``lease_ttl`` 15 s), and a lease that lapsed
@@ -39,16 +44,43 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from mailroom.arbitration.store import Lease, RedisStore
+from mailroom.arbitration.store import KEY_DIGITS, Lease, RedisStore
 from mailroom.config import Config, MailboxConfig
 from mailroom.errors import ArbitrationError
 from mailroom.observe.monitor import LeaseChange, Monitor
 
-__all__ = ["Coordinator"]
+__all__ = ["Coordinator", "conflicts"]
 
 log = logging.getLogger("mailroom.arbitration")
 
 TICK_MAX_S = 1.0
+
+
+def _foreign(config: MailboxConfig, lease: Lease | None) -> bool:
+    """``lease`` (of ``config``'s id) is held for another mailbox."""
+    key = lease.mailbox_key if lease is not None else None
+    return key is not None and key != config.identity[:KEY_DIGITS]
+
+
+def _conflict(config: MailboxConfig, lease: Lease, namespace: str) -> str:
+    return (
+        f"mailboxes[{config.id}]: its lease in the Redis namespace {namespace!r} is held by "
+        f"replica {lease.replica} for another mailbox (another host, port, user or folder "
+        "under the same id): two deployments share the namespace; give each its own "
+        "arbitration.namespace (docs/scaling.md), or give a changed mailbox a new id"
+    )
+
+
+async def conflicts(config: Config, store: RedisStore) -> list[str]:
+    """What ``config``'s mailboxes would collide with in Redis: leases of the same ids held
+    for other mailboxes (``ArbitrationError`` when Redis cannot be asked)."""
+    holders = await store.holders([m.id for m in config.mailboxes])
+    namespace = config.arbitration.namespace
+    return [
+        _conflict(m, lease, namespace)
+        for m in config.mailboxes
+        if (lease := holders[m.id]) is not None and _foreign(m, lease)
+    ]
 
 
 @dataclass(slots=True)
@@ -87,6 +119,8 @@ class Coordinator:
         self._taking = asyncio.Lock()  # held while leases are taken and their sources started
         self._mailboxes: dict[str, MailboxConfig] = {}
         self._order: dict[str, int] = {}
+        self._namespace = config.arbitration.namespace
+        self.conflicts: dict[str, str] = {}  # mailbox id → why its lease is another's
         self.ttl_s = config.arbitration.lease_ttl_s
         self.drain_s = config.shutdown_timeout_s
         self.configure(config)
@@ -102,7 +136,14 @@ class Coordinator:
 
     def configure(self, config: Config) -> None:
         """The mailboxes to share (at start and after a reload)."""
-        self._mailboxes = {m.id: m for m in config.mailboxes}
+        before, self._mailboxes = self._mailboxes, {m.id: m for m in config.mailboxes}
+        for mailbox, held in list(self.held.items()):
+            old, new = before.get(mailbox), self._mailboxes.get(mailbox)
+            if held.stopping is None and old and new and old.identity != new.identity:
+                # Its lease names the old server: given back, taken again under the new one.
+                self._hand_over(mailbox, "its host, port, user or folder changed")
+        for mailbox in [m for m in self.conflicts if m not in self._mailboxes]:
+            self._set_conflict(mailbox, None)
         self.drain_s = config.shutdown_timeout_s
         self._order = {
             m: int.from_bytes(hashlib.sha256(f"{self.replica}\0{m}".encode()).digest()[:8], "big")
@@ -205,22 +246,33 @@ class Coordinator:
         for mailbox in active[: max(0, len(active) - share)]:
             self._hand_over(mailbox, f"the share is {share} of {len(self._mailboxes)}")
         wanted = share - min(len(active), share)
+        candidates = sorted(
+            (m for m in self._mailboxes if m not in self.held),
+            key=self._order.__getitem__,
+            reverse=True,
+        )
+        holders = await self.store.holders(candidates)
+        for mailbox in candidates:  # at every tick: a reload may have made one ours
+            config, lease = self._mailboxes.get(mailbox), holders[mailbox]
+            if config is None:  # removed by a reload meanwhile
+                continue
+            why = None
+            if lease is not None and _foreign(config, lease):
+                why = _conflict(config, lease, self._namespace)
+            self._set_conflict(mailbox, why)
         if wanted <= 0 or done.is_set() or self._paused:
             return
         async with self._taking:
-            candidates = sorted(
-                (m for m in self._mailboxes if m not in self.held),
-                key=self._order.__getitem__,
-                reverse=True,
-            )
-            holders = await self.store.holders(candidates)
+            # A reload may have changed the mailboxes while Redis was asked.
+            free = [m for m in candidates if holders[m] is None and m in self._mailboxes]
             started = []
             try:
-                for mailbox in (m for m in candidates if holders[m] is None):
+                for mailbox in (m for m in free if m not in self.held):
                     if wanted <= 0 or done.is_set() or self._paused:
                         break
                     sent = time.monotonic()
-                    lease = await self.store.acquire(mailbox, self.ttl_s)
+                    key = self._mailboxes[mailbox].identity
+                    lease = await self.store.acquire(mailbox, self.ttl_s, key)
                     if lease is None:
                         continue  # another replica was quicker
                     self.held[mailbox] = _Held(lease, sent + self.ttl_s)
@@ -231,6 +283,18 @@ class Coordinator:
             finally:  # Redis failing halfway: the leases taken so far are watched all the same
                 if started:
                     self._start(started)
+
+    def _set_conflict(self, mailbox: str, reason: str | None) -> None:
+        """Note (or clear) that ``mailbox``'s lease is held for another mailbox."""
+        if self.conflicts.get(mailbox) == reason:
+            return
+        if reason is None:
+            del self.conflicts[mailbox]
+            log.info("%s: its lease is no longer held for another mailbox", mailbox)
+        else:
+            self.conflicts[mailbox] = reason
+            log.error("%s", reason)
+        self._monitor.conflict(mailbox, reason)
 
     @contextlib.asynccontextmanager
     async def paused(self) -> AsyncIterator[None]:

@@ -5,11 +5,16 @@ Keys, all under ``arbitration.namespace`` (``ns``):
 
 - ``ns:replicas``: a sorted set of live replicas, each scored with the time its heartbeat
   expires (Redis's own clock, so replicas' clocks do not matter);
-- ``ns:lease:<mailbox id>``: ``"<replica id> <fencing number>"`` with a TTL, set only if absent;
-  ``ns:fence:<mailbox id>`` counts the leases ever given for the mailbox (the fencing number);
+- ``ns:lease:<mailbox id>``: ``"<mailbox key>/<replica id> <fencing number>"`` with a TTL, set
+  only if absent; the mailbox key (16 hex digits of ``identity.mailbox_key``: host, port, user,
+  folder) tells a lease of another mailbox under the same id (another deployment in the same
+  namespace) from one of ours. ``ns:fence:<mailbox id>`` counts the leases ever given for the
+  mailbox (the fencing number);
 - ``ns:delivered:<webhook-id>``: the outcome of a message that was settled (or is about to be),
-  with a TTL of ``marker_ttl``: a new owner that finds it settles without posting again;
-- ``ns:notice:<digest of recipient and reason>``: the reject-notice rate limit, shared;
+  with a TTL of ``marker_ttl``: a new owner that finds it settles without posting again. A
+  webhook-id names the mailbox on its server and the message (``identity``), so no two
+  mailboxes share a marker;
+- ``ns:notice:<digest of sender, recipient and reason>``: the reject-notice rate limit, shared;
 - with ``mail_room_claims`` (a migration from the MailRoom gem): MailRoom's own claim of a
   message, ``<MailRoom's ns>:delivered:<uid>``, set if absent for ``MAIL_ROOM_CLAIM_S`` as
   MailRoom sets it, with a value of mailroom's (MailRoom writes ``1``).
@@ -115,20 +120,29 @@ return redis.call('ZCARD', KEYS[1])
 """
 
 
+KEY_DIGITS = 16  # of the mailbox key in a lease
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """A mailbox's lease as stored: who holds it and its fencing number."""
+    """A mailbox's lease as stored: for which mailbox, who holds it, its fencing number."""
 
     mailbox: str
-    value: str  # "<replica id> <fence>", compared on renew and release
+    value: str  # "<mailbox key>/<replica id> <fence>", compared on renew and release
 
     @property
     def replica(self) -> str:
-        return self.value.rpartition(" ")[0]
+        return self.value.rpartition(" ")[0].rpartition("/")[2]
 
     @property
     def fence(self) -> int:
         return int(self.value.rpartition(" ")[2])
+
+    @property
+    def mailbox_key(self) -> str | None:
+        """The mailbox key the holder gave (None: a lease of a version before 0.2)."""
+        holder = self.value.rpartition(" ")[0]
+        return holder.partition("/")[0] if "/" in holder else None
 
 
 def _tls_connection(base: type[Any], context: ssl.SSLContext) -> type[Any]:
@@ -264,10 +278,11 @@ class RedisStore:
         values = await self._call("MGET", lambda: self._redis.mget(keys))
         return {m: Lease(m, str(v)) if v else None for m, v in zip(mailboxes, values, strict=True)}
 
-    async def acquire(self, mailbox: str, ttl_s: float) -> Lease | None:
-        """The lease of ``mailbox`` if it was free (now ours), else None."""
+    async def acquire(self, mailbox: str, ttl_s: float, key: str) -> Lease | None:
+        """The lease of ``mailbox`` (whose ``identity.mailbox_key`` is ``key``) if it was free
+        (now ours), else None."""
         keys = [self.lease_key(mailbox), f"{self._ns}:fence:{mailbox}"]
-        args: list[str | int] = [self.replica, int(ttl_s * 1000)]
+        args: list[str | int] = [f"{key[:KEY_DIGITS]}/{self.replica}", int(ttl_s * 1000)]
         value = await self._call("acquire", lambda: self._acquire(keys, args))
         return Lease(mailbox, str(value)) if value else None
 
@@ -320,10 +335,14 @@ class RedisStore:
         args: list[str | int] = [MAIL_ROOM_CLAIM_S, value]
         await self._call("MailRoom claim", lambda: self._extend(keys, args))
 
-    async def allow_notice(self, recipient: str, reason: str, window_s: float) -> bool:
-        """True (and recorded) when no replica sent ``recipient`` a notice for ``reason``
-        within ``window_s``."""
-        key = f"{self._ns}:notice:{_key_digest(recipient.strip().lower() + chr(0) + reason)}"
+    async def allow_notice(
+        self, recipient: str, reason: str, window_s: float, *, sender: str = ""
+    ) -> bool:
+        """True (and recorded) when no replica sent ``recipient`` a notice for ``reason`` from
+        ``sender`` within ``window_s`` (another deployment's notices, from another sender,
+        count apart)."""
+        who = f"{sender.strip().lower()}\0{recipient.strip().lower()}"
+        key = f"{self._ns}:notice:{_key_digest(who + chr(0) + reason)}"
         created = await self._call(
             "notice rate limit", lambda: self._redis.set(key, "1", nx=True, ex=int(window_s))
         )

@@ -50,6 +50,9 @@ async def run(report: Report, config: Config) -> None:
     async def leases() -> Finding:
         holders = await store.holders(ids)
         held = {m: lease for m, lease in holders.items() if lease is not None}
+        foreign = await arbitration.conflicts(config, store)  # another deployment's leases
+        for problem in foreign:
+            report.add(target.name, "lease", Status.FAIL, problem)
         for mailbox, lease in held.items():
             report.add(
                 target.name, "lease", Status.OK, f"{mailbox}: {lease.replica} (fence {lease.fence})"

@@ -109,7 +109,8 @@ def _payload(
     async def unused(outcome: Outcome) -> None:  # pragma: no cover - never settled
         raise AssertionError(outcome)
 
-    # The real webhook-id comes from the mailbox (UIDVALIDITY and UID); this one only stands in.
+    # The real webhook-id names the mailbox's server and the message as the server holds it
+    # (mailroom.identity); this one only stands in.
     stand_in = f"msg_{hashlib.sha256(raw).hexdigest()[:32]}"
     envelope = Envelope(
         mailbox=mailbox.id,

@@ -36,6 +36,7 @@ from mailroom.config.model import (
     LogConfig,
     LogFile,
     MailboxConfig,
+    MetricsConfig,
     Readiness,
     RejectNoticesConfig,
     ReloadConfig,
@@ -45,7 +46,7 @@ from mailroom.config.model import (
     WebhookConfig,
     webhook_labels,
 )
-from mailroom.config.reader import Section, missing, shown
+from mailroom.config.reader import Section, missing, read_text, shown
 from mailroom.config.sample import SAMPLE_HINT
 from mailroom.config.sections import (
     load_warnings,
@@ -53,6 +54,7 @@ from mailroom.config.sections import (
     parse_health,
     parse_limits,
     parse_log,
+    parse_metrics,
     parse_reject_notices,
     parse_reload,
     parse_routing,
@@ -95,6 +97,7 @@ __all__ = [
     "LogConfig",
     "LogFile",
     "MailboxConfig",
+    "MetricsConfig",
     "OAuthConfig",
     "Readiness",
     "RejectNoticesConfig",
@@ -143,6 +146,7 @@ def parse_config(
         reject_notices=notices,
         log=_block(root, "log", parse_log, LogConfig()),
         health=_block(root, "health", parse_health, None),
+        metrics=_block(root, "metrics", parse_metrics, MetricsConfig()),
         limits=_block(root, "limits", parse_limits, LimitsConfig()),
         arbitration=_block(root, "arbitration", parse_arbitration, ArbitrationConfig()),
         reload=_block(root, "reload", parse_reload, ReloadConfig()),
@@ -275,7 +279,7 @@ def load_config(
 
 def read_yaml(file: Path) -> Any:
     try:
-        text = file.read_text(encoding="utf-8")
+        text = read_text(file)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError("", f"cannot read config file {file}: {reason}") from exc

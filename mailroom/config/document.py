@@ -38,6 +38,44 @@ _WHAT_TAG = {
 }
 
 
+def _expanded_size(root: Any) -> int:
+    """How many values ``root`` stands for once every alias is expanded (each node counted
+    once per reference), computed once per node; ``YamlBomb`` beyond the bound or on a cycle."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:  # iterative: a deep document costs no stack frames here
+        node, children_done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        children = _children(node)
+        if not children_done:
+            if key in busy:
+                raise YamlBomb("an alias refers to the value that holds it; write it out")
+            busy.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+            continue
+        busy.discard(key)
+        size = 1 + sum(sizes[id(child)] for child in children)
+        if size > MAX_EXPANDED_NODES:
+            raise YamlBomb(
+                f"its aliases (*name) expand it to more than {MAX_EXPANDED_NODES} values; "
+                "write the values out, or use fewer aliases"
+            )
+        sizes[key] = size
+    return sizes[id(root)]
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
 @dataclass(frozen=True, slots=True)
 class Invalid:
     """A value YAML could not construct; ``reason`` says why without repeating it."""
@@ -46,9 +84,26 @@ class Invalid:
     line: int
 
 
+# What a document may expand to through its aliases: GitLab's files merge a section or two
+# (``<<: *base``); nine levels of ten aliases each ("billion laughs") make 10^9 values out of
+# a few hundred bytes, and every walk over them would take that long (issue 18).
+MAX_EXPANDED_NODES = 1_000_000
+
+
+class YamlBomb(yaml.YAMLError):
+    """A document whose aliases expand beyond ``MAX_EXPANDED_NODES``, or refer to themselves."""
+
+
 class _Loader(yaml.SafeLoader):
     """``SafeLoader`` that keeps going where a value cannot be constructed (an ``Invalid``
-    instead), so that the error can name the path of that value."""
+    instead), so that the error can name the path of that value, and refuses a document whose
+    aliases would expand it beyond ``MAX_EXPANDED_NODES`` values (``YamlBomb``)."""
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node)
+        return node
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         # An alias whose anchor is not defined: `password: *Secret` (a password starting
@@ -101,6 +156,8 @@ def load(text: str, name: str) -> Any:
         ) from None
     try:
         data = loader.get_single_data()
+    except YamlBomb as exc:
+        raise ConfigError("", f"{name}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise _syntax_error(text, name, exc, mark) from None

@@ -112,6 +112,7 @@ def _imap_mailbox(
         delete_after_delivery=section.flag("delete_after_delivery", True),
         expunge_deleted=section.flag("expunge_deleted", False),
         failed_folder=_failed_folder(section, mailbox, imap=True),
+        legacy_id_keywords=section.flag("legacy_id_keywords", False),
         max_message_bytes=section.number(
             "max_message_bytes", 26_214_400, lo=1024, hi=2**31, integer=True
         ),

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 from mailroom.backoff import Backoff
 from mailroom.envelope import FAILED_CATEGORY, FAILED_KEYWORD
 from mailroom.errors import ConfigError
+from mailroom.identity import mailbox_key
 from mailroom.mail import routing
 from mailroom.redact import origin
 from mailroom.trust.values import (
@@ -181,6 +182,13 @@ class MailboxConfig(abc.ABC):
     def dead_letter(self) -> str:
         """How a dead letter of this mailbox is marked, for the dry run and ``route``."""
 
+    @property
+    @abc.abstractmethod
+    def identity(self) -> str:
+        """What names this mailbox wherever it is watched from (``identity.mailbox_key``, not
+        the configured id): in every webhook-id, and in its lease, so that two deployments
+        sharing a Redis cannot take each other's mail (issue 18)."""
+
     def advice(self) -> tuple[tuple[str, str], ...]:
         """Settings that work but deserve a warning at load: ``(key, what to do)`` pairs."""
         return ()
@@ -214,6 +222,12 @@ class FolderMailboxConfig(MailboxConfig):
         """``folder`` of this mailbox's account as its server names it: two mailboxes with
         the same key for a folder share it."""
 
+    @property
+    def identity(self) -> str:
+        """The key of the watched folder (``folder_key``): host, port, user and folder for
+        IMAP; a move to ``failed_folder`` and back does not change it."""
+        return mailbox_key(*self.folder_key(self.mailbox))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ImapMailboxConfig(FolderMailboxConfig):
@@ -238,6 +252,9 @@ class ImapMailboxConfig(FolderMailboxConfig):
     search_command_exact: bool = False  # True: search_command is sent as written
     delete_after_delivery: bool = True
     expunge_deleted: bool = False
+    # Take a dead letter's webhook-id from the $MailroomId_ keyword versions before 0.2 stored
+    # (anyone who can set keywords could choose it): off unless old dead letters need it.
+    legacy_id_keywords: bool = False
 
     def advice(self) -> tuple[tuple[str, str], ...]:
         if self.auth == "password" and not (self.ssl or self.start_tls):
@@ -306,6 +323,13 @@ class GraphMailboxConfig(FolderMailboxConfig):
     def readiness(self) -> Readiness:
         """While its last successful poll is at most two intervals (and a grace) old."""
         return Readiness(within_s=2 * self.inbox_options.poll_interval_s + POLL_GRACE_S)
+
+    @property
+    def identity(self) -> str:
+        """Its folder's key, and the tenant: a user principal name names one mailbox only
+        within its tenant's cloud."""
+        tenant = self.inbox_options.tenant_id.lower()
+        return mailbox_key(*self.folder_key(self.mailbox), tenant)
 
     def with_secret(self, secret: Secret) -> GraphMailboxConfig:
         options = replace(self.inbox_options, client_secret=secret)
@@ -391,6 +415,22 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsConfig:
+    """``metrics:``: how ``/metrics`` (and ``/readyz``) name mailboxes. ``hash`` shows a
+    digest of the id instead of the id (its default, ``<user>@<host>/<mailbox>``, tells who
+    reads which mailbox where), and no error texts in ``/readyz``."""
+
+    mailbox_label: Literal["id", "hash"] = "id"
+
+    def label(self, mailbox: str) -> str:
+        """What ``/metrics`` calls ``mailbox``."""
+        if self.mailbox_label == "id":
+            return mailbox
+        digest = hashlib.sha256(mailbox.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"mailbox-{digest[:12]}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     """``limits:``, process-wide: what may be in flight across all mailboxes, and how many
     connects and logins may run at once. The defaults fit a 512 MiB container."""
@@ -464,6 +504,7 @@ class Config:
     shutdown_timeout_s: float = 20.0
     reject_notices: RejectNoticesConfig | None = None  # None: notices are off
     health: HealthConfig | None = None  # None (absent or null): no health server
+    metrics: MetricsConfig = MetricsConfig()
     limits: LimitsConfig = LimitsConfig()
     arbitration: ArbitrationConfig = ArbitrationConfig()
     reload: ReloadConfig = ReloadConfig()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import email.utils
+import errno
 import os
 import re
 import stat
@@ -63,6 +64,35 @@ def suggestion(name: str, known: Iterable[str]) -> str:
     """``; did you mean password?`` for a close match of ``name`` among ``known``, or ``""``."""
     close = _closest(name, known)
     return f"; did you mean {close}?" if close else ""
+
+
+FILE_MAX_BYTES = 4 * 1024 * 1024  # a config file, gitlab.yml, secrets.yml, an encrypted file
+
+
+def read_regular(path: Path, limit: int = FILE_MAX_BYTES) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes, else
+    ``OSError`` with a ``strerror`` that says why: a FIFO would block the start until someone
+    writes to it, ``/dev/zero`` would never end (issue 18). Opened without blocking, then
+    checked, so a FIFO cannot hold it up."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file (a directory, a FIFO or a device)")
+    with os.fdopen(fd, "rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes")
+    return data
+
+
+def read_text(path: Path, limit: int = FILE_MAX_BYTES) -> str:
+    """``read_regular`` as UTF-8 text (``UnicodeDecodeError`` otherwise)."""
+    return read_regular(path, limit).decode("utf-8")
 
 
 def read_file(base_dir: Path, name: str, *, secret: bool) -> str:

@@ -19,6 +19,7 @@ from mailroom.config.model import (
     LogConfig,
     LogFile,
     MailboxConfig,
+    MetricsConfig,
     RejectNoticesConfig,
     ReloadConfig,
     RetryConfig,
@@ -417,6 +418,13 @@ def _ready_when(section: Section) -> Literal["all", "any"] | float:
             "ready_when", "expected all, any, or a fraction of the mailboxes like 0.9 or 90%"
         )
     return fraction
+
+
+def parse_metrics(section: Section) -> MetricsConfig:
+    """``metrics: {mailbox_label: id | hash}``."""
+    config = MetricsConfig(mailbox_label=section.choice("mailbox_label", "id", ("id", "hash")))
+    section.done()
+    return config
 
 
 def parse_limits(section: Section) -> LimitsConfig:

@@ -32,7 +32,9 @@ class Shared(Protocol):
 
     async def record(self, webhook_id: str, outcome: str) -> None: ...
 
-    async def allow_notice(self, recipient: str, reason: str, window_s: float) -> bool: ...
+    async def allow_notice(
+        self, recipient: str, reason: str, window_s: float, *, sender: str = ""
+    ) -> bool: ...
 
 
 class Markers:

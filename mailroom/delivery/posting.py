@@ -37,6 +37,7 @@ from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ArbitrationError, PermanentDeliveryError, TransientDeliveryError
 from mailroom.mail import routing
 from mailroom.observe.monitor import Monitor, StatusClass
+from mailroom.redact import error_text
 from mailroom.trust.proxies import proxy_for
 from mailroom.trust.tls import client_context
 
@@ -215,7 +216,8 @@ class Webhooks:
         except TimeoutError as exc:
             raise TransientDeliveryError(f"no answer within {config.timeout_s:g}s") from exc
         except aiohttp.ClientError as exc:
-            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+            # aiohttp's text carries the whole URL, its ?query (a receiver's token) too.
+            raise TransientDeliveryError(error_text(exc, config.url)) from exc
         finally:
             self._monitor.webhook(envelope.mailbox, status_class, time.monotonic() - started)
         fields["status"] = status

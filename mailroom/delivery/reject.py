@@ -169,7 +169,10 @@ class Notifier:
         while their store cannot be reached (one notice per replica beats none at all)."""
         if self._shared is not None:
             try:
-                return await self._shared.allow_notice(recipient, reason, self.limiter.window_s)
+                sender = self.config.sender_address if self.config is not None else ""
+                return await self._shared.allow_notice(
+                    recipient, reason, self.limiter.window_s, sender=sender
+                )
             except ArbitrationError as exc:
                 log.warning("%s: the shared notice rate limit is out of reach (%s)", mailbox, exc)
         return self.limiter.allow(recipient, reason, self._clock())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mailroom.config.document import load as load_yaml
+from mailroom.config.reader import read_regular
 from mailroom.errors import ConfigError
 from mailroom.gitlab.marshal import MarshalError, load_string
 
@@ -115,12 +117,13 @@ def read_settings(path: Path, base_keys: Sequence[str]) -> dict[str, Any]:
     """The decrypted settings in ``path``: ``{"user": ..., "password": ...}`` and whatever else
     it holds, keys without the leading ``:`` of Ruby symbols."""
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_FILE_BYTES + 1)
+        data = read_regular(path, MAX_FILE_BYTES)
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise ValueError(
+                f"{path} is over {MAX_FILE_BYTES} bytes: not an encrypted settings file"
+            ) from exc
         raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
-    if len(data) > MAX_FILE_BYTES:
-        raise ValueError(f"{path} is over {MAX_FILE_BYTES} bytes: not an encrypted settings file")
     text = decrypt(data, base_keys, name=str(path))
     try:
         document = load_yaml(text, str(path))

@@ -22,11 +22,14 @@ linear in its length.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote
+
+from mailroom.config.reader import read_regular
 
 __all__ = ["ErbError", "render"]
 
@@ -149,14 +152,15 @@ def _unquote(body: str, *, double: bool) -> str:
 def _read(path: str, line: int) -> str:
     """``File.read(path)``: the file's text (UTF-8), bounded."""
     try:
-        with Path(path).open("rb") as file:
-            data = file.read(_MAX_FILE_BYTES + 1)
+        data = read_regular(Path(path), _MAX_FILE_BYTES)  # a FIFO cannot hold the start
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise ErbError(
+                f'line {line}: File.read("{path}"): larger than 64 KiB, not a secret'
+            ) from None
         raise ErbError(
             f'line {line}: File.read("{path}"): {exc.strerror or type(exc).__name__}'
         ) from None
-    if len(data) > _MAX_FILE_BYTES:
-        raise ErbError(f'line {line}: File.read("{path}"): larger than 64 KiB, not a secret')
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -22,7 +22,7 @@ from typing import Any
 
 from mailroom.config import Config, read_yaml
 from mailroom.config.document import load as load_yaml
-from mailroom.config.reader import IDLE_TIMEOUT_MAX_S
+from mailroom.config.reader import IDLE_TIMEOUT_MAX_S, read_text
 from mailroom.errors import ConfigError
 from mailroom.gitlab import erb
 from mailroom.gitlab.compose import (
@@ -153,7 +153,7 @@ def is_mail_room_yaml(path: str | os.PathLike[str]) -> bool:
 def _read(file: Path, env: Mapping[str, str]) -> Any:
     """The YAML document, after the chart's ERB (``erb.render``) where there is some."""
     try:
-        text = file.read_text(encoding="utf-8")
+        text = read_text(file)  # a regular file, bounded (issue 18)
     except (OSError, UnicodeDecodeError):
         return read_yaml(file)  # says what is wrong with the file
     if "<%" not in text:

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from mailroom.config.document import load as load_yaml
+from mailroom.config.reader import read_text
 from mailroom.errors import ConfigError
 from mailroom.trust.values import Secret
 
@@ -90,7 +91,7 @@ def find_queues_redis(
     if path is None:
         return GitLabRedis(source="default", url=DEFAULT_URL)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ValueError(f"cannot read GitLab's Redis config {path}: {reason}") from exc

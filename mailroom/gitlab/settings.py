@@ -31,7 +31,7 @@ from typing import Any
 
 from mailroom.config import Config, read_yaml
 from mailroom.config.document import load as load_yaml
-from mailroom.config.reader import HOST_RE
+from mailroom.config.reader import HOST_RE, read_text
 from mailroom.errors import ConfigError
 from mailroom.gitlab import encrypted
 from mailroom.gitlab.compose import (
@@ -96,6 +96,7 @@ _SIDEKIQ_DEPRECATED = (
 JWT_HEADER = "Gitlab-Mailroom-Api-Request"  # Gitlab::MailRoom::INTERNAL_API_REQUEST_HEADER
 JWT_ISSUER = "gitlab-mailroom"
 API_PATH = "/api/v4/internal/mail_room/"
+MAX_ROTATED_KEYS = 8  # rotated encrypted_settings_key_base keys tried, at most
 _ERB_ENV = re.compile(r"""<%=\s*ENV\[\s*(["'])([A-Za-z_][A-Za-z0-9_]*)\1\s*\]\s*%>""")
 
 
@@ -411,7 +412,7 @@ class _Secrets:
     def _read_keys(self) -> list[str]:
         path = self.files.secrets_yml
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_text(path)
         except FileNotFoundError:
             return []
         except (OSError, UnicodeDecodeError) as exc:
@@ -434,6 +435,13 @@ class _Secrets:
         rotated = merged.get("rotated_encrypted_settings_key_base") or []
         if not isinstance(rotated, list):
             rotated = [rotated]
+        if len(rotated) > MAX_ROTATED_KEYS:
+            # Each costs 2**16 rounds of PBKDF2 at every start (200 took 13 s, issue 18).
+            self.warnings.append(
+                f"{path}: rotated_encrypted_settings_key_base lists {len(rotated)} keys; "
+                f"only the first {MAX_ROTATED_KEYS} are tried: remove the old ones"
+            )
+            rotated = rotated[:MAX_ROTATED_KEYS]
         keys = [current, *rotated] if current else []
         if not all(isinstance(k, str) for k in keys):
             raise ConfigError(

@@ -289,6 +289,12 @@ def _base64_size(payload: str, step: int = _MATCH_CHARS) -> int | None:
     return chars // 4 * 3 + chars % 4 * 3 // 4
 
 
+# Serialising without refolding: compat32 refolds every header it writes (email.header), about
+# 30 µs a line (an attached message with a header folded into 250,000 lines took 9 s, and
+# heap in proportion); written as they came, in one join each (issue 18).
+_AS_IT_IS = policy.default.clone(refold_source="none")
+
+
 def _size(part: mime.Part) -> int:
     if not part.is_multipart():
         # As Message.get_payload(decode=True) reads the transfer encoding.
@@ -297,8 +303,8 @@ def _size(part: mime.Part) -> int:
             if isinstance(payload, str) and (size := _base64_size(payload)) is not None:
                 return size
         return len(_payload(part))
-    try:  # message/rfc822: the enclosed message, re-serialised
-        return len(part.as_bytes(policy=policy.compat32))
+    try:  # message/rfc822: the enclosed message, re-serialised as it is
+        return len(part.as_bytes(policy=_AS_IT_IS))
     except Exception:
         return 0
 

@@ -75,6 +75,32 @@ _LOCAL_FORBIDDEN = re.compile(r"[\s<>()\[\],;:\"\\]")
 _EXAMPLE = "incoming+%{key}@example.com"
 # RFC 2076 §3.9 Precedence values that mark list and bulk mail; auto_reply is Microsoft's.
 _PRECEDENCE = frozenset({"bulk", "junk", "list", "auto_reply"})
+# What a key may not hold (issue 18): "@" (``incoming+abc@evil.example@host`` read from a
+# Received line), control characters, bidi controls (U+061C, U+200E/F, U+202A-E, U+2066-9:
+# a key that reads otherwise than it is) and zero-width ones (U+200B-D, U+2060, U+FEFF).
+_KEY_FORBIDDEN = re.compile(
+    "[@\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]"
+)
+# ASCII letters only: str.lower() also maps the Kelvin sign (U+212A) to "k" and the dotted I
+# (U+0130) to "i̇": an address at "\u212aexample.com" would match the domain kexample.com.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """``text`` with ASCII letters in lower case and nothing else changed (RFC 5321 §2.4:
+    domains compare case-insensitively in ASCII)."""
+    return text.translate(_ASCII_LOWER)
+
+
+def safe_key(key: str) -> bool:
+    """Whether ``key`` may go to the application: not empty, no ``.`` or ``..`` segment
+    between slashes (``../../admin``, where an application builds a path of it), no ``@``, no
+    control, bidi or zero-width character."""
+    if not key or _KEY_FORBIDDEN.search(key):
+        return False
+    return not any(segment in (".", "..") for segment in key.split("/"))
+
+
 _DAEMONS = frozenset({"mailer-daemon", "postmaster"})
 
 
@@ -113,13 +139,13 @@ class AddressTemplate:
             raise ValueError(
                 f"{template!r}: write the placeholder whole, as {KEY_PLACEHOLDER}, like {_EXAMPLE}"
             )
-        if not _DOMAIN.fullmatch(domain.lower()) or ".." in domain:
+        if not domain.isascii() or not _DOMAIN.fullmatch(ascii_lower(domain)) or ".." in domain:
             raise ValueError(f"{template!r}: {domain!r} is not a domain name")
         return cls(
             template=text,
-            prefix=prefix.lower(),
-            suffix=suffix.lower(),
-            domain=domain.lower(),
+            prefix=ascii_lower(prefix),
+            suffix=ascii_lower(suffix),
+            domain=ascii_lower(domain),
             has_key=KEY_PLACEHOLDER in local,
         )
 
@@ -129,16 +155,17 @@ class AddressTemplate:
         Local-part prefix/suffix and domain compare case-insensitively; the key keeps its case.
         """
         local, at, domain = address.strip().strip("<>").rpartition("@")
-        if not at or domain.lower() != self.domain:
+        if not at or ascii_lower(domain) != self.domain:
             return None
-        lowered = local.lower()
+        lowered = ascii_lower(local)
         if not self.has_key:
             return "" if lowered == self.prefix else None
         if len(local) <= len(self.prefix) + len(self.suffix):
             return None
         if not (lowered.startswith(self.prefix) and lowered.endswith(self.suffix)):
             return None
-        return local[len(self.prefix) : len(local) - len(self.suffix)]
+        key = local[len(self.prefix) : len(local) - len(self.suffix)]
+        return key if safe_key(key) else None
 
     def format(self, key: str) -> str:
         """The address for ``key`` (the template itself for a dedicated address)."""
@@ -187,10 +214,10 @@ class RoutingRules:
                 f"unknown auto-generated rule {unknown[0]!r}; "
                 f"known rules: {', '.join(AUTO_GENERATED_RULES)}"
             )
-        own = frozenset(a.strip().strip("<>").lower() for a in self.own_addresses)
+        own = frozenset(ascii_lower(a.strip().strip("<>")) for a in self.own_addresses)
         object.__setattr__(self, "own_addresses", own)
         if self.reply_host is not None:
-            object.__setattr__(self, "reply_host", self.reply_host.strip().lower() or None)
+            object.__setattr__(self, "reply_host", ascii_lower(self.reply_host.strip()) or None)
 
     @property
     def reply_domain(self) -> str:
@@ -198,17 +225,21 @@ class RoutingRules:
 
     def is_own(self, address: str) -> bool:
         """True for our own addresses: any the template matches, and ``own_addresses``."""
-        lowered = address.strip().strip("<>").lower()
+        lowered = ascii_lower(address.strip().strip("<>"))
         return lowered in self.own_addresses or self.address.match(lowered) is not None
 
     def reply_key(self, msg_id: str) -> str | None:
         """The key of a reply id ``reply-<key>@<reply host>`` (case-insensitive), or None."""
         local, at, host = msg_id.rpartition("@")
-        if not at or host.lower() != self.reply_domain:
+        if not at or ascii_lower(host) != self.reply_domain:
             return None
-        if len(local) <= len(REPLY_PREFIX) or local[: len(REPLY_PREFIX)].lower() != REPLY_PREFIX:
+        if (
+            len(local) <= len(REPLY_PREFIX)
+            or ascii_lower(local[: len(REPLY_PREFIX)]) != REPLY_PREFIX
+        ):
             return None
-        return local[len(REPLY_PREFIX) :]
+        key = local[len(REPLY_PREFIX) :]
+        return key if safe_key(key) else None
 
 
 @dataclass(frozen=True, slots=True)

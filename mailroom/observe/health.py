@@ -119,6 +119,7 @@ class Health(Monitor):
         self.leases_held = 0
         self.replicas_live = 0
         self._held: set[str] | None = None  # replicas: the mailboxes this one watches
+        self.conflicts: dict[str, str] = {}  # replicas: mailboxes whose lease is another's
         self._stopping = False
         self._not_ready: tuple[str, ...] | None = None  # as last logged
         self.started = clock()
@@ -219,6 +220,14 @@ class Health(Monitor):
         if mailbox in self.sources:
             self.metrics.restarts.labels(mailbox).inc()
 
+    def violation(self, mailbox: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.violations.labels(mailbox).inc()
+
+    def malformed(self, mailbox: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.malformed.labels(mailbox).inc()
+
     def accepted(self, mailbox: str) -> int:
         token = next(self._tokens)
         self.metrics.fetched.labels(mailbox).inc()
@@ -279,6 +288,12 @@ class Health(Monitor):
 
     def expect(self, mailboxes: set[str] | None) -> None:
         self._held = mailboxes
+
+    def conflict(self, mailbox: str, reason: str | None) -> None:
+        if reason is None:
+            self.conflicts.pop(mailbox, None)
+        else:
+            self.conflicts[mailbox] = reason
 
     # -- readiness -----------------------------------------------------------------------------
 
@@ -348,11 +363,13 @@ class Health(Monitor):
         needed = self._needed(len(expected))
         ready_count = sum(1 for m in mailboxes.values() if m["ready"])
         redis_down = self.arbitration_ok is False
-        ready = not self._stopping and not redis_down and ready_count >= needed
+        conflicts = [m for m in self._expected if m in self.conflicts]
+        ready = not self._stopping and not redis_down and not conflicts and ready_count >= needed
         reasons = ()
         if not ready:
             reasons = (
                 *not_ready,
+                *(f"{m}: its lease is held for another mailbox" for m in conflicts),
                 *(("Redis unreachable",) if redis_down else ()),
                 *(("stopping",) if self._stopping else ()),
             )
@@ -382,6 +399,7 @@ class Health(Monitor):
                 "reason": self.arbitration_reason,
                 "leases": self.leases_held,
                 "replicas": self.replicas_live,
+                "conflicts": {m: self.conflicts[m] for m in conflicts},
             }
         return ready, body
 

@@ -17,7 +17,8 @@ written share it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -67,6 +68,14 @@ class Metrics:
         self.auth_errors = counter(
             "mailroom_auth_errors", "Logins refused (login), OAuth tokens not had (token).", "kind"
         )
+        self.violations = counter(
+            "mailroom_peer_violations",
+            "Connections dropped because the server broke a bound (line, literal, answer size).",
+        )
+        self.malformed = counter(
+            "mailroom_malformed_items",
+            "Messages skipped because the server described them out of range.",
+        )
         self.restarts = counter(
             "mailroom_source_restarts", "Sources restarted after an unexpected error (a bug)."
         )
@@ -99,6 +108,8 @@ class Metrics:
         yield self.fetched, (mailbox,)
         yield self.reconnects, (mailbox,)
         yield self.restarts, (mailbox,)
+        yield self.violations, (mailbox,)
+        yield self.malformed, (mailbox,)
         yield self.marker_hits, (mailbox,)
         for outcome in Outcome:
             yield self.settled, (mailbox, outcome.value)
@@ -126,13 +137,14 @@ class Metrics:
     def remove_webhook(self, label: str) -> None:
         self.latency.remove(label)
 
-    async def exposition(self) -> bytes:
+    async def exposition(self, view: Callable[[Families], Any] | None = None) -> bytes:
         """The ``/metrics`` text: the gauges collected here, on the loop; the rest collected
-        and written in a worker thread. A scrape that comes while one is being written gets
-        the same text."""
+        and written in a worker thread (through ``view``, which may rename labels, when
+        given). A scrape that comes while one is being written gets the same text."""
         if self._writing is None:
             snapshot = Families(self.counters, *self.gauges.collect())
-            self._writing = asyncio.ensure_future(asyncio.to_thread(generate_latest, snapshot))
+            shown = snapshot if view is None else view(snapshot)
+            self._writing = asyncio.ensure_future(asyncio.to_thread(generate_latest, shown))
             self._writing.add_done_callback(self._written)
         return await asyncio.shield(self._writing)
 

@@ -76,6 +76,14 @@ class Monitor:
     def auth_error(self, mailbox: str, failure: AuthFailure) -> None:
         """A connection failed on its credentials."""
 
+    def violation(self, mailbox: str) -> None:
+        """The server broke a bound (a line, a literal, an answer too large, too deep): its
+        connection was dropped, and the source reconnects with backoff."""
+
+    def malformed(self, mailbox: str) -> None:
+        """The server described one message out of range (a UID, a size, an id): that message
+        was skipped, the others were read."""
+
     def restarted(self, mailbox: str) -> None:
         """The source survived an unexpected error (a bug): logged, counted, restarted."""
 
@@ -115,6 +123,10 @@ class Monitor:
     def marker_hit(self, mailbox: str) -> None:
         """Replicas: a message another replica already brought to an outcome was settled
         without posting it again."""
+
+    def conflict(self, mailbox: str, reason: str | None) -> None:
+        """Replicas: ``mailbox``'s lease is held for another mailbox under the same id (another
+        deployment in the same namespace; ``reason`` says so), or no longer (None)."""
 
     def expect(self, mailboxes: set[str] | None) -> None:
         """Replicas: readiness counts only these mailboxes (this replica's leases); None: all

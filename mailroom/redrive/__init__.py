@@ -1,10 +1,10 @@
 """``mailroom redrive``: dead letters put back, to be delivered again under their webhook-id.
 
 - IMAP (``redrive.imap``): in the mailbox, a message flagged ``$MailroomFailed`` gets that
-  keyword and ``\\Seen`` cleared; its UID stays, and so does its webhook-id. In
-  ``failed_folder``, every message is cleared the same way and moved back (``UID MOVE``); it
-  keeps its webhook-id through the ``$MailroomId_<hex>`` keyword the watcher stored before it
-  moved it there (``imap_wire.id_keyword``), or gets a new one when it carries none.
+  keyword and ``\\Seen`` cleared. In ``failed_folder``, every message is cleared the same way
+  and moved back (``UID MOVE``). Either way it keeps its webhook-id: that is made from the
+  mailbox's server identity and the message's bytes (``mailroom.identity``), which a move
+  does not change.
 - Microsoft Graph (``redrive.graph``): the category ``MailroomFailed`` is removed and the
   message marked unread; from ``failed_folder`` it is also moved back. Immutable ids (the
   poller asks for them) keep the webhook-id across both moves.
@@ -82,7 +82,7 @@ async def run(
     ok = True
     try:
         for mailbox in mailboxes:
-            before = job.kept + job.new + job.failed
+            before = job.done + job.failed
             redrive = kinds.redrive(mailbox)
             if redrive is None:
                 out(f"{mailbox.id}: redrive does not apply to {mailbox.inbox_method} mailboxes")
@@ -97,7 +97,7 @@ async def run(
                 ok = False
                 out(f"{mailbox.id}: FAILED: {exc}; its dead letters are left as they are")
                 continue
-            if job.kept + job.new + job.failed == before:
+            if job.done + job.failed == before:
                 out(f"{mailbox.id}: no dead letters{job.since_text}")
     finally:
         if markers is not None:

@@ -22,7 +22,7 @@ from urllib.parse import quote
 from mailroom.config import GraphMailboxConfig
 from mailroom.errors import GraphError
 from mailroom.redrive.job import Job, Letter, Stopped, utc_text
-from mailroom.sources.graph import FAILED_CATEGORY, idempotency_key
+from mailroom.sources.graph import FAILED_CATEGORY, webhook_id
 from mailroom.sources.graph_client import (
     GraphClient,
     discard,
@@ -76,7 +76,7 @@ class _Mailbox:
                 where=f"message {message_id[-12:]} in {folder}",
                 received=_received(item.get("receivedDateTime")),
                 message_id=internet_id if isinstance(internet_id, str) else None,
-                webhook_id=idempotency_key(self.config.id, message_id),
+                webhook_id=webhook_id(self.config, message_id),
             )
             categories = [c for c in item.get("categories") or () if isinstance(c, str)]
             if flagged:

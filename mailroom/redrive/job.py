@@ -24,13 +24,13 @@ class Options:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Letter:
-    """One dead letter found: where it is, and the webhook-id it will be posted under (None:
-    a new one, which cannot be known before it is back)."""
+    """One dead letter found: where it is, and the webhook-id it will be posted under."""
 
     where: str  # "uid 17 in Failed", "message …Q1AAA= in inbox"
     received: datetime.datetime | None
     message_id: str | None
-    webhook_id: str | None
+    webhook_id: str
+    legacy_id: str | None = None  # the id a $MailroomId_ keyword (before 0.2) carries
 
 
 class Stopped(MailroomError):
@@ -46,7 +46,7 @@ class Job:
         self.options = options
         self.out = out
         self.markers = markers
-        self.kept = self.new = self.failed = 0
+        self.done = self.failed = 0
 
     def wanted(self, received: datetime.datetime | None) -> bool:
         """Received at or after ``--since`` (everything without it)."""
@@ -68,7 +68,7 @@ class Job:
         if not self.options.dry_run:
             try:
                 if self.markers is not None:
-                    await self.markers.forget([x.webhook_id for x in letters if x.webhook_id])
+                    await self.markers.forget([x.webhook_id for x in letters])
                 await change()
             except MailroomError as exc:
                 self.failed += len(letters)
@@ -76,10 +76,7 @@ class Job:
                     self.out(self._line(mailbox, letter, f"FAILED: {exc}"))
                 raise Stopped(str(exc)) from exc
         for letter in letters:
-            if letter.webhook_id is None:
-                self.new += 1
-            else:
-                self.kept += 1
+            self.done += 1
             self.out(self._line(mailbox, letter, would if self.options.dry_run else done))
 
     def _line(self, mailbox: str, letter: Letter, what: str) -> str:
@@ -87,10 +84,14 @@ class Job:
         message_id = "(no Message-ID)"
         if letter.message_id:  # Graph's internetMessageId has the brackets, message.parse not
             message_id = printable(f"<{letter.message_id.strip('<>')}>", SHOWN_AT_MOST)
-        if letter.webhook_id is None:
-            webhook = "a new webhook-id (it carries no $MailroomId keyword)"
-        else:
-            webhook = f"webhook-id {letter.webhook_id} (its own)"
+        webhook = f"webhook-id {letter.webhook_id}"
+        if letter.legacy_id == letter.webhook_id:
+            webhook += " (its $MailroomId_ keyword: legacy_id_keywords)"
+        elif letter.legacy_id is not None:
+            webhook += (
+                f"; not {letter.legacy_id}, which its $MailroomId_ keyword names "
+                "(legacy_id_keywords: false)"
+            )
         return f"{mailbox}: {letter.where}, received {received}, {message_id}: {what}; {webhook}"
 
     @property
@@ -99,20 +100,19 @@ class Job:
         return f" received since {utc_text(since)}" if since is not None else ""
 
     def summary(self) -> str:
-        count = self.kept + self.new
-        ids = f"{self.kept} with their own webhook-id, {self.new} with a new one"
+        count = self.done
         since = self.since_text
         if self.options.dry_run:
             return (
                 f"mailroom redrive: dry run: {count} dead letter(s){since} would be redriven "
-                f"({ids}); nothing was changed"
+                "under their webhook-ids; nothing was changed"
             )
         failed = f"; {self.failed} FAILED" if self.failed else ""
         if not count:
             return f"mailroom redrive: no dead letters{since} redriven{failed}"
         return (
-            f"mailroom redrive: {count} dead letter(s){since} redriven ({ids}){failed}; a running "
-            "mailroom delivers them at its next sweep or poll"
+            f"mailroom redrive: {count} dead letter(s){since} redriven under their webhook-ids"
+            f"{failed}; a running mailroom delivers them at its next sweep or poll"
         )
 
 

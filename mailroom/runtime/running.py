@@ -268,6 +268,8 @@ class Running:
         listen = [(h.host, h.port) if h else None for h in (old.health, new.health)]
         if listen[0] != listen[1]:
             log.warning("reload: a changed health.listen takes effect after a restart")
+        if new.metrics != old.metrics:
+            log.warning("reload: a changed metrics block takes effect after a restart")
         for warning in new.warnings:
             logging.getLogger("mailroom.config").warning("config: %s", warning)
 

@@ -31,6 +31,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from mailroom import logs
 from mailroom.arbitration import Coordinator, RedisStore
 from mailroom.config import Config
 from mailroom.delivery.dispatch import Dispatcher
-from mailroom.errors import ConfigError
+from mailroom.errors import ArbitrationError, ConfigError
 from mailroom.observe.health import Health
 from mailroom.runtime.health_server import HealthServer
 from mailroom.runtime.resources import Resources, SourceKinds
@@ -51,6 +52,9 @@ from mailroom.sources.lifecycle import wait_any
 __all__ = ["run"]
 
 log = logging.getLogger("mailroom")
+
+OPEN_FILES_WANTED = 65_536  # with no hard limit: as many as this
+OPEN_FILES_ADVISED = 4096  # fewer: a warning
 
 
 def _install_signals(stop: asyncio.Event, reload: asyncio.Event) -> list[signal.Signals]:
@@ -93,6 +97,43 @@ async def _listen(server: HealthServer) -> None:
         raise ConfigError(
             "health.listen", f"cannot listen on {address}: {reason}; {advice}choose another"
         ) from exc
+
+
+def raise_open_files() -> int:
+    """Raise the soft limit of open files to the hard one and say what there is (issue 18:
+    systemd's default soft limit of 1,024 ran out under 1,100 connections to the health port,
+    and then no webhook POST could open a socket). The limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, OPEN_FILES_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("open files: cannot raise the soft limit %d to %d (%s)", soft, wanted, exc)
+    shown = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    log.info("open files: up to %d (hard limit %s)", soft, shown)
+    if soft < OPEN_FILES_ADVISED:
+        log.warning(
+            "open files: %d is few; each mailbox, webhook connection and health client takes "
+            "one: raise the hard limit (systemd LimitNOFILE=, docker --ulimit nofile=) to %d "
+            "or more",
+            soft,
+            OPEN_FILES_ADVISED,
+        )
+    return int(soft)
+
+
+async def _refuse_shared_namespace(config: Config, store: replicas.RedisStore) -> None:
+    """A lease of one of our mailbox ids held for another mailbox: another deployment uses the
+    same namespace, and would lose mail to us (or we to it). A config error (exit 2); Redis
+    out of reach is no error here (the leases wait for it)."""
+    try:
+        problems = await replicas.conflicts(config, store)
+    except ArbitrationError:
+        return
+    if problems:
+        raise ConfigError("arbitration.namespace", "; ".join(problems))
 
 
 def _signature(paths: Sequence[Path]) -> tuple[object, ...]:
@@ -199,7 +240,9 @@ async def run(
     installed = _install_signals(stop, reload)
     resources = Resources(config, kinds)
     health = Health(config, budget=resources.budget)
-    server = HealthServer(health, config.health) if config.health is not None else None
+    server = None
+    if config.health is not None:
+        server = HealthServer(health, config.health, config.metrics)
     shared = config.arbitration.enabled and not dry_run
     store = replicas.store(config.arbitration) if shared else None
     queues = replicas.JobQueues()  # delivery_method: sidekiq (GitLab's, deprecated)
@@ -207,8 +250,11 @@ async def run(
     abandoned = 0
     try:
         resources.prepare(config)
+        if store is not None:
+            await _refuse_shared_namespace(config, store)
         if server is not None:
             await _listen(server)  # before any mailbox: a port in use fails at once
+        raise_open_files()  # before the mailboxes' and webhooks' connections
         async with (
             Dispatcher(
                 config,

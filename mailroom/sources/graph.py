@@ -31,7 +31,6 @@ stops another mailbox or the process.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import time
@@ -40,6 +39,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from mailroom import identity
 from mailroom.backoff import Backoff
 from mailroom.config import GraphMailboxConfig
 from mailroom.envelope import FAILED_CATEGORY, Envelope
@@ -52,12 +52,13 @@ from mailroom.sources.graph_client import (
     message_url,
     messages_url,
     read_mime,
+    segment,
     user_url,
 )
 from mailroom.sources.lifecycle import Settlement, Source, wait_any
 from mailroom.trust.entra import TokenProvider
 
-__all__ = ["FAILED_CATEGORY", "GraphPoller", "idempotency_key"]
+__all__ = ["FAILED_CATEGORY", "GraphPoller", "webhook_id"]
 
 log = logging.getLogger("mailroom.graph")
 
@@ -75,12 +76,30 @@ _LIST_QUERY = "?$filter={}&$orderby={}&$select={}&$top={}".format(
     PAGE_SIZE,
 )
 _SERVICE_WIDE = (401, 403, 408, 429, 503)  # a $value failure that says nothing of the message
+MAX_ID_CHARS = 1024  # Graph's ids are about 150 characters
+MAX_CATEGORIES = 100  # per message, as Outlook allows at most
 
 
-def idempotency_key(mailbox_id: str, message_id: str) -> str:
-    """The ``webhook-id``: from the (immutable) Graph message id; a valid header value."""
-    digest = hashlib.sha256(f"graph\0{mailbox_id}\0{message_id}".encode()).hexdigest()
-    return f"msg_{digest[:32]}"
+def _message_id(item: object) -> str | None:
+    """The id of a listed message, or None when the server sent something else in its place
+    (not an object, no id, an id that is no short printable text): skipped and counted."""
+    message_id = item.get("id") if isinstance(item, dict) else None
+    if not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_ID_CHARS:
+        return None
+    return message_id if message_id.isprintable() else None
+
+
+def _categories(value: object) -> tuple[str, ...]:
+    """A listed message's categories: only text, and no more than a message may have."""
+    listed = value[:MAX_CATEGORIES] if isinstance(value, list) else []
+    return tuple(c for c in listed if isinstance(c, str))
+
+
+def webhook_id(config: GraphMailboxConfig, message_id: str) -> str:
+    """The ``webhook-id`` of a message (``identity``): the mailbox's endpoint, tenant, user
+    and folder, and the message's immutable id, which moves to ``failed_folder`` and back do
+    not change."""
+    return identity.webhook_id(config.identity, identity.graph_message(message_id))
 
 
 def _transient(exc: SourceError) -> bool:
@@ -201,9 +220,16 @@ class GraphPoller(Source[GraphMailboxConfig, str, Categories]):
                 break
             seen.add(url)
             page = await self._graph.send("GET", url)
-            for item in page.get("value", []):
-                message_id = item.get("id")
-                if not isinstance(message_id, str) or message_id in self._pending:
+            items = page.get("value", [])
+            if not isinstance(items, list):
+                raise GraphError("Graph answered a listing whose value is not a list")
+            for item in items:
+                message_id = _message_id(item)
+                if message_id is None:
+                    self.log.warning("Graph listed a message without a usable id; skipped")
+                    self._monitor.malformed(self.id)
+                    continue
+                if message_id in self._pending:
                     continue
                 if message_id in self._stuck:
                     continue
@@ -212,7 +238,7 @@ class GraphPoller(Source[GraphMailboxConfig, str, Categories]):
                 if not self._has_capacity() or (reservation := self._reserve()) is None:
                     self._more = True
                     return
-                categories = tuple(c for c in item.get("categories") or () if isinstance(c, str))
+                categories = _categories(item.get("categories"))
                 try:
                     await self._fetch(message_id, categories, reservation)
                 except GraphError as exc:
@@ -270,7 +296,7 @@ class GraphPoller(Source[GraphMailboxConfig, str, Categories]):
     async def _fetch(
         self, message_id: str, categories: tuple[str, ...], reservation: Reservation
     ) -> None:
-        url = f"{self._messages_url()}/{quote(message_id, safe='')}/$value"
+        url = f"{self._messages_url()}/{segment(message_id)}/$value"
         limit = self.config.max_message_bytes
         raw, size, too_large = await self._graph.send(
             "GET", url, read=lambda response: read_mime(response, limit), accept="*/*"
@@ -282,7 +308,7 @@ class GraphPoller(Source[GraphMailboxConfig, str, Categories]):
         self._hand_out(
             message_id,
             ref=f"graph {message_id[-12:]}",
-            idempotency_key=idempotency_key(self.id, message_id),
+            idempotency_key=webhook_id(self.config, message_id),
             raw=raw,
             size=size,
             charged=charged,

@@ -7,10 +7,18 @@ makes its own for the length of its ``async with``. Every request carries
 resources"), so a message keeps its id when moved. A 401 gets one fresh token and one retry;
 every other failure becomes a ``GraphError`` with the status, Graph's error ``code`` and the
 ``Retry-After`` seconds (Graph, "Microsoft Graph throttling guidance"; RFC 9110 §10.2.3).
+
+Every answer is read within a bound (``JSON_MAX_BYTES``, ``ERROR_MAX_BYTES``; a message's MIME
+within ``max_message_bytes``), decoded in a worker thread above ``JSON_ON_LOOP_BYTES``, and
+refused when nested deeper than ``JSON_MAX_DEPTH``: a hostile endpoint or proxy costs its own
+mailbox a failed poll, never the event loop or the process's memory (issue 18). Ids Graph
+sends are percent-encoded, so no id becomes a ``.`` or ``..`` path segment (``segment``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +31,7 @@ from mailroom import USER_AGENT
 from mailroom.backoff import ONCE_MORE, Retry, retry_after
 from mailroom.config import GraphInboxOptions, GraphMailboxConfig
 from mailroom.errors import GraphError
+from mailroom.redact import error_text, origin, printable
 from mailroom.trust.entra import TokenProvider
 from mailroom.trust.proxies import proxy_for
 from mailroom.trust.tls import client_context
@@ -33,6 +42,7 @@ __all__ = [
     "message_url",
     "messages_url",
     "read_mime",
+    "segment",
     "session",
     "user_url",
 ]
@@ -42,24 +52,37 @@ log = logging.getLogger("mailroom.graph")
 TIMEOUT = aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=60)
 HEADER_LIMIT = 256 * 1024  # a too-large message: at most this much of its header block
 CHUNK = 64 * 1024
+# A page of 50 messages with $select=id,categories is a few KB, redrive's of 100 a few dozen.
+JSON_MAX_BYTES = 4 * 1024 * 1024
+ERROR_MAX_BYTES = 64 * 1024  # of an error answer: its code and message are what count
+JSON_ON_LOOP_BYTES = 256 * 1024  # a larger answer is decoded in a worker thread
+JSON_MAX_DEPTH = 32  # Graph's objects nest a few levels deep
 
 Reader = Callable[[aiohttp.ClientResponse], Awaitable[Any]]
 
 
+def segment(text: str, safe: str = "") -> str:
+    """``text`` as one path segment, percent-encoded: an id of ``.`` or ``..`` (a hostile or
+    broken server's) as ``%2E`` or ``%2E%2E``, so it cannot become a dot-segment that climbs
+    the path (RFC 3986 §5.2.4) and aims a PATCH or DELETE elsewhere."""
+    quoted = quote(text, safe=safe)
+    return quoted if quoted.strip(".") else quoted.replace(".", "%2E")
+
+
 def user_url(config: GraphMailboxConfig) -> str:
     """``.../v1.0/users/{user}``: where every URL of one mailbox begins."""
-    return f"{config.inbox_options.graph_endpoint}/v1.0/users/{quote(config.user, safe='@')}"
+    return f"{config.inbox_options.graph_endpoint}/v1.0/users/{segment(config.user, '@')}"
 
 
 def messages_url(user: str, folder: str) -> str:
     """The messages of ``folder`` (a well-known name, a display name's id, or an id) under
     ``user`` (``user_url``)."""
-    return f"{user}/mailFolders/{quote(folder, safe='')}/messages"
+    return f"{user}/mailFolders/{segment(folder)}/messages"
 
 
 def message_url(user: str, message_id: str) -> str:
     """One message of ``user`` (``user_url``), whichever folder it is in."""
-    return f"{user}/messages/{quote(message_id, safe='')}"
+    return f"{user}/messages/{segment(message_id)}"
 
 
 def session(options: GraphInboxOptions, *, limit: int = 8) -> aiohttp.ClientSession:
@@ -104,7 +127,8 @@ class GraphClient:
             return None
         # The token goes wherever the link points: only ever back to graph_endpoint.
         if not isinstance(link, str) or urlsplit(link)[:2] != self._origin:
-            raise GraphError(f"@odata.nextLink {link!r} leaves graph_endpoint; not followed")
+            shown = origin(link) if isinstance(link, str) else type(link).__name__
+            raise GraphError(f"@odata.nextLink to {shown} leaves graph_endpoint; not followed")
         return link
 
     async def send(
@@ -158,7 +182,7 @@ class GraphClient:
             except TimeoutError as exc:
                 raise GraphError(f"{method} {_path(url)}: no answer in time") from exc
             except aiohttp.ClientError as exc:
-                raise GraphError(f"{method} {_path(url)}: {type(exc).__name__}: {exc}") from exc
+                raise GraphError(f"{method} {_path(url)}: {error_text(exc, url)}") from exc
 
     async def find_folder(self, user_url: str, name: str) -> str | None:
         """The id of the mail folder ``name`` under the mailbox root, or None."""
@@ -192,21 +216,63 @@ def _path(url: str) -> str:
 
 
 async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:
-    """The JSON object of a 2xx answer; anything else (HTML from a proxy, say) a GraphError."""
+    """The JSON object of a 2xx answer; anything else (HTML from a proxy, say, or an answer
+    too large or too deep) a GraphError."""
     where = f"{response.method} {response.url.path}: HTTP {response.status}"
+    body = await read_bounded(response, JSON_MAX_BYTES)
+    if body is None:
+        raise GraphError(f"{where}: the answer is larger than {JSON_MAX_BYTES} bytes")
     try:
-        document = await response.json(content_type=None)
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise GraphError(f"{where}: the answer is not JSON ({exc})") from exc
+        document = await decode_json(body)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
+        raise GraphError(f"{where}: the answer is not JSON we can read ({exc})") from exc
     if not isinstance(document, dict):
         raise GraphError(f"{where}: the answer is not a JSON object")
+    return document
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body of ``response`` if it is at most ``limit`` bytes, else None (read no further:
+    the connection is dropped, not drained)."""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    buffer = bytearray()
+    async for chunk in response.content.iter_chunked(CHUNK):
+        buffer += chunk
+        if len(buffer) > limit:
+            return None
+    return bytes(buffer)
+
+
+async def decode_json(body: bytes) -> Any:
+    """``body`` as JSON (UTF-8), in a worker thread when it is large; ``ValueError`` when it
+    is not JSON or nests deeper than ``JSON_MAX_DEPTH``."""
+    if len(body) > JSON_ON_LOOP_BYTES:
+        return await asyncio.to_thread(_decode, body)
+    return _decode(body)
+
+
+def _decode(body: bytes) -> Any:
+    try:
+        document = json.loads(body)
+    except RecursionError:  # the C decoder's own limit, far beyond any depth we allow
+        raise ValueError(f"nested deeper than {JSON_MAX_DEPTH} levels") from None
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:  # iterative: a deep document costs no stack frames here
+        value, depth = stack.pop()
+        if depth > JSON_MAX_DEPTH:
+            raise ValueError(f"nested deeper than {JSON_MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
     return document
 
 
 def _folder_id(folder: Any) -> str:
     folder_id = folder.get("id") if isinstance(folder, dict) else None
     if not isinstance(folder_id, str) or not folder_id:
-        raise GraphError(f"Graph answered a mail folder without an id: {str(folder)[:200]}")
+        raise GraphError("Graph answered a mail folder without an id")
     return folder_id
 
 
@@ -237,26 +303,38 @@ def _header_end(buffer: bytearray) -> int:
 
 
 async def discard(response: aiohttp.ClientResponse) -> None:
-    """A ``read`` for answers whose body is of no interest (204, PATCH echoes)."""
-    await response.read()
+    """A ``read`` for answers whose body is of no interest (204, PATCH echoes): at most
+    ``JSON_MAX_BYTES`` of it is read (and thrown away), the connection dropped beyond."""
+    read = 0
+    async for chunk in response.content.iter_chunked(CHUNK):
+        read += len(chunk)
+        if read > JSON_MAX_BYTES:
+            response.close()
+            return
 
 
 async def _error(method: str, url: str, response: aiohttp.ClientResponse) -> GraphError:
     """Graph's error object: ``{"error": {"code": ..., "message": ...}}`` (Graph "Errors")."""
-    code, message = None, ""
+    code: str | None = None
+    message = ""
     try:
-        document = await response.json(content_type=None)
+        body = await read_bounded(response, ERROR_MAX_BYTES)
+        document = await decode_json(body) if body is not None else None
         error = document.get("error") if isinstance(document, dict) else None
         if isinstance(error, dict):
-            code, message = error.get("code"), str(error.get("message") or "")
-    except (ValueError, aiohttp.ClientError):
+            found_code, found_message = error.get("code"), error.get("message")
+            code = found_code if isinstance(found_code, str) else None
+            message = found_message if isinstance(found_message, str) else ""
+    except (ValueError, aiohttp.ClientError, TimeoutError):
         pass
+    code = printable(code, 100) if code else None
+    message = printable(message, 200)
     hint = {
         401: "; is the access token for this graph_endpoint?",
         403: "; grant the app Mail.ReadWrite and check its application access policy",
         404: "; check user and mailbox",
     }.get(response.status, "")
-    text = f"{method} {_path(url)}: HTTP {response.status} {code or ''} {message[:200]}".rstrip()
+    text = f"{method} {_path(url)}: HTTP {response.status} {code or ''} {message}".rstrip()
     return GraphError(
         text + hint,
         status=response.status,

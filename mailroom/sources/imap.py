@@ -24,23 +24,24 @@ UIDVALIDITY is unchanged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
-import hashlib
 import logging
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from mailroom import identity
 from mailroom.config import ImapMailboxConfig
 from mailroom.envelope import FAILED_KEYWORD, Envelope, Outcome
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
 from mailroom.observe.monitor import Monitor
 from mailroom.sources.budget import Budget, Reservation
 from mailroom.sources.imap_session import ImapSession
-from mailroom.sources.imap_wire import FetchedMessage, id_keyword
+from mailroom.sources.imap_wire import BodyLimits, FetchedMessage
 from mailroom.sources.lifecycle import Settlement, Source, wait_any
 
-__all__ = ["ImapWatcher", "idempotency_key", "search_criteria"]
+__all__ = ["ImapWatcher", "message_key", "search_criteria", "webhook_id"]
 
 log = logging.getLogger("mailroom.imap")
 
@@ -51,12 +52,21 @@ FETCH_BATCH_BYTES = 8 * 1024 * 1024
 PUSH_MAX = 8  # at most this many new messages are fetched with their push (fetch_pushed)
 PUSH_BODY_BYTES = 1024 * 1024  # a longer body comes with a push cut short, then fetched again
 IDLE_JITTER = 0.1  # each IDLE lasts idle_timeout minus up to this fraction of it
+MAX_LEARNED_SIZES = 1024  # messages remembered as larger than the server announced
+DIGEST_ON_LOOP_BYTES = 1024 * 1024  # a larger message is hashed in a worker thread
 
 
-def idempotency_key(mailbox_id: str, uidvalidity: int, uid: int) -> str:
-    """The ``webhook-id``: stable for one message across restarts and replicas."""
-    digest = hashlib.sha256(f"{mailbox_id}\0{uidvalidity}\0{uid}".encode()).hexdigest()
-    return f"msg_{digest[:32]}"
+def message_key(raw: bytes, *, too_large: bool) -> str:
+    """What names a fetched message in its webhook-id (``identity``): its bytes, or its header
+    block when only that was fetched (over ``max_message_bytes``)."""
+    return identity.header(raw) if too_large else identity.content(raw)
+
+
+def webhook_id(config: ImapMailboxConfig, raw: bytes, *, too_large: bool = False) -> str:
+    """The webhook-id of the message ``raw`` (its header block, ``too_large``) in the
+    mailbox of ``config``, wherever it lies on that account: the watched folder or
+    ``failed_folder``."""
+    return identity.webhook_id(config.identity, message_key(raw, too_large=too_large))
 
 
 def search_criteria(config: ImapMailboxConfig) -> str:
@@ -76,10 +86,10 @@ class SettleAction(enum.Enum):
     MARK_SEEN = "mark seen"  # delivered, delete_after_delivery off
     DELETE = "delete"  # delivered: \\Seen \\Deleted, expunged with expunge_deleted
     FLAG = "flag"  # dead letter without failed_folder: $MailroomFailed and \\Seen
-    MOVE = "move"  # dead letter: to failed_folder, its webhook-id kept in a keyword
+    MOVE = "move"  # dead letter: to failed_folder (its webhook-id needs no keyword: identity)
 
 
-Tag = tuple[int, str]  # what a settlement needs: the UIDVALIDITY it was fetched under, its id
+Tag = int  # what a settlement needs: the UIDVALIDITY it was fetched under
 
 
 class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
@@ -117,6 +127,7 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         self._full_sweep = True  # the next sweep searches the whole mailbox, not just a push
         self._uidvalidity = 0
         self._reserved: tuple[Reservation, list[FetchedMessage]] | None = None
+        self._sizes: dict[int, int] = {}  # uid → the size its literal announced (``_learn``)
 
     # -- one connection ------------------------------------------------------------------------
 
@@ -124,7 +135,9 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         self._session = None
         # limits.connects: no connect storm at start, after an outage or after a reload
         async with self._connects.hold():
-            session = self._session = await ImapSession.open(self.config, token=self._token)
+            session = self._session = await ImapSession.open(
+                self.config, token=self._token, malformed=self._malformed
+            )
         try:
             self._on_connected(session)
             await self._loop(session)
@@ -132,6 +145,23 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         finally:
             self._unreserve()
             session.abort()  # no-op after a LOGOUT
+            self._learn(session)
+
+    def _malformed(self, what: str) -> None:
+        self._monitor.malformed(self.id)
+
+    def _learn(self, session: ImapSession) -> None:
+        """A message sent larger than announced broke its bound and the connection: its true
+        size is remembered, so the next connection fetches it as what it is (alone, or only
+        its header when over max_message_bytes) instead of breaking again (issue 18)."""
+        violation = session.violation
+        if violation is None:
+            return
+        self._monitor.violation(self.id)
+        if violation.uid is not None and violation.size is not None:
+            if len(self._sizes) >= MAX_LEARNED_SIZES:
+                del self._sizes[next(iter(self._sizes))]
+            self._sizes[violation.uid] = violation.size
 
     def _on_error(self, exc: Exception) -> None:
         """Drop the OAuth token the server refused or ended the session over."""
@@ -153,6 +183,7 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
                 self.pending,
             )
             self._release_all()
+            self._sizes.clear()
         self._uidvalidity = session.uidvalidity
         self._set_connected()
         self.log.info(
@@ -252,14 +283,16 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
             for item in found:
                 if item.uid in self._pending or item.uid in self._stuck:
                     continue
+                if (learned := self._sizes.get(item.uid, 0)) > item.size:
+                    item = dataclasses.replace(item, size=learned, body=None)  # noqa: PLW2901
                 if item.body is None:
                     backlog.append(item)
                 else:
                     handed.append((item, item.body))
             if pushed is not None:
                 self._budget.use(pushed, len(handed), sum(item.size for item, _ in handed))
-            for item, body in handed:
-                self._give(item, body, too_large=False)
+            for item, body in handed:  # at most PUSH_BODY_BYTES each: hashed here
+                self._give(item, body, message_key(body, too_large=False), too_large=False)
         finally:
             if pushed is not None:
                 self._budget.cancel(pushed)
@@ -313,21 +346,32 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
     async def _fetch_reserved(
         self, session: ImapSession, reservation: Reservation, batch: list[FetchedMessage]
     ) -> None:
-        small = [item.uid for item in batch if item.size <= self.config.max_message_bytes]
-        large = [item.uid for item in batch if item.size > self.config.max_message_bytes]
+        cap = self.config.max_message_bytes
+        small = {item.uid: item.size for item in batch if item.size <= cap}
+        large = [item.uid for item in batch if item.size > cap]
         handed: list[tuple[FetchedMessage, bytes, bool]] = []
         if small:
-            fetched = await session.fetch(small, "UID RFC822.SIZE FLAGS BODY.PEEK[]")
-            handed += [(item, body, False) for item, body in self._received(small, fetched)]
+            # Each body at most its announced size (plus slack): a server cannot fill memory
+            # with a message it said was small (issue 18).
+            fetched = await session.fetch(
+                small, "UID RFC822.SIZE FLAGS BODY.PEEK[]", limits=BodyLimits(cap, small)
+            )
+            handed += [(item, body, False) for item, body in self._received(list(small), fetched)]
         if large:
-            # RFC822.SIZE told us before fetching: only the header block, for the notice.
-            fetched = await session.fetch(large, "UID RFC822.SIZE FLAGS BODY.PEEK[HEADER]")
+            # RFC822.SIZE told us before fetching: only the header block, for the notice, and
+            # at most PUSH_BODY_BYTES of it (RFC 3501 §6.4.5: a partial fetch of a section).
+            fetched = await session.fetch(
+                large,
+                f"UID RFC822.SIZE FLAGS BODY.PEEK[HEADER]<0.{PUSH_BODY_BYTES}>",
+                limits=BodyLimits(PUSH_BODY_BYTES, count=len(large)),
+            )
             handed += [(item, body, True) for item, body in self._received(large, fetched)]
+        keys = [await _message_key(body, too_large) for _, body, too_large in handed]
         self._reserved = None
         charged = sum(self._charge(item, body, too_large) for item, body, too_large in handed)
         self._budget.use(reservation, len(handed), charged)
-        for item, body, too_large in handed:
-            self._give(item, body, too_large=too_large)
+        for (item, body, too_large), key in zip(handed, keys, strict=True):
+            self._give(item, body, key, too_large=too_large)
 
     def _received(
         self, asked: list[int], fetched: list[FetchedMessage]
@@ -353,19 +397,21 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
     def _charge(item: FetchedMessage, body: bytes, too_large: bool) -> int:
         return len(body) if too_large else item.size
 
-    def _give(self, fetched: FetchedMessage, body: bytes, *, too_large: bool) -> None:
+    def _give(self, fetched: FetchedMessage, body: bytes, message: str, *, too_large: bool) -> None:
+        """Hand out ``fetched``, named ``message`` (``message_key``) in its webhook-id."""
         uid, uidvalidity = fetched.uid, self._uidvalidity
-        # A dead letter moved back from failed_folder (mailroom redrive) keeps its first id.
-        key = fetched.webhook_id or idempotency_key(self.id, uidvalidity, uid)
+        key = identity.webhook_id(self.config.identity, message)
+        if self.config.legacy_id_keywords and fetched.webhook_id is not None:
+            key = fetched.webhook_id  # dead-lettered before 0.2: its $MailroomId_ keyword
         self._hand_out(
             uid,
             ref=f"uid {uid}",
             idempotency_key=key,
             raw=body,
-            size=fetched.size,
+            size=max(fetched.size, self._sizes.get(uid, 0)),  # a server's lie is not believed
             charged=self._charge(fetched, body, too_large),
             too_large=too_large,
-            tag=(uidvalidity, key),
+            tag=uidvalidity,
         )
 
     # -- settlements ---------------------------------------------------------------------------
@@ -373,8 +419,8 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
     async def _apply_settlements(self, session: ImapSession) -> None:
         """Apply the queued settlements, one command per action for the whole batch."""
         batch = self._take_settlements()
-        current = [s for s in batch if s.tag[0] == session.uidvalidity]
-        for stale in (s for s in batch if s.tag[0] != session.uidvalidity):
+        current = [s for s in batch if s.tag == session.uidvalidity]
+        for stale in (s for s in batch if s.tag != session.uidvalidity):
             self._settled(stale)  # UIDVALIDITY changed: the sweep finds it again
         groups: dict[SettleAction, list[Settlement[int, Tag]]] = {}
         for settlement in current:
@@ -382,8 +428,6 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         for action, group in groups.items():
             uids = [s.key for s in group]
             try:
-                if action is SettleAction.MOVE:
-                    await self._keep_ids(session, group)
                 await self._apply(session, action, uids)
             except ImapError as exc:
                 if isinstance(exc, ImapConnectionLost):
@@ -409,22 +453,6 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         )
         self._stuck.update(uids)
 
-    async def _keep_ids(self, session: ImapSession, group: list[Settlement[int, Tag]]) -> None:
-        """Keep each dead letter's webhook-id in a keyword (``id_keyword``) before the move
-        gives it a new UID; a server refusing the keyword does not hold up the move."""
-        for settlement in group:
-            try:
-                await session.store([settlement.key], id_keyword(settlement.tag[1]))
-            except ImapError as exc:
-                if isinstance(exc, ImapConnectionLost):
-                    raise
-                self.log.warning(
-                    "uid %d: could not keep its webhook-id in a keyword (%s); moved without it "
-                    "(a redrive gives it a new webhook-id)",
-                    settlement.key,
-                    exc,
-                )
-
     def _action(self, outcome: Outcome) -> SettleAction:
         if not outcome.processed:
             return SettleAction.MOVE if self.config.failed_folder else SettleAction.FLAG
@@ -446,3 +474,11 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
             raise ImapError("cannot move to failed_folder: none is configured")
         else:
             await session.move(uids, config.failed_folder, expunge=config.expunge_deleted)
+
+
+async def _message_key(body: bytes, too_large: bool) -> str:
+    """``message_key`` of a fetched message, in a worker thread when it is large (hashing
+    25 MB takes tens of milliseconds: not on the event loop)."""
+    if len(body) <= DIGEST_ON_LOOP_BYTES:
+        return message_key(body, too_large=too_large)
+    return await asyncio.to_thread(message_key, body, too_large=too_large)

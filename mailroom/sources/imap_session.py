@@ -16,7 +16,8 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from aioimaplib import aioimaplib
@@ -24,11 +25,20 @@ from aioimaplib import aioimaplib
 from mailroom.backoff import ONCE_MORE, Retry
 from mailroom.config import ImapMailboxConfig
 from mailroom.envelope import FAILED_KEYWORD
-from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
+from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError, ImapLimitError
+from mailroom.redact import printable
 from mailroom.sources.imap_wire import (
+    LINE_BYTES,
+    RESPONSE_BYTES,
+    UID_MAX,
+    BodyLimits,
+    Event,
     FetchedMessage,
+    Framer,
+    Limits,
     fetch_flags,
     mailbox_name,
+    number,
     parse_fetch,
     response_text,
     uid_set,
@@ -43,7 +53,9 @@ __all__ = ["ImapSession"]
 # only an instance has are checked where they are used; tests/test_imap_canary.py names every
 # internal and undocumented behaviour this module relies on, with what it is for.
 INTERNALS = (
+    "CONNECTED",
     "Command",
+    "Command._reset_timer",
     "FetchCommand.FETCH_MESSAGE_DATA_RE",
     "FetchCommand.append_to_resp",
     "FetchCommand.wait_data",
@@ -52,15 +64,14 @@ INTERNALS = (
     "IMAP4.idle_start",
     "IMAP4ClientProtocol._continuation",
     "IMAP4ClientProtocol._handle_line",
-    "IMAP4ClientProtocol._handle_responses",
     "IMAP4ClientProtocol._untagged_response",
     "IMAP4ClientProtocol.capability",
     "IMAP4ClientProtocol.execute",
     "IMAP4ClientProtocol.new_tag",
     "IMAP4ClientProtocol.search",
-    "IncompleteRead",
+    "IdleCommand",
     "SELECTED",
-    "matched_parenthesis",
+    "tagged_status_response_re",
 )
 
 
@@ -98,8 +109,12 @@ SIZE_BATCH = 2048  # UIDs per UID FETCH (RFC822.SIZE) without SEARCHRES
 LOGOUT_TIMEOUT_S = 5.0
 
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
-_EXISTS = re.compile(rb"^(?:\* )?(\d+) EXISTS")
-_EXPUNGE = re.compile(rb"^(?:\* )?(\d+) EXPUNGE")
+_EXISTS = re.compile(rb"^(?:\* )?(\d{1,10}) EXISTS")  # longer: no count of ours (RFC 3501 §9)
+_EXPUNGE = re.compile(rb"^(?:\* )?(\d{1,10}) EXPUNGE")
+SEARCH_LINE_MAX_BYTES = 64 * 1024 * 1024  # a SEARCH answer: 11 bytes per message at most
+_DEFAULT_LIMITS = Limits()
+EVENTS_PER_TURN = 256  # lines and literals read per turn of the event loop (a few ms)
+_SECRET_COMMANDS = frozenset(("LOGIN", "AUTHENTICATE XOAUTH2"))
 _SETTLED_FLAGS = frozenset((b"\\seen", b"\\deleted", FAILED_KEYWORD.lower().encode()))
 _LIST_FLAGS = re.compile(rb"^\(([^)]*)\) ")
 
@@ -114,56 +129,165 @@ def _shared(capabilities: frozenset[str]) -> frozenset[str]:
     return _CAPABILITY_SETS.setdefault(capabilities, capabilities)
 
 
-# aioimaplib parses each received chunk recursively, one stack frame per line: a 256 KB chunk
-# of short FETCH lines (a plain-TCP backlog) overflows the recursion limit. Fed in slices,
-# the depth stays bounded; the protocol already handles lines and literals split anywhere.
-_FEED_SLICE = 4096
-
-
 class _FetchCommand(aioimaplib.FetchCommand):  # type: ignore[misc]
-    """aioimaplib's FetchCommand rescans every line received so far for each new line
-    (quadratic in the batch size); this one remembers where the last FETCH item began."""
+    """aioimaplib's FetchCommand rescans every line received so far for each new line to see
+    whether a response's parentheses are closed (quadratic in the lines of a response), and
+    restarts its timer (a new timer handle) at every line; this one keeps the count as the
+    lines come, and restarts the timer once per read (``touch``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._last_item = 0
+        self._open = 0  # "(" minus ")" in the lines of the FETCH response being read
+        self._progress = False  # data came since the timer was last restarted
 
     def append_to_resp(self, line: Any, result: str = "Pending") -> None:
-        if type(line) is bytes and self.FETCH_MESSAGE_DATA_RE.match(line):
-            self._last_item = len(self._resp_lines)
+        if type(line) is bytes:
+            if self.FETCH_MESSAGE_DATA_RE.match(line):
+                self._open = 0
+            self._open += line.count(b"(") - line.count(b")")
         super().append_to_resp(line, result)
 
     def wait_data(self) -> bool:
-        tail = b"".join(x for x in self._resp_lines[self._last_item :] if type(x) is bytes)
-        return not aioimaplib.matched_parenthesis(tail)
+        return self._open != 0
+
+    def _reset_timer(self) -> None:
+        self._progress = True
+
+    def touch(self) -> None:
+        """Restart the timer if data came since it was last restarted."""
+        if self._progress:
+            self._progress = False
+            super()._reset_timer()
 
 
 class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
-    """aioimaplib's protocol, telling us about every EXISTS and BYE it sees."""
+    """aioimaplib's protocol with mailroom's framing, telling us about every EXISTS and BYE.
+
+    aioimaplib's own ``data_received`` copies the pending line for every read (8 MiB without
+    a CRLF cost 8 s of the event loop), buffers literals of any announced size, recurses once
+    per line, handles a whole read at once however many lines it holds, and keeps every
+    untagged response of an IDLE until DONE (issue 18). Here the ``Framer`` splits the bytes in
+    linear time within the ``Limits`` the session sets for each command; the lines and literals
+    go to aioimaplib's line handler in a loop, at most ``EVENTS_PER_TURN`` of them per turn of
+    the event loop (reading pauses meanwhile), so a flood of short lines delays no other
+    mailbox. A server that breaks a limit loses its connection (``violation`` says why).
+    """
 
     session: ImapSession | None = None
-    incomplete_line: bytes  # set by aioimaplib's __init__
     current_command: Any
 
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.framer = Framer()
+        self.violation: ImapLimitError | None = None
+        self._greeted = False
+        self._chunks: deque[bytes] = deque()  # received, not yet read
+        self._events: Iterator[Event] | None = None  # the chunk being read
+        self._working = False  # a turn is scheduled, or running
+        self._lost: tuple[Exception | None] | None = None  # connection_lost, held until read
+
     def data_received(self, d: bytes) -> None:
-        # aioimaplib's own data_received, without its eager `log.debug("..." % d)`, which
-        # formats every received byte (whole messages) even when DEBUG is off.
-        for start in range(0, len(d), _FEED_SLICE):
-            chunk = self.incomplete_line + d[start : start + _FEED_SLICE]
-            try:
-                self._handle_responses(chunk, self._handle_line, self.current_command)
-                self.incomplete_line = b""
-                self.current_command = None
-            except aioimaplib.IncompleteRead as incomplete:
-                self.current_command = incomplete.cmd
-                self.incomplete_line = incomplete.data
-            except Exception as exc:
-                # aioimaplib's protocol errors quote the pending command, which can be LOGIN
-                # with its password or AUTHENTICATE with a token: log the class only.
-                log.error("IMAP protocol error (%s); dropping the connection", type(exc).__name__)
-                if self.transport is not None:
-                    self.transport.abort()
+        if self.violation is None:
+            self._chunks.append(d)
+            if not self._working:
+                self._work()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._working:  # what came before the loss is read first (a BYE, a tagged OK)
+            self._lost = (exc,)
+        else:
+            super().connection_lost(exc)
+
+    def _work(self) -> None:
+        """Read what was received, at most ``EVENTS_PER_TURN`` lines and literals; then
+        pause reading and come back in the next turn of the event loop."""
+        self._working = True
+        try:
+            done = self._read(EVENTS_PER_TURN)
+        except ImapLimitError as exc:
+            self.violation = exc
+            log.warning(
+                "%s: %s; dropping the connection",
+                self.session.id if self.session is not None else "imap",
+                exc,
+            )
+            done = self._drop()
+        except Exception as exc:
+            # aioimaplib's protocol errors quote the pending command, which can be LOGIN
+            # with its password or AUTHENTICATE with a token: log the class only.
+            log.error("IMAP protocol error (%s); dropping the connection", type(exc).__name__)
+            done = self._drop()
+        self._progressed()
+        transport = self.transport
+        if not done:
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()
+            self.loop.call_soon(self._work)
+            return
+        self._working = False
+        if self._lost is not None:
+            (reason,), self._lost = self._lost, None
+            super().connection_lost(reason)
+        elif transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _read(self, budget: int) -> bool:
+        """Hand up to ``budget`` lines and literals to aioimaplib; True when all were read."""
+        while True:
+            if self._events is None:
+                if not self._chunks:
+                    return True
+                self._events = self.framer.feed(self._chunks.popleft())
+            for event in self._events:
+                if isinstance(event, bytearray):
+                    self.current_command.append_to_resp(event)
+                else:
+                    self._line(*event)
+                budget -= 1
+                if budget <= 0:
+                    return False
+            self._events = None
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing received since the last tagged response (the framer's count, a partial
+        line, or chunks not read yet)."""
+        return not self._chunks and self._events is None and self.framer.quiet
+
+    def _drop(self) -> bool:
+        self._chunks.clear()
+        self._events = None
+        if self.transport is not None:
+            self.transport.abort()
+        return True
+
+    def _progressed(self) -> None:
+        """After a turn: restart the timers of commands that received data, and forget the
+        pushes of an IDLE (``_on_untagged`` saw them; aioimaplib would queue them until DONE)."""
+        if self.framer.in_literal and self.current_command is not None:
+            self.current_command._reset_timer()  # a large body on its way is no stall
+        for command in self.pending_async_commands.values():
+            if isinstance(command, _FetchCommand):
+                command.touch()
+        idle = self.pending_sync_command
+        if isinstance(idle, aioimaplib.IdleCommand):
+            idle.buffer.clear()
+
+    def _line(self, line: bytes, literal: int | None) -> None:
+        """aioimaplib's ``_handle_responses`` for one line, without its recursion."""
+        if self.state == aioimaplib.CONNECTED:
+            if self._greeted:  # RFC 3501 §7.1: one greeting; aioimaplib would start a task each
                 return
+            self._greeted = True
+        elif aioimaplib.tagged_status_response_re.match(line):
+            self.framer.settled()
+        command = self._handle_line(line, self.current_command)
+        if literal is not None:
+            self.current_command = command or aioimaplib.Command("NIL", "unused", loop=self.loop)
+        elif command is not None and command.wait_data():
+            self.current_command = command
+        else:
+            self.current_command = None
 
     def _untagged_response(self, line: bytes) -> Any:
         if self.session is not None:
@@ -216,10 +340,16 @@ def tls_context(config: ImapMailboxConfig) -> ssl.SSLContext:
 class ImapSession:
     """An authenticated connection with the configured mailbox selected."""
 
-    def __init__(self, config: ImapMailboxConfig, timeout_s: float) -> None:
+    def __init__(
+        self,
+        config: ImapMailboxConfig,
+        timeout_s: float,
+        malformed: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
         self.id = config.id
         self.timeout_s = timeout_s
+        self._malformed = malformed
         self.lost = asyncio.Event()
         self._waiting: set[asyncio.Task[Any]] = set()  # tasks awaiting a command in _run
         self._cancelled_by_loss: set[asyncio.Task[Any]] = set()
@@ -243,12 +373,14 @@ class ImapSession:
         *,
         timeout_s: float = COMMAND_TIMEOUT_S,
         token: Callable[[], Awaitable[str]] | None = None,
+        malformed: Callable[[str], None] | None = None,
     ) -> ImapSession:
         """Connect, log in and select; ``ImapError`` (or a subclass) says what failed.
 
-        ``token`` gives the OAuth access token for ``auth: xoauth2`` (``TokenProvider.token``).
+        ``token`` gives the OAuth access token for ``auth: xoauth2`` (``TokenProvider.token``);
+        ``malformed`` is told of each message the server described out of range (skipped).
         """
-        session = await cls.connect(config, timeout_s=timeout_s, token=token)
+        session = await cls.connect(config, timeout_s=timeout_s, token=token, malformed=malformed)
         try:
             await session.login()
             await session.select()
@@ -264,10 +396,11 @@ class ImapSession:
         *,
         timeout_s: float = COMMAND_TIMEOUT_S,
         token: Callable[[], Awaitable[str]] | None = None,
+        malformed: Callable[[str], None] | None = None,
     ) -> ImapSession:
         """Only connect (greeting, implicit TLS or STARTTLS); ``login()`` and ``select()``
         follow. ``open`` does all three; ``mailroom check`` reports each step on its own."""
-        session = cls(config, timeout_s)
+        session = cls(config, timeout_s, malformed)
         session._token = token
         try:
             await session._connect()
@@ -352,6 +485,14 @@ class ImapSession:
             )
         command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
         await self._run("STARTTLS", protocol.execute(command))
+        if not protocol.quiet:
+            # Anything after the tagged OK came in clear text, before TLS: a man in the middle
+            # injecting responses (CVE-2011-0411's kind). Nothing of it may be believed.
+            self.abort()
+            raise ImapConnectionLost(
+                f"{self.config.host}:{self.config.port} sent more after its STARTTLS answer, "
+                "before TLS began; refused (someone on the path may be injecting responses)"
+            )
         try:
             transport = await asyncio.wait_for(
                 protocol.loop.start_tls(
@@ -431,7 +572,13 @@ class ImapSession:
             client.protocol.state = aioimaplib.SELECTED
         for line in response.lines:
             if isinstance(line, bytes) and (match := _UIDVALIDITY.search(line)):
-                self.uidvalidity = int(match.group(1))
+                value = number(match.group(1), UID_MAX, minimum=1)
+                if value is None:
+                    raise ImapError(
+                        "the server sent a UIDVALIDITY out of range on SELECT (RFC 3501 §9: a "
+                        "non-zero 32-bit number)"
+                    )
+                self.uidvalidity = value
         if not self.uidvalidity:
             raise ImapError("the server sent no UIDVALIDITY on SELECT; mailroom needs UIDs")
 
@@ -475,7 +622,7 @@ class ImapSession:
             if not flags & _SETTLED_FLAGS:
                 self.new_mail.set()
         elif line.startswith((b"* BYE", b"BYE")):
-            self.bye = line.decode("utf-8", "replace").removeprefix("* ")
+            self.bye = printable(line[:400].decode("utf-8", "replace").removeprefix("* "), 300)
 
     def abort(self) -> None:
         """Drop the connection without a word (after a loss or a protocol error)."""
@@ -505,11 +652,14 @@ class ImapSession:
         *,
         timeout_s: float | None = None,
         check: bool = True,
+        limits: Limits | None = None,
     ) -> Any:
         """Await one command: ``ImapConnectionLost`` on loss or timeout, ``ImapError`` on NO/BAD.
 
         The command is awaited in the caller's task (no extra tasks: this is the hot path);
         a loss cancels that task from ``_on_lost`` and the cancellation becomes the error.
+        ``limits``: what its answer may hold, when more than ``Limits()`` (message bodies, a
+        long SEARCH answer).
         """
         if self.lost.is_set():
             if asyncio.iscoroutine(awaitable):
@@ -528,6 +678,9 @@ class ImapSession:
         limit = timeout_s or self.timeout_s
         cancelling = task.cancelling()
         self._waiting.add(task)
+        framer = self._client.protocol.framer if self._client is not None else None
+        if framer is not None and limits is not None:
+            framer.limits = limits
         try:
             async with asyncio.timeout(limit):
                 response = await awaitable
@@ -537,16 +690,19 @@ class ImapSession:
             self._cancelled_by_loss.discard(task)
             if task.uncancel() > cancelling:  # someone else cancelled us too: honour that
                 raise
-            detail = f" ({self.bye})" if self.bye else ""
-            raise ImapConnectionLost(f"{what}: connection lost{detail}") from None
+            raise ImapConnectionLost(f"{what}: connection lost{self._loss_detail()}") from None
         except TimeoutError as exc:
             self.abort()
             raise ImapConnectionLost(f"{what}: no answer in {limit:g}s") from exc
         except (aioimaplib.AioImapException, OSError) as exc:
             self.abort()
-            raise ImapConnectionLost(f"{what}: {type(exc).__name__} {exc}") from exc
+            # aioimaplib's errors may quote the command, and LOGIN's has the password in it.
+            shown = "" if what in _SECRET_COMMANDS else f" {printable(str(exc), 200)}"
+            raise ImapConnectionLost(f"{what}: {type(exc).__name__}{shown}") from exc
         finally:
             self._waiting.discard(task)
+            if framer is not None and limits is not None:
+                framer.limits = _DEFAULT_LIMITS
         if check and response is not None and response.result != "OK":
             raise ImapError(f"{what} failed: {response.result} {response_text(response)}")
         return response
@@ -556,20 +712,48 @@ class ImapSession:
         client = self._imap
         # No CHARSET: Exchange and Yahoo reject CHARSET utf-8 (aioimaplib#126); RFC 3501 §6.4.4.
         response = await self._run(
-            "UID SEARCH", client.protocol.search(criteria, charset=None, by_uid=True)
+            "UID SEARCH",
+            client.protocol.search(criteria, charset=None, by_uid=True),
+            limits=self._many_limits(line=True),
         )
         # aioimaplib strips "* SEARCH" from the untagged lines; the last line is the tagged one.
         uids: list[int] = []
+        bad = 0
         for line in response.lines[:-1]:
             if isinstance(line, bytes):
-                uids.extend(int(token) for token in line.split() if token.isdigit())
+                for token in line.split():
+                    if (uid := number(token, UID_MAX, minimum=1)) is not None:
+                        uids.append(uid)
+                    elif token.isdigit():
+                        bad += 1
+        if bad:
+            self._malformed_item(f"{bad} UIDs out of range in a SEARCH answer")
         return sorted(uids)
 
-    async def fetch(self, uids: Iterable[int], items: str) -> list[FetchedMessage]:
-        """``UID FETCH`` of ``items`` (must include UID and RFC822.SIZE)."""
-        return await self._fetch(uid_set(uids), items)
+    def _many_limits(self, *, line: bool) -> Limits:
+        """Limits for an answer that may name every message of the mailbox: one SEARCH line
+        (``line``), or a FETCH response each."""
+        count = min(self.exists, SEARCH_LINE_MAX_BYTES // 11)
+        if line:
+            longest = min(SEARCH_LINE_MAX_BYTES, LINE_BYTES + 11 * count)
+            return Limits(line_bytes=longest, response_bytes=RESPONSE_BYTES + longest)
+        return Limits(response_bytes=RESPONSE_BYTES + 128 * count)
 
-    async def _fetch(self, message_set: str, items: str) -> list[FetchedMessage]:
+    def _malformed_item(self, what: str) -> None:
+        log.warning("%s: the server sent %s; skipped", self.id, what)
+        if self._malformed is not None:
+            self._malformed(what)
+
+    async def fetch(
+        self, uids: Iterable[int], items: str, *, limits: Limits | None = None
+    ) -> list[FetchedMessage]:
+        """``UID FETCH`` of ``items`` (must include UID and RFC822.SIZE); ``limits`` when the
+        answer holds message bodies (``BodyLimits``)."""
+        return await self._fetch(uid_set(uids), items, limits)
+
+    async def _fetch(
+        self, message_set: str, items: str, limits: Limits | None
+    ) -> list[FetchedMessage]:
         client = self._imap
         protocol = client.protocol
         command = _FetchCommand(
@@ -584,8 +768,9 @@ class ImapSession:
             "UID FETCH",
             protocol.execute(command),
             timeout_s=self.timeout_s * 10,  # the per-line timer above catches a stall sooner
+            limits=limits,
         )
-        return parse_fetch(response.lines)
+        return parse_fetch(response.lines, malformed=self._malformed_item)
 
     async def search_sizes(self, criteria: str) -> list[FetchedMessage]:
         """UIDs and RFC822.SIZE of the messages matching ``criteria``, ascending.
@@ -611,7 +796,9 @@ class ImapSession:
             prefix="UID",
             loop=protocol.loop,
         )
-        return await self._search_then_fetch("UID SEARCH", search, "(UID RFC822.SIZE)")
+        return await self._search_then_fetch(
+            "UID SEARCH", search, "(UID RFC822.SIZE)", limits=self._many_limits(line=False)
+        )
 
     async def fetch_pushed(
         self, criteria: str, *, max_count: int, body_bytes: int
@@ -652,6 +839,7 @@ class ImapSession:
                 search,
                 f"(UID RFC822.SIZE FLAGS BODY.PEEK[]<0.{body_bytes}>)",
                 timeout_s=self.timeout_s * 10,  # up to max_count bodies
+                limits=BodyLimits(body_bytes, count=max_count),
             )
         except ImapConnectionLost:
             raise
@@ -671,7 +859,13 @@ class ImapSession:
         ]
 
     async def _search_then_fetch(
-        self, what: str, search: Any, items: str, *, timeout_s: float | None = None
+        self,
+        what: str,
+        search: Any,
+        items: str,
+        *,
+        timeout_s: float | None = None,
+        limits: Limits | None = None,
     ) -> list[FetchedMessage]:
         """``search`` (a SEARCH with ``RETURN (SAVE)``, RFC 5182) and ``UID FETCH $ items``,
         pipelined (§2.1 allows it), after DONE when an IDLE is open: one round trip. The
@@ -682,15 +876,21 @@ class ImapSession:
             protocol.new_tag(), "$", items, prefix="UID", loop=protocol.loop, timeout=self.timeout_s
         )
         searched, fetched = await self._pipeline(
-            f"{what} + UID FETCH $", [search, fetch], timeout_s=timeout_s
+            f"{what} + UID FETCH $", [search, fetch], timeout_s=timeout_s, limits=limits
         )
         for name, response in ((what, searched), ("UID FETCH $", fetched)):
             if response.result != "OK":
                 raise ImapError(f"{name} failed: {response.result} {response_text(response)}")
-        return sorted(parse_fetch(fetched.lines), key=lambda item: item.uid)
+        found = parse_fetch(fetched.lines, malformed=self._malformed_item)
+        return sorted(found, key=lambda item: item.uid)
 
     async def _pipeline(
-        self, what: str, commands: list[Any], *, timeout_s: float | None = None
+        self,
+        what: str,
+        commands: list[Any],
+        *,
+        timeout_s: float | None = None,
+        limits: Limits | None = None,
     ) -> list[Any]:
         """Send DONE when an IDLE is open, then ``commands``, without waiting in between, and
         await their responses. aioimaplib's ``execute`` would wait for the IDLE to end and for each
@@ -723,7 +923,9 @@ class ImapSession:
             return [command.response for command in commands]
 
         try:
-            responses: list[Any] = await self._run(what, run(), timeout_s=timeout_s, check=False)
+            responses: list[Any] = await self._run(
+                what, run(), timeout_s=timeout_s, check=False, limits=limits
+            )
             return responses
         finally:
             if idle is not None and not idle.done():
@@ -845,9 +1047,18 @@ class ImapSession:
 
     def _raise_if_lost(self, what: str) -> None:
         if self.lost.is_set():
-            raise ImapConnectionLost(
-                f"{what}: connection lost{f' ({self.bye})' if self.bye else ''}"
-            )
+            raise ImapConnectionLost(f"{what}: connection lost{self._loss_detail()}")
+
+    def _loss_detail(self) -> str:
+        """Why the connection ended, as far as known: the server's BYE, or the bound it broke."""
+        if self.violation is not None:
+            return f" ({self.violation})"
+        return f" ({self.bye})" if self.bye else ""
+
+    @property
+    def violation(self) -> ImapLimitError | None:
+        """The bound the server broke, when that is what ended the connection."""
+        return self._client.protocol.violation if self._client is not None else None
 
     async def _wait_any(self, wake: Iterable[asyncio.Event], timeout_s: float) -> bool:
         """Wait for any of ``wake`` or a loss; True when ``timeout_s`` ran out."""

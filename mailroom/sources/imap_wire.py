@@ -1,7 +1,10 @@
-"""Pure IMAP wire details: sequence sets, mailbox names, FETCH responses (RFC 3501), and the
-keyword that keeps a dead letter's webhook-id across a move (``id_keyword``).
+"""Pure IMAP wire details: what a server sends, split into lines and literals within bounds
+(``Framer``, ``Limits``), sequence sets, mailbox names, FETCH responses (RFC 3501), and the
+keyword older versions kept a dead letter's webhook-id in (``id_keyword``).
 
-No I/O and no aioimaplib here; ``imap_session`` feeds these the lines aioimaplib produced.
+No I/O and no aioimaplib here; ``imap_session`` feeds the framer the bytes it receives and
+these functions the lines aioimaplib produced. Every number a server sends is checked before it
+is used (RFC 3501 §9: a UID is a non-zero 32-bit number; RFC 9051 §9: a size fits 63 bits).
 """
 
 from __future__ import annotations
@@ -9,24 +12,47 @@ from __future__ import annotations
 import base64
 import datetime
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mailroom.errors import ImapLimitError
+from mailroom.redact import printable
+
 __all__ = [
     "ID_KEYWORD_PREFIX",
+    "LINE_BYTES",
+    "RESPONSE_BYTES",
+    "SMALL_LITERAL_BYTES",
+    "UID_MAX",
+    "BodyLimits",
+    "Event",
     "FetchedMessage",
+    "Framer",
+    "Limits",
     "fetch_flags",
     "id_keyword",
+    "literal_slack",
     "mailbox_name",
+    "number",
     "parse_fetch",
     "response_text",
     "uid_set",
 ]
 
+UID_MAX = 2**32 - 1  # RFC 3501 §9: nz-number, a 32-bit unsigned integer
+SIZE_MAX = 2**63 - 1  # RFC 9051 §9: number64
+
+# What a server may send (the Framer's Limits; imap_session sets larger ones per command):
+LINE_BYTES = 1024 * 1024  # one response line; a SEARCH answer may be longer (imap_session)
+RESPONSE_BYTES = 4 * 1024 * 1024  # one command's untagged lines and literals, besides bodies
+SMALL_LITERAL_BYTES = 64 * 1024  # a literal where no message body is expected
+LINE_COST = 64  # what a line costs in memory beyond its bytes (a bytes object, a list slot)
+
 _FETCH_HEAD = re.compile(rb"^(\d+) FETCH \(")
 _UID = re.compile(rb"\bUID (\d+)")
 _SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+_LITERAL_DIGITS = 20  # "{" + at most this many digits + "}" ends a line that announces a literal
 _FLAGS = re.compile(rb"\bFLAGS \(")
 # RFC 3501 §9 date-time: "dd-Mon-yyyy hh:mm:ss +zzzz", the day may be space-padded.
 _INTERNALDATE = re.compile(
@@ -47,6 +73,187 @@ _ID_KEYWORD = re.compile(rb"^\$mailroomid_([0-9a-f]{32})$", re.IGNORECASE)
 def id_keyword(webhook_id: str) -> str:
     """The keyword that carries ``webhook_id`` (``msg_`` + 32 hex digits)."""
     return ID_KEYWORD_PREFIX + webhook_id.removeprefix("msg_")
+
+
+def number(text: bytes, maximum: int, *, minimum: int = 0) -> int | None:
+    """``text`` (ASCII digits) as an int within ``minimum..maximum``, or None. Linear: a
+    5,000-digit number is refused by its length, never converted."""
+    if not text.isdigit() or len(text) > len(str(maximum)):
+        return None
+    value = int(text)
+    return value if minimum <= value <= maximum else None
+
+
+def literal_slack(size: int) -> int:
+    """How much longer than announced a message may be: ``RFC822.SIZE`` is an estimate on
+    some servers (Exchange, unless ``Set-ImapSettings -EnableExactRFC822Size``), or counts the
+    LF line ends of a stored file that is sent with CRLF."""
+    return 64 * 1024 + size // 8
+
+
+class Limits:
+    """What the server may send until the next tagged response: lines of at most
+    ``line_bytes``, ``response_bytes`` in all, literals of at most ``SMALL_LITERAL_BYTES``."""
+
+    def __init__(self, *, line_bytes: int = LINE_BYTES, response_bytes: int = RESPONSE_BYTES):
+        self.line_bytes = line_bytes
+        self.response_bytes = response_bytes
+
+    def check_literal(self, line: bytes, size: int) -> None:
+        """Refuse (``ImapLimitError``) a literal of ``size`` bytes announced by ``line``."""
+        if size > SMALL_LITERAL_BYTES:
+            raise ImapLimitError(
+                f"the server announced a literal of {size} bytes where at most "
+                f"{SMALL_LITERAL_BYTES} are expected ({_shown(line)})"
+            )
+
+
+class BodyLimits(Limits):
+    """A FETCH of message bodies: each literal at most the message's announced size (from
+    ``RFC822.SIZE`` in the same response, else ``sizes`` by UID) or ``cap``, whichever is
+    smaller, plus ``literal_slack``; all of them, plus the usual, in ``response_bytes``."""
+
+    def __init__(self, cap: int, sizes: Mapping[int, int] | None = None, *, count: int = 1):
+        self.cap = cap
+        self.sizes = sizes or {}
+        expected = sum(min(cap, s) + literal_slack(min(cap, s)) for s in self.sizes.values())
+        expected = max(expected, count * (cap + literal_slack(cap)))
+        super().__init__(response_bytes=RESPONSE_BYTES + expected)
+        self._uid: int | None = None  # of the FETCH response being read
+        self._size: int | None = None
+
+    def check_literal(self, line: bytes, size: int) -> None:
+        if _FETCH_HEAD.match(line.removeprefix(b"* ")):
+            uid = _UID.search(line)
+            announced = _SIZE.search(line)
+            self._uid = number(uid.group(1), UID_MAX, minimum=1) if uid else None
+            sizes = [self.sizes.get(self._uid)] if self._uid is not None else []
+            if announced:
+                sizes.append(number(announced.group(1), SIZE_MAX))
+            known = [size for size in sizes if size is not None]
+            self._size = max(known) if known else None  # a size learned before may be larger
+        base = self.cap if self._size is None else min(self.cap, self._size)
+        limit = base + literal_slack(base)
+        if size > limit:
+            which = f"uid {self._uid}" if self._uid is not None else "a message"
+            said = f"announced as {self._size} bytes" if self._size is not None else "expected"
+            raise ImapLimitError(
+                f"the server sent {which} as a literal of {size} bytes, {said} (at most "
+                f"{limit} taken)",
+                uid=self._uid,
+                size=size,
+            )
+
+
+Event = tuple[bytes, int | None] | bytearray
+
+
+class Framer:
+    """Splits what the server sends into lines (without CRLF) and literals, in time linear in
+    the bytes received and memory bounded by ``limits``: a line too long, a literal larger than
+    its place allows, or more untagged data than one command may receive raise
+    ``ImapLimitError`` before the bytes are kept.
+
+    ``feed`` yields ``(line, literal size or None)`` for each line and the ``bytearray`` of
+    each literal once it is complete (RFC 3501 §4.3: a line ending in ``{n}`` is followed by
+    n bytes, then the rest of the line). ``settled()`` starts the next command's count (at a
+    tagged response)."""
+
+    def __init__(self) -> None:
+        self.limits = Limits()
+        self.spent = 0  # bytes received since the last tagged response
+        self._partial = bytearray()  # a line not yet ended by CRLF
+        self._literal: bytearray | None = None
+        self._left = 0  # bytes of the literal still to come
+
+    @property
+    def in_literal(self) -> bool:
+        return self._literal is not None
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing received since ``settled()``: no line, no part of one."""
+        return self.spent == 0 and not self._partial and self._literal is None
+
+    def settled(self) -> None:
+        self.spent = 0
+
+    def feed(self, data: bytes) -> Iterator[Event]:
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._literal is not None:
+                take = min(self._left, end - pos)
+                self._literal += view[pos : pos + take]
+                pos += take
+                self._left -= take
+                if not self._left:
+                    literal, self._literal = self._literal, None
+                    yield literal
+                continue
+            if self._partial.endswith(b"\r") and data[pos] == 0x0A:  # CR | LF across two reads
+                line = bytes(memoryview(self._partial)[:-1])
+                self._partial.clear()
+                pos += 1
+            else:
+                found = data.find(b"\r\n", pos)
+                if found < 0:
+                    self._check_line(len(self._partial) + end - pos, data[pos : pos + 40])
+                    self._partial += view[pos:]
+                    return
+                self._check_line(len(self._partial) + found - pos, data[pos : pos + 40])
+                if self._partial:
+                    self._partial += view[pos:found]
+                    line = bytes(self._partial)
+                    self._partial.clear()
+                else:
+                    line = data[pos:found]
+                pos = found + 2
+            self._charge(len(line) + LINE_COST)
+            size = _announced_literal(line)
+            if size is not None:
+                self.limits.check_literal(line, size)
+                self._charge(size)
+                self._literal = bytearray()
+                self._left = size
+            yield line, size
+            if size == 0:
+                self._literal = None
+                yield bytearray()
+
+    def _check_line(self, length: int, start: bytes) -> None:
+        if length > self.limits.line_bytes:
+            head = bytes(self._partial[:40]) or start
+            raise ImapLimitError(
+                f"the server sent a line of more than {self.limits.line_bytes} bytes "
+                f"({_shown(head)}...)"
+            )
+
+    def _charge(self, size: int) -> None:
+        self.spent += size
+        if self.spent > self.limits.response_bytes:
+            raise ImapLimitError(
+                f"the server sent more than {self.limits.response_bytes} bytes of responses "
+                "to one command"
+            )
+
+
+def _announced_literal(line: bytes) -> int | None:
+    """The size of the literal ``line`` announces (``... {123}``), or None. A size of more
+    digits than any bound needs is refused as too large."""
+    if not line.endswith(b"}"):
+        return None
+    start = line.rfind(b"{")
+    digits = line[start + 1 : -1]
+    if start < 0 or not digits.isdigit():
+        return None
+    if len(digits) > _LITERAL_DIGITS:
+        raise ImapLimitError(f"the server announced a literal of {len(digits)} digits")
+    return int(digits)
+
+
+def _shown(line: bytes) -> str:
+    return printable(line[:60].decode("latin-1"), 60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +307,25 @@ def mailbox_name(name: str) -> str:
 
 
 def response_text(response: Any) -> str:
+    """The server's text of a response (its last line), fit for a log line: one line of at
+    most 300 characters, control characters replaced."""
     lines = [line for line in response.lines if isinstance(line, bytes)]
-    return lines[-1].decode("utf-8", "replace") if lines else "(no text)"
+    return printable(lines[-1][:400].decode("utf-8", "replace"), 300) if lines else "(no text)"
 
 
-def parse_fetch(lines: list[Any]) -> list[FetchedMessage]:
+def parse_fetch(
+    lines: list[Any], *, malformed: Callable[[str], None] | None = None
+) -> list[FetchedMessage]:
     """Read aioimaplib's FETCH lines: a ``bytes`` head, a ``bytearray`` literal, ``b')'``...
 
     Responses for the same message are merged (RFC 3501 §7.4.2 lets a server split the data
     items over several). Only messages with UID and RFC822.SIZE count: mailroom asks for both
-    every time, so anything else is an unsolicited update (another client changed flags).
+    every time, so anything else is an unsolicited update (another client changed flags). A
+    message whose UID or size is out of range (a 5,000-digit UID, a size of 2^64) is skipped
+    and told to ``malformed``: the others are read all the same.
     """
     items: dict[int, dict[str, Any]] = {}
+    bad: set[int] = set()
     index = 0
     while index < len(lines):
         line = lines[index]
@@ -127,17 +341,29 @@ def parse_fetch(lines: list[Any]) -> list[FetchedMessage]:
             if type(tail) is bytes and not _FETCH_HEAD.match(tail):
                 meta += b" " + tail  # items after the literal, e.g. " UID 7)"
                 index += 1
-        item = items.setdefault(int(head.group(1)), {})
+        sequence = number(head.group(1), UID_MAX, minimum=1)
+        if sequence is None:
+            if malformed is not None:
+                malformed(f"a FETCH response for message number {_shown(head.group(1))}")
+            continue
+        item = items.setdefault(sequence, {})
         if uid := _UID.search(meta):
-            item["uid"] = int(uid.group(1))
+            item["uid"] = number(uid.group(1), UID_MAX, minimum=1)
+            if item["uid"] is None:
+                bad.add(sequence)
         if size := _SIZE.search(meta):
-            item["size"] = int(size.group(1))
+            item["size"] = number(size.group(1), SIZE_MAX)
+            if item["size"] is None:
+                bad.add(sequence)
         if body is not None:
             item["body"] = body
         if (flags := _flags(meta)) is not None:
             item["webhook_id"] = _kept_id(flags)
         if date := _INTERNALDATE.search(meta):
             item["internal_date"] = _internal_date(date.groups())
+    if bad and malformed is not None:
+        for sequence in sorted(bad):
+            malformed(f"message number {sequence}: a UID or RFC822.SIZE out of range")
     return [
         FetchedMessage(
             uid=item["uid"],
@@ -146,8 +372,8 @@ def parse_fetch(lines: list[Any]) -> list[FetchedMessage]:
             webhook_id=item.get("webhook_id"),
             internal_date=item.get("internal_date"),
         )
-        for item in items.values()
-        if "uid" in item and "size" in item
+        for sequence, item in items.items()
+        if "uid" in item and "size" in item and sequence not in bad
     ]
 
 

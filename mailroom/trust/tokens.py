@@ -41,6 +41,9 @@ def _pool() -> ThreadPoolExecutor:
     return _executor
 
 
+ANSWER_MAX_BYTES = 1024 * 1024  # a token answer is a few KB, OpenID metadata a few more
+
+
 class _Adapter(requests.adapters.HTTPAdapter):
     """Hands urllib3 mailroom's TLS context, and nothing of requests' own CA choice."""
 
@@ -73,7 +76,9 @@ class HttpSession(requests.Session):
     ``proxy``, else ``HTTPS_PROXY``/``NO_PROXY``), and ``tls`` honours ``SSL_CERT_FILE``,
     ``SSL_CERT_DIR`` and ``REQUESTS_CA_BUNDLE`` on top of the system store. msal applies its
     own ``timeout=`` only to the session it builds itself, so this one sets a default timeout
-    on every request.
+    on every request, and reads at most ``ANSWER_MAX_BYTES`` of any answer (requests would
+    read an endless one whole): a larger one fails as a ``requests`` error, which the
+    providers report as a failed request.
     """
 
     def __init__(self, config: ImapOAuthConfig, timeout_s: float) -> None:
@@ -88,7 +93,18 @@ class HttpSession(requests.Session):
         kwargs.setdefault("timeout", self._timeout_s)
         if (proxy := proxy_for(str(url), self._proxy)) is not None:
             kwargs.setdefault("proxies", {"http": proxy, "https": proxy})
-        return super().request(method, url, *args, **kwargs)
+        kwargs["stream"] = True  # read here, within the bound
+        response = super().request(method, url, *args, **kwargs)
+        try:
+            body = response.raw.read(ANSWER_MAX_BYTES + 1, decode_content=True)
+        finally:
+            response.close()
+        if len(body) > ANSWER_MAX_BYTES:
+            raise requests.exceptions.ContentDecodingError(
+                f"the answer is larger than {ANSWER_MAX_BYTES} bytes"
+            )
+        response._content = body  # what response.content and .json() read (requests' cache)
+        return response
 
 
 class CachedToken:

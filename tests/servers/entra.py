@@ -110,6 +110,7 @@ class EntraGraph(HttpsMock):
         self.graph_prefix = graph_prefix
         self.page_size = page_size  # serve fewer than $top per page (Graph may)
         self.token_lifetime_s = 3599
+        self.scopes: set[str] = set()  # more scopes tokens are issued for (another Graph)
         self.paging = "normal"  # "cyclic": nextLink back to page 1; "endless": always a nextLink
         self.broken: dict[str, int] = {}  # message id → the status its $value always answers
         self.tokens: dict[str, Token] = {}
@@ -277,6 +278,7 @@ class EntraGraph(HttpsMock):
             )
         scope = str(form.get("scope", ""))
         allowed = {f"{self.graph_endpoint}/.default", "https://outlook.office365.com/.default"}
+        allowed |= self.scopes
         if scope.split() != [scope] or scope not in allowed:
             return _aad_error(400, "invalid_scope", f"AADSTS1002012: bad scope {scope}", 1002012)
         value = f"eyJ0eXAi.{secrets.token_urlsafe(24)}.sig"
