@@ -462,6 +462,33 @@ async def test_metrics_are_written_off_the_loop_and_concurrent_scrapes_share_one
     assert len(threads) == 2  # a scrape after it is written again
 
 
+async def test_per_mailbox_false_keeps_totals_only() -> None:
+    """``metrics: {per_mailbox: false}``: no series per mailbox (27 a mailbox otherwise), the
+    counters and gauges are totals over all of them."""
+    config = config_dict([imap_box(f"box{n}") for n in range(300)], "http://127.0.0.1:1/")
+    config["metrics"] = {"per_mailbox": False}
+    health = Health(parse_config(config, env={}), clock=Clock())
+    health.state("box1", SourceState.CONNECTED)
+    health.state("box2", SourceState.CONNECTED)
+    token = health.accepted("box1")
+    health.accepted("box2")
+    health.outcome("box1", Outcome.DELIVERED)
+    health.finished("box1", token)
+    health.outcome("box3", Outcome.DELIVERED)
+    text = (await health.metrics.exposition()).decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert not [key for key in samples if "mailbox" in dict(key[1])]
+    assert samples[("mailroom_settled_total", (("outcome", "delivered"),))] == 2
+    assert samples[("mailroom_fetched_total", ())] == 2
+    assert samples[("mailroom_connected", ())] == 2
+    assert samples[("mailroom_unsettled", ())] == 1
+    assert len(samples) < 100
+
+
 @pytest.mark.slow
 async def test_a_backlog_behind_a_stalled_webhook_is_bounded_in_memory(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, session: aiohttp.ClientSession

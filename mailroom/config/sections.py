@@ -421,8 +421,11 @@ def _ready_when(section: Section) -> Literal["all", "any"] | float:
 
 
 def parse_metrics(section: Section) -> MetricsConfig:
-    """``metrics: {mailbox_label: id | hash}``."""
-    config = MetricsConfig(mailbox_label=section.choice("mailbox_label", "id", ("id", "hash")))
+    """``metrics: {mailbox_label: id | hash, per_mailbox: true | false}``."""
+    config = MetricsConfig(
+        mailbox_label=section.choice("mailbox_label", "id", ("id", "hash")),
+        per_mailbox=section.flag("per_mailbox", True),
+    )
     section.done()
     return config
 

@@ -123,7 +123,7 @@ class Health(Monitor):
         self._stopping = False
         self._not_ready: tuple[str, ...] | None = None  # as last logged
         self.started = clock()
-        self.metrics = Metrics(_Gauges(self))
+        self.metrics = Metrics(_Gauges(self), per_mailbox=config.metrics.per_mailbox)
         self.registry = self.metrics.registry
         self.configure(config)
 
@@ -494,21 +494,46 @@ class _Gauges(Collector):
             yield from self._budget(health.budget)
 
     def _mailboxes(self, now: float, webhooks: dict[str, WebhookState]) -> Iterable[Metric]:
+        """Per mailbox; with ``metrics.per_mailbox: false`` totals over all of them (how many
+        are connected and ready, their unsettled messages, the oldest one's age)."""
         health = self._health
+        per_mailbox = health.metrics.per_mailbox
+        texts = (
+            (
+                "mailroom_connected",
+                "1 while the mailbox is connected (IMAP) or its last poll succeeded (Graph).",
+                "Mailboxes connected (IMAP) or whose last poll succeeded (Graph).",
+            ),
+            (
+                "mailroom_mailbox_ready",
+                "1 while the mailbox counts as ready.",
+                "Mailboxes that count as ready.",
+            ),
+            (
+                "mailroom_unsettled",
+                "Messages handed to the dispatcher and not yet settled.",
+                "Messages handed to the dispatcher and not yet settled.",
+            ),
+            (
+                "mailroom_unsettled_oldest_age_seconds",
+                "Age of the oldest message not yet settled (0 when there is none).",
+                "Age of the oldest message not yet settled (0 when there is none).",
+            ),
+        )
+        if not per_mailbox:
+            totals = [0.0, 0.0, 0.0, 0.0]
+            for source in health.sources.values():
+                totals[0] += source.state is SourceState.CONNECTED
+                totals[1] += health.mailbox_ready(source, now, webhooks)
+                totals[2] += len(source.unsettled)
+                first = next(iter(source.unsettled.values()), now)
+                totals[3] = max(totals[3], now - first)
+            return [
+                GaugeMetricFamily(name, text, value=value)
+                for (name, _, text), value in zip(texts, totals, strict=True)
+            ]
         gauges = {
-            name: GaugeMetricFamily(name, text, labels=["mailbox"])
-            for name, text in (
-                (
-                    "mailroom_connected",
-                    "1 while the mailbox is connected (IMAP) or its last poll succeeded (Graph).",
-                ),
-                ("mailroom_mailbox_ready", "1 while the mailbox counts as ready."),
-                ("mailroom_unsettled", "Messages handed to the dispatcher and not yet settled."),
-                (
-                    "mailroom_unsettled_oldest_age_seconds",
-                    "Age of the oldest message not yet settled (0 when there is none).",
-                ),
-            )
+            name: GaugeMetricFamily(name, text, labels=["mailbox"]) for name, text, _ in texts
         }
         for mailbox, source in health.sources.items():
             connected = source.state is SourceState.CONNECTED

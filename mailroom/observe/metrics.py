@@ -43,15 +43,17 @@ LAG_INTERVAL_S = 0.25  # how often the event loop's lag is measured
 class Metrics:
     """The counters and histograms ``Health`` feeds; its gauges are ``gauges``."""
 
-    def __init__(self, gauges: Collector) -> None:
+    def __init__(self, gauges: Collector, *, per_mailbox: bool = True) -> None:
         # The counters and histograms; ``gauges`` are collected apart (``exposition``).
         self.counters = registry = CollectorRegistry(auto_describe=True)
         self.gauges = gauges
         self.registry = Families(registry, gauges)  # everything, collected in the caller
         self._writing: asyncio.Future[bytes] | None = None
 
+        self.per_mailbox = per_mailbox  # metrics.per_mailbox: false keeps totals only
+
         def counter(name: str, documentation: str, *labels: str) -> MailboxCounter:
-            return MailboxCounter(name, documentation, ("mailbox", *labels), registry)
+            return MailboxCounter(name, documentation, labels, registry, per_mailbox=per_mailbox)
 
         self.fetched = counter("mailroom_fetched", "Messages handed to the dispatcher.")
         self.settled = counter("mailroom_settled", "Messages settled, by outcome.", "outcome")
@@ -128,8 +130,9 @@ class Metrics:
             counter.labels(*labels)
 
     def remove(self, mailbox: str) -> None:
-        for counter, labels in self.series(mailbox):
-            counter.remove(*labels)
+        if self.per_mailbox:  # a total keeps what a removed mailbox added to it
+            for counter, labels in self.series(mailbox):
+                counter.remove(*labels)
 
     def add_webhook(self, label: str) -> None:
         self.latency.labels(label)
@@ -171,30 +174,40 @@ class MailboxCounter(Collector):
     each ``labels(...)`` call checked and converted the values under a lock (issue 23). Here a
     series is a ``_Count`` under its tuple of label values; the loop alone changes them, and a
     scrape in a worker thread copies the table first (one C call, so under the GIL it sees a
-    consistent table). The same calls as prometheus-client's: ``labels(...).inc()``,
-    ``remove(...)``.
+    consistent table). The same calls as prometheus-client's: ``labels(mailbox, ...).inc()``,
+    ``remove(mailbox, ...)``. Without ``per_mailbox`` the mailbox is left out: one series per
+    set of the other labels counts for every mailbox.
     """
 
     def __init__(
-        self, name: str, documentation: str, labels: tuple[str, ...], registry: CollectorRegistry
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        registry: CollectorRegistry,
+        *,
+        per_mailbox: bool = True,
     ) -> None:
         self.name = name
         self.documentation = documentation
-        self.label_names = labels
+        self.label_names = ("mailbox", *labels) if per_mailbox else labels
+        self._skip = 0 if per_mailbox else 1  # label values left out (the mailbox)
         self._series: dict[tuple[str, ...], _Count] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> _Count:
-        """The series of ``values`` (one per label), made at 0 the first time."""
-        count = self._series.get(values)
+    def labels(self, mailbox: str, *values: str) -> _Count:
+        """The series of ``mailbox`` and ``values`` (one per other label), made at 0 the
+        first time."""
+        key = (mailbox, *values)[self._skip :]
+        count = self._series.get(key)
         if count is None:
-            if len(values) != len(self.label_names):
-                raise ValueError(f"{self.name}: expected labels {self.label_names}, not {values}")
-            count = self._series[values] = _Count()
+            if len(key) != len(self.label_names):
+                raise ValueError(f"{self.name}: expected labels {self.label_names}, not {key}")
+            count = self._series[key] = _Count()
         return count
 
-    def remove(self, *values: str) -> None:
-        self._series.pop(values, None)
+    def remove(self, mailbox: str, *values: str) -> None:
+        self._series.pop((mailbox, *values)[self._skip :], None)
 
     def describe(self) -> Iterable[Metric]:
         return [CounterMetricFamily(self.name, self.documentation, labels=self.label_names)]
