@@ -3,9 +3,10 @@
 ``python -m bench.cpu_profile -m mailroom -c FILE`` runs mailroom as ``python -m mailroom``
 would, with a ``SIGPROF`` timer that fires after every ``INTERVAL_S`` of CPU the process uses
 (``ITIMER_PROF``: user and system time, the kernel's work in its syscalls included) and counts
-the Python stack it interrupted. ``SIGUSR1`` starts a fresh count, ``SIGUSR2`` writes the
-count since then to ``$MAILROOM_BENCH_PROFILE`` (collapsed stacks, ``frame;frame;... count``
-a line, as py-spy's ``--format raw`` and flamegraph.pl read them), numbered per phase.
+the Python stack it interrupted, from the start. ``SIGUSR1`` starts a fresh count,
+``SIGUSR2`` writes the count since then (or since the start) to ``$MAILROOM_BENCH_PROFILE``
+(collapsed stacks, ``frame;frame;... count`` a line, as py-spy's ``--format raw`` and
+flamegraph.pl read them), numbered per phase.
 
 Why not only py-spy: it samples wall time, and counts a thread that is runnable but waits
 for a CPU as busy. On a shared 2-core machine whose load average is above 2, a send to
@@ -27,7 +28,7 @@ from types import FrameType
 INTERVAL_S = 0.001
 
 _counts: collections.Counter[str] = collections.Counter()
-_state = {"on": False, "phase": 0}  # counting now; profiles written so far
+_state = {"on": True, "phase": 0}  # counting now (from the start); profiles written so far
 
 
 def _frame_name(frame: FrameType) -> str:

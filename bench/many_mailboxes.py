@@ -135,7 +135,7 @@ def mailroom_config(
     return {
         "mailboxes": boxes,
         "webhook": {"url": hook.url, "signing_secret": WHSEC},
-        "limits": LIMITS,
+        "limits": {**LIMITS, "connects": how["connects"]},
         "health": {"listen": f"127.0.0.1:{health_port}"},
         "log": {"format": "json", "level": how["log_level"]},
     }
@@ -171,20 +171,41 @@ class Bench:
             health_port,
             tls=options.tls,
             log_level=options.log_level,
+            connects=options.connects,
         )
         self.runs += 1
         profile = self.options.profile is not None
         return Mailroom(config, self.workdir, health_port, f"mailroom{self.runs}", profile=profile)
 
-    def profile(self, mailroom: Mailroom, phase: str) -> contextlib.AbstractContextManager[None]:
+    def profile(
+        self, mailroom: Mailroom, phase: str, *, fresh: bool = True
+    ) -> contextlib.AbstractContextManager[None]:
         folder = self.options.profile
-        return profiled(mailroom, folder / f"{phase}.txt" if folder else None)
+        return profiled(mailroom, folder / f"{phase}.txt" if folder else None, fresh=fresh)
 
     def start(self, mailroom: Mailroom, label: str) -> None:
         """Popen → every mailbox's session in IDLE."""
         users = {a.user for a in self.accounts}
+        others0 = self.others_cpu()
         mailroom.start()
         deadline = mailroom.started + START_TIMEOUT_S
+        with self.profile(mailroom, f"start-{self.runs}", fresh=False):
+            seconds = self.wait_idle(mailroom, users, deadline)
+        self.table.add(
+            f"{label}: start -> all {len(users)} in IDLE",
+            f"{seconds:.1f} s",
+            "< 10 s",
+            seconds < 10,
+        )
+        dovecot, _, bench = (b - a for a, b in zip(others0, self.others_cpu(), strict=True))
+        self.table.add(
+            "  CPU meanwhile",
+            f"mailroom {cpu_s(mailroom.pid):.1f} s (its start-up included), Dovecot "
+            f"{dovecot:.1f} s, this bench {bench:.1f} s (load average {load_average()})",
+        )
+
+    def wait_idle(self, mailroom: Mailroom, users: set[str], deadline: float) -> float:
+        """Until every session of ``users`` is in IDLE (bounded); the seconds since start."""
         for _ in range(100_000):
             mailroom.alive()
             idle = sum(
@@ -192,16 +213,11 @@ class Bench:
             )
             seconds = time.monotonic() - mailroom.started
             if idle == len(users):
-                break
+                return seconds
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{idle} of {len(users)} sessions in IDLE after {seconds:.0f} s")
             time.sleep(0.1)
-        self.table.add(
-            f"{label}: start -> all {len(users)} in IDLE",
-            f"{seconds:.1f} s",
-            "< 15 s",
-            seconds < 15,
-        )
+        raise RuntimeError("not all in IDLE")
 
     def quiet_scrapes(self, mailroom: Mailroom) -> tuple[Scrape, Scrape]:
         """Two scrapes a second apart at rest: the first one's own lag sample (a scrape runs on
@@ -213,7 +229,7 @@ class Bench:
     def at_rest(self, mailroom: Mailroom) -> None:
         time.sleep(5)  # past the start's last sweeps
         rss = rss_mib(mailroom.pid)
-        self.table.add("RSS at rest", f"{rss:.0f} MiB", "< 150 MB", rss * 2**20 < 150e6)
+        self.table.add("RSS at rest", f"{rss:.0f} MiB", "< 120 MB", rss * 2**20 < 120e6)
         first, before = self.quiet_scrapes(mailroom)
         started, cpu0 = time.monotonic(), cpu_s(mailroom.pid)
         with self.profile(mailroom, "idle"):
@@ -284,8 +300,8 @@ class Bench:
         self.table.add(
             "  mailroom CPU per 1,000 messages",
             f"{per_k:.2f} CPU-s ({cpu:.1f} s in all; {settled:.0f} settled)",
-            "<= 0.5 CPU-s",
-            per_k <= 0.5,
+            "<= 0.6 CPU-s",
+            per_k <= 0.6,
         )
         lag = after.lag_since(before).without_one_like(before.lag_since(first))
         p99 = lag.quantile(0.99)
@@ -436,6 +452,7 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=IDLE_CPU_S)
     parser.add_argument("--outage-s", type=float, default=OUTAGE_S)
     parser.add_argument("--log-level", default="info", help="mailroom's log.level")
+    parser.add_argument("--connects", type=int, default=LIMITS["connects"], help="limits.connects")
     parser.add_argument(
         "--profile",
         type=Path,

@@ -125,12 +125,12 @@ def sampling_rss(pid: int, every_s: float = 0.1) -> Iterator[list[float]]:
 
 
 @contextlib.contextmanager
-def profiled(mailroom: Mailroom, path: Path | None) -> Iterator[None]:
+def profiled(mailroom: Mailroom, path: Path | None, *, fresh: bool = True) -> Iterator[None]:
     """While the block runs: the CPU-time profile of ``mailroom`` (bench/cpu_profile.py: it
     runs under it when started with ``profile=``) written to ``path``, its summary printed,
     and ``py-spy record`` (wall time: collapsed stacks per thread, 100 Hz) beside it in
     ``<phase>.py-spy.txt`` when py-spy is installed (``.venv/bin/pip install py-spy``). Nothing
-    when ``path`` is None."""
+    when ``path`` is None. ``fresh=False``: the profile counts from the process's start."""
     if path is None:
         yield
         return
@@ -141,7 +141,8 @@ def profiled(mailroom: Mailroom, path: Path | None) -> Iterator[None]:
         args += ["--format", "raw", "--nonblocking", "--threads"]
         args += ["--output", str(path.with_suffix(".py-spy.txt"))]
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.kill(mailroom.pid, signal.SIGUSR1)
+    if fresh:
+        os.kill(mailroom.pid, signal.SIGUSR1)
     try:
         yield
     finally:
