@@ -4,6 +4,7 @@ are shown as scheme://host:port only. Ends with a bounded fuzz test over YAML do
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailroom import cli
-from mailroom.config import ConfigError, GraphMailboxConfig, load_config, parse_config
-from mailroom.config import document
+from mailroom.config import ConfigError, GraphMailboxConfig, document, load_config, parse_config
 from mailroom.config.document import load as load_yaml
 from mailroom.config.reader import KEYS
 from mailroom.redact import origin
@@ -512,6 +512,6 @@ def _same(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return type(a) is type(b) and a == b
