@@ -67,6 +67,9 @@ class Webhook:
         if config.url.startswith("https:"):
             self.ssl = client_context(ca_file=config.ca_file, verify=config.tls_verify)
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        # Looked up once, from the environment as it is when the webhook is first configured
+        # (a reload with another proxy: makes a new webhook), not for every request.
+        self.proxy = proxy_for(config.url, config.proxy)
 
     def headers(self, envelope: Envelope, key: str | None, body: bytes) -> dict[str, str]:
         headers = request_headers(
@@ -202,7 +205,7 @@ class Webhooks:
                 timeout=webhook.timeout,
                 allow_redirects=False,
                 ssl=webhook.ssl,
-                proxy=proxy_for(config.url, config.proxy),
+                proxy=webhook.proxy,
             ) as response:
                 status = response.status
                 status_class = StatusClass.of(status)

@@ -262,7 +262,7 @@ class Health(Monitor):
         if (source := self.sources.get(mailbox)) is None:
             return
         self.metrics.requests.labels(mailbox, status.value).inc()
-        self.metrics.latency.labels(source.webhook).observe(seconds)
+        self.metrics.latency_of(source.webhook).observe(seconds)
 
     def circuit(self, webhook: str, *, is_open: bool) -> None:
         if is_open:

@@ -49,6 +49,7 @@ class Metrics:
         self.gauges = gauges
         self.registry = Families(registry, gauges)  # everything, collected in the caller
         self._writing: asyncio.Future[bytes] | None = None
+        self._latency: dict[str, Any] = {}  # webhook label -> its histogram's child
 
         self.per_mailbox = per_mailbox  # metrics.per_mailbox: false keeps totals only
 
@@ -135,10 +136,19 @@ class Metrics:
                 counter.remove(*labels)
 
     def add_webhook(self, label: str) -> None:
-        self.latency.labels(label)
+        self._latency[label] = self.latency.labels(label)
 
     def remove_webhook(self, label: str) -> None:
+        self._latency.pop(label, None)
         self.latency.remove(label)
+
+    def latency_of(self, label: str) -> Any:
+        """The latency histogram of webhook ``label`` (prometheus-client's ``labels`` checks
+        and locks at every call: looked up once)."""
+        child = self._latency.get(label)
+        if child is None:
+            child = self._latency[label] = self.latency.labels(label)
+        return child
 
     async def exposition(self, view: Callable[[Families], Any] | None = None) -> bytes:
         """The ``/metrics`` text: the gauges collected here, on the loop; the rest collected
