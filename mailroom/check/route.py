@@ -107,7 +107,7 @@ def _payload(
     if mailbox.webhook.format == "raw":
         return [f"payload:  the message itself, {len(raw)} bytes (format: raw)"]
 
-    async def unused(outcome: Outcome) -> None:  # pragma: no cover - never settled
+    async def unused(outcome: Outcome, why: str) -> None:  # pragma: no cover - never settled
         raise AssertionError(outcome)
 
     # The real webhook-id comes from the mailbox (UIDVALIDITY and UID); this one only stands in.

@@ -30,6 +30,8 @@ from mailroom.config.model import (
     ImapMailboxConfig,
     JwtConfig,
     LimitsConfig,
+    Listen,
+    LmtpMailboxConfig,
     LogConfig,
     MailboxConfig,
     Readiness,
@@ -82,6 +84,8 @@ __all__ = [
     "ImapOAuthConfig",
     "JwtConfig",
     "LimitsConfig",
+    "Listen",
+    "LmtpMailboxConfig",
     "LogConfig",
     "MailboxConfig",
     "OAuthConfig",
@@ -137,6 +141,7 @@ def parse_config(
         for name in sorted(set(stored or {}) - {m.id for m in mailboxes})
     ]
     seen: set[str] = set()
+    taken: dict[tuple[str, str], int] = {}
     for i, mailbox in enumerate(mailboxes):
         if mailbox.id in seen:
             root.fail(
@@ -144,6 +149,13 @@ def parse_config(
                 f"{shown(mailbox.id)} is used twice; give each mailbox an id of its own",
             )
         seen.add(mailbox.id)
+        for key, value in mailbox.exclusive():
+            if (key, value) in taken:
+                root.fail(
+                    f"mailboxes[{i}].{key}",
+                    f"{value} is mailboxes[{taken[key, value]}]'s already; give each its own",
+                )
+            taken[key, value] = i
     notices, notice_address = None, None
     if (notices_section := root.section("reject_notices")) is not None:
         notices, notice_address = parse_reject_notices(notices_section)

@@ -49,6 +49,8 @@ _KEY_NAMES = """
     nonce routing secret_encoding token_scheme arbitration method db username namespace
     lease_ttl marker_ttl sentinels master_name sentinel_password sentinel_password_file tls proxy
     reload watch interval
+    allow_remote hostname max_recipients max_connections reply_within socket_mode socket_owner
+    socket_group tls_cert_file tls_key_file
     provider client_certificate client_certificate_file client_certificate_thumbprint
     service_account service_account_file refresh_token refresh_token_file token_uri
 """
