@@ -231,9 +231,10 @@ class LmtpSession(LMTP):
         ]
         if self.tls_context is not None and self._tls_protocol is None:
             lines.append("STARTTLS")
+        # RFC 2034 §3: LHLO's reply carries no enhanced status codes (super(): as written).
         for line in lines[:-1]:
-            await self.push(f"250-{line}")
-        await self.push(f"250 {lines[-1]}")
+            await super().push(f"250-{line}")
+        await super().push(f"250 {lines[-1]}")
 
     async def handle_MAIL(
         self,

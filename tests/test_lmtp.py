@@ -1,0 +1,267 @@
+"""The LMTP listener end to end: ``smtplib.LMTP`` (and a raw client where the bytes matter)
+against the real listener in the supervisor, posting to the real webhook receiver.
+
+Each accepted recipient is one delivery with its own webhook event, key and webhook-id, and its
+own reply after DATA, in RCPT order: 250 once the webhook took it, 5xx when refused for good,
+451 while the webhook cannot take it (the MTA's queue retries, under the same webhook-id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import message, wait_until
+from tests.lmtp import Raw, Sent, address, dotted, listening, lmtp_config, send
+from tests.servers.dovecot import free_port
+from tests.servers.webhook import WebhookReceiver
+
+REJECT = b'{"reject": "no such project"}'
+JSON = {"Content-Type": "application/json"}
+
+
+async def deliver(port: int | str, recipients: list[str], raw: bytes, **kw: Any) -> Sent:
+    """``tests.lmtp.send`` in a thread: mailroom runs in this event loop."""
+    return await asyncio.to_thread(send, port, recipients, raw, **kw)
+
+
+def raw_of(request: Any) -> bytes:
+    return base64.b64decode(request.json()["raw"])
+
+
+async def test_lhlo_offers_what_lmtp_needs_and_no_auth(webhook: WebhookReceiver) -> None:
+    port = free_port()
+    async with listening(lmtp_config(webhook.url, f"127.0.0.1:{port}"), port):
+        client = await Raw.open(port)
+        await client.send(b"LHLO client.example.org\r\n")
+        lines = [await client.line() for _ in range(6)]
+        await client.send(b"AUTH PLAIN AGFhAGI=\r\nHELO x\r\nNOOP\r\nQUIT\r\n")
+        after = await client.replies(4)
+        await client.close()
+    assert lines == [
+        "250-mx.example.com",
+        "250-PIPELINING",
+        "250-ENHANCEDSTATUSCODES",
+        "250-SIZE 26214400",
+        "250-8BITMIME",
+        "250 SMTPUTF8",  # RFC 2034 §3: no enhanced code in LHLO's reply; no STARTTLS, no AUTH
+    ]
+    assert after[0].startswith("500 5.5.2 ") and "AUTH" in after[0]
+    assert after[1].startswith("500 5.5.2 ") and "HELO" in after[1]
+    assert after[2:] == ["250 2.0.0 OK", "221 2.0.0 Bye"]
+
+
+async def test_each_recipient_is_a_delivery_with_its_own_reply_in_rcpt_order(
+    webhook: WebhookReceiver,
+) -> None:
+    """Mixed outcomes in one transaction: delivered, refused by the application (422 → 550,
+    the reason in the reply), refused for good (400 → 554), unknown at RCPT (550 5.1.1), a
+    repeated recipient answered like its first."""
+    webhook.respond_for("k2", 422, REJECT, JSON)
+    webhook.respond_for("k3", 400, b"bad request")
+    port = free_port()
+    raw = message(1)
+    recipients = [address("k1"), address("k2"), "stranger@example.com", address("k3")]
+    async with listening(lmtp_config(webhook.url, f"127.0.0.1:{port}"), port):
+        sent = await deliver(port, [*recipients, address("k1")], raw)
+        requests = await webhook.wait_for(3)
+    assert [code for code, _ in sent.rcpt] == [250, 250, 550, 250, 250]
+    assert sent.rcpt[2][1] == "5.1.1 <stranger@example.com>: no such recipient here"
+    by_key = {r.headers["X-Mailroom-Key"]: r for r in requests}
+    assert sorted(by_key) == ["k1", "k2", "k3"] and len(requests) == 3
+    ids = {key: r.headers["webhook-id"] for key, r in by_key.items()}
+    assert len(set(ids.values())) == 3
+    assert sent.data == [
+        (250, f"2.0.0 {ids['k1']} delivered"),
+        (550, "5.7.1 no such project"),
+        (554, "5.3.0 the webhook refused it for good: HTTP 400"),
+        (250, f"2.0.0 {ids['k1']} delivered"),
+    ]
+    for key, request in by_key.items():
+        body = request.json()
+        assert body["key"] == key and body["matched_header"] == "Delivered-To"
+        assert raw_of(request) == (
+            f"Return-Path: <sender@example.org>\r\nDelivered-To: {address(key)}\r\n".encode() + raw
+        )
+
+
+async def test_the_key_comes_from_the_recipient_not_the_headers(webhook: WebhookReceiver) -> None:
+    """Mail to two keys at once (both in To): each delivery carries its recipient's key."""
+    port = free_port()
+    raw = message(2, to=f"{address('a')}, {address('b')}")
+    async with listening(lmtp_config(webhook.url, f"127.0.0.1:{port}"), port):
+        sent = await deliver(port, [address("b"), address("a")], raw)
+        requests = await webhook.wait_for(2)
+    assert [code for code, _ in sent.data] == [250, 250]
+    assert sorted(r.json()["key"] for r in requests) == ["a", "b"]
+
+
+async def test_webhook_down_is_451_then_the_mtas_retry_is_delivered_with_the_same_id(
+    webhook: WebhookReceiver,
+) -> None:
+    port = free_port()
+    config = lmtp_config(webhook.url, f"127.0.0.1:{port}", reply_within=2)
+    raw = message(3)
+    webhook.respond(503)
+    async with listening(config, port):
+        started = time.monotonic()
+        first = await deliver(port, [address("k1")], raw)
+        waited = time.monotonic() - started
+        failed = {r.headers["webhook-id"] for r in webhook.requests}
+        webhook.respond(200, b"{}", JSON)
+        retries = []
+        for _ in range(50):  # as the MTA does: again later, until it is taken
+            retries.append(await deliver(port, [address("k1")], raw))
+            if retries[-1].data[0][0] != 451:
+                break
+            await asyncio.sleep(0.1)  # the circuit's next probe is due within 0.2 s
+    code, text = first.data[0]
+    assert code == 451 and text.startswith("4.3.0 ")
+    assert waited < config.mailboxes[0].idle_timeout_s  # the MTA is never held past its timeout
+    assert retries[-1].data[0][0] == 250
+    assert webhook.delivered() == [*failed] and len(failed) == 1
+
+
+async def test_an_open_circuit_is_answered_451_at_once(webhook: WebhookReceiver) -> None:
+    """Once the webhook's circuit opens, messages do not wait out reply_within: 451 at once."""
+    port = free_port()
+    config = lmtp_config(webhook.url, f"127.0.0.1:{port}", reply_within=30)
+    webhook.respond(503)
+    async with listening(config, port):
+        for n in range(5):  # five failures in a row open the circuit
+            if len(webhook.requests) >= 5:
+                break
+            await deliver(port, [address(f"k{n}")], message(n))
+        await wait_until(lambda: len(webhook.requests) >= 5, what="five failed requests")
+        started = time.monotonic()
+        sent = await deliver(port, [address("late")], message(9))
+        took = time.monotonic() - started
+    assert sent.data[0][0] == 451
+    assert took < 5  # not the 30 s of reply_within
+
+
+async def test_auto_generated_mail_and_bounces_are_250_and_not_posted(
+    webhook: WebhookReceiver,
+) -> None:
+    port = free_port()
+    auto = message(4).replace(b"Subject:", b"Auto-Submitted: auto-replied\r\nSubject:", 1)
+    async with listening(lmtp_config(webhook.url, f"127.0.0.1:{port}"), port):
+        ignored = await deliver(port, [address("k1")], auto)
+        bounce = await deliver(port, [address("k2")], message(5), sender="<>")
+        posted = await deliver(port, [address("k3")], message(6))
+        await webhook.wait_for(1)
+    assert ignored.data[0][0] == 250 and "auto-generated (auto_submitted)" in ignored.data[0][1]
+    assert bounce.data[0][0] == 250 and "auto-generated (null_sender)" in bounce.data[0][1]
+    assert posted.data[0][0] == 250
+    assert [r.headers["X-Mailroom-Key"] for r in webhook.requests] == ["k3"]
+
+
+async def test_pipelining_every_command_in_one_write(webhook: WebhookReceiver) -> None:
+    port = free_port()
+    raw = message(7).replace(b"Message number", b".Message number with a leading dot", 1)
+    async with listening(lmtp_config(webhook.url, f"127.0.0.1:{port}"), port):
+        client = await Raw.open(port)
+        await client.send(
+            b"LHLO client.example.org\r\n"
+            b"MAIL FROM:<sender@example.org> BODY=8BITMIME SIZE=1000\r\n"
+            + f"RCPT TO:<{address('p1')}>\r\n".encode()
+            + b"RCPT TO:<nobody@example.com>\r\n"
+            + f"RCPT TO:<{address('p2')}>\r\n".encode()
+            + b"DATA\r\n"
+        )
+        before = await client.replies(6)
+        await client.send(dotted(raw) + b"MAIL FROM:<x@example.org>\r\nRSET\r\nQUIT\r\n")
+        after = await client.replies(5)
+        await client.close()
+        requests = await webhook.wait_for(2)
+    assert [line[:3] for line in before] == ["250", "250", "250", "550", "250", "354"]
+    assert [line[:9] for line in after] == [
+        "250 2.0.0",
+        "250 2.0.0",
+        "250 2.1.0",
+        "250 2.0.0",
+        "221 2.0.0",
+    ]
+    for request in requests:  # dot-stuffing undone: the bytes as written
+        assert raw_of(request).endswith(raw)
+
+
+async def test_size_declared_too_large_is_refused_at_mail(webhook: WebhookReceiver) -> None:
+    port = free_port()
+    config = lmtp_config(webhook.url, f"127.0.0.1:{port}", max_message_bytes=4096)
+    async with listening(config, port):
+        client = await Raw.open(port)
+        await client.send(b"LHLO c\r\nMAIL FROM:<a@example.org> SIZE=5000\r\n")
+        lines = [await client.line() for _ in range(7)]
+        await client.close()
+    assert "250-SIZE 4096" in lines
+    assert lines[-1].startswith("552 5.3.4 ")
+
+
+async def test_a_message_over_the_limit_gets_552_per_recipient_and_the_session_goes_on(
+    webhook: WebhookReceiver,
+) -> None:
+    port = free_port()
+    config = lmtp_config(webhook.url, f"127.0.0.1:{port}", max_message_bytes=4096)
+    async with listening(config, port):
+        too_big = await deliver(port, [address("a"), address("b")], message(8, size=10_000))
+        fits = await deliver(port, [address("c")], message(9, size=2000))
+        await webhook.wait_for(1)
+    assert too_big.data == [
+        (552, "5.3.4 message larger than max_message_bytes (4096 bytes)"),
+        (552, "5.3.4 message larger than max_message_bytes (4096 bytes)"),
+    ]
+    assert fits.data[0][0] == 250
+    assert [r.headers["X-Mailroom-Key"] for r in webhook.requests] == ["c"]
+
+
+async def test_too_many_recipients_are_452_at_rcpt(webhook: WebhookReceiver) -> None:
+    port = free_port()
+    config = lmtp_config(webhook.url, f"127.0.0.1:{port}", max_recipients=2)
+    async with listening(config, port):
+        sent = await deliver(port, [address("a"), address("b"), address("c")], message(10))
+        await webhook.wait_for(2)
+    assert [code for code, _ in sent.rcpt] == [250, 250, 452]
+    assert sent.rcpt[2][1].startswith("4.5.3 ")
+    assert [code for code, _ in sent.data] == [250, 250]
+
+
+async def test_a_client_that_stalls_mid_data_is_closed_and_nothing_is_posted(
+    webhook: WebhookReceiver,
+) -> None:
+    port = free_port()
+    config = lmtp_config(webhook.url, f"127.0.0.1:{port}", idle_timeout=1, reply_within=0.5)
+    async with listening(config, port):
+        stalled = await Raw.open(port)
+        await stalled.send(
+            f"LHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<{address('s')}>\r\n".encode()
+        )
+        await stalled.send(b"DATA\r\n")
+        assert [line[:3] for line in await stalled.replies(4)] == ["250", "250", "250", "354"]
+        await stalled.send(message(11)[:100])  # and nothing more
+        assert await stalled.closed() == []  # closed by the server, without a reply
+        await stalled.close()
+        after = await deliver(port, [address("t")], message(12))  # the listener serves on
+    assert after.data[0][0] == 250
+    assert [r.headers["X-Mailroom-Key"] for r in webhook.requests] == ["t"]
+
+
+async def test_a_unix_socket_with_its_mode_replacing_a_stale_one(
+    webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    path = tmp_path / "lmtp.sock"
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))  # left by a run that died: nothing listens on it
+    config = lmtp_config(webhook.url, f"unix:{path}", socket_mode="0600")
+    async with listening(config, path):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        sent = await deliver(str(path), [address("u")], message(13))
+    assert mode == 0o600
+    assert sent.data[0][0] == 250
+    assert not path.exists()  # removed when the socket was closed
