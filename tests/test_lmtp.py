@@ -10,15 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
+import logging
 import os
+import signal
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import message, wait_until
-from tests.lmtp import Raw, Sent, address, dotted, listening, lmtp_config, send
+import aiohttp
+import pytest
+
+from mailroom.config import Config, parse_config
+from mailroom.kinds import KINDS
+from mailroom.runtime import supervisor
+from tests.helpers import Process, config_dict, message, wait_until
+from tests.lmtp import (
+    Raw,
+    Sent,
+    address,
+    dotted,
+    greets,
+    listening,
+    lmtp_box,
+    lmtp_config,
+    send,
+)
 from tests.servers.dovecot import free_port
 from tests.servers.webhook import WebhookReceiver
 
@@ -123,7 +143,7 @@ async def test_webhook_down_is_451_then_the_mtas_retry_is_delivered_with_the_sam
             await asyncio.sleep(0.1)  # the circuit's next probe is due within 0.2 s
     code, text = first.data[0]
     assert code == 451 and text.startswith("4.3.0 ")
-    assert waited < config.mailboxes[0].idle_timeout_s  # the MTA is never held past its timeout
+    assert waited < 10  # reply_within (2 s) and the margin: the MTA is not held
     assert retries[-1].data[0][0] == 250
     assert webhook.delivered() == [*failed] and len(failed) == 1
 
@@ -265,3 +285,203 @@ async def test_a_unix_socket_with_its_mode_replacing_a_stale_one(
     assert mode == 0o600
     assert sent.data[0][0] == 250
     assert not path.exists()  # removed when the socket was closed
+
+
+async def test_a_thousand_idle_connections_and_the_next_one_gets_421(
+    webhook: WebhookReceiver,
+) -> None:
+    """1,000 sessions opened and left idle: the listener still delivers at once, the one past
+    max_connections is turned away with 421, and the count comes back to 0 when they go."""
+    port, health = free_port(), free_port()
+    config = lmtp_config(webhook.url, f"127.0.0.1:{port}", health_port=health, max_connections=1001)
+    clients: list[Raw] = []
+    try:
+        async with listening(config, port):
+            for _ in range(1000):
+                clients.append(await Raw.open(port))
+            sent = await deliver(port, [address("busy")], message(20))  # the 1,001st session
+            for _ in range(2):  # the 1,001st again (the last one ended), then one too many
+                clients.append(await Raw.open(port, greet=False))
+            greetings = [(await c.line())[:9] for c in clients[-2:]]
+            status = await readyz(health)
+            for client in clients:
+                await client.close()
+            await wait_until(
+                lambda: sessions_open(health, 0), what="every session closed", timeout=30
+            )
+    finally:
+        for client in clients:
+            client.writer.close()
+    assert sent.data[0][0] == 250
+    assert greetings == ["220 mx.ex", "421 4.3.2"]
+    assert status["mailboxes"]["mx"]["sessions"] == 1001
+
+
+async def readyz(port: int) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{port}/readyz"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+async def metrics(port: int) -> str:
+    url = f"http://127.0.0.1:{port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return await response.text()
+
+
+async def sessions_open(port: int, count: int) -> bool:
+    return f'mailroom_lmtp_sessions_open{{mailbox="mx"}} {float(count)}' in await metrics(port)
+
+
+async def test_health_and_metrics_per_listener(webhook: WebhookReceiver) -> None:
+    port, health = free_port(), free_port()
+    webhook.respond_for("no", 422, REJECT, JSON)
+    async with listening(lmtp_config(webhook.url, f"127.0.0.1:{port}", health_port=health), port):
+        status = await readyz(health)
+        await deliver(port, [address("yes"), address("no"), "x@elsewhere.example"], message(21))
+        text = await metrics(health)
+    assert status["ready"] and status["mailboxes"]["mx"]["kind"] == "lmtp"
+    assert status["mailboxes"]["mx"]["state"] == "connected"
+    for line in (
+        'mailroom_lmtp_transactions_total{mailbox="mx"} 1.0',
+        'mailroom_lmtp_replies_total{code="250",mailbox="mx"} 1.0',
+        'mailroom_lmtp_replies_total{code="550",mailbox="mx"} 2.0',  # one at RCPT, one after
+        'mailroom_lmtp_replies_total{code="451",mailbox="mx"} 0.0',
+        'mailroom_lmtp_reply_seconds_count{mailbox="mx"} 2.0',
+    ):
+        assert line in text, line
+    assert 'mailroom_lmtp_sessions_total{mailbox="mx"}' in text
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.kill()
+
+
+def start_process(
+    processes: list[Process], webhook: WebhookReceiver, workdir: Path, port: int, **box: Any
+) -> Process:
+    shutdown_timeout = box.pop("shutdown_timeout", 10)
+    data = config_dict([lmtp_box(f"127.0.0.1:{port}", **box)], webhook.url)
+    data["shutdown_timeout"] = shutdown_timeout
+    process = Process(data, workdir)
+    processes.append(process)
+    process.start()
+    return process
+
+
+async def test_sigterm_mid_transaction(
+    webhook: WebhookReceiver, processes: list[Process], tmp_path: Path
+) -> None:
+    """SIGTERM: 421 to new sessions and idle ones; a delivery in flight and a transaction in
+    the middle of its DATA both finish and get their 250; then exit 0."""
+    port = free_port()
+    process = start_process(processes, webhook, tmp_path, port)
+    await wait_until(lambda: greets(port), what="the listener")
+    webhook.stall()
+    in_flight = asyncio.create_task(deliver(port, [address("a")], message(30)))
+    await webhook.wait_for(1)
+    mid_data = await Raw.open(port)
+    raw = dotted(message(31))
+    await mid_data.send(
+        f"LHLO c\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<{address('b')}>\r\nDATA\r\n".encode()
+        + raw[:60]
+    )
+    assert (await mid_data.replies(4))[-1].startswith("354 ")
+    idle = await Raw.open(port)
+    await idle.send(b"LHLO c\r\n")
+    await idle.replies(1)
+
+    process.signal(signal.SIGTERM)
+    assert (await idle.closed())[-1].startswith("421 4.3.2 ")
+    late = await Raw.open(port, greet=False)
+    assert (await late.closed()) == ["421 4.3.2 mailroom is shutting down; try again later"]
+    await mid_data.send(raw[60:])  # the rest of an open transaction is taken
+    await webhook.wait_for(2)
+    webhook.release()
+    after_data = await mid_data.closed()
+    sent = await in_flight
+    assert await process.wait() == 0
+    for client in (mid_data, idle, late):
+        await client.close()
+    assert sent.data == [(250, f"2.0.0 {webhook.requests[0].headers['webhook-id']} delivered")]
+    assert [line[:3] for line in after_data] == ["250", "421"]
+    assert '"msg": "stopped (0 deliveries abandoned)"' in process.output()
+
+
+async def test_sigterm_with_the_webhook_stalled_past_the_bound_answers_451(
+    webhook: WebhookReceiver, processes: list[Process], tmp_path: Path
+) -> None:
+    port = free_port()
+    process = start_process(processes, webhook, tmp_path, port, shutdown_timeout=1)
+    await wait_until(lambda: greets(port), what="the listener")
+    webhook.stall()
+    in_flight = asyncio.create_task(deliver(port, [address("a")], message(32)))
+    await webhook.wait_for(1)
+    process.signal(signal.SIGTERM)
+    sent = await in_flight
+    assert await process.wait() == 0
+    webhook.release()
+    assert sent.data[0][0] == 451  # the MTA keeps it, and delivers it again later
+    assert "1 deliveries did not finish within" in process.output()
+
+
+async def test_reload_keeps_the_socket_unless_listen_changed(
+    webhook: WebhookReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGHUP: a changed max_recipients restarts the listener on the same socket (the same
+    socket file); a changed listen moves it; a listen that cannot be bound refuses the reload."""
+    first, second = tmp_path / "a.sock", tmp_path / "b.sock"
+    data = config_dict([lmtp_box(f"unix:{first}")], webhook.url)
+    stop, reload = asyncio.Event(), asyncio.Event()
+    current = [data]
+
+    def load() -> Config:
+        return parse_config(copy.deepcopy(current[0]), env={})
+
+    async def reloaded(change: dict[str, Any], count: int) -> None:
+        box = {**current[0]["mailboxes"][0], **change}
+        current[0] = {**current[0], "mailboxes": [box]}
+        reload.set()
+        await wait_until(
+            lambda: (
+                sum("config reloaded" in r.getMessage() for r in caplog.records) >= count
+                or sum("reload refused" in r.getMessage() for r in caplog.records) >= 1
+            ),
+            what="the reload",
+        )
+
+    caplog.set_level(logging.INFO, logger="mailroom")
+    task = asyncio.create_task(supervisor.run(load(), stop, kinds=KINDS, load=load, reload=reload))
+    try:
+        await wait_until(lambda: greets(first), what="the listener")
+        inode = os.stat(first).st_ino
+        await reloaded({"max_recipients": 1}, 1)
+        await wait_until(lambda: greets(first), what="the listener again")
+        kept = os.stat(first).st_ino
+        narrowed = await deliver(str(first), [address("a"), address("b")], message(40))
+        await reloaded({"listen": f"unix:{second}"}, 2)
+        await wait_until(lambda: greets(second), what="the listener on the new socket")
+        moved = await deliver(str(second), [address("c")], message(41))
+        old_gone = not first.exists()
+        blocker = tmp_path / "not-a-socket"
+        blocker.write_text("x")
+        await reloaded({"listen": f"unix:{blocker}"}, 3)
+        still = await deliver(str(second), [address("d")], message(42))
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            assert await task == 0
+    assert kept == inode
+    assert [code for code, _ in narrowed.rcpt] == [250, 452]
+    assert moved.data[0][0] == 250 and old_gone
+    assert still.data[0][0] == 250
+    refused = [r.getMessage() for r in caplog.records if "reload refused" in r.getMessage()]
+    assert refused == [
+        "reload refused, the running config stays: ConfigError: mailboxes[mx].listen: "
+        f"{blocker} exists and is not a socket; remove it, or choose another path"
+    ]
