@@ -13,8 +13,11 @@ import base64
 import copy
 import logging
 import os
+import re
 import signal
+import smtplib
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Iterator
@@ -24,7 +27,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mailroom.config import Config, parse_config
+from mailroom import check
+from mailroom.config import Config, ConfigError, parse_config
 from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
 from tests.helpers import Process, config_dict, message, wait_until
@@ -38,7 +42,9 @@ from tests.lmtp import (
     lmtp_box,
     lmtp_config,
     send,
+    transaction,
 )
+from tests.servers import tls
 from tests.servers.dovecot import free_port
 from tests.servers.webhook import WebhookReceiver
 
@@ -485,3 +491,121 @@ async def test_reload_keeps_the_socket_unless_listen_changed(
         "reload refused, the running config stays: ConfigError: mailboxes[mx].listen: "
         f"{blocker} exists and is not a socket; remove it, or choose another path"
     ]
+
+
+async def test_starttls_where_a_certificate_is_configured(
+    webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    files = tls.write_server_cert(tmp_path)
+    port = free_port()
+    config = lmtp_config(
+        webhook.url,
+        f"127.0.0.1:{port}",
+        tls_cert_file=str(files.cert),
+        tls_key_file=str(files.key),
+    )
+
+    def over_tls() -> tuple[bool, bool, Sent]:
+        client = smtplib.LMTP("127.0.0.1", port, timeout=30)
+        try:
+            client.ehlo("client.example.org")
+            offered = client.has_extn("starttls")
+            context = ssl.create_default_context(cafile=str(tls.ca_file()))
+            client.starttls(context=context)  # verified against the test CA, as 127.0.0.1
+            client.ehlo("client.example.org")
+            again = client.has_extn("starttls")
+            return offered, again, transaction(client, "s@example.org", [address("t")], message(50))
+        finally:
+            client.quit()
+
+    async with listening(config, port):
+        offered, again, sent = await asyncio.to_thread(over_tls)
+    assert offered and not again  # offered before TLS, not inside it
+    assert sent.data[0][0] == 250
+
+
+async def test_mailroom_check_speaks_lhlo_and_tries_recipients(
+    webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    port = free_port()
+    config = lmtp_config(webhook.url, f"127.0.0.1:{port}")
+    before: list[str] = []
+    await check.run(
+        config, path="x.yml", send_test=False, report=check.Report(before.append), kinds=KINDS
+    )
+    during: list[str] = []
+    async with listening(config, port):
+        ok = await check.run(
+            config, path="x.yml", send_test=False, report=check.Report(during.append), kinds=KINDS
+        )
+    lmtp_lines = [line for line in during if "lmtp[mx]" in line]
+    assert ok
+    assert (
+        lmtp_lines[0]
+        == f"OK   lmtp[mx] listen: 127.0.0.1:{port} greets: mx.example.com mailroom LMTP"
+    )
+    assert lmtp_lines[1] == (
+        "OK   lmtp[mx] lhlo: LHLO: PIPELINING, ENHANCEDSTATUSCODES, SIZE, 8BITMIME, SMTPUTF8"
+    )
+    assert re.fullmatch(
+        r"OK   lmtp\[mx\] recipient: <incoming\+([0-9a-f]{32})@example.com> 250, routed to key "
+        r"\1 \(Delivered-To\); other addresses 550 at RCPT",
+        lmtp_lines[2],
+    ), lmtp_lines[2]
+    assert f"WARN lmtp[mx] listen: nothing listens on 127.0.0.1:{port} yet (is mailroom " in (
+        "\n".join(before)
+    )
+    assert webhook.requests == []  # nothing was delivered
+
+
+@pytest.mark.parametrize(
+    ("box", "error"),
+    [
+        (
+            {"listen": "0.0.0.0:2424"},
+            "mailboxes[0].listen: '0.0.0.0' is not a loopback address, and the listener takes "
+            "mail from whoever connects",
+        ),
+        ({"listen": "example.com:24"}, "'example.com' is not a loopback address"),
+        ({"listen": "2424"}, "mailboxes[0].listen: '2424' is not host:port"),
+        ({"listen": "::1:24"}, "'::1:24' is not host:port"),
+        ({"listen": "unix:run/lmtp.sock"}, "is not an absolute path"),
+        ({"listen": "unix:/nonexistent-dir/lmtp.sock"}, "does not exist; create it first"),
+        ({"listen": "127.0.0.1:24", "socket_mode": "0660"}, "socket_mode: is for a unix socket"),
+        ({"host": "imap.example.com"}, "mailboxes[0].host: is a setting of a mailbox on a server"),
+        ({"reply_within": 400}, "reply_within: must be shorter than idle_timeout (300s)"),
+        ({"tls_cert_file": "/etc/hostname"}, "tls_key_file: is required with the other"),
+        ({"max_recipients": 0}, "max_recipients: 0 is out of range"),
+        ({"hostname": "bad host"}, "hostname: a text of 8 characters is not a host name"),
+    ],
+)
+def test_config_errors_name_the_key_and_what_to_do(box: dict[str, Any], error: str) -> None:
+    data = config_dict([lmtp_box(box.pop("listen", "127.0.0.1:2424"), **box)], "http://h/")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, env={})
+    assert error in str(caught.value)
+
+
+def test_a_remote_listen_takes_allow_remote_and_advises_tls() -> None:
+    data = config_dict([lmtp_box("0.0.0.0:2424", allow_remote=True)], "http://h/")
+    config = parse_config(data, env={})
+    assert config.warnings == (
+        "mailboxes[0].allow_remote: mail crosses the network in clear text; set tls_cert_file "
+        "and tls_key_file so the MTA can use STARTTLS",
+    )
+
+
+def test_two_listeners_on_one_address_is_an_error() -> None:
+    data = config_dict([lmtp_box("127.0.0.1:24"), lmtp_box("127.0.0.1:24", id="b")], "http://h/")
+    with pytest.raises(ConfigError, match=r"mailboxes\[1\].listen: 127.0.0.1:24 is mailboxes"):
+        parse_config(data, env={})
+
+
+async def test_a_listen_address_in_use_fails_the_start(webhook: WebhookReceiver) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = lmtp_config(webhook.url, f"127.0.0.1:{port}")
+        with pytest.raises(ConfigError, match=r"mailboxes\[mx\]\.listen: cannot listen on"):
+            await supervisor.run(config, asyncio.Event(), kinds=KINDS)

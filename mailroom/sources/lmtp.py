@@ -26,6 +26,7 @@ own:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import logging
@@ -158,8 +159,9 @@ class LmtpListener(Source[LmtpMailboxConfig, Key, str]):
 
     async def deliver(
         self, sender: str, recipients: Sequence[str], data: bytes, reservation: Reservation
-    ) -> list[Awaitable[str]]:
-        """One delivery per distinct recipient; a reply per RCPT (duplicates answered alike)."""
+    ) -> list[Callable[[], Awaitable[str]]]:
+        """One delivery per distinct recipient; a reply per RCPT (duplicates answered alike),
+        each to be awaited in turn (a session that is gone awaits none of them)."""
         started = time.monotonic()
         if len(data) > OFF_LOOP_BYTES:
             digest = await asyncio.to_thread(_sha256, data)
@@ -191,7 +193,7 @@ class LmtpListener(Source[LmtpMailboxConfig, Key, str]):
             )
             if future.done():  # refused at once (the dispatcher is stopping)
                 self._replies.pop(key, None)
-        return [self._reply(futures[r], started, deadline) for r in recipients]
+        return [functools.partial(self._reply, futures[r], started, deadline) for r in recipients]
 
     async def _reply(self, future: asyncio.Future[str], started: float, deadline: float) -> str:
         """The reply to one recipient: its outcome's, or 451 when ``reply_within`` passed."""

@@ -89,9 +89,9 @@ class Transactions(Protocol):
 
     async def deliver(
         self, sender: str, recipients: Sequence[str], data: bytes, reservation: Reservation
-    ) -> list[Awaitable[str]]:
+    ) -> list[Callable[[], Awaitable[str]]]:
         """Hand the message over, one delivery per distinct recipient; the replies, one per
-        entry of ``recipients`` (RCPT order), each resolving to its reply line."""
+        entry of ``recipients`` (RCPT order), each awaited in turn for its reply line."""
         ...
 
 
@@ -306,7 +306,7 @@ class LmtpSession(LMTP):
                     self.listener.give_back(reservation)
             del data
             for reply in replies:
-                await self.push(await reply)
+                await self.push(await reply())
         finally:
             self.in_data = False
             self._set_post_data_state()
