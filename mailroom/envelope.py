@@ -53,6 +53,7 @@ class Envelope:
     # for an open circuit nor retries past it, and releases the message instead (the sender's
     # queue retries it).
     deadline: float | None = None
+    native_id: str = ""  # its id where it lies (IMAP UID, Graph message id): MailRoom's claims
     _settle: Callable[[Outcome, str], Awaitable[None]] = field(repr=False)
     _release: Callable[[bool], None] = field(repr=False, default=lambda hold: None)
 

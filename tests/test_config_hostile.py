@@ -4,10 +4,8 @@ are shown as scheme://host:port only. Ends with a bounded fuzz test over YAML do
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,16 +198,6 @@ def test_whatever_the_yaml_the_error_is_a_config_error(tmp_path: Path, text: str
 
 
 # -- the command line: exit 2, one line, and `check` reports it as its config load -----------
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level, logging.getLogger("mailroom").level)
-    yield
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    logging.getLogger("mailroom").setLevel(saved[2])
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,9 @@ async def run(
     for mailbox in config.mailboxes:
         await kinds.check(report, mailbox)
     for webhook, label in webhook_labels(m.webhook for m in config.mailboxes).items():
-        await endpoints.webhook(report, webhook, send_test=send_test, label=label)
+        if webhook.sidekiq is None:  # a Sidekiq queue is checked with the Redis checks
+            await endpoints.webhook(report, webhook, send_test=send_test, label=label)
+    await replicas.sidekiq(report, config)
     await endpoints.smtp(report, config)
     await replicas.run(report, config)
     return report.ok

@@ -29,6 +29,8 @@ async def run(report: Report, config: Config) -> None:
     for mailbox in config.mailboxes:
         target = Target(report, f"gitlab[{mailbox.id}]")
         hook = mailbox.webhook
+        if hook.sidekiq is not None:  # delivery_method: sidekiq: no JWT, no internal API
+            continue
         await target.run("secret", functools.partial(_secret, hook))
         await target.run("internal API", functools.partial(_probe, hook))
 

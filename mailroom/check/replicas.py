@@ -1,4 +1,5 @@
-"""``mailroom check`` of the replicas' Redis: it answers, and who holds which lease."""
+"""``mailroom check`` of Redis: the replicas' (it answers, and who holds which lease), and the
+Sidekiq queues of ``delivery_method: sidekiq`` (they answer; how many jobs wait)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,30 @@ from collections import Counter
 
 from mailroom import arbitration
 from mailroom.check.report import Finding, Report, Status, Target
-from mailroom.config import Config
+from mailroom.config import Config, webhook_labels
 
-__all__ = ["run"]
+__all__ = ["run", "sidekiq"]
+
+
+async def sidekiq(report: Report, config: Config) -> None:
+    """Each Sidekiq queue answers (``LLEN``, which changes nothing)."""
+    queues = arbitration.JobQueues()
+    try:
+        for hook, label in webhook_labels(m.webhook for m in config.mailboxes).items():
+            settings = hook.sidekiq
+            if settings is None:
+                continue
+            queue = queues(settings.redis)
+
+            async def waiting(
+                queue: arbitration.RedisQueue = queue, key: str = settings.key
+            ) -> Finding:
+                count = await queue.length(key)
+                return Status.OK, f"Redis answers; {count} job(s) waiting in {key}"
+
+            await Target(report, f"webhook[{label}]").run("sidekiq", waiting)
+    finally:
+        await queues.close()
 
 
 async def run(report: Report, config: Config) -> None:

@@ -182,7 +182,7 @@ def _mailbox_webhook(section: Section, webhook_raw: dict[str, Any]) -> WebhookCo
         if not isinstance(override, dict):
             section.fail("webhook", f"expected a mapping of webhook keys, got {kind(override)}")
         merged.update(override)
-    return parse_webhook(Section(merged, section.where("webhook"), section.env, section.base_dir))
+    return parse_webhook(section.child(merged, section.where("webhook")))
 
 
 def _graph_mailbox(

@@ -70,6 +70,27 @@ class BasicAuth:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SidekiqConfig:
+    """GitLab's deprecated ``delivery_method: sidekiq``: each message pushed into GitLab's
+    Redis as the Sidekiq job MailRoom pushes (``delivery.sidekiq``), instead of a POST."""
+
+    redis: ArbitrationConfig  # where: its connection settings (url or sentinels, db, password)
+    queue: str = "default"
+    worker: str  # the job's class: EmailReceiverWorker, ServiceDeskEmailReceiverWorker
+    namespace: str | None = None  # MailRoom's :namespace: (Redis::Namespace), usually none
+
+    @property
+    def key(self) -> str:
+        """The list the job goes to: ``queue:<queue>``, under the namespace if any."""
+        return f"{self.namespace}:queue:{self.queue}" if self.namespace else f"queue:{self.queue}"
+
+    @property
+    def label(self) -> str:
+        """For logs and metrics: no credentials."""
+        return f"sidekiq {self.key} at {self.redis.describe()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WebhookConfig:
     """Where and how messages are POSTed (docs/webhook.md)."""
 
@@ -87,6 +108,12 @@ class WebhookConfig:
     ca_file: str | None = None
     proxy: str | None = field(default=None, repr=False)  # None: the environment; "direct"
     retry: RetryConfig = RetryConfig()
+    sidekiq: SidekiqConfig | None = None  # pushed as a Sidekiq job instead (url is "" then)
+
+    @property
+    def origin(self) -> str:
+        """What may be shown of where messages go: the URL's origin, or the Sidekiq queue."""
+        return self.sidekiq.label if self.sidekiq is not None else origin(self.url)
 
     @property
     def request_content_type(self) -> str:
@@ -101,7 +128,7 @@ def webhook_labels(webhooks: Iterable[WebhookConfig]) -> dict[WebhookConfig, str
     (a path or a query can hold a credential), plus a short digest of the whole URL where two
     webhooks share an origin."""
     unique = list(dict.fromkeys(webhooks))
-    origins = [origin(hook.url) for hook in unique]
+    origins = [hook.origin for hook in unique]
     named = {}
     for hook, name in zip(unique, origins, strict=True):
         digest = hashlib.sha256(hook.url.encode()).hexdigest()[:6]
@@ -409,9 +436,19 @@ class CredentialsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LogFile:
+    """A file that gets every log line as JSON as well (MailRoom's ``log_path``)."""
+
+    path: str
+    mailboxes: frozenset[str] | None = None  # whose lines go there; None: every line
+    origin: str = "log.file"  # the setting it came from, for messages
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     format: Literal["json", "text"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    files: tuple[LogFile, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -466,6 +503,16 @@ class ArbitrationConfig:
     namespace: str = "mailroom"
     lease_ttl_s: float = 15.0
     marker_ttl_s: float = 7 * 86_400.0
+    # A migration from the MailRoom gem: claim MailRoom's "<ns>:delivered:<uid>" key too, so
+    # MailRoom processes still running leave alone what mailroom takes, and the reverse.
+    mail_room_claims: bool = False
+    mail_room_namespace: str | None = None  # MailRoom's namespace; None: ``namespace``
+
+    def mail_room_key(self, uid: str) -> str:
+        """MailRoom's claim of the message ``uid`` (lib/mail_room/arbitration/redis.rb, under
+        its Redis::Namespace)."""
+        namespace = self.namespace if self.mail_room_namespace is None else self.mail_room_namespace
+        return f"{namespace}:delivered:{uid}" if namespace else f"delivered:{uid}"
 
     @property
     def enabled(self) -> bool:

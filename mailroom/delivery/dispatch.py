@@ -25,17 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from mailroom.config import Config, MailboxConfig, WebhookConfig
+from mailroom.config import ArbitrationConfig, Config, MailboxConfig, WebhookConfig
 from mailroom.delivery import notices
+from mailroom.delivery.claims import Claim, Claims, MailRoomClaims
 from mailroom.delivery.markers import UNKNOWN, Markers, Shared
 from mailroom.delivery.posting import Deferred, Webhook, Webhooks
 from mailroom.delivery.reject import Notifier
+from mailroom.delivery.sidekiq import JobQueue
 from mailroom.delivery.webhook import Rejected, payload_body
 from mailroom.envelope import Envelope, Outcome
 from mailroom.mail import message, routing
 from mailroom.mail.decision import Action, Verdict, decide
 from mailroom.observe.monitor import Monitor, NoticeResult
-from mailroom.redact import origin
 
 __all__ = ["Dispatcher", "Prepared", "notice_text"]
 
@@ -74,13 +75,16 @@ class Dispatcher:
         monitor: Monitor | None = None,
         *,
         shared: Shared | None = None,
+        claims: MailRoomClaims | None = None,
+        queues: Callable[[ArbitrationConfig], JobQueue] | None = None,
         dry_run: bool = False,
     ) -> None:
         self._monitor = monitor or Monitor()
         self._mailboxes: dict[str, MailboxConfig] = {}
         self._config = config
-        self._webhooks = Webhooks(self._monitor)
+        self._webhooks = Webhooks(self._monitor, queues)
         self._markers = Markers(None if dry_run else shared)  # a dry run settles nothing
+        self._claims = Claims(None if dry_run else claims)  # a migration from MailRoom
         self.dry_run = dry_run
         self._notifier = Notifier(config.reject_notices, shared=shared)
         # Mailboxes being stopped (a reload, a lease handed over): their mail waits. Only
@@ -201,6 +205,17 @@ class Dispatcher:
             self._monitor.marker_hit(envelope.mailbox)
             await self._settle(envelope, seen, fields, recorded=True)
             return
+        async with self._claims.held(envelope, fields) as claim:
+            if claim is not Claim.OURS:  # MailRoom has it, or it cannot be told
+                envelope.release(hold=False)
+                self._monitor.released(envelope.mailbox)
+                return
+            await self._deliver(envelope, mailbox, fields)
+
+    async def _deliver(
+        self, envelope: Envelope, mailbox: MailboxConfig, fields: dict[str, Any]
+    ) -> None:
+        """Decide, deliver and settle ``envelope``."""
         try:
             outcome = await self._decide(envelope, mailbox, fields)
         except asyncio.CancelledError:
@@ -316,7 +331,8 @@ class Dispatcher:
         if verdict.action is Action.DELIVER:
             delivery = verdict.delivery
             what = (
-                f"would POST to {origin(mailbox.webhook.url)} (key {delivery.key}, "
+                f"would {'push a Sidekiq job to' if mailbox.webhook.sidekiq else 'POST to'} "
+                f"{mailbox.webhook.origin} (key {delivery.key}, "
                 f"matched {delivery.matched_header})"
             )
         elif verdict.action is Action.IGNORE:

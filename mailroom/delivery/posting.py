@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -28,11 +28,19 @@ import aiohttp
 
 from mailroom.backoff import Retry
 from mailroom.backoff import retry_after as parse_retry_after
-from mailroom.config import Config, WebhookConfig, webhook_labels
+from mailroom.config import (
+    ArbitrationConfig,
+    Config,
+    SidekiqConfig,
+    WebhookConfig,
+    webhook_labels,
+)
+from mailroom.delivery import sidekiq
 from mailroom.delivery.circuit import Circuit
+from mailroom.delivery.sidekiq import JobQueue
 from mailroom.delivery.webhook import MAX_ANSWER_BYTES, Rejected, classify, request_headers
 from mailroom.envelope import Envelope, Outcome
-from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
+from mailroom.errors import ArbitrationError, PermanentDeliveryError, TransientDeliveryError
 from mailroom.mail import routing
 from mailroom.observe.monitor import Monitor, StatusClass
 from mailroom.trust.proxies import proxy_for
@@ -56,10 +64,14 @@ class Deferred:
 
 
 class Webhook:
-    """One configured webhook: its slots, its circuit, its TLS settings, its request builder."""
+    """One configured webhook: its slots, its circuit, its TLS settings, its request builder;
+    with ``sidekiq``, the Redis its jobs are pushed to (``queue``)."""
 
-    def __init__(self, config: WebhookConfig, label: str, monitor: Monitor) -> None:
+    def __init__(
+        self, config: WebhookConfig, label: str, monitor: Monitor, queue: JobQueue | None = None
+    ) -> None:
         self.config = config
+        self.queue = queue
         self.label = label
         self.slots = asyncio.Semaphore(config.concurrency)
         self.circuit = Circuit(label, config.retry.backoff, monitor=monitor)
@@ -84,8 +96,11 @@ class Webhook:
 class Webhooks:
     """The webhooks of one process; ``async with`` owns the HTTP session."""
 
-    def __init__(self, monitor: Monitor) -> None:
+    def __init__(
+        self, monitor: Monitor, queues: Callable[[ArbitrationConfig], JobQueue] | None = None
+    ) -> None:
         self._monitor = monitor
+        self._queues = queues  # the Sidekiq Redis of a config (delivery_method: sidekiq)
         self.by_config: dict[WebhookConfig, Webhook] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -106,9 +121,16 @@ class Webhooks:
         """The webhooks ``config`` names; an unchanged one keeps its slots and circuit."""
         named = webhook_labels(m.webhook for m in config.mailboxes)
         return {
-            hook: self.by_config.get(hook) or Webhook(hook, label, self._monitor)
+            hook: self.by_config.get(hook) or Webhook(hook, label, self._monitor, self._queue(hook))
             for hook, label in named.items()
         }
+
+    def _queue(self, hook: WebhookConfig) -> JobQueue | None:
+        if hook.sidekiq is None:
+            return None
+        if self._queues is None:
+            raise ValueError(f"{hook.origin}: no Redis client for Sidekiq jobs was given")
+        return self._queues(hook.sidekiq.redis)
 
     async def deliver(
         self,
@@ -190,8 +212,10 @@ class Webhooks:
         *,
         left_s: float | None = None,
     ) -> Outcome | Rejected:
-        """One request; within ``left_s`` when a push source's deadline is nearer than the
-        webhook's timeout."""
+        """One request (or, with ``sidekiq``, one push); within ``left_s`` when a push
+        source's deadline is nearer than the webhook's timeout."""
+        if webhook.config.sidekiq is not None:
+            return await self._push(webhook, webhook.config.sidekiq, envelope, body)
         if self._session is None:
             raise RuntimeError("use Webhooks in `async with`")
         config = webhook.config
@@ -232,6 +256,32 @@ class Webhooks:
             self._monitor.webhook(envelope.mailbox, status_class, time.monotonic() - started)
         fields["status"] = status
         return classify(status, answer, delay_s, config)
+
+    async def _push(
+        self, webhook: Webhook, config: SidekiqConfig, envelope: Envelope, body: bytes
+    ) -> Outcome:
+        """One attempt of ``delivery_method: sidekiq``: the job, LPUSHed (``sidekiq``)."""
+        if webhook.queue is None:
+            raise RuntimeError(f"{webhook.label}: no Redis client for its Sidekiq jobs")
+        item = await _off_thread(len(body), sidekiq.job, config, body)
+        started = time.monotonic()
+        status_class = StatusClass.ERROR
+        try:
+            await webhook.queue.push(config.key, item)
+            status_class = StatusClass.SUCCESS
+        except ArbitrationError as exc:
+            raise TransientDeliveryError(str(exc), misconfigured=exc.misconfigured) from exc
+        finally:
+            self._monitor.webhook(envelope.mailbox, status_class, time.monotonic() - started)
+        return Outcome.DELIVERED
+
+
+async def _off_thread(size: int, function: Callable[..., str], *args: Any) -> str:
+    """``function(*args)``, in a worker thread for a message over 64 KiB (charset detection
+    and JSON encoding are linear, but not free)."""
+    if size <= 64 * 1024:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
 
 
 async def _slot(webhook: Webhook, deadline: float | None) -> bool:

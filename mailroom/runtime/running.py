@@ -21,14 +21,14 @@ from collections.abc import Callable
 
 from mailroom import logs
 from mailroom.arbitration import Coordinator
-from mailroom.config import Config, MailboxConfig
+from mailroom.config import Config, LogConfig, MailboxConfig
 from mailroom.delivery.dispatch import Dispatcher, Prepared
 from mailroom.errors import ConfigError
 from mailroom.observe.health import Health
 from mailroom.runtime.resources import Resources, SourceKinds, Wiring
 from mailroom.sources.lifecycle import wait_any
 
-__all__ = ["Running"]
+__all__ = ["Running", "configure_logs"]
 
 log = logging.getLogger("mailroom")
 
@@ -40,6 +40,22 @@ DISPATCH_ONLY = frozenset({"webhook", "routing"})
 # first sweeps and polls do not all land in the same instant.
 STAGGER_PER_MAILBOX_S = 0.002
 STAGGER_MAX_S = 2.0
+
+
+def configure_logs(log: LogConfig) -> None:
+    """``logs.configure`` for ``log``; a log file that cannot be opened is a ``ConfigError``
+    naming the setting it came from."""
+    files = [(file.path, file.mailboxes) for file in log.files]
+    try:
+        logs.configure(log.format, log.level, files=files)
+    except OSError as exc:
+        failed = next(f for f in log.files if f.path == exc.filename) if exc.filename else None
+        origin = failed.origin if failed is not None else "log.file"
+        raise ConfigError(
+            origin,
+            f"cannot open {exc.filename} to log to: {exc.strerror}; create its directory, or "
+            "make it writable for the user mailroom runs as",
+        ) from exc
 
 
 def _connection(config: MailboxConfig) -> tuple[object, ...]:
@@ -258,7 +274,10 @@ class Running:
             log.warning("reload: a changed arbitration block takes effect after a restart")
         await self.resources.retain(new)
         if new.log != old.log:
-            logs.configure(new.log.format, new.log.level)
+            try:
+                configure_logs(new.log)
+            except ConfigError as exc:
+                log.error("reload: the log settings stay as they were: %s", exc)
         listen = [(h.host, h.port) if h else None for h in (old.health, new.health)]
         if listen[0] != listen[1]:
             log.warning("reload: a changed health.listen takes effect after a restart")

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mailroom import arbitration as replicas
+from mailroom import logs
 from mailroom.arbitration import Coordinator, RedisStore
 from mailroom.config import Config
 from mailroom.delivery.dispatch import Dispatcher
@@ -168,6 +169,7 @@ async def _reloads(
         if stop.is_set():
             return
         reload.clear()
+        logs.reopen()  # after a rotation (logrotate sends SIGHUP)
         reloading = asyncio.create_task(running.reload(load), name="reload")
         await wait_any((stop,), futures=(reloading,))
         if not reloading.done():  # SIGTERM during a reload: stop now
@@ -203,6 +205,7 @@ async def run(
     server = HealthServer(health, config.health) if config.health is not None else None
     shared = config.arbitration.enabled and not dry_run
     store = replicas.store(config.arbitration) if shared else None
+    queues = replicas.JobQueues()  # delivery_method: sidekiq (GitLab's, deprecated)
     finished = asyncio.Event()
     abandoned = 0
     try:
@@ -210,7 +213,14 @@ async def run(
         if server is not None:
             await _listen(server)  # before any mailbox: a port in use fails at once
         async with (
-            Dispatcher(config, health, shared=store, dry_run=dry_run) as dispatcher,
+            Dispatcher(
+                config,
+                health,
+                shared=store,
+                claims=store if config.arbitration.mail_room_claims else None,
+                queues=queues,
+                dry_run=dry_run,
+            ) as dispatcher,
             asyncio.TaskGroup() as group,
         ):
             if server is not None:
@@ -230,6 +240,7 @@ async def run(
         if server is not None:
             await server.close()
         await resources.close()
+        await queues.close()
         if store is not None:
             await store.close()
         loop = asyncio.get_running_loop()

@@ -284,10 +284,12 @@ class Source(abc.ABC, Generic[C, K, T]):
         tag: T,
         recipient: str | None = None,
         deadline: float | None = None,
+        native_id: str | None = None,
     ) -> None:
         """Hand one fetched message to the dispatcher; ``charged`` bytes of the budget (already
         taken) are given back when it is settled or released. A push source names the
-        envelope ``recipient`` and the ``deadline`` of its reply (``Envelope``)."""
+        envelope ``recipient`` and the ``deadline`` of its reply (``Envelope``); ``native_id``
+        is the key unless given ("": none MailRoom would know)."""
         self._pending[key] = charged
         self._pending_bytes += charged
         epoch = self._epoch
@@ -320,6 +322,7 @@ class Source(abc.ABC, Generic[C, K, T]):
                 too_large=too_large,
                 recipient=recipient,
                 deadline=deadline,
+                native_id=str(key) if native_id is None else native_id,
                 _settle=settle,
                 _release=release,
             )

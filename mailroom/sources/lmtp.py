@@ -189,6 +189,7 @@ class LmtpListener(Source[LmtpMailboxConfig, Key, str]):
                 too_large=False,
                 tag=webhook_id,
                 recipient=recipient,
+                native_id="",  # MailRoom never had it: no claim of MailRoom's to check
                 deadline=deadline - min(DEADLINE_MARGIN_S, self.config.reply_within_s / 10),
             )
             if future.done():  # refused at once (the dispatcher is stopping)
