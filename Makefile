@@ -40,7 +40,21 @@ promtool: venv
 	  && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > bin/promtool \
 	  && chmod +x bin/promtool && rm -f prometheus_*.deb; }
 
-test: venv debs promtool
+# Debian's postfix for the test with a real MTA (tests/test_postfix.py), which starts a private
+# instance (its own config_directory and queue_directory, loopback ports). Installed with
+# debconf's "No configuration" while policy-rc.d forbids starting services: the system's
+# Postfix is neither configured nor started (and a policy-rc.d already there is left alone).
+.PHONY: postfix
+postfix:
+	@command -v postfix >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing package: run 'make postfix' as root" >&2; exit 1; fi; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  ours=; if [ ! -e /usr/sbin/policy-rc.d ]; then ours=1; \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix; \
+	  status=$$?; if [ -n "$$ours" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$status; }
+
+test: venv debs promtool postfix
 	$(BIN)/pytest
 
 # The container image, built and run with podman on a base made from Debian's packages (no

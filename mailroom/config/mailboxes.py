@@ -312,10 +312,6 @@ def _listen(section: Section, allow_remote: bool) -> Listen:
             section.fail(
                 "listen", f"unix:{shown(path)} is not an absolute path; write {_LISTEN_EXAMPLE}"
             )
-        if not Path(path).parent.is_dir():
-            section.fail(
-                "listen", f"the directory of {shown(path)} does not exist; create it first"
-            )
         return Listen(
             path=path,
             mode=_socket_mode(section),
