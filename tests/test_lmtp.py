@@ -26,12 +26,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from mailroom import check
 from mailroom.config import Config, ConfigError, parse_config
 from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
-from tests.helpers import Process, config_dict, message, wait_until
+from tests.helpers import ROOT, Process, config_dict, message, wait_until
 from tests.lmtp import (
     Raw,
     Sent,
@@ -46,6 +47,7 @@ from tests.lmtp import (
 )
 from tests.servers import tls
 from tests.servers.dovecot import free_port
+from tests.servers.gitlab import GitLabInternalApi
 from tests.servers.webhook import WebhookReceiver
 
 REJECT = b'{"reject": "no such project"}'
@@ -608,3 +610,34 @@ async def test_a_listen_address_in_use_fails_the_start(webhook: WebhookReceiver)
         config = lmtp_config(webhook.url, f"127.0.0.1:{port}")
         with pytest.raises(ConfigError, match=r"mailboxes\[mx\]\.listen: cannot listen on"):
             await supervisor.run(config, asyncio.Event(), kinds=KINDS)
+
+
+async def test_the_gitlab_recipe_posts_to_gitlabs_internal_api(tmp_path: Path) -> None:
+    """examples/gitlab/lmtp.yml: an LMTP listener delivering to GitLab's internal API (a
+    stand-in that verifies the JWT as GitLab does), no IMAP mailbox anywhere."""
+    key = os.urandom(32)
+    secret_file = tmp_path / "gitlab_incoming_email_secret"
+    secret_file.write_text(base64.b64encode(key).decode() + "\n")
+    async with GitLabInternalApi({"incoming_email": key}) as gitlab:
+        data = yaml.safe_load((ROOT / "examples" / "gitlab" / "lmtp.yml").read_text())
+        port = free_port()
+        data["mailboxes"][0]["listen"] = f"127.0.0.1:{port}"
+        del data["mailboxes"][0]["socket_mode"]
+        hook = data["webhook"]
+        hook["url"] = hook["url"].replace("https://gitlab.example.com", gitlab.url)
+        hook["jwt"]["secret_file"] = str(secret_file)
+        config = parse_config(data, env={})
+        raw = message(70, to="someone@example.org")  # the key is only in the envelope (Bcc)
+        recipient = "incoming+gitlab-key-1@incoming.gitlab.example.com"
+        async with listening(config, port):
+            sent = await deliver(port, [recipient, "anything@incoming.gitlab.example.com"], raw)
+            await gitlab.wait_for(2)
+    assert [code for code, _ in sent.rcpt] == [250, 250]  # forward_all: GitLab decides
+    assert [code for code, _ in sent.data] == [250, 250]
+    first = gitlab.delivered[0]
+    assert first.mailbox_type == "incoming_email"
+    assert first.headers["Content-Type"] == "text/plain"
+    # The message itself, with the Delivered-To line GitLab's receiver reads a key from.
+    assert first.body == (
+        f"Return-Path: <sender@example.org>\r\nDelivered-To: {recipient}\r\n".encode() + raw
+    )
