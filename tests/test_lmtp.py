@@ -641,3 +641,36 @@ async def test_the_gitlab_recipe_posts_to_gitlabs_internal_api(tmp_path: Path) -
     assert first.body == (
         f"Return-Path: <sender@example.org>\r\nDelivered-To: {recipient}\r\n".encode() + raw
     )
+
+
+HEAD = b"From: a@example.org\r\nSubject: shapes\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"end of a sentence.\r\n",
+        b".hidden\r\n..two\r\n.\r\n",  # lines that start with dots (and one that is a dot)
+        b"a" * 100_000 + b"\r\nlast.\r\n",  # a long line
+        (b"x" * 70 + b"\r\n") * 1000 + b"no dot line\r\n",  # 71 KB without a dot-CRLF
+        b"ends with a dot.\r\n.\r\n.x\r\n",
+    ],
+)
+async def test_data_comes_through_byte_for_byte(webhook: WebhookReceiver, body: bytes) -> None:
+    port = free_port()
+    config = lmtp_config(webhook.url, f"127.0.0.1:{port}")
+    raw = HEAD + body
+    async with listening(config, port):
+        client = await Raw.open(port)
+        await client.send(
+            f"LHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<{address('s')}>\r\n".encode()
+        )
+        await client.send(b"DATA\r\n")
+        assert (await client.replies(4))[-1].startswith("354")
+        await client.send(dotted(raw) + b"QUIT\r\n")  # the next command right behind the dot
+        replies = await client.replies(2)
+        await client.close()
+        (request,) = await webhook.wait_for(1)
+    assert replies[0].startswith("250 2.0.0 msg_") and replies[1].startswith("221")
+    assert raw_of(request).split(b"\r\n", 2)[2] == raw
