@@ -48,6 +48,7 @@ from tests.lmtp import (
 from tests.servers import tls
 from tests.servers.dovecot import free_port
 from tests.servers.gitlab import GitLabInternalApi
+from tests.servers.redis import RedisServer
 from tests.servers.webhook import WebhookReceiver
 
 REJECT = b'{"reject": "no such project"}'
@@ -674,3 +675,38 @@ async def test_data_comes_through_byte_for_byte(webhook: WebhookReceiver, body: 
         (request,) = await webhook.wait_for(1)
     assert replies[0].startswith("250 2.0.0 msg_") and replies[1].startswith("221")
     assert raw_of(request).split(b"\r\n", 2)[2] == raw
+
+
+async def test_with_replicas_every_replica_listens_without_a_lease(
+    webhook: WebhookReceiver, redis_server: RedisServer
+) -> None:
+    """A listener is not leased: each replica listens (the MTA picks one) and counts it as
+    ready; no lease is taken for it."""
+    ports = [free_port(), free_port()]
+    healths = [free_port(), free_port()]
+    stops = [asyncio.Event(), asyncio.Event()]
+    tasks = []
+    for port, health, stop in zip(ports, healths, stops, strict=True):
+        data = config_dict([lmtp_box(f"127.0.0.1:{port}")], webhook.url)
+        data["health"] = {"listen": f"127.0.0.1:{health}"}
+        data["arbitration"] = {"method": "redis", "url": redis_server.url, "lease_ttl": 3}
+        config = parse_config(data, env={})
+        tasks.append(asyncio.create_task(supervisor.run(config, stop, kinds=KINDS)))
+    try:
+        for port in ports:
+            await wait_until(lambda port=port: greets(port), what="each replica's listener")
+        sent = [await deliver(port, [address(f"r{port}")], message(port)) for port in ports]
+
+        async def both_ready() -> bool:
+            bodies = [await readyz(health) for health in healths]
+            return all(b["ready"] and b["mailboxes_ready"] == 1 for b in bodies)
+
+        await wait_until(both_ready, what="both replicas ready")
+        bodies = [await readyz(health) for health in healths]
+    finally:
+        for stop in stops:
+            stop.set()
+        async with asyncio.timeout(30):
+            assert await asyncio.gather(*tasks) == [0, 0]
+    assert [s.data[0][0] for s in sent] == [250, 250]
+    assert all(b["arbitration"]["leases"] == 0 for b in bodies)

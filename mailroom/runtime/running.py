@@ -252,10 +252,12 @@ class Running:
             # hand out more mail until the lease's handover at the coordinator's next tick.
             await asyncio.gather(*(self.stop(i) for i in [*removed, *changed]))
             if leases is not None:
-                # A lease lost or handed over during the stop belongs to another replica now.
-                starting = [i for i in changed if leases.holds(i)]
+                # A lease lost or handed over during the stop belongs to another replica now;
+                # a listener (not leased) runs here whatever the leases say.
+                starting = [i for i in changed if leases.holds(i) or not after[i].leased]
                 for mailbox_id in (i for i in changed if i not in starting):
                     log.info("%s: not restarted: its lease was given up meanwhile", mailbox_id)
+                starting += [i for i in added if not after[i].leased]
             self.dispatcher.apply(prepared)
             self.health.configure(new)
             self.resources.apply_limits(new)

@@ -140,6 +140,8 @@ def _start(
             "; DRY RUN: nothing is posted, sent or settled" if dry_run else "",
         )
         return
+    # A listener is not leased: every replica listens, and the MTA picks one.
+    running.start([m for m in config.mailboxes if not m.leased])
     coordinator = running.coordinator = Coordinator(
         config,
         store,
