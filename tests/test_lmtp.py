@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import functools
 import logging
 import os
 import re
@@ -694,7 +695,7 @@ async def test_with_replicas_every_replica_listens_without_a_lease(
         tasks.append(asyncio.create_task(supervisor.run(config, stop, kinds=KINDS)))
     try:
         for port in ports:
-            await wait_until(lambda port=port: greets(port), what="each replica's listener")
+            await wait_until(functools.partial(greets, port), what="each replica's listener")
         sent = [await deliver(port, [address(f"r{port}")], message(port)) for port in ports]
 
         async def both_ready() -> bool:
