@@ -104,6 +104,7 @@ bench: venv debs
 	$(BIN)/python bench/many_mailboxes.py
 	$(BIN)/python bench/many_mailboxes.py --tls --skip load,outage,big
 	$(BIN)/python bench/replicas.py
+	$(BIN)/python bench/lmtp.py
 
 # After a change to the dependencies in pyproject.toml: pin them again, for every platform
 # (the versions pinned so far stay; `make lock LOCK_FLAGS=--upgrade` takes the newest).

@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from mailroom import check
+from mailroom.check import route
 from mailroom.config import Config, ConfigError, parse_config
 from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
@@ -711,3 +712,15 @@ async def test_with_replicas_every_replica_listens_without_a_lease(
             assert await asyncio.gather(*tasks) == [0, 0]
     assert [s.data[0][0] for s in sent] == [250, 250]
     assert all(b["arbitration"]["leases"] == 0 for b in bodies)
+
+
+def test_mailroom_route_works_unchanged_and_names_the_bounce() -> None:
+    config = lmtp_config("http://127.0.0.1:1/", "127.0.0.1:2424")
+    (mailbox,) = config.mailboxes
+    delivered = route.describe(message(80, to=address("k80")), mailbox, config)
+    refused = route.describe(message(81, to="nobody@example.com"), mailbox, config)
+    assert delivered[1:3] == ["matched:  To", "key:      k80"]
+    assert refused[-2:] == [
+        "decision: reject: unknown incoming email",
+        "notice:   none: mailroom answers the sending MTA 5xx, and its bounce tells the sender",
+    ]

@@ -96,7 +96,7 @@ def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
             f"decision: reject: {verdict.why}",
         ]
     if verdict.action is not Action.IGNORE and verdict.why != routing.UNPARSABLE_MESSAGE:
-        lines.append(f"notice:   {notice_text(parsed, rules, config)}")
+        lines.append(f"notice:   {notice_text(parsed, mailbox, config)}")
     return lines
 
 

@@ -34,7 +34,7 @@ from mailroom.delivery.reject import Notifier
 from mailroom.delivery.sidekiq import JobQueue
 from mailroom.delivery.webhook import Rejected, payload_body
 from mailroom.envelope import Envelope, Outcome
-from mailroom.mail import message, routing
+from mailroom.mail import message
 from mailroom.mail.decision import Action, Verdict, decide
 from mailroom.observe.monitor import Monitor, NoticeResult
 
@@ -343,7 +343,7 @@ class Dispatcher:
             if verdict.action is Action.DEAD_LETTER:
                 what += f": {mailbox.dead_letter}"
             if verdict.notice:
-                notice = notice_text(verdict.parsed, mailbox.routing, self._config)
+                notice = notice_text(verdict.parsed, mailbox, self._config)
                 what += f"; notice: {notice}"
         log.info(
             "%s: %s: dry run: %s; left as it is", envelope.mailbox, envelope.ref, what, extra=fields
@@ -371,8 +371,11 @@ class Dispatcher:
         return Outcome.DEAD_LETTERED if result is NoticeResult.FAILED else outcome
 
 
-def notice_text(parsed: message.ParsedMessage, rules: routing.RoutingRules, config: Config) -> str:
+def notice_text(parsed: message.ParsedMessage, mailbox: MailboxConfig, config: Config) -> str:
     """Who would get a reject notice, or why nobody would (the rate limit aside)."""
+    if mailbox.bounces:
+        return "none: mailroom answers the sending MTA 5xx, and its bounce tells the sender"
+    rules = mailbox.routing
     settings = config.reject_notices
     if settings is None:
         return "none: reject_notices is not configured"
