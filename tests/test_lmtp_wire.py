@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import socket
 import threading
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailroom.config import LmtpMailboxConfig
 from mailroom.envelope import Outcome
 from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
@@ -69,15 +71,26 @@ def test_printable_is_one_bounded_line_of_printable_ascii(text: str) -> None:
 
 
 def test_the_webhook_id_is_stable_per_message_and_recipient() -> None:
-    listener = wire.listener_identity("Incoming+%{key}@Example.com")
-    assert listener == wire.listener_identity("incoming+%{key}@example.com")
+    def identity(template: str) -> str:
+        (mailbox,) = lmtp_config(
+            "http://127.0.0.1:1/", "127.0.0.1:2424", address=template
+        ).mailboxes
+        assert isinstance(mailbox, LmtpMailboxConfig)
+        return mailbox.identity
+
+    listener = identity("Incoming+%{key}@Example.com")
+    assert listener == identity("incoming+%{key}@example.com")
+    assert (
+        listener
+        == hashlib.sha256(b"mailroom-mailbox\0lmtp\0incoming+%{key}@example.com").hexdigest()
+    )
     one = wire.webhook_id(listener, "ab" * 32, "incoming+a@example.com")
     assert one == wire.webhook_id(listener, "ab" * 32, "incoming+a@example.com")
     assert one.startswith("msg_") and len(one) == 36
     others = {
         wire.webhook_id(listener, "ab" * 32, "incoming+b@example.com"),
         wire.webhook_id(listener, "cd" * 32, "incoming+a@example.com"),
-        wire.webhook_id(wire.listener_identity("other+%{key}@example.com"), "ab" * 32, "a"),
+        wire.webhook_id(identity("other+%{key}@example.com"), "ab" * 32, "a"),
     }
     assert one not in others and len(others) == 3
 

@@ -374,6 +374,15 @@ class LmtpMailboxConfig(MailboxConfig):
     def dead_letter(self) -> str:
         return "answered 5xx: the MTA bounces it to its sender"
 
+    @property
+    def identity(self) -> str:
+        """What names this listener in its webhook-ids: the addresses it takes mail for (its
+        ``address`` template), not its id nor where it listens, which may change while the MTA
+        still holds a message for it. 64 hex digits, made as every mailbox's identity is:
+        SHA-256 of ``mailroom-mailbox``, the kind and what names it, joined by NUL."""
+        parts = ("mailroom-mailbox", self.kind, self.routing.address.template.lower())
+        return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+
     def exclusive(self) -> tuple[tuple[str, str], ...]:
         return (("listen", str(self.listen)),)
 

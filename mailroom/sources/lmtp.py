@@ -93,7 +93,7 @@ class LmtpListener(Source[LmtpMailboxConfig, Key, str]):
             logger=log,
         )
         self.bound = bound
-        self.identity = wire.listener_identity(config.routing.address.template)
+        self.identity = config.identity
         self.sessions: set[LmtpSession] = set()
         self._replies: dict[Key, asyncio.Future[str]] = {}
         self._transactions = itertools.count(1)

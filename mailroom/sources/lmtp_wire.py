@@ -147,18 +147,11 @@ def delivery_header(sender: str, recipient: str) -> bytes:
 
 
 def webhook_id(listener: str, digest: str, recipient: str) -> str:
-    """The webhook-id of one delivery: the listener's identity (``listener_identity``), the
-    SHA-256 of the message as the MTA sent it (the same on each retry from its queue), and
-    the recipient. Laid out as mailroom's identity of a message (``msg_`` and 32 hex digits
-    of ``SHA-256("mailroom-message" NUL mailbox NUL message)``)."""
+    """The webhook-id of one delivery: the listener's identity (``LmtpMailboxConfig.identity``),
+    the SHA-256 of the message as the MTA sent it (the same on each retry from its queue), and
+    the recipient. Laid out as the identity of every message (``msg_`` and 32 hex digits of
+    ``SHA-256("mailroom-message" NUL mailbox NUL message)``), the message being
+    ``lmtp:sha256:<digest>`` NUL the recipient."""
     message = f"lmtp:sha256:{digest}\0{recipient}"
     text = "\0".join(("mailroom-message", listener, message))
     return "msg_" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
-def listener_identity(address_template: str) -> str:
-    """What names a listener in its webhook-ids: the addresses it takes mail for (its
-    ``address`` template), not its configured id nor where it listens, which may change
-    while the MTA still holds a message for it."""
-    text = "\0".join(("mailroom-mailbox", "lmtp", address_template.lower()))
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
