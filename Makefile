@@ -54,7 +54,26 @@ postfix:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix; \
 	  status=$$?; if [ -n "$$ours" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$status; }
 
-test: venv debs promtool postfix
+# Debian's exim4 for tests/test_exim.py, which starts a private instance. It conflicts with
+# postfix, so its binary is taken out of the package into the venv (apt-get download, dpkg-deb
+# -x, without its setuid bit: the tests run it as root), never installed; its libraries are,
+# where missing, and the user it is built to run as (Debian-exim) is created as its package
+# would.
+EXIM := $(VENV)/exim/usr/sbin/exim4
+EXIM_LIBS := libdb5.3 libgnutls-dane0 libgnutls30 libidn12 libidn2-0 libnsl2 libpcre2-8-0
+.PHONY: exim
+exim: venv
+	@test -x $(EXIM) || { mkdir -p $(VENV)/exim && cd $(VENV)/exim \
+	  && { apt-get download -qq exim4-daemon-light 2>/dev/null \
+	       || { apt-get update -qq && apt-get download -qq exim4-daemon-light; }; } \
+	  && dpkg-deb -x exim4-daemon-light_*.deb . && rm -f exim4-daemon-light_*.deb \
+	  && chmod u-s usr/sbin/exim4; }
+	@! ldd $(EXIM) | grep -q "not found" || DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq $(EXIM_LIBS)
+	@id Debian-exim >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
+	  --home-dir /nonexistent --shell /usr/sbin/nologin Debian-exim
+
+test: venv debs promtool postfix exim
 	$(BIN)/pytest
 
 # The container image, built and run with podman on a base made from Debian's packages (no
