@@ -724,3 +724,25 @@ def test_mailroom_route_works_unchanged_and_names_the_bounce() -> None:
         "decision: reject: unknown incoming email",
         "notice:   none: mailroom answers the sending MTA 5xx, and its bounce tells the sender",
     ]
+
+
+async def test_copies_of_a_large_message_stay_within_the_budget(webhook: WebhookReceiver) -> None:
+    """A copy per recipient: no more than limits.in_flight_bytes holds in one transaction. With
+    SIZE declared the rest get 452 4.5.3 at RCPT; without, 452 4.3.1 after DATA; the MTA sends
+    them again in its next transaction."""
+    port = free_port()
+    data = config_dict([lmtp_box(f"127.0.0.1:{port}")], webhook.url)
+    data["limits"] = {"in_flight_bytes": 1 << 20}  # 1 MiB: two copies of 400 KB
+    config = parse_config(data, env={})
+    raw = message(95, size=400_000)
+    to = [address("c1"), address("c2"), address("c3")]
+    async with listening(config, port):
+        declared = await deliver(port, to, raw, options=[f"SIZE={len(raw)}"])
+        undeclared = await deliver(port, to, raw)
+        await webhook.wait_for(4)
+    assert [code for code, _ in declared.rcpt] == [250, 250, 452]
+    assert declared.rcpt[2][1].startswith("4.5.3 ")
+    assert [code for code, _ in declared.data] == [250, 250]
+    assert [code for code, _ in undeclared.rcpt] == [250, 250, 250]
+    assert [code for code, _ in undeclared.data] == [250, 250, 452]
+    assert sorted(r.json()["key"] for r in webhook.requests) == ["c1", "c1", "c2", "c2"]

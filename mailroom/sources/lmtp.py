@@ -12,7 +12,8 @@ own:
   message behind a ``Return-Path`` and a ``Delivered-To`` line, the recipient (its key), its
   own webhook-id (``lmtp_wire.webhook_id``: stable across the MTA's retries) and the deadline
   of its reply. Room in the in-flight budget is taken before the 354 (452 4.3.1 when there is
-  none soon), for the size the MAIL command declared.
+  none soon), for the size the MAIL command declared; a transaction holds no more copies than
+  the budget's bytes (452 for the recipients beyond: the MTA sends them again).
 - **Settlement is the reply**: the dispatcher's outcome resolves the recipient's reply (250,
   550, 554: ``lmtp_wire.outcome_reply``); a release (the webhook is down, its circuit open,
   the deadline came, mailroom is stopping) is 451 4.3.0. A recipient still waiting at
@@ -132,13 +133,22 @@ class LmtpListener(Source[LmtpMailboxConfig, Key, str]):
     def transaction_over(self, session: LmtpSession) -> None:
         self._quiet.set()  # wakes handed_over and the last goodbyes
 
-    def check_recipient(self, address: str) -> str | None:
+    def check_recipient(self, address: str, accepted: int, size: int | None) -> str | None:
         rules = self.config.routing
-        if rules.mode is RoutingMode.FORWARD_ALL or rules.address.match(address) is not None:
+        if rules.mode is not RoutingMode.FORWARD_ALL and rules.address.match(address) is None:
+            reply = wire.unknown_recipient(address)
+        elif size is not None and accepted >= self._copies(size):
+            reply = wire.TOO_MANY_RECIPIENTS  # the MTA sends the rest in another transaction
+        else:
             return None
-        reply = wire.unknown_recipient(address)
         self._monitor.reply(self.id, wire.code(reply), None)
         return reply
+
+    def _copies(self, size: int) -> int:
+        """How many deliveries (a copy each) of a message of ``size`` bytes one transaction
+        may hold: as many as the in-flight budget takes (``limits.in_flight_bytes``), at least
+        one. A 25 MB message to 50 keys is not 1.25 GB in memory."""
+        return max(1, self._budget.max_bytes // max(1, size))
 
     async def room(self, count: int, size: int) -> Reservation | None:
         reservation = self._budget.reserve(count, size)
@@ -167,7 +177,12 @@ class LmtpListener(Source[LmtpMailboxConfig, Key, str]):
             digest = await asyncio.to_thread(_sha256, data)
         else:
             digest = _sha256(data)
+        # More copies than the budget holds (MAIL declared no SIZE, or too small a one): those
+        # recipients get 452 and come again in the MTA's next transaction.
+        copies = self._copies(len(data))
         distinct = list(dict.fromkeys(recipients))
+        later = set(distinct[copies:])
+        distinct = distinct[:copies]
         raws = [wire.delivery_header(sender, r) + data for r in distinct]
         self._budget.use(reservation, len(raws), sum(map(len, raws)))
         deadline = started + self.config.reply_within_s
@@ -194,6 +209,9 @@ class LmtpListener(Source[LmtpMailboxConfig, Key, str]):
             )
             if future.done():  # refused at once (the dispatcher is stopping)
                 self._replies.pop(key, None)
+        for recipient in later:
+            futures[recipient] = loop.create_future()
+            futures[recipient].set_result(wire.TOO_MUCH_AT_ONCE)
         return [functools.partial(self._reply, futures[r], started, deadline) for r in recipients]
 
     async def _reply(self, future: asyncio.Future[str], started: float, deadline: float) -> str:

@@ -74,8 +74,9 @@ class Transactions(Protocol):
         """The session's transaction ended (RSET, its replies, a lost connection)."""
         ...
 
-    def check_recipient(self, address: str) -> str | None:
-        """None to accept ``address`` at RCPT, or the reply that refuses it."""
+    def check_recipient(self, address: str, accepted: int, size: int | None) -> str | None:
+        """None to accept ``address`` at RCPT (``accepted`` recipients so far, of a message of
+        the ``size`` MAIL declared), or the reply that refuses it."""
         ...
 
     async def room(self, count: int, size: int) -> Reservation | None:
@@ -292,7 +293,8 @@ class LmtpSession(LMTP):
             return wire.TOO_MANY_RECIPIENTS
         if not wire.usable_address(address) or "@" not in address:
             return wire.BAD_ADDRESS
-        refusal = self.listener.check_recipient(address)
+        declared = _declared_size(envelope.mail_options)
+        refusal = self.listener.check_recipient(address, len(envelope.rcpt_tos), declared)
         if refusal is not None:
             return refusal
         envelope.rcpt_tos.append(address)
@@ -312,10 +314,15 @@ class LmtpSession(LMTP):
         recipients = list(envelope.rcpt_tos)
         count = len(set(recipients))
         sender = _null(envelope.mail_from)
-        expected = min(_declared_size(envelope.mail_options), self.max_message_bytes)
+        declared = _declared_size(envelope.mail_options)
+        # Room for a copy per recipient of what MAIL declared, or for one message as large as
+        # it may be: the listener delivers no more copies than the budget holds.
+        expected = (
+            count * min(declared, self.max_message_bytes) if declared else self.max_message_bytes
+        )
         self.in_data = True
         try:
-            reservation = await self.listener.room(count, count * expected)
+            reservation = await self.listener.room(count, expected)
             if reservation is None:
                 await self.push(wire.BUSY)
                 return
@@ -410,13 +417,13 @@ def _unstuffed(data: bytearray) -> bytes:
     return body.replace(b"\r\n.", b"\r\n") if b"\r\n." in body else body
 
 
-def _declared_size(options: list[str]) -> int:
-    """The SIZE a MAIL command declared (RFC 1870), or a very large number without one."""
+def _declared_size(options: list[str]) -> int | None:
+    """The SIZE a MAIL command declared (RFC 1870), or None."""
     for option in options:
         name, _, value = option.partition("=")
         if name.upper() == "SIZE" and value.isdigit() and len(value) < 12:
             return int(value)
-    return 2**62
+    return None
 
 
 def _null(sender: str) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "SHUTTING_DOWN",
     "TOO_MANY_CONNECTIONS",
     "TOO_MANY_RECIPIENTS",
+    "TOO_MUCH_AT_ONCE",
     "code",
     "delivery_header",
     "enhance",
@@ -49,6 +50,7 @@ RECIPIENT_OK = "250 2.1.5 recipient ok"
 # 4xx: the MTA keeps the message and tries again later.
 RETRY = "451 4.3.0 not delivered now; try again later"
 BUSY = "452 4.3.1 mailroom has too much mail in flight (limits); try again later"
+TOO_MUCH_AT_ONCE = "452 4.3.1 too many copies of a message this large at once; try again later"
 SHUTTING_DOWN = "421 4.3.2 mailroom is shutting down; try again later"
 TOO_MANY_CONNECTIONS = "421 4.3.2 too many connections (max_connections); try again later"
 # RFC 5321 §4.5.3.1.10: the client sends the recipients refused so in another transaction.
