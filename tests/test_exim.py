@@ -30,7 +30,7 @@ from tests.servers.webhook import WebhookReceiver
 RECIPES = ROOT / "examples" / "lmtp"
 DOMAIN = "incoming.example.com"
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def recipe(name: str, replace: dict[str, str]) -> tuple[str, str]:

@@ -298,6 +298,7 @@ async def test_a_unix_socket_with_its_mode_replacing_a_stale_one(
     assert not path.exists()  # removed when the socket was closed
 
 
+@pytest.mark.slow  # a real process, or a thousand connections
 async def test_a_thousand_idle_connections_and_the_next_one_gets_421(
     webhook: WebhookReceiver,
 ) -> None:
@@ -385,6 +386,7 @@ def start_process(
     return process
 
 
+@pytest.mark.slow  # a real process, or a thousand connections
 async def test_sigterm_mid_transaction(
     webhook: WebhookReceiver, processes: list[Process], tmp_path: Path
 ) -> None:
@@ -424,6 +426,7 @@ async def test_sigterm_mid_transaction(
     assert '"msg": "stopped (0 deliveries abandoned)"' in process.output()
 
 
+@pytest.mark.slow  # a real process, or a thousand connections
 async def test_sigterm_with_the_webhook_stalled_past_the_bound_answers_451(
     webhook: WebhookReceiver, processes: list[Process], tmp_path: Path
 ) -> None:

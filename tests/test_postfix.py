@@ -33,7 +33,7 @@ RECIPE = ROOT / "examples" / "lmtp"
 SOCKET = "/var/spool/postfix/mailroom/lmtp.sock"  # the recipe's
 DOMAIN = "incoming.example.com"
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def recipe(transport: str | None) -> str:
