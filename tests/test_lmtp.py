@@ -749,3 +749,20 @@ async def test_copies_of_a_large_message_stay_within_the_budget(webhook: Webhook
     assert [code for code, _ in undeclared.rcpt] == [250, 250, 250]
     assert [code for code, _ in undeclared.data] == [250, 250, 452]
     assert sorted(r.json()["key"] for r in webhook.requests) == ["c1", "c1", "c2", "c2"]
+
+
+async def test_a_unix_socket_something_listens_on_is_not_taken_over(
+    webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    path = tmp_path / "lmtp.sock"
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(path))
+        other.listen()  # another mailroom, say
+        config = lmtp_config(webhook.url, f"unix:{path}")
+        with pytest.raises(ConfigError) as caught:
+            await supervisor.run(config, asyncio.Event(), kinds=KINDS)
+        assert path.exists()
+    assert str(caught.value) == (
+        f"mailboxes[mx].listen: something already listens on unix:{path} (another "
+        "mailroom?); stop it, or choose another path"
+    )

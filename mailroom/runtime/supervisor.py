@@ -31,11 +31,9 @@ during a reload is honoured at once.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import signal
-import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -88,14 +86,7 @@ async def _listen(server: HealthServer) -> None:
     except OSError as exc:
         host, port = server.config.host, server.config.port
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if isinstance(exc, socket.gaierror):
-            reason = f"cannot resolve {host} ({exc.strerror})"
-        else:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        advice = "stop what uses it, or " if exc.errno == errno.EADDRINUSE else ""
-        raise ConfigError(
-            "health.listen", f"cannot listen on {address}: {reason}; {advice}choose another"
-        ) from exc
+        raise ConfigError.cannot_listen("health.listen", address, host, exc) from exc
 
 
 def _signature(paths: Sequence[Path]) -> tuple[object, ...]:

@@ -15,12 +15,12 @@ on a reload, the reload is refused and the running config stays.
 from __future__ import annotations
 
 import contextlib
-import errno
 import grp
 import os
 import pwd
 import socket
 import stat
+from collections.abc import Callable
 
 from mailroom.config import Listen
 from mailroom.errors import ConfigError
@@ -75,14 +75,7 @@ def bind(listen: Listen, where: str) -> BoundSocket:
             return BoundSocket(_unix(listen, listen.path, where), listen)
         return BoundSocket(_tcp(listen), listen)
     except OSError as exc:
-        if isinstance(exc, socket.gaierror):
-            reason = f"cannot resolve {listen.host} ({exc.strerror})"
-        else:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        advice = "stop what uses it, or " if exc.errno == errno.EADDRINUSE else ""
-        raise ConfigError(
-            where, f"cannot listen on {listen}: {reason}; {advice}choose another"
-        ) from exc
+        raise ConfigError.cannot_listen(where, str(listen), listen.host, exc) from exc
 
 
 def _tcp(listen: Listen) -> socket.socket:
@@ -90,21 +83,19 @@ def _tcp(listen: Listen) -> socket.socket:
         listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
-    try:
+
+    def bind() -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT after a restart
         sock.bind(address)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+
+    return _listening(sock, bind)
 
 
 def _unix(listen: Listen, path: str, where: str) -> socket.socket:
     _clear_stale(path, where)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
+
+    def bind() -> None:  # the file gets its permissions before the socket listens
         sock.bind(path)
         try:
             _permit(path, listen)
@@ -115,6 +106,14 @@ def _unix(listen: Listen, path: str, where: str) -> socket.socket:
                 f"cannot give {path} its socket_mode, socket_owner or socket_group: "
                 f"{os.strerror(exc.errno or 0)} (changing the owner takes root)",
             ) from exc
+
+    return _listening(sock, bind)
+
+
+def _listening(sock: socket.socket, bind: Callable[[], None]) -> socket.socket:
+    """``sock`` bound by ``bind``, listening, non-blocking; closed if any of that fails."""
+    try:
+        bind()
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except BaseException:
