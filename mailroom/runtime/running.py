@@ -106,7 +106,9 @@ class _Mailbox:
 async def _handed_over(mailboxes: list[_Mailbox], timeout_s: float) -> None:
     """Until the stopping sources have handed over what they took in (a listener's open
     transactions), within ``timeout_s``; what comes later is answered 451 by the drain."""
-    waits = {asyncio.ensure_future(m.source.handed_over()) for m in mailboxes}
+    waits = {
+        asyncio.create_task(m.source.handed_over(), name=f"handed-over:{m.name}") for m in mailboxes
+    }
     if not waits:
         return
     _, late = await asyncio.wait(waits, timeout=timeout_s)
