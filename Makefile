@@ -40,7 +40,40 @@ promtool: venv
 	  && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > bin/promtool \
 	  && chmod +x bin/promtool && rm -f prometheus_*.deb; }
 
-test: venv debs promtool
+# Debian's postfix for the test with a real MTA (tests/test_postfix.py), which starts a private
+# instance (its own config_directory and queue_directory, loopback ports). Installed with
+# debconf's "No configuration" while policy-rc.d forbids starting services: the system's
+# Postfix is neither configured nor started (and a policy-rc.d already there is left alone).
+.PHONY: postfix
+postfix:
+	@command -v postfix >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing package: run 'make postfix' as root" >&2; exit 1; fi; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  ours=; if [ ! -e /usr/sbin/policy-rc.d ]; then ours=1; \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix; \
+	  status=$$?; if [ -n "$$ours" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$status; }
+
+# Debian's exim4 for tests/test_exim.py, which starts a private instance. It conflicts with
+# postfix, so its binary is taken out of the package into the venv (apt-get download, dpkg-deb
+# -x, without its setuid bit: the tests run it as root), never installed; its libraries are,
+# where missing, and the user it is built to run as (Debian-exim) is created as its package
+# would.
+EXIM := $(VENV)/exim/usr/sbin/exim4
+EXIM_LIBS := libdb5.3 libgnutls-dane0 libgnutls30 libidn12 libidn2-0 libnsl2 libpcre2-8-0
+.PHONY: exim
+exim: venv
+	@test -x $(EXIM) || { mkdir -p $(VENV)/exim && cd $(VENV)/exim \
+	  && { apt-get download -qq exim4-daemon-light 2>/dev/null \
+	       || { apt-get update -qq && apt-get download -qq exim4-daemon-light; }; } \
+	  && dpkg-deb -x exim4-daemon-light_*.deb . && rm -f exim4-daemon-light_*.deb \
+	  && chmod u-s usr/sbin/exim4; }
+	@! ldd $(EXIM) | grep -q "not found" || DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq $(EXIM_LIBS)
+	@id Debian-exim >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
+	  --home-dir /nonexistent --shell /usr/sbin/nologin Debian-exim
+
+test: venv debs promtool postfix exim
 	$(BIN)/pytest
 
 # The edit loop: everything but the tests marked slow (replicas, many mailboxes, real
@@ -96,6 +129,7 @@ bench: venv debs
 	$(BIN)/python bench/many_mailboxes.py
 	$(BIN)/python bench/many_mailboxes.py --tls --skip load,outage,big
 	$(BIN)/python bench/replicas.py
+	$(BIN)/python bench/lmtp.py
 
 # After a change to the dependencies in pyproject.toml: pin them again, for every platform
 # (the versions pinned so far stay; `make lock LOCK_FLAGS=--upgrade` takes the newest).

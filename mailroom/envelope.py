@@ -1,10 +1,11 @@
 """The one interface between sources and the dispatcher.
 
-A source (IMAP, Graph) hands the dispatcher an ``Envelope``: the exact bytes it fetched and a
-``settle`` coroutine it implements. The dispatcher decides an ``Outcome`` and calls ``settle``
-exactly once, only after the outcome is known; until then the message stays untouched on the
-server, so a crash or a restart finds it again (at-least-once). A message the dispatcher will
-not bring to an outcome now (shutting down, a dry run) is ``release``d instead.
+A source (IMAP, Graph, LMTP) hands the dispatcher an ``Envelope``: the exact bytes it fetched
+and a ``settle`` coroutine it implements. The dispatcher decides an ``Outcome`` and calls
+``settle`` exactly once, only after the outcome is known; until then the message stays untouched
+on the server (or, for a push source, unanswered in the sender's queue), so a crash or a restart
+finds it again (at-least-once). A message the dispatcher will not bring to an outcome now
+(shutting down, a dry run, a push source's deadline) is ``release``d instead.
 """
 
 from __future__ import annotations
@@ -45,13 +46,22 @@ class Envelope:
     raw: bytes = field(repr=False)
     size: int
     too_large: bool = False  # raw holds only the header block; the body was not fetched
+    # A push source's envelope recipient (LMTP's RCPT TO): the message is for that address,
+    # whatever its headers say, and routing takes the key from it first.
+    recipient: str | None = None
+    # A push source answers its sender by then (time.monotonic()): the dispatcher neither waits
+    # for an open circuit nor retries past it, and releases the message instead (the sender's
+    # queue retries it).
+    deadline: float | None = None
     native_id: str = ""  # its id where it lies (IMAP UID, Graph message id): MailRoom's claims
-    _settle: Callable[[Outcome], Awaitable[None]] = field(repr=False)
+    _settle: Callable[[Outcome, str], Awaitable[None]] = field(repr=False)
     _release: Callable[[bool], None] = field(repr=False, default=lambda hold: None)
 
-    async def settle(self, outcome: Outcome) -> None:
-        """Apply ``outcome`` on the server. Call once; shield it from cancellation."""
-        await self._settle(outcome)
+    async def settle(self, outcome: Outcome, why: str = "") -> None:
+        """Apply ``outcome`` on the server (``why``: the reason, for a source that tells its
+        sender: a reject reason, why the webhook refused it). Call once; shield it from
+        cancellation."""
+        await self._settle(outcome, why)
 
     def release(self, *, hold: bool = True) -> None:
         """Let go of the message without settling it: it stays as it is on the server. With

@@ -23,6 +23,10 @@ Errors never carry secrets: messages name the setting, never its value.
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+
 
 class MailroomError(Exception):
     """Base class of every error mailroom raises on purpose."""
@@ -36,6 +40,16 @@ class ConfigError(MailroomError, ValueError):
         self.message = message
         self.problems = problems  # ``several``: each problem, with its own path
         super().__init__(f"{path}: {message}" if path else message)
+
+    @classmethod
+    def cannot_listen(cls, path: str, address: str, host: str | None, exc: OSError) -> ConfigError:
+        """A listen address (``path``: its setting) that cannot be bound, and why."""
+        if isinstance(exc, socket.gaierror):
+            reason = f"cannot resolve {host} ({exc.strerror})"
+        else:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        advice = "stop what uses it, or " if exc.errno == errno.EADDRINUSE else ""
+        return cls(path, f"cannot listen on {address}: {reason}; {advice}choose another")
 
     @classmethod
     def several(cls, problems: list[ConfigError]) -> ConfigError:

@@ -43,8 +43,8 @@ def assert_safe_notice(notice: Notice) -> None:
 
 
 def envelope(raw: bytes) -> Envelope:
-    async def settle(outcome: Outcome) -> None:
-        del outcome
+    async def settle(outcome: Outcome, why: str) -> None:
+        del outcome, why
 
     return Envelope(
         mailbox="m",

@@ -661,7 +661,8 @@ async def test_command_output_exit_codes_and_no_secrets(
     summary = f"({passed} ok, 0 warning(s), 0 failed, 0 skipped)"
     assert lines[-1] == f"mailroom check: all checks passed {summary}"
     assert lines[0] == (
-        f"OK   config load: {path}: 1 mailbox(es) (1 imap, 0 microsoft_graph), reject notices on"
+        f"OK   config load: {path}: 1 mailbox(es) (1 imap, 0 microsoft_graph, 0 lmtp), "
+        "reject notices on"
     )
     (request,) = webhook.requests
     assert request.headers["Gitlab-Mailroom-Api-Request"].count(".") == 2

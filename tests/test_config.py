@@ -538,7 +538,7 @@ def test_typos_at_the_top_level_and_in_every_block() -> None:
     assert error_of(data) == "log: unknown key levle; did you mean level?"
     data = minimal(inbox_method="imapp")
     assert error_of(data) == (
-        "mailboxes[0].inbox_method: 'imapp' is not one of: imap, microsoft_graph; "
+        "mailboxes[0].inbox_method: 'imapp' is not one of: imap, microsoft_graph, lmtp; "
         "did you mean imap?"
     )
 

@@ -77,7 +77,7 @@ async def test_mailroom_and_mailroom_gem_side_by_side_post_each_message_once(
 
 
 def envelope(mailbox: str, uid: int) -> Envelope:
-    async def settle(_: object) -> None:
+    async def settle(*_: object) -> None:
         raise AssertionError("not settled here")
 
     return Envelope(

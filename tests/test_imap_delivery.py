@@ -436,10 +436,10 @@ async def test_an_internal_error_dead_letters_instead_of_looping(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(*args: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug in routing")
 
-    monkeypatch.setattr("mailroom.delivery.dispatch.routing.decide", broken)
+    monkeypatch.setattr("mailroom.delivery.dispatch.decide", broken)
     await dovecot.aappend(account, message(1))
     async with running(make_config(dovecot, account, webhook.url)):
         await wait_until(

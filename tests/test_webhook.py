@@ -14,7 +14,7 @@ from mailroom.mail import message, routing
 EML = Path(__file__).parent / "eml"
 
 
-async def _settle(outcome: Outcome) -> None:
+async def _settle(outcome: Outcome, why: str) -> None:
     return None
 
 

@@ -1,6 +1,7 @@
 """This replica's share of the mailboxes: Redis leases start and stop its sources.
 
-A replica watches a mailbox only while it holds that mailbox's lease. Every ``tick`` (at most a
+A replica watches a mailbox only while it holds that mailbox's lease (a listener, which is not
+``leased``, runs on every replica instead: the MTA picks one). Every ``tick`` (at most a
 second) the loop:
 
 1. announces the replica (a heartbeat that lives ``lease_ttl``) and counts the live replicas
@@ -118,6 +119,7 @@ class Coordinator:
         self._paused = False  # a reload swaps sources: no lease is taken meanwhile
         self._taking = asyncio.Lock()  # held while leases are taken and their sources started
         self._mailboxes: dict[str, MailboxConfig] = {}
+        self._everywhere: set[str] = set()  # not leased: started by the supervisor, ready here
         self._order: dict[str, int] = {}
         self._namespace = config.arbitration.namespace
         self.conflicts: dict[str, str] = {}  # mailbox id → why its lease is another's
@@ -135,8 +137,11 @@ class Coordinator:
         return min(TICK_MAX_S, self.ttl_s / 5)
 
     def configure(self, config: Config) -> None:
-        """The mailboxes to share (at start and after a reload)."""
-        before, self._mailboxes = self._mailboxes, {m.id: m for m in config.mailboxes}
+        """The mailboxes to share (at start and after a reload): those ``leased``; a
+        listener runs on every replica (the MTA picks one), without a lease."""
+        before = self._mailboxes
+        self._mailboxes = {m.id: m for m in config.mailboxes if m.leased}
+        self._everywhere = {m.id for m in config.mailboxes if not m.leased}
         for mailbox, held in list(self.held.items()):
             old, new = before.get(mailbox), self._mailboxes.get(mailbox)
             if held.stopping is None and old and new and old.identity != new.identity:
@@ -178,7 +183,7 @@ class Coordinator:
                 next_renew = 0.0  # try to renew at every tick until it works
                 self._set_healthy(False, exc)
             self._monitor.leases(len(self.held), self.live)
-            self._monitor.expect(set(self.held))
+            self._monitor.expect(set(self.held) | self._everywhere)
             await self._tick()
 
     async def _keep_deadlines(self) -> None:

@@ -40,7 +40,7 @@ async def run(report: Report, config: Config) -> None:
         return
     store = arbitration.store(settings)
     target = Target(report, f"arbitration[{settings.describe()}]")
-    ids = [m.id for m in config.mailboxes]
+    ids = [m.id for m in config.mailboxes if m.leased]  # a listener runs on every replica
 
     async def connect() -> Finding:
         await store.ping()

@@ -95,7 +95,7 @@ def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
             f"decision: reject: {verdict.why}",
         ]
     if verdict.action is not Action.IGNORE and verdict.why != routing.UNPARSABLE_MESSAGE:
-        lines.append(f"notice:   {notice_text(parsed, rules, config)}")
+        lines.append(f"notice:   {notice_text(parsed, mailbox, config)}")
     return lines
 
 
@@ -106,7 +106,7 @@ def _payload(
     if mailbox.webhook.format == "raw":
         return [f"payload:  the message itself, {len(raw)} bytes (format: raw)"]
 
-    async def unused(outcome: Outcome) -> None:  # pragma: no cover - never settled
+    async def unused(outcome: Outcome, why: str) -> None:  # pragma: no cover - never settled
         raise AssertionError(outcome)
 
     # The real webhook-id names the mailbox's server and the message as the server holds it

@@ -33,6 +33,8 @@ from mailroom.config.model import (
     ImapMailboxConfig,
     JwtConfig,
     LimitsConfig,
+    Listen,
+    LmtpMailboxConfig,
     LogConfig,
     LogFile,
     MailboxConfig,
@@ -94,6 +96,8 @@ __all__ = [
     "ImapOAuthConfig",
     "JwtConfig",
     "LimitsConfig",
+    "Listen",
+    "LmtpMailboxConfig",
     "LogConfig",
     "LogFile",
     "MailboxConfig",
@@ -182,6 +186,7 @@ def _mailboxes(
         for i, item in enumerate(raw_mailboxes)
     )
     seen: set[str] = set()
+    taken: dict[tuple[str, str], int] = {}
     for i, mailbox in enumerate(mailboxes):
         if mailbox.id in seen:
             root.fail(
@@ -189,6 +194,13 @@ def _mailboxes(
                 f"{shown(mailbox.id)} is used twice; give each mailbox an id of its own",
             )
         seen.add(mailbox.id)
+        for key, value in mailbox.exclusive():
+            if (key, value) in taken:
+                root.fail(
+                    f"mailboxes[{i}].{key}",
+                    f"{value} is mailboxes[{taken[key, value]}]'s already; give each its own",
+                )
+            taken[key, value] = i
     advice += [
         f"credentials: the entry {name!r} matches no mailbox id; fix its name or remove it "
         "(mailroom credentials edit)"

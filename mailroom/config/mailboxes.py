@@ -1,14 +1,21 @@
-"""The mailboxes: IMAP, Microsoft Graph, their oauth blocks and routing rules."""
+"""The mailboxes: IMAP, Microsoft Graph, LMTP listeners, their oauth blocks and routing rules."""
 
 from __future__ import annotations
 
+import grp
+import ipaddress
+import pwd
+import socket
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from mailroom.config.model import (
     GraphInboxOptions,
     GraphMailboxConfig,
     ImapMailboxConfig,
+    Listen,
+    LmtpMailboxConfig,
     MailboxConfig,
     WebhookConfig,
 )
@@ -25,7 +32,7 @@ from mailroom.config.reader import (
 from mailroom.config.sections import parse_webhook
 from mailroom.mail import routing
 from mailroom.redact import WORD
-from mailroom.trust import credentials
+from mailroom.trust import credentials, tls
 from mailroom.trust.values import ImapOAuthConfig, Secret
 
 
@@ -248,6 +255,135 @@ def _graph_mailbox(
     )
 
 
+_LISTEN_EXAMPLE = "127.0.0.1:2424, [::1]:2424 or unix:/run/mailroom/lmtp.sock"
+# Keys of a mailbox on a server, which a listener has no use for.
+_SERVER_KEYS = ("host", "port", "ssl", "start_tls", "user", "password", "password_file", "auth")
+
+
+def _lmtp_mailbox(
+    section: Section,
+    address: routing.AddressTemplate,
+    webhook_raw: dict[str, Any],
+    login: credentials.StoredLogin | None,
+    stored: bool,
+) -> LmtpMailboxConfig:
+    """``inbox_method: lmtp``: a listener the MTA delivers to (RFC 2033)."""
+    for key in (*_SERVER_KEYS, "mailbox", "inbox_options", "failed_folder"):
+        if section.has(key):
+            section.fail(
+                key, "is a setting of a mailbox on a server; an lmtp mailbox listens (listen:)"
+            )
+    if login is not None:
+        section.fail("id", "the credentials file has an entry for this lmtp mailbox; remove it")
+    allow_remote = section.flag("allow_remote", False)
+    listen = _listen(section, allow_remote)
+    idle_timeout = section.number("idle_timeout", 300.0, lo=1, hi=3600)
+    reply_within = section.number("reply_within", 60.0, lo=0.5, hi=3600)
+    if reply_within >= idle_timeout:
+        section.fail(
+            "reply_within",
+            f"must be shorter than idle_timeout ({idle_timeout:g}s), which also bounds the "
+            "wait for the replies after DATA",
+        )
+    cert_file = section.path_value("tls_cert_file")
+    key_file = section.path_value("tls_key_file")
+    if (cert_file is None) != (key_file is None):
+        missing = "tls_key_file" if key_file is None else "tls_cert_file"
+        section.fail(missing, "is required with the other; STARTTLS needs both, or neither")
+    if cert_file is not None and key_file is not None:
+        try:
+            tls.server_context(cert_file=cert_file, key_file=key_file)
+        except tls.TlsConfigError as exc:
+            section.fail("tls_cert_file", str(exc))
+    hostname = section.text("hostname", socket.gethostname() or "localhost")
+    if not HOST_RE.fullmatch(hostname.lower()):
+        section.fail(
+            "hostname", f"{shown(hostname)} is not a host name; write it like mx.example.com"
+        )
+    return LmtpMailboxConfig(
+        id=section.text("id", f"lmtp:{listen}"),
+        routing=_routing_rules(section, address, ""),
+        listen=listen,
+        allow_remote=allow_remote,
+        hostname=hostname,
+        max_message_bytes=section.number(
+            "max_message_bytes", 26_214_400, lo=1024, hi=2**31, integer=True
+        ),
+        max_recipients=section.number("max_recipients", 50, lo=1, hi=1000, integer=True),
+        max_connections=section.number("max_connections", 100, lo=1, hi=100_000, integer=True),
+        reply_within_s=reply_within,
+        idle_timeout_s=idle_timeout,
+        tls_cert_file=cert_file,
+        tls_key_file=key_file,
+        webhook=_mailbox_webhook(section, webhook_raw),
+    )
+
+
+def _listen(section: Section, allow_remote: bool) -> Listen:
+    """``listen``: ``host:port``, ``[v6]:port`` or ``unix:/path`` (with ``socket_mode``,
+    ``socket_owner``, ``socket_group``); only loopback unless ``allow_remote``."""
+    text = str(section.text("listen"))
+    if text.startswith("unix:"):
+        path = text.removeprefix("unix:")
+        if not Path(path).is_absolute():
+            section.fail(
+                "listen", f"unix:{shown(path)} is not an absolute path; write {_LISTEN_EXAMPLE}"
+            )
+        owner = section.text("socket_owner", None)
+        group = section.text("socket_group", None)
+        _exists(section, "socket_owner", owner, pwd.getpwnam)
+        _exists(section, "socket_group", group, grp.getgrnam)
+        return Listen(path=path, mode=_socket_mode(section), owner=owner, group=group)
+    for key in ("socket_mode", "socket_owner", "socket_group"):
+        if section.has(key):
+            section.fail(key, "is for a unix socket (listen: unix:/path); remove it")
+    host, _, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit() or int(port) > 65535 or (":" in host and not bracketed):
+        section.fail("listen", f"{shown(text)} is not host:port; write {_LISTEN_EXAMPLE}")
+    if not allow_remote and not _loopback(host):
+        section.fail(
+            "listen",
+            f"{shown(host)} is not a loopback address, and the listener takes mail from whoever "
+            "connects: listen on 127.0.0.1, [::1] or a unix socket, or set allow_remote: true "
+            "where a firewall keeps strangers out",
+        )
+    return Listen(host=host, port=int(port))
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: where it points can change
+
+
+def _socket_mode(section: Section) -> int:
+    """``socket_mode``: octal text (``"0660"``) or the number YAML made of an unquoted 0660."""
+    value = section.raw("socket_mode", 0o660)
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            value = -1
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        section.fail("socket_mode", 'expected permission bits in octal, like "0660"')
+    return value
+
+
+def _exists(section: Section, key: str, name: str | None, find: Callable[[str], object]) -> None:
+    """A user or group ``name`` (or a number) must exist here."""
+    if name is None or name.isdigit():
+        return
+    try:
+        find(name)
+    except KeyError:
+        section.fail(key, f"{shown(name)} does not exist on this machine")
+
+
 # Each kind of mailbox and how its section is read, by its inbox_method; the config's one
 # place that knows the kinds (what runs each one is mailroom.kinds).
 SectionParser = Callable[
@@ -257,6 +393,7 @@ SectionParser = Callable[
 SECTIONS: dict[str, SectionParser] = {
     ImapMailboxConfig.inbox_method: _imap_mailbox,
     GraphMailboxConfig.inbox_method: _graph_mailbox,
+    LmtpMailboxConfig.inbox_method: _lmtp_mailbox,
 }
 
 

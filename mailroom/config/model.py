@@ -166,6 +166,13 @@ class MailboxConfig(abc.ABC):
 
     kind: ClassVar[str]  # a short name: task names (imap:<id>), /readyz, logs
     inbox_method: ClassVar[str]  # the config's name for it (GitLab's inbox_method)
+    # How the sender hears of a refusal. False: mailroom's own reject notice (a pull source
+    # settles the message in its folder and nobody else answers). True: the source answers
+    # the sending MTA (LMTP's reply per recipient) and the MTA's bounce is the notice.
+    bounces: ClassVar[bool] = False
+    # Replicas: a pull source is watched by one replica at a time, under a lease; a push
+    # source (a listener) runs on every replica, and the MTA picks one.
+    leased: ClassVar[bool] = True
 
     id: str
     routing: routing.RoutingRules  # the address template and the routing switches
@@ -191,6 +198,11 @@ class MailboxConfig(abc.ABC):
 
     def advice(self) -> tuple[tuple[str, str], ...]:
         """Settings that work but deserve a warning at load: ``(key, what to do)`` pairs."""
+        return ()
+
+    def exclusive(self) -> tuple[tuple[str, str], ...]:
+        """What this mailbox alone may use, as ``(key, value)`` pairs (a listener's address):
+        no two mailboxes may use one."""
         return ()
 
     def with_secret(self, secret: Secret) -> MailboxConfig:
@@ -339,6 +351,78 @@ class GraphMailboxConfig(FolderMailboxConfig):
         # Graph's display names and well-known names ignore case.
         endpoint = self.inbox_options.graph_endpoint
         return (self.kind, endpoint, self.user.lower(), folder.lower())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listen:
+    """Where a listener listens: ``host`` and ``port`` (TCP), or ``path`` (a unix socket,
+    created with ``mode`` and, where given, ``owner`` and ``group``)."""
+
+    host: str | None = None
+    port: int = 0  # 0: any free port (tests)
+    path: str | None = None
+    mode: int = 0o660
+    owner: str | None = None
+    group: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = self.host or ""
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+# Postfix waits lmtp_data_done_timeout (600 s) for the replies after DATA, Exim's lmtp
+# transport its timeout (5 min): a reply comes well before either.
+REPLY_WITHIN_S = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LmtpMailboxConfig(MailboxConfig):
+    """An LMTP listener (RFC 2033): the MTA hands each message over and gets a reply per
+    recipient once its outcome is known (``inbox_method: lmtp``)."""
+
+    kind = "lmtp"
+    inbox_method = "lmtp"
+    bounces = True
+    leased = False
+
+    listen: Listen
+    allow_remote: bool = False  # listen on an address other than loopback (no AUTH here)
+    hostname: str  # in the greeting and the LHLO reply
+    max_recipients: int = 50  # RCPTs per transaction (Postfix sends at most 50 by default)
+    max_connections: int = 100
+    reply_within_s: float = REPLY_WITHIN_S
+    idle_timeout_s: float = 300.0  # RFC 5321 §4.5.3.2.7: a server waits 5 minutes
+    tls_cert_file: str | None = None  # STARTTLS is offered with both
+    tls_key_file: str | None = None
+
+    @property
+    def dead_letter(self) -> str:
+        return "answered 5xx: the MTA bounces it to its sender"
+
+    @property
+    def identity(self) -> str:
+        """What names this listener in its webhook-ids: the addresses it takes mail for (its
+        ``address`` template), not its id nor where it listens, which may change while the MTA
+        still holds a message for it. 64 hex digits, made as every mailbox's identity is:
+        SHA-256 of ``mailroom-mailbox``, the kind and what names it, joined by NUL."""
+        parts = ("mailroom-mailbox", self.kind, self.routing.address.template.lower())
+        return hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+
+    def exclusive(self) -> tuple[tuple[str, str], ...]:
+        return (("listen", str(self.listen)),)
+
+    def advice(self) -> tuple[tuple[str, str], ...]:
+        if self.allow_remote and self.tls_cert_file is None:
+            return (
+                (
+                    "allow_remote",
+                    "mail crosses the network in clear text; set tls_cert_file and "
+                    "tls_key_file so the MTA can use STARTTLS",
+                ),
+            )
+        return ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -532,6 +616,13 @@ FIELD_KEYS: dict[tuple[type, str], tuple[str, ...]] = {
     (SidekiqConfig, "redis"): (),  # its keys are the sidekiq block's own, as arbitration's
     (RejectNoticesConfig, "sender"): ("from",),
     (RejectNoticesConfig, "sender_address"): (),  # parsed from "from"
+    # An LMTP listener's listen: "host:port" or "unix:/path", and the socket file's keys.
+    (Listen, "host"): ("listen",),
+    (Listen, "port"): ("listen",),
+    (Listen, "path"): ("listen",),
+    (Listen, "mode"): ("socket_mode",),
+    (Listen, "owner"): ("socket_owner",),
+    (Listen, "group"): ("socket_group",),
     (HealthConfig, "host"): ("listen",),  # listen: "host:port"
     (HealthConfig, "port"): ("listen",),
     (routing.RoutingRules, "address"): ("address",),  # the template: one key, not its parts

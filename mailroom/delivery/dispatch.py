@@ -10,6 +10,11 @@ take (shutting down, its mailbox being stopped) is released untouched, for the n
 In a dry run (``mailroom run --dry-run``) nothing is posted, no notice is sent and nothing is
 settled: each message's decision is logged and the message released, untouched on the server,
 and not read again until its mailbox reconnects.
+
+A mailbox whose kind ``bounces`` (LMTP) sends no reject notice: its source tells the sending
+MTA why (the reason goes with the settlement), and the MTA's bounce is the notice. A message
+the webhook does not take before its push source's deadline is released (``Deferred``): the
+sender's queue retries it.
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ from mailroom.config import ArbitrationConfig, Config, MailboxConfig, WebhookCon
 from mailroom.delivery import notices
 from mailroom.delivery.claims import Claim, Claims, MailRoomClaims
 from mailroom.delivery.markers import UNKNOWN, Markers, Shared
-from mailroom.delivery.posting import Webhook, Webhooks
+from mailroom.delivery.posting import Deferred, Webhook, Webhooks
 from mailroom.delivery.reject import Notifier
 from mailroom.delivery.sidekiq import JobQueue
 from mailroom.delivery.webhook import Rejected, payload_body
 from mailroom.envelope import Envelope, Outcome
-from mailroom.mail import message, routing
+from mailroom.mail import message
 from mailroom.mail.decision import Action, Verdict, decide
 from mailroom.observe.monitor import Monitor, NoticeResult
 
@@ -225,9 +230,20 @@ class Dispatcher:
                 envelope.ref,
                 extra=fields,
             )
+            fields["why"] = "an internal error in mailroom (its log says which)"
             outcome = None if self.dry_run else Outcome.DEAD_LETTERED
-        if outcome is None:  # a dry run: not read again until the mailbox reconnects
-            envelope.release(hold=True)
+        if outcome is None or isinstance(outcome, Deferred):
+            if isinstance(outcome, Deferred):  # the sender's queue retries it
+                fields["why"] = outcome.why
+                log.warning(
+                    "%s: %s: not delivered in time (%s); the sender retries it",
+                    envelope.mailbox,
+                    envelope.ref,
+                    outcome.why,
+                    extra=fields,
+                )
+            # A dry run: not read again until the mailbox reconnects.
+            envelope.release(hold=outcome is None)
             self._monitor.released(envelope.mailbox)
             return
         await self._settle(envelope, outcome, fields)
@@ -254,19 +270,25 @@ class Dispatcher:
     ) -> None:
         if not recorded:
             await self._markers.record(envelope, outcome, fields)
-        await envelope.settle(outcome)
+        await envelope.settle(outcome, fields.get("why", ""))
 
     async def _decide(
         self, envelope: Envelope, mailbox: MailboxConfig, fields: dict[str, Any]
-    ) -> Outcome | None:
-        """The outcome of ``envelope``; None in a dry run (nothing is to be settled)."""
+    ) -> Outcome | Deferred | None:
+        """The outcome of ``envelope`` (``fields["why"]``: its reason, for a refusal); None in
+        a dry run (nothing is to be settled); ``Deferred`` when a push source's deadline came
+        first."""
         parsed = await _off_loop(len(envelope.raw), message.parse, envelope.raw)
         fields["message_id"] = parsed.message_id
-        verdict = decide(parsed, mailbox.routing, too_large=envelope.too_large)
+        verdict = decide(
+            parsed, mailbox.routing, too_large=envelope.too_large, recipient=envelope.recipient
+        )
         if self.dry_run:
             self._dry_run(envelope, mailbox, verdict, fields)
             return None
         ref = f"{envelope.mailbox}: {envelope.ref}"
+        if verdict.action is not Action.DELIVER:
+            fields["why"] = verdict.why
         if verdict.action is Action.IGNORE:
             fields["rule"] = verdict.why
             log.info("%s: auto-generated (%s); ignored", ref, verdict.why, extra=fields)
@@ -295,6 +317,9 @@ class Dispatcher:
         result = await self._webhooks.deliver(envelope, delivery, hook, body, fields)
         if isinstance(result, Rejected):
             log.info("%s: the application rejected it: %s", ref, result.reason, extra=fields)
+            fields["why"] = result.reason
+            if mailbox.bounces:  # the sending MTA is told, and bounces it
+                return Outcome.REJECTED
             rejected = Verdict(Action.REJECT, result.reason, parsed, delivery)
             return await self._notify(Outcome.DELIVERED, envelope, rejected, fields)
         return result
@@ -318,7 +343,7 @@ class Dispatcher:
             if verdict.action is Action.DEAD_LETTER:
                 what += f": {mailbox.dead_letter}"
             if verdict.notice:
-                notice = notice_text(verdict.parsed, mailbox.routing, self._config)
+                notice = notice_text(verdict.parsed, mailbox, self._config)
                 what += f"; notice: {notice}"
         log.info(
             "%s: %s: dry run: %s; left as it is", envelope.mailbox, envelope.ref, what, extra=fields
@@ -328,8 +353,11 @@ class Dispatcher:
         self, outcome: Outcome, envelope: Envelope, verdict: Verdict, fields: dict[str, Any]
     ) -> Outcome:
         """Send the reject notice if the policy allows, then ``outcome``; dead-lettered instead
-        when the notice could not be sent (nothing is dropped silently)."""
+        when the notice could not be sent (nothing is dropped silently). A mailbox that
+        ``bounces`` sends none: its source tells the sending MTA."""
         mailbox = self._mailboxes[envelope.mailbox]
+        if mailbox.bounces:
+            return Outcome.REJECTED if verdict.action is Action.REJECT else outcome
         result = await self._notifier.notify(
             verdict.parsed,
             verdict.why,
@@ -343,8 +371,11 @@ class Dispatcher:
         return Outcome.DEAD_LETTERED if result is NoticeResult.FAILED else outcome
 
 
-def notice_text(parsed: message.ParsedMessage, rules: routing.RoutingRules, config: Config) -> str:
+def notice_text(parsed: message.ParsedMessage, mailbox: MailboxConfig, config: Config) -> str:
     """Who would get a reject notice, or why nobody would (the rate limit aside)."""
+    if mailbox.bounces:
+        return "none: mailroom answers the sending MTA 5xx, and its bounce tells the sender"
+    rules = mailbox.routing
     settings = config.reject_notices
     if settings is None:
         return "none: reject_notices is not configured"

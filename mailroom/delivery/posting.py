@@ -6,6 +6,11 @@ with capped, jittered backoff (never sooner than a ``Retry-After``), and returns
 answer means (``webhook.classify``). Each webhook has a circuit breaker (``mailroom.circuit``):
 during an outage one probe request goes at a time and the other messages wait without sending
 or logging. Requests go through the proxy ``mailroom.proxies`` names for the URL.
+
+A push source's message has a deadline (``Envelope.deadline``): its sender waits for the reply.
+It does not wait for an open circuit (unless it may be the probe), no request runs past the
+deadline and no retry is scheduled beyond it: the answer is ``Deferred`` instead, and the
+sender's queue retries the message later.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -41,7 +47,7 @@ from mailroom.redact import error_text
 from mailroom.trust.proxies import proxy_for
 from mailroom.trust.tls import client_context
 
-__all__ = ["Webhook", "Webhooks"]
+__all__ = ["Deferred", "Webhook", "Webhooks"]
 
 log = logging.getLogger("mailroom.delivery.dispatch")
 
@@ -49,6 +55,13 @@ log = logging.getLogger("mailroom.delivery.dispatch")
 # transport copied a 25 MB message's 33 MB body twice over (measured by
 # bench/many_mailboxes.py), and aiohttp warns about raw bytes over 1 MiB.
 SLICED_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """Not now: a push source's deadline comes first (``why`` says what the webhook did)."""
+
+    why: str
 
 
 class Webhook:
@@ -130,18 +143,32 @@ class Webhooks:
         config: WebhookConfig,
         body: bytes,
         fields: dict[str, Any],
-    ) -> Outcome | Rejected:
-        """Post ``body`` until the webhook gives an answer that settles it."""
+    ) -> Outcome | Rejected | Deferred:
+        """Post ``body`` until the webhook gives an answer that settles it (or, with a
+        deadline, until the deadline: ``Deferred``). ``fields["why"]`` says why a message was
+        refused for good."""
         webhook = self.by_config[config]
         circuit = webhook.circuit
         retry = Retry(config.retry.backoff)
+        deadline = envelope.deadline
+        last = "no attempt yet"
         while True:
-            if not await circuit.admit(retry.left_s):
+            if not await circuit.admit(retry.left_s if deadline is None else 0.0):
+                if deadline is not None:
+                    return Deferred(f"the webhook's circuit is open (last: {last})")
                 return _give_up(envelope, retry, "the webhook's circuit is open", fields)
+            if not await _slot(webhook, deadline):
+                circuit.abandoned()
+                return Deferred(f"no free webhook slot in time (last: {last})")
             fields["attempt"] = retry.begin()
             try:
-                async with webhook.slots:
-                    result = await self._post(webhook, envelope, decision.key, body, fields)
+                try:  # the slot is held for the request only, never for a retry's wait
+                    left_s = None if deadline is None else deadline - time.monotonic()
+                    result = await self._post(
+                        webhook, envelope, decision.key, body, fields, left_s=left_s
+                    )
+                finally:
+                    webhook.slots.release()
             except PermanentDeliveryError as exc:
                 circuit.answered()
                 log.error(
@@ -151,15 +178,19 @@ class Webhooks:
                     exc,
                     extra=fields,
                 )
+                fields["why"] = f"the webhook refused it for good: {exc}"
                 return Outcome.DEAD_LETTERED
             except TransientDeliveryError as exc:
-                circuit.failed(str(exc), exc.retry_after_s)
+                last = str(exc)
+                circuit.failed(last, exc.retry_after_s)
                 if circuit.is_open:
                     continue  # the circuit paces the retries now, and logged the outage
                 # Not sooner than a Retry-After asks, nor than the backoff (Backoff.delay).
                 delay = retry.delay(exc.retry_after_s)
                 if delay is None:
-                    return _give_up(envelope, retry, str(exc), fields)
+                    return _give_up(envelope, retry, last, fields)
+                if deadline is not None and time.monotonic() + delay >= deadline:
+                    return Deferred(last)
                 await retry.wait(
                     log,
                     logging.ERROR if exc.misconfigured else logging.WARNING,
@@ -182,7 +213,11 @@ class Webhooks:
         key: str | None,
         body: bytes,
         fields: dict[str, Any],
+        *,
+        left_s: float | None = None,
     ) -> Outcome | Rejected:
+        """One request (or, with ``sidekiq``, one push); within ``left_s`` when a push
+        source's deadline is nearer than the webhook's timeout."""
         if webhook.config.sidekiq is not None:
             return await self._push(webhook, webhook.config.sidekiq, envelope, body)
         if self._session is None:
@@ -202,7 +237,7 @@ class Webhooks:
                 config.url,
                 data=data,
                 headers=headers,
-                timeout=webhook.timeout,
+                timeout=webhook.timeout if left_s is None else _sooner(webhook, left_s),
                 allow_redirects=False,
                 ssl=webhook.ssl,
                 proxy=webhook.proxy,
@@ -217,7 +252,8 @@ class Webhooks:
                         raise
                     answer = b""  # the status is the answer; a 2xx must not be posted again
         except TimeoutError as exc:
-            raise TransientDeliveryError(f"no answer within {config.timeout_s:g}s") from exc
+            within = config.timeout_s if left_s is None else min(config.timeout_s, left_s)
+            raise TransientDeliveryError(f"no answer within {within:g}s") from exc
         except aiohttp.ClientError as exc:
             # aiohttp's text carries the whole URL, its ?query (a receiver's token) too.
             raise TransientDeliveryError(error_text(exc, config.url)) from exc
@@ -253,6 +289,23 @@ async def _off_thread(size: int, function: Callable[..., str], *args: Any) -> st
     return await asyncio.to_thread(function, *args)
 
 
+async def _slot(webhook: Webhook, deadline: float | None) -> bool:
+    """Take one of the webhook's slots (``concurrency``); False when ``deadline`` came first."""
+    if deadline is None:
+        await webhook.slots.acquire()
+        return True
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            await webhook.slots.acquire()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _sooner(webhook: Webhook, left_s: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=min(webhook.config.timeout_s, left_s))
+
+
 def _give_up(envelope: Envelope, retry: Retry, last: str, fields: dict[str, Any]) -> Outcome:
     log.error(
         "%s: %s: webhook failed for %.0fs (%d attempts, last: %s); giving up "
@@ -264,6 +317,7 @@ def _give_up(envelope: Envelope, retry: Retry, last: str, fields: dict[str, Any]
         last,
         extra=fields,
     )
+    fields["why"] = f"the webhook failed for {retry.elapsed_s:.0f}s (last: {last})"
     return Outcome.DEAD_LETTERED
 
 

@@ -52,14 +52,18 @@ class Verdict:
 
 
 def decide(
-    parsed: message.ParsedMessage, rules: routing.RoutingRules, *, too_large: bool
+    parsed: message.ParsedMessage,
+    rules: routing.RoutingRules,
+    *,
+    too_large: bool,
+    recipient: str | None = None,
 ) -> Verdict:
     """The decision the dispatcher takes for ``parsed`` under a mailbox's ``rules``;
     ``too_large``: the server said it is over ``max_message_bytes`` (only its header block was
-    read)."""
+    read); ``recipient``: a push source's envelope recipient (``routing.recipient_key``)."""
     if too_large:
         return Verdict(Action.DEAD_LETTER, TOO_LARGE, parsed, None)
-    decision = routing.decide(parsed, rules)
+    decision = routing.decide(parsed, rules, recipient=recipient)
     if isinstance(decision, routing.Ignore):
         return Verdict(Action.IGNORE, decision.rule, parsed, decision)
     if isinstance(decision, routing.Reject):

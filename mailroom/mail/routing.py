@@ -19,6 +19,7 @@ from mailroom.mail.message import ParsedMessage, scan_addresses
 __all__ = [
     "AUTO_GENERATED_RULES",
     "CANDIDATE_HEADERS",
+    "RECIPIENT_HEADER",
     "UNKNOWN_INCOMING_EMAIL",
     "UNPARSABLE_MESSAGE",
     "AddressTemplate",
@@ -30,6 +31,7 @@ __all__ = [
     "RoutingRules",
     "auto_generated",
     "decide",
+    "recipient_key",
     "warnings",
 ]
 
@@ -42,6 +44,9 @@ LOCAL_PART_MAX = 64
 PREFIX_WARN_AFTER = 31
 REPLY_PREFIX = "reply-"
 
+# The header a push source prepends with the envelope recipient (LMTP's RCPT TO), as Dovecot's
+# LMTP and Postfix's local(8) do; a key found there is reported as found in it.
+RECIPIENT_HEADER = "Delivered-To"
 # Candidate headers in the documented order (docs/routing.md); the first match wins.
 # "References" stands for the reply ids in References, then In-Reply-To.
 CANDIDATE_HEADERS = (
@@ -387,16 +392,29 @@ def find_key(parsed: ParsedMessage, rules: RoutingRules) -> Deliver | None:
     return None
 
 
-def decide(parsed: ParsedMessage, rules: RoutingRules) -> Decision:
-    """Decide what to do with ``parsed`` for a mailbox routed by ``rules``. Never raises."""
+def recipient_key(recipient: str | None, rules: RoutingRules) -> Deliver | None:
+    """The key of an envelope recipient a push source was handed (LMTP's RCPT TO), which it
+    prepends as ``Delivered-To``: the message is for that address, whatever its headers say.
+    None without one, or for a dedicated address (its key comes from the reply id)."""
+    if recipient is None or not rules.address.has_key:
+        return None
+    key = rules.address.match(recipient)
+    return Deliver(key, RECIPIENT_HEADER) if key else None
+
+
+def decide(parsed: ParsedMessage, rules: RoutingRules, *, recipient: str | None = None) -> Decision:
+    """Decide what to do with ``parsed`` for a mailbox routed by ``rules``; ``recipient``: the
+    envelope recipient of a push source (``recipient_key``). Never raises."""
     if rules.mode is RoutingMode.FORWARD_ALL:
         if parsed.unparsable:  # the application may still make sense of it
-            return Deliver(None, None)
+            return recipient_key(recipient, rules) or Deliver(None, None)
         if not rules.forward_auto_generated and (rule := auto_generated(parsed, rules)):
             return Ignore(rule)
-        return find_key(parsed, rules) or Deliver(None, None)
+        found = recipient_key(recipient, rules) or find_key(parsed, rules)
+        return found or Deliver(None, None)
     if parsed.unparsable:
         return Reject(UNPARSABLE_MESSAGE)
     if (rule := auto_generated(parsed, rules)) is not None:
         return Ignore(rule)
-    return find_key(parsed, rules) or Reject(UNKNOWN_INCOMING_EMAIL)
+    found = recipient_key(recipient, rules) or find_key(parsed, rules)
+    return found or Reject(UNKNOWN_INCOMING_EMAIL)

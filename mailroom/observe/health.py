@@ -15,6 +15,7 @@ each mailbox's ``readiness`` rule (``config.Readiness``: its kind says which):
   (15 s idle, then 3 probes 5 s apart), and a command without an answer within its timeout.
 - a Microsoft Graph mailbox (a poller) is ready while its last successful poll is at most
   ``2 * poll_interval + 30 s`` old; one failed poll (a 429, say) does not flip it.
+- an LMTP listener is ready while it listens (``/readyz`` also shows its open sessions).
 - a webhook is *stalled*, and then no mailbox posting to it is ready, when one of its messages
   has waited for its outcome longer than ``health.stall_after`` (300 s) and none of its messages
   was settled during that time: the webhook (or the SMTP server for notices) is down, refusing
@@ -82,6 +83,7 @@ class _MailboxState:
     reconnects: int = 0
     unsettled: dict[int, float] = field(default_factory=dict)  # token → accepted at (in order)
     settled: int = 0  # outcomes not yet followed by their finished()
+    sessions: int | None = None  # a listener's open sessions; None: not a listener
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +159,9 @@ class Health(Monitor):
         """A reload removed ``mailbox`` and it has stopped: drop its state and its series."""
         if mailbox in self._expected:
             return
-        self.sources.pop(mailbox, None)
+        source = self.sources.pop(mailbox, None)
         self._webhooks.pop(mailbox, None)
-        self.metrics.remove(mailbox)
+        self.metrics.remove(mailbox, listener=source is not None and source.sessions is not None)
 
     def starting(self, mailbox: str) -> None:
         """A source task for ``mailbox`` is being started (again, after a reload)."""
@@ -285,6 +287,29 @@ class Health(Monitor):
     def marker_hit(self, mailbox: str) -> None:
         if mailbox in self.sources:
             self.metrics.marker_hits.labels(mailbox).inc()
+
+    def listening(self, mailbox: str) -> None:
+        if (source := self.sources.get(mailbox)) is not None and source.sessions is None:
+            source.sessions = 0
+            self.metrics.add_listener(mailbox)
+
+    def session(self, mailbox: str, *, opened: bool) -> None:
+        if (source := self.sources.get(mailbox)) is None or source.sessions is None:
+            return
+        source.sessions += 1 if opened else -1
+        if opened:
+            self.metrics.sessions.labels(mailbox).inc()
+
+    def transaction(self, mailbox: str) -> None:
+        if (source := self.sources.get(mailbox)) is not None and source.sessions is not None:
+            self.metrics.transactions.labels(mailbox).inc()
+
+    def reply(self, mailbox: str, code: int, seconds: float | None) -> None:
+        if (source := self.sources.get(mailbox)) is None or source.sessions is None:
+            return
+        self.metrics.replies.labels(mailbox, str(code)).inc()
+        if seconds is not None:
+            self.metrics.reply_time.labels(mailbox).observe(seconds)
 
     def expect(self, mailboxes: set[str] | None) -> None:
         self._held = mailboxes
@@ -447,7 +472,7 @@ class Health(Monitor):
 def _mailbox_body(source: _MailboxState, ready: bool, now: float) -> dict[str, Any]:
     """``/readyz``'s entry for one mailbox."""
     oldest = next(iter(source.unsettled.values()), now)
-    return {
+    body = {
         "kind": source.kind,
         "ready": ready,
         "state": source.state.value,
@@ -459,6 +484,9 @@ def _mailbox_body(source: _MailboxState, ready: bool, now: float) -> dict[str, A
         "unsettled": len(source.unsettled),
         "oldest_unsettled_age_s": round(now - oldest, 3),
     }
+    if source.sessions is not None:
+        body["sessions"] = source.sessions
+    return body
 
 
 def _stalled(source: _MailboxState, webhooks: dict[str, WebhookState]) -> bool:
@@ -501,8 +529,10 @@ class _Gauges(Collector):
         texts = (
             (
                 "mailroom_connected",
-                "1 while the mailbox is connected (IMAP) or its last poll succeeded (Graph).",
-                "Mailboxes connected (IMAP) or whose last poll succeeded (Graph).",
+                "1 while the mailbox is connected (IMAP), its last poll succeeded (Graph), or "
+                "it listens (LMTP).",
+                "Mailboxes connected (IMAP), whose last poll succeeded (Graph), or listening "
+                "(LMTP).",
             ),
             (
                 "mailroom_mailbox_ready",
@@ -519,15 +549,21 @@ class _Gauges(Collector):
                 "Age of the oldest message not yet settled (0 when there is none).",
                 "Age of the oldest message not yet settled (0 when there is none).",
             ),
+            (
+                "mailroom_lmtp_sessions_open",
+                "LMTP sessions open now (listeners only).",
+                "LMTP sessions open now (listeners only).",
+            ),
         )
         if not per_mailbox:
-            totals = [0.0, 0.0, 0.0, 0.0]
+            totals = [0.0, 0.0, 0.0, 0.0, 0.0]
             for source in health.sources.values():
                 totals[0] += source.state is SourceState.CONNECTED
                 totals[1] += health.mailbox_ready(source, now, webhooks)
                 totals[2] += len(source.unsettled)
                 first = next(iter(source.unsettled.values()), now)
                 totals[3] = max(totals[3], now - first)
+                totals[4] += source.sessions or 0
             return [
                 GaugeMetricFamily(name, text, value=value)
                 for (name, _, text), value in zip(texts, totals, strict=True)
@@ -543,6 +579,8 @@ class _Gauges(Collector):
             gauges["mailroom_unsettled"].add_metric([mailbox], float(len(source.unsettled)))
             first = next(iter(source.unsettled.values()), now)
             gauges["mailroom_unsettled_oldest_age_seconds"].add_metric([mailbox], now - first)
+            if source.sessions is not None:
+                gauges["mailroom_lmtp_sessions_open"].add_metric([mailbox], source.sessions)
         return gauges.values()
 
     def _webhooks(self, webhooks: dict[str, WebhookState]) -> Iterable[Metric]:

@@ -36,6 +36,11 @@ prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Webhook latency: up to the default webhook.timeout (30 s) and beyond.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# A listener's reply after DATA: milliseconds when the webhook answers at once, up to
+# reply_within (60 s by default) when it does not.
+REPLY_BUCKETS_S = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# The replies a listener gives (lmtp_wire), each a series from the start.
+REPLY_CODES = (250, 421, 451, 452, 550, 552, 553, 554)
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 LAG_INTERVAL_S = 0.25  # how often the event loop's lag is measured
 
@@ -86,6 +91,22 @@ class Metrics:
             "mailroom_marker_hits",
             "Messages another replica had already brought to an outcome: settled, not posted.",
         )
+        self.sessions = counter("mailroom_lmtp_sessions", "LMTP sessions opened.")
+        self.transactions = counter(
+            "mailroom_lmtp_transactions", "LMTP messages taken (the end of DATA)."
+        )
+        self.replies = counter(
+            "mailroom_lmtp_replies",
+            "LMTP replies to a recipient, by code (at RCPT, before DATA, or after it).",
+            "code",
+        )
+        self.reply_time = Histogram(
+            "mailroom_lmtp_reply_seconds",
+            "From the end of DATA to a recipient's reply.",
+            ["mailbox"],
+            buckets=REPLY_BUCKETS_S,
+            registry=registry,
+        )
         self.lease_changes = Counter(
             "mailroom_lease_changes",
             "Replicas: leases acquired, released (handed over) or lost.",
@@ -125,15 +146,32 @@ class Metrics:
         for result in NoticeResult:
             yield self.notices, (mailbox, result.value)
 
+    def listener_series(self, mailbox: str) -> Iterable[tuple[MailboxCounter, tuple[str, ...]]]:
+        yield self.sessions, (mailbox,)
+        yield self.transactions, (mailbox,)
+        for code in REPLY_CODES:
+            yield self.replies, (mailbox, str(code))
+
     def add(self, mailbox: str) -> None:
         """Every series of a new mailbox exists from the start, at 0 (no gaps in rate())."""
         for counter, labels in self.series(mailbox):
             counter.labels(*labels)
 
-    def remove(self, mailbox: str) -> None:
+    def add_listener(self, mailbox: str) -> None:
+        """A listener's own series, from its start (``Monitor.listening``)."""
+        for counter, labels in self.listener_series(mailbox):
+            counter.labels(*labels)
+        self.reply_time.labels(mailbox)
+
+    def remove(self, mailbox: str, *, listener: bool = False) -> None:
         if self.per_mailbox:  # a total keeps what a removed mailbox added to it
             for counter, labels in self.series(mailbox):
                 counter.remove(*labels)
+            if listener:
+                for counter, labels in self.listener_series(mailbox):
+                    counter.remove(*labels)
+        if listener:
+            self.reply_time.remove(mailbox)
 
     def add_webhook(self, label: str) -> None:
         self._latency[label] = self.latency.labels(label)

@@ -128,6 +128,20 @@ class Monitor:
         """Replicas: ``mailbox``'s lease is held for another mailbox under the same id (another
         deployment in the same namespace; ``reason`` says so), or no longer (None)."""
 
+    def listening(self, mailbox: str) -> None:
+        """A listener (a push source) serves: its session, transaction and reply series
+        start."""
+
+    def session(self, mailbox: str, *, opened: bool) -> None:
+        """A listener's session was opened or closed (one turned away is neither)."""
+
+    def transaction(self, mailbox: str) -> None:
+        """A listener took a message (the end of its DATA)."""
+
+    def reply(self, mailbox: str, code: int, seconds: float | None) -> None:
+        """A listener answered one recipient with ``code``: after DATA, ``seconds`` after
+        its end; at RCPT or before DATA, None."""
+
     def expect(self, mailboxes: set[str] | None) -> None:
         """Replicas: readiness counts only these mailboxes (this replica's leases); None: all
         configured ones."""

@@ -6,7 +6,11 @@
 - token providers, one per app registration and scope, or per Google credential and the user it
   acts as (``trust.providers.TokenProviders``);
 - HTTP sessions, one per key a kind names (Microsoft Graph: per ``graph_endpoint`` and trust);
-- TLS contexts, one per ``(ca_file, tls_verify)`` (``trust.tls`` keeps them).
+- TLS contexts, one per ``(ca_file, tls_verify)`` (``trust.tls`` keeps them);
+- listening sockets, one per key a kind names (an LMTP listener's ``listen``): bound in
+  ``prepare``, so an address that cannot be bound fails the start (exit 2) or refuses the
+  reload, and kept while a config names it, so a listener that a reload restarts serves on the
+  same socket (the MTA's connections wait in its backlog meanwhile).
 
 Each mailbox's kind says what its source needs (``Shares``, from ``SourceKinds.shares``); this
 module knows no kind. ``prepare(config)`` builds everything a config needs and raises if
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import aiohttp
 
@@ -32,7 +36,16 @@ from mailroom.sources.lifecycle import Source
 from mailroom.trust import tls
 from mailroom.trust.providers import TokenProviders
 
-__all__ = ["Resources", "Shares", "SourceKinds", "Wiring"]
+__all__ = ["Closing", "Resources", "Shares", "SourceKinds", "Wiring"]
+
+
+class Closing(Protocol):
+    """A resource closed when no config uses it any more (a listening socket)."""
+
+    def close(self) -> None: ...
+
+
+L = TypeVar("L", bound=Closing)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,11 +53,13 @@ class Shares:
     """What one mailbox's source takes from ``Resources``, each built once per key.
 
     ``tls``: TLS contexts by ``(ca_file, tls_verify)``; ``oauth``: token providers by their
-    settings; ``sessions``: HTTP sessions by key, each with the function that builds it."""
+    settings; ``sessions``: HTTP sessions by key, and ``listeners``: listening sockets by key,
+    each with the function that builds it."""
 
     tls: tuple[tuple[str | None, bool], ...] = ()
     oauth: tuple[ImapOAuthConfig, ...] = ()
     sessions: tuple[tuple[Hashable, Callable[[], aiohttp.ClientSession]], ...] = ()
+    listeners: tuple[tuple[Hashable, Callable[[], Closing]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +96,7 @@ class Resources:
         self.connects = Budget(messages=limits.connects, size=0)
         self.tokens = TokenProviders()
         self._sessions: dict[Hashable, aiohttp.ClientSession] = {}
+        self._listeners: dict[Hashable, Closing] = {}
 
     def _shares(self, config: Config) -> Iterator[tuple[MailboxConfig, Shares]]:
         for mailbox in config.mailboxes:
@@ -100,6 +116,8 @@ class Resources:
                 tls.client_context(ca_file=oauth.ca_file, verify=oauth.tls_verify)
             for key, build in shares.sessions:
                 self.session(key, build)
+            for key, make in shares.listeners:
+                self.listener(key, make)
             hook = mailbox.webhook
             if hook.url.startswith("https:"):
                 tls.client_context(ca_file=hook.ca_file, verify=hook.tls_verify)
@@ -122,6 +140,13 @@ class Resources:
             session = self._sessions[key] = build()
         return session
 
+    def listener(self, key: Hashable, build: Callable[[], L]) -> L:
+        """The listening socket for ``key``, bound by ``build`` on first use."""
+        bound = self._listeners.get(key)
+        if bound is None:
+            bound = self._listeners[key] = build()
+        return cast(L, bound)
+
     async def retain(self, config: Config) -> None:
         """Close what ``config`` no longer uses (after a reload, or a refused one)."""
         used = [shares for _, shares in self._shares(config)]
@@ -129,9 +154,15 @@ class Resources:
         keep = {key for shares in used for key, _ in shares.sessions}
         for key in [key for key in self._sessions if key not in keep]:
             await self._sessions.pop(key).close()
+        keep = {key for shares in used for key, _ in shares.listeners}
+        for key in [key for key in self._listeners if key not in keep]:
+            self._listeners.pop(key).close()
 
     async def close(self) -> None:
         self.tokens.close()
         for session in self._sessions.values():
             await session.close()
         self._sessions.clear()
+        for bound in self._listeners.values():
+            bound.close()
+        self._listeners.clear()

@@ -103,6 +103,19 @@ class _Mailbox:
             self.task.cancel()
 
 
+async def _handed_over(mailboxes: list[_Mailbox], timeout_s: float) -> None:
+    """Until the stopping sources have handed over what they took in (a listener's open
+    transactions), within ``timeout_s``; what comes later is answered 451 by the drain."""
+    waits = {
+        asyncio.create_task(m.source.handed_over(), name=f"handed-over:{m.name}") for m in mailboxes
+    }
+    if not waits:
+        return
+    _, late = await asyncio.wait(waits, timeout=timeout_s)
+    for wait in late:
+        wait.cancel()
+
+
 class Running:
     """The mailboxes of one ``supervisor.run``: started, stopped, reloaded, shut down."""
 
@@ -152,12 +165,14 @@ class Running:
         mailbox.stopping.set()
         started = time.monotonic()
         drain_s = self.config.shutdown_timeout_s
+        if timeout_s is not None:  # deliveries get most of the time; settlements the rest
+            drain_s = min(drain_s, timeout_s * 0.8)
+        await _handed_over([mailbox], drain_s)
+        drain_s -= time.monotonic() - started
+        await self.dispatcher.drain_mailbox(mailbox_id, max(0.0, drain_s))
         if timeout_s is None:
-            await self.dispatcher.drain_mailbox(mailbox_id, drain_s)
             await mailbox.close()
         else:
-            # Deliveries get most of the time; settlements and LOGOUT the rest.
-            await self.dispatcher.drain_mailbox(mailbox_id, min(drain_s, timeout_s * 0.8))
             left = timeout_s - (time.monotonic() - started)
             await mailbox.close(max(0.05, left))
         # Not in a ``finally``: a stop cancelled halfway (a SIGTERM during a reload) leaves
@@ -239,10 +254,12 @@ class Running:
             # hand out more mail until the lease's handover at the coordinator's next tick.
             await asyncio.gather(*(self.stop(i) for i in [*removed, *changed]))
             if leases is not None:
-                # A lease lost or handed over during the stop belongs to another replica now.
-                starting = [i for i in changed if leases.holds(i)]
+                # A lease lost or handed over during the stop belongs to another replica now;
+                # a listener (not leased) runs here whatever the leases say.
+                starting = [i for i in changed if leases.holds(i) or not after[i].leased]
                 for mailbox_id in (i for i in changed if i not in starting):
                     log.info("%s: not restarted: its lease was given up meanwhile", mailbox_id)
+                starting += [i for i in added if not after[i].leased]
             self.dispatcher.apply(prepared)
             self.health.configure(new)
             self.resources.apply_limits(new)
@@ -281,6 +298,9 @@ class Running:
             mailbox.stopping.set()
         timeout_s = self.config.shutdown_timeout_s
         log.info("stopping: draining deliveries (up to %.0fs)", timeout_s)
+        started = time.monotonic()
+        await _handed_over(everything, timeout_s)  # a listener's open transactions
+        timeout_s = max(0.0, timeout_s - (time.monotonic() - started))
         drain = self.group.create_task(self.dispatcher.drain(timeout_s), name="dispatch")
         abandoned = await drain
         await asyncio.gather(*(mailbox.close() for mailbox in everything))

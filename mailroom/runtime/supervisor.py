@@ -1,6 +1,6 @@
 """Owns the TaskGroup, the signals, reloads and the bounded, ordered shutdown.
 
-Tasks: ``<kind>:<mailbox>`` per mailbox (``imap:``, ``graph:``; ``Running``), ``health``,
+Tasks: ``<kind>:<mailbox>`` per mailbox (``imap:``, ``graph:``, ``lmtp:``; ``Running``), ``health``,
 ``arbitration`` (replicas), ``watch`` (``reload.watch``) and
 ``dispatch`` (the drain). Each source is supervised on its own (the shared ``Source``
 lifecycle): a mailbox that fails (bad password, server down, a bug) is logged and retried with
@@ -10,9 +10,12 @@ limit, token providers, Graph sessions, TLS contexts) is in ``Resources``; with 
 
 Shutdown on SIGTERM/SIGINT (a second SIGINT forces exit):
 
-1. the stop event is set; sources stop sweeping and idling but keep their connections;
-2. the dispatcher stops accepting and gives in-flight deliveries ``shutdown_timeout`` seconds,
-   then cancels the rest and says how many were abandoned (they stay unread on the server);
+1. the stop event is set; sources stop sweeping and idling but keep their connections; a
+   listener answers 421 to new sessions and to sessions between transactions, and its open
+   transactions hand their messages over;
+2. the dispatcher stops accepting and gives in-flight deliveries what is left of
+   ``shutdown_timeout``, then cancels the rest and says how many were abandoned (they stay
+   unread on the server, or queued at the MTA, which got 451 for them);
 3. sources apply the settlements that came in, LOGOUT and end (bounded as well).
 
 SIGHUP reloads the config file in two phases. First everything the new config needs is built
@@ -28,12 +31,10 @@ during a reload is honoured at once.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import resource
 import signal
-import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -89,14 +90,7 @@ async def _listen(server: HealthServer) -> None:
     except OSError as exc:
         host, port = server.config.host, server.config.port
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if isinstance(exc, socket.gaierror):
-            reason = f"cannot resolve {host} ({exc.strerror})"
-        else:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        advice = "stop what uses it, or " if exc.errno == errno.EADDRINUSE else ""
-        raise ConfigError(
-            "health.listen", f"cannot listen on {address}: {reason}; {advice}choose another"
-        ) from exc
+        raise ConfigError.cannot_listen("health.listen", address, host, exc) from exc
 
 
 def raise_open_files() -> int:
@@ -178,6 +172,8 @@ def _start(
             "; DRY RUN: nothing is posted, sent or settled" if dry_run else "",
         )
         return
+    # A listener is not leased: every replica listens, and the MTA picks one.
+    running.start([m for m in config.mailboxes if not m.leased])
     coordinator = running.coordinator = Coordinator(
         config,
         store,

@@ -79,6 +79,7 @@ class Settlement(Generic[K, T]):
     tag: T
     epoch: int
     done: asyncio.Future[None] = field(repr=False)
+    why: str = ""  # the dispatcher's reason (a push source tells its sender)
 
 
 class Source(abc.ABC, Generic[C, K, T]):
@@ -136,6 +137,11 @@ class Source(abc.ABC, Generic[C, K, T]):
 
     def _on_error(self, exc: Exception) -> None:
         """Called once per failed connection, before the backoff (drop a refused token)."""
+
+    async def handed_over(self) -> None:
+        """Once stopping: until the source has handed over all it took in. A pull source
+        takes nothing more once stopped; a push source (LMTP) lets its open transactions hand
+        their messages over first. The caller bounds the wait (``shutdown_timeout``)."""
 
     # -- supervision ---------------------------------------------------------------------------
 
@@ -276,14 +282,19 @@ class Source(abc.ABC, Generic[C, K, T]):
         charged: int,
         too_large: bool,
         tag: T,
+        recipient: str | None = None,
+        deadline: float | None = None,
+        native_id: str | None = None,
     ) -> None:
         """Hand one fetched message to the dispatcher; ``charged`` bytes of the budget (already
-        taken) are given back when it is settled or released."""
+        taken) are given back when it is settled or released. A push source names the
+        envelope ``recipient`` and the ``deadline`` of its reply (``Envelope``); ``native_id``
+        is the key unless given ("": none MailRoom would know)."""
         self._pending[key] = charged
         self._pending_bytes += charged
         epoch = self._epoch
 
-        async def settle(outcome: Outcome) -> None:
+        async def settle(outcome: Outcome, why: str) -> None:
             if self._closed:
                 self.log.warning(
                     "%s: %s after the source stopped; left as it is on the server (delivered "
@@ -293,7 +304,7 @@ class Source(abc.ABC, Generic[C, K, T]):
                 )
                 return
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._settlements.append(Settlement(key, outcome, tag, epoch, done))
+            self._settlements.append(Settlement(key, outcome, tag, epoch, done, why))
             self._wake.set()
             await done
 
@@ -309,7 +320,9 @@ class Source(abc.ABC, Generic[C, K, T]):
                 raw=raw,
                 size=size,
                 too_large=too_large,
-                native_id=str(key),
+                recipient=recipient,
+                deadline=deadline,
+                native_id=str(key) if native_id is None else native_id,
                 _settle=settle,
                 _release=release,
             )

@@ -1,4 +1,5 @@
-"""TLS client contexts: one trust rule for every connection mailroom makes, built once per key.
+"""TLS client contexts: one trust rule for every connection mailroom makes, built once per key;
+and the server context of a listener that offers STARTTLS (``server_context``).
 
 Every TLS client (IMAP, SMTP, webhook, Entra ID, Graph) trusts the same set: the system store,
 what ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` / ``REQUESTS_CA_BUNDLE`` name (how users hand a private
@@ -18,7 +19,13 @@ import ssl
 import threading
 from pathlib import Path
 
-__all__ = ["TlsConfigError", "client_context", "small_read_buffers", "trust_sources"]
+__all__ = [
+    "TlsConfigError",
+    "client_context",
+    "server_context",
+    "small_read_buffers",
+    "trust_sources",
+]
 
 # asyncio's TLS transport (Python 3.11+) gives every connection a read buffer of 256 KiB, zeroed
 # up front: 1,000 idling IMAP sessions held 280 MiB in them (bench/many_mailboxes.py --tls).
@@ -106,6 +113,23 @@ def _build(files: list[str], dirs: list[str], ca_file: str | None, verify: bool)
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def server_context(*, cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server's context (the LMTP listener's STARTTLS): its certificate chain and key, TLS 1.2
+    or later, no client certificate asked. ``TlsConfigError`` when the files cannot be used."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise TlsConfigError(
+            f"the certificate and key cannot be used ({reason}); tls_cert_file must hold the PEM "
+            "certificate chain and tls_key_file its unencrypted PEM private key",
+            ca_file=False,
+        ) from exc
     return context
 
 

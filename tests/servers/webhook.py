@@ -51,9 +51,10 @@ class WebhookReceiver:
     """An aiohttp server on 127.0.0.1 that records every request and answers as told.
 
     Per request, in this order: `drop_next` (close the connection, no answer), `stall` (wait
-    for `release()`), `fail_next` (the failure status), else the default from `respond`
-    (initially 200 with `{}`). Every request is recorded on arrival, before any waiting.
-    `stop()` / `start()` bring the server down and up again on the same port.
+    for `release()`), `fail_next` (the failure status), `respond_for` (by the message's key),
+    else the default from `respond` (initially 200 with `{}`). Every request is recorded on
+    arrival, before any waiting. `stop()` / `start()` bring the server down and up again on the
+    same port.
     """
 
     def __init__(self, port: int = 0) -> None:
@@ -61,6 +62,7 @@ class WebhookReceiver:
         self.requests: list[Received] = []
         self._default = _Answer(200, b"{}", {"Content-Type": "application/json"})
         self._failures: list[_Answer] = []
+        self._by_key: dict[str, _Answer] = {}
         self._drops = 0
         self._released = asyncio.Event()
         self._released.set()
@@ -79,6 +81,13 @@ class WebhookReceiver:
     ) -> None:
         """Set the default answer."""
         self._default = _Answer(status, body, dict(headers or {}))
+
+    def respond_for(
+        self, key: str, status: int, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> None:
+        """Answer the requests for ``key`` (their ``X-Mailroom-Key``) with ``status``, unless a
+        failure or a drop comes first."""
+        self._by_key[key] = _Answer(status, body, dict(headers or {}))
 
     def fail_next(
         self, n: int, status: int = 503, headers: dict[str, str] | None = None, body: bytes = b""
@@ -139,7 +148,9 @@ class WebhookReceiver:
         await self._released.wait()
         if self._runner is None:  # stopped while stalled: the server is gone, no answer
             _drop(request)
-        answer = self._failures.pop(0) if self._failures else self._default
+        answer = self._by_key.get(received.headers.get("X-Mailroom-Key", ""), self._default)
+        if self._failures:
+            answer = self._failures.pop(0)
         received.status = answer.status
         return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
