@@ -132,7 +132,7 @@ class Courier(ImapServer):
             **(env or {}),
         }
 
-    def _missing(self) -> str | None:
+    def missing(self) -> str | None:
         return None if _IMAPD.exists() else str(_IMAPD)
 
     def _command(self) -> list[str]:

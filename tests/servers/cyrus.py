@@ -111,7 +111,7 @@ class Cyrus(ImapServer):
             )
         )
 
-    def _missing(self) -> str | None:
+    def missing(self) -> str | None:
         return None if (_BIN / "master").exists() else str(_BIN / "master")
 
     def _command(self) -> list[str]:

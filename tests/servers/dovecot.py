@@ -169,7 +169,7 @@ class Dovecot(ImapServer):
         args.write_text(_OAUTH2_ARGS.format(url=introspection_url, ca_file=self.ca_file))
         return _OAUTH2_CONFIG.format(args=args)
 
-    def _missing(self) -> str | None:
+    def missing(self) -> str | None:
         return None if os.path.exists(DOVECOT) else DOVECOT
 
     def _command(self) -> list[str]:

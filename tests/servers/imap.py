@@ -140,7 +140,7 @@ class ImapServer:
         """The server's command line (run in a session of its own, in ``root``)."""
         raise NotImplementedError
 
-    def _missing(self) -> str | None:
+    def missing(self) -> str | None:
         """What is not installed, or None."""
         return None
 
@@ -178,7 +178,7 @@ class ImapServer:
         """Start the server; return once both ports answer with an IMAP greeting."""
         if self.running:
             return
-        if (missing := self._missing()) is not None:
+        if (missing := self.missing()) is not None:
             raise RuntimeError(f"{missing} not found: `make test` installs it")
         with open(self.root / "stdout.log", "ab") as out:
             self._proc = subprocess.Popen(
