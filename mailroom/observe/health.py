@@ -12,6 +12,9 @@ Readiness (``/readyz``: 200 or 503, the JSON body gives the state of each mailbo
   connection (shutdown, restart or crash: the kernel sends FIN or RST) is noticed at once; a peer
   that vanishes without a word (a dead NAT, a pulled cable) within about 30 s by TCP keepalive
   (15 s idle, then 3 probes 5 s apart), and a command without an answer within its timeout.
+  It is not ready either while its server refuses for good to take dead letters into
+  ``failed_folder`` (a configuration problem: they are flagged ``$MailroomFailed`` where they
+  are instead; ``failed_folder_refused`` in the body says why) until a move succeeds.
 - a Microsoft Graph mailbox is ready while its last successful poll is at most
   ``2 * poll_interval + 30 s`` old; one failed poll (a 429, say) does not flip it.
 - a webhook is *stalled*, and then no mailbox posting to it is ready, when one of its messages
@@ -80,6 +83,7 @@ class _Source:
     reason: str | None = None
     last_ok: float | None = None  # the last connect (IMAP) or successful poll (Graph)
     reconnects: int = 0
+    refused: str | None = None  # IMAP: failed_folder refused for good (Monitor.failed_folder)
     unsettled: dict[int, float] = field(default_factory=dict)  # token → accepted at (in order)
     settled: int = 0  # outcomes not yet followed by their finished()
 
@@ -166,7 +170,7 @@ class Health(Monitor):
         """A source task for ``mailbox`` is being started (again, after a reload)."""
         if (source := self.sources.get(mailbox)) is not None:
             self._set_state(mailbox, source, "starting", None)
-            source.last_ok, source.settled = None, 0
+            source.last_ok, source.settled, source.refused = None, 0, None
             source.unsettled.clear()  # the new source task fetches them again
 
     def stopping(self, mailbox: str | None = None) -> None:
@@ -220,6 +224,20 @@ class Health(Monitor):
     def restarted(self, mailbox: str) -> None:
         if mailbox in self.sources:
             self.metrics.restarts.labels(mailbox).inc()
+
+    def failed_folder(self, mailbox: str, refused: str | None, kept: int = 0) -> None:
+        if (source := self.sources.get(mailbox)) is None:
+            return
+        if kept:
+            self.metrics.kept_in_place.labels(mailbox).inc(kept)
+        if refused != source.refused:
+            source.refused = refused
+            if refused is None:
+                log.info("%s: failed_folder accepts dead letters again", mailbox)
+
+    def idle_without_push(self, mailbox: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.idle_without_push.labels(mailbox).inc()
 
     def accepted(self, mailbox: str) -> int:
         token = next(self._tokens)
@@ -293,7 +311,7 @@ class Health(Monitor):
         if self._stopping:
             return False
         if source.kind == "imap":
-            return source.state == "connected"
+            return source.state == "connected" and source.refused is None
         assert source.poll_interval_s is not None
         window = 2 * source.poll_interval_s + GRAPH_GRACE_S
         return source.last_ok is not None and now - source.last_ok <= window
@@ -343,6 +361,8 @@ class Health(Monitor):
             if not ready:
                 stalled = _stalled(source, webhooks)
                 why = f"webhook {source.webhook} stalled" if stalled else source.state
+                if not stalled and source.refused is not None and source.state == "connected":
+                    why = "failed_folder refused: dead letters kept in place"
                 not_ready.append(f"{mailbox_id} {why}")
             oldest = next(iter(source.unsettled.values()), now)
             mailboxes[mailbox_id] = {
@@ -354,6 +374,7 @@ class Health(Monitor):
                 "webhook": source.webhook,
                 "last_ok_age_s": None if source.last_ok is None else round(now - source.last_ok, 3),
                 "reconnects": source.reconnects,
+                "failed_folder_refused": source.refused,
                 "unsettled": len(source.unsettled),
                 "oldest_unsettled_age_s": round(now - oldest, 3),
             }

@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -51,6 +52,8 @@ FETCH_BATCH_BYTES = 8 * 1024 * 1024
 PUSH_MAX = 8  # at most this many new messages are fetched with their push (fetch_pushed)
 PUSH_BODY_BYTES = 1024 * 1024  # a longer body comes with a push cut short, then fetched again
 IDLE_JITTER = 0.1  # each IDLE lasts idle_timeout minus up to this fraction of it
+# A refusal that may pass (RFC 5530 response codes): the dead letters wait for the next try.
+_TRANSIENT = re.compile(r"\[(?:UNAVAILABLE|INUSE|SERVERBUG|LIMIT)\b", re.IGNORECASE)
 
 
 def idempotency_key(mailbox_id: str, uidvalidity: int, uid: int) -> str:
@@ -107,6 +110,7 @@ class ImapWatcher(Source[int]):
         self._full_sweep = True  # the next sweep searches the whole mailbox, not just a push
         self._uidvalidity = 0
         self._reserved: tuple[Reservation, list[FetchedMessage]] | None = None
+        self._folder_refused: str | None = None  # why failed_folder refused dead letters for good
 
     # -- one connection ------------------------------------------------------------------------
 
@@ -156,6 +160,14 @@ class ImapWatcher(Source[int]):
         )
 
     async def _loop(self, session: ImapSession) -> None:
+        folder = self.config.failed_folder
+        # failed_folder refused before: fixed on the server meanwhile? Then it is ready again.
+        if (
+            self._folder_refused is not None
+            and folder is not None
+            and await session.folder_exists(folder)
+        ):
+            self._folder_accepted()
         backlog: deque[FetchedMessage] = deque()
         session.new_mail.set()  # sweep after every (re)connect
         self._full_sweep = True
@@ -435,5 +447,46 @@ class ImapWatcher(Source[int]):
         elif action == "flag":
             await session.store(uids, f"{FAILED_KEYWORD} \\Seen")
         else:
-            assert config.failed_folder is not None
-            await session.move(uids, config.failed_folder, expunge=config.expunge_deleted)
+            await self._move_to_failed_folder(session, uids)
+
+    async def _move_to_failed_folder(self, session: ImapSession, uids: list[int]) -> None:
+        """Move dead letters to failed_folder (``ImapSession.move``), creating it when missing
+        even where the server says no ``[TRYCREATE]`` (Cyrus). Refused for good, a configuration
+        problem (a folder the server cannot hold or create, no right to it): they are flagged
+        ``$MailroomFailed`` and ``\\Seen`` where they are instead, so they are never posted
+        again, and the mailbox is not ready until a move succeeds (issue 21)."""
+        folder, expunge = self.config.failed_folder, self.config.expunge_deleted
+        assert folder is not None
+        try:
+            try:
+                await session.move(uids, folder, expunge=expunge)
+            except ImapError as exc:
+                if isinstance(exc, ImapConnectionLost) or _TRANSIENT.search(str(exc)):
+                    raise
+                if await session.folder_exists(folder):
+                    raise
+                await session.create(folder)
+                await session.move(uids, folder, expunge=expunge)
+        except ImapError as exc:
+            if isinstance(exc, ImapConnectionLost) or _TRANSIENT.search(str(exc)):
+                raise
+            await session.store(uids, f"{FAILED_KEYWORD} \\Seen")
+            where = await session.resolve(folder)
+            named = folder if where == folder else f"{folder} ({where} on this server)"
+            refused = (
+                f"failed_folder {named} refused: {exc}; dead letters are flagged "
+                f"{FAILED_KEYWORD} in {self.config.mailbox} instead. Create the folder (or give "
+                "the user the right to), or fix failed_folder; then `mailroom redrive`"
+            )
+            if refused != self._folder_refused:
+                self.log.error("%s", refused)
+            self.log.info("uids %s dead-lettered in place", uids)
+            self._folder_refused = refused
+            self._monitor.failed_folder(self.id, refused, kept=len(uids))
+            return
+        self._folder_accepted()
+
+    def _folder_accepted(self) -> None:
+        if self._folder_refused is not None:
+            self._folder_refused = None
+            self._monitor.failed_folder(self.id, None)

@@ -25,9 +25,12 @@ from mailroom.envelope import FAILED_KEYWORD
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
 from mailroom.sources.imap_wire import (
     FetchedMessage,
+    Hierarchy,
     fetch_flags,
     mailbox_name,
     parse_fetch,
+    parse_list_delimiter,
+    parse_namespace,
     response_text,
     uid_set,
 )
@@ -155,6 +158,7 @@ class ImapSession:
         self.bye: str | None = None
         self.uidvalidity = 0
         self.capabilities: frozenset[str] = frozenset()
+        self._hierarchy: Hierarchy | None = None  # asked for on first use (resolve)
         self._client: _Client | None = None
         self._token: Callable[[], Awaitable[str]] | None = None
 
@@ -325,7 +329,7 @@ class ImapSession:
     async def select(self, *, readonly: bool = False) -> None:
         """SELECT (or EXAMINE, ``readonly``) the configured mailbox and read its UIDVALIDITY."""
         assert self._client is not None
-        name = mailbox_name(self.config.mailbox)
+        name = mailbox_name(await self.resolve(self.config.mailbox))
         response = await self._run(
             "EXAMINE" if readonly else "SELECT",
             self._client.examine(name) if readonly else self._client.select(name),
@@ -650,10 +654,39 @@ class ImapSession:
         else:
             await self._run("EXPUNGE", self._client.expunge())
 
+    async def resolve(self, folder: str) -> str:
+        """The server's name for the configured ``folder`` (``Hierarchy.resolve``: ``Failed``
+        is ``INBOX.Failed`` on Cyrus and Courier), from NAMESPACE (RFC 2342), else from
+        ``LIST "" ""``, asked once per connection."""
+        if folder.upper() == "INBOX":
+            return "INBOX"
+        if self._hierarchy is None:
+            self._hierarchy = await self._ask_hierarchy()
+        return self._hierarchy.resolve(folder)
+
+    async def _ask_hierarchy(self) -> Hierarchy:
+        assert self._client is not None
+        protocol = self._client.protocol
+        if "NAMESPACE" in self.capabilities:
+            response = await self._run("NAMESPACE", protocol.namespace(), check=False)
+            for line in response.lines[:-1]:
+                if isinstance(line, bytes) and (found := parse_namespace(line)) is not None:
+                    return found
+        # RFC 3501 §6.3.8: LIST "" "" answers with the hierarchy delimiter.
+        response = await self._run("LIST", self._client.list('""', '""'), check=False)
+        for line in response.lines[:-1]:
+            if isinstance(line, bytes):
+                listed, delimiter = parse_list_delimiter(line)
+                if listed:
+                    return Hierarchy(delimiter=delimiter)
+        log.info("%s: the server told no hierarchy delimiter; folder names as written", self.id)
+        return Hierarchy(delimiter=None)
+
     async def create(self, folder: str) -> None:
         """CREATE ``folder``; an existing folder is fine."""
         assert self._client is not None
-        response = await self._run("CREATE", self._client.create(mailbox_name(folder)), check=False)
+        name = mailbox_name(await self.resolve(folder))
+        response = await self._run("CREATE", self._client.create(name), check=False)
         if response.result != "OK" and b"ALREADYEXISTS" not in b" ".join(
             line for line in response.lines if isinstance(line, bytes)
         ):
@@ -662,7 +695,8 @@ class ImapSession:
     async def folder_exists(self, folder: str) -> bool:
         """Whether ``folder`` exists and can hold messages (LIST, RFC 3501 §6.3.8)."""
         assert self._client is not None
-        response = await self._run("LIST", self._client.list('""', mailbox_name(folder)))
+        name = mailbox_name(await self.resolve(folder))
+        response = await self._run("LIST", self._client.list('""', name))
         for line in response.lines[:-1]:  # aioimaplib strips "* LIST"; the last is the tagged one
             if isinstance(line, bytes) and (match := _LIST_FLAGS.match(line)):
                 flags = match.group(1).lower()
@@ -679,7 +713,7 @@ class ImapSession:
         """
         assert self._client is not None
         uids = list(uids)
-        target = mailbox_name(folder)
+        target = mailbox_name(await self.resolve(folder))
         verb = "move" if "MOVE" in self.capabilities else "copy"
         for attempt in (1, 2):
             response = await self._run(
