@@ -5,6 +5,9 @@ push (item 2), a push's round trips without SEARCHRES (item 5), and Cyrus's cap 
 
 from __future__ import annotations
 
+import base64
+import functools
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from mailroom.config import parse_config
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
 from tests.servers.dovecot import free_port
 from tests.servers.imap import Account, ImapServer
+from tests.servers.proxy import TcpRelay
 from tests.servers.webhook import WebhookReceiver
 from tests.test_health import Probe, value, with_health
 from tests.test_redrive import cli
@@ -98,3 +102,60 @@ async def test_a_failed_folder_refused_for_good_keeps_dead_letters_in_place_not_
         code, out, _ = await cli(document, tmp_path, "--dry-run")
         assert code == 0 and "2 dead letter(s) would be redriven (2 with their own" in out
     assert [r.json()["subject"] for r in webhook.requests] == ["test 1", "test 2"]
+
+
+# -- item 4: 8-bit credentials ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "password",
+    [
+        'p"a\\ss wörd',  # 8-bit: AUTHENTICATE PLAIN (Dovecot, Cyrus), a literal (Courier)
+        'p"a\\ss w0rd',  # printable ASCII: a quoted string with its quotes escaped
+        "日本語のパスワード",
+    ],
+)
+async def test_a_password_is_sent_as_the_rfc_allows_and_logs_in(
+    password: str, imap_server: ImapServer, webhook: WebhookReceiver
+) -> None:
+    # Implicit TLS, and STARTTLS on the plain port (Courier offers AUTH=PLAIN only over TLS).
+    for tls_mode in ({"ssl": True}, {"ssl": False, "start_tls": True, "port": imap_server.port}):
+        account = imap_server.add_user(password=password)
+        await imap_server.aappend(account, message(1))
+        box = mailbox_dict(imap_server, account, **tls_mode)
+        async with running(parse_config(config_dict([box], webhook.url), env={})):
+            delivered = functools.partial(flags_are, imap_server, account, [SEEN])
+            await wait_until(delivered, what="delivered")
+    assert len(webhook.requests) == 2
+
+
+_LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n")
+
+
+def outside_literals(stream: bytes) -> bytes:
+    """What an IMAP client sent, without the contents of its literals (RFC 3501 §4.3)."""
+    out, position = bytearray(), 0
+    while (found := _LITERAL.search(stream, position)) is not None:
+        out += stream[position : found.end()]
+        position = found.end() + int(found.group(1))
+    return bytes(out + stream[position:])
+
+
+async def test_8_bit_credentials_never_go_in_a_quoted_string(
+    imap_server: ImapServer, webhook: WebhookReceiver
+) -> None:
+    password = 'pä\\ss "wörd"'
+    account = imap_server.add_user(password=password)
+    await imap_server.aappend(account, message(1))
+    async with TcpRelay(imap_server.host, imap_server.port) as relay:
+        box = mailbox_dict(imap_server, account, port=relay.port, ssl=False, ca_file=None)
+        async with running(parse_config(config_dict([box], webhook.url), env={})):
+            await wait_until(lambda: flags_are(imap_server, account, [SEEN]), what="delivered")
+    sent = bytes(relay.sent)
+    assert outside_literals(sent).isascii(), sent
+    if imap_server.name != "courier":  # AUTH=PLAIN and SASL-IR
+        plain = base64.b64encode(f"\0{account.user}\0{password}".encode())
+        assert b" AUTHENTICATE PLAIN " + plain + b"\r\n" in sent
+    else:  # Courier without TLS: LOGIN, the password a literal (no LITERAL+: synchronising)
+        encoded = password.encode()
+        assert f' LOGIN "{account.user}" {{{len(encoded)}}}\r\n'.encode() + encoded in sent

@@ -16,6 +16,7 @@ from mailroom.sources.imap_wire import (
     Hierarchy,
     fetch_flags,
     id_keyword,
+    login_segments,
     mailbox_name,
     parse_fetch,
     parse_list_delimiter,
@@ -284,3 +285,23 @@ def test_parse_namespace_is_linear() -> None:
     started = time.perf_counter()
     assert parse_namespace(text) == Hierarchy(".", "p" + "x" * 50)
     assert time.perf_counter() - started < 5.0
+
+
+# -- credentials on the wire (issue 21 item 4) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "literal_plus", "expected"),
+    [
+        ("alice", "s3cret", False, ['LOGIN "alice" "s3cret"']),
+        ("a b", 'p"a\\ss', False, ['LOGIN "a b" "p\\"a\\\\ss"']),
+        ("alice", "pässwörd", False, ['LOGIN "alice" {10}', "pässwörd"]),
+        ("alice", "pässwörd", True, ['LOGIN "alice" {10+}\r\npässwörd']),
+        ("jörg", "pässwörd", False, ["LOGIN {5}", "jörg {10}", "pässwörd"]),
+        ("alice", "tab\there", False, ['LOGIN "alice" {8}', "tab\there"]),  # not printable
+    ],
+)
+def test_login_segments_never_quote_8_bit(
+    user: str, password: str, literal_plus: bool, expected: list[str]
+) -> None:
+    assert login_segments(user, password, literal_plus=literal_plus) == expected

@@ -11,6 +11,7 @@ message appended between a SEARCH and the next IDLE would wait for the next arri
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import socket
@@ -27,6 +28,7 @@ from mailroom.sources.imap_wire import (
     FetchedMessage,
     Hierarchy,
     fetch_flags,
+    login_segments,
     mailbox_name,
     parse_fetch,
     parse_list_delimiter,
@@ -111,12 +113,28 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
         return super()._untagged_response(line)
 
     def _continuation(self, line: bytes) -> None:
-        super()._continuation(line)
         command = self.pending_sync_command
+        if isinstance(command, _LoginCommand) and command.following:
+            # A synchronising literal of LOGIN: the server is ready for it (RFC 3501 §7.5).
+            self.transport.write(command.following.pop(0).encode() + b"\r\n")
+            return
+        super()._continuation(line)
         if command is not None and command.name == "AUTHENTICATE":
             # A failed XOAUTH2 gets a "+ <base64 JSON error>" challenge and waits for an empty
             # client response before its tagged NO (RFC 7628 §3.2.3); aioimaplib sends nothing.
             self.transport.write(b"\r\n")
+
+
+class _LoginCommand(aioimaplib.Command):  # type: ignore[misc]
+    """LOGIN with its arguments as ``login_segments`` made them: aioimaplib's own login sends
+    the password as a quoted string whatever it holds, 8-bit included (RFC 3501 forbids it)."""
+
+    def __init__(self, tag: str, segments: list[str], loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__("LOGIN", tag, loop=loop)
+        self._first, self.following = segments[0], segments[1:]
+
+    def __repr__(self) -> str:  # the line aioimaplib sends
+        return f"{self.tag} {self._first}"
 
 
 class _Client(aioimaplib.IMAP4):  # type: ignore[misc]
@@ -312,11 +330,7 @@ class ImapSession:
                 )
         else:
             assert self.config.password is not None
-            response = await self._run(
-                "LOGIN",
-                self._client.login(self.config.user, self.config.password.reveal()),
-                check=False,
-            )
+            response = await self._password_login(self.config.user, self.config.password.reveal())
             if response.result != "OK":
                 raise ImapAuthError(
                     f"login as {self.config.user} refused: {response_text(response)}; "
@@ -325,6 +339,33 @@ class ImapSession:
         # RFC 3501 §6.2.3: capabilities may change after login; ask again.
         await self._run("CAPABILITY", protocol.capability())
         self.capabilities = frozenset(c.upper() for c in protocol.capabilities)
+
+    async def _password_login(self, user: str, password: str) -> Any:
+        """LOGIN, both as quoted strings when they are printable ASCII. 8-bit credentials go
+        where RFC 3501 allows them: AUTHENTICATE PLAIN with the initial response (RFC 4616,
+        RFC 4959: UTF-8 inside base64) where the server has AUTH=PLAIN and SASL-IR (Dovecot,
+        Cyrus, Exchange, Gmail), else LOGIN with literals (Courier)."""
+        assert self._client is not None
+        protocol = self._client.protocol
+        capabilities = {c.upper() for c in protocol.capabilities}
+        ascii_only = all(" " <= char <= "~" for char in user + password)
+        if not ascii_only and {"AUTH=PLAIN", "SASL-IR"} <= capabilities:
+            plain = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+            command = aioimaplib.Command(
+                "AUTHENTICATE", protocol.new_tag(), "PLAIN", plain, loop=protocol.loop
+            )
+            what = "AUTHENTICATE PLAIN"
+        else:
+            literal_plus = (
+                bool({"LITERAL+", "LITERAL-"} & capabilities)
+                and len(f"{user}{password}".encode()) <= 4096
+            )
+            segments = login_segments(user, password, literal_plus=literal_plus)
+            command, what = _LoginCommand(protocol.new_tag(), segments, protocol.loop), "LOGIN"
+        response = await self._run(what, protocol.execute(command), check=False)
+        if response.result == "OK":
+            protocol.state = aioimaplib.AUTH  # as aioimaplib's own login() does
+        return response
 
     async def select(self, *, readonly: bool = False) -> None:
         """SELECT (or EXAMINE, ``readonly``) the configured mailbox and read its UIDVALIDITY."""

@@ -20,6 +20,7 @@ __all__ = [
     "Hierarchy",
     "fetch_flags",
     "id_keyword",
+    "login_segments",
     "mailbox_name",
     "parse_fetch",
     "parse_list_delimiter",
@@ -197,6 +198,28 @@ def parse_list_delimiter(line: bytes) -> tuple[bool, str | None]:
     if match.group(1) is None:
         return True, None
     return True, _QUOTED_PAIR.sub(rb"\1", match.group(1)).decode("utf-8", "replace")
+
+
+def login_segments(user: str, password: str, *, literal_plus: bool) -> list[str]:
+    """``LOGIN user password`` (after the tag) in the pieces a client sends, each followed by
+    CRLF: the command line up to its first synchronising literal, then what follows each
+    continuation request (RFC 3501 §7.5).
+
+    An argument of printable ASCII is a quoted string; anything else (8-bit, control
+    characters) a literal, never a quoted string (RFC 3501 §4.3, §9: ``QUOTED-CHAR`` is 7-bit).
+    With LITERAL+ (RFC 7888) a literal needs no continuation: one piece.
+    """
+    segments = ["LOGIN"]
+    for value in (user, password):
+        if all(" " <= char <= "~" for char in value):
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+            segments[-1] += f' "{escaped}"'
+        elif literal_plus:
+            segments[-1] += f" {{{len(value.encode())}+}}\r\n{value}"
+        else:
+            segments[-1] += f" {{{len(value.encode())}}}"
+            segments.append(value)
+    return segments
 
 
 def response_text(response: Any) -> str:

@@ -104,7 +104,9 @@ class Courier(ImapServer):
         # namespace's /etc/passwd and /etc/group have it, as nobody's ids.
         uid, gid = self._mail_ids
         passwd = Path("/etc/passwd").read_text()
-        (self.etc / "passwd").write_text(f"{passwd}courier:x:{uid}:{gid}::/nonexistent:/bin/false\n")
+        (self.etc / "passwd").write_text(
+            f"{passwd}courier:x:{uid}:{gid}::/nonexistent:/bin/false\n"
+        )
         (self.etc / "group").write_text(f"{Path('/etc/group').read_text()}courier:x:{gid}:\n")
         self._write_userdb()
         self._env = {

@@ -19,7 +19,6 @@ import os
 import pwd
 import secrets
 import subprocess
-from pathlib import Path
 
 from tests.servers import tls
 from tests.servers.imap import PACKAGES, Account, ImapServer, check_user_name, new_user_name
