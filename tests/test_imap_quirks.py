@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import base64
 import functools
+import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from mailroom.config import parse_config
+from mailroom.sources import imap
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
 from tests.servers.dovecot import free_port
 from tests.servers.imap import Account, ImapServer
 from tests.servers.proxy import TcpRelay
 from tests.servers.webhook import WebhookReceiver
+from tests.test_check import run_check
 from tests.test_health import Probe, value, with_health
 from tests.test_redrive import cli
 
@@ -159,3 +162,112 @@ async def test_8_bit_credentials_never_go_in_a_quoted_string(
     else:  # Courier without TLS: LOGIN, the password a literal (no LITERAL+: synchronising)
         encoded = password.encode()
         assert f' LOGIN "{account.user}" {{{len(encoded)}}}\r\n'.encode() + encoded in sent
+
+
+# -- item 2: IDLE without push ------------------------------------------------------------------
+
+NO_PUSH = "the server advertises IDLE but did not push"
+
+
+@pytest.mark.parametrize("name", ["cyrus", "courier"])
+async def test_idle_without_push_is_noticed_once_counted_and_asked_for(
+    name: str,
+    *,
+    server_factory: Callable[..., ImapServer],
+    webhook: WebhookReceiver,
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stock Cyrus (no idled) and Courier (IMAP_ENHANCEDIDLE=0) advertise IDLE and never push:
+    the periodic sweep finds the mail, the watcher warns once, counts it, and asks for new mail
+    at every NO_PUSH_POLL_S from then on."""
+    monkeypatch.setattr(imap, "PUSH_GRACE_S", 2.0)  # mail 2 s old at a sweep waited (not 10 s)
+    monkeypatch.setattr(imap, "NO_PUSH_POLL_S", 1.0)
+    server = server_factory(name, push=False)
+    account = server.add_user()
+    port = free_port()
+    probe = Probe(session, port)
+    idle_timeout = 20
+    box = mailbox_dict(server, account, idle_timeout=idle_timeout)
+    document = with_health(config_dict([box], webhook.url), port)
+    async with running(parse_config(document, env={})):
+        for n in range(3):  # until one lands in a quiet IDLE, not during a command
+            await server.aappend(account, message(n))
+            await webhook.wait_for(n + 1, timeout=idle_timeout + 15)
+            seen = functools.partial(flags_are, server, account, [SEEN] * (n + 1))
+            await wait_until(seen, what="seen")
+            if logged(caplog, NO_PUSH):
+                break
+        (warning,) = logged(caplog, NO_PUSH)
+        assert "Turn push on in the server (Cyrus: run idled; Courier: IMAP_ENHANCEDIDLE=1)" in (
+            warning
+        )
+        metrics = await probe.metrics()
+        assert value(metrics, "mailroom_idle_without_push_total", mailbox=account.user) == 1
+        # Asked for every second now: well before the next periodic sweep (18-20 s away).
+        for n in (10, 11):
+            count = len(webhook.requests)
+            await server.aappend(account, message(n))
+            await webhook.wait_for(count + 1, timeout=idle_timeout / 2)
+    assert len(logged(caplog, NO_PUSH)) == 1  # warned once
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+async def test_pushing_servers_are_not_taken_for_silent_ones(
+    imap_server: ImapServer,
+    imap_account: Account,
+    webhook: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="mailroom.imap")
+    monkeypatch.setattr(imap, "PUSH_GRACE_S", 2.0)
+    box = mailbox_dict(imap_server, imap_account, idle_timeout=5)
+    async with running(parse_config(config_dict([box], webhook.url), env={})):
+        for n in range(3):
+            await imap_server.aappend(imap_account, message(n))
+            await webhook.wait_for(n + 1, timeout=30)
+        sweeps = len(logged(caplog, "sweeping the whole mailbox"))
+        await wait_until(
+            lambda: len(logged(caplog, "sweeping the whole mailbox")) > sweeps,
+            what="a periodic sweep after the pushes",
+        )
+    assert logged(caplog, NO_PUSH) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "push", "status", "detail"),
+    [
+        ("courier", False, "WARN", "IDLE advertised, but Courier looks for new mail during IDLE"),
+        ("courier", True, "OK", "IDLE advertised, and new mail is pushed (Courier's enhanced"),
+        ("cyrus", False, "OK", "IDLE advertised (whether the server pushes is seen at run time"),
+    ],
+)
+async def test_check_says_what_it_can_know_of_push_without_writing(
+    name: str,
+    push: bool,
+    *,
+    status: str,
+    detail: str,
+    server_factory: Callable[..., ImapServer],
+    webhook: WebhookReceiver,
+) -> None:
+    server = server_factory(name, push=push)
+    account = server.add_user()
+    await server.aappend(account, message(1))
+    before = await server.amessages(account)
+    config = parse_config(
+        config_dict([mailbox_dict(server, account, failed_folder="Failed")], webhook.url), env={}
+    )
+    results = await run_check(config)
+    idle = results[f"imap[{account.user}]", "idle"]
+    assert (idle.status, idle.detail[: len(detail)]) == (status, detail)
+    folder = results[f"imap[{account.user}]", "failed_folder"]
+    assert folder.detail == "'Failed' (INBOX.Failed on this server) did not exist; created it " + (
+        "(as the first dead letter would)"
+    )
+    assert await server.amessages(account) == before  # nothing changed, not even \Recent

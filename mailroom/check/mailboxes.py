@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
@@ -18,7 +20,7 @@ from mailroom.sources.graph_client import (
     read_mime,
     user_url,
 )
-from mailroom.sources.imap import search_criteria
+from mailroom.sources.imap import NO_PUSH_POLL_S, search_criteria
 from mailroom.sources.imap_session import ImapSession
 from mailroom.trust.entra import TokenProvider
 from mailroom.trust.providers import token_provider
@@ -29,6 +31,7 @@ COUNT_AT_MOST = 1000  # messages whose headers `unseen` reads to count the decis
 COUNT_BATCH = 200
 GRAPH_COUNT_AT_MOST = 100  # one request each: fewer than over IMAP
 GRAPH_PAGES_AT_MOST = 10
+IDLE_PROBE_S = 0.2  # check IDLEs this long to read the server's answer to it
 
 
 async def imap(report: Report, config: ImapMailboxConfig) -> None:
@@ -74,6 +77,35 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
 
         return check
 
+    async def idle(*, selected: bool) -> Outcome:
+        assert session is not None
+        if "IDLE" not in session.capabilities:
+            return "WARN", (
+                "IDLE not advertised: mail will only be found by the periodic sweep, every "
+                f"{config.idle_timeout_s:g}s (idle_timeout)"
+            )
+        if not selected:
+            return "OK", "IDLE advertised (not tried: the mailbox could not be selected)"
+        # IDLE for a moment (nothing is written to the mailbox): Courier's answer says which
+        # IDLE it runs; no other server's does, so whether it pushes is seen at run time.
+        await session.idle([asyncio.Event()], IDLE_PROBE_S)
+        await session.end_idle()
+        reply = (session.idle_reply or "").lower()
+        if "entering idle mode" in reply:
+            return "WARN", (
+                "IDLE advertised, but Courier looks for new mail during IDLE only every "
+                "IMAP_IDLE_TIMEOUT (IMAP_ENHANCEDIDLE=0): set IMAP_ENHANCEDIDLE=1 in Courier's "
+                "imapd config, or a shorter idle_timeout; mailroom asks every "
+                f"{NO_PUSH_POLL_S:g}s once it sees no push"
+            )
+        if "enhanced idle mode" in reply:
+            return "OK", "IDLE advertised, and new mail is pushed (Courier's enhanced IDLE)"
+        return "OK", (
+            "IDLE advertised (whether the server pushes is seen at run time: without push, a "
+            "warning, mailroom_idle_without_push, and mailroom asks for new mail every "
+            f"{NO_PUSH_POLL_S:g}s)"
+        )
+
     async def unseen() -> Outcome:
         assert session is not None
         uids = await session.search(search_criteria(config))  # what the run searches
@@ -90,16 +122,18 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
         folder = config.failed_folder
         if folder is None:
             return "OK", "not set: dead letters are flagged $MailroomFailed and \\Seen in place"
+        where = await session.resolve(folder)
+        named = repr(folder) if where == folder else f"{folder!r} ({where} on this server)"
         if await session.folder_exists(folder):
-            return "OK", f"{folder!r} exists"
+            return "OK", f"{named} exists"
         try:
             await session.create(folder)
         except MailroomError as exc:
             raise Failed(
-                f"{folder!r} does not exist and cannot be created ({exc}); create it by hand, "
+                f"{named} does not exist and cannot be created ({exc}); create it by hand, "
                 "or fix failed_folder"
             ) from exc
-        return "OK", f"{folder!r} did not exist; created it (as the first dead letter would)"
+        return "OK", f"{named} did not exist; created it (as the first dead letter would)"
 
     try:
         await target.run("tcp", lambda: tcp(config.host, config.port))
@@ -108,16 +142,7 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
         await target.run("tls" if config.ssl or config.start_tls else "connect", connect)
         await target.run("login", login)
         selected = await target.run("mailbox", select, blocking=False)
-        await target.run(
-            "idle",
-            capability(
-                "IDLE",
-                f"mail will only be found by the periodic sweep, every {config.idle_timeout_s:g}s "
-                "(idle_timeout)",
-                "new mail is pushed",
-            ),
-            blocking=False,
-        )
+        await target.run("idle", functools.partial(idle, selected=bool(selected)), blocking=False)
         await target.run(
             "uidplus",
             capability(

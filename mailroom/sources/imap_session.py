@@ -5,7 +5,9 @@ and SELECTs. Every command runs under a timeout and races the connection-lost ev
 dropped connection surfaces at once as ``ImapConnectionLost`` instead of hanging until a timer.
 Every ``* n EXISTS`` the server sends, whatever command it arrives with, sets ``new_mail``:
 aioimaplib drops untagged responses that arrive during other commands, and without this a
-message appended between a SEARCH and the next IDLE would wait for the next arrival.
+message appended between a SEARCH and the next IDLE would wait for the next arrival. Those
+that arrive during an IDLE are counted in ``pushes``: a server can advertise IDLE and never
+push (Cyrus without idled, Courier with IMAP_ENHANCEDIDLE=0), which the watcher notices.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ logging.getLogger("aioimaplib").setLevel(logging.WARNING)
 
 COMMAND_TIMEOUT_S = 30.0
 SIZE_BATCH = 2048  # UIDs per UID FETCH (RFC822.SIZE) without SEARCHRES
+# What a sweep asks of each message found: its size (for max_message_bytes and the budget) and
+# when it arrived (the watcher tells mail no push announced from mail that just came).
+SWEEP_ITEMS = "UID RFC822.SIZE INTERNALDATE"
 LOGOUT_TIMEOUT_S = 5.0
 
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
@@ -114,6 +119,9 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
 
     def _continuation(self, line: bytes) -> None:
         command = self.pending_sync_command
+        if command is not None and command.name == "IDLE" and self.session is not None:
+            # Courier says which IDLE it runs: "+ entering ENHANCED idle mode" pushes.
+            self.session.idle_reply = line[:200].decode("utf-8", "replace")
         if isinstance(command, _LoginCommand) and command.following:
             # A synchronising literal of LOGIN: the server is ready for it (RFC 3501 §7.5).
             self.transport.write(command.following.pop(0).encode() + b"\r\n")
@@ -173,6 +181,8 @@ class ImapSession:
         self._expunges = 0  # EXPUNGE responses seen so far
         self._idling: asyncio.Future[Any] | None = None  # an IDLE not yet ended by DONE
         self._idle_base = 0  # messages 1.._idle_base were swept before the IDLE began
+        self.pushes = 0  # EXISTS growths announced during an IDLE (a push), ever
+        self.idle_reply: str | None = None  # the server's "+ ..." to the last IDLE
         self.bye: str | None = None
         self.uidvalidity = 0
         self.capabilities: frozenset[str] = frozenset()
@@ -416,6 +426,8 @@ class ImapSession:
             count = int(match.group(1))
             if count > self.exists:
                 self.new_mail.set()
+                if self._idling is not None:
+                    self.pushes += 1
             self.exists = count
         elif match := _EXPUNGE.match(line):
             self.exists = max(0, self.exists - 1)
@@ -541,10 +553,10 @@ class ImapSession:
         return parse_fetch(response.lines)
 
     async def search_sizes(self, criteria: str) -> list[FetchedMessage]:
-        """UIDs and RFC822.SIZE of the messages matching ``criteria``, ascending.
+        """UIDs, RFC822.SIZE and INTERNALDATE of the messages matching ``criteria``, ascending.
 
         With SEARCHRES (RFC 5182) this is one round trip: ``UID SEARCH RETURN (SAVE)`` and
-        ``UID FETCH $ (UID RFC822.SIZE)`` pipelined (§2.1 allows it). Otherwise SEARCH, then
+        ``UID FETCH $ (SWEEP_ITEMS)`` pipelined (§2.1 allows it). Otherwise SEARCH, then
         FETCH in batches.
         """
         assert self._client is not None
@@ -552,7 +564,7 @@ class ImapSession:
             uids = await self.search(criteria)
             found: list[FetchedMessage] = []
             for start in range(0, len(uids), SIZE_BATCH):
-                found += await self.fetch(uids[start : start + SIZE_BATCH], "UID RFC822.SIZE")
+                found += await self.fetch(uids[start : start + SIZE_BATCH], SWEEP_ITEMS)
             return found
         protocol = self._client.protocol
         search = aioimaplib.Command(
@@ -564,7 +576,7 @@ class ImapSession:
             prefix="UID",
             loop=protocol.loop,
         )
-        return await self._search_then_fetch("UID SEARCH", search, "(UID RFC822.SIZE)")
+        return await self._search_then_fetch("UID SEARCH", search, f"({SWEEP_ITEMS})")
 
     async def fetch_pushed(
         self, criteria: str, *, max_count: int, body_bytes: int
@@ -806,6 +818,11 @@ class ImapSession:
         timed_out = await self._wait_any(wake, timeout_s)
         self._raise_if_lost("IDLE")
         return timed_out
+
+    async def end_idle(self) -> None:
+        """DONE, when an IDLE is open (``idle`` leaves it so)."""
+        if self._idling is not None:
+            await self._end_idle()
 
     async def _end_idle(self) -> None:
         """DONE, and wait for the server to end the IDLE."""
