@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-image lint docs lock demo demo-serve bench debs imap-servers venv clean
+.PHONY: test test-image lint docs lock demo demo-serve demo-send bench debs imap-servers venv clean
 
 # constraints.txt pins every dependency (made by `make lock` from pyproject.toml): an install
 # next month gets the same versions as CI got today.
@@ -64,7 +64,9 @@ test: venv debs promtool imap-servers
 	$(BIN)/pytest
 
 # The container image, built and run with podman on a base made from Debian's packages (no
-# registry needed). Opt-in: it downloads a Debian base and mailroom's wheels, a few minutes.
+# registry needed): tests/test_image.py (read-only root, uid 10001, the health checks, a
+# delivery, the SIGTERM drain, the compose examples). `.ci/run` runs it after `make test`; the
+# first run debootstraps the base and downloads mailroom's wheels (a few minutes).
 # runc + cgroupfs + explicit ulimits: where crun cannot set rlimits or drive hybrid cgroups.
 IMAGE_BASE ?= localhost/debian-python:bookworm
 PODMAN     ?= podman --runtime runc --cgroup-manager cgroupfs
@@ -93,6 +95,12 @@ demo: venv debs
 
 demo-serve: venv debs
 	$(BIN)/python examples/demo.py --serve
+
+# While demo-serve runs: put a message into its mailbox, e.g.
+#   make demo-send ARGS="--to nobody@demo.example"   (or --auto-reply, --subject ..., FILE.eml)
+ARGS ?=
+demo-send: venv
+	$(BIN)/python examples/demo.py send $(ARGS)
 
 # bench/many_mailboxes.py: 1,000 mailboxes, plain IMAP (all phases, about 5 minutes), then the
 # start, RSS and idle CPU over TLS.

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mailroom.config import parse_config  # noqa: E402
+from mailroom.kinds import KINDS  # noqa: E402
 from mailroom.runtime import supervisor  # noqa: E402
 from tests.helpers import config_dict, mailbox_dict, message  # noqa: E402
 from tests.servers.courier import Courier  # noqa: E402
@@ -283,7 +284,7 @@ async def deliver_backlog(dovecot: ImapServer, count: int, *, trace_memory: bool
         tracemalloc.start()
     baseline = tracemalloc.get_traced_memory()[0]
     started = time.monotonic()
-    task = asyncio.create_task(supervisor.run(config, stop))
+    task = asyncio.create_task(supervisor.run(config, stop, kinds=KINDS))
     try:
         line = await asyncio.wait_for(asyncio.to_thread(read_line, hook.stdout), 120)
     finally:

@@ -1,29 +1,39 @@
 """``make demo``: mailroom end to end on this machine, with nothing to configure.
 
 Starts a throwaway Dovecot on 127.0.0.1 (its own config in a temp dir), the example webhook
-receiver, and ``python -m mailroom -c examples/demo.yml``; appends a sample message and the
-receiver prints it. Press Enter to send another; Ctrl-C, SIGTERM or SIGHUP stops everything it
-started and removes the temp dir.
+receiver (``examples/receiver.py``, which refuses keys starting with ``closed-`` with a 422),
+an SMTP sink that prints the reject notices (``examples/smtp_sink.py``), and ``python -m
+mailroom -c examples/demo.yml``; appends a sample message and the receiver prints it. Press
+Enter to send another; Ctrl-C, SIGTERM or SIGHUP stops everything it started and removes the
+temp dir.
 
-``--serve`` starts only Dovecot and the receiver, puts three unseen messages in the INBOX (one
-for the application, one for a person, one auto-reply) and writes a ready config for them
-(``mailroom-demo.yml``): a target for a first config of your own, for ``mailroom check`` and
-``mailroom route`` before any real mailbox. ``--once`` stops by itself after the first message
-arrived (used by the tests).
+``--serve`` starts Dovecot, the receiver and the sink but not mailroom, puts three unseen
+messages in the INBOX (one for the application, one for a person, one auto-reply) and writes a
+ready config for them (``mailroom-demo.yml``): a target for a first config of your own, for
+``mailroom check`` and ``mailroom route`` before any real mailbox. ``--once`` stops by itself
+after the first message arrived (used by the tests).
+
+``send`` puts a message into the demo's INBOX while ``--serve`` runs (it reads the IMAP
+settings from ``mailroom-demo.yml``): a sample for the application by default, ``--to`` and
+``--subject`` of your choice, ``--auto-reply``, or a ``.eml`` file as it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import imaplib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import FrameType
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,16 +41,21 @@ sys.path.insert(0, str(ROOT))
 from tests.servers.dovecot import Account, Dovecot, free_port  # noqa: E402
 
 SAMPLE = (
-    "From: Ada Lovelace <ada@sender.example>\r\n"
+    "From: {sender}\r\n"
     "To: {to}\r\n"
-    "Subject: {subject} ({n})\r\n"
-    "Message-ID: <demo-{n}-{stamp}@sender.example>\r\n"
+    "Subject: {subject}\r\n"
+    "Message-ID: <demo-{stamp}@sender.example>\r\n"
     "Date: {date}\r\n"
     "Content-Type: text/plain; charset=utf-8\r\n"
     "{extra}"
     "\r\n"
     "This message was appended to the demo Dovecot by examples/demo.py.\r\n"
 )
+SENDER = "Ada Lovelace <ada@sender.example>"
+TO_APP = "Support <incoming+ticket-42@demo.example>"
+SUBJECT = "Hello from the mailroom demo"
+AUTO_REPLY = "Auto-Submitted: auto-replied\r\n"
+REFUSED_PREFIX = "closed-"  # the receiver answers 422 to these keys, as an application may
 START_TIMEOUT_S = 15.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CONFIG = """\
@@ -59,6 +74,9 @@ mailboxes:
 webhook:
   url: {url}
   signing_secret: "{secret}"      # the receiver checks the signature
+reject_notices:                    # to the demo's SMTP sink, which prints them
+  from: "Demo support <noreply@demo.example>"
+  smtp: {{host: 127.0.0.1, port: {smtp_port}}}
 log: {{format: text}}
 """
 
@@ -74,13 +92,14 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 def sample(
-    n: int, *, to: str = "Support <incoming+ticket-42@demo.example>", **fields: str
+    subject: str = SUBJECT, *, to: str = TO_APP, sender: str = SENDER, extra: str = ""
 ) -> bytes:
+    """A small message, with a fresh Message-ID and today's date."""
     return SAMPLE.format(
+        sender=sender,
         to=to,
-        subject=fields.get("subject", "Hello from the mailroom demo"),
-        extra=fields.get("extra", ""),
-        n=n,
+        subject=subject,
+        extra=extra,
         stamp=time.time_ns(),
         date=time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime()),
     ).encode()
@@ -104,7 +123,11 @@ def say(text: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    if sys.argv[1:2] == ["send"]:
+        return send(sys.argv[2:])
+    parser = argparse.ArgumentParser(
+        description="mailroom end to end on this machine (also: demo.py send --help)"
+    )
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--once", action="store_true", help="stop after the first delivery")
     modes.add_argument(
@@ -158,16 +181,25 @@ def run(
         "DEMO_WEBHOOK_URL": url,
         "DEMO_WEBHOOK_SECRET": secret,
     }
+    smtp_port = free_port()
+    env["DEMO_SMTP_PORT"] = str(smtp_port)
     receiver_args = [str(ROOT / "examples" / "receiver.py"), "--port", str(port)]
+    receiver_args += ["--secret", secret, "--refuse", REFUSED_PREFIX]
     receiver = subprocess.Popen(
-        [sys.executable, *receiver_args, "--secret", secret, *(["--once"] if args.once else [])],
-        env=env,
+        [sys.executable, *receiver_args, *(["--once"] if args.once else [])], env=env
     )
     started.append(receiver)
     wait_for_port(port, receiver)
     say(f"receiver (pid {receiver.pid}) on http://127.0.0.1:{port}/")
+    sink = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "smtp_sink.py"), "--port", str(smtp_port)],
+        env=env,
+    )
+    started.append(sink)
+    wait_for_port(smtp_port, sink)
+    say(f"SMTP sink (pid {sink.pid}) on 127.0.0.1:{smtp_port}: it prints the reject notices")
     if args.serve:
-        serve(args.config, dovecot, account, url, secret)
+        serve(args.config, dovecot, account, url, secret, smtp_port)
     else:
         mailroom = subprocess.Popen(
             [sys.executable, "-m", "mailroom", "-c", str(ROOT / "examples" / "demo.yml")],
@@ -175,7 +207,7 @@ def run(
         )
         started.append(mailroom)
         say(f"mailroom (pid {mailroom.pid}) watching the INBOX")
-        dovecot.append(account, sample(1))
+        dovecot.append(account, sample(f"{SUBJECT} (1)"))
         say("appended a sample message")
         if args.once:
             receiver.wait(START_TIMEOUT_S * 2)
@@ -184,16 +216,17 @@ def run(
     for n in range(2, 10_000):
         if not sys.stdin.readline():  # no terminal: wait for a signal
             signal.pause()
-        dovecot.append(account, sample(n))
+        dovecot.append(account, sample(f"{SUBJECT} ({n})"))
         say(f"appended message {n}")
 
 
-def serve(config: str, dovecot: Dovecot, account: Account, url: str, secret: str) -> None:
+def serve(  # noqa: PLR0917
+    config: str, dovecot: Dovecot, account: Account, url: str, secret: str, smtp_port: int
+) -> None:
     """Seed the INBOX and write a config for it (mode 0600: it holds the password)."""
-    dovecot.append(account, sample(1))
-    dovecot.append(account, sample(2, to="Ada <ada@demo.example>", subject="Lunch on Friday?"))
-    auto = "Auto-Submitted: auto-replied\r\n"
-    dovecot.append(account, sample(3, subject="Out of office", extra=auto))
+    dovecot.append(account, sample(f"{SUBJECT} (1)"))
+    dovecot.append(account, sample("Lunch on Friday?", to="Ada <ada@demo.example>"))
+    dovecot.append(account, sample("Out of office", extra=AUTO_REPLY))
     path = Path(config).resolve()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
@@ -205,6 +238,7 @@ def serve(config: str, dovecot: Dovecot, account: Account, url: str, secret: str
                 password=account.password,
                 url=url,
                 secret=secret,
+                smtp_port=smtp_port,
             )
         )
     say(
@@ -212,11 +246,80 @@ def serve(config: str, dovecot: Dovecot, account: Account, url: str, secret: str
         "person, one auto-reply"
     )
     eml = path.with_suffix(".eml")
-    eml.write_bytes(sample(1))
+    eml.write_bytes(sample())
     say(f"wrote {path} and a sample message {eml.name}; try, in another terminal:")
     mailroom = _command()
     for command in (f"check -c {path.name}", f"route -c {path.name} {eml.name}", f"-c {path.name}"):
         print(f"    {mailroom} {command}", flush=True)
+    demo = _here(Path(__file__))
+    config_option = "" if path == Path("mailroom-demo.yml").resolve() else f" --config {path}"
+    say("then, while mailroom runs, put messages into the demo mailbox (docs/getting-started.md):")
+    for options, what in (
+        ("", "delivered: the receiver prints it"),
+        (
+            "--to nobody@demo.example --from grace@sender.example",
+            "rejected: the sink prints a notice",
+        ),
+        ("--auto-reply", "ignored: no webhook, no notice"),
+        (f"--to incoming+{REFUSED_PREFIX}7@demo.example", "the receiver answers 422: a notice"),
+    ):
+        command = f"{_here(Path(sys.executable))} {demo} send{config_option} {options}"
+        print(f"    {command.rstrip()}  # {what}", flush=True)
+
+
+def send(argv: list[str]) -> int:
+    """``demo.py send``: APPEND one message to the INBOX of a running ``--serve`` demo."""
+    parser = argparse.ArgumentParser(
+        prog="demo.py send",
+        description="Put a message into the INBOX of the demo that `make demo-serve` runs.",
+    )
+    parser.add_argument("file", nargs="?", help="a message (.eml) to append as it is")
+    parser.add_argument("--to", default=TO_APP, help="the To header (default: %(default)s)")
+    parser.add_argument("--subject", default=SUBJECT, help="the Subject (default: %(default)s)")
+    parser.add_argument("--from", dest="sender", default=SENDER, help="(default: %(default)s)")
+    parser.add_argument(
+        "--auto-reply", action="store_true", help="an out-of-office reply (Auto-Submitted)"
+    )
+    parser.add_argument(
+        "--config",
+        default="mailroom-demo.yml",
+        help="the config demo.py --serve wrote (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.file is not None:
+        try:
+            raw = Path(args.file).read_bytes()
+        except OSError as exc:
+            print(f"demo: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+            return 1
+    elif args.auto_reply:
+        raw = sample("Out of office", to=args.to, sender=args.sender, extra=AUTO_REPLY)
+    else:
+        raw = sample(args.subject, to=args.to, sender=args.sender)
+    try:
+        box = yaml.safe_load(Path(args.config).read_text())["mailboxes"][0]
+        context = ssl.create_default_context(cafile=box["ca_file"])
+        with imaplib.IMAP4_SSL(box["host"], int(box["port"]), ssl_context=context) as imap:
+            imap.login(box["user"], box["password"])
+            imap.append("INBOX", None, None, raw)
+    except (OSError, KeyError, TypeError, yaml.YAMLError, imaplib.IMAP4.error) as exc:
+        print(
+            f"demo: cannot append to the demo mailbox of {args.config} ({exc}); is "
+            "`make demo-serve` running, and is this the config it wrote?",
+            file=sys.stderr,
+        )
+        return 1
+    what = args.file or f"To: {args.to}" + (", an auto-reply" if args.auto_reply else "")
+    say(f"appended {what} ({len(raw)} bytes) to the demo INBOX")
+    return 0
+
+
+def _here(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _command() -> str:
@@ -224,10 +327,7 @@ def _command() -> str:
     script = Path(sys.executable).parent / "mailroom"
     if not script.exists():
         return f"{sys.executable} -m mailroom"
-    try:
-        return str(script.relative_to(Path.cwd()))
-    except ValueError:
-        return str(script)
+    return _here(script)
 
 
 def stop(started: list[subprocess.Popen[bytes]]) -> None:

@@ -17,18 +17,19 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
-from mailroom import check, gitlab, logs, redrive
+from mailroom import VERSION, check, gitlab, logs, redrive
 from mailroom.check import gitlab as gitlab_check
 from mailroom.check import route
 from mailroom.config import Config, MailboxConfig, credentials_config, load_config
 from mailroom.config.reader import suggestion
 from mailroom.config.sample import SAMPLE, SAMPLE_HINT
 from mailroom.errors import ConfigError, CredentialsError
+from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
+from mailroom.runtime.running import configure_logs
 from mailroom.trust import credentials, tls
 
 __all__ = ["main"]
@@ -39,13 +40,6 @@ NO_CONFIG = (
     f"{SAMPLE_HINT} (or --gitlab-config gitlab.yml, or --mail-room-config mail_room.yml)"
 )
 Mode = Literal["mailroom", "gitlab", "mail_room"]
-
-
-def _version() -> str:
-    try:
-        return version("mailroom-incoming")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     routes = commands.add_parser(
         "route",
-        help="what mailroom would do with one message (no network): the matching header, the "
-        "key, deliver/reject/ignore and why, the payload",
+        help="what mailroom would do with one message (no network, no secrets needed): the "
+        "matching header, the key, deliver/reject/ignore and why, the payload",
     )
     routes.add_argument("-c", "--config", help="the YAML config file")
     routes.add_argument(
@@ -140,6 +134,10 @@ def _source(args: argparse.Namespace) -> tuple[Callable[[], Config], str, Mode] 
         raise ConfigError("", "give --gitlab-config or --mail-room-config, not both")
     if not (gitlab_yml or mail_room or config):
         gitlab_yml = os.environ.get("MAIL_ROOM_GITLAB_CONFIG_FILE")  # as GitLab's MailRoom
+    if config and not (gitlab_yml or mail_room) and gitlab.is_mail_room_yaml(config):
+        # MailRoom's YAML where mailroom's is expected (the image's default -c, with the Helm
+        # chart's ConfigMap mounted there): read as --mail-room-config would read it.
+        mail_room, config = config, None
     if gitlab_yml:
         return (
             functools.partial(gitlab.load_gitlab, gitlab_yml, mailroom_config=config),
@@ -160,7 +158,7 @@ def _source(args: argparse.Namespace) -> tuple[Callable[[], Config], str, Mode] 
 async def _checks(
     config: Config, *, path: str, send_test: bool, report: check.Report, mode: Mode
 ) -> bool:
-    await check.run(config, path=path, send_test=send_test, report=report)
+    await check.run(config, path=path, send_test=send_test, report=report, kinds=KINDS)
     if mode == "gitlab":
         await gitlab_check.run(report, config)
     return report.ok
@@ -188,7 +186,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         config = load()
     except ConfigError as exc:
-        print(check.Result("config", "load", "FAIL", str(exc)).line(), flush=True)
+        print(check.Result("config", "load", check.Status.FAIL, str(exc)).line(), flush=True)
         print("mailroom check: the config does not load; nothing else was checked")
         return EXIT_CONFIG
     report = check.Report(lambda line: print(line, flush=True))
@@ -198,20 +196,21 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILURE
 
 
-def _load(path: str | None) -> Config | None:
-    """The config in ``path``, or None after saying on stderr why there is none (exit 2)."""
+def _load_offline(path: str | None) -> Config | None:
+    """The config in ``path`` for work without the network (no secret read, none needs to be
+    set), or None after saying on stderr why there is none (exit 2)."""
     if not path:
         print(NO_CONFIG, file=sys.stderr)
         return None
     try:
-        return load_config(path)
+        return load_config(path, offline=True)
     except ConfigError as exc:
         print(f"mailroom: config error: {exc}", file=sys.stderr)
         return None
 
 
 def _route(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load_offline(args.config)
     mailbox = None if config is None else _mailbox(config, args.mailbox)
     if config is None or mailbox is None:
         return EXIT_CONFIG
@@ -264,7 +263,8 @@ def _redrive(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.configure("text", "warning")  # stderr; the lines are on stdout
     options = redrive.Options(since=since, dry_run=args.dry_run)
-    ok = asyncio.run(redrive.run(config, mailboxes, options, lambda line: print(line, flush=True)))
+    out = functools.partial(print, flush=True)
+    ok = asyncio.run(redrive.run(config, mailboxes, options, out, kinds=KINDS))
     return EXIT_OK if ok else EXIT_FAILURE
 
 
@@ -329,7 +329,7 @@ def _quiet_broken_pipe(command: Callable[[list[str] | None], int]) -> Callable[.
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
-        print(f"mailroom {_version()}")
+        print(f"mailroom {VERSION}")
         return EXIT_OK
     if args.command == "check":
         return _check(args)
@@ -352,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mailroom: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.configure(config.log.format, config.log.level)
+    try:
+        configure_logs(config.log)
+    except ConfigError as exc:
+        print(f"mailroom: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     for warning in config.warnings:
         logging.getLogger("mailroom.config").warning("config: %s", warning)
     gc.set_threshold(GC_YOUNG_THRESHOLD)
@@ -360,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGHUP reloads the file the same way (an invalid one is refused).
         watch = list(dict.fromkeys(Path(p) for p in (source[1], args.config) if p))
-        run = supervisor.run(config, load=load, dry_run=args.dry_run, watch=watch)
+        run = supervisor.run(config, kinds=KINDS, load=load, dry_run=args.dry_run, watch=watch)
         return asyncio.run(run)
     except ConfigError as exc:  # found at start: health.listen cannot be bound
         print(f"mailroom: config error: {exc}", file=sys.stderr)

@@ -13,11 +13,12 @@ import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-__all__ = ["FAILED_KEYWORD", "Envelope", "Outcome"]
+__all__ = ["FAILED_CATEGORY", "FAILED_KEYWORD", "Envelope", "Outcome"]
 
 # How a dead letter without failed_folder is marked where it lies: this IMAP keyword (and \Seen),
-# the only keyword mailroom writes; on Graph, the category "MailroomFailed".
+# the only keyword mailroom writes; on Graph, this category (and read).
 FAILED_KEYWORD = "$MailroomFailed"
+FAILED_CATEGORY = "MailroomFailed"
 
 
 class Outcome(enum.Enum):
@@ -44,6 +45,7 @@ class Envelope:
     raw: bytes = field(repr=False)
     size: int
     too_large: bool = False  # raw holds only the header block; the body was not fetched
+    native_id: str = ""  # its id where it lies (IMAP UID, Graph message id): MailRoom's claims
     _settle: Callable[[Outcome], Awaitable[None]] = field(repr=False)
     _release: Callable[[bool], None] = field(repr=False, default=lambda hold: None)
 

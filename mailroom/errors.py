@@ -30,10 +30,20 @@ class MailroomError(Exception):
 class ConfigError(MailroomError, ValueError):
     """The configuration is invalid. ``str()`` is ``<dotted.path>: <what is wrong; what to do>``."""
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, *, problems: tuple[ConfigError, ...] = ()) -> None:
         self.path = path
         self.message = message
+        self.problems = problems  # ``several``: each problem, with its own path
         super().__init__(f"{path}: {message}" if path else message)
+
+    @classmethod
+    def several(cls, problems: list[ConfigError]) -> ConfigError:
+        """One error for ``problems`` (the problem itself when there is one), a line each."""
+        if len(problems) == 1:
+            return problems[0]
+        lines = "".join(f"\n  {problem}" for problem in problems)
+        message = f"{len(problems)} settings cannot be read; fix them all:{lines}"
+        return cls("", message, problems=tuple(problems))
 
 
 class CredentialsError(MailroomError, ValueError):
@@ -42,7 +52,10 @@ class CredentialsError(MailroomError, ValueError):
 
 
 class SourceError(MailroomError):
-    """A mailbox could not be read; the watcher reconnects with backoff."""
+    """A mailbox could not be read; the watcher reconnects with backoff, not sooner than
+    ``retry_after_s`` when the server asked for that (``Backoff`` clamps it)."""
+
+    retry_after_s: float | None = None
 
 
 class ImapError(SourceError):

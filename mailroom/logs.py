@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
-__all__ = ["FIELDS", "MailboxLog", "configure"]
+__all__ = ["FIELDS", "MailboxLog", "configure", "reopen"]
 
 # Structured fields a log call may pass in ``extra``.
 FIELDS = ("mailbox", "uid", "message_id", "webhook_id", "outcome", "status", "attempt", "delay_s")
@@ -52,16 +54,61 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
-    """Install the chosen format on the root logger (idempotent)."""
+class _Mailboxes(logging.Filter):
+    """Lines of these mailboxes, and lines of none (the process's own)."""
+
+    def __init__(self, mailboxes: frozenset[str]) -> None:
+        super().__init__()
+        self.mailboxes = mailboxes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        mailbox = record.__dict__.get("mailbox")
+        return mailbox is None or mailbox in self.mailboxes
+
+
+def configure(
+    fmt: str = "json",
+    level: str = "info",
+    stream: TextIO | None = None,
+    files: Sequence[tuple[str, frozenset[str] | None]] = (),
+) -> None:
+    """Install the chosen format on the root logger (idempotent), and a JSON log file for each
+    of ``files`` (its path, and the mailboxes whose lines go there; None: all of them).
+
+    A file is opened for appending and reopened when it was replaced (``WatchedFileHandler``
+    looks before each line: logrotate's rename-and-create) or on ``reopen`` (SIGHUP); with
+    ``copytruncate`` the append mode writes at the new end. ``OSError`` when one cannot be
+    opened (nothing is changed then)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handlers: list[logging.Handler] = [handler]
+    try:
+        for path, mailboxes in files:
+            watched = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+            watched.setFormatter(JsonFormatter())
+            if mailboxes is not None:
+                watched.addFilter(_Mailboxes(mailboxes))
+            handlers.append(watched)
+    except OSError:
+        for opened in handlers[1:]:
+            opened.close()
+        raise
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+        if isinstance(old, logging.FileHandler):
+            old.close()
+    for new in handlers:
+        root.addHandler(new)
     root.setLevel(logging.WARNING)
     logging.getLogger("mailroom").setLevel(level.upper())
+
+
+def reopen() -> None:
+    """Reopen the log files that were moved or removed (SIGHUP after a rotation)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.handlers.WatchedFileHandler):
+            handler.reopenIfNeeded()

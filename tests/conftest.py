@@ -3,6 +3,7 @@ and Courier (``imap_server``: each test once per server), a webhook receiver, SM
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Protocol, TypeVar
@@ -163,3 +164,19 @@ def redis_factory() -> Iterator[Callable[..., RedisServer]]:
     """Start redis-servers with other settings (``RedisServer`` arguments)."""
     _require(REDIS_SERVER, "redis-server")
     yield from _factory(RedisServer, RedisServer.close)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For a test that runs ``cli.main``: its ``logs.configure`` replaces the root logger's
+    handlers (with one on the captured stderr, closed after the test) and the ``mailroom``
+    logger's level; both are put back."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("mailroom").level)
+    yield
+    for handler in root.handlers:
+        if handler not in saved[0] and isinstance(handler, logging.FileHandler):
+            handler.close()
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    logging.getLogger("mailroom").setLevel(saved[2])

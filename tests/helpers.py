@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from mailroom.config import Config, parse_config
+from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
 from tests.servers.imap import Account, ImapServer
 
@@ -88,7 +89,7 @@ def make_config(
 async def running(config: Config) -> AsyncIterator[asyncio.Event]:
     """Run mailroom in this event loop; stop it (gracefully, bounded) on exit."""
     stop = asyncio.Event()
-    task = asyncio.create_task(supervisor.run(config, stop), name="mailroom")
+    task = asyncio.create_task(supervisor.run(config, stop, kinds=KINDS), name="mailroom")
     try:
         yield stop
     finally:

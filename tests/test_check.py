@@ -18,6 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from mailroom import check
 from mailroom.config import Config, parse_config
+from mailroom.kinds import KINDS
 from tests.helpers import ROOT, WHSEC, config_dict, mailbox_dict, message
 from tests.servers import tls
 from tests.servers.dovecot import Account, Dovecot
@@ -93,8 +94,10 @@ async def run_check(config: Config, *, send_test: bool = False) -> dict[tuple[st
     """Every result by (target, step), after checking that each line has the format."""
     lines: list[str] = []
     report = check.Report(lines.append)
-    ok = await check.run(config, path="mailroom.yml", send_test=send_test, report=report)
-    assert ok == (report.count("FAIL") == 0)
+    ok = await check.run(
+        config, path="mailroom.yml", send_test=send_test, report=report, kinds=KINDS
+    )
+    assert ok == (report.count(check.Status.FAIL) == 0)
     assert all(LINE.match(line) for line in lines), lines
     results = {(r.target, r.step): r for r in report.results}
     assert len(results) == len(report.results)  # one line per check
@@ -310,7 +313,9 @@ async def test_missing_idle_uidplus_and_move_are_warnings_that_say_what_is_lost(
     box = mailbox_dict(bare_dovecot, account, idle_timeout=300)
     lines: list[str] = []
     report = check.Report(lines.append)
-    assert await check.run(build([box], webhook.url), path="x", send_test=False, report=report)
+    assert await check.run(
+        build([box], webhook.url), path="x", send_test=False, report=report, kinds=KINDS
+    )
     target = f"imap[{account.user}]"
     warned = [line for line in lines if line.startswith("WARN")]
     assert warned == [

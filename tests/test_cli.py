@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import socket
+from importlib.metadata import version
 from pathlib import Path
 
+import pytest
+
+from mailroom import USER_AGENT, cli
 from tests.helpers import Process, config_dict, mailbox_dict
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.webhook import WebhookReceiver
@@ -29,3 +33,10 @@ async def test_a_busy_health_listen_is_one_line_and_exit_2(
         f"mailroom: config error: health.listen: cannot listen on 127.0.0.1:{port}: Address "
         "already in use; stop what uses it, or choose another\n"
     )
+
+
+def test_the_version_is_the_installed_package_s(capsys: pytest.CaptureFixture[str]) -> None:
+    installed = version("mailroom-incoming")
+    assert cli.main(["version"]) == 0
+    assert capsys.readouterr().out == f"mailroom {installed}\n"
+    assert f"mailroom/{installed}" == USER_AGENT  # what every HTTP request says

@@ -4,10 +4,8 @@ are shown as scheme://host:port only. Ends with a bounded fuzz test over YAML do
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailroom import cli
-from mailroom.config import ConfigError, load_config, parse_config
+from mailroom.config import ConfigError, GraphMailboxConfig, load_config, parse_config
 from mailroom.config.document import load as load_yaml
 from mailroom.config.reader import KEYS
 from mailroom.redact import origin
@@ -202,16 +200,6 @@ def test_whatever_the_yaml_the_error_is_a_config_error(tmp_path: Path, text: str
 # -- the command line: exit 2, one line, and `check` reports it as its config load -----------
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level, logging.getLogger("mailroom").level)
-    yield
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
-    logging.getLogger("mailroom").setLevel(saved[2])
-
-
 @pytest.mark.parametrize(
     ("password", "url"),
     [
@@ -332,7 +320,9 @@ def test_endpoints_with_a_path_and_a_port_load() -> None:
         azure_ad_endpoint="https://login.example.com:8443/", graph_endpoint="https://g.example/p/"
     )
     config = parse_config({"mailboxes": [box], "webhook": {"url": "https://app/x"}}, env={})
-    options = config.mailboxes[0].inbox_options  # type: ignore[union-attr]
+    mailbox = config.mailboxes[0]
+    assert isinstance(mailbox, GraphMailboxConfig)
+    options = mailbox.inbox_options
     assert options.azure_ad_endpoint == "https://login.example.com:8443"
     assert options.graph_endpoint == "https://g.example/p"
 

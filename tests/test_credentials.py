@@ -213,8 +213,8 @@ def test_config_takes_user_and_password_from_the_file(tmp_path: Path, key: crede
 
     box_own = {**box, "user": "own@example.com", "password": "own-password"}
     config = parse_config({**data, "mailboxes": [box_own]}, env=env, base_dir=tmp_path)
-    assert config.mailboxes[0].user == "own@example.com"  # the config wins
     assert isinstance(config.mailboxes[0], ImapMailboxConfig)
+    assert config.mailboxes[0].user == "own@example.com"  # the config wins
     assert config.mailboxes[0].password is not None
     assert config.mailboxes[0].password.reveal() == "own-password"
 

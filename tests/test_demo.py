@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -31,6 +32,20 @@ def test_demo_delivers_the_sample_message() -> None:
     assert "from:    Ada Lovelace <ada@sender.example>" in result.stdout
     assert "key=ticket-42" in result.stdout
     assert "bad signature" not in result.stdout
+
+
+async def _demo(cwd: Path, *args: str) -> asyncio.subprocess.Process:
+    """examples/demo.py in ``cwd``, its output (stdout and stderr) and its input piped: an
+    open, silent stdin, so that it waits for Enter."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "examples" / "demo.py"),
+        *args,
+        cwd=cwd,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
 
 
 async def _read_until(stream: asyncio.StreamReader, text: str, seen: list[str]) -> None:
@@ -61,15 +76,7 @@ def _gone(pid: int, *, group: bool = False) -> bool:
 async def test_demo_stops_everything_it_started_on_a_signal(
     tmp_path: Path, mode: list[str], sig: signal.Signals
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ROOT / "examples" / "demo.py"),
-        *mode,
-        cwd=tmp_path,
-        stdin=asyncio.subprocess.PIPE,  # open and silent: the demo waits for Enter
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
+    proc = await _demo(tmp_path, *mode)
     assert proc.stdout is not None
     seen: list[str] = []
     try:
@@ -77,8 +84,8 @@ async def test_demo_stops_everything_it_started_on_a_signal(
         text = "".join(seen)
         dovecot = re.search(r"Dovecot \(pid (\d+)\).*; its files in (\S+)", text)
         assert dovecot is not None, text
-        pids = [int(p) for p in re.findall(r"(?:receiver|mailroom) \(pid (\d+)\)", text)]
-        assert len(pids) == (1 if mode else 2), text
+        pids = [int(p) for p in re.findall(r"(?:receiver|SMTP sink|mailroom) \(pid (\d+)\)", text)]
+        assert len(pids) == (2 if mode else 3), text
         if mode:  # --serve: the config it wrote works, and check counts the seeded messages
             config = tmp_path / "mailroom-demo.yml"
             assert config.stat().st_mode & 0o777 == 0o600
@@ -114,4 +121,108 @@ async def test_demo_stops_everything_it_started_on_a_signal(
     async def cleaned_up() -> bool:  # SIGKILLed Dovecot children take a moment to be reaped
         return _gone(group, group=True) and all(_gone(pid) for pid in pids) and _removed(root)
 
-    await wait_until(cleaned_up, what="Dovecot, the receiver and mailroom gone, temp dir removed")
+    await wait_until(cleaned_up, what="Dovecot, receiver, sink and mailroom gone, temp dir removed")
+
+
+GUIDE = ROOT / "docs" / "getting-started.md"
+DOCUMENTED_SENDS = {
+    tuple(shlex.split(line))
+    for line in re.findall(
+        r"^\.venv/bin/python examples/demo\.py send (.*)$", GUIDE.read_text(), re.M
+    )
+}
+
+
+async def _demo_send(cwd: Path, *args: str) -> str:
+    send = await _demo(cwd, "send", *args)
+    async with asyncio.timeout(60):
+        out, _ = await send.communicate()
+    assert send.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def test_the_demo_can_be_talked_to(tmp_path: Path) -> None:
+    """docs/getting-started.md's walk through `make demo-serve`: the seeded messages, then one
+    delivered, one rejected with a notice the sink prints, an auto-reply dropped, a 422 from
+    the receiver with a notice carrying its reason, and an .eml file as it is."""
+    demo = await _demo(tmp_path, "--serve")
+    assert demo.stdout is not None
+    log = tmp_path / "mailroom.log"
+    seen: list[str] = []
+    sends: set[tuple[str, ...]] = set()
+    mailroom = None
+
+    async def send(*args: str) -> str:
+        sends.add(args)
+        return await _demo_send(tmp_path, *args)
+
+    try:
+        await _read_until(demo.stdout, "press Enter", seen)
+        assert "send --to incoming+closed-7@demo.example" in "".join(seen)
+        with log.open("wb") as out:
+            mailroom = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mailroom", "-c", "mailroom-demo.yml",
+                cwd=tmp_path, stdout=out, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        # The seeded three: one for the application, a reject notice to Ada, an auto-reply.
+        await _read_until(demo.stdout, "subject: [Rejected] Lunch on Friday?", seen)
+        await _read_until(demo.stdout, "key=ticket-42", seen)
+
+        sent = await send("--subject", "My printer is on fire")
+        assert "appended To: Support <incoming+ticket-42@demo.example>" in sent
+        await _read_until(demo.stdout, "subject: My printer is on fire", seen)
+
+        await send("--to", "nobody@demo.example", "--from", "grace@sender.example")
+        await _read_until(demo.stdout, "── mail to grace@sender.example  (MAIL FROM:<>)", seen)
+        await _read_until(demo.stdout, "The address you sent it to is not known here.", seen)
+
+        await send("--auto-reply")
+        await send("--to", "incoming+closed-7@demo.example")
+        await _read_until(demo.stdout, 'answered 422 {"reject": "Ticket closed-7 is closed.', seen)
+        await _read_until(demo.stdout, "| Ticket closed-7 is closed.", seen)
+
+        check = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mailroom", "check", "--send-test", "-c", "mailroom-demo.yml",
+            cwd=tmp_path, stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            assert await check.wait() == 0
+        await _read_until(demo.stdout, "mailroom check's test event, signed", seen)
+
+        eml = tmp_path / "mine.eml"
+        eml.write_bytes(
+            b"From: Bob <bob@sender.example>\r\nTo: incoming+from-a-file@demo.example\r\n"
+            b"Subject: From a file\r\n\r\nHello.\r\n"
+        )
+        await send(str(eml))
+        await _read_until(demo.stdout, "key=from-a-file", seen)
+
+        def ignored() -> int:
+            return log.read_text().count("auto-generated (auto_submitted); ignored")
+
+        await wait_until(lambda: ignored() == 2, what="both auto-replies ignored")
+        text = log.read_text()
+        assert "the application rejected it: Ticket closed-7 is closed." in text
+        assert "bad signature" not in "".join(seen)
+        assert sends - {(str(eml),)} == DOCUMENTED_SENDS  # getting-started's walk, as tested
+    finally:
+        if mailroom is not None:
+            mailroom.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(60):
+                assert await mailroom.wait() == 0
+        demo.send_signal(signal.SIGINT)
+        async with asyncio.timeout(60):
+            await demo.communicate()
+
+
+def test_demo_send_says_what_to_do_without_a_running_demo(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "send"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "is `make demo-serve` running, and is this the config it wrote?" in result.stderr

@@ -9,6 +9,7 @@ import pytest
 
 from mailroom import cli
 from mailroom.config import parse_config
+from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
 from tests.helpers import config_dict, logged, mailbox_dict, message, wait_until
 from tests.servers.dovecot import Account, Dovecot
@@ -36,7 +37,7 @@ async def test_a_dry_run_logs_each_decision_and_settles_nothing(
     box = mailbox_dict(dovecot, account, delete_after_delivery=True, idle_timeout=1)
     config = parse_config(config_dict([box], webhook.url, reject_notices=notices), env={})
     stop = asyncio.Event()
-    task = asyncio.create_task(supervisor.run(config, stop, dry_run=True))
+    task = asyncio.create_task(supervisor.run(config, stop, kinds=KINDS, dry_run=True))
     try:
         await wait_until(
             lambda: _count(caplog, "dry run:", 3), what="three dry-run decisions", timeout=30

@@ -55,6 +55,7 @@ def environment(tmp_path: Path) -> dict[str, str]:
         "DEMO_IMAP_PASSWORD": "demo-password",
         "DEMO_WEBHOOK_URL": "http://127.0.0.1:8025/",
         "DEMO_WEBHOOK_SECRET": WHSEC,
+        "DEMO_SMTP_PORT": "8026",
     }
 
 
@@ -248,7 +249,16 @@ def test_the_commented_example_marks_every_value_that_is_not_the_default(tmp_pat
 def test_the_examples_install_from_a_clone_and_link_only_files_that_exist() -> None:
     service = (EXAMPLES / "mailroom.service").read_text()
     assert "pip install mailroom-incoming" not in service
-    assert "pip install /path/to/the/clone" in service
+    # The lock file, as CI installs (docs/getting-started.md says the same).
+    assert "/opt/mailroom/bin/pip install -c constraints.txt ." in service
+    guide = (ROOT / "docs" / "getting-started.md").read_text()
+    assert "pip install -c constraints.txt ." in guide
+    assert "pip install .`" not in guide and "pip install . " not in guide
+    # No placeholder URL: the documentation the header installs.
+    (documentation,) = re.findall(r"^Documentation=(.*)$", service, re.M)
+    assert documentation == "file:/usr/local/share/doc/mailroom/operations.md"
+    assert "cp -r docs/. /usr/local/share/doc/mailroom/" in service
+    assert "github.com/mailroom" not in service
     texts = [p.read_text() for p in (*EXAMPLES.rglob("*.y*ml"), *(ROOT / "mailroom").rglob("*.py"))]
     assert not any("ARCHITECTURE.md" in text for text in texts)
     pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]

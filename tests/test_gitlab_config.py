@@ -73,6 +73,13 @@ def load(gitlab_yml: Path, **env: str) -> Config:
     return load_gitlab(gitlab_yml, env=env)
 
 
+def first(config: Config) -> ImapMailboxConfig:
+    """The first mailbox, an IMAP one in these files."""
+    mailbox = config.mailboxes[0]
+    assert isinstance(mailbox, ImapMailboxConfig)
+    return mailbox
+
+
 def section(**changes: Any) -> dict[str, Any]:
     incoming = {
         "enabled": True,
@@ -170,7 +177,7 @@ def test_rails_env_picks_the_section(tmp_path: Path) -> None:
     document["staging"] = document["production"]["incoming_email"] | {"user": "staging"}
     document["staging"] = {"incoming_email": document["staging"]}
     gitlab_yml = rails_root(tmp_path, document)
-    assert load(gitlab_yml, RAILS_ENV="staging").mailboxes[0].user == "staging"
+    assert first(load(gitlab_yml, RAILS_ENV="staging")).user == "staging"
     assert "has no development: section (RAILS_ENV=development)" in error(
         gitlab_yml, RAILS_ENV="development"
     )
@@ -180,7 +187,7 @@ def test_rails_env_picks_the_section(tmp_path: Path) -> None:
     ("changes", "expected"),
     [
         ({"enabled": False}, "neither production.incoming_email nor production.service_desk"),
-        ({"delivery_method": "sidekiq"}, "incoming_email.delivery_method: sidekiq (MailRoom"),
+        ({"delivery_method": "que"}, "incoming_email.delivery_method: 'que' is not webhook or"),
         ({"gitlab_url": None}, "gitlab_url: is required with delivery_method: webhook"),
         ({"secret_file": None}, "secret_file: is required with delivery_method: webhook"),
         ({"port": 993}, "production.incoming_email.port: 993 with ssl: false; set ssl: true"),
@@ -214,7 +221,66 @@ def test_secret_file_problems_name_the_file_never_the_secret(tmp_path: Path) -> 
     assert "plain secret" not in text
     secret.unlink()
     text = error(gitlab_yml)
-    assert "production.incoming_email.secret_file: the file it names does not exist" in text
+    assert (
+        f"{gitlab_yml}: production.incoming_email.secret_file: .gitlab_incoming_email_secret "
+        "is in none of the directories GitLab and MailRoom read it from on a self-compiled "
+        f"install (tried {secret})" in text
+    )
+
+
+def test_both_types_problems_are_told_with_gitlabs_keys(tmp_path: Path) -> None:
+    document = section(secret_file="/nonexistent/incoming")
+    desk = {**document["production"]["incoming_email"], "secret_file": ".missing_desk_secret"}
+    document["production"]["service_desk_email"] = desk
+    gitlab_yml = rails_root(tmp_path, document)
+    text = error(gitlab_yml)
+    assert text.startswith("2 settings cannot be read; fix them all:")
+    assert (
+        f"\n  {gitlab_yml}: production.incoming_email.secret_file: /nonexistent/incoming does "
+        "not exist" in text
+    )
+    assert f"\n  {gitlab_yml}: production.service_desk_email.secret_file: .missing_desk" in text
+    assert "mailboxes[" not in text and "webhook.jwt" not in text
+
+
+def test_the_linux_package_layout_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Linux package's files (its cookbook's links), gitlab.yml named by its real path or
+    through the Rails root's link: a relative secret_file is found in the Rails root, in
+    MailRoom's working directory, or (only /var/opt/gitlab there) as the file the links name."""
+    rails_dir = tmp_path / "var" / "gitlab-rails"
+    (rails_dir / "etc").mkdir(parents=True)
+    (rails_dir / "working").mkdir()
+    gitlab_yml = rails_dir / "etc" / "gitlab.yml"
+    gitlab_yml.write_text(yaml.safe_dump(section()))
+    secret = rails_dir / "etc" / "gitlab_incoming_email_secret"
+    secret.write_text(SECRET + "\n")
+    monkeypatch.chdir("/")
+    (box,) = load(gitlab_yml).mailboxes
+    assert box.webhook.jwt is not None and box.webhook.jwt.secret_file == str(secret)
+    root = tmp_path / "opt" / "gitlab-rails"
+    (root / "config").mkdir(parents=True)
+    (root / "config" / "gitlab.yml").symlink_to(gitlab_yml)
+    (root / ".gitlab_incoming_email_secret").symlink_to(secret)
+    (rails_dir / "working" / ".gitlab_incoming_email_secret").write_text(SECRET + "\n")
+    (box,) = load(root / "config" / "gitlab.yml").mailboxes
+    assert box.webhook.jwt is not None
+    assert box.webhook.jwt.secret_file == str(root / ".gitlab_incoming_email_secret")
+    (root / ".gitlab_incoming_email_secret").unlink()
+    (box,) = load(root / "config" / "gitlab.yml").mailboxes
+    assert box.webhook.jwt is not None
+    working = rails_dir / "working" / ".gitlab_incoming_email_secret"
+    assert box.webhook.jwt.secret_file == str(working)
+    secret.unlink()
+    working.unlink()
+    text = error(gitlab_yml)
+    tried = [
+        "/opt/gitlab/embedded/service/gitlab-rails/.gitlab_incoming_email_secret",
+        str(rails_dir / "working" / ".gitlab_incoming_email_secret"),
+        str(secret),
+    ]
+    assert f"on a Linux package install (tried {', '.join(tried)})" in text
 
 
 def test_a_password_is_taken_literally(tmp_path: Path) -> None:
@@ -277,7 +343,7 @@ def test_encrypted_file_paths_as_gitlab_finds_them(tmp_path: Path) -> None:
     document["production"]["encrypted_settings"] = {"path": str(tmp_path / "enc")}
     gitlab_yml = rails_root(tmp_path, document, **secrets)
     ruby_encrypt(tmp_path / "enc/incoming_email.yaml.enc", "user: from-enc\n", KEY_BASE)
-    assert load(gitlab_yml).mailboxes[0].user == "from-enc"
+    assert first(load(gitlab_yml)).user == "from-enc"
     named = tmp_path / "elsewhere.enc"
     document["production"]["incoming_email"]["encrypted_secret_file"] = str(named)
     gitlab_yml.write_text(yaml.safe_dump(document))
@@ -298,7 +364,7 @@ def test_rotated_keys_and_a_secrets_file_named_by_the_environment(tmp_path: Path
         tmp_path / "gitlab/shared/encrypted_settings/incoming_email.yaml.enc", "user: r\n", old
     )
     config = load(gitlab_yml, MAIL_ROOM_GITLAB_SECRETS_FILE=str(elsewhere))
-    assert config.mailboxes[0].user == "r"
+    assert first(config).user == "r"
 
 
 def test_a_wrong_key_base_is_a_config_error_without_the_key(tmp_path: Path) -> None:
@@ -319,7 +385,7 @@ def test_no_key_base_means_gitlab_reads_no_encrypted_file(tmp_path: Path) -> Non
     enc = tmp_path / "gitlab/shared/encrypted_settings/incoming_email.yaml.enc"
     ruby_encrypt(enc, "user: never-read\n", KEY_BASE)
     config = load(gitlab_yml)
-    assert config.mailboxes[0].user == "incoming"
+    assert first(config).user == "incoming"
     (warning,) = [w for w in config.warnings if "encrypted_settings_key_base" in w]
     assert warning.startswith(f"{enc}: not read, as GitLab would not read it")
 
@@ -385,7 +451,7 @@ def test_cli_exit_2_names_the_file_for_each_bad_input(
     missing_secret = rails_root(tmp_path / "b", section(secret_file="missing"))
     assert cli.main(["check", "--gitlab-config", str(missing_secret)]) == 2
     out = capsys.readouterr().out
-    assert f"{missing_secret}: production.incoming_email.secret_file: the file it names" in out
+    assert f"{missing_secret}: production.incoming_email.secret_file: missing is in none" in out
     assert cli.main(["check", "--gitlab-config", str(missing_secret), "--send-test"]) == 2
     assert "would take for an email" in capsys.readouterr().err
     assert cli.main(["run", "--gitlab-config", "x", "--mail-room-config", "y"]) == 2
@@ -394,10 +460,24 @@ def test_cli_exit_2_names_the_file_for_each_bad_input(
 def test_the_environment_names_gitlab_yml_as_for_gitlabs_mailroom(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gitlab_yml = rails_root(tmp_path, section(delivery_method="sidekiq"))
+    gitlab_yml = rails_root(tmp_path, section(delivery_method="que"))
     monkeypatch.setenv("MAIL_ROOM_GITLAB_CONFIG_FILE", str(gitlab_yml))
     assert cli.main([]) == 2
-    assert "delivery_method: sidekiq" in capsys.readouterr().err
+    assert "delivery_method: 'que' is not webhook or sidekiq" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_log_path_that_cannot_be_opened_names_gitlabs_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GitLab's default log_path is log/mail_room_json.log in the Rails root."""
+    gitlab_yml = rails_root(tmp_path, section())
+    assert cli.main(["run", "--gitlab-config", str(gitlab_yml)]) == 2
+    log = tmp_path / "gitlab" / "log" / "mail_room_json.log"
+    assert (
+        f"mailroom: config error: {gitlab_yml}: production.incoming_email.log_path: cannot open "
+        f"{log} to log to: No such file or directory" in capsys.readouterr().err
+    )
 
 
 def test_the_mailroom_yaml_adds_what_gitlab_yml_cannot_say(tmp_path: Path) -> None:
@@ -415,7 +495,8 @@ def test_the_mailroom_yaml_adds_what_gitlab_yml_cannot_say(tmp_path: Path) -> No
         )
     )
     config = load_gitlab(gitlab_yml, mailroom_config=overlay, env={})
-    (box,) = config.mailboxes
+    box = first(config)
+    assert len(config.mailboxes) == 1
     assert box.failed_folder == "Failed" and box.webhook.timeout_s == 5
     assert box.webhook.jwt is not None and box.webhook.retry.initial_s == 2
     assert not box.routing.forward_auto_generated
@@ -687,3 +768,19 @@ def test_gitlabs_redis_config_with_erb_is_a_config_error(tmp_path: Path) -> None
     arbitration = load_gitlab(gitlab_yml, mailroom_config=small, env={}).arbitration
     assert (arbitration.url, arbitration.namespace) == ("redis://other:6379", "mailroom")
     assert arbitration.password is not None and arbitration.password.reveal() == "pw"
+
+
+def test_mailroom_gems_claims_are_on_in_gitlab_mode_and_can_be_switched_off(
+    tmp_path: Path,
+) -> None:
+    gitlab_yml = rails_root(tmp_path, section())
+    arbitration = load(gitlab_yml).arbitration
+    assert arbitration.enabled and arbitration.mail_room_claims
+    assert arbitration.mail_room_key("12") == "mail_room:gitlab:delivered:12"
+    overlay = tmp_path / "mailroom.yml"
+    overlay.write_text("arbitration: {mail_room_claims: false, lease_ttl: 30}\n")
+    arbitration = load_gitlab(gitlab_yml, mailroom_config=overlay, env={}).arbitration
+    assert arbitration.enabled and arbitration.url == "redis://localhost:6381"  # still GitLab's
+    assert not arbitration.mail_room_claims and arbitration.lease_ttl_s == 30
+    overlay.write_text("arbitration: {method: none}\n")
+    assert not load_gitlab(gitlab_yml, mailroom_config=overlay, env={}).arbitration.enabled

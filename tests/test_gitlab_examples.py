@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import shlex
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from mailroom import cli
-from mailroom.config import GraphMailboxConfig, ImapMailboxConfig, parse_config
+from mailroom.config import GraphMailboxConfig, ImapMailboxConfig
+from mailroom.config.sample import SAMPLE
 from mailroom.gitlab import load_gitlab
 from mailroom.mail import routing
 from tests.helpers import ROOT
@@ -23,12 +25,13 @@ def test_the_gitlab_yml_excerpt_with_its_mailroom_yaml(tmp_path: Path) -> None:
     document = yaml.safe_load((EXAMPLES / "gitlab.yml").read_text())
     production = document["production"]
     production["shared"]["path"] = str(tmp_path / "shared")
+    etc = tmp_path / "gitlab-rails" / "etc"  # the Linux package's layout, without /opt/gitlab
+    etc.mkdir(parents=True)
+    (etc.parent / "working").mkdir()
     for kind in ("incoming_email", "service_desk_email"):
-        secret = tmp_path / Path(production[kind]["secret_file"]).name
-        secret.write_text(SECRET)
-        production[kind]["secret_file"] = str(secret)
-    gitlab_yml = tmp_path / "etc" / "gitlab.yml"
-    gitlab_yml.parent.mkdir()
+        assert production[kind]["secret_file"] == f".gitlab_{kind}_secret"
+        (etc / f"gitlab_{kind}_secret").write_text(SECRET)  # where the package's links point
+    gitlab_yml = etc / "gitlab.yml"
     gitlab_yml.write_text(yaml.safe_dump(document))
     config = load_gitlab(gitlab_yml, mailroom_config=EXAMPLES / "mailroom.yml", env={})
     incoming, desk = config.mailboxes
@@ -53,48 +56,66 @@ def unit(path: Path) -> dict[str, list[str]]:
     return found
 
 
-def test_the_systemd_unit_runs_with_gitlab() -> None:
+def test_the_linux_packages_systemd_unit() -> None:
     service = unit(EXAMPLES / "mailroom-gitlab.service")
-    assert service["PartOf"] == ["gitlab.target"] and service["WantedBy"] == ["gitlab.target"]
+    assert service["After"] == ["network-online.target gitlab-runsvdir.service"]
     assert service["User"] == ["git"] and service["RestartPreventExitStatus"] == ["2"]
+    assert service["ReadWritePaths"] == ["/var/log/gitlab/mailroom"]
     argv = shlex.split(service["ExecStart"][0])
     assert argv[0].endswith("/mailroom")
     args = cli._parser().parse_args(argv[1:])
-    assert args.command == "run" and args.gitlab_config.endswith("/config/gitlab.yml")
-    assert args.config == "/etc/mailroom/gitlab.yml"
+    assert args.command == "run"
+    assert args.gitlab_config == "/var/opt/gitlab/gitlab-rails/etc/gitlab.yml"
 
 
-def test_the_helm_snippet_swaps_the_image_and_reads_the_charts_secrets(tmp_path: Path) -> None:
+def test_the_self_compiled_unit_passes_gitlabs_incoming_email_check(tmp_path: Path) -> None:
+    """``gitlab-rake gitlab:incoming_email:check`` on a self-compiled GitLab
+    (lib/system_check/incoming_email/*.rb): "Mailroom enabled?" wants
+    /usr/local/lib/systemd/system/gitlab-mailroom.service wanted by gitlab.target; "MailRoom
+    running?" wants ``ps uxww`` of user git to show "mail_room". The unit takes GitLab's unit's
+    name and place; its command is the documented link named mail_room, run here as a process
+    as ps shows it."""
+    service = unit(EXAMPLES / "gitlab-mailroom.service")
+    assert service["PartOf"] == ["gitlab.target"] and service["WantedBy"] == ["gitlab.target"]
+    assert service["User"] == ["git"] and service["WorkingDirectory"] == ["/home/git/gitlab"]
+    text = (EXAMPLES / "gitlab-mailroom.service").read_text()
+    assert "install -m 0644 gitlab-mailroom.service /usr/local/lib/systemd/system/" in text
+    assert "ln -s mailroom /opt/mailroom/bin/mail_room" in text
+    argv = shlex.split(service["ExecStart"][0])
+    assert argv[0] == "/opt/mailroom/bin/mail_room"
+    args = cli._parser().parse_args(argv[1:])
+    assert args.command == "run" and args.gitlab_config == "/home/git/gitlab/config/gitlab.yml"
+    # The link, as documented, beside this venv's mailroom; a command that waits (route reads
+    # the message from stdin) stands for run.
+    link = tmp_path / "mail_room"
+    link.symlink_to(Path(sys.executable).parent / "mailroom")
+    config = tmp_path / "mailroom.yml"
+    config.write_text(SAMPLE)
+    process = subprocess.Popen(
+        [str(link), "route", "-c", str(config), "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ps = subprocess.run(["ps", "uxww"], capture_output=True, text=True, check=True).stdout
+        mine = [line for line in ps.splitlines() if str(process.pid) in line.split()[1:2]]
+        assert mine and "mail_room" in mine[0]  # MailRoomRunningCheck: ps_ux.include?("mail_room")
+    finally:
+        process.communicate(b"", timeout=60)
+
+
+def test_the_helm_values_mount_the_charts_own_configmap_for_the_images_command() -> None:
+    """tests/test_gitlab_installs.py runs the chart's ConfigMap where these values mount it."""
     values = yaml.safe_load((EXAMPLES / "helm-values.yaml").read_text())
     mailroom = values["gitlab"]["mailroom"]
     assert mailroom["image"]["repository"] and mailroom["hpa"]["maxReplicas"] == 2
     (volume,) = yaml.safe_load(mailroom["extraVolumes"])
     (mount,) = yaml.safe_load(mailroom["extraVolumeMounts"])
-    configmap = yaml.safe_load((EXAMPLES / "helm-configmap.yaml").read_text())
-    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    chart = yaml.safe_load(
+        (ROOT / "tests" / "gitlab_chart" / "mailroom-configmap.yaml").read_text()
+    )
+    assert volume["configMap"]["name"] == chart["metadata"]["name"]
+    assert volume["configMap"]["items"] == [{"key": "mail_room.yml", "path": "mailroom.yml"}]
     assert mount["name"] == volume["name"] and mount["mountPath"] == "/etc/mailroom"
     assert 'CMD ["run", "-c", "/etc/mailroom/mailroom.yml"]' in (ROOT / "Dockerfile").read_text()
-    # The files the chart mounts (charts/gitlab/templates/_mailroom.tpl and the mailroom chart)
-    text = configmap["data"]["mailroom.yml"]
-    charts_files = {
-        "mailroom/password_incoming_email",
-        "mailroom/incoming_email_webhook_secret",
-        "redis/redis-password",
-    }
-    replaced = text
-    for name in charts_files:
-        assert f"/etc/gitlab/{name}" in text
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text(SECRET if "webhook" in name else "password\n")
-        replaced = replaced.replace(f"/etc/gitlab/{name}", str(tmp_path / name))
-    data: Any = yaml.safe_load(replaced)
-    config = parse_config(data, env={})
-    (box,) = config.mailboxes
-    assert box.webhook.request_content_type == "text/plain"
-    assert box.webhook.jwt is not None and box.webhook.jwt.key() == bytes(32)
-    assert box.routing.mode is routing.RoutingMode.FORWARD_ALL
-    assert config.arbitration.enabled and config.arbitration.namespace == "mail_room:gitlab"
-    assert config.health is not None and (config.health.host, config.health.port) == (
-        "0.0.0.0",
-        8080,
-    )

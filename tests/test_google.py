@@ -21,6 +21,7 @@ import pytest
 from mailroom import check
 from mailroom.config import GoogleOAuthConfig, ImapMailboxConfig, parse_config
 from mailroom.errors import TokenError
+from mailroom.kinds import KINDS
 from mailroom.trust.google import GoogleTokenProvider
 from mailroom.trust.providers import TokenProviders
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
@@ -348,7 +349,7 @@ async def test_mailroom_check_gets_a_token_and_logs_in(
     ]
     report = check.Report(lambda line: None)
     config = parse_config(config_dict(boxes, webhook.url), env={})
-    await check.run(config, path="mailroom.yml", send_test=False, report=report)
+    await check.run(config, path="mailroom.yml", send_test=False, report=report, kinds=KINDS)
     results = {(r.target, r.step): r for r in report.results}
     good, bad = results["imap[good]", "oauth token"], results["imap[bad]", "oauth token"]
     assert (good.status, good.detail) == (

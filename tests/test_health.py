@@ -13,9 +13,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailroom.config import ConfigError, parse_config
+from mailroom.config import POLL_GRACE_S, ConfigError, parse_config
 from mailroom.envelope import Outcome
-from mailroom.observe.health import GRAPH_GRACE_S, Health
+from mailroom.kinds import KINDS
+from mailroom.observe.health import Health
+from mailroom.observe.monitor import LeaseChange, SourceState
 from mailroom.redact import origin
 from mailroom.runtime import supervisor
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
@@ -292,7 +294,7 @@ async def test_a_health_port_in_use_fails_at_start(
         port = taken.getsockname()[1]
         config = with_health(config_dict([mailbox_dict(dovecot, account)], webhook.url), port)
         with pytest.raises(ConfigError) as caught:
-            await supervisor.run(parse_config(config, env={}), asyncio.Event())
+            await supervisor.run(parse_config(config, env={}), asyncio.Event(), kinds=KINDS)
     assert str(caught.value) == (
         f"health.listen: cannot listen on 127.0.0.1:{port}: Address already in use; "
         "stop what uses it, or choose another"
@@ -345,22 +347,24 @@ def test_graph_is_ready_while_its_last_poll_is_within_two_intervals_and_grace() 
     clock = Clock()
     health = health_of(graph_box("g", 60), clock=clock)
     assert health.readiness()[0] is False  # no poll yet
-    health.connected("g")
-    clock.now += 2 * 60 + GRAPH_GRACE_S
-    health.disconnected("g", "GraphError: HTTP 429")  # one failed poll does not flip it
+    health.state("g", SourceState.CONNECTED)
+    clock.now += 2 * 60 + POLL_GRACE_S
+    health.state(
+        "g", SourceState.RECONNECTING, "GraphError: HTTP 429"
+    )  # one failed poll does not flip it
     ready, body = health.readiness()
     assert ready is True and body["mailboxes"]["g"]["state"] == "reconnecting"
     clock.now += 0.1
     ready, body = health.readiness()
     assert ready is False and body["mailboxes"]["g"]["ready"] is False
-    health.connected("g")
+    health.state("g", SourceState.CONNECTED)
     assert health.readiness()[0] is True
 
 
 def test_dispatcher_stalls_only_without_progress() -> None:
     clock = Clock()
     health = health_of(imap_box("a"), clock=clock, stall_after=10)
-    health.connected("a")
+    health.state("a", SourceState.CONNECTED)
     first = health.accepted("a")
     second = health.accepted("a")
     clock.now += 11
@@ -379,7 +383,7 @@ def test_dispatcher_stalls_only_without_progress() -> None:
 def test_a_message_given_up_unsettled_is_no_progress_and_stays_unsettled() -> None:
     clock = Clock()
     health = health_of(imap_box("a"), clock=clock, stall_after=10)
-    health.connected("a")
+    health.state("a", SourceState.CONNECTED)
     first = health.accepted("a")
     clock.now += 11
     health.finished("a", first)  # the dispatcher let go of it without an outcome
@@ -394,7 +398,7 @@ def test_a_message_given_up_unsettled_is_no_progress_and_stays_unsettled() -> No
     clock.now += 11
     assert health.readiness()[0] is False
     health.starting("a")  # the source starts again: it fetches that message anew
-    health.connected("a")
+    health.state("a", SourceState.CONNECTED)
     assert health.readiness()[1]["mailboxes"]["a"]["unsettled"] == 0
     assert health.readiness()[0] is True
 
@@ -405,10 +409,10 @@ def test_stopping_is_not_ready_and_forget_drops_the_series(
     caplog.set_level(logging.INFO, logger="mailroom")
     clock = Clock()
     health = health_of(imap_box("a"), imap_box("b"), clock=clock)
-    health.connected("a")
-    health.connected("b")
+    health.state("a", SourceState.CONNECTED)
+    health.state("b", SourceState.CONNECTED)
     for _ in range(5):
-        health.disconnected("b", "ImapConnectionLost: refused")
+        health.state("b", SourceState.RECONNECTING, "ImapConnectionLost: refused")
     assert [r.getMessage() for r in caplog.records if "→ reconnecting" in r.getMessage()] == [
         "b: connected → reconnecting after 0.0s (ImapConnectionLost: refused)"
     ]
@@ -474,7 +478,7 @@ def test_ready_when_sets_how_many_mailboxes_must_be_ready(
     data["health"] = {"listen": "127.0.0.1:0", "ready_when": ready_when}
     health = Health(parse_config(data, env={}), clock=Clock())
     for i in range(connected):
-        health.connected(f"m{i}")
+        health.state(f"m{i}", SourceState.CONNECTED)
     is_ready, body = health.readiness()
     assert is_ready is ready
     assert body["mailboxes_ready"] == connected
@@ -494,8 +498,8 @@ def test_a_stalled_webhook_takes_out_only_its_own_mailboxes() -> None:
     data = config_dict(boxes, "http://127.0.0.1:1/")
     data["health"] = {"stall_after": 10, "ready_when": "any"}
     health = Health(parse_config(data, env={}), clock=clock)
-    health.connected("a")
-    health.connected("b")
+    health.state("a", SourceState.CONNECTED)
+    health.state("b", SourceState.CONNECTED)
     health.accepted("a")
     clock.now += 11
     ready, body = health.readiness()
@@ -510,7 +514,7 @@ def test_replica_series_exist_from_the_first_arbitration_round() -> None:
     names = {s.name for family in health.registry.collect() for s in family.samples}
     assert "mailroom_leases_held" not in names and "mailroom_lease_changes_total" not in names
     health.arbitration(True)
-    health.lease_change("acquired")
+    health.lease_change(LeaseChange.ACQUIRED)
     samples = {
         (s.name, s.labels.get("change")): s.value
         for family in health.registry.collect()

@@ -7,6 +7,7 @@ import base64
 import logging
 import time
 from asyncio.sslproto import SSLProtocol
+from importlib.metadata import version
 from typing import Any
 
 import jwt
@@ -56,6 +57,7 @@ async def test_backlog_at_start_is_delivered_once_signed_and_marked_seen(
         assert request.headers["Content-Type"] == "application/json"
         assert request.headers["webhook-id"] == payload["id"]
         assert request.headers["X-Mailroom-Mailbox"] == account.user
+        assert request.headers["User-Agent"] == f"mailroom/{version('mailroom-incoming')}"
         by_raw[base64.b64decode(payload["raw"])] = (request, payload)
     assert set(by_raw) == set(raws)  # byte-exact, each exactly once
     stored = {m.raw: m.uid for m in await dovecot.amessages(account)}

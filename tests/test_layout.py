@@ -9,7 +9,7 @@ from pathlib import Path
 import mailroom
 
 PACKAGE = Path(mailroom.__file__).parent
-STAGES = ("sources", "mail", "delivery", "observe", "runtime", "trust")
+STAGES = ("sources", "mail", "delivery", "observe", "runtime", "trust", "kinds")
 
 
 def module_name(path: Path) -> str:

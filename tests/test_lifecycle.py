@@ -8,15 +8,16 @@ from typing import Any
 
 import pytest
 
+from mailroom.backoff import Backoff
 from mailroom.config import parse_config
 from mailroom.config.model import ImapMailboxConfig
 from mailroom.delivery.circuit import Circuit
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ImapAuthError, ImapConnectionLost, TokenError
-from mailroom.observe.monitor import Monitor
+from mailroom.observe.monitor import AuthFailure, Monitor
 from mailroom.sources.budget import Budget
 from mailroom.sources.imap import search_criteria
-from mailroom.sources.lifecycle import AUTH_BACKOFF_INITIAL_S, Source
+from mailroom.sources.lifecycle import AUTH_BACKOFF, Source
 from tests.helpers import config_dict
 
 # -- the budget -------------------------------------------------------------------------------
@@ -119,8 +120,8 @@ class Events(Monitor):
     def restarted(self, mailbox: str) -> None:
         self.seen.append(("restarted", mailbox))
 
-    def auth_error(self, mailbox: str, kind: str) -> None:
-        self.seen.append(("auth_error", kind))
+    def auth_error(self, mailbox: str, failure: AuthFailure) -> None:
+        self.seen.append(("auth_error", failure.value))
 
 
 async def test_the_circuit_opens_once_probes_one_at_a_time_and_closes_once(
@@ -128,7 +129,7 @@ async def test_the_circuit_opens_once_probes_one_at_a_time_and_closes_once(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="mailroom")
     events = Events()
-    circuit = Circuit("https://hook:443", initial_s=0.01, max_s=0.02, monitor=events)
+    circuit = Circuit("https://hook:443", Backoff(initial_s=0.01, max_s=0.02), monitor=events)
     for _ in range(4):
         assert await circuit.admit()
         circuit.failed("HTTP 503")
@@ -165,7 +166,7 @@ async def test_the_circuit_opens_once_probes_one_at_a_time_and_closes_once(
 
 
 async def test_an_abandoned_probe_lets_the_next_one_go_and_admit_can_time_out() -> None:
-    circuit = Circuit("h", initial_s=0.01, max_s=0.01, failures_to_open=1)
+    circuit = Circuit("h", Backoff(initial_s=0.01, max_s=0.01), failures_to_open=1)
     circuit.failed("timeout", retry_after_s=3600)  # a long Retry-After is honoured (capped)
     assert not await circuit.admit(timeout_s=0.0)
     async with asyncio.timeout(5):
@@ -190,13 +191,11 @@ def _imap_config() -> ImapMailboxConfig:
     return mailbox
 
 
-class Scripted(Source[int]):
+class Scripted(Source[ImapMailboxConfig, int, None]):
     """A source whose connections fail as scripted, then serve until stopped."""
 
-    kind = "test"
     max_in_flight = 4
-    retry_initial_s = 0.001
-    retry_max_s = 0.002
+    backoff = Backoff(initial_s=0.001, max_s=0.002)
 
     def __init__(self, failures: list[Exception], **kwargs: Any) -> None:
         self.submitted: list[Envelope] = []
@@ -215,7 +214,7 @@ class Scripted(Source[int]):
         await self._stopping.wait()
         await self._drained.wait()
 
-    async def _apply_settlements(self, *args: Any) -> None:
+    async def _apply_settlements(self) -> None:
         for settlement in self._take_settlements():
             self._settled(settlement)
 
@@ -273,14 +272,14 @@ async def test_repeated_refused_logins_back_off_for_minutes() -> None:
     first = source._delay_after(refused)
     second = source._delay_after(refused)
     third = source._delay_after(refused)
-    assert first <= Scripted.retry_max_s  # an expired token or a restart: retried at once
-    assert AUTH_BACKOFF_INITIAL_S / 2 <= second <= AUTH_BACKOFF_INITIAL_S
-    assert third >= AUTH_BACKOFF_INITIAL_S
+    assert first <= Scripted.backoff.max_s  # an expired token or a restart: retried at once
+    assert AUTH_BACKOFF.initial_s / 2 <= second <= AUTH_BACKOFF.initial_s
+    assert third >= AUTH_BACKOFF.initial_s
     source._set_connected()  # a login that works ends the run
-    assert source._delay_after(refused) <= Scripted.retry_max_s
+    assert source._delay_after(refused) <= Scripted.backoff.max_s
     # An identity provider that refuses the app counts too; one that is unreachable does not.
     assert source._delay_after(TokenError("refused", code="invalid_client")) >= 30
-    assert source._delay_after(TokenError("no answer")) <= Scripted.retry_max_s
+    assert source._delay_after(TokenError("no answer")) <= Scripted.backoff.max_s
 
 
 async def test_a_forgotten_hand_out_leaves_a_new_message_under_the_same_key_alone() -> None:

@@ -115,8 +115,10 @@ def test_the_readme_example_with_mail_rooms_defaults(tmp_path: Path) -> None:
         "0.0.0.0",
         8081,
     )
-    assert any(":logger: mailroom logs to stderr" in w for w in config.warnings)
-    assert any("/healthz" in w for w in config.warnings)
+    assert [(f.path, f.mailboxes) for f in config.log.files] == [
+        ("/var/log/mail_room.log", frozenset({"mailbox2"}))
+    ]
+    assert config.warnings == ()  # :health_check: is served as it is (/liveness too)
 
 
 def test_a_graph_mailbox(tmp_path: Path) -> None:
@@ -157,10 +159,14 @@ BASE = """\
     ("extra", "expected"),
     [
         ("    :delivery_method: logger\n", ":delivery_method: logger: mailroom always posts"),
-        ("    :delivery_method: sidekiq\n", ":delivery_method: sidekiq: mailroom always posts"),
+        ("    :delivery_method: sidekiq\n", ":delivery_options.:worker: is required"),
         ("    :delivery_klass: Foo\n", ":delivery_klass: a Ruby class"),
         ("    :location: /tmp/x\n", ":location: letter_opener's directory"),
-        ("    :arbitration_method: redis\n", "mailroom has no Redis arbitration yet"),
+        ("    :arbitration_method: postgresql\n", ":arbitration_method: postgresql: is not"),
+        (
+            "    :arbitration_method: redis\n    :arbitration_options: {':redis_url': 'x:/'}\n",
+            "url is not redis://, rediss:// or unix://",
+        ),
         ("    email: plain\n", ".email: MailRoom reads only symbol keys"),
         ("    :delivery_options:\n      :worker: X\n", ":worker: is not a postback option"),
         (  # a colon left out: the token is in a key, never shown
@@ -221,6 +227,7 @@ def test_with_the_mailroom_yaml_over_it(tmp_path: Path) -> None:
     overlay.write_text("mailboxes: {mailbox0: {failed_folder: Failed}}\nlog: {level: debug}\n")
     path = write(tmp_path, BASE)
     config = load_mail_room(path, mailroom_config=overlay, env={})
+    assert isinstance(config.mailboxes[0], ImapMailboxConfig)
     assert config.mailboxes[0].failed_folder == "Failed" and config.log.level == "debug"
 
 
@@ -341,3 +348,40 @@ async def test_a_token_never_reaches_another_mailboxs_receiver(
     assert "Authorization" not in to_thirdparty.headers
     assert b"gitlab-token" not in bytes(str(to_thirdparty.headers), "utf-8") + to_thirdparty.body
     assert to_thirdparty.body.startswith(b"From: Sender 2")
+
+
+def test_sidekiq_delivery_and_redis_arbitration_as_mail_room_reads_them(tmp_path: Path) -> None:
+    path = tmp_path / "mail_room.yml"
+    path.write_text(
+        """
+:mailboxes:
+  -
+    :email: "user@example.com"
+    :password: "pw"
+    :name: "inbox"
+    :delivery_method: sidekiq
+    :delivery_options:
+      :redis_url: "redis://:s3cr%40t@redis.example.com:6380/2"
+      :namespace: "resque:gitlab"
+      :queue: "email_receiver"
+      :worker: "EmailReceiverWorker"
+    :arbitration_method: redis
+    :arbitration_options:
+      :redis_url: "redis://:s3cr%40t@redis.example.com:6380"
+      :namespace: "mail_room:gitlab"
+"""
+    )
+    config = load_mail_room(path, env={})
+    (box,) = config.mailboxes
+    sidekiq = box.webhook.sidekiq
+    assert sidekiq is not None and sidekiq.key == "resque:gitlab:queue:email_receiver"
+    assert sidekiq.worker == "EmailReceiverWorker" and sidekiq.redis.db == 2
+    assert sidekiq.redis.password is not None and sidekiq.redis.password.reveal() == "s3cr@t"
+    assert sidekiq.redis.url == "redis://redis.example.com:6380/2"  # no password in it
+    arbitration = config.arbitration
+    assert arbitration.enabled and arbitration.namespace == "mail_room:gitlab"
+    assert arbitration.mail_room_claims and arbitration.mail_room_key("3") == (
+        "mail_room:gitlab:delivered:3"
+    )
+    assert arbitration.password is not None and arbitration.password.reveal() == "s3cr@t"
+    assert "s3cr" not in repr(config)

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailroom.config import ConfigError, parse_config
+from mailroom.config import ConfigError, ImapMailboxConfig, parse_config
 from mailroom.redact import origin
 from tests.helpers import config_dict, mailbox_dict, message, running, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
@@ -322,7 +322,8 @@ def test_a_failed_folder_may_not_be_the_watched_folder(
            "mailbox": mailbox, "failed_folder": failed_folder}  # fmt: skip
     data = config_dict([box], "http://127.0.0.1:1/")
     if not refused:  # IMAP names other than INBOX are case-sensitive: another folder
-        assert parse_config(data, env={}).mailboxes[0].failed_folder == failed_folder
+        parsed = parse_config(data, env={}).mailboxes[0]
+        assert isinstance(parsed, ImapMailboxConfig) and parsed.failed_folder == failed_folder
         return
     with pytest.raises(ConfigError, match=r"failed_folder: is the folder this mailbox watches"):
         parse_config(data, env={})

@@ -11,6 +11,7 @@ import time
 import timeit
 import tracemalloc
 from dataclasses import fields
+from datetime import UTC, datetime
 from email import policy
 from email.message import Message
 from email.parser import BytesParser
@@ -383,11 +384,19 @@ def test_params_are_what_get_params_returns(value: str) -> None:
         "Fri, 3 May 2026 10:00:00 +2400",
         "Sat, 4 nov 2026 10:00:00 GMT",
         "4 Nov 26 10:00 EST",
+        "Mon, 01 Jan 2024 00:00:00",
+        "Mon, 01 Jan 2024 00:00:00 XYZ",
     ],
 )
-def test_dates_read_as_the_stdlib_does(value: str) -> None:
+def test_dates_read_as_the_stdlib_does_always_with_an_offset(value: str) -> None:
+    """The stdlib's reading, except that a date it leaves naive (-0000, an unknown or missing
+    zone: UTC, the local zone unknown) is given +00:00: a receiver parsing the payload's
+    ``date`` as ISO 8601 with an offset must not meet a time without one."""
     try:
-        expected: object = email.utils.parsedate_to_datetime(value).isoformat()
+        stdlib = email.utils.parsedate_to_datetime(value)
+        if stdlib.tzinfo is None:
+            stdlib = stdlib.replace(tzinfo=UTC)
+        expected: object = stdlib.isoformat()
     except ValueError as exc:
         expected = type(exc)
     try:
@@ -395,6 +404,13 @@ def test_dates_read_as_the_stdlib_does(value: str) -> None:
     except ValueError as exc:
         got = type(exc)
     assert got == expected
+    if isinstance(got, str):
+        assert datetime.fromisoformat(got).utcoffset() is not None
+
+
+def test_a_minus_zero_date_reaches_the_payload_with_an_offset() -> None:
+    parsed = parse(b"From: a@example.org\r\nDate: Mon, 01 Jan 2024 10:00:00 -0000\r\n\r\nx\r\n")
+    assert parsed.date == "2024-01-01T10:00:00+00:00"
 
 
 # -- large mail: decoded for the parser in slices, attachments measured without decoding -------
@@ -414,7 +430,7 @@ def _with_attachment(data: bytes) -> bytes:
 def test_large_mail_is_read_in_slices_as_the_stdlib_reads_it_whole() -> None:
     raw = _with_attachment(random.Random(1).randbytes(1024 * 1024))
     sliced, _ = mime.read(raw)  # bytes decoded a chunk at a time
-    whole = mime._feed(raw.decode("ascii", "surrogateescape"), mime.Budget())
+    whole = mime._feed(raw.decode("ascii", "surrogateescape"), mime.ParseBudget())
     assert sliced.as_bytes() == whole.as_bytes()
     parsed = parse(raw)
     assert parsed.attachments == (Attachment("a.pdf", "application/pdf", 1024 * 1024),)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from mailroom import check
 from mailroom.config import ConfigError, parse_config
+from mailroom.kinds import KINDS
 from mailroom.trust.proxies import proxy_for
 from tests.helpers import config_dict, mailbox_dict, message, running
 from tests.servers.dovecot import Account, Dovecot
@@ -152,7 +153,9 @@ async def test_check_goes_the_way_deliveries_go(
     lines: list[str] = []
     data = config_dict([mailbox_dict(dovecot, account)], webhook.url, proxy=proxy.url)
     report = check.Report(lines.append)
-    await check.run(parse_config(data, env={}), path="x.yml", send_test=True, report=report)
+    await check.run(
+        parse_config(data, env={}), path="x.yml", send_test=True, report=report, kinds=KINDS
+    )
     hook = f"webhook[http://127.0.0.1:{webhook.port}]"
     assert f"OK   {hook} proxy: deliveries go through http://127.0.0.1:{proxy.port}" in lines
     assert any(

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from mailroom.config import Config, load_config, parse_config
+from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
 from tests.helpers import Process, config_dict, mailbox_dict, message, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port
@@ -63,7 +64,11 @@ async def reloadable(
     mailroom = Reloadable(data, caplog)
     task = asyncio.create_task(
         supervisor.run(
-            mailroom.load(), mailroom.stop, load=mailroom.load, reload=mailroom.reload_requested
+            mailroom.load(),
+            mailroom.stop,
+            kinds=KINDS,
+            load=mailroom.load,
+            reload=mailroom.reload_requested,
         )
     )
     try:
@@ -349,7 +354,9 @@ async def test_reload_watch_follows_a_kubernetes_configmap_swap(
         return load_config(config_file)
 
     stop = asyncio.Event()
-    task = asyncio.create_task(supervisor.run(load(), stop, load=load, watch=[config_file]))
+    task = asyncio.create_task(
+        supervisor.run(load(), stop, kinds=KINDS, load=load, watch=[config_file])
+    )
     try:
         await wait_until(lambda: _logged(caplog, "connected to"), what="the first mailbox")
         version("..v2", [first, second])

@@ -156,3 +156,52 @@ def test_command(
     assert capsys.readouterr().err.startswith("mailroom: -c FILE is required")
     for secret in ("imap-password-xyzzy", "hook-token-xyzzy"):
         assert secret not in out
+
+
+def test_route_needs_no_secret_and_no_ca_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A production config on a laptop: the environment sets nothing and none of the secret
+    files or CA bundles exists here. route touches no network, so it needs none of them; run
+    and check still name each one."""
+    gone = "/run/secrets/not-on-this-machine"
+    data = config_data(password="${IMAP_PASSWORD}", ca_file=f"{gone}/ca.pem")
+    data["webhook"] |= {
+        "signing_secret_file": f"{gone}/webhook",
+        "jwt": {"secret_file": f"{gone}/jwt", "secret_encoding": "base64"},
+        "basic": {"user": "app", "password": "${HOOK_PASSWORD}"},
+    }
+    smtp = {"host": "smtp.example.com", "start_tls": True, "user": "u"}
+    data["reject_notices"] = {"from": "noreply@example.com", "smtp": smtp}
+    smtp["password_file"] = f"{gone}/smtp"
+    data["mailboxes"][1] = {
+        "id": "desk",
+        "inbox_method": "microsoft_graph",
+        "address": "desk@incoming.example.com",
+        "user": "desk@example.com",
+        "inbox_options": {
+            "tenant_id": "contoso.onmicrosoft.com",
+            "client_id": "c",
+            "client_certificate_file": f"{gone}/entra.pem",
+        },
+    }
+    path = tmp_path / "mailroom.yml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["route", "-c", str(path), str(EML / "key_to.eml")]) == 0
+    out, err = capsys.readouterr()
+    assert "\nkey:      k-to\n" in out and err == ""
+    assert cli.main(["route", "-c", str(path), "--mailbox", "desk", str(EML / "key_to.eml")]) == 0
+    assert "decision: reject: unknown incoming email" in capsys.readouterr().out
+
+    assert cli.main(["check", "-c", str(path)]) == 2
+    failed = capsys.readouterr().out
+    assert "7 settings cannot be read" in failed and "IMAP_PASSWORD is not set" in failed
+
+
+def test_route_still_needs_what_routing_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "mailroom.yml"
+    path.write_text(yaml.safe_dump(config_data(address="${INCOMING_ADDRESS}")))
+    assert cli.main(["route", "-c", str(path), str(EML / "key_to.eml")]) == 2
+    assert "environment variable INCOMING_ADDRESS is not set" in capsys.readouterr().err

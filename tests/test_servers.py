@@ -202,7 +202,7 @@ def _load_example() -> ModuleType:
     return module
 
 
-def test_example_receiver_verifies_standard_webhooks() -> None:
+def test_example_receiver_verifies_standard_webhooks_and_their_timestamp() -> None:
     receiver = _load_example()
     secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     body = b'{"id": "1", "subject": "hi"}'
@@ -216,3 +216,12 @@ def test_example_receiver_verifies_standard_webhooks() -> None:
     assert receiver.verify(secret, headers, body)
     assert not receiver.verify(secret, headers, body + b" ")
     assert not receiver.verify("whsec_" + "AAAA" * 8, headers, body)
+    now = stamp.timestamp()
+    assert receiver.refusal(secret, headers, body, now) is None
+    assert receiver.refusal(secret, headers, body, now + 299) is None
+    assert receiver.refusal(secret, headers, body + b" ", now) == "bad signature"
+    # A request recorded and replayed later, or stamped ahead, is refused though signed.
+    for later in (now + 301, now - 301):
+        assert "more than 300 s from now" in receiver.refusal(secret, headers, body, later)
+    del headers["webhook-timestamp"]
+    assert receiver.refusal(secret, headers, body, now) == "no webhook-timestamp"

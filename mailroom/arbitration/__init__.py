@@ -8,10 +8,18 @@ import secrets
 import socket
 
 from mailroom.arbitration.leases import Coordinator
-from mailroom.arbitration.store import Lease, RedisStore
+from mailroom.arbitration.store import JobQueues, Lease, RedisQueue, RedisStore
 from mailroom.config import ArbitrationConfig
 
-__all__ = ["Coordinator", "Lease", "RedisStore", "replica_id", "store"]
+__all__ = [
+    "Coordinator",
+    "JobQueues",
+    "Lease",
+    "RedisQueue",
+    "RedisStore",
+    "replica_id",
+    "store",
+]
 
 
 def replica_id() -> str:

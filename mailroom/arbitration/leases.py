@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from mailroom.arbitration.store import Lease, RedisStore
 from mailroom.config import Config, MailboxConfig
 from mailroom.errors import ArbitrationError
-from mailroom.observe.monitor import Monitor
+from mailroom.observe.monitor import LeaseChange, Monitor
 
 __all__ = ["Coordinator"]
 
@@ -224,7 +224,7 @@ class Coordinator:
                     if lease is None:
                         continue  # another replica was quicker
                     self.held[mailbox] = _Held(lease, sent + self.ttl_s)
-                    self._monitor.lease_change("acquired")
+                    self._monitor.lease_change(LeaseChange.ACQUIRED)
                     log.info("%s: lease taken (fence %d); watching it", mailbox, lease.fence)
                     started.append(self._mailboxes[mailbox])
                     wanted -= 1
@@ -266,7 +266,7 @@ class Coordinator:
             try:
                 async with self._lock:
                     await self.store.release([held.lease])
-                self._monitor.lease_change("released")
+                self._monitor.lease_change(LeaseChange.RELEASED)
             except ArbitrationError as exc:
                 log.warning("%s: lease not released (%s); it lapses by itself", mailbox, exc)
 
@@ -296,7 +296,7 @@ class Coordinator:
         if held.stopping is not None:
             held.stopping.cancel()
         del self.held[mailbox]
-        self._monitor.lease_change("lost")
+        self._monitor.lease_change(LeaseChange.LOST)
 
     async def release_all(self) -> None:
         """After a clean stop: give every lease back and leave, so others take over at once;

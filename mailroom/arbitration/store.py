@@ -1,4 +1,5 @@
-"""What replicas share in Redis: the only module that imports redis.
+"""What replicas share in Redis, and the Sidekiq queues GitLab's ``delivery_method: sidekiq``
+pushes to: the only module that imports redis.
 
 Keys, all under ``arbitration.namespace`` (``ns``):
 
@@ -8,7 +9,10 @@ Keys, all under ``arbitration.namespace`` (``ns``):
   ``ns:fence:<mailbox id>`` counts the leases ever given for the mailbox (the fencing number);
 - ``ns:delivered:<webhook-id>``: the outcome of a message that was settled (or is about to be),
   with a TTL of ``marker_ttl``: a new owner that finds it settles without posting again;
-- ``ns:notice:<digest of recipient and reason>``: the reject-notice rate limit, shared.
+- ``ns:notice:<digest of recipient and reason>``: the reject-notice rate limit, shared;
+- with ``mail_room_claims`` (a migration from the MailRoom gem): MailRoom's own claim of a
+  message, ``<MailRoom's ns>:delivered:<uid>``, set if absent for ``MAIL_ROOM_CLAIM_S`` as
+  MailRoom sets it, with a value of mailroom's (MailRoom writes ``1``).
 
 Every change that must be atomic is one Lua script (Redis runs a script without interleaving).
 Every call is bounded by ``COMMAND_TIMEOUT_S`` and made once: a failure surfaces at once as
@@ -37,9 +41,17 @@ from mailroom.config import ArbitrationConfig
 from mailroom.errors import ArbitrationError
 from mailroom.trust import tls
 
-__all__ = ["COMMAND_TIMEOUT_S", "Lease", "RedisStore"]
+__all__ = [
+    "COMMAND_TIMEOUT_S",
+    "MAIL_ROOM_CLAIM_S",
+    "JobQueues",
+    "Lease",
+    "RedisQueue",
+    "RedisStore",
+]
 
 COMMAND_TIMEOUT_S = 2.0
+MAIL_ROOM_CLAIM_S = 600  # MailRoom::Arbitration::Redis::EXPIRATION
 T = TypeVar("T")
 
 # KEYS: lease, fence. ARGV: replica id, ttl ms. The lease value, or nil when it is held.
@@ -73,6 +85,19 @@ _RELEASE = """
 local n = 0
 for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[i] then n = n + redis.call('DEL', key) end
+end
+return n
+"""
+# KEYS: MailRoom's claim. ARGV: our value, ttl s. nil when we claimed it, else the value there.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return false end
+return redis.call('GET', KEYS[1])
+"""
+# KEYS: claims. ARGV: ttl s, then the value each must still have. Extends only our own.
+_EXTEND = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then n = n + redis.call('EXPIRE', key, ARGV[1]) end
 end
 return n
 """
@@ -150,7 +175,8 @@ def _client(config: ArbitrationConfig) -> tuple[aioredis.Redis, list[aioredis.Re
             config.master_name or "", db=config.db, **common, **extra
         )
         return client, list(sentinel.sentinels)
-    assert config.url is not None
+    if config.url is None:  # the config requires url or sentinels
+        raise ArbitrationError("arbitration: neither url nor sentinels", misconfigured=True)
     if config.url.startswith("unix:"):
         socket_path = config.url.removeprefix("unix://")
         return aioredis.Redis(unix_socket_path=socket_path, db=config.db, **common), []
@@ -190,6 +216,8 @@ class RedisStore:
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._extend = self._redis.register_script(_EXTEND)
 
     def lease_key(self, mailbox: str) -> str:
         return f"{self._ns}:lease:{mailbox}"
@@ -278,6 +306,20 @@ class RedisStore:
             keys = [self._marker_key(webhook_id) for webhook_id in webhook_ids]
             await self._call("marker", lambda: self._redis.delete(*keys))
 
+    async def claim_mail_room(self, uid: str, value: str) -> str | None:
+        """Claim the message ``uid`` the way MailRoom does (``SET <ns>:delivered:<uid> NX EX
+        600``), with ``value``: None when it is ours now, else the value found there."""
+        key = self.config.mail_room_key(uid)
+        args: list[str | int] = [value, MAIL_ROOM_CLAIM_S]
+        found = await self._call("MailRoom claim", lambda: self._claim([key], args))
+        return None if found is None else str(found)
+
+    async def extend_mail_room(self, uid: str, value: str) -> None:
+        """Give our claim of ``uid`` another ``MAIL_ROOM_CLAIM_S`` (a delivery still retried)."""
+        keys = [self.config.mail_room_key(uid)]
+        args: list[str | int] = [MAIL_ROOM_CLAIM_S, value]
+        await self._call("MailRoom claim", lambda: self._extend(keys, args))
+
     async def allow_notice(self, recipient: str, reason: str, window_s: float) -> bool:
         """True (and recorded) when no replica sent ``recipient`` a notice for ``reason``
         within ``window_s``."""
@@ -291,3 +333,62 @@ class RedisStore:
         for client in (self._redis, *self._sentinels):
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await client.aclose()
+
+
+class RedisQueue:
+    """One Redis that Sidekiq jobs are pushed to (``delivery.sidekiq``), with the same client
+    settings as the store: bounded commands, each made once (the delivery's retries decide)."""
+
+    def __init__(self, config: ArbitrationConfig) -> None:
+        self.where = config.describe()
+        self._redis, self._sentinels = _client(config)
+
+    async def length(self, key: str) -> int:
+        """``LLEN key``: the jobs waiting there (``mailroom check``)."""
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S * 2):
+                return int(await self._redis.llen(key))
+        except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
+            reason = str(exc).split("\n")[0][:200] or type(exc).__name__
+            raise ArbitrationError(f"LLEN: Redis at {self.where}: {reason}") from exc
+
+    async def push(self, key: str, job: str) -> None:
+        """``LPUSH key job``; ``ArbitrationError`` when Redis did not take it."""
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_S * 2):
+                await self._redis.lpush(key, job)
+        except TimeoutError as exc:
+            raise ArbitrationError(f"LPUSH: Redis at {self.where} did not answer in time") from exc
+        except redis.exceptions.AuthenticationError as exc:
+            raise ArbitrationError(
+                f"LPUSH: Redis at {self.where} refused the password", misconfigured=True
+            ) from exc
+        except (redis.exceptions.RedisError, OSError) as exc:
+            reason = str(exc).split("\n")[0][:200] or type(exc).__name__
+            misconfigured = any(w in reason for w in ("NOAUTH", "WRONGPASS", "NOPERM"))
+            raise ArbitrationError(
+                f"LPUSH: Redis at {self.where}: {reason}", misconfigured=misconfigured
+            ) from exc
+
+    async def close(self) -> None:
+        for client in (self._redis, *self._sentinels):
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await client.aclose()
+
+
+class JobQueues:
+    """The Sidekiq Redis of each config, built once (two mailboxes on one Redis share it)."""
+
+    def __init__(self) -> None:
+        self._queues: dict[ArbitrationConfig, RedisQueue] = {}
+
+    def __call__(self, config: ArbitrationConfig) -> RedisQueue:
+        queue = self._queues.get(config)
+        if queue is None:
+            queue = self._queues[config] = RedisQueue(config)
+        return queue
+
+    async def close(self) -> None:
+        for queue in self._queues.values():
+            await queue.close()
+        self._queues.clear()

@@ -21,7 +21,7 @@ from mailroom.check.net import (
     open_connection,
     tcp,
 )
-from mailroom.check.report import Failed, Outcome, Report, Status, Target
+from mailroom.check.report import Failed, Finding, Report, Status, Target
 from mailroom.config import Config, WebhookConfig
 from mailroom.delivery import reject
 from mailroom.delivery.webhook import request_headers
@@ -69,18 +69,18 @@ async def webhook(
     proxy = proxy_for(config.url, config.proxy)
     if proxy is not None:  # checked the way deliveries go: through the proxy
         where = origin(proxy)
-        target.report.add(target.name, "proxy", "OK", f"deliveries go through {where}")
+        target.report.add(target.name, "proxy", Status.OK, f"deliveries go through {where}")
         host = urlsplit(proxy).hostname or ""
         port = urlsplit(proxy).port or (443 if proxy.startswith("https:") else 80)
 
-    async def dns() -> Outcome:
+    async def dns() -> Finding:
         try:
             ipaddress.ip_address(host)
         except ValueError:
             pass
         else:
             resolved.append(host)
-            return "OK", f"{host} is an IP address (no lookup)"
+            return Status.OK, f"{host} is an IP address (no lookup)"
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
@@ -89,15 +89,15 @@ async def webhook(
             setting = "webhook.url" if proxy is None else "the proxy (webhook.proxy, HTTPS_PROXY)"
             raise Failed(f"cannot resolve {host}: {exc.strerror}; check {setting}") from exc
         resolved.extend(dict.fromkeys(str(info[4][0]) for info in infos))
-        return "OK", f"{host} resolves to {', '.join(resolved)}"
+        return Status.OK, f"{host} resolves to {', '.join(resolved)}"
 
-    async def tls() -> Outcome:
+    async def tls() -> Finding:
         if proxy is not None:
-            return "OK", "end to end through the proxy's tunnel (checked by the test event)"
+            return Status.OK, "end to end through the proxy's tunnel (checked by the test event)"
         if parts.scheme != "https":
             if all(is_loopback(a) for a in resolved or [host]):
-                return "OK", "not used (http:// to this machine)"
-            return "WARN", (
+                return Status.OK, "not used (http:// to this machine)"
+            return Status.WARN, (
                 "not used: messages cross the network in clear text; use an https:// URL"
             )
         _, writer = await open_connection(host, port, _webhook_tls(config), "webhook.")
@@ -108,9 +108,12 @@ async def webhook(
         finally:
             await close(writer)
 
-    async def test_event() -> Outcome:
+    async def test_event() -> Finding:
         if not send_test:
-            return "SKIP", 'skipped: add --send-test to POST a signed {"type": "mailroom.check"}'
+            return (
+                Status.SKIP,
+                'skipped: add --send-test to POST a signed {"type": "mailroom.check"}',
+            )
         body = json.dumps(TEST_EVENT).encode()
         started = time.monotonic()
         try:
@@ -133,7 +136,7 @@ async def webhook(
             raise Failed(f"{type(exc).__name__}: the POST did not get an answer") from exc
         elapsed_ms = (time.monotonic() - started) * 1000
         if 200 <= status < 300:
-            return "OK", f"signed test event answered HTTP {status} in {elapsed_ms:.0f} ms"
+            return Status.OK, f"signed test event answered HTTP {status} in {elapsed_ms:.0f} ms"
         hint = _STATUS_HINTS.get(status)
         if hint is None:
             hint = (
@@ -141,7 +144,7 @@ async def webhook(
                 if 300 <= status < 400
                 else "the receiver failed; see its logs"
             )
-        return "FAIL", f"HTTP {status} to the signed test event (2xx expected); {hint}"
+        return Status.FAIL, f"HTTP {status} to the signed test event (2xx expected); {hint}"
 
     await target.run("dns", dns)
     await target.run("tcp", lambda: tcp(host, port))
@@ -155,16 +158,18 @@ async def webhook(
 async def smtp(report: Report, config: Config) -> None:
     notices = config.reject_notices
     if notices is None:
-        report.add("smtp", "reject notices", "OK", "not configured: rejected mail gets no notice")
+        report.add(
+            "smtp", "reject notices", Status.OK, "not configured: rejected mail gets no notice"
+        )
         return
     smtp = notices.smtp
     target = f"smtp[{smtp.host}:{smtp.port}]"
     steps = await reject.check_connection(smtp)
-    statuses: dict[str, Status] = {"ok": "OK", "warn": "WARN", "fail": "FAIL"}
+    statuses: dict[str, Status] = {"ok": Status.OK, "warn": Status.WARN, "fail": Status.FAIL}
     for step in steps:
         report.add(target, step.step, statuses[step.status], step.detail)
     done = {step.step for step in steps}
     failed = next((step.step for step in steps if step.status == "fail"), None)
     for name in ("connect", "tls", "ehlo", "auth"):
         if name not in done and failed is not None:
-            report.add(target, name, "SKIP", f"skipped: {failed} failed")
+            report.add(target, name, Status.SKIP, f"skipped: {failed} failed")

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
+from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Finding, Report, Status, Target
 from mailroom.config import Config, WebhookConfig
 from mailroom.redact import origin
 from mailroom.trust.proxies import proxy_for
@@ -29,11 +29,13 @@ async def run(report: Report, config: Config) -> None:
     for mailbox in config.mailboxes:
         target = Target(report, f"gitlab[{mailbox.id}]")
         hook = mailbox.webhook
+        if hook.sidekiq is not None:  # delivery_method: sidekiq: no JWT, no internal API
+            continue
         await target.run("secret", functools.partial(_secret, hook))
         await target.run("internal API", functools.partial(_probe, hook))
 
 
-async def _secret(hook: WebhookConfig) -> Outcome:
+async def _secret(hook: WebhookConfig) -> Finding:
     jwt = hook.jwt
     if jwt is None:
         raise Failed("no JWT configured; GitLab's internal API refuses requests without it")
@@ -44,10 +46,10 @@ async def _secret(hook: WebhookConfig) -> Outcome:
             f"{where} decodes to {len(key)} bytes, GitLab writes {SECRET_BYTES}; use the file "
             "GitLab reads (gitlab-ctl reconfigure writes it in the Linux package)"
         )
-    return "OK", f"{where}: base64 of {SECRET_BYTES} bytes, the HS256 key of {jwt.header}"
+    return Status.OK, f"{where}: base64 of {SECRET_BYTES} bytes, the HS256 key of {jwt.header}"
 
 
-async def _probe(hook: WebhookConfig) -> Outcome:
+async def _probe(hook: WebhookConfig) -> Finding:
     shown = f"{origin(hook.url)}{urlsplit(hook.url).path}"  # GitLab's path holds no secret
     ssl = client_context(ca_file=hook.ca_file, verify=hook.tls_verify)
     try:
@@ -67,7 +69,7 @@ async def _probe(hook: WebhookConfig) -> Outcome:
     except aiohttp.ClientError as exc:
         raise Failed(f"{shown}: {type(exc).__name__}; check gitlab_url") from exc
     if status == 401:
-        return "OK", f"{shown} answers 401 to a request without the JWT, as GitLab does"
+        return Status.OK, f"{shown} answers 401 to a request without the JWT, as GitLab does"
     if status == 404:
         raise Failed(
             f"{shown}: HTTP 404; check gitlab_url (GitLab's own URL, as Workhorse serves it)"

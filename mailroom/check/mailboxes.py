@@ -9,8 +9,8 @@ from urllib.parse import quote
 
 from mailroom.check import route
 from mailroom.check.net import certificate, tcp
-from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Outcome, Report, Target
-from mailroom.config import GraphMailboxConfig, ImapMailboxConfig, MailboxConfig
+from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Finding, Report, Status, Target
+from mailroom.config import FolderMailboxConfig, GraphMailboxConfig, ImapMailboxConfig
 from mailroom.errors import MailroomError
 from mailroom.sources.graph_client import (
     GraphClient,
@@ -39,12 +39,12 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
     tokens = token_provider(config.oauth, label=config.id) if config.oauth is not None else None
     session: ImapSession | None = None
 
-    async def token() -> Outcome:
+    async def token() -> Finding:
         assert tokens is not None and config.oauth is not None
         await tokens.token()
-        return "OK", f"access token for {tokens.scope} acquired ({config.oauth.client})"
+        return Status.OK, f"access token for {tokens.scope} acquired ({config.oauth.client})"
 
-    async def connect() -> Outcome:
+    async def connect() -> Finding:
         nonlocal session
         session = await ImapSession.connect(
             config, timeout_s=SESSION_TIMEOUT_S, token=tokens.token if tokens else None
@@ -52,80 +52,87 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
         if config.ssl or config.start_tls:
             how = "implicit TLS" if config.ssl else "STARTTLS"
             return certificate(session.tls, verified=config.tls_verify, how=how)
-        return "WARN", (
+        return Status.WARN, (
             "IMAP greeting on a plain connection: the password crosses the network in clear "
             "text; set ssl: true (port 993) or start_tls: true"
         )
 
-    async def login() -> Outcome:
+    async def login() -> Finding:
         assert session is not None
         await session.login()
         how = "XOAUTH2" if config.auth == "xoauth2" else "password"
-        return "OK", f"logged in as {config.user} ({how})"
+        return Status.OK, f"logged in as {config.user} ({how})"
 
-    async def select() -> Outcome:
+    async def select() -> Finding:
         assert session is not None
         await session.select()
-        return "OK", f"{config.mailbox} selected (UIDVALIDITY {session.uidvalidity})"
+        return Status.OK, f"{config.mailbox} selected (UIDVALIDITY {session.uidvalidity})"
 
-    def capability(name: str, missing: str, present: str) -> Callable[[], Awaitable[Outcome]]:
-        async def check() -> Outcome:
+    def capability(name: str, missing: str, present: str) -> Callable[[], Awaitable[Finding]]:
+        async def check() -> Finding:
             assert session is not None
             if name in session.capabilities:
-                return "OK", f"{name} advertised: {present}"
-            return "WARN", f"{name} not advertised: {missing}"
+                return Status.OK, f"{name} advertised: {present}"
+            return Status.WARN, f"{name} not advertised: {missing}"
 
         return check
 
-    async def idle(*, selected: bool) -> Outcome:
+    async def idle(*, selected: bool) -> Finding:
         assert session is not None
         if "IDLE" not in session.capabilities:
-            return "WARN", (
+            return Status.WARN, (
                 "IDLE not advertised: mail will only be found by the periodic sweep, every "
                 f"{config.idle_timeout_s:g}s (idle_timeout)"
             )
         if not selected:
-            return "OK", "IDLE advertised (not tried: the mailbox could not be selected)"
+            return Status.OK, "IDLE advertised (not tried: the mailbox could not be selected)"
         # IDLE for a moment (nothing is written to the mailbox): Courier's answer says which
         # IDLE it runs; no other server's does, so whether it pushes is seen at run time.
         await session.idle([asyncio.Event()], IDLE_PROBE_S)
         await session.end_idle()
         reply = (session.idle_reply or "").lower()
         if "entering idle mode" in reply:
-            return "WARN", (
+            return Status.WARN, (
                 "IDLE advertised, but Courier looks for new mail during IDLE only every "
                 "IMAP_IDLE_TIMEOUT (IMAP_ENHANCEDIDLE=0): set IMAP_ENHANCEDIDLE=1 in Courier's "
                 "imapd config, or a shorter idle_timeout; mailroom asks every "
                 f"{NO_PUSH_POLL_S:g}s once it sees no push"
             )
         if "enhanced idle mode" in reply:
-            return "OK", "IDLE advertised, and new mail is pushed (Courier's enhanced IDLE)"
-        return "OK", (
+            return Status.OK, "IDLE advertised, and new mail is pushed (Courier's enhanced IDLE)"
+        return Status.OK, (
             "IDLE advertised (whether the server pushes is seen at run time: without push, a "
             "warning, mailroom_idle_without_push, and mailroom asks for new mail every "
             f"{NO_PUSH_POLL_S:g}s)"
         )
 
-    async def unseen() -> Outcome:
+    async def unseen() -> Finding:
         assert session is not None
-        uids = await session.search(search_criteria(config))  # what the run searches
+        criteria = search_criteria(config)
+        uids = await session.search(criteria)  # what the run searches
         tally = route.Tally()
         for start in range(0, min(len(uids), COUNT_AT_MOST), COUNT_BATCH):
             batch = uids[start : min(start + COUNT_BATCH, COUNT_AT_MOST)]
             # Routing reads only the header block: no bodies are fetched, nothing is marked.
             for item in await session.fetch(batch, "UID RFC822.SIZE BODY.PEEK[HEADER]"):
                 tally.add(route.decide(item.body or b"", config, size=item.size))
-        return backlog(tally, len(uids), config)
+        search = f"match search_command {config.search_command}"
+        if " UNSEEN " in f" {criteria} " and "UNSEEN" not in search.upper():
+            search += " and are unseen (mailroom adds UNSEEN)"
+        return backlog(tally, len(uids), config, search=search)
 
-    async def failed_folder() -> Outcome:
+    async def failed_folder() -> Finding:
         assert session is not None
         folder = config.failed_folder
         if folder is None:
-            return "OK", "not set: dead letters are flagged $MailroomFailed and \\Seen in place"
+            return (
+                Status.OK,
+                "not set: dead letters are flagged $MailroomFailed and \\Seen in place",
+            )
         where = await session.resolve(folder)
         named = repr(folder) if where == folder else f"{folder!r} ({where} on this server)"
         if await session.folder_exists(folder):
-            return "OK", f"{named} exists"
+            return Status.OK, f"{named} exists"
         try:
             await session.create(folder)
         except MailroomError as exc:
@@ -133,7 +140,7 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
                 f"{named} does not exist and cannot be created ({exc}); create it by hand, "
                 "or fix failed_folder"
             ) from exc
-        return "OK", f"{named} did not exist; created it (as the first dead letter would)"
+        return Status.OK, f"{named} did not exist; created it (as the first dead letter would)"
 
     try:
         await target.run("tcp", lambda: tcp(config.host, config.port))
@@ -167,7 +174,7 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
         if selected or target.blocked is not None:
             await target.run("unseen", unseen, blocking=False)
         else:
-            report.add(target.name, "unseen", "SKIP", "skipped: mailbox failed")
+            report.add(target.name, "unseen", Status.SKIP, "skipped: mailbox failed")
     finally:
         if session is not None:
             await session.logout()
@@ -175,16 +182,19 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
             tokens.close()
 
 
-def backlog(tally: route.Tally, found: int, config: MailboxConfig, *, more: str = "") -> Outcome:
-    """What the first start does with the messages waiting, and a warning when some would not
-    reach the webhook: an inbox people read loses its unread mail that way."""
-    search = "are unread"
-    if isinstance(config, ImapMailboxConfig):
-        search = f"match search_command {config.search_command}"
-        if " UNSEEN " in f" {search_criteria(config)} " and "UNSEEN" not in search.upper():
-            search += " and are unseen (mailroom adds UNSEEN)"
+def backlog(
+    tally: route.Tally,
+    found: int,
+    config: FolderMailboxConfig,
+    *,
+    more: str = "",
+    search: str = "are unread",
+) -> Finding:
+    """What the first start does with the ``found`` messages waiting (those that ``search``),
+    and a warning when some would not reach the webhook: an inbox people read loses its unread
+    mail that way."""
     if not found:
-        return "OK", f"no messages {search}: the first start finds none waiting"
+        return Status.OK, f"no messages {search}: the first start finds none waiting"
     counted = sum(tally.actions.values())
     of = f" (of the first {counted})" if counted < found else ""
     parts = [tally.text(action) for action in route.Action if tally.actions[action]]
@@ -196,8 +206,8 @@ def backlog(tally: route.Tally, found: int, config: MailboxConfig, *, more: str 
         f"(delete_after_delivery: {str(config.delete_after_delivery).lower()})"
     )
     if tally.actions[route.Action.DELIVER] == counted:
-        return "OK", detail
-    return "WARN", (
+        return Status.OK, detail
+    return Status.WARN, (
         f"{detail}. If people read this mailbox, give mailroom a mailbox of its own; "
         "`mailroom route -c FILE message.eml` shows the decision on one message"
     )
@@ -214,13 +224,13 @@ async def graph(report: Report, config: GraphMailboxConfig) -> None:
     folder_url = messages_url(user, config.mailbox)
     sample: list[tuple[str, list[str]]] = []  # (id, categories) of one unread message
 
-    async def token() -> Outcome:
+    async def token() -> Finding:
         await tokens.token()
-        return "OK", f"access token for {tokens.scope} acquired (client {options.client_id})"
+        return Status.OK, f"access token for {tokens.scope} acquired (client {options.client_id})"
 
     async with GraphClient(options, tokens, label=config.id) as client:
 
-        async def folder() -> Outcome:
+        async def folder() -> Finding:
             # The poller's own listing, one message long.
             url = f"{folder_url}?$filter=isRead%20eq%20false&$select=id,categories&$top=1"
             page = await client.send("GET", url)
@@ -229,11 +239,14 @@ async def graph(report: Report, config: GraphMailboxConfig) -> None:
                     categories = [c for c in item.get("categories") or [] if isinstance(c, str)]
                     sample.append((item["id"], categories))
             unread = "at least one unread message" if sample else "no unread messages"
-            return "OK", f"users/{config.user}/mailFolders/{config.mailbox} readable ({unread})"
+            return (
+                Status.OK,
+                f"users/{config.user}/mailFolders/{config.mailbox} readable ({unread})",
+            )
 
-        async def patch() -> Outcome:
+        async def patch() -> Finding:
             if not sample:
-                return "WARN", (
+                return Status.WARN, (
                     "not tried: no unread message to PATCH without changing it; send the mailbox "
                     "a message and check again"
                 )
@@ -246,9 +259,9 @@ async def graph(report: Report, config: GraphMailboxConfig) -> None:
                 body={"categories": categories},
                 read=discard,
             )
-            return "OK", "PATCH of a message allowed (Mail.ReadWrite)"
+            return Status.OK, "PATCH of a message allowed (Mail.ReadWrite)"
 
-        async def unread() -> Outcome:
+        async def unread() -> Finding:
             # The poller's own listing, then each message's header block from its $value (read
             # no further: read_mime with a limit of 0 stops after the headers).
             url: str | None = f"{folder_url}?$filter=isRead%20eq%20false&$select=id&$top=100"

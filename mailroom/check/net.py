@@ -9,7 +9,7 @@ import socket
 import ssl
 import time
 
-from mailroom.check.report import Failed, Outcome
+from mailroom.check.report import Failed, Finding, Status
 
 __all__ = ["CONNECT_TIMEOUT_S", "certificate", "close", "is_loopback", "open_connection", "tcp"]
 
@@ -58,12 +58,12 @@ async def close(writer: asyncio.StreamWriter) -> None:
         pass  # the peer may drop the connection first; nothing to report
 
 
-async def tcp(host: str, port: int) -> Outcome:
+async def tcp(host: str, port: int) -> Finding:
     _, writer = await open_connection(host, port, None, "")
     peer = writer.get_extra_info("peername")
     await close(writer)
     address = f" ({peer[0]})" if peer and peer[0] != host else ""
-    return "OK", f"{host}:{port}{address} accepts connections"
+    return Status.OK, f"{host}:{port}{address} accepts connections"
 
 
 def _names(pairs: object) -> dict[str, str]:
@@ -76,13 +76,13 @@ def _names(pairs: object) -> dict[str, str]:
     return found
 
 
-def certificate(layer: ssl.SSLObject | None, *, verified: bool, how: str) -> Outcome:
+def certificate(layer: ssl.SSLObject | None, *, verified: bool, how: str) -> Finding:
     """Describe the peer's certificate; WARN when unverified or about to expire."""
     if layer is None:
-        return "FAIL", "no TLS layer on the connection"
+        return Status.FAIL, "no TLS layer on the connection"
     version = layer.version() or "TLS"
     if not verified:
-        return "WARN", f"{how}, {version}; certificate NOT verified (tls_verify: false)"
+        return Status.WARN, f"{how}, {version}; certificate NOT verified (tls_verify: false)"
     cert = layer.getpeercert() or {}
     subject, issuer = _names(cert.get("subject")), _names(cert.get("issuer"))
     alt_names = [str(pair[1]) for pair in cert.get("subjectAltName", ()) if len(pair) == 2]
@@ -95,9 +95,9 @@ def certificate(layer: ssl.SSLObject | None, *, verified: bool, how: str) -> Out
         days = int((expires - time.time()) // 86400)
         day = time.strftime("%Y-%m-%d", time.gmtime(expires))
         if days < CERT_EXPIRY_WARN_DAYS:
-            return "WARN", f"{detail}; it expires on {day}, in {days} days: renew it"
+            return Status.WARN, f"{detail}; it expires on {day}, in {days} days: renew it"
         detail += f", valid until {day}"
-    return "OK", detail
+    return Status.OK, detail
 
 
 def is_loopback(host: str) -> bool:

@@ -1,14 +1,36 @@
-"""``mailroom check`` of the replicas' Redis: it answers, and who holds which lease."""
+"""``mailroom check`` of Redis: the replicas' (it answers, and who holds which lease), and the
+Sidekiq queues of ``delivery_method: sidekiq`` (they answer; how many jobs wait)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 from mailroom import arbitration
-from mailroom.check.report import Outcome, Report, Status, Target
-from mailroom.config import Config
+from mailroom.check.report import Finding, Report, Status, Target
+from mailroom.config import Config, webhook_labels
 
-__all__ = ["run"]
+__all__ = ["run", "sidekiq"]
+
+
+async def sidekiq(report: Report, config: Config) -> None:
+    """Each Sidekiq queue answers (``LLEN``, which changes nothing)."""
+    queues = arbitration.JobQueues()
+    try:
+        for hook, label in webhook_labels(m.webhook for m in config.mailboxes).items():
+            settings = hook.sidekiq
+            if settings is None:
+                continue
+            queue = queues(settings.redis)
+
+            async def waiting(
+                queue: arbitration.RedisQueue = queue, key: str = settings.key
+            ) -> Finding:
+                count = await queue.length(key)
+                return Status.OK, f"Redis answers; {count} job(s) waiting in {key}"
+
+            await Target(report, f"webhook[{label}]").run("sidekiq", waiting)
+    finally:
+        await queues.close()
 
 
 async def run(report: Report, config: Config) -> None:
@@ -20,22 +42,22 @@ async def run(report: Report, config: Config) -> None:
     target = Target(report, f"arbitration[{settings.describe()}]")
     ids = [m.id for m in config.mailboxes]
 
-    async def connect() -> Outcome:
+    async def connect() -> Finding:
         await store.ping()
         live = await store.heartbeat(0)  # counts without joining
-        return "OK", f"Redis answers; {live} replica(s) live (namespace {settings.namespace})"
+        return Status.OK, f"Redis answers; {live} replica(s) live (namespace {settings.namespace})"
 
-    async def leases() -> Outcome:
+    async def leases() -> Finding:
         holders = await store.holders(ids)
         held = {m: lease for m, lease in holders.items() if lease is not None}
         for mailbox, lease in held.items():
             report.add(
-                target.name, "lease", "OK", f"{mailbox}: {lease.replica} (fence {lease.fence})"
+                target.name, "lease", Status.OK, f"{mailbox}: {lease.replica} (fence {lease.fence})"
             )
         per_replica = Counter(lease.replica for lease in held.values())
         spread = ", ".join(f"{r}: {n}" for r, n in sorted(per_replica.items())) or "none"
         free = len(ids) - len(held)
-        status: Status = "OK" if free == 0 else "WARN"
+        status: Status = Status.OK if free == 0 else Status.WARN
         return status, f"{len(held)} of {len(ids)} mailboxes watched ({spread}); {free} free"
 
     try:

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from mailroom.errors import MailroomError
 
-__all__ = ["Failed", "Outcome", "Report", "Result", "Status", "Target"]
+__all__ = ["Failed", "Finding", "Report", "Result", "Status", "Target"]
 
-Status = Literal["OK", "WARN", "FAIL", "SKIP"]
-Outcome = tuple[Status, str]
+
+class Status(enum.StrEnum):
+    """How a check came out. WARN: it works, but worse than it could; SKIP: not run, an
+    earlier check it depends on failed."""
+
+    OK = "OK"
+    WARN = "WARN"
+    FAIL = "FAIL"
+    SKIP = "SKIP"
+
+
+Finding = tuple[Status, str]  # what one check found: its status and the detail to print
 
 SESSION_TIMEOUT_S = 15.0  # one IMAP command, one HTTP request
 
@@ -51,14 +61,14 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return self.count("FAIL") == 0
+        return self.count(Status.FAIL) == 0
 
     def summary(self) -> str:
         counts = [
-            f"{self.count('OK')} ok",
-            f"{self.count('WARN')} warning(s)",
-            f"{self.count('FAIL')} failed",
-            f"{self.count('SKIP')} skipped",
+            f"{self.count(Status.OK)} ok",
+            f"{self.count(Status.WARN)} warning(s)",
+            f"{self.count(Status.FAIL)} failed",
+            f"{self.count(Status.SKIP)} skipped",
         ]
         verdict = "all checks passed" if self.ok else "some checks FAILED"
         return f"mailroom check: {verdict} ({', '.join(counts)})"
@@ -73,19 +83,19 @@ class Target:
         self.blocked: str | None = None  # why the remaining checks are skipped
 
     async def run(
-        self, step: str, check: Callable[[], Awaitable[Outcome]], *, blocking: bool = True
+        self, step: str, check: Callable[[], Awaitable[Finding]], *, blocking: bool = True
     ) -> bool:
         """Run ``check`` unless an earlier blocking check failed; True when it did not fail."""
         if self.blocked is not None:
-            self.report.add(self.name, step, "SKIP", f"skipped: {self.blocked}")
+            self.report.add(self.name, step, Status.SKIP, f"skipped: {self.blocked}")
             return False
         try:
             status, detail = await check()
         except (Failed, MailroomError) as exc:
-            status, detail = "FAIL", str(exc)
+            status, detail = Status.FAIL, str(exc)
         except TimeoutError:
-            status, detail = "FAIL", f"no answer within {SESSION_TIMEOUT_S:g}s"
+            status, detail = Status.FAIL, f"no answer within {SESSION_TIMEOUT_S:g}s"
         self.report.add(self.name, step, status, detail)
-        if status == "FAIL" and blocking:
+        if status == Status.FAIL and blocking:
             self.blocked = f"{step} failed"
-        return status != "FAIL"
+        return status != Status.FAIL

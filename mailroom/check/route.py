@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from mailroom.config import Config, MailboxConfig
-from mailroom.delivery.dispatch import dead_letter_text, notice_text
+from mailroom.delivery.dispatch import notice_text
 from mailroom.delivery.webhook import build_payload
 from mailroom.envelope import Envelope, Outcome
 from mailroom.mail import decision, message, routing
@@ -85,7 +85,7 @@ def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
         why = verdict.why
         if why == routing.UNPARSABLE_MESSAGE and verdict.parsed.defects:
             why += f" ({', '.join(verdict.parsed.defects)})"
-        lines.append(f"decision: dead-letter: {why}; {dead_letter_text(mailbox)}")
+        lines.append(f"decision: dead-letter: {why}; {mailbox.dead_letter}")
     else:
         searched = ", ".join(routing.CANDIDATE_HEADERS)
         lines += [

@@ -1,8 +1,10 @@
 """YAML → a frozen, validated ``Config`` tree, built once.
 
 Every string value may use ``${ENV_VAR}``; every secret ``x`` may instead be given as
-``x_file`` (Docker/Kubernetes secrets). Unknown keys are errors. A ``ConfigError`` names the
-dotted path (``mailboxes[1].port``) and says what to do; it never contains a secret.
+``x_file`` (Docker/Kubernetes secrets). Unknown keys are errors, except ``x-`` keys (YAML
+anchors) and deprecated names (read under their new ones, with a warning: ``compat``). A
+``ConfigError`` names the dotted path (``mailboxes[1].port``) and says what to do; it never
+contains a secret.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mailroom.config import compat
 from mailroom.config.document import load as load_yaml
 from mailroom.config.mailboxes import (
     parse_mailbox,
 )
 from mailroom.config.model import (
+    POLL_GRACE_S,
     ArbitrationConfig,
     BasicAuth,
     Config,
     CredentialsConfig,
+    FolderMailboxConfig,
     GraphInboxOptions,
     GraphMailboxConfig,
     HealthConfig,
@@ -29,10 +34,13 @@ from mailroom.config.model import (
     JwtConfig,
     LimitsConfig,
     LogConfig,
+    LogFile,
     MailboxConfig,
+    Readiness,
     RejectNoticesConfig,
     ReloadConfig,
     RetryConfig,
+    SidekiqConfig,
     SmtpConfig,
     WebhookConfig,
     webhook_labels,
@@ -61,12 +69,14 @@ from mailroom.trust.values import (
 )
 
 __all__ = [
+    "POLL_GRACE_S",
     "ArbitrationConfig",
     "BasicAuth",
     "ClientCertificate",
     "Config",
     "ConfigError",
     "CredentialsConfig",
+    "FolderMailboxConfig",
     "GoogleOAuthConfig",
     "GoogleRefreshToken",
     "GoogleServiceAccount",
@@ -78,12 +88,15 @@ __all__ = [
     "JwtConfig",
     "LimitsConfig",
     "LogConfig",
+    "LogFile",
     "MailboxConfig",
     "OAuthConfig",
+    "Readiness",
     "RejectNoticesConfig",
     "ReloadConfig",
     "RetryConfig",
     "Secret",
+    "SidekiqConfig",
     "SmtpConfig",
     "WebhookConfig",
     "credentials_config",
@@ -94,23 +107,26 @@ __all__ = [
 
 
 def parse_config(
-    data: Any, *, env: Mapping[str, str] | None = None, base_dir: Path | None = None
+    data: Any,
+    *,
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+    offline: bool = False,
 ) -> Config:
     """Validate a loaded YAML document; relative ``*_file`` paths resolve from ``base_dir``.
 
     Unset ``${VAR}``s and unreadable ``*_file``s are reported all at once, before anything
-    else: one ``ConfigError`` with a line for each.
+    else: one ``ConfigError`` with a line for each. ``offline`` (``mailroom route``): no secret
+    is read, nor needs to be set, and no CA file is loaded; the config must not be run.
     """
     env = os.environ if env is None else env
     base_dir = base_dir or Path.cwd()
-    if problems := missing(data, env, base_dir):
-        if len(problems) == 1:
-            raise problems[0]
-        lines = "".join(f"\n  {problem}" for problem in problems)
-        raise ConfigError("", f"{len(problems)} settings cannot be read; fix them all:{lines}")
-    root = Section(data, "", env, base_dir)
+    data, deprecations = compat.normalise(data)
+    if problems := missing(data, env, base_dir, offline=offline):
+        raise ConfigError.several(problems)
+    root = Section(data, "", env, base_dir, offline=offline)
     webhook_raw = root.raw("webhook")
-    top_webhook = parse_webhook(Section(webhook_raw, "webhook", root.env, root.base_dir))
+    top_webhook = parse_webhook(root.child(webhook_raw, "webhook"))
     raw_mailboxes = root.raw("mailboxes")
     if not isinstance(raw_mailboxes, list) or not raw_mailboxes:
         root.fail("mailboxes", "expected a list with at least one mailbox")
@@ -120,9 +136,7 @@ def parse_config(
         credentials_settings = _credentials_config(credentials_section)
         stored, credentials_warnings = _load_credentials(credentials_settings, root.env)
     mailboxes = tuple(
-        parse_mailbox(
-            Section(item, f"mailboxes[{i}]", root.env, root.base_dir), webhook_raw, i, stored
-        )
+        parse_mailbox(root.child(item, f"mailboxes[{i}]"), webhook_raw, i, stored)
         for i, item in enumerate(raw_mailboxes)
     )
     credentials_warnings += [
@@ -159,9 +173,11 @@ def parse_config(
         )
     log = LogConfig()
     if (log_section := root.section("log")) is not None:
+        file = log_section.text("file", None)
         log = LogConfig(
             format=log_section.choice("format", "json", ("json", "text")),
             level=log_section.choice("level", "info", ("debug", "info", "warning", "error")),
+            files=() if file is None else (LogFile(path=str(log_section.base_dir / file)),),
         )
         log_section.done()
     health = None
@@ -190,7 +206,9 @@ def parse_config(
         limits=limits,
         arbitration=arbitration,
         reload=reload,
-        warnings=load_warnings(mailboxes, notices, top_webhook) + tuple(credentials_warnings),
+        warnings=deprecations
+        + load_warnings(mailboxes, notices, top_webhook)
+        + tuple(credentials_warnings),
         credentials=credentials_settings,
     )
     root.done()
@@ -244,10 +262,12 @@ def credentials_config(
     return _credentials_config(section)
 
 
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a YAML config file."""
+def load_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None, *, offline: bool = False
+) -> Config:
+    """Read and validate a YAML config file (``offline``: see ``parse_config``)."""
     file = Path(path)
-    return parse_config(read_yaml(file), env=env, base_dir=file.parent)
+    return parse_config(read_yaml(file), env=env, base_dir=file.parent, offline=offline)
 
 
 def read_yaml(file: Path) -> Any:

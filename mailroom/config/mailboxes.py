@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mailroom.config.model import (
@@ -58,7 +58,7 @@ def parse_mailbox(
     index: int,
     stored: Mapping[str, credentials.StoredLogin] | None = None,
 ) -> MailboxConfig:
-    method = section.choice("inbox_method", "imap", ("imap", "microsoft_graph"))
+    method = section.choice("inbox_method", "imap", tuple(SECTIONS))
     template = section.text("address")  # outside the try: a ConfigError is a ValueError
     try:
         address = routing.AddressTemplate.parse(template)
@@ -71,15 +71,19 @@ def parse_mailbox(
             "like incoming+%{key}@example.com (no spaces)",
         )
     login = _stored_login(section, stored)
-    if method == "microsoft_graph":
-        if login is not None and login.password is not None:
-            section.fail(
-                "id",
-                "the credentials file gives this microsoft_graph mailbox a password; it takes "
-                "only user there (its secret is inbox_options.client_secret)",
-            )
-        user = _user(section, login, stored=stored is not None)
-        return _graph_mailbox(section, address, webhook_raw, user)
+    mailbox = SECTIONS[method](section, address, webhook_raw, login, stored is not None)
+    section.done()
+    return mailbox
+
+
+def _imap_mailbox(
+    section: Section,
+    address: routing.AddressTemplate,
+    webhook_raw: dict[str, Any],
+    login: credentials.StoredLogin | None,
+    stored: bool,
+) -> ImapMailboxConfig:
+    """``inbox_method: imap``: GitLab's ``incoming_email`` keys."""
     ssl = section.flag("ssl", False)
     start_tls = section.flag("start_tls", False)
     if ssl and start_tls:
@@ -91,7 +95,7 @@ def parse_mailbox(
         section.fail("port", "143 with ssl: true; use port 993, or ssl: false with start_tls: true")
     auth = section.choice("auth", "password", ("password", "xoauth2"))
     host = section.text("host")
-    user = _user(section, login, stored=stored is not None)
+    user = _user(section, login, stored=stored)
     mailbox = section.text("mailbox", "INBOX")
     from_file = login.password if login is not None else None
     password = section.secret("password", required=auth == "password" and from_file is None)
@@ -118,7 +122,7 @@ def parse_mailbox(
     elif section.has("oauth"):
         section.fail("oauth", "is used only with auth: xoauth2; set auth: xoauth2 or remove it")
     webhook = _mailbox_webhook(section, webhook_raw)
-    config = ImapMailboxConfig(
+    return ImapMailboxConfig(
         id=section.text("id", f"{user}@{host}/{mailbox}"),
         routing=_routing_rules(section, address, user),
         host=host,
@@ -143,8 +147,6 @@ def parse_mailbox(
         ),
         webhook=webhook,
     )
-    section.done()
-    return config
 
 
 def _failed_folder(section: Section, mailbox: str, *, imap: bool) -> str | None:
@@ -173,13 +175,24 @@ def _mailbox_webhook(section: Section, webhook_raw: dict[str, Any]) -> WebhookCo
         if not isinstance(override, dict):
             section.fail("webhook", f"expected a mapping of webhook keys, got {kind(override)}")
         merged.update(override)
-    return parse_webhook(Section(merged, section.where("webhook"), section.env, section.base_dir))
+    return parse_webhook(section.child(merged, section.where("webhook")))
 
 
 def _graph_mailbox(
-    section: Section, address: routing.AddressTemplate, webhook_raw: dict[str, Any], user: str
+    section: Section,
+    address: routing.AddressTemplate,
+    webhook_raw: dict[str, Any],
+    login: credentials.StoredLogin | None,
+    stored: bool,
 ) -> GraphMailboxConfig:
     """``inbox_method: microsoft_graph``: GitLab's keys, with ``inbox_options``."""
+    if login is not None and login.password is not None:
+        section.fail(
+            "id",
+            "the credentials file gives this microsoft_graph mailbox a password; it takes "
+            "only user there (its secret is inbox_options.client_secret)",
+        )
+    user = _user(section, login, stored=stored)
     for key in ("host", "port", "ssl", "start_tls", "password", "password_file", "auth"):
         if section.has(key):
             section.fail(key, "is an IMAP setting; a microsoft_graph mailbox uses inbox_options")
@@ -203,7 +216,7 @@ def _graph_mailbox(
     )
     options_section.done()
     mailbox = section.text("mailbox", "inbox")
-    config = GraphMailboxConfig(
+    return GraphMailboxConfig(
         id=section.text("id", f"{user}@graph/{mailbox}"),
         routing=_routing_rules(section, address, user),
         user=user,
@@ -216,8 +229,18 @@ def _graph_mailbox(
         webhook=_mailbox_webhook(section, webhook_raw),
         inbox_options=options,
     )
-    section.done()
-    return config
+
+
+# Each kind of mailbox and how its section is read, by its inbox_method; the config's one
+# place that knows the kinds (what runs each one is mailroom.kinds).
+SectionParser = Callable[
+    [Section, routing.AddressTemplate, dict[str, Any], credentials.StoredLogin | None, bool],
+    MailboxConfig,
+]
+SECTIONS: dict[str, SectionParser] = {
+    ImapMailboxConfig.inbox_method: _imap_mailbox,
+    GraphMailboxConfig.inbox_method: _graph_mailbox,
+}
 
 
 def _routing_rules(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import abc
 import base64
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
 
+from mailroom.backoff import Backoff
+from mailroom.envelope import FAILED_CATEGORY, FAILED_KEYWORD
+from mailroom.errors import ConfigError
 from mailroom.mail import routing
 from mailroom.redact import origin
 from mailroom.trust.values import (
@@ -25,6 +29,13 @@ class RetryConfig:
     initial_s: float = 1.0
     max_s: float = 600.0
     give_up_after_s: float | None = None  # None: never give up
+
+    @property
+    def backoff(self) -> Backoff:
+        """The policy of these settings; a ``Retry-After`` is honoured up to ``max``."""
+        return Backoff(
+            initial_s=self.initial_s, max_s=self.max_s, give_up_after_s=self.give_up_after_s
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +70,27 @@ class BasicAuth:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SidekiqConfig:
+    """GitLab's deprecated ``delivery_method: sidekiq``: each message pushed into GitLab's
+    Redis as the Sidekiq job MailRoom pushes (``delivery.sidekiq``), instead of a POST."""
+
+    redis: ArbitrationConfig  # where: its connection settings (url or sentinels, db, password)
+    queue: str = "default"
+    worker: str  # the job's class: EmailReceiverWorker, ServiceDeskEmailReceiverWorker
+    namespace: str | None = None  # MailRoom's :namespace: (Redis::Namespace), usually none
+
+    @property
+    def key(self) -> str:
+        """The list the job goes to: ``queue:<queue>``, under the namespace if any."""
+        return f"{self.namespace}:queue:{self.queue}" if self.namespace else f"queue:{self.queue}"
+
+    @property
+    def label(self) -> str:
+        """For logs and metrics: no credentials."""
+        return f"sidekiq {self.key} at {self.redis.describe()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WebhookConfig:
     """Where and how messages are POSTed (docs/webhook.md)."""
 
@@ -76,6 +108,12 @@ class WebhookConfig:
     ca_file: str | None = None
     proxy: str | None = field(default=None, repr=False)  # None: the environment; "direct"
     retry: RetryConfig = RetryConfig()
+    sidekiq: SidekiqConfig | None = None  # pushed as a Sidekiq job instead (url is "" then)
+
+    @property
+    def origin(self) -> str:
+        """What may be shown of where messages go: the URL's origin, or the Sidekiq queue."""
+        return self.sidekiq.label if self.sidekiq is not None else origin(self.url)
 
     @property
     def request_content_type(self) -> str:
@@ -90,7 +128,7 @@ def webhook_labels(webhooks: Iterable[WebhookConfig]) -> dict[WebhookConfig, str
     (a path or a query can hold a credential), plus a short digest of the whole URL where two
     webhooks share an origin."""
     unique = list(dict.fromkeys(webhooks))
-    origins = [origin(hook.url) for hook in unique]
+    origins = [hook.origin for hook in unique]
     named = {}
     for hook, name in zip(unique, origins, strict=True):
         digest = hashlib.sha256(hook.url.encode()).hexdigest()[:6]
@@ -98,19 +136,96 @@ def webhook_labels(webhooks: Iterable[WebhookConfig]) -> dict[WebhookConfig, str
     return named
 
 
+# A poller may be this late on top of two poll intervals before it stops counting as ready.
+POLL_GRACE_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """When a mailbox counts as ready (its webhook aside; ``observe.health``).
+
+    ``within_s`` None: while its source is connected (a watcher, a listener). Else while its
+    source's last success is at most ``within_s`` old (a poller: one failed poll, a 429 say,
+    does not flip it)."""
+
+    within_s: float | None = None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ImapMailboxConfig:
-    """One IMAP mailbox, in the vocabulary of GitLab's ``incoming_email`` settings."""
+class MailboxConfig(abc.ABC):
+    """What every kind of mailbox has; each kind's section adds its own keys.
+
+    A kind also states here, as values every floor may read, the facts the rest of mailroom
+    needs without knowing the kind: its names, when it is ready, how a dead letter is marked,
+    and the advice its settings deserve. What runs it is in ``mailroom.kinds``.
+    """
+
+    kind: ClassVar[str]  # a short name: task names (imap:<id>), /readyz, logs
+    inbox_method: ClassVar[str]  # the config's name for it (GitLab's inbox_method)
 
     id: str
     routing: routing.RoutingRules  # the address template and the routing switches
+    max_message_bytes: int = 26_214_400
+    webhook: WebhookConfig
+
+    @property
+    def readiness(self) -> Readiness:
+        """When the mailbox counts as ready: by default while its source is connected."""
+        return Readiness()
+
+    @property
+    @abc.abstractmethod
+    def dead_letter(self) -> str:
+        """How a dead letter of this mailbox is marked, for the dry run and ``route``."""
+
+    def advice(self) -> tuple[tuple[str, str], ...]:
+        """Settings that work but deserve a warning at load: ``(key, what to do)`` pairs."""
+        return ()
+
+    def with_secret(self, secret: Secret) -> MailboxConfig:
+        """The same mailbox with its login secret set (GitLab mode injects it after
+        validation)."""
+        raise ConfigError("", f"a {self.inbox_method} mailbox takes no login secret")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FolderMailboxConfig(MailboxConfig):
+    """A mailbox read from a folder of an account on a server (IMAP, Graph): settled by acting
+    on the message there, a dead letter moved to ``failed_folder`` or marked in place."""
+
+    marked: ClassVar[str]  # how a dead letter is marked in place, without failed_folder
+
+    user: str
+    mailbox: str
+    delete_after_delivery: bool
+    failed_folder: str | None = None
+
+    @property
+    def dead_letter(self) -> str:
+        if self.failed_folder is not None:
+            return f"moved to {self.failed_folder} (failed_folder)"
+        return f"{self.marked}, left in place (no failed_folder)"
+
+    @abc.abstractmethod
+    def folder_key(self, folder: str) -> tuple[str, ...]:
+        """``folder`` of this mailbox's account as its server names it: two mailboxes with
+        the same key for a folder share it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImapMailboxConfig(FolderMailboxConfig):
+    """One IMAP mailbox, in the vocabulary of GitLab's ``incoming_email`` settings."""
+
+    kind = "imap"
+    inbox_method = "imap"
+    marked = f"flagged {FAILED_KEYWORD} and \\Seen"
+
     host: str
     port: int
     ssl: bool = False
     start_tls: bool = False
     tls_verify: bool = True
     ca_file: str | None = None
-    user: str
     password: Secret | None = field(default=None, repr=False)  # None with auth: xoauth2
     auth: Literal["password", "xoauth2"] = "password"
     oauth: ImapOAuthConfig | None = None  # the token source for auth: xoauth2
@@ -120,9 +235,24 @@ class ImapMailboxConfig:
     search_command_exact: bool = False  # True: search_command is sent as written
     delete_after_delivery: bool = True
     expunge_deleted: bool = False
-    failed_folder: str | None = None
-    max_message_bytes: int = 26_214_400
-    webhook: WebhookConfig
+
+    def advice(self) -> tuple[tuple[str, str], ...]:
+        if self.auth == "password" and not (self.ssl or self.start_tls):
+            return (
+                (
+                    "ssl",
+                    "the IMAP password would cross the network in clear text; set ssl: true "
+                    "(port 993) or start_tls: true",
+                ),
+            )
+        return ()
+
+    def with_secret(self, secret: Secret) -> ImapMailboxConfig:
+        return replace(self, password=secret)
+
+    def folder_key(self, folder: str) -> tuple[str, ...]:
+        name = "INBOX" if folder.upper() == "INBOX" else folder  # RFC 3501 §5.1: any case
+        return (self.kind, self.host.lower(), str(self.port), self.user, name)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,21 +287,31 @@ class GraphInboxOptions:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GraphMailboxConfig:
+class GraphMailboxConfig(FolderMailboxConfig):
     """One Microsoft 365 mailbox read through Microsoft Graph (``microsoft_graph``)."""
 
-    id: str
-    routing: routing.RoutingRules
-    user: str  # the mailbox's user principal name or object id
+    kind = "graph"
+    inbox_method = "microsoft_graph"
+    marked = f"categorised {FAILED_CATEGORY} and read"
+
+    # user: the mailbox's user principal name or object id
     mailbox: str = "inbox"  # a well-known folder name or a folder id
     delete_after_delivery: bool = False  # docs/microsoft.md: Graph deletes are soft, then purged
-    failed_folder: str | None = None  # None: category MailroomFailed and isRead
-    max_message_bytes: int = 26_214_400
-    webhook: WebhookConfig
     inbox_options: GraphInboxOptions
 
+    @property
+    def readiness(self) -> Readiness:
+        """While its last successful poll is at most two intervals (and a grace) old."""
+        return Readiness(within_s=2 * self.inbox_options.poll_interval_s + POLL_GRACE_S)
 
-MailboxConfig = ImapMailboxConfig | GraphMailboxConfig
+    def with_secret(self, secret: Secret) -> GraphMailboxConfig:
+        options = replace(self.inbox_options, client_secret=secret)
+        return replace(self, inbox_options=options)
+
+    def folder_key(self, folder: str) -> tuple[str, ...]:
+        # Graph's display names and well-known names ignore case.
+        endpoint = self.inbox_options.graph_endpoint
+        return (self.kind, endpoint, self.user.lower(), folder.lower())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -221,9 +361,19 @@ class CredentialsConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LogFile:
+    """A file that gets every log line as JSON as well (MailRoom's ``log_path``)."""
+
+    path: str
+    mailboxes: frozenset[str] | None = None  # whose lines go there; None: every line
+    origin: str = "log.file"  # the setting it came from, for messages
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogConfig:
     format: Literal["json", "text"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    files: tuple[LogFile, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -278,6 +428,16 @@ class ArbitrationConfig:
     namespace: str = "mailroom"
     lease_ttl_s: float = 15.0
     marker_ttl_s: float = 7 * 86_400.0
+    # A migration from the MailRoom gem: claim MailRoom's "<ns>:delivered:<uid>" key too, so
+    # MailRoom processes still running leave alone what mailroom takes, and the reverse.
+    mail_room_claims: bool = False
+    mail_room_namespace: str | None = None  # MailRoom's namespace; None: ``namespace``
+
+    def mail_room_key(self, uid: str) -> str:
+        """MailRoom's claim of the message ``uid`` (lib/mail_room/arbitration/redis.rb, under
+        its Redis::Namespace)."""
+        namespace = self.namespace if self.mail_room_namespace is None else self.mail_room_namespace
+        return f"{namespace}:delivered:{uid}" if namespace else f"delivered:{uid}"
 
     @property
     def enabled(self) -> bool:

@@ -140,6 +140,8 @@ def _client_certificate(section: Section) -> ClientCertificate | None:
             )
         return None
     key = _written(section, "client_certificate")
+    if section.offline:  # a stand-in: nothing to load
+        return ClientCertificate(private_key=pem, thumbprint=_OFFLINE_THUMBPRINT)
     try:
         private_key, computed = load_private_key(pem.reveal(), with_certificate=True)
     except ValueError as exc:
@@ -235,6 +237,14 @@ class ServiceAccountKey:
     client_email: str
     client_id: str
     token_uri: str | None
+
+
+# What an offline read (``mailroom route``) has instead of a certificate or a key file it
+# does not read.
+_OFFLINE_THUMBPRINT = "0" * 40
+_OFFLINE_ACCOUNT = ServiceAccountKey(
+    client_email="not-read@offline.invalid", client_id="0", token_uri=None
+)
 
 
 def service_account_key(text: str) -> ServiceAccountKey:
@@ -336,7 +346,7 @@ def _google(section: Section, *, user: str) -> GoogleOAuthConfig:
             )
         key = _written(section, "service_account")
         try:
-            found = service_account_key(account.reveal())
+            found = _OFFLINE_ACCOUNT if section.offline else service_account_key(account.reveal())
         except ValueError as exc:
             section.fail(key, str(exc))
         if not re.fullmatch(r"[^@\s]+@[^@\s]+", user):

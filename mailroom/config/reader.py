@@ -48,11 +48,22 @@ _KEY_NAMES = """
     token_file trusted_authserv_ids url user webhook content_type forward_auto_generated mode
     nonce routing secret_encoding token_scheme arbitration method db username namespace
     lease_ttl marker_ttl sentinels master_name sentinel_password sentinel_password_file tls proxy
-    reload watch interval
+    reload watch interval mail_room_claims mail_room_namespace sidekiq queue worker
     provider client_certificate client_certificate_file client_certificate_thumbprint
     service_account service_account_file refresh_token refresh_token_file token_uri
 """
 KEYS = frozenset(_KEY_NAMES.split())
+# The keys read with ``Section.secret`` (each also as ``<key>_file``); tests/test_config.py
+# checks the list against the getters.
+SECRET_KEYS = frozenset({
+    "password", "token", "signing_secret", "secret", "client_secret", "client_certificate",
+    "service_account", "refresh_token", "sentinel_password",
+})  # fmt: skip
+# What an offline read (``mailroom route``) puts where a secret is given: values that pass every
+# check of their kind (a Standard Webhooks secret; base64 of 32 bytes for the rest).
+_STAND_IN = "A" * 43 + "="
+_STAND_INS = {"signing_secret": "whsec_" + _STAND_IN}
+_UNREAD_OFFLINE = {*SECRET_KEYS, *(f"{key}_file" for key in SECRET_KEYS), "ca_file"}
 
 
 def shown(value: Any) -> str:
@@ -106,16 +117,33 @@ def read_file(base_dir: Path, name: str, *, secret: bool) -> str:
 
 
 class Section:
-    """One mapping of the YAML tree: typed getters that know their dotted path."""
+    """One mapping of the YAML tree: typed getters that know their dotted path.
 
-    def __init__(self, data: Any, path: str, env: Mapping[str, str], base_dir: Path) -> None:
+    ``offline``: for work that touches no network (``mailroom route``): a secret that is given
+    is neither read nor expanded (a stand-in takes its place), and CA files are not loaded.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        path: str,
+        env: Mapping[str, str],
+        base_dir: Path,
+        *,
+        offline: bool = False,
+    ) -> None:
         if not isinstance(data, dict):
             self._fail(path, f"expected a mapping of keys, got {kind(data)}")
         self.data: dict[Any, Any] = data
         self.path = path
         self.env = env
         self.base_dir = base_dir
+        self.offline = offline
         self.used: set[str] = set()
+
+    def child(self, data: Any, path: str) -> Section:
+        """A section for ``data`` at ``path`` (absolute), read the way this one is."""
+        return Section(data, path, self.env, self.base_dir, offline=self.offline)
 
     @staticmethod
     def _fail(path: str, message: str) -> NoReturn:
@@ -281,6 +309,9 @@ class Section:
     def ca_file(self, key: str = "ca_file") -> str | None:
         """A CA bundle, loaded now into the TLS context every client will use: a file that is
         not PEM is a config error here, not a failing connection later."""
+        if self.offline:  # named, not loaded
+            value = self.text(key, None)
+            return None if value is None else str((self.base_dir / value).resolve())
         path = self.path_value(key)
         if path is not None:
             try:
@@ -300,6 +331,9 @@ class Section:
         inline, from_file = self.has(key), self.has(file_key)
         if inline and from_file:
             self.fail(key, f"give either {key} or {file_key}, not both")
+        if self.offline and (inline or from_file):
+            self.used.update((key, file_key))
+            return Secret(_STAND_INS.get(key, _STAND_IN))
         if from_file:
             name = self.text(file_key)  # a ConfigError of its own when it is not a string
             try:
@@ -322,7 +356,7 @@ class Section:
         value = self.raw(key, None)
         if value is None:
             return None
-        return Section(value, self.where(key), self.env, self.base_dir)
+        return self.child(value, self.where(key))
 
     def done(self) -> None:
         """Every key was read: any other is unknown (with the close match it may be a typo of)."""
@@ -368,14 +402,18 @@ def parse_address(section: Section, key: str, value: str) -> str:
     return address
 
 
-def missing(data: Any, env: Mapping[str, str], base_dir: Path) -> list[ConfigError]:
+def missing(
+    data: Any, env: Mapping[str, str], base_dir: Path, *, offline: bool = False
+) -> list[ConfigError]:
     """Every ``${VAR}`` that is not set and every ``*_file`` that cannot be read, anywhere in
     the document: a new config usually lacks several, and each should not take a run of its
     own to find. (``credentials.key_file`` is left to the credentials module: the environment
-    may give the key instead.)"""
+    may give the key instead.) ``offline``: secrets and CA files are not needed (``Section``)."""
     found: dict[str, ConfigError] = {}  # one per variable and per file, in document order
     for path, value in walk(data):
         if not isinstance(value, str):
+            continue
+        if offline and path.rpartition(".")[2] in _UNREAD_OFFLINE:
             continue
         unset = [name for name in _ENV_RE.findall(value) if name not in env]
         for name in unset:

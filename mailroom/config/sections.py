@@ -12,12 +12,12 @@ from mailroom.config.model import (
     ArbitrationConfig,
     BasicAuth,
     HealthConfig,
-    ImapMailboxConfig,
     JwtConfig,
     LimitsConfig,
     MailboxConfig,
     RejectNoticesConfig,
     RetryConfig,
+    SidekiqConfig,
     SmtpConfig,
     WebhookConfig,
 )
@@ -32,6 +32,8 @@ _MEDIA_TYPE = re.compile(rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN
 
 
 def parse_webhook(section: Section) -> WebhookConfig:
+    if (sidekiq_section := section.section("sidekiq")) is not None:
+        return _sidekiq_webhook(section, sidekiq_section)
     # A query may hold the receiver's token: allowed, and never shown (origin() only).
     url = section.url(
         "url", schemes=("http", "https"), query=True, userinfo="use webhook.basic or webhook.token"
@@ -62,16 +64,7 @@ def parse_webhook(section: Section) -> WebhookConfig:
     signing_secret = section.secret("signing_secret", required=False)
     if signing_secret is not None:
         _check_whsec(section, signing_secret)
-    retry = RetryConfig()
-    if (retry_section := section.section("retry")) is not None:
-        retry = RetryConfig(
-            initial_s=retry_section.number("initial", 1.0, lo=0.01, hi=3600),
-            max_s=retry_section.number("max", 600.0, lo=0.01, hi=86400),
-            give_up_after_s=retry_section.number("give_up_after", None, lo=1, hi=365 * 86400),
-        )
-        if retry.max_s < retry.initial_s:
-            retry_section.fail("max", "must be at least retry.initial")
-        retry_section.done()
+    retry = _retry(section)
     config = WebhookConfig(
         url=url,
         format=fmt,
@@ -90,6 +83,59 @@ def parse_webhook(section: Section) -> WebhookConfig:
     )
     section.done()
     return config
+
+
+# The webhook keys that mean something for a Sidekiq push (the rest are HTTP's).
+SIDEKIQ_WEBHOOK_KEYS = frozenset({"sidekiq", "format", "timeout", "concurrency", "retry"})
+
+
+def _sidekiq_webhook(section: Section, sidekiq: Section) -> WebhookConfig:
+    """``webhook: {sidekiq: {url, queue, worker, namespace, <Redis keys>}}``: each message is
+    pushed as the Sidekiq job GitLab's MailRoom pushes (GitLab's ``delivery_method: sidekiq``);
+    the Redis keys are those of ``arbitration:`` (url or sentinels, db, password, tls)."""
+    for key in section.data:
+        if key not in SIDEKIQ_WEBHOOK_KEYS and section.data[key] is not None:
+            section.fail(str(key), "is for posting over HTTP; a sidekiq webhook pushes to Redis")
+    if section.choice("format", "raw", ("raw",)) != "raw":  # pragma: no cover
+        section.fail("format", "a Sidekiq job carries the raw message")
+    queue = sidekiq.text("queue", "default")
+    worker = sidekiq.text("worker")
+    namespace = sidekiq.text("namespace", None)
+    redis_keys = {
+        k: v for k, v in sidekiq.data.items() if k not in ("queue", "worker", "namespace")
+    }
+    redis = parse_arbitration(
+        Section({**redis_keys, "method": "redis"}, sidekiq.path, sidekiq.env, sidekiq.base_dir)
+    )
+    sidekiq.used.update(sidekiq.data)
+    sidekiq.done()
+    retry = _retry(section)
+    config = WebhookConfig(
+        url="",
+        format="raw",
+        timeout_s=section.number("timeout", 30.0, lo=0.1, hi=3600),
+        concurrency=section.number("concurrency", 8, lo=1, hi=1024, integer=True),
+        retry=retry,
+        sidekiq=SidekiqConfig(redis=redis, queue=queue, worker=worker, namespace=namespace),
+    )
+    section.used.update(section.data)
+    section.done()
+    return config
+
+
+def _retry(section: Section) -> RetryConfig:
+    """A webhook's ``retry: {initial, max, give_up_after}``."""
+    retry = RetryConfig()
+    if (retry_section := section.section("retry")) is not None:
+        retry = RetryConfig(
+            initial_s=retry_section.number("initial", 1.0, lo=0.01, hi=3600),
+            max_s=retry_section.number("max", 600.0, lo=0.01, hi=86400),
+            give_up_after_s=retry_section.number("give_up_after", None, lo=1, hi=365 * 86400),
+        )
+        if retry.max_s < retry.initial_s:
+            retry_section.fail("max", "must be at least retry.initial")
+        retry_section.done()
+    return retry
 
 
 def parse_routing(section: Section) -> tuple[routing.RoutingMode, bool]:
@@ -245,15 +291,7 @@ def load_warnings(
         for text in routing.warnings(mailbox.routing.address)
     ]
     for i, mailbox in enumerate(mailboxes):
-        if (
-            isinstance(mailbox, ImapMailboxConfig)
-            and mailbox.auth == "password"
-            and not (mailbox.ssl or mailbox.start_tls)
-        ):
-            found.append(
-                f"mailboxes[{i}].ssl: the IMAP password would cross the network in clear "
-                "text; set ssl: true (port 993) or start_tls: true"
-            )
+        found += [f"mailboxes[{i}].{key}: {text}" for key, text in mailbox.advice()]
         hook = mailbox.webhook
         inherited = [
             name
@@ -376,11 +414,21 @@ def parse_arbitration(section: Section) -> ArbitrationConfig:
         namespace=section.text("namespace", "mailroom"),
         lease_ttl_s=lease_ttl,
         marker_ttl_s=section.number("marker_ttl", 7 * 86_400.0, lo=lease_ttl, hi=366 * 86_400),
+        mail_room_claims=section.flag("mail_room_claims", False),
+        mail_room_namespace=_mail_room_namespace(section),
     )
     if (config.ca_file or not config.tls_verify) and not config.tls:
         section.fail("ca_file" if config.ca_file else "tls_verify", "is for TLS: use rediss://")
     section.done()
     return config
+
+
+def _mail_room_namespace(section: Section) -> str | None:
+    """MailRoom's Redis namespace; "" for none (MailRoom's keys are then ``delivered:<uid>``)."""
+    value = section.raw("mail_room_namespace", None)
+    if value is not None and not isinstance(value, str):
+        section.fail("mail_room_namespace", f"expected text, got {kind(value)}")
+    return value
 
 
 def _url_db(section: Section, url: str | None) -> int:
@@ -403,7 +451,7 @@ def _sentinels(section: Section) -> tuple[tuple[str, int], ...]:
         )
     found = []
     for i, item in enumerate(raw):
-        entry = Section(item, section.where(f"sentinels[{i}]"), section.env, section.base_dir)
+        entry = section.child(item, section.where(f"sentinels[{i}]"))
         host = entry.text("host")
         port = entry.number("port", 26379, lo=1, hi=65535, integer=True)
         entry.done()

@@ -15,7 +15,7 @@ import enum
 import logging
 import time
 
-from mailroom.backoff import backoff_delay
+from mailroom.backoff import Backoff
 from mailroom.observe.monitor import Monitor
 
 __all__ = ["Circuit", "CircuitState"]
@@ -36,15 +36,13 @@ class Circuit:
     def __init__(
         self,
         label: str,
+        backoff: Backoff,
         *,
-        initial_s: float,
-        max_s: float,
         monitor: Monitor | None = None,
         failures_to_open: int = FAILURES_TO_OPEN,
     ) -> None:
         self.label = label
-        self.initial_s = initial_s
-        self.max_s = max_s
+        self.backoff = backoff  # the probes' pace; a Retry-After is honoured within its clamp
         self.failures_to_open = failures_to_open
         self._monitor = monitor or Monitor()
         self.state = CircuitState.CLOSED
@@ -133,8 +131,7 @@ class Circuit:
             self._notify()
 
     def _delay(self, retry_after_s: float | None) -> float:
-        delay = backoff_delay(self._probes + 1, initial_s=self.initial_s, max_s=self.max_s)
-        return delay if retry_after_s is None else min(max(delay, retry_after_s), self.max_s)
+        return self.backoff.delay(self._probes + 1, retry_after_s)
 
     def _notify(self) -> None:
         self._changed.set()

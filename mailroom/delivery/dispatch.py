@@ -20,19 +20,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from mailroom.config import Config, ImapMailboxConfig, MailboxConfig, WebhookConfig
+from mailroom.config import ArbitrationConfig, Config, MailboxConfig, WebhookConfig
 from mailroom.delivery import notices
+from mailroom.delivery.claims import Claim, Claims, MailRoomClaims
 from mailroom.delivery.markers import UNKNOWN, Markers, Shared
 from mailroom.delivery.posting import Webhook, Webhooks
 from mailroom.delivery.reject import Notifier
+from mailroom.delivery.sidekiq import JobQueue
 from mailroom.delivery.webhook import Rejected, payload_body
-from mailroom.envelope import FAILED_KEYWORD, Envelope, Outcome
+from mailroom.envelope import Envelope, Outcome
 from mailroom.mail import message, routing
 from mailroom.mail.decision import Action, Verdict, decide
 from mailroom.observe.monitor import Monitor, NoticeResult
-from mailroom.redact import origin
 
-__all__ = ["Dispatcher", "Prepared"]
+__all__ = ["Dispatcher", "Prepared", "notice_text"]
 
 log = logging.getLogger("mailroom.delivery.dispatch")
 
@@ -69,13 +70,16 @@ class Dispatcher:
         monitor: Monitor | None = None,
         *,
         shared: Shared | None = None,
+        claims: MailRoomClaims | None = None,
+        queues: Callable[[ArbitrationConfig], JobQueue] | None = None,
         dry_run: bool = False,
     ) -> None:
         self._monitor = monitor or Monitor()
         self._mailboxes: dict[str, MailboxConfig] = {}
         self._config = config
-        self._webhooks = Webhooks(self._monitor)
+        self._webhooks = Webhooks(self._monitor, queues)
         self._markers = Markers(None if dry_run else shared)  # a dry run settles nothing
+        self._claims = Claims(None if dry_run else claims)  # a migration from MailRoom
         self.dry_run = dry_run
         self._notifier = Notifier(config.reject_notices, shared=shared)
         # Mailboxes being stopped (a reload, a lease handed over): their mail waits. Only
@@ -196,6 +200,17 @@ class Dispatcher:
             self._monitor.marker_hit(envelope.mailbox)
             await self._settle(envelope, seen, fields, recorded=True)
             return
+        async with self._claims.held(envelope, fields) as claim:
+            if claim is not Claim.OURS:  # MailRoom has it, or it cannot be told
+                envelope.release(hold=False)
+                self._monitor.released(envelope.mailbox)
+                return
+            await self._deliver(envelope, mailbox, fields)
+
+    async def _deliver(
+        self, envelope: Envelope, mailbox: MailboxConfig, fields: dict[str, Any]
+    ) -> None:
+        """Decide, deliver and settle ``envelope``."""
         try:
             outcome = await self._decide(envelope, mailbox, fields)
         except asyncio.CancelledError:
@@ -272,15 +287,15 @@ class Dispatcher:
         if verdict.action is Action.REJECT:
             log.info("%s: rejected: %s", ref, verdict.why, extra=fields)
             return await self._notify(Outcome.REJECTED, envelope, verdict, fields)
-        assert isinstance(verdict.decision, routing.Deliver)
+        delivery = verdict.delivery
         hook = mailbox.webhook
         body = envelope.raw
         if hook.format == "json":
-            body = await _off_loop(len(body), payload_body, envelope, parsed, verdict.decision)
-        result = await self._webhooks.deliver(envelope, verdict.decision, hook, body, fields)
+            body = await _off_loop(len(body), payload_body, envelope, parsed, delivery)
+        result = await self._webhooks.deliver(envelope, delivery, hook, body, fields)
         if isinstance(result, Rejected):
             log.info("%s: the application rejected it: %s", ref, result.reason, extra=fields)
-            rejected = Verdict(Action.REJECT, result.reason, parsed, verdict.decision)
+            rejected = Verdict(Action.REJECT, result.reason, parsed, delivery)
             return await self._notify(Outcome.DELIVERED, envelope, rejected, fields)
         return result
 
@@ -289,10 +304,11 @@ class Dispatcher:
     ) -> None:
         """Log what would happen to ``envelope``; nothing is posted, sent or settled."""
         if verdict.action is Action.DELIVER:
-            assert isinstance(verdict.decision, routing.Deliver)
+            delivery = verdict.delivery
             what = (
-                f"would POST to {origin(mailbox.webhook.url)} (key {verdict.decision.key}, "
-                f"matched {verdict.decision.matched_header})"
+                f"would {'push a Sidekiq job to' if mailbox.webhook.sidekiq else 'POST to'} "
+                f"{mailbox.webhook.origin} (key {delivery.key}, "
+                f"matched {delivery.matched_header})"
             )
         elif verdict.action is Action.IGNORE:
             what = f"would ignore it as auto-generated ({verdict.why})"
@@ -300,7 +316,7 @@ class Dispatcher:
             verb = "reject" if verdict.action is Action.REJECT else "dead-letter"
             what = f"would {verb} it ({verdict.why})"
             if verdict.action is Action.DEAD_LETTER:
-                what += f": {dead_letter_text(mailbox)}"
+                what += f": {mailbox.dead_letter}"
             if verdict.notice:
                 notice = notice_text(verdict.parsed, mailbox.routing, self._config)
                 what += f"; notice: {notice}"
@@ -325,15 +341,6 @@ class Dispatcher:
         )
         self._monitor.notice(envelope.mailbox, result)
         return Outcome.DEAD_LETTERED if result is NoticeResult.FAILED else outcome
-
-
-def dead_letter_text(mailbox: MailboxConfig) -> str:
-    """Where a dead letter of ``mailbox`` goes (for the dry run and ``mailroom route``)."""
-    if mailbox.failed_folder is not None:
-        return f"moved to {mailbox.failed_folder} (failed_folder)"
-    if isinstance(mailbox, ImapMailboxConfig):
-        return f"flagged {FAILED_KEYWORD} and \\Seen, left in place (no failed_folder)"
-    return "categorised MailroomFailed and read, left in place (no failed_folder)"
 
 
 def notice_text(parsed: message.ParsedMessage, rules: routing.RoutingRules, config: Config) -> str:

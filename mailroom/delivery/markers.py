@@ -9,11 +9,10 @@ without posting it again. Without replicas (``shared`` is None) there is nothing
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Protocol
 
-from mailroom.backoff import backoff_delay
+from mailroom.backoff import Backoff, Retry
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ArbitrationError
 
@@ -21,7 +20,8 @@ __all__ = ["UNKNOWN", "Markers", "Shared"]
 
 log = logging.getLogger("mailroom.delivery.dispatch")
 
-RECORD_ATTEMPTS = 8  # about 5 s: then the message is settled anyway (settled mail is not re-read)
+# About 5 s in all: then the message is settled anyway (settled mail is not read again).
+RECORD_RETRY = Backoff(initial_s=0.2, max_s=2.0, attempts=8)
 UNKNOWN = "unknown"  # seen() could not ask: the message waits for the next sweep
 
 
@@ -70,19 +70,30 @@ class Markers:
         given up (settling it is what keeps it from being read again)."""
         if self.shared is None:
             return
-        for attempt in range(1, RECORD_ATTEMPTS + 1):
+        retry = Retry(RECORD_RETRY)
+        while True:
+            attempt = retry.begin()
             try:
                 await self.shared.record(envelope.idempotency_key, outcome.value)
                 return
             except ArbitrationError as exc:
-                if attempt == RECORD_ATTEMPTS:
+                delay = retry.delay()
+                if delay is None:
                     log.warning(
-                        "%s: %s: its delivered marker could not be written (%s); settling it "
-                        "anyway",
+                        "%s: %s: its delivered marker could not be written (%d attempts, last: "
+                        "%s); settling it anyway",
                         envelope.mailbox,
                         envelope.ref,
+                        attempt,
                         exc,
-                        extra=fields,
+                        extra={**fields, **retry.extra(exc, None)},
                     )
                     return
-                await asyncio.sleep(backoff_delay(attempt, initial_s=0.2, max_s=2.0))
+                await retry.wait(
+                    log,
+                    logging.DEBUG,
+                    f"{envelope.mailbox}: {envelope.ref}: writing its delivered marker:",
+                    exc,
+                    delay_s=delay,
+                    fields=fields,
+                )

@@ -172,7 +172,8 @@ class Notice:
     def message(self) -> EmailMessage:
         """``data`` parsed with the modern policy: the notice as a reader sees it."""
         parsed = email.message_from_bytes(self.data, policy=policy.default)
-        assert isinstance(parsed, EmailMessage)
+        if not isinstance(parsed, EmailMessage):  # policy.default's factory makes one
+            raise TypeError(f"policy.default parsed a {type(parsed).__name__}")
         return parsed
 
 

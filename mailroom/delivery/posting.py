@@ -14,21 +14,29 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
-from mailroom.backoff import backoff_delay
+from mailroom.backoff import Retry
 from mailroom.backoff import retry_after as parse_retry_after
-from mailroom.config import Config, WebhookConfig, webhook_labels
+from mailroom.config import (
+    ArbitrationConfig,
+    Config,
+    SidekiqConfig,
+    WebhookConfig,
+    webhook_labels,
+)
+from mailroom.delivery import sidekiq
 from mailroom.delivery.circuit import Circuit
+from mailroom.delivery.sidekiq import JobQueue
 from mailroom.delivery.webhook import MAX_ANSWER_BYTES, Rejected, classify, request_headers
 from mailroom.envelope import Envelope, Outcome
-from mailroom.errors import PermanentDeliveryError, TransientDeliveryError
+from mailroom.errors import ArbitrationError, PermanentDeliveryError, TransientDeliveryError
 from mailroom.mail import routing
-from mailroom.observe.monitor import Monitor
+from mailroom.observe.monitor import Monitor, StatusClass
 from mailroom.trust.proxies import proxy_for
 from mailroom.trust.tls import client_context
 
@@ -43,14 +51,17 @@ SLICED_BODY_BYTES = 1024 * 1024
 
 
 class Webhook:
-    """One configured webhook: its slots, its circuit, its TLS settings, its request builder."""
+    """One configured webhook: its slots, its circuit, its TLS settings, its request builder;
+    with ``sidekiq``, the Redis its jobs are pushed to (``queue``)."""
 
-    def __init__(self, config: WebhookConfig, label: str, monitor: Monitor) -> None:
+    def __init__(
+        self, config: WebhookConfig, label: str, monitor: Monitor, queue: JobQueue | None = None
+    ) -> None:
         self.config = config
+        self.queue = queue
         self.label = label
         self.slots = asyncio.Semaphore(config.concurrency)
-        retry = config.retry
-        self.circuit = Circuit(label, initial_s=retry.initial_s, max_s=retry.max_s, monitor=monitor)
+        self.circuit = Circuit(label, config.retry.backoff, monitor=monitor)
         self.ssl: ssl.SSLContext | bool = True
         if config.url.startswith("https:"):
             self.ssl = client_context(ca_file=config.ca_file, verify=config.tls_verify)
@@ -72,8 +83,11 @@ class Webhook:
 class Webhooks:
     """The webhooks of one process; ``async with`` owns the HTTP session."""
 
-    def __init__(self, monitor: Monitor) -> None:
+    def __init__(
+        self, monitor: Monitor, queues: Callable[[ArbitrationConfig], JobQueue] | None = None
+    ) -> None:
         self._monitor = monitor
+        self._queues = queues  # the Sidekiq Redis of a config (delivery_method: sidekiq)
         self.by_config: dict[WebhookConfig, Webhook] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -94,9 +108,16 @@ class Webhooks:
         """The webhooks ``config`` names; an unchanged one keeps its slots and circuit."""
         named = webhook_labels(m.webhook for m in config.mailboxes)
         return {
-            hook: self.by_config.get(hook) or Webhook(hook, label, self._monitor)
+            hook: self.by_config.get(hook) or Webhook(hook, label, self._monitor, self._queue(hook))
             for hook, label in named.items()
         }
+
+    def _queue(self, hook: WebhookConfig) -> JobQueue | None:
+        if hook.sidekiq is None:
+            return None
+        if self._queues is None:
+            raise ValueError(f"{hook.origin}: no Redis client for Sidekiq jobs was given")
+        return self._queues(hook.sidekiq.redis)
 
     async def deliver(
         self,
@@ -109,16 +130,11 @@ class Webhooks:
         """Post ``body`` until the webhook gives an answer that settles it."""
         webhook = self.by_config[config]
         circuit = webhook.circuit
-        retry = config.retry
-        started = time.monotonic()
-        attempt = 0
+        retry = Retry(config.retry.backoff)
         while True:
-            waited = time.monotonic() - started
-            left = None if retry.give_up_after_s is None else retry.give_up_after_s - waited
-            if not await circuit.admit(left):
-                return _give_up(envelope, waited, attempt, "the webhook's circuit is open", fields)
-            attempt += 1
-            fields["attempt"] = attempt
+            if not await circuit.admit(retry.left_s):
+                return _give_up(envelope, retry, "the webhook's circuit is open", fields)
+            fields["attempt"] = retry.begin()
             try:
                 async with webhook.slots:
                     result = await self._post(webhook, envelope, decision.key, body, fields)
@@ -136,25 +152,18 @@ class Webhooks:
                 circuit.failed(str(exc), exc.retry_after_s)
                 if circuit.is_open:
                     continue  # the circuit paces the retries now, and logged the outage
-                delay = backoff_delay(attempt, initial_s=retry.initial_s, max_s=retry.max_s)
-                if exc.retry_after_s is not None:
-                    # Not sooner than asked, nor sooner than the backoff: "Retry-After: 0"
-                    # from a struggling server must not become a tight loop.
-                    delay = min(max(exc.retry_after_s, delay), retry.max_s)
-                waited = time.monotonic() - started
-                if retry.give_up_after_s is not None and waited + delay > retry.give_up_after_s:
-                    return _give_up(envelope, waited, attempt, str(exc), fields)
-                log.log(
+                # Not sooner than a Retry-After asks, nor than the backoff (Backoff.delay).
+                delay = retry.delay(exc.retry_after_s)
+                if delay is None:
+                    return _give_up(envelope, retry, str(exc), fields)
+                await retry.wait(
+                    log,
                     logging.ERROR if exc.misconfigured else logging.WARNING,
-                    "%s: %s: webhook attempt %d failed: %s; retrying in %.1fs",
-                    envelope.mailbox,
-                    envelope.ref,
-                    attempt,
+                    f"{envelope.mailbox}: {envelope.ref}: webhook",
                     exc,
-                    delay,
-                    extra={**fields, "delay_s": round(delay, 3)},
+                    delay_s=delay,
+                    fields=fields,
                 )
-                await asyncio.sleep(delay)
             except BaseException:
                 circuit.abandoned()
                 raise
@@ -170,7 +179,10 @@ class Webhooks:
         body: bytes,
         fields: dict[str, Any],
     ) -> Outcome | Rejected:
-        assert self._session is not None, "use Webhooks in `async with`"
+        if webhook.config.sidekiq is not None:
+            return await self._push(webhook, webhook.config.sidekiq, envelope, body)
+        if self._session is None:
+            raise RuntimeError("use Webhooks in `async with`")
         config = webhook.config
         headers = webhook.headers(envelope, key, body)
         data: bytes | AsyncIterator[memoryview] = body
@@ -180,7 +192,7 @@ class Webhooks:
             headers["Content-Length"] = str(len(body))
             data = _slices(body)
         started = time.monotonic()
-        status_class = "error"  # no answer: a timeout or a connection error
+        status_class = StatusClass.ERROR  # no answer: a timeout or a connection error
         try:
             async with self._session.post(
                 config.url,
@@ -192,7 +204,7 @@ class Webhooks:
                 proxy=proxy_for(config.url, config.proxy),
             ) as response:
                 status = response.status
-                status_class = f"{min(max(status // 100, 2), 5)}xx"
+                status_class = StatusClass.of(status)
                 delay_s = parse_retry_after(response.headers.get("Retry-After"))
                 try:
                     answer = await _read_bounded(response, MAX_ANSWER_BYTES)
@@ -209,17 +221,41 @@ class Webhooks:
         fields["status"] = status
         return classify(status, answer, delay_s, config)
 
+    async def _push(
+        self, webhook: Webhook, config: SidekiqConfig, envelope: Envelope, body: bytes
+    ) -> Outcome:
+        """One attempt of ``delivery_method: sidekiq``: the job, LPUSHed (``sidekiq``)."""
+        if webhook.queue is None:
+            raise RuntimeError(f"{webhook.label}: no Redis client for its Sidekiq jobs")
+        item = await _off_thread(len(body), sidekiq.job, config, body)
+        started = time.monotonic()
+        status_class = StatusClass.ERROR
+        try:
+            await webhook.queue.push(config.key, item)
+            status_class = StatusClass.SUCCESS
+        except ArbitrationError as exc:
+            raise TransientDeliveryError(str(exc), misconfigured=exc.misconfigured) from exc
+        finally:
+            self._monitor.webhook(envelope.mailbox, status_class, time.monotonic() - started)
+        return Outcome.DELIVERED
 
-def _give_up(
-    envelope: Envelope, waited: float, attempts: int, last: str, fields: dict[str, Any]
-) -> Outcome:
+
+async def _off_thread(size: int, function: Callable[..., str], *args: Any) -> str:
+    """``function(*args)``, in a worker thread for a message over 64 KiB (charset detection
+    and JSON encoding are linear, but not free)."""
+    if size <= 64 * 1024:
+        return function(*args)
+    return await asyncio.to_thread(function, *args)
+
+
+def _give_up(envelope: Envelope, retry: Retry, last: str, fields: dict[str, Any]) -> Outcome:
     log.error(
         "%s: %s: webhook failed for %.0fs (%d attempts, last: %s); giving up "
         "(retry.give_up_after) and dead-lettering",
         envelope.mailbox,
         envelope.ref,
-        waited,
-        attempts,
+        retry.elapsed_s,
+        retry.attempt,
         last,
         extra=fields,
     )

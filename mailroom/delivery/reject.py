@@ -24,13 +24,13 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aiosmtplib
 
-from mailroom.backoff import backoff_delay
+from mailroom.backoff import Retry
 from mailroom.config import RejectNoticesConfig, SmtpConfig
 from mailroom.delivery import notices
 from mailroom.delivery.markers import Shared
@@ -162,7 +162,7 @@ class Notifier:
                 extra=fields,
             )
             return NoticeResult.REFUSED
-        return await self._send_with_retries(notice, mailbox, ref, fields)
+        return await self._send_with_retries(config, notice, mailbox, ref, fields)
 
     async def _allowed(self, recipient: str, reason: str, mailbox: str) -> bool:
         """The rate limit: shared by the replicas when there are any; this process's own
@@ -175,97 +175,97 @@ class Notifier:
         return self.limiter.allow(recipient, reason, self._clock())
 
     async def _send_with_retries(
-        self, notice: notices.Notice, mailbox: str, ref: str, fields: dict[str, Any]
+        self,
+        config: RejectNoticesConfig,
+        notice: notices.Notice,
+        mailbox: str,
+        ref: str,
+        fields: dict[str, Any],
     ) -> NoticeResult:
-        assert self.config is not None
-        recipient = notice.recipient
-        retry = self.config.retry
-        give_up_after_s = retry.give_up_after_s or notices.DAY_S
-        started = time.monotonic()
-        attempt = 0
+        settings = config.retry
+        give_up_after_s = settings.give_up_after_s or notices.DAY_S
+        retry = Retry(replace(settings.backoff, give_up_after_s=give_up_after_s))
+        where = f"{mailbox}: {ref}"
         while True:
-            attempt += 1
-            fields["attempt"] = attempt
+            fields["attempt"] = retry.begin()
             try:
-                await self._send(notice, mailbox)
+                await self._send(config, notice, mailbox)
             except _SendError as exc:
-                if exc.refused:
-                    log.warning(
-                        "%s: %s: no reject notice to %s: %s",
-                        mailbox,
-                        ref,
-                        recipient,
-                        exc,
-                        extra=fields,
-                    )
-                    return NoticeResult.REFUSED
-                if not exc.transient:
-                    log.error(
-                        "%s: %s: the SMTP server refused the reject notice to %s for good: %s; "
-                        "dead-lettering",
-                        mailbox,
-                        ref,
-                        recipient,
-                        exc,
-                        extra=fields,
-                    )
-                    self.failed += 1
-                    return NoticeResult.FAILED
-                delay = backoff_delay(attempt, initial_s=retry.initial_s, max_s=retry.max_s)
-                waited = time.monotonic() - started
-                if waited + delay > give_up_after_s:
-                    log.error(
-                        "%s: %s: reject notice to %s failed for %.0fs (%d attempts, last: %s); "
-                        "giving up (reject_notices.retry.give_up_after) and dead-lettering",
-                        mailbox,
-                        ref,
-                        recipient,
-                        waited,
-                        attempt,
-                        exc,
-                        extra=fields,
-                    )
-                    self.failed += 1
-                    return NoticeResult.FAILED
-                log.log(
+                delay = None if exc.refused or not exc.transient else retry.delay()
+                if delay is None:
+                    return self._not_sent(exc, notice, where, retry, fields)
+                await retry.wait(
+                    log,
                     logging.ERROR if exc.misconfigured else logging.WARNING,
-                    "%s: %s: reject notice attempt %d failed: %s; retrying in %.1fs",
-                    mailbox,
-                    ref,
-                    attempt,
+                    f"{where}: reject notice",
                     exc,
-                    delay,
-                    extra={**fields, "delay_s": round(delay, 3)},
+                    delay_s=delay,
+                    fields=fields,
                 )
-                await asyncio.sleep(delay)
             else:
                 log.info(
-                    "%s: %s: reject notice sent to %s (%s)",
-                    mailbox,
-                    ref,
-                    recipient,
+                    "%s: reject notice sent to %s (%s)",
+                    where,
+                    notice.recipient,
                     notice.message_id,
                     extra=fields,
                 )
                 self.sent += 1
                 return NoticeResult.SENT
 
-    async def _send(self, notice: notices.Notice, mailbox: str) -> None:
+    def _not_sent(
+        self,
+        exc: _SendError,
+        notice: notices.Notice,
+        where: str,
+        retry: Retry,
+        fields: dict[str, Any],
+    ) -> NoticeResult:
+        """A notice that will not go: refused by policy, refused for good by the server, or
+        not sent within ``give_up_after``."""
+        recipient = notice.recipient
+        if exc.refused:
+            log.warning("%s: no reject notice to %s: %s", where, recipient, exc, extra=fields)
+            return NoticeResult.REFUSED
+        if not exc.transient:
+            log.error(
+                "%s: the SMTP server refused the reject notice to %s for good: %s; dead-lettering",
+                where,
+                recipient,
+                exc,
+                extra=fields,
+            )
+        else:
+            log.error(
+                "%s: reject notice to %s failed for %.0fs (%d attempts, last: %s); giving up "
+                "(reject_notices.retry.give_up_after) and dead-lettering",
+                where,
+                recipient,
+                retry.elapsed_s,
+                retry.attempt,
+                exc,
+                extra={**fields, **retry.extra(exc, None)},
+            )
+        self.failed += 1
+        return NoticeResult.FAILED
+
+    async def _send(
+        self, config: RejectNoticesConfig, notice: notices.Notice, mailbox: str
+    ) -> None:
         """One attempt; raises ``_SendError``. Falls back from ``MAIL FROM:<>`` to the ``from``
         address, for good, when a server refuses the null sender."""
-        assert self.config is not None
         while True:
             sender = self._envelope_sender
             try:
                 async with self._slots:
-                    await self._submit(notice, sender)
+                    await self._submit(config, notice, sender)
                 return
             except aiosmtplib.SMTPSenderRefused as exc:
                 if sender or exc.code < 500 or exc.code in MISCONFIGURED_CODES:
                     raise _classify(exc) from exc
                 if self._envelope_sender:  # another notice found out meanwhile
                     continue
-                self._envelope_sender = self.config.sender_address
+                self._envelope_sender = config.sender_address
                 log.warning(
                     "%s: the SMTP server refused the null envelope sender (MAIL FROM:<>): "
                     "%d %s; using %s from now on",
@@ -277,10 +277,11 @@ class Notifier:
             except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
                 raise _classify(exc) from exc
 
-    async def _submit(self, notice: notices.Notice, sender: str) -> None:
+    async def _submit(
+        self, config: RejectNoticesConfig, notice: notices.Notice, sender: str
+    ) -> None:
         """Connect (TLS, AUTH as configured) and send ``notice.data`` exactly as built."""
-        assert self.config is not None
-        smtp = self.config.smtp
+        smtp = config.smtp
         client = aiosmtplib.SMTP(
             hostname=smtp.host,
             port=smtp.port,

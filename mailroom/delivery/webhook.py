@@ -151,7 +151,7 @@ def request_headers(
     if config.jwt is not None:
         headers[config.jwt.header] = jwt_token(config.jwt, now)
     if config.token is not None:
-        headers["Authorization"] = _token_authorization(config)
+        headers["Authorization"] = _token_authorization(config.token.reveal(), config)
     elif config.basic is not None:
         # RFC 7617 with UTF-8 (aiohttp's BasicAuth is deprecated and latin-1 only).
         pair = f"{config.basic.user}:{config.basic.password.reveal()}".encode()
@@ -159,9 +159,7 @@ def request_headers(
     return headers
 
 
-def _token_authorization(config: WebhookConfig) -> str:
-    assert config.token is not None
-    token = config.token.reveal()
+def _token_authorization(token: str, config: WebhookConfig) -> str:
     if config.token_scheme == "token":
         # MailRoom's postback: Faraday's token_auth writes `Token token="<Ruby inspect>"`,
         # which Rails' authenticate_with_http_token reads.

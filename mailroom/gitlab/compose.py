@@ -22,42 +22,54 @@ from typing import Any
 
 from mailroom.config import (
     Config,
-    GraphMailboxConfig,
-    ImapMailboxConfig,
+    LogFile,
     MailboxConfig,
     Secret,
     parse_config,
     read_yaml,
 )
 from mailroom.errors import ConfigError
+from mailroom.gitlab.redis import GitLabRedis, arbitration_block
 from mailroom.redact import key_name
 
-__all__ = ["PLACEHOLDER", "Source", "build", "literal", "read_overlay", "secret_text"]
+__all__ = [
+    "PLACEHOLDER",
+    "ForeignMailbox",
+    "build",
+    "literal",
+    "overlay_arbitration",
+    "read_overlay",
+    "secret_text",
+    "sidekiq_tree",
+    "with_log_files",
+]
 
 PLACEHOLDER = "(set after validation)"  # stands in for a secret while parse_config runs
 # What the foreign file decides in these modes; the -c file may not change it.
 _WEBHOOK_FIXED = ("url", "format", "content_type", "jwt", "token", "token_scheme", "basic")
+STREAMS = frozenset({"/dev/stdout", "/dev/stderr"})
 _ENV = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 _MAILBOX_PATH = re.compile(r"mailboxes\[(\d+)\](?:\.(.*))?")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Source:
+class ForeignMailbox:
     """Where one mailbox's settings came from, to tell errors in that file's words.
 
     ``keys`` maps a mailroom path under the mailbox (``webhook.url``) to the foreign key
-    (``gitlab_url``); ``password`` and ``client_secret`` are injected after validation.
+    (``gitlab_url``); ``secret`` (the password or client secret its kind takes) is injected
+    after validation.
     """
 
     id: str  # the mailbox id
     file: Path
     prefix: str  # production.incoming_email, or :mailboxes:[0]
     keys: Mapping[str, str] = field(default_factory=dict)
-    password: str | None = field(default=None, repr=False)
-    client_secret: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
+    sidekiq_redis: GitLabRedis | None = field(default=None, repr=False)  # its passwords
 
 
-def literal(source: Source, key: str, value: Any) -> Any:
+def literal(source: ForeignMailbox, key: str, value: Any) -> Any:
     """``value`` for the mailroom tree; a ``${NAME}`` in it would be expanded there, but the
     foreign program reads it literally: refuse it instead of guessing."""
     if isinstance(value, str) and _ENV.search(value):
@@ -85,19 +97,65 @@ def read_overlay(overlay: Path | None) -> dict[str, Any]:
     return extra
 
 
+def overlay_arbitration(top: dict[str, Any], extra: dict[str, Any], block: dict[str, Any]) -> bool:
+    """Put the foreign file's Redis ``block`` in ``top``, under the ``-c`` file's ``arbitration:``
+    settings when it has no ``method`` (``mail_room_claims: false``, ``lease_ttl``); False when
+    the ``-c`` file names a Redis of its own (or ``method: none``) instead."""
+    named = extra.get("arbitration")
+    if isinstance(named, dict) and "method" in named:
+        return False
+    top["arbitration"] = {**block, **(extra.pop("arbitration", None) or {})}
+    return True
+
+
+def with_log_files(config: Config, named: list[tuple[Path, str, str]]) -> Config:
+    """``config`` logging to the foreign file's log files as well: ``(path, mailbox id, the
+    setting it came from)``, one file per path with the lines of the mailboxes naming it."""
+    by_path: dict[Path, tuple[set[str], str]] = {}
+    for path, mailbox, origin in named:
+        if str(path) in STREAMS:
+            continue  # the chart's default: mailroom logs to its stream already
+        by_path.setdefault(path, (set(), origin))[0].add(mailbox)
+    every = {m.id for m in config.mailboxes}
+    files = tuple(
+        LogFile(path=str(path), mailboxes=None if ids == every else frozenset(ids), origin=origin)
+        for path, (ids, origin) in by_path.items()
+    )
+    return replace(config, log=replace(config.log, files=config.log.files + files))
+
+
+def sidekiq_tree(
+    redis: GitLabRedis, queue: Any, worker: Any, namespace: Any = None
+) -> dict[str, Any]:
+    """The ``webhook:`` tree of a ``delivery_method: sidekiq`` mailbox pushing to ``redis``
+    (its passwords go in after validation, from the mailbox's ``Source.sidekiq_redis``)."""
+    connection = {
+        k: v
+        for k, v in arbitration_block(redis).items()
+        if k not in ("method", "namespace", "mail_room_claims", "mail_room_namespace")
+    }
+    tree = {**connection, "queue": queue, "worker": worker}
+    if namespace is not None:
+        tree["namespace"] = namespace
+    return {"format": "raw", "sidekiq": tree}
+
+
 def build(
     mailboxes: list[dict[str, Any]],
-    sources: list[Source],
+    sources: list[ForeignMailbox],
     *,
     top: dict[str, Any],
     overlay: Path | None,
     extra: Mapping[str, Any],
     env: Mapping[str, str],
     warnings: tuple[str, ...] = (),
+    log_files: list[tuple[Path, str, str]] | None = None,
+    redis: GitLabRedis | None = None,
 ) -> Config:
     """Validate ``mailboxes`` (mailroom's YAML, one per ``sources`` entry) with the top-level
     keys ``top`` and ``extra``, the optional mailroom YAML ``overlay`` (``read_overlay``),
-    laid over them."""
+    laid over them; then the foreign file's log files (``with_log_files``) and the passwords of
+    its arbitration ``redis``, which never go through the YAML tree."""
     extra = dict(extra)
     per_mailbox = _overlay_mailboxes(extra, overlay, [s.id for s in sources])
     hook = _overlay_webhook(extra, overlay)
@@ -120,7 +178,14 @@ def build(
         raise origins.error(exc) from None
     boxes = tuple(_with_secrets(m, s) for m, s in zip(config.mailboxes, sources, strict=True))
     told = tuple(origins.warning(w) for w in config.warnings)
-    return replace(config, mailboxes=boxes, warnings=warnings + told)
+    config = replace(config, mailboxes=boxes, webhook=boxes[0].webhook, warnings=warnings + told)
+    config = with_log_files(config, log_files or [])
+    if redis is None:
+        return config
+    arbitration = replace(
+        config.arbitration, password=redis.password, sentinel_password=redis.sentinel_password
+    )
+    return replace(config, arbitration=arbitration)
 
 
 def _overlay_mailboxes(
@@ -158,13 +223,17 @@ def _overlay_webhook(extra: dict[str, Any], overlay: Path | None) -> dict[str, A
     return hook
 
 
-def _with_secrets(mailbox: MailboxConfig, source: Source) -> MailboxConfig:
-    if isinstance(mailbox, ImapMailboxConfig) and source.password is not None:
-        return replace(mailbox, password=Secret(source.password))
-    if isinstance(mailbox, GraphMailboxConfig) and source.client_secret is not None:
-        options = replace(mailbox.inbox_options, client_secret=Secret(source.client_secret))
-        return replace(mailbox, inbox_options=options)
-    return mailbox
+def _with_secrets(mailbox: MailboxConfig, source: ForeignMailbox) -> MailboxConfig:
+    """The mailbox with the secrets its foreign file gave it, validated with placeholders: the
+    password or client secret, and the passwords of a Sidekiq queue's Redis."""
+    hook, redis = mailbox.webhook, source.sidekiq_redis
+    if hook.sidekiq is not None and redis is not None:  # delivery_method: sidekiq
+        connection = replace(
+            hook.sidekiq.redis, password=redis.password, sentinel_password=redis.sentinel_password
+        )
+        sidekiq = replace(hook.sidekiq, redis=connection)
+        mailbox = replace(mailbox, webhook=replace(hook, sidekiq=sidekiq))
+    return mailbox if source.secret is None else mailbox.with_secret(Secret(source.secret))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -172,7 +241,7 @@ class _Origins:
     """Which file each value of the composed tree came from: the foreign file (``sources``) or
     the ``-c`` file (``overlay``: its per-mailbox keys and webhook keys)."""
 
-    sources: list[Source]
+    sources: list[ForeignMailbox]
     overlay: Path | None
     per_mailbox: Mapping[str, dict[str, Any]]
     hook: Mapping[str, Any]
@@ -195,6 +264,8 @@ class _Origins:
         return f"{source.file}: {source.prefix}{'.' + key if key else ''}"
 
     def error(self, exc: ConfigError) -> ConfigError:
+        if exc.problems:  # several: each told in the words of its own file
+            return ConfigError.several([self.error(problem) for problem in exc.problems])
         return ConfigError(self.where(exc.path), exc.message)
 
     def warning(self, warning: str) -> str:

@@ -31,7 +31,14 @@ from mailroom.config.document import load as load_yaml
 from mailroom.errors import ConfigError
 from mailroom.trust.values import Secret
 
-__all__ = ["DEFAULT_URL", "NAMESPACE", "GitLabRedis", "Sentinel", "find_queues_redis"]
+__all__ = [
+    "DEFAULT_URL",
+    "NAMESPACE",
+    "GitLabRedis",
+    "Sentinel",
+    "arbitration_block",
+    "find_queues_redis",
+]
 
 NAMESPACE = "mail_room:gitlab"  # Gitlab::Redis::Queues::MAILROOM_NAMESPACE
 DEFAULT_URL = "redis://localhost:6381"  # Gitlab::Redis::Queues::DEFAULT_REDIS_QUEUES_URL
@@ -194,3 +201,31 @@ def _sentinels(value: Any, source: str) -> tuple[Sentinel, ...]:
             raise ValueError(f"{source}: each sentinel is {{host: name, port: 26379}}")
         found.append(Sentinel(item["host"], port))
     return tuple(found)
+
+
+def arbitration_block(redis: GitLabRedis) -> dict[str, Any]:
+    """The ``arbitration:`` tree for ``redis`` (its passwords are added after validation).
+
+    mailroom's keys go under ``redis.namespace`` (``mailroom`` when MailRoom uses none), and so
+    do MailRoom's claims (``mail_room_claims``), as MailRoom writes them. Claims are on by
+    default: a MailRoom left running (the Linux package's not yet disabled, the chart's old pods
+    in a rolling update) would otherwise post every message a second time, and a claim costs one
+    Redis command per message. ``arbitration: {mail_room_claims: false}`` in the ``-c`` file
+    switches them off once no MailRoom is left.
+    """
+    block: dict[str, Any] = {
+        "method": "redis",
+        "namespace": redis.namespace or "mailroom",
+        "db": redis.db,
+        "mail_room_claims": True,
+        "mail_room_namespace": redis.namespace,
+    }
+    if redis.sentinels:
+        block["sentinels"] = [{"host": s.host, "port": s.port} for s in redis.sentinels]
+        block["master_name"] = redis.master_name
+        block["tls"] = redis.url.startswith("rediss:")
+    else:
+        block["url"] = redis.url
+    if redis.username is not None:
+        block["username"] = redis.username
+    return block

@@ -4,8 +4,8 @@ Read the way GitLab's ``lib/gitlab/mail_room.rb`` reads them for MailRoom:
 
 - gitlab.yml: ``--gitlab-config``, else ``$MAIL_ROOM_GITLAB_CONFIG_FILE``; the section named by
   ``$RAILS_ENV``, which defaults to ``production`` here (GitLab's own default is
-  ``development``, meant for developers). The Rails root is the parent of gitlab.yml's directory
-  (``config/``); relative paths are taken from there, as GitLab does.
+  ``development``, meant for developers). Relative paths resolve as GitLab and MailRoom resolve
+  them on the installer the file belongs to (``layout``), whatever directory mailroom runs in.
 - ``incoming_email`` and ``service_desk_email`` over GitLab's defaults (port 143, ssl false,
   start_tls false, mailbox ``inbox``, idle_timeout 60, expunge_deleted false,
   delete_after_delivery true); a type is on when ``enabled`` and ``address`` is not empty.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,16 @@ from mailroom.errors import ConfigError
 from mailroom.gitlab import encrypted
 from mailroom.gitlab.compose import (
     PLACEHOLDER,
-    Source,
+    ForeignMailbox,
     build,
     literal,
+    overlay_arbitration,
     read_overlay,
     secret_text,
+    sidekiq_tree,
 )
-from mailroom.gitlab.redis import GitLabRedis, find_queues_redis
+from mailroom.gitlab.layout import Layout, find_layout
+from mailroom.gitlab.redis import GitLabRedis, arbitration_block, find_queues_redis
 from mailroom.redact import key_name
 
 __all__ = ["TYPES", "GitLabFiles", "find_files", "load_gitlab"]
@@ -57,16 +60,22 @@ DEFAULTS: dict[str, Any] = {  # Gitlab::MailRoom::DEFAULT_CONFIG and config/mail
     "idle_timeout": 60,
     "expunge_deleted": False,
     "delete_after_delivery": True,
-    "delivery_method": "webhook",  # the only one current GitLab has
+    "delivery_method": "sidekiq",  # still GitLab's default; deprecated since 16.0
 }
+# Gitlab::MailRoom::MAILBOX_SPECIFIC_CONFIGS (queue "default" for both)
+WORKERS = {
+    "incoming_email": "EmailReceiverWorker",
+    "service_desk_email": "ServiceDeskEmailReceiverWorker",
+}
+DEFAULT_LOG_PATH = "log/mail_room_json.log"  # DEFAULT_CONFIG's, from the Rails root
 IMAP_KEYS = ("host", "port", "ssl", "start_tls", "idle_timeout", "expunge_deleted")
-# GitLab keys with no meaning for mailroom (MailRoom's log file; the JWT public keys GitLab
-# verifies with, which MailRoom never uses).
-IGNORED = frozenset({"log_path", "public_key_files"})
+# GitLab keys with no meaning for mailroom (the JWT public keys GitLab verifies with, which
+# MailRoom never uses).
+IGNORED = frozenset({"log_path", "public_key_files"})  # log_path is read on its own
 KNOWN = frozenset(
     {"enabled", "address", "user", "password", "mailbox", "delete_after_delivery"}
     | {"delivery_method", "gitlab_url", "secret_file", "inbox_method", "inbox_options"}
-    | {"encrypted_secret_file", *IMAP_KEYS}
+    | {"encrypted_secret_file", "queue", "worker", *IMAP_KEYS}
     | IGNORED
 )
 # mailroom's path under a mailbox → the GitLab key it came from (for error messages)
@@ -76,6 +85,14 @@ GITLAB_KEYS = {
     "webhook.jwt.secret": "secret_file",
     "webhook.jwt.secret_file": "secret_file",
 }
+_SIDEKIQ_DEPRECATED = (
+    "{where}.delivery_method: sidekiq (GitLab's default when none is set) is deprecated in "
+    "GitLab since 16.0 and planned to be removed in 19.0; mailroom pushes the job MailRoom "
+    "pushes into GitLab's queues Redis. Switch to webhook: on the Linux package "
+    "gitlab_rails['{kind}_delivery_method'] = 'webhook' and gitlab-ctl reconfigure (it writes "
+    "the secret file); self-compiled: delivery_method: webhook, gitlab_url and secret_file in "
+    "gitlab.yml (docs/gitlab.md); Helm chart: global.appConfig.<type>.deliveryMethod: webhook"
+)
 JWT_HEADER = "Gitlab-Mailroom-Api-Request"  # Gitlab::MailRoom::INTERNAL_API_REQUEST_HEADER
 JWT_ISSUER = "gitlab-mailroom"
 API_PATH = "/api/v4/internal/mail_room/"
@@ -88,8 +105,24 @@ class GitLabFiles:
 
     gitlab_yml: Path
     secrets_yml: Path
-    rails_root: Path
+    layout: Layout
     rails_env: str
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    _queues: list[GitLabRedis] = field(default_factory=list, repr=False)  # found once
+
+    def queues_redis(self) -> GitLabRedis:
+        """GitLab's queues Redis (``redis.find_queues_redis``), read once."""
+        if not self._queues:
+            try:
+                found = find_queues_redis(
+                    self.gitlab_yml.parent, rails_env=self.rails_env, env=self.env
+                )
+            except ValueError as exc:
+                raise ConfigError(
+                    "", f"{exc} (or name another Redis in the -c file's arbitration:)"
+                ) from exc
+            self._queues.append(found)
+        return self._queues[0]
 
 
 def find_files(gitlab_config: str | os.PathLike[str] | None, env: Mapping[str, str]) -> GitLabFiles:
@@ -104,8 +137,9 @@ def find_files(gitlab_config: str | os.PathLike[str] | None, env: Mapping[str, s
     return GitLabFiles(
         gitlab_yml=gitlab_yml,
         secrets_yml=Path(secrets).absolute(),
-        rails_root=gitlab_yml.parent.parent,
+        layout=find_layout(gitlab_yml),
         rails_env=env.get("RAILS_ENV") or "production",
+        env=env,
     )
 
 
@@ -127,10 +161,11 @@ def load_gitlab(
             "the section RAILS_ENV names: set RAILS_ENV, or check that this is gitlab.yml",
         )
     secrets = _Secrets(files, environ)
-    boxes, sources, warnings = [], [], []
+    boxes, sources, warnings, errors = [], [], [], []
+    log_files: list[tuple[Path, str, str]] = []
     for kind in TYPES:
         section = settings.get(kind) or {}
-        source = Source(id=kind, file=files.gitlab_yml, prefix=f"{files.rails_env}.{kind}")
+        source = ForeignMailbox(id=kind, file=files.gitlab_yml, prefix=f"{files.rails_env}.{kind}")
         if not isinstance(section, dict):
             raise ConfigError(f"{source.file}: {source.prefix}", "expected a mapping of settings")
         merged = {**DEFAULTS, **{k: v for k, v in section.items() if v is not None}}
@@ -140,11 +175,26 @@ def load_gitlab(
             f"{source.file}: {source.prefix}.{key}: not a setting GitLab's MailRoom reads; ignored"
             for key in sorted(key_name(k) for k in set(section) - KNOWN)
         ]
-        box, source = _mailbox(
-            kind, merged, source, settings=settings, files=files, secrets=secrets
-        )
+        try:
+            box, source = _mailbox(
+                kind, merged, source, settings=settings, files=files, secrets=secrets
+            )
+        except ConfigError as exc:  # each type's problems are told, not only the first's
+            errors.append(exc)
+            continue
         boxes.append(box)
         sources.append(source)
+        if merged["delivery_method"] == "sidekiq":
+            warnings.append(
+                _SIDEKIQ_DEPRECATED.format(where=f"{source.file}: {source.prefix}", kind=kind)
+            )
+        log_path = merged.get("log_path") or DEFAULT_LOG_PATH
+        if not isinstance(log_path, str):
+            raise ConfigError(f"{source.file}: {source.prefix}.log_path", "expected a path")
+        origin = f"{source.file}: {source.prefix}.log_path"
+        log_files.append((files.layout.path(log_path), kind, origin))
+    if errors:
+        raise ConfigError.several(errors)
     if not boxes:
         raise ConfigError(
             str(files.gitlab_yml),
@@ -156,51 +206,35 @@ def load_gitlab(
     overlay = Path(mailroom_config) if mailroom_config is not None else None
     extra = read_overlay(overlay)
     redis = None
-    if "arbitration" not in extra:  # else the -c file names a Redis (or none): GitLab's is not read
-        try:  # GitLab runs MailRoom with arbitration on its queues Redis: so does GitLab mode
-            redis = find_queues_redis(
-                files.gitlab_yml.parent, rails_env=files.rails_env, env=environ
-            )
-        except ValueError as exc:
-            raise ConfigError(
-                "", f"{exc} (or name another Redis in the -c file's arbitration:)"
-            ) from exc
-        top["arbitration"] = _arbitration(redis)
-    config = build(
-        boxes, sources, top=top, overlay=overlay, extra=extra, env=environ, warnings=tuple(warnings)
+    named = extra.get("arbitration")
+    # A -c arbitration: with a method names another Redis (or none), and GitLab's is not read;
+    # without one it only changes settings (mail_room_claims: false, lease_ttl) of GitLab's.
+    if not (isinstance(named, dict) and "method" in named):
+        # GitLab runs MailRoom with arbitration on its queues Redis: so does GitLab mode
+        redis = files.queues_redis()
+        overlay_arbitration(top, extra, arbitration_block(redis))
+    return build(
+        boxes,
+        sources,
+        top=top,
+        overlay=overlay,
+        extra=extra,
+        env=environ,
+        warnings=tuple(warnings),
+        log_files=log_files,
+        redis=redis,
     )
-    if redis is None:
-        return config
-    # GitLab's own Redis: its passwords go in here, never through the YAML tree.
-    arbitration = replace(
-        config.arbitration, password=redis.password, sentinel_password=redis.sentinel_password
-    )
-    return replace(config, arbitration=arbitration)
-
-
-def _arbitration(redis: GitLabRedis) -> dict[str, Any]:
-    """The ``arbitration:`` block for GitLab's queues Redis (passwords are added after)."""
-    block: dict[str, Any] = {"method": "redis", "namespace": redis.namespace, "db": redis.db}
-    if redis.sentinels:
-        block["sentinels"] = [{"host": s.host, "port": s.port} for s in redis.sentinels]
-        block["master_name"] = redis.master_name
-        block["tls"] = redis.url.startswith("rediss:")
-    else:
-        block["url"] = redis.url
-    if redis.username is not None:
-        block["username"] = redis.username
-    return block
 
 
 def _mailbox(
     kind: str,
     merged: dict[str, Any],
-    source: Source,
+    source: ForeignMailbox,
     *,
     settings: dict[str, Any],
     files: GitLabFiles,
     secrets: _Secrets,
-) -> tuple[dict[str, Any], Source]:
+) -> tuple[dict[str, Any], ForeignMailbox]:
     """Mailroom's mailbox tree for one GitLab mailbox type, and where its values came from."""
     where = f"{source.file}: {source.prefix}"
     override = secrets.settings(kind, merged, settings)
@@ -225,14 +259,12 @@ def _mailbox(
         "reply_host": host,
         "webhook": _webhook(kind, merged, source, files, gitlab),
     }
-    client_secret = None
+    secret = password  # the one login secret its kind takes, injected after validation
     if merged.get("inbox_method") == "microsoft_graph":
         options = merged.get("inbox_options")
         if not isinstance(options, dict):
             raise ConfigError(f"{where}.inbox_options", "is required with microsoft_graph")
-        client_secret = secret_text(
-            options.get("client_secret"), f"{where}.inbox_options.client_secret"
-        )
+        secret = secret_text(options.get("client_secret"), f"{where}.inbox_options.client_secret")
         box["inbox_method"] = "microsoft_graph"
         box["inbox_options"] = {
             k: PLACEHOLDER if k == "client_secret" else literal(source, f"inbox_options.{k}", v)
@@ -244,32 +276,31 @@ def _mailbox(
         box.update({k: literal(source, k, merged[k]) for k in IMAP_KEYS if k in merged})
         if password is not None:
             box["password"] = PLACEHOLDER
-    source = Source(
+    source = ForeignMailbox(
         id=kind,
         file=source.file,
         prefix=source.prefix,
         keys=GITLAB_KEYS,
-        password=password if client_secret is None else None,
-        client_secret=client_secret,
+        secret=secret,
+        sidekiq_redis=files.queues_redis() if merged["delivery_method"] == "sidekiq" else None,
     )
     return box, source
 
 
 def _webhook(
-    kind: str, merged: dict[str, Any], source: Source, files: GitLabFiles, gitlab: dict[str, Any]
+    kind: str,
+    merged: dict[str, Any],
+    source: ForeignMailbox,
+    files: GitLabFiles,
+    gitlab: dict[str, Any],
 ) -> dict[str, Any]:
     """The webhook tree of ``delivery_method: webhook`` (config/mail_room.yml's postback)."""
     where = f"{source.file}: {source.prefix}"
     method = merged["delivery_method"]
     if method == "sidekiq":
-        raise ConfigError(
-            f"{where}.delivery_method",
-            "sidekiq (MailRoom pushing into GitLab's Redis) is gone from current GitLab and "
-            "mailroom does not do it; set delivery_method: webhook with gitlab_url and "
-            "secret_file (gitlab.rb: gitlab_rails['incoming_email_delivery_method'] = 'webhook')",
-        )
+        return _sidekiq(kind, merged, source, files)
     if method != "webhook":
-        raise ConfigError(f"{where}.delivery_method", f"{method!r} is not webhook")
+        raise ConfigError(f"{where}.delivery_method", f"{method!r} is not webhook or sidekiq")
     url, secret_file = merged.get("gitlab_url"), merged.get("secret_file")
     if not isinstance(url, str) or not url.strip():
         raise ConfigError(
@@ -291,10 +322,26 @@ def _webhook(
         "jwt": {
             "header": JWT_HEADER,
             "issuer": JWT_ISSUER,
-            "secret_file": literal(source, "secret_file", str(files.rails_root / secret_file)),
+            "secret_file": literal(
+                source,
+                "secret_file",
+                str(files.layout.secret_file(secret_file.strip(), f"{where}.secret_file")),
+            ),
             "secret_encoding": "base64",
         },
     }
+
+
+def _sidekiq(
+    kind: str, merged: dict[str, Any], source: ForeignMailbox, files: GitLabFiles
+) -> dict[str, Any]:
+    """The webhook tree of ``delivery_method: sidekiq`` (GitLab's default, deprecated since
+    16.0): the job MailRoom pushes, into GitLab's queues Redis, queue and worker as
+    config/mail_room.yml renders them."""
+    queue, worker = merged.get("queue", "default"), merged.get("worker", WORKERS[kind])
+    return sidekiq_tree(
+        files.queues_redis(), literal(source, "queue", queue), literal(source, "worker", worker)
+    )
 
 
 def _gitlab_url(gitlab: dict[str, Any]) -> str:
@@ -346,12 +393,14 @@ class _Secrets:
         return {k: v for k, v in found.items() if k in ("user", "password") and v is not None}
 
     def _encrypted_file(self, kind: str, merged: dict[str, Any], settings: dict[str, Any]) -> Path:
-        root = self.files.rails_root
+        """lib/gitlab/mail_room.rb's ``encrypted_secret_file``: each relative path expanded
+        from the Rails root."""
+        layout = self.files.layout
         if isinstance(named := merged.get("encrypted_secret_file"), str):
-            return root / named
-        shared_path = root / str(_mapping(settings.get("shared")).get("path") or "shared")
+            return layout.path(named)
+        shared_path = layout.path(str(_mapping(settings.get("shared")).get("path") or "shared"))
         named = _mapping(settings.get("encrypted_settings")).get("path")
-        directory = root / str(named or shared_path / "encrypted_settings")
+        directory = layout.path(str(named or shared_path / "encrypted_settings"))
         return directory / f"{kind}.yaml.enc"
 
     def _base_keys(self) -> list[str]:

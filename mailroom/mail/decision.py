@@ -39,6 +39,13 @@ class Verdict:
     decision: routing.Decision | None
 
     @property
+    def delivery(self) -> routing.Deliver:
+        """Routing's decision to deliver (the verdict's ``action`` is ``DELIVER``)."""
+        if not isinstance(self.decision, routing.Deliver):
+            raise ValueError(f"a {self.action.value} verdict has no delivery")
+        return self.decision
+
+    @property
     def notice(self) -> bool:
         """Whether a reject notice may go (the policy still decides to whom)."""
         return self.action is Action.REJECT or self.why == TOO_LARGE

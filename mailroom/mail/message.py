@@ -17,7 +17,7 @@ import itertools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from email import policy
 from types import MappingProxyType
 
@@ -430,16 +430,20 @@ _MONTHS = {
 
 
 def _iso_date(value: str) -> str:
-    """``email.utils.parsedate_to_datetime(value).isoformat()``, and its exceptions."""
+    """The date as ISO 8601, always with an offset: ``-0000`` ("UTC, the local zone unknown",
+    RFC 5322 §3.3) and an obsolete or missing zone (§4.3: read as ``-0000``) become ``+00:00``,
+    where the stdlib gives a naive time. Raises what ``email.utils.parsedate_to_datetime``
+    raises."""
     match = _DATE.fullmatch(value)
     if match is None:
-        return email.utils.parsedate_to_datetime(value).isoformat()
+        parsed = email.utils.parsedate_to_datetime(value)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.isoformat()
     day, month, year, hour, minute, second, sign, zone_hours, zone_minutes = match.groups()
     fields = (int(year), _MONTHS[month], int(day), int(hour), int(minute), int(second))
     offset = int(zone_hours) * 3600 + int(zone_minutes) * 60
     if sign == "-":
-        if offset == 0:  # -0000: UTC, the local zone unknown (RFC 5322 §3.3); naive, as stdlib
-            return datetime(*fields).isoformat()
         offset = -offset
     return datetime(*fields, tzinfo=timezone(timedelta(seconds=offset))).isoformat()
 

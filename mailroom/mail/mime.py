@@ -12,7 +12,7 @@ header syntax. Three things in it are unsafe on hostile mail, and are closed her
 - Memory and time grow with parts, header fields and nesting far beyond the message size
   (190,000 empty parts in 1 MB took 92 MB; every line is checked against every open boundary).
   ``read`` caps them per message: ``MAX_PARTS``, ``MAX_HEADER_FIELDS``, ``MAX_DEPTH``,
-  ``MAX_LINES``. What was cut is named in ``Budget.truncated``.
+  ``MAX_LINES``. What was cut is named in ``ParseBudget.truncated``.
 - The stdlib decodes with whatever codec a message names: ``unicode-escape`` and ``utf-7``
   yield lone surrogates, which no strict JSON or UTF-8 consumer takes. ``decode_bytes`` decodes
   only with real mail charsets and never returns a lone surrogate.
@@ -40,7 +40,7 @@ __all__ = [
     "MAX_PARAMS",
     "MAX_PARAM_CHARS",
     "MAX_PARTS",
-    "Budget",
+    "ParseBudget",
     "Part",
     "decode_bytes",
     "read",
@@ -220,7 +220,7 @@ def _octets(text: str) -> bytes:
         return text.encode("utf-8", "replace")
 
 
-class Budget:
+class ParseBudget:
     """What one message may still take (parts, header fields), and what was cut."""
 
     def __init__(self) -> None:
@@ -246,7 +246,7 @@ class Part(Message):
     ``application/octet-stream`` (``opaque``): the parser keeps it unread.
     """
 
-    budget: Budget | None = None
+    budget: ParseBudget | None = None
     depth = 0
     opaque = False
 
@@ -319,7 +319,7 @@ class Part(Message):
         return [(main, ""), *((name, f'"{quote(value)}"') for name, value in params)]
 
 
-def _feed(data: str | bytes, budget: Budget) -> Part:
+def _feed(data: str | bytes, budget: ParseBudget) -> Part:
     """The feed parser over ``data``, stopped once it made more than ``MAX_PARTS`` parts or
     read more than ``MAX_LINES`` lines (what it read so far is kept). Bytes are read as ASCII
     with surrogate escapes, as BytesParser does, a chunk at a time: decoded whole, a 25 MB
@@ -371,7 +371,7 @@ def header_fields(block: str, limit: int = MAX_HEADER_FIELDS) -> list[tuple[str,
     return fields
 
 
-def _single_part(raw: bytes, budget: Budget) -> Part | None:
+def _single_part(raw: bytes, budget: ParseBudget) -> Part | None:
     """The common case fast: a message that is not multipart has its header block parsed
     and its body set whole, skipping the feed parser's line-by-line walk (about 3 times
     faster for 2 KB). Anything multipart, message/*, or oddly framed takes the full parser.
@@ -398,11 +398,11 @@ def _single_part(raw: bytes, budget: Budget) -> Part | None:
     return msg
 
 
-def read(raw: bytes) -> tuple[Part, Budget]:
+def read(raw: bytes) -> tuple[Part, ParseBudget]:
     """``raw`` as a tree of ``Part`` within the caps, and the budget saying what was cut."""
-    budget = Budget()
+    budget = ParseBudget()
     msg = _single_part(raw, budget)
     if msg is not None:
         return msg, budget
-    budget = Budget()  # the fast path's fields do not count twice
+    budget = ParseBudget()  # the fast path's fields do not count twice
     return _feed(raw, budget), budget

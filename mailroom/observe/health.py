@@ -1,11 +1,12 @@
 """Per-mailbox state, and ``/healthz``, ``/readyz`` and ``/metrics`` (prometheus-client).
 
-``Health`` receives the ``Monitor`` events of the sources and the dispatcher, keeps one state per
-mailbox (``starting``, ``connected``, ``reconnecting``, ``stopping``), logs each state change
-once, and counts into its own ``CollectorRegistry`` (not the global one: several instances can
-run in one process). ``HealthServer`` serves it with aiohttp.
+``Health`` receives the ``Monitor`` events of the sources and the dispatcher, keeps one
+``SourceState`` per mailbox (``starting``, ``connected``, ``reconnecting``, ``stopping``), logs
+each state change once, and counts into its own ``CollectorRegistry`` (not the global one:
+several instances can run in one process). ``HealthServer`` serves it with aiohttp.
 
-Readiness (``/readyz``: 200 or 503, the JSON body gives the state of each mailbox):
+Readiness (``/readyz``: 200 or 503, the JSON body gives the state of each mailbox) follows
+each mailbox's ``readiness`` rule (``config.Readiness``: its kind says which):
 
 - an IMAP mailbox is ready while it is connected: logged in, mailbox selected, sweeping or
   idling. It stops being ready the moment its connection is lost. A server that closes the
@@ -15,7 +16,7 @@ Readiness (``/readyz``: 200 or 503, the JSON body gives the state of each mailbo
   It is not ready either while its server refuses for good to take dead letters into
   ``failed_folder`` (a configuration problem: they are flagged ``$MailroomFailed`` where they
   are instead; ``failed_folder_refused`` in the body says why) until a move succeeds.
-- a Microsoft Graph mailbox is ready while its last successful poll is at most
+- a Microsoft Graph mailbox (a poller) is ready while its last successful poll is at most
   ``2 * poll_interval + 30 s`` old; one failed poll (a 429, say) does not flip it.
 - a webhook is *stalled*, and then no mailbox posting to it is ready, when one of its messages
   has waited for its outcome longer than ``health.stall_after`` (300 s) and none of its messages
@@ -41,22 +42,21 @@ from typing import Any, Protocol
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mailroom.config import (
-    Config,
-    GraphMailboxConfig,
-    HealthConfig,
-    MailboxConfig,
-    webhook_labels,
-)
+from mailroom.config import Config, HealthConfig, MailboxConfig, Readiness, webhook_labels
 from mailroom.envelope import Outcome
-from mailroom.observe.metrics import LEASE_CHANGES, Metrics
-from mailroom.observe.monitor import Monitor, NoticeResult
+from mailroom.observe.metrics import Metrics
+from mailroom.observe.monitor import (
+    AuthFailure,
+    LeaseChange,
+    Monitor,
+    NoticeResult,
+    SourceState,
+    StatusClass,
+)
 
-__all__ = ["GRAPH_GRACE_S", "Health", "WebhookState"]
+__all__ = ["Health", "WebhookState"]
 
 log = logging.getLogger("mailroom.health")
-
-GRAPH_GRACE_S = 30.0  # a Graph mailbox may be this late on top of two poll intervals
 
 
 class InFlight(Protocol):
@@ -72,16 +72,16 @@ class InFlight(Protocol):
 
 
 @dataclass(slots=True)
-class _Source:
+class _MailboxState:
     """What is known of one mailbox."""
 
-    kind: str  # imap | graph
-    poll_interval_s: float | None  # Graph only
+    kind: str  # its config's kind, for /readyz
+    readiness: Readiness  # its kind's rule
     webhook: str  # the label of the webhook it posts to
-    state: str
+    state: SourceState
     since: float
     reason: str | None = None
-    last_ok: float | None = None  # the last connect (IMAP) or successful poll (Graph)
+    last_ok: float | None = None  # the last time it reported CONNECTED (a connect, a poll)
     reconnects: int = 0
     refused: str | None = None  # IMAP: failed_folder refused for good (Monitor.failed_folder)
     unsettled: dict[int, float] = field(default_factory=dict)  # token → accepted at (in order)
@@ -110,7 +110,7 @@ class Health(Monitor):
     ) -> None:
         self.clock = clock
         self.budget = budget
-        self.sources: dict[str, _Source] = {}
+        self.sources: dict[str, _MailboxState] = {}
         self._expected: dict[str, MailboxConfig] = {}
         self._tokens = itertools.count(1)
         self._stall_after_s = HealthConfig().stall_after_s
@@ -147,16 +147,14 @@ class Health(Monitor):
             del self._progress[label]
             self.metrics.remove_webhook(label)
         for mailbox in config.mailboxes:
-            kind, interval = "imap", None
-            if isinstance(mailbox, GraphMailboxConfig):
-                kind, interval = "graph", mailbox.inbox_options.poll_interval_s
+            kind, readiness = mailbox.kind, mailbox.readiness
             label = self._webhooks[mailbox.id] = named[mailbox.webhook]
             if (source := self.sources.get(mailbox.id)) is None:
-                source = self.sources[mailbox.id] = _Source(
-                    kind, interval, label, "starting", self.clock()
+                source = self.sources[mailbox.id] = _MailboxState(
+                    kind, readiness, label, SourceState.STARTING, self.clock()
                 )
                 self.metrics.add(mailbox.id)
-            source.kind, source.poll_interval_s, source.webhook = kind, interval, label
+            source.kind, source.readiness, source.webhook = kind, readiness, label
 
     def forget(self, mailbox: str) -> None:
         """A reload removed ``mailbox`` and it has stopped: drop its state and its series."""
@@ -169,7 +167,7 @@ class Health(Monitor):
     def starting(self, mailbox: str) -> None:
         """A source task for ``mailbox`` is being started (again, after a reload)."""
         if (source := self.sources.get(mailbox)) is not None:
-            self._set_state(mailbox, source, "starting", None)
+            self._set_state(mailbox, source, SourceState.STARTING, None)
             source.last_ok, source.settled, source.refused = None, 0, None
             source.unsettled.clear()  # the new source task fetches them again
 
@@ -178,24 +176,26 @@ class Health(Monitor):
         if mailbox is None:
             self._stopping = True
             for each in self.sources.values():
-                each.state = "stopping"
+                each.state = SourceState.STOPPING
             return
         if (source := self.sources.get(mailbox)) is not None:
-            self._set_state(mailbox, source, "stopping", None)
+            self._set_state(mailbox, source, SourceState.STOPPING, None)
 
-    def _set_state(self, mailbox: str, source: _Source, state: str, reason: str | None) -> None:
+    def _set_state(
+        self, mailbox: str, source: _MailboxState, state: SourceState, reason: str | None
+    ) -> None:
         old = source.state
         source.reason = reason
         if old == state:
             return
         now = self.clock()
-        level = logging.WARNING if state == "reconnecting" else logging.INFO
+        level = logging.WARNING if state is SourceState.RECONNECTING else logging.INFO
         log.log(
             level,
             "%s: %s → %s after %.1fs%s",
             mailbox,
-            old,
-            state,
+            old.value,
+            state.value,
             now - source.since,
             f" ({reason})" if reason else "",
             extra={"mailbox": mailbox},
@@ -204,22 +204,20 @@ class Health(Monitor):
 
     # -- Monitor events ------------------------------------------------------------------------
 
-    def connected(self, mailbox: str) -> None:
-        if (source := self.sources.get(mailbox)) is None or source.state == "stopping":
-            return
-        source.last_ok = self.clock()
-        self._set_state(mailbox, source, "connected", None)
+    def state(self, mailbox: str, state: SourceState, reason: str | None = None) -> None:
+        source = self.sources.get(mailbox)
+        if source is None or source.state is SourceState.STOPPING:
+            return  # a stop decided here outranks what the source says on its way out
+        if state is SourceState.CONNECTED:
+            source.last_ok = self.clock()
+        elif state is SourceState.RECONNECTING:
+            source.reconnects += 1
+            self.metrics.reconnects.labels(mailbox).inc()
+        self._set_state(mailbox, source, state, reason)
 
-    def disconnected(self, mailbox: str, reason: str) -> None:
-        if (source := self.sources.get(mailbox)) is None or source.state == "stopping":
-            return
-        source.reconnects += 1
-        self.metrics.reconnects.labels(mailbox).inc()
-        self._set_state(mailbox, source, "reconnecting", reason)
-
-    def auth_error(self, mailbox: str, kind: str) -> None:
+    def auth_error(self, mailbox: str, failure: AuthFailure) -> None:
         if mailbox in self.sources:
-            self.metrics.auth_errors.labels(mailbox, kind).inc()
+            self.metrics.auth_errors.labels(mailbox, failure.value).inc()
 
     def restarted(self, mailbox: str) -> None:
         if mailbox in self.sources:
@@ -269,10 +267,10 @@ class Health(Monitor):
         if mailbox in self.sources:
             self.metrics.notices.labels(mailbox, result.value).inc()
 
-    def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
+    def webhook(self, mailbox: str, status: StatusClass, seconds: float) -> None:
         if (source := self.sources.get(mailbox)) is None:
             return
-        self.metrics.requests.labels(mailbox, status_class).inc()
+        self.metrics.requests.labels(mailbox, status.value).inc()
         self.metrics.latency.labels(source.webhook).observe(seconds)
 
     def circuit(self, webhook: str, *, is_open: bool) -> None:
@@ -283,15 +281,15 @@ class Health(Monitor):
 
     def arbitration(self, connected: bool, reason: str | None = None) -> None:
         if self.arbitration_ok is None:  # replicas: the lease counters exist from 0 on
-            for change in LEASE_CHANGES:
-                self.metrics.lease_changes.labels(change)
+            for change in LeaseChange:
+                self.metrics.lease_changes.labels(change.value)
         self.arbitration_ok, self.arbitration_reason = connected, reason
 
     def leases(self, held: int, live: int) -> None:
         self.leases_held, self.replicas_live = held, live
 
-    def lease_change(self, change: str) -> None:
-        self.metrics.lease_changes.labels(change).inc()
+    def lease_change(self, change: LeaseChange) -> None:
+        self.metrics.lease_changes.labels(change.value).inc()
 
     def marker_hit(self, mailbox: str) -> None:
         if mailbox in self.sources:
@@ -302,19 +300,21 @@ class Health(Monitor):
 
     # -- readiness -----------------------------------------------------------------------------
 
-    def mailbox_ready(self, source: _Source, now: float, webhooks: dict[str, WebhookState]) -> bool:
+    def mailbox_ready(
+        self, source: _MailboxState, now: float, webhooks: dict[str, WebhookState]
+    ) -> bool:
         """Whether the mailbox counts as ready (``/readyz`` and ``mailroom_mailbox_ready``): its
         source is, and its webhook (``webhook_states``) is not stalled."""
         return self._source_ready(source, now) and not _stalled(source, webhooks)
 
-    def _source_ready(self, source: _Source, now: float) -> bool:
+    def _source_ready(self, source: _MailboxState, now: float) -> bool:
+        """Its kind's rule (``Readiness``): while connected, or a recent enough success."""
         if self._stopping:
             return False
-        if source.kind == "imap":
-            return source.state == "connected" and source.refused is None
-        assert source.poll_interval_s is not None
-        window = 2 * source.poll_interval_s + GRAPH_GRACE_S
-        return source.last_ok is not None and now - source.last_ok <= window
+        within_s = source.readiness.within_s
+        if within_s is None:
+            return source.state is SourceState.CONNECTED and source.refused is None
+        return source.last_ok is not None and now - source.last_ok <= within_s
 
     def webhook_states(self, now: float) -> dict[str, WebhookState]:
         """Per webhook: stalled or not, its unsettled messages, the oldest one's age."""
@@ -360,24 +360,11 @@ class Health(Monitor):
             ready = self.mailbox_ready(source, now, webhooks)
             if not ready:
                 stalled = _stalled(source, webhooks)
-                why = f"webhook {source.webhook} stalled" if stalled else source.state
-                if not stalled and source.refused is not None and source.state == "connected":
+                why = f"webhook {source.webhook} stalled" if stalled else source.state.value
+                if not stalled and source.refused is not None:
                     why = "failed_folder refused: dead letters kept in place"
                 not_ready.append(f"{mailbox_id} {why}")
-            oldest = next(iter(source.unsettled.values()), now)
-            mailboxes[mailbox_id] = {
-                "kind": source.kind,
-                "ready": ready,
-                "state": source.state,
-                "since_s": round(now - source.since, 3),
-                "reason": source.reason,
-                "webhook": source.webhook,
-                "last_ok_age_s": None if source.last_ok is None else round(now - source.last_ok, 3),
-                "reconnects": source.reconnects,
-                "failed_folder_refused": source.refused,
-                "unsettled": len(source.unsettled),
-                "oldest_unsettled_age_s": round(now - oldest, 3),
-            }
+            mailboxes[mailbox_id] = _mailbox_body(source, ready, now)
         needed = self._needed(len(expected))
         ready_count = sum(1 for m in mailboxes.values() if m["ready"])
         redis_down = self.arbitration_ok is False
@@ -390,23 +377,13 @@ class Health(Monitor):
                 *(("stopping",) if self._stopping else ()),
             )
         self._log_readiness(tuple(reasons), ready_count, needed)
-        stalled_webhooks = [label for label, state in webhooks.items() if state.stalled]
-        unsettled = sum(state.unsettled for state in webhooks.values())
-        oldest_age = max((state.oldest_age_s for state in webhooks.values()), default=0.0)
-        progress_age = min((state.last_progress_age_s for state in webhooks.values()), default=0.0)
         body = {
             "ready": ready,
             "stopping": self._stopping,
             "ready_when": self._ready_when,
             "mailboxes_ready": ready_count,
             "mailboxes_needed": needed,
-            "dispatcher": {
-                "stalled": bool(stalled_webhooks),
-                "unsettled": unsettled,
-                "oldest_unsettled_age_s": round(oldest_age, 3),
-                "last_progress_age_s": round(progress_age, 3),
-                "stall_after_s": self._stall_after_s,
-            },
+            "dispatcher": self._dispatcher_body(webhooks),
             "webhooks": {
                 label: {
                     "stalled": state.stalled,
@@ -427,6 +404,21 @@ class Health(Monitor):
                 "replicas": self.replicas_live,
             }
         return ready, body
+
+    def _dispatcher_body(self, webhooks: dict[str, WebhookState]) -> dict[str, Any]:
+        """``/readyz``'s ``dispatcher``: every webhook's messages taken together."""
+        states = webhooks.values()
+        return {
+            "stalled": any(state.stalled for state in states),
+            "unsettled": sum(state.unsettled for state in states),
+            "oldest_unsettled_age_s": round(
+                max((state.oldest_age_s for state in states), default=0.0), 3
+            ),
+            "last_progress_age_s": round(
+                min((state.last_progress_age_s for state in states), default=0.0), 3
+            ),
+            "stall_after_s": self._stall_after_s,
+        }
 
     def _log_readiness(self, not_ready: tuple[str, ...], ready: int, needed: int) -> None:
         if not_ready == self._not_ready:
@@ -454,7 +446,25 @@ class Health(Monitor):
             )
 
 
-def _stalled(source: _Source, webhooks: dict[str, WebhookState]) -> bool:
+def _mailbox_body(source: _MailboxState, ready: bool, now: float) -> dict[str, Any]:
+    """``/readyz``'s entry for one mailbox."""
+    oldest = next(iter(source.unsettled.values()), now)
+    return {
+        "kind": source.kind,
+        "ready": ready,
+        "state": source.state.value,
+        "since_s": round(now - source.since, 3),
+        "reason": source.reason,
+        "webhook": source.webhook,
+        "last_ok_age_s": None if source.last_ok is None else round(now - source.last_ok, 3),
+        "reconnects": source.reconnects,
+        "failed_folder_refused": source.refused,
+        "unsettled": len(source.unsettled),
+        "oldest_unsettled_age_s": round(now - oldest, 3),
+    }
+
+
+def _stalled(source: _MailboxState, webhooks: dict[str, WebhookState]) -> bool:
     return source.webhook in webhooks and webhooks[source.webhook].stalled
 
 
@@ -473,6 +483,21 @@ class _Gauges(Collector):
     def collect(self) -> Iterable[Metric]:
         health = self._health
         now = health.clock()
+        webhooks = health.webhook_states(now)
+        yield from self._mailboxes(now, webhooks)
+        yield from self._webhooks(webhooks)
+        if health.arbitration_ok is not None:
+            for name, text, value in (
+                ("mailroom_arbitration_connected", "1 while Redis answers.", health.arbitration_ok),
+                ("mailroom_leases_held", "Mailbox leases this replica holds.", health.leases_held),
+                ("mailroom_replicas_live", "Replicas with a live heartbeat.", health.replicas_live),
+            ):
+                yield GaugeMetricFamily(name, text, value=float(value))
+        if health.budget is not None:
+            yield from self._budget(health.budget)
+
+    def _mailboxes(self, now: float, webhooks: dict[str, WebhookState]) -> Iterable[Metric]:
+        health = self._health
         gauges = {
             name: GaugeMetricFamily(name, text, labels=["mailbox"])
             for name, text in (
@@ -488,15 +513,17 @@ class _Gauges(Collector):
                 ),
             )
         }
-        webhooks = health.webhook_states(now)
         for mailbox, source in health.sources.items():
-            gauges["mailroom_connected"].add_metric([mailbox], float(source.state == "connected"))
+            connected = source.state is SourceState.CONNECTED
+            gauges["mailroom_connected"].add_metric([mailbox], float(connected))
             ready = health.mailbox_ready(source, now, webhooks)
             gauges["mailroom_mailbox_ready"].add_metric([mailbox], float(ready))
             gauges["mailroom_unsettled"].add_metric([mailbox], float(len(source.unsettled)))
             first = next(iter(source.unsettled.values()), now)
             gauges["mailroom_unsettled_oldest_age_seconds"].add_metric([mailbox], now - first)
-        yield from gauges.values()
+        return gauges.values()
+
+    def _webhooks(self, webhooks: dict[str, WebhookState]) -> Iterable[Metric]:
         stalled_gauge = GaugeMetricFamily(
             "mailroom_webhook_stalled",
             "1 while the webhook's messages wait longer than health.stall_after and none of "
@@ -510,7 +537,7 @@ class _Gauges(Collector):
         )
         for label, state in webhooks.items():
             stalled_gauge.add_metric([label], float(state.stalled))
-            circuit.add_metric([label], float(label in health.open_circuits))
+            circuit.add_metric([label], float(label in self._health.open_circuits))
         yield stalled_gauge
         yield circuit
         yield GaugeMetricFamily(
@@ -518,32 +545,18 @@ class _Gauges(Collector):
             "1 while any webhook is stalled (see mailroom_webhook_stalled).",
             value=float(any(state.stalled for state in webhooks.values())),
         )
-        if health.arbitration_ok is not None:
-            for name, text, value in (
-                ("mailroom_arbitration_connected", "1 while Redis answers.", health.arbitration_ok),
-                ("mailroom_leases_held", "Mailbox leases this replica holds.", health.leases_held),
-                ("mailroom_replicas_live", "Replicas with a live heartbeat.", health.replicas_live),
-            ):
-                yield GaugeMetricFamily(name, text, value=float(value))
-        budget = health.budget
-        if budget is not None:
-            for name, text, value in (
-                (
-                    "mailroom_in_flight_messages",
-                    "Messages fetched and not settled.",
-                    budget.messages,
-                ),
-                ("mailroom_in_flight_bytes", "Bytes of the messages in flight.", budget.bytes),
-                (
-                    "mailroom_in_flight_limit_messages",
-                    "limits.in_flight_messages",
-                    budget.max_messages,
-                ),
-                ("mailroom_in_flight_limit_bytes", "limits.in_flight_bytes", budget.max_bytes),
-                (
-                    "mailroom_budget_waiting",
-                    "Fetches waiting for room under the limits.",
-                    budget.waiting,
-                ),
-            ):
-                yield GaugeMetricFamily(name, text, value=float(value))
+
+    @staticmethod
+    def _budget(budget: InFlight) -> Iterable[Metric]:
+        for name, text, value in (
+            ("mailroom_in_flight_messages", "Messages fetched and not settled.", budget.messages),
+            ("mailroom_in_flight_bytes", "Bytes of the messages in flight.", budget.bytes),
+            ("mailroom_in_flight_limit_messages", "limits.in_flight_messages", budget.max_messages),
+            ("mailroom_in_flight_limit_bytes", "limits.in_flight_bytes", budget.max_bytes),
+            (
+                "mailroom_budget_waiting",
+                "Fetches waiting for room under the limits.",
+                budget.waiting,
+            ),
+        ):
+            yield GaugeMetricFamily(name, text, value=float(value))

@@ -18,15 +18,12 @@ from prometheus_client.registry import Collector
 
 from mailroom.envelope import Outcome
 from mailroom.mail import routing
-from mailroom.observe.monitor import NoticeResult
+from mailroom.observe.monitor import AuthFailure, NoticeResult, StatusClass
 
-__all__ = ["LAG_INTERVAL_S", "LEASE_CHANGES", "Metrics"]
+__all__ = ["LAG_INTERVAL_S", "Metrics"]
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
-STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
-AUTH_KINDS = ("login", "token")
-LEASE_CHANGES = ("acquired", "released", "lost")
 # Webhook latency: up to the default webhook.timeout (30 s) and beyond.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -105,10 +102,10 @@ class Metrics:
             yield self.settled, (mailbox, outcome.value)
         for rule in routing.AUTO_GENERATED_RULES:
             yield self.ignored, (mailbox, rule)
-        for status in STATUS_CLASSES:
-            yield self.requests, (mailbox, status)
-        for kind in AUTH_KINDS:
-            yield self.auth_errors, (mailbox, kind)
+        for status in StatusClass:
+            yield self.requests, (mailbox, status.value)
+        for failure in AuthFailure:
+            yield self.auth_errors, (mailbox, failure.value)
         for result in NoticeResult:
             yield self.notices, (mailbox, result.value)
 

@@ -1,9 +1,10 @@
-"""What the sources and the dispatcher tell the health endpoints and the metrics.
+"""What the sources, the dispatcher and the coordinator tell the health endpoints and metrics.
 
-The sources and the dispatcher call these methods and know nothing else: no HTTP server, no
-prometheus-client. ``Monitor`` itself ignores every event (tests, ``health: null``);
-``mailroom.health.Health`` records them, logs state changes once each, and serves ``/healthz``,
-``/readyz`` and ``/metrics``.
+``Monitor`` is the one narrow interface from the delivery path to observability: sources,
+``delivery`` and ``arbitration`` report events through it, typed by the enums below, and know
+nothing else of ``observe`` (no HTTP server, no prometheus-client, no call into ``health``).
+``Monitor`` itself ignores every event (tests, ``health: null``); ``observe.health.Health``
+records them, logs state changes once each, and feeds ``/readyz`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,48 @@ import enum
 
 from mailroom.envelope import Outcome
 
-__all__ = ["Monitor", "NoticeResult"]
+__all__ = ["AuthFailure", "LeaseChange", "Monitor", "NoticeResult", "SourceState", "StatusClass"]
+
+
+class SourceState(enum.Enum):
+    """Where a mailbox's source is in its life: the one model the source keeps, ``Health``
+    records, ``/readyz`` shows and the state-change logs name."""
+
+    STARTING = "starting"  # started, not connected yet
+    CONNECTED = "connected"  # IMAP: logged in and selected; Graph: its last poll succeeded
+    RECONNECTING = "reconnecting"  # a connection failed or was lost; retried with backoff
+    STOPPING = "stopping"  # a shutdown, a reload or a lease stops it; its deliveries drain
+    STOPPED = "stopped"  # its run ended
+
+
+class AuthFailure(enum.Enum):
+    """Why a connection failed on its credentials."""
+
+    LOGIN = "login"  # the IMAP server refused the login
+    TOKEN = "token"  # no OAuth token: the identity provider refused, or could not be reached
+
+
+class StatusClass(enum.Enum):
+    """How one webhook request ended: its status class, or no answer at all."""
+
+    SUCCESS = "2xx"
+    REDIRECT = "3xx"
+    CLIENT_ERROR = "4xx"
+    SERVER_ERROR = "5xx"
+    ERROR = "error"  # no answer: a timeout or a connection error
+
+    @classmethod
+    def of(cls, status: int) -> StatusClass:
+        """The class of an HTTP status (1xx counts as 2xx, beyond 5xx as 5xx)."""
+        return cls(f"{min(max(status // 100, 2), 5)}xx")
+
+
+class LeaseChange(enum.Enum):
+    """Replicas: what happened to one of this replica's mailbox leases."""
+
+    ACQUIRED = "acquired"
+    RELEASED = "released"  # handed over (fair share) or given up after a clean stop
+    LOST = "lost"  # not renewed in time, or taken by another replica
 
 
 class NoticeResult(enum.Enum):
@@ -27,15 +69,12 @@ class NoticeResult(enum.Enum):
 class Monitor:
     """The events; every method is cheap, synchronous and never raises."""
 
-    def connected(self, mailbox: str) -> None:
-        """IMAP: logged in and selected. Graph: a poll succeeded (called after every poll)."""
+    def state(self, mailbox: str, state: SourceState, reason: str | None = None) -> None:
+        """The source of ``mailbox`` is in ``state`` now (``reason``: why it left
+        ``CONNECTED``). ``CONNECTED`` comes again after each success (every Graph poll)."""
 
-    def disconnected(self, mailbox: str, reason: str) -> None:
-        """The connection was lost or an attempt failed; the source retries with backoff."""
-
-    def auth_error(self, mailbox: str, kind: str) -> None:
-        """A connection failed on its credentials: the IMAP ``login`` was refused, or no OAuth
-        ``token`` (the identity provider refused the app or could not be reached)."""
+    def auth_error(self, mailbox: str, failure: AuthFailure) -> None:
+        """A connection failed on its credentials."""
 
     def restarted(self, mailbox: str) -> None:
         """The source survived an unexpected error (a bug): logged, counted, restarted."""
@@ -67,8 +106,8 @@ class Monitor:
     def notice(self, mailbox: str, result: NoticeResult) -> None:
         """A reject notice ended as ``result`` (``FAILED``: the message is dead-lettered)."""
 
-    def webhook(self, mailbox: str, status_class: str, seconds: float) -> None:
-        """One webhook request ended: ``2xx``..``5xx``, or ``error`` (no answer)."""
+    def webhook(self, mailbox: str, status: StatusClass, seconds: float) -> None:
+        """One webhook request ended after ``seconds``."""
 
     def circuit(self, webhook: str, *, is_open: bool) -> None:
         """The circuit breaker of ``webhook`` (its label) opened or closed."""
@@ -79,8 +118,8 @@ class Monitor:
     def leases(self, held: int, live: int) -> None:
         """Replicas: leases this replica holds, replicas alive (every tick)."""
 
-    def lease_change(self, change: str) -> None:
-        """Replicas: a lease ``acquired``, ``released`` or ``lost``."""
+    def lease_change(self, change: LeaseChange) -> None:
+        """Replicas: a lease of this replica changed."""
 
     def marker_hit(self, mailbox: str) -> None:
         """Replicas: a message another replica already brought to an outcome was settled

@@ -16,16 +16,25 @@ A running mailroom needs no signal: the messages are unseen (unread) again, wher
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from mailroom.arbitration import store
-from mailroom.config import Config, GraphMailboxConfig, ImapMailboxConfig, MailboxConfig
+from mailroom.config import Config, FolderMailboxConfig, MailboxConfig
 from mailroom.errors import MailroomError
-from mailroom.redrive.graph import redrive as redrive_graph
-from mailroom.redrive.imap import redrive as redrive_imap
 from mailroom.redrive.job import Job, Options, Stopped, parse_since
 
-__all__ = ["Options", "conflicts", "parse_since", "run"]
+__all__ = ["Options", "Redrives", "conflicts", "parse_since", "run"]
+
+Redrive = Callable[[Any, Job], Awaitable[None]]  # one mailbox's dead letters put back
+
+
+class Redrives(Protocol):
+    """What ``mailroom redrive`` asks of the kinds of source (``mailroom.kinds.KINDS``)."""
+
+    def redrive(self, config: MailboxConfig) -> Redrive | None:
+        """How ``config``'s dead letters are put back; None: redrive does not apply."""
+        ...
 
 
 def conflicts(config: Config, chosen: Iterable[MailboxConfig]) -> list[str]:
@@ -33,21 +42,22 @@ def conflicts(config: Config, chosen: Iterable[MailboxConfig]) -> list[str]:
     the same account: which of its messages are whose dead letters is unknowable there, and
     redriving it would post mail that is no dead letter."""
     uses: dict[tuple[str, ...], list[str]] = {}
-    for mailbox in config.mailboxes:
-        watched = _folder_key(mailbox, mailbox.mailbox)
+    folders = [m for m in config.mailboxes if isinstance(m, FolderMailboxConfig)]
+    for mailbox in folders:
+        watched = mailbox.folder_key(mailbox.mailbox)
         uses.setdefault(watched, []).append(f"the folder mailbox {mailbox.id} watches")
         if mailbox.failed_folder is not None:
-            failed = _folder_key(mailbox, mailbox.failed_folder)
+            failed = mailbox.folder_key(mailbox.failed_folder)
             uses.setdefault(failed, []).append(f"the failed_folder of {mailbox.id}")
     problems = []
-    for mailbox in chosen:
-        if mailbox.failed_folder is None:
+    for chosen_box in chosen:
+        if not isinstance(chosen_box, FolderMailboxConfig) or chosen_box.failed_folder is None:
             continue
-        own = f"the failed_folder of {mailbox.id}"
-        others = [u for u in uses[_folder_key(mailbox, mailbox.failed_folder)] if u != own]
+        own = f"the failed_folder of {chosen_box.id}"
+        others = [u for u in uses[chosen_box.folder_key(chosen_box.failed_folder)] if u != own]
         if others:
             problems.append(
-                f"mailboxes[{mailbox.id}].failed_folder: {mailbox.failed_folder!r} is also "
+                f"mailboxes[{chosen_box.id}].failed_folder: {chosen_box.failed_folder!r} is also "
                 f"{' and '.join(others)} on the same account, so its dead letters cannot be "
                 "told from other mail; give each mailbox a failed_folder of its own (and sort "
                 "that folder's messages by hand)"
@@ -55,21 +65,13 @@ def conflicts(config: Config, chosen: Iterable[MailboxConfig]) -> list[str]:
     return problems
 
 
-def _folder_key(mailbox: MailboxConfig, folder: str) -> tuple[str, ...]:
-    """A folder of an account, as the server names it (INBOX in any case is INBOX, RFC 3501
-    §5.1; Graph's display names and well-known names ignore case)."""
-    if isinstance(mailbox, ImapMailboxConfig):
-        name = "INBOX" if folder.upper() == "INBOX" else folder
-        return ("imap", mailbox.host.lower(), str(mailbox.port), mailbox.user, name)
-    endpoint = mailbox.inbox_options.graph_endpoint
-    return ("graph", endpoint, mailbox.user.lower(), folder.lower())
-
-
 async def run(
     config: Config,
     mailboxes: Sequence[MailboxConfig],
     options: Options,
     out: Callable[[str], None],
+    *,
+    kinds: Redrives,
 ) -> bool:
     """Redrive the dead letters of ``mailboxes``, one after another; True when nothing
     failed. The last line printed is the summary."""
@@ -81,11 +83,12 @@ async def run(
     try:
         for mailbox in mailboxes:
             before = job.kept + job.new + job.failed
+            redrive = kinds.redrive(mailbox)
+            if redrive is None:
+                out(f"{mailbox.id}: redrive does not apply to {mailbox.inbox_method} mailboxes")
+                continue
             try:
-                if isinstance(mailbox, GraphMailboxConfig):
-                    await redrive_graph(mailbox, job)
-                else:
-                    await redrive_imap(mailbox, job)
+                await redrive(mailbox, job)
             except Stopped:
                 ok = False
                 out(f"{mailbox.id}: stopped after that failure; the rest is left as it is")

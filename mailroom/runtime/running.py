@@ -1,6 +1,6 @@
 """The mailboxes of one ``supervisor.run``: each source started, stopped, dropped, reloaded.
 
-``Running.start`` builds a source per mailbox (``ImapWatcher`` or ``GraphPoller``, on the shared
+``Running.start`` builds a source per mailbox (its kind's, ``SourceKinds.source``, on the shared
 ``Resources``) and runs it as its own task, supervised by the ``Source`` lifecycle. ``stop``
 stops one like a shutdown of its own (its deliveries finish and settle, then LOGOUT), within a
 deadline when a lease lapses; ``abort`` drops one at once (its lease is gone). ``reload`` applies
@@ -14,26 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 from mailroom import logs
 from mailroom.arbitration import Coordinator
-from mailroom.backoff import backoff_delay
-from mailroom.config import Config, ImapMailboxConfig, MailboxConfig
-from mailroom.delivery.dispatch import Dispatcher
+from mailroom.config import Config, LogConfig, MailboxConfig
+from mailroom.delivery.dispatch import Dispatcher, Prepared
 from mailroom.errors import ConfigError
 from mailroom.observe.health import Health
-from mailroom.runtime.resources import Resources
-from mailroom.sources.graph import GraphPoller
-from mailroom.sources.imap import ImapWatcher
-from mailroom.sources.lifecycle import Source, wait_any
+from mailroom.runtime.resources import Resources, SourceKinds, Wiring
+from mailroom.sources.lifecycle import wait_any
 
-__all__ = ["Running"]
+__all__ = ["Running", "configure_logs"]
 
 log = logging.getLogger("mailroom")
 
@@ -47,81 +42,53 @@ STAGGER_PER_MAILBOX_S = 0.002
 STAGGER_MAX_S = 2.0
 
 
+def configure_logs(log: LogConfig) -> None:
+    """``logs.configure`` for ``log``; a log file that cannot be opened is a ``ConfigError``
+    naming the setting it came from."""
+    files = [(file.path, file.mailboxes) for file in log.files]
+    try:
+        logs.configure(log.format, log.level, files=files)
+    except OSError as exc:
+        failed = next(f for f in log.files if f.path == exc.filename) if exc.filename else None
+        origin = failed.origin if failed is not None else "log.file"
+        raise ConfigError(
+            origin,
+            f"cannot open {exc.filename} to log to: {exc.strerror}; create its directory, or "
+            "make it writable for the user mailroom runs as",
+        ) from exc
+
+
 def _connection(config: MailboxConfig) -> tuple[object, ...]:
     """What a source's connection depends on (``Secret`` compares by value)."""
     fields = dataclasses.fields(config)
     return (type(config), *(getattr(config, f.name) for f in fields if f.name not in DISPATCH_ONLY))
 
 
-def _source(
-    config: MailboxConfig,
-    *,
-    dispatcher: Dispatcher,
-    health: Health,
-    resources: Resources,
-    stopping: asyncio.Event,
-    drained: asyncio.Event,
-) -> Source[int] | Source[str]:
-    if isinstance(config, ImapMailboxConfig):
-        tokens = (
-            resources.tokens.get(config.oauth, label=config.id)
-            if config.oauth is not None
-            else None
-        )
-        return ImapWatcher(
-            config,
-            dispatcher.submit,
-            stopping=stopping,
-            drained=drained,
-            monitor=health,
-            budget=resources.budget,
-            connects=resources.connects,
-            token=tokens.token if tokens is not None else None,
-            invalidate=tokens.invalidate if tokens is not None else None,
-        )
-    options = config.inbox_options
-    return GraphPoller(
-        config,
-        dispatcher.submit,
-        stopping=stopping,
-        drained=drained,
-        tokens=resources.tokens.get(options.oauth, label=config.id),
-        http=resources.graph_session(options),
-        monitor=health,
-        budget=resources.budget,
-    )
-
-
 class _Mailbox:
     """One source task with stop and drain events of its own, so that a reload can stop it
-    alone."""
+    alone. The source's own ``run`` is its one restart loop."""
 
-    def __init__(self, source_for: Callable[..., Source[Any]]) -> None:
-        self.stopping = asyncio.Event()
-        self.drained = asyncio.Event()
-        self.source = source_for(stopping=self.stopping, drained=self.drained)
-        self.name = f"{self.source.kind}:{self.source.id}"
+    def __init__(self, config: MailboxConfig, kinds: SourceKinds, wiring: Wiring) -> None:
+        self.stopping = wiring.stopping
+        self.drained = wiring.drained
+        self.source = kinds.source(config, wiring)
+        self.name = f"{config.kind}:{config.id}"
         self.task: asyncio.Task[None] | None = None
 
     async def run(self, delay_s: float) -> None:
         if delay_s > 0:
             await wait_any((self.stopping,), timeout_s=delay_s)
-        for attempt in range(1, 2**31):
-            try:
-                await self.source.run()
-                return
-            except Exception:  # Source.run never raises: a bug there still stops no one else
-                delay = backoff_delay(attempt, initial_s=1.0, max_s=300.0)
-                log.exception(
-                    "%s: the source failed; restarting it in %.1fs", self.source.id, delay
-                )
-                await wait_any((self.drained,), timeout_s=delay)
+        try:
+            await self.source.run()
+        except Exception:  # Source.run never raises; were it to, the others carry on
+            log.exception("%s: the source ended with an error; not restarted", self.source.id)
 
     async def close(self, timeout_s: float = SOURCE_CLOSE_TIMEOUT_S) -> None:
         """After its deliveries were drained: apply settlements, LOGOUT and end (bounded)."""
         self.stopping.set()
         self.drained.set()
-        assert self.task is not None
+        if self.task is None:  # never started: nothing to wait for
+            return
         _, late = await asyncio.wait({self.task}, timeout=timeout_s)
         if late:
             log.warning("%s did not close within %.1fs; cancelling", self.name, timeout_s)
@@ -148,6 +115,7 @@ class Running:
         group: asyncio.TaskGroup,
     ) -> None:
         self.config = config
+        self.kinds = resources.kinds
         self.dispatcher = dispatcher
         self.health = health
         self.resources = resources
@@ -161,15 +129,14 @@ class Running:
         for config in configs:
             self.health.starting(config.id)
             self.dispatcher.open(config.id)
-            mailbox = _Mailbox(
-                functools.partial(
-                    _source,
-                    config,
-                    dispatcher=self.dispatcher,
-                    health=self.health,
-                    resources=self.resources,
-                )
+            wiring = Wiring(
+                submit=self.dispatcher.submit,
+                stopping=asyncio.Event(),
+                drained=asyncio.Event(),
+                monitor=self.health,
+                resources=self.resources,
             )
+            mailbox = _Mailbox(config, self.kinds, wiring)
             self.mailboxes[config.id] = mailbox
             delay = random.uniform(0, spread)
             mailbox.task = self.group.create_task(mailbox.run(delay), name=mailbox.name)
@@ -210,25 +177,11 @@ class Running:
 
     async def reload(self, load: Callable[[], Config] | None) -> None:
         """Load the config again and apply the difference; refuse an invalid one."""
-        if load is None:
-            log.warning("reload: mailroom was not started from a config file; nothing to reload")
+        prepared = await self._prepare(load)
+        if prepared is None:
             return
-        try:
-            new = await asyncio.to_thread(load)
-        except ConfigError as exc:
-            log.error("reload refused, the running config stays: config error: %s", exc)
-            return
-        except Exception:
-            log.exception("reload refused, the running config stays: cannot load the config")
-            return
-        try:  # phase one: build everything the new config needs, change nothing yet
-            self.resources.prepare(new)
-            prepared = self.dispatcher.prepare(new)
-        except Exception as exc:
-            log.error("reload refused, the running config stays: %s: %s", type(exc).__name__, exc)
-            await self.resources.retain(self.config)
-            return
-        old, self.config = self.config, new  # phase two: apply
+        old, new = self.config, prepared.config
+        self.config = new  # phase two: apply
         before = {m.id: m for m in old.mailboxes}
         after = {m.id: m for m in new.mailboxes}
         removed = [i for i in before if i not in after]
@@ -236,10 +189,49 @@ class Running:
             i for i in before if i in after and _connection(before[i]) != _connection(after[i])
         ]
         added = [i for i in after if i not in before]
+        if self.coordinator is not None:  # leases start mailboxes; only a running one restarts
+            changed = [i for i in changed if i in self.mailboxes]
+        starting = await self._swap(prepared, removed, changed, added)
+        await self._reloaded(old)
+        log.info(
+            "config reloaded: %d mailbox(es) started, %d restarted, %d stopped, %d unchanged",
+            len(added),
+            len([i for i in starting if i in before]),
+            len(removed),
+            len(after) - len(added) - len(changed),
+        )
+
+    async def _prepare(self, load: Callable[[], Config] | None) -> Prepared | None:
+        """Phase one: load the new config and build everything it needs, changing nothing
+        yet; None (and the reason logged) when it is refused."""
+        if load is None:
+            log.warning("reload: mailroom was not started from a config file; nothing to reload")
+            return None
+        try:
+            new = await asyncio.to_thread(load)
+        except ConfigError as exc:
+            log.error("reload refused, the running config stays: config error: %s", exc)
+            return None
+        except Exception:
+            log.exception("reload refused, the running config stays: cannot load the config")
+            return None
+        try:
+            self.resources.prepare(new)
+            return self.dispatcher.prepare(new)
+        except Exception as exc:
+            log.error("reload refused, the running config stays: %s: %s", type(exc).__name__, exc)
+            await self.resources.retain(self.config)
+            return None
+
+    async def _swap(
+        self, prepared: Prepared, removed: list[str], changed: list[str], added: list[str]
+    ) -> list[str]:
+        """Stop the removed and changed mailboxes, take the new config, start the changed and
+        added ones; returns those started here."""
+        new = prepared.config
+        after = {m.id: m for m in new.mailboxes}
         starting = [*changed, *added]
         leases = self.coordinator
-        if leases is not None:  # leases start mailboxes; only a running one restarts
-            changed = [i for i in changed if i in self.mailboxes]
         # With replicas, no lease starts a source (on either config) while sources are swapped.
         async with leases.paused() if leases is not None else contextlib.nullcontext():
             # A removed mailbox stops here, with replicas too (``stop`` ignores one not running
@@ -259,23 +251,25 @@ class Running:
             self.start([after[i] for i in starting])
             if leases is not None:
                 leases.configure(new)
-        if leases is not None and new.arbitration != old.arbitration:
+        return starting
+
+    async def _reloaded(self, old: Config) -> None:
+        """After the swap: close what only ``old`` used, apply the new log settings, and say
+        what takes effect only after a restart."""
+        new = self.config
+        if self.coordinator is not None and new.arbitration != old.arbitration:
             log.warning("reload: a changed arbitration block takes effect after a restart")
         await self.resources.retain(new)
         if new.log != old.log:
-            logs.configure(new.log.format, new.log.level)
+            try:
+                configure_logs(new.log)
+            except ConfigError as exc:
+                log.error("reload: the log settings stay as they were: %s", exc)
         listen = [(h.host, h.port) if h else None for h in (old.health, new.health)]
         if listen[0] != listen[1]:
             log.warning("reload: a changed health.listen takes effect after a restart")
         for warning in new.warnings:
             logging.getLogger("mailroom.config").warning("config: %s", warning)
-        log.info(
-            "config reloaded: %d mailbox(es) started, %d restarted, %d stopped, %d unchanged",
-            len(added),
-            len([i for i in starting if i in before]),
-            len(removed),
-            len(after) - len(added) - len(changed),
-        )
 
     async def shutdown(self) -> int:
         """Stop the sources, drain the dispatcher (bounded), then close the sources."""

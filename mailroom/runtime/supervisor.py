@@ -1,7 +1,7 @@
 """Owns the TaskGroup, the signals, reloads and the bounded, ordered shutdown.
 
-Tasks: ``imap:<mailbox>`` per IMAP mailbox, ``graph:<mailbox>`` per Microsoft Graph mailbox
-(``Running``), ``health``, ``arbitration`` (replicas), ``watch`` (``reload.watch``) and
+Tasks: ``<kind>:<mailbox>`` per mailbox (``imap:``, ``graph:``; ``Running``), ``health``,
+``arbitration`` (replicas), ``watch`` (``reload.watch``) and
 ``dispatch`` (the drain). Each source is supervised on its own (the shared ``Source``
 lifecycle): a mailbox that fails (bad password, server down, a bug) is logged and retried with
 backoff and never stops the others. What sources share (the in-flight budget, the connect
@@ -37,13 +37,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mailroom import arbitration as replicas
-from mailroom.arbitration import Coordinator
+from mailroom import logs
+from mailroom.arbitration import Coordinator, RedisStore
 from mailroom.config import Config
 from mailroom.delivery.dispatch import Dispatcher
 from mailroom.errors import ConfigError
 from mailroom.observe.health import Health
 from mailroom.runtime.health_server import HealthServer
-from mailroom.runtime.resources import Resources
+from mailroom.runtime.resources import Resources, SourceKinds
 from mailroom.runtime.running import Running
 from mailroom.sources.lifecycle import wait_any
 
@@ -122,10 +123,63 @@ async def _watch(
             reload.set()
 
 
+def _start(
+    running: Running, store: RedisStore | None, finished: asyncio.Event, *, dry_run: bool
+) -> None:
+    """Start every mailbox; with replicas, the coordinator that starts those whose lease this
+    replica takes."""
+    config = running.config
+    if store is None:
+        running.start(list(config.mailboxes))
+        log.info(
+            "mailroom started: %d mailbox(es)%s",
+            len(config.mailboxes),
+            "; DRY RUN: nothing is posted, sent or settled" if dry_run else "",
+        )
+        return
+    coordinator = running.coordinator = Coordinator(
+        config,
+        store,
+        start=running.start,
+        stop=running.stop,
+        abort=running.abort,
+        monitor=running.health,
+    )
+    running.group.create_task(coordinator.run(finished), name="arbitration")
+    log.info(
+        "mailroom started: %d mailbox(es) shared with other replicas through %s",
+        len(config.mailboxes),
+        store.where,
+    )
+
+
+async def _reloads(
+    running: Running,
+    stop: asyncio.Event,
+    reload: asyncio.Event,
+    load: Callable[[], Config] | None,
+) -> None:
+    """One reload per ``reload`` (SIGHUP, ``reload.watch``), until ``stop``; a stop during a
+    reload cuts it short."""
+    while True:
+        await wait_any((stop, reload))
+        if stop.is_set():
+            return
+        reload.clear()
+        logs.reopen()  # after a rotation (logrotate sends SIGHUP)
+        reloading = asyncio.create_task(running.reload(load), name="reload")
+        await wait_any((stop,), futures=(reloading,))
+        if not reloading.done():  # SIGTERM during a reload: stop now
+            reloading.cancel()
+            log.info("reload interrupted by the stop")
+        await asyncio.wait({reloading})
+
+
 async def run(
     config: Config,
     stop: asyncio.Event | None = None,
     *,
+    kinds: SourceKinds,
     load: Callable[[], Config] | None = None,
     reload: asyncio.Event | None = None,
     dry_run: bool = False,
@@ -133,19 +187,22 @@ async def run(
 ) -> int:
     """Run until ``stop`` is set (or a signal arrives); returns the exit code.
 
-    Setting ``reload`` (SIGHUP does, and with ``reload.watch`` a change to one of ``watch``'s
-    files) calls ``load`` for the new config and applies it. With
-    ``dry_run`` nothing is posted, sent or settled (``Dispatcher``), and replicas' Redis is
-    not used: a dry run takes no lease from the replicas doing the real work.
+    ``kinds`` builds each mailbox's source (``mailroom.kinds.KINDS``, which the command line
+    hands down: this floor knows no kind of source). Setting ``reload`` (SIGHUP does, and with
+    ``reload.watch`` a change to one of ``watch``'s files) calls ``load`` for the new config
+    and applies it. With ``dry_run`` nothing is posted, sent or settled (``Dispatcher``), and
+    replicas' Redis is not used: a dry run takes no lease from the replicas doing the real
+    work.
     """
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()
     installed = _install_signals(stop, reload)
-    resources = Resources(config)
+    resources = Resources(config, kinds)
     health = Health(config, budget=resources.budget)
     server = HealthServer(health, config.health) if config.health is not None else None
     shared = config.arbitration.enabled and not dry_run
     store = replicas.store(config.arbitration) if shared else None
+    queues = replicas.JobQueues()  # delivery_method: sidekiq (GitLab's, deprecated)
     finished = asyncio.Event()
     abandoned = 0
     try:
@@ -153,7 +210,14 @@ async def run(
         if server is not None:
             await _listen(server)  # before any mailbox: a port in use fails at once
         async with (
-            Dispatcher(config, health, shared=store, dry_run=dry_run) as dispatcher,
+            Dispatcher(
+                config,
+                health,
+                shared=store,
+                claims=store if config.arbitration.mail_room_claims else None,
+                queues=queues,
+                dry_run=dry_run,
+            ) as dispatcher,
             asyncio.TaskGroup() as group,
         ):
             if server is not None:
@@ -162,39 +226,8 @@ async def run(
                 interval_s = config.reload.interval_s
                 group.create_task(_watch(watch, interval_s, reload, finished), name="watch")
             running = Running(config, dispatcher, health, resources, group)
-            if store is None:
-                running.start(list(config.mailboxes))
-                log.info(
-                    "mailroom started: %d mailbox(es)%s",
-                    len(config.mailboxes),
-                    "; DRY RUN: nothing is posted, sent or settled" if dry_run else "",
-                )
-            else:
-                coordinator = running.coordinator = Coordinator(
-                    config,
-                    store,
-                    start=running.start,
-                    stop=running.stop,
-                    abort=running.abort,
-                    monitor=health,
-                )
-                group.create_task(coordinator.run(finished), name="arbitration")
-                log.info(
-                    "mailroom started: %d mailbox(es) shared with other replicas through %s",
-                    len(config.mailboxes),
-                    store.where,
-                )
-            while True:  # one turn per SIGHUP, until stopped
-                await wait_any((stop, reload))
-                if stop.is_set():
-                    break
-                reload.clear()
-                reloading = asyncio.create_task(running.reload(load), name="reload")
-                await wait_any((stop,), futures=(reloading,))
-                if not reloading.done():  # SIGTERM during a reload: stop now
-                    reloading.cancel()
-                    log.info("reload interrupted by the stop")
-                await asyncio.wait({reloading})
+            _start(running, store, finished, dry_run=dry_run)
+            await _reloads(running, stop, reload, load)
             finished.set()  # no new leases from here on
             abandoned = await running.shutdown()
             if running.coordinator is not None:
@@ -204,6 +237,7 @@ async def run(
         if server is not None:
             await server.close()
         await resources.close()
+        await queues.close()
         if store is not None:
             await store.close()
         loop = asyncio.get_running_loop()

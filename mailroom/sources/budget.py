@@ -85,7 +85,8 @@ class Budget:
     def use(self, reservation: Reservation, count: int, size: int) -> None:
         """The holder of a granted reservation fetched ``count`` messages of ``size`` bytes:
         those stay in flight (until ``release``), the rest of the reservation is given back."""
-        assert reservation.done() and not reservation.closed
+        if not reservation.done() or reservation.closed:
+            raise RuntimeError("Budget.use: the reservation is not granted, or is closed")
         reservation.closed = True
         self.charge(count - reservation.count, size - reservation.size)
         self._grant()

@@ -36,15 +36,15 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
+from mailroom.backoff import Backoff
 from mailroom.config import GraphMailboxConfig
-from mailroom.envelope import Envelope
+from mailroom.envelope import FAILED_CATEGORY, Envelope
 from mailroom.errors import GraphError, SourceError
-from mailroom.observe.monitor import Monitor
+from mailroom.observe.monitor import Monitor, SourceState
 from mailroom.sources.budget import Budget, Reservation
 from mailroom.sources.graph_client import (
     GraphClient,
@@ -54,22 +54,19 @@ from mailroom.sources.graph_client import (
     read_mime,
     user_url,
 )
-from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
+from mailroom.sources.lifecycle import Settlement, Source, wait_any
 from mailroom.trust.entra import TokenProvider
 
-__all__ = ["GraphPoller", "idempotency_key"]
+__all__ = ["FAILED_CATEGORY", "GraphPoller", "idempotency_key"]
 
 log = logging.getLogger("mailroom.graph")
 
 MAX_IN_FLIGHT = 64  # messages handed to the dispatcher and not yet settled
 PAGE_SIZE = 50  # $top
-RETRY_AFTER_MIN_S = 1.0  # a Retry-After of 0 (or a past date) still waits this long
-RETRY_AFTER_MAX_S = 900.0  # a Retry-After beyond this is taken as this
 POLL_JITTER = 0.1  # each poll interval is poll_interval ± this fraction of it
 MAX_PAGES = 20  # per poll: a cyclic or endless @odata.nextLink cannot hold the loop
 MAX_FETCH_FAILURES = 5  # polls in a row a message's $value failed: then skipped until restart
 FAILURES_IN_A_ROW = 3  # messages failing one after another: Graph's fault, not theirs
-FAILED_CATEGORY = "MailroomFailed"
 _SELECT = "id,categories"
 _LIST_QUERY = "?$filter={}&$orderby={}&$select={}&$top={}".format(
     quote("receivedDateTime ge 1900-01-01T00:00:00Z and isRead eq false", safe=""),
@@ -93,16 +90,20 @@ def _transient(exc: SourceError) -> bool:
     return exc.status in (401, 403, 408, 429) or exc.status >= 500
 
 
-class GraphPoller(Source[str]):
+Categories = tuple[str, ...]  # a message's categories, kept to add FAILED_CATEGORY to them
+
+
+class GraphPoller(Source[GraphMailboxConfig, str, Categories]):
     """Polls one Microsoft Graph mailbox and hands every unread message to ``submit``.
 
     ``tokens`` may be shared by every mailbox of one app registration, and ``http`` by every
     mailbox of one ``graph_endpoint``; without them the poller makes its own.
     """
 
-    kind = "graph"
     max_in_flight = MAX_IN_FLIGHT
-    retry_max_s = 300.0
+    # A Retry-After of 0 (or a past date) still waits a second; one beyond 15 minutes is
+    # taken as 15 minutes.
+    backoff = Backoff(initial_s=1.0, max_s=300.0, retry_after_min_s=1.0, retry_after_max_s=900.0)
     retrying = "retrying"
 
     def __init__(
@@ -121,7 +122,6 @@ class GraphPoller(Source[str]):
             config, submit, stopping=stopping, drained=drained, monitor=monitor, budget=budget,
             logger=log,
         )  # fmt: skip
-        self.config: GraphMailboxConfig = config
         options = config.inbox_options
         self._own_tokens = tokens is None
         self.tokens = tokens or TokenProvider(options.oauth, label=config.id)
@@ -132,7 +132,6 @@ class GraphPoller(Source[str]):
         self._next_poll = 0.0
         self._failed_folder_id: str | None = None
         self._graph = GraphClient(options, self.tokens, label=config.id, http=http)
-        self.healthy = False
         self.polls = 0
 
     # -- one connection ------------------------------------------------------------------------
@@ -155,46 +154,30 @@ class GraphPoller(Source[str]):
         while True:
             self._wake.clear()
             if self._settlements:
-                self.activity = Activity.SETTLING
                 await self._apply_settlements()
                 continue
             if self._stopping.is_set():
                 if self._drained.is_set():
                     return
-                self.activity = Activity.DRAINING
                 await wait_any((self._wake, self._stopping, self._drained))
                 continue
             now = time.monotonic()
             room = self._asked is None or self._asked.done()
             if now >= self._next_poll or (self._more and room and self._has_capacity()):
-                self.activity = Activity.POLLING
                 await self._poll()
                 jitter = 1 + random.uniform(-POLL_JITTER, POLL_JITTER)
                 self._next_poll = time.monotonic() + interval_s * jitter
                 self._attempt = 0
                 self._set_healthy()
                 continue
-            self.activity = Activity.WAITING
             await wait_any(
                 (self._wake, self._stopping, self._drained), timeout_s=self._next_poll - now
             )
 
-    def _retry_delay(self, exc: Exception, attempt: int) -> float:
-        delay = super()._retry_delay(exc, attempt)
-        retry_after = exc.retry_after_s if isinstance(exc, GraphError) else None
-        if retry_after is not None:  # never below the backoff: a 0 must not spin
-            delay = min(max(retry_after, delay, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
-        return delay
-
-    def _set_disconnected(self, reason: str) -> None:
-        super()._set_disconnected(reason)
-        self.healthy = False
-
     def _set_healthy(self) -> None:
-        self._set_connected()  # after every successful poll: readiness follows the last one
-        if not self.healthy:
+        if self.state is not SourceState.CONNECTED:
             self.log.info("Graph mailbox %s reachable", self.config.mailbox)
-        self.healthy = True
+        self._set_connected()  # after every successful poll: readiness follows the last one
 
     # -- polling -------------------------------------------------------------------------------
 
@@ -309,7 +292,8 @@ class GraphPoller(Source[str]):
 
     # -- settlements ---------------------------------------------------------------------------
 
-    async def _apply_settlements(self, *args: Any) -> None:
+    async def _apply_settlements(self) -> None:
+        """Apply the queued settlements, one request each, in order."""
         batch = self._take_settlements()
         for index, settlement in enumerate(batch):
             try:
@@ -328,7 +312,7 @@ class GraphPoller(Source[str]):
                 self._stuck.add(settlement.key)
             self._settled(settlement)
 
-    async def _apply(self, settlement: Settlement[str]) -> None:
+    async def _apply(self, settlement: Settlement[str, Categories]) -> None:
         url = message_url(self._user_url, settlement.key)
         try:
             if settlement.outcome.processed:

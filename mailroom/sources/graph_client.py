@@ -20,7 +20,7 @@ import aiohttp
 from yarl import URL
 
 from mailroom import USER_AGENT
-from mailroom.backoff import retry_after
+from mailroom.backoff import ONCE_MORE, Retry, retry_after
 from mailroom.config import GraphInboxOptions, GraphMailboxConfig
 from mailroom.errors import GraphError
 from mailroom.trust.entra import TokenProvider
@@ -120,8 +120,12 @@ class GraphClient:
 
         ``url`` is already percent-encoded (it is sent as is, like a server's nextLink).
         """
-        assert self._http is not None, "use GraphClient in `async with`"
-        for attempt in (1, 2):
+        http = self._http
+        if http is None:
+            raise RuntimeError("use GraphClient in `async with`")
+        retry = Retry(ONCE_MORE)  # a 401 gets one fresh token
+        while True:
+            retry.begin()
             headers = {
                 "Authorization": f"Bearer {await self.tokens.token()}",
                 "Accept": accept,
@@ -129,7 +133,7 @@ class GraphClient:
                 "User-Agent": USER_AGENT,
             }
             try:
-                async with self._http.request(
+                async with http.request(
                     method,
                     URL(url, encoded=True),
                     json=body,
@@ -138,11 +142,13 @@ class GraphClient:
                     allow_redirects=False,
                     proxy=proxy_for(url, self._options.proxy),
                 ) as response:
-                    if response.status == 401 and attempt == 1:
+                    if response.status == 401 and (delay := retry.delay()) is not None:
                         log.warning(
-                            "%s: Graph refused the access token (401); getting a new one",
+                            "%s: Graph refused the access token (401, attempt %d); getting a new "
+                            "one and trying again",
                             self.label,
-                            extra={"mailbox": self.label},
+                            retry.attempt,
+                            extra={"mailbox": self.label, **retry.extra(None, delay)},
                         )
                         self.tokens.invalidate()
                         continue
@@ -153,7 +159,6 @@ class GraphClient:
                 raise GraphError(f"{method} {_path(url)}: no answer in time") from exc
             except aiohttp.ClientError as exc:
                 raise GraphError(f"{method} {_path(url)}: {type(exc).__name__}: {exc}") from exc
-        raise AssertionError("unreachable")
 
     async def find_folder(self, user_url: str, name: str) -> str | None:
         """The id of the mail folder ``name`` under the mailbox root, or None."""
@@ -165,7 +170,9 @@ class GraphClient:
 
     async def folder_id(self, user_url: str, name: str) -> str:
         """The id of the mail folder ``name`` under the mailbox root, created when missing."""
-        for attempt in (1, 2):
+        retry = Retry(ONCE_MORE)  # created by another client meanwhile: found the second time
+        while True:
+            retry.begin()
             if (found := await self.find_folder(user_url, name)) is not None:
                 return found
             try:
@@ -173,12 +180,11 @@ class GraphClient:
                     "POST", f"{user_url}/mailFolders", body={"displayName": name}
                 )
             except GraphError as exc:
-                if exc.status == 409 and attempt == 1:  # ErrorFolderExists: created meanwhile
+                if exc.status == 409 and retry.delay() is not None:  # ErrorFolderExists
                     continue
                 raise
             log.info("%s: created the folder %r", self.label, name, extra={"mailbox": self.label})
             return _folder_id(created)
-        raise GraphError(f"cannot find or create the folder {name!r}")
 
 
 def _path(url: str) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import enum
 import hashlib
 import logging
 import random
@@ -38,7 +39,6 @@ import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from mailroom.config import ImapMailboxConfig
 from mailroom.envelope import FAILED_KEYWORD, Envelope, Outcome
@@ -47,7 +47,7 @@ from mailroom.observe.monitor import Monitor
 from mailroom.sources.budget import Budget, Reservation
 from mailroom.sources.imap_session import ImapSession
 from mailroom.sources.imap_wire import FetchedMessage, id_keyword
-from mailroom.sources.lifecycle import Activity, Settlement, Source, wait_any
+from mailroom.sources.lifecycle import Settlement, Source, wait_any
 
 __all__ = ["ImapWatcher", "idempotency_key", "search_criteria"]
 
@@ -85,7 +85,19 @@ def search_criteria(config: ImapMailboxConfig) -> str:
     return f"{config.search_command}{unseen} NOT KEYWORD {FAILED_KEYWORD}"
 
 
-class ImapWatcher(Source[int]):
+class SettleAction(enum.Enum):
+    """What settling does to a message on the IMAP server (``ImapWatcher._action``)."""
+
+    MARK_SEEN = "mark seen"  # delivered, delete_after_delivery off
+    DELETE = "delete"  # delivered: \\Seen \\Deleted, expunged with expunge_deleted
+    FLAG = "flag"  # dead letter without failed_folder: $MailroomFailed and \\Seen
+    MOVE = "move"  # dead letter: to failed_folder, its webhook-id kept in a keyword
+
+
+Tag = tuple[int, str]  # what a settlement needs: the UIDVALIDITY it was fetched under, its id
+
+
+class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
     """Watches one IMAP mailbox and hands every new message to ``submit``.
 
     ``connects`` (``limits.connects``) caps connects and logins across the process; ``token``
@@ -93,7 +105,6 @@ class ImapWatcher(Source[int]):
     ``invalidate`` drops one the server refused.
     """
 
-    kind = "imap"
     max_in_flight = MAX_IN_FLIGHT
 
     def __init__(
@@ -113,7 +124,6 @@ class ImapWatcher(Source[int]):
             config, submit, stopping=stopping, drained=drained, monitor=monitor, budget=budget,
             logger=log,
         )  # fmt: skip
-        self.config: ImapMailboxConfig = config
         self._connects = connects or Budget(messages=1, size=0)
         self._token = token
         self._invalidate = invalidate
@@ -131,7 +141,6 @@ class ImapWatcher(Source[int]):
     # -- one connection ------------------------------------------------------------------------
 
     async def _serve(self) -> None:
-        self.activity = Activity.CONNECTING
         self._session = None
         # limits.connects: no connect storm at start, after an outage or after a reload
         async with self._connects.hold():
@@ -199,27 +208,23 @@ class ImapWatcher(Source[int]):
                 else bool(backlog) and self._has_capacity(min(len(backlog), FIRST_FETCH_BATCH))
             )
             if self._settlements and not fetch_first:
-                self.activity = Activity.SETTLING
                 await self._apply_settlements(session)
                 continue
             if self._stopping.is_set():
                 self._unreserve(backlog)
                 if self._drained.is_set():
                     return
-                self.activity = Activity.DRAINING
                 await self._wait(session, self._drained)
                 continue
-            if self._reserved is not None:
-                if self._reserved[0].done():
-                    self.activity = Activity.FETCHING
-                    await self._fetch_reserved(session)
+            if (reserved := self._reserved) is not None:
+                if reserved[0].done():
+                    await self._fetch_reserved(session, *reserved)
                 else:  # the budget is spent elsewhere: IDLE until room comes
                     await self._idle(session, new_mail=False)
                 continue
             if session.new_mail.is_set() and not backlog:
                 session.new_mail.clear()
                 self._batch = FIRST_FETCH_BATCH
-                self.activity = Activity.SWEEPING
                 backlog = await self._sweep(session)
                 continue
             if backlog and self._has_capacity():
@@ -235,7 +240,6 @@ class ImapWatcher(Source[int]):
         would only end the IDLE and start it again, round trip after round trip, until room
         comes (measured: 16 CPU-seconds per 1,000 messages after an outage across 1,000
         mailboxes, bench/many_mailboxes.py)."""
-        self.activity = Activity.IDLING
         timeout_s = self.config.idle_timeout_s * (1 - random.uniform(0, IDLE_JITTER))
         if self._push is False:  # ask at every DONE instead (the module docstring)
             timeout_s = min(timeout_s, NO_PUSH_POLL_S)
@@ -288,18 +292,18 @@ class ImapWatcher(Source[int]):
             else:
                 self.log.debug("the push brought %d new messages", len(found))
             backlog: deque[FetchedMessage] = deque()
-            handed: list[FetchedMessage] = []
+            handed: list[tuple[FetchedMessage, bytes]] = []
             for item in found:
                 if item.uid in self._pending or item.uid in self._stuck:
                     continue
                 if item.body is None:
                     backlog.append(item)
                 else:
-                    handed.append(item)
+                    handed.append((item, item.body))
             if pushed is not None:
-                self._budget.use(pushed, len(handed), sum(item.size for item in handed))
-            for item in handed:
-                self._give(item, too_large=False)
+                self._budget.use(pushed, len(handed), sum(item.size for item, _ in handed))
+            for item, body in handed:
+                self._give(item, body, too_large=False)
         finally:
             if pushed is not None:
                 self._budget.cancel(pushed)
@@ -384,26 +388,29 @@ class ImapWatcher(Source[int]):
             if backlog is not None:
                 backlog.extendleft(reversed(batch))
 
-    async def _fetch_reserved(self, session: ImapSession) -> None:
-        assert self._reserved is not None
-        reservation, batch = self._reserved
+    async def _fetch_reserved(
+        self, session: ImapSession, reservation: Reservation, batch: list[FetchedMessage]
+    ) -> None:
         small = [item.uid for item in batch if item.size <= self.config.max_message_bytes]
         large = [item.uid for item in batch if item.size > self.config.max_message_bytes]
-        handed: list[tuple[FetchedMessage, bool]] = []
+        handed: list[tuple[FetchedMessage, bytes, bool]] = []
         if small:
             fetched = await session.fetch(small, "UID RFC822.SIZE FLAGS BODY.PEEK[]")
-            handed += [(item, False) for item in self._received(small, fetched)]
+            handed += [(item, body, False) for item, body in self._received(small, fetched)]
         if large:
             # RFC822.SIZE told us before fetching: only the header block, for the notice.
             fetched = await session.fetch(large, "UID RFC822.SIZE FLAGS BODY.PEEK[HEADER]")
-            handed += [(item, True) for item in self._received(large, fetched)]
+            handed += [(item, body, True) for item, body in self._received(large, fetched)]
         self._reserved = None
-        self._budget.use(reservation, len(handed), sum(self._charge(i, t) for i, t in handed))
-        for item, too_large in handed:
-            self._give(item, too_large=too_large)
+        charged = sum(self._charge(item, body, too_large) for item, body, too_large in handed)
+        self._budget.use(reservation, len(handed), charged)
+        for item, body, too_large in handed:
+            self._give(item, body, too_large=too_large)
 
-    def _received(self, asked: list[int], fetched: list[FetchedMessage]) -> list[FetchedMessage]:
-        """What came back of ``asked``, each once, in order."""
+    def _received(
+        self, asked: list[int], fetched: list[FetchedMessage]
+    ) -> list[tuple[FetchedMessage, bytes]]:
+        """What came back of ``asked`` with its content, each once, in order."""
         got = {item.uid for item in fetched if item.body is not None} & set(asked)
         missing = sorted(set(asked) - got)
         if missing:
@@ -415,18 +422,16 @@ class ImapWatcher(Source[int]):
             )
         received = []
         for item in fetched:
-            if item.uid in got:
+            if item.uid in got and item.body is not None:
                 got.discard(item.uid)
-                received.append(item)
+                received.append((item, item.body))
         return received
 
     @staticmethod
-    def _charge(item: FetchedMessage, too_large: bool) -> int:
-        assert item.body is not None
-        return len(item.body) if too_large else item.size
+    def _charge(item: FetchedMessage, body: bytes, too_large: bool) -> int:
+        return len(body) if too_large else item.size
 
-    def _give(self, fetched: FetchedMessage, *, too_large: bool) -> None:
-        assert fetched.body is not None
+    def _give(self, fetched: FetchedMessage, body: bytes, *, too_large: bool) -> None:
         uid, uidvalidity = fetched.uid, self._uidvalidity
         # A dead letter moved back from failed_folder (mailroom redrive) keeps its first id.
         key = fetched.webhook_id or idempotency_key(self.id, uidvalidity, uid)
@@ -434,28 +439,28 @@ class ImapWatcher(Source[int]):
             uid,
             ref=f"uid {uid}",
             idempotency_key=key,
-            raw=fetched.body,
+            raw=body,
             size=fetched.size,
-            charged=self._charge(fetched, too_large),
+            charged=self._charge(fetched, body, too_large),
             too_large=too_large,
             tag=(uidvalidity, key),
         )
 
     # -- settlements ---------------------------------------------------------------------------
 
-    async def _apply_settlements(self, *args: Any) -> None:
-        (session,) = args
+    async def _apply_settlements(self, session: ImapSession) -> None:
+        """Apply the queued settlements, one command per action for the whole batch."""
         batch = self._take_settlements()
         current = [s for s in batch if s.tag[0] == session.uidvalidity]
         for stale in (s for s in batch if s.tag[0] != session.uidvalidity):
             self._settled(stale)  # UIDVALIDITY changed: the sweep finds it again
-        groups: dict[str, list[Settlement[int]]] = {}
+        groups: dict[SettleAction, list[Settlement[int, Tag]]] = {}
         for settlement in current:
             groups.setdefault(self._action(settlement.outcome), []).append(settlement)
         for action, group in groups.items():
             uids = [s.key for s in group]
             try:
-                if action.startswith("move"):
+                if action is SettleAction.MOVE:
                     await self._keep_ids(session, group)
                 await self._apply(session, action, uids)
             except ImapError as exc:
@@ -469,17 +474,20 @@ class ImapWatcher(Source[int]):
             for settlement in group:
                 self._settled(settlement)
 
-    def _refused(self, action: str, uids: list[int], exc: ImapError) -> None:
+    def _refused(self, action: SettleAction, uids: list[int], exc: ImapError) -> None:
+        what = action.value
+        if action is SettleAction.MOVE:
+            what = f"move to {self.config.failed_folder}"
         self.log.error(
             "could not %s uids %s: %s; they stay as they are and are not fetched again until "
             "the next reconnect",
-            action,
+            what,
             uids,
             exc,
         )
         self._stuck.update(uids)
 
-    async def _keep_ids(self, session: ImapSession, group: list[Settlement[int]]) -> None:
+    async def _keep_ids(self, session: ImapSession, group: list[Settlement[int, Tag]]) -> None:
         """Keep each dead letter's webhook-id in a keyword (``id_keyword``) before the move
         gives it a new UID; a server refusing the keyword does not hold up the move."""
         for settlement in group:
@@ -495,23 +503,25 @@ class ImapWatcher(Source[int]):
                     exc,
                 )
 
-    def _action(self, outcome: Outcome) -> str:
+    def _action(self, outcome: Outcome) -> SettleAction:
         if not outcome.processed:
-            return f"move to {self.config.failed_folder}" if self.config.failed_folder else "flag"
-        return "delete" if self.config.delete_after_delivery else "mark seen"
+            return SettleAction.MOVE if self.config.failed_folder else SettleAction.FLAG
+        return SettleAction.DELETE if self.config.delete_after_delivery else SettleAction.MARK_SEEN
 
-    async def _apply(self, session: ImapSession, action: str, uids: list[int]) -> None:
+    async def _apply(self, session: ImapSession, action: SettleAction, uids: list[int]) -> None:
         config = self.config
-        if action == "mark seen":
+        if action is SettleAction.MARK_SEEN:
             await session.store(uids, "\\Seen")
-        elif action == "delete":
+        elif action is SettleAction.DELETE:
             # \Seen as well: with expunge_deleted off the message stays, and must not match
             # the next UNSEEN sweep.
             await session.store(uids, "\\Seen \\Deleted")
             if config.expunge_deleted:
                 await session.expunge(uids)
-        elif action == "flag":
+        elif action is SettleAction.FLAG:
             await session.store(uids, f"{FAILED_KEYWORD} \\Seen")
+        elif config.failed_folder is None:  # _action chooses MOVE only with a failed_folder
+            raise ImapError("cannot move to failed_folder: none is configured")
         else:
             await self._move_to_failed_folder(session, uids)
 

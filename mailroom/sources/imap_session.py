@@ -23,6 +23,7 @@ from typing import Any
 
 from aioimaplib import aioimaplib
 
+from mailroom.backoff import ONCE_MORE, Retry
 from mailroom.config import ImapMailboxConfig
 from mailroom.envelope import FAILED_KEYWORD
 from mailroom.errors import ImapAuthError, ImapConnectionLost, ImapError
@@ -254,6 +255,13 @@ class ImapSession:
         return session
 
     @property
+    def _imap(self) -> _Client:
+        """The client of this session (``ImapConnectionLost`` before it was connected)."""
+        if self._client is None:
+            raise ImapConnectionLost("not connected")
+        return self._client
+
+    @property
     def tls(self) -> ssl.SSLObject | None:
         """The TLS layer (implicit TLS, or after STARTTLS), or None on a plain connection."""
         if self._client is None or self._client.protocol.transport is None:
@@ -293,28 +301,28 @@ class ImapSession:
         except OSError as exc:
             raise ImapConnectionLost(f"cannot connect to {where}: {exc.strerror or exc}") from exc
         self._keepalive()
-        if config.start_tls:
+        if config.start_tls and context is not None:  # made above for start_tls
             await self._starttls(context)
 
     def _keepalive(self) -> None:
         # A peer that vanishes without FIN/RST (a dead NAT, a pulled cable) is noticed by TCP
         # keepalive within ~30 s, even in the middle of a 29-minute IDLE.
-        assert self._client is not None
-        sock = self._client.protocol.transport.get_extra_info("socket")
+        client = self._imap
+        sock = client.protocol.transport.get_extra_info("socket")
         if sock is None:
             return
         if _TCP_QUICKACK is not None:
-            self._client.protocol.quickack = sock
+            client.protocol.quickack = sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for name, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
             if hasattr(socket, name):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
-    async def _starttls(self, context: ssl.SSLContext | None) -> None:
+    async def _starttls(self, context: ssl.SSLContext) -> None:
         # aioimaplib has no STARTTLS helper: send the command, then upgrade the transport
         # (RFC 3501 §6.2.1); capabilities must be asked for again afterwards.
-        assert self._client is not None and context is not None
-        protocol = self._client.protocol
+        client = self._imap
+        protocol = client.protocol
         if "STARTTLS" not in protocol.capabilities:
             raise ImapError(
                 f"{self.config.host}:{self.config.port} does not offer STARTTLS; "
@@ -341,19 +349,20 @@ class ImapSession:
 
     async def login(self) -> None:
         """LOGIN or AUTHENTICATE XOAUTH2, then CAPABILITY again; ``ImapAuthError`` if refused."""
-        assert self._client is not None
-        protocol = self._client.protocol
+        client = self._imap
+        protocol = client.protocol
         if "LOGINDISABLED" in protocol.capabilities:
             raise ImapAuthError(
                 "the server refuses LOGIN on this connection (LOGINDISABLED); "
                 "set start_tls: true or ssl: true"
             )
         if self.config.auth == "xoauth2":
-            assert self._token is not None, "auth: xoauth2 needs a token source"
+            if self._token is None:
+                raise RuntimeError("auth: xoauth2 needs a token source (ImapSession.open)")
             # SASL XOAUTH2 (Microsoft, "Authenticate an IMAP ... connection using OAuth").
             response = await self._run(
                 "AUTHENTICATE XOAUTH2",
-                self._client.xoauth2(self.config.user, await self._token()),
+                client.xoauth2(self.config.user, await self._token()),
                 check=False,
             )
             if response.result != "OK":
@@ -362,8 +371,10 @@ class ImapSession:
                     "check the app's access to this mailbox and the oauth scope"
                 )
         else:
-            assert self.config.password is not None
-            response = await self._password_login(self.config.user, self.config.password.reveal())
+            password = self.config.password
+            if password is None:  # the config requires one with auth: password
+                raise RuntimeError("auth: password without a password")
+            response = await self._password_login(self.config.user, password.reveal())
             if response.result != "OK":
                 raise ImapAuthError(
                     f"login as {self.config.user} refused: {response_text(response)}; "
@@ -378,8 +389,7 @@ class ImapSession:
         where RFC 3501 allows them: AUTHENTICATE PLAIN with the initial response (RFC 4616,
         RFC 4959: UTF-8 inside base64) where the server has AUTH=PLAIN and SASL-IR (Dovecot,
         Cyrus, Exchange, Gmail), else LOGIN with literals (Courier)."""
-        assert self._client is not None
-        protocol = self._client.protocol
+        protocol = self._imap.protocol
         capabilities = {c.upper() for c in protocol.capabilities}
         ascii_only = all(" " <= char <= "~" for char in user + password)
         if not ascii_only and {"AUTH=PLAIN", "SASL-IR"} <= capabilities:
@@ -402,11 +412,11 @@ class ImapSession:
 
     async def select(self, *, readonly: bool = False) -> None:
         """SELECT (or EXAMINE, ``readonly``) the configured mailbox and read its UIDVALIDITY."""
-        assert self._client is not None
+        client = self._imap
         name = mailbox_name(await self.resolve(self.config.mailbox))
         response = await self._run(
             "EXAMINE" if readonly else "SELECT",
-            self._client.examine(name) if readonly else self._client.select(name),
+            client.examine(name) if readonly else client.select(name),
             check=False,
         )
         if response.result != "OK":
@@ -415,7 +425,7 @@ class ImapSession:
                 "check the mailbox setting"
             )
         if readonly:  # aioimaplib's examine() leaves its state at AUTH: no command would go
-            self._client.protocol.state = aioimaplib.SELECTED
+            client.protocol.state = aioimaplib.SELECTED
         for line in response.lines:
             if isinstance(line, bytes) and (match := _UIDVALIDITY.search(line)):
                 self.uidvalidity = int(match.group(1))
@@ -512,7 +522,8 @@ class ImapSession:
                     awaitable.close()
                 raise
         task = asyncio.current_task()
-        assert task is not None
+        if task is None:
+            raise RuntimeError("IMAP commands run in a task")
         limit = timeout_s or self.timeout_s
         cancelling = task.cancelling()
         self._waiting.add(task)
@@ -541,10 +552,10 @@ class ImapSession:
 
     async def search(self, criteria: str) -> list[int]:
         """``UID SEARCH <criteria>``, ascending."""
-        assert self._client is not None
+        client = self._imap
         # No CHARSET: Exchange and Yahoo reject CHARSET utf-8 (aioimaplib#126); RFC 3501 §6.4.4.
         response = await self._run(
-            "UID SEARCH", self._client.protocol.search(criteria, charset=None, by_uid=True)
+            "UID SEARCH", client.protocol.search(criteria, charset=None, by_uid=True)
         )
         return sorted(_searched(response))
 
@@ -553,8 +564,8 @@ class ImapSession:
         return await self._fetch(uid_set(uids), items)
 
     async def _fetch(self, message_set: str, items: str) -> list[FetchedMessage]:
-        assert self._client is not None
-        protocol = self._client.protocol
+        client = self._imap
+        protocol = client.protocol
         command = _FetchCommand(
             protocol.new_tag(),
             message_set,
@@ -577,14 +588,14 @@ class ImapSession:
         ``UID FETCH $ (SWEEP_ITEMS)`` pipelined (§2.1 allows it). Otherwise SEARCH, then
         FETCH in batches.
         """
-        assert self._client is not None
+        client = self._imap
         if "SEARCHRES" not in self.capabilities:
             uids = await self.search(criteria)
             found: list[FetchedMessage] = []
             for start in range(0, len(uids), SIZE_BATCH):
                 found += await self.fetch(uids[start : start + SIZE_BATCH], SWEEP_ITEMS)
             return found
-        protocol = self._client.protocol
+        protocol = client.protocol
         search = aioimaplib.Command(
             "SEARCH",
             protocol.new_tag(),
@@ -615,13 +626,13 @@ class ImapSession:
         may have moved a new message below its sequence range: then ``new_mail`` is set again,
         so the caller sweeps the whole mailbox next.
         """
-        assert self._client is not None
+        client = self._imap
         low, high = self._idle_base + 1, self.exists
         if self._idling is None:
             return None
         if not 0 < high - low + 1 <= max_count:
             return None
-        protocol = self._client.protocol
+        protocol = client.protocol
         expunges = self._expunges
         # The range goes last: any criteria followed by one more search key is valid
         # (RFC 3501 §6.4.4: keys are ANDed; "CHARSET x" may only come first).
@@ -669,8 +680,7 @@ class ImapSession:
         (one round trip): what the FETCH brought of the messages the SEARCH found, in UID
         order. Sequence numbers cannot shift between the two: a server sends no EXPUNGE
         during a SEARCH or a FETCH (RFC 3501 §7.4.1), and one before them shifts both alike."""
-        assert self._client is not None
-        protocol = self._client.protocol
+        protocol = self._imap.protocol
         search = aioimaplib.Command(
             "SEARCH", protocol.new_tag(), criteria, sequence, prefix="UID", loop=protocol.loop
         )
@@ -695,8 +705,8 @@ class ImapSession:
         """``search`` (a SEARCH with ``RETURN (SAVE)``, RFC 5182) and ``UID FETCH $ items``,
         pipelined (§2.1 allows it), after DONE when an IDLE is open: one round trip. The
         messages come in UID order."""
-        assert self._client is not None
-        protocol = self._client.protocol
+        client = self._imap
+        protocol = client.protocol
         fetch = _FetchCommand(
             protocol.new_tag(), "$", items, prefix="UID", loop=protocol.loop, timeout=self.timeout_s
         )
@@ -715,8 +725,8 @@ class ImapSession:
         await their responses. aioimaplib's ``execute`` would wait for the IDLE to end and for each
         command before the next one of the same kind; the commands here are registered with
         its protocol directly (each of a different kind, so responses are routed by kind)."""
-        assert self._client is not None
-        client, protocol = self._client, self._client.protocol
+        client = self._imap
+        protocol = client.protocol
         idle, self._idling = self._idling, None
         pending: dict[str, Any] = protocol.pending_async_commands
 
@@ -724,7 +734,8 @@ class ImapSession:
             if idle is not None:
                 client.idle_done()  # writes DONE
             for command in commands:
-                assert pending.get(command.untagged_resp_name) is None, command.name
+                if pending.get(command.untagged_resp_name) is not None:
+                    raise RuntimeError(f"{command.name}: one of its kind is pending already")
                 pending[command.untagged_resp_name] = command
             try:
                 protocol.transport.write(b"".join(f"{c!r}\r\n".encode() for c in commands))
@@ -750,17 +761,17 @@ class ImapSession:
 
     async def store(self, uids: Iterable[int], flags: str, *, remove: bool = False) -> None:
         """``UID STORE uids +FLAGS.SILENT (flags)``, or ``-FLAGS.SILENT`` to ``remove`` them."""
-        assert self._client is not None
+        client = self._imap
         change = "-FLAGS.SILENT" if remove else "+FLAGS.SILENT"
-        await self._run("UID STORE", self._client.uid("store", uid_set(uids), change, f"({flags})"))
+        await self._run("UID STORE", client.uid("store", uid_set(uids), change, f"({flags})"))
 
     async def expunge(self, uids: Iterable[int]) -> None:
         """``UID EXPUNGE`` (RFC 4315) when the server has UIDPLUS, else plain EXPUNGE."""
-        assert self._client is not None
+        client = self._imap
         if "UIDPLUS" in self.capabilities:
-            await self._run("UID EXPUNGE", self._client.uid("expunge", uid_set(uids)))
+            await self._run("UID EXPUNGE", client.uid("expunge", uid_set(uids)))
         else:
-            await self._run("EXPUNGE", self._client.expunge())
+            await self._run("EXPUNGE", client.expunge())
 
     async def resolve(self, folder: str) -> str:
         """The server's name for the configured ``folder`` (``Hierarchy.resolve``: ``Failed``
@@ -773,15 +784,15 @@ class ImapSession:
         return self._hierarchy.resolve(folder)
 
     async def _ask_hierarchy(self) -> Hierarchy:
-        assert self._client is not None
-        protocol = self._client.protocol
+        client = self._imap
+        protocol = client.protocol
         if "NAMESPACE" in self.capabilities:
             response = await self._run("NAMESPACE", protocol.namespace(), check=False)
             for line in response.lines[:-1]:
                 if isinstance(line, bytes) and (found := parse_namespace(line)) is not None:
                     return found
         # RFC 3501 §6.3.8: LIST "" "" answers with the hierarchy delimiter.
-        response = await self._run("LIST", self._client.list('""', '""'), check=False)
+        response = await self._run("LIST", client.list('""', '""'), check=False)
         for line in response.lines[:-1]:
             if isinstance(line, bytes):
                 listed, delimiter = parse_list_delimiter(line)
@@ -792,9 +803,9 @@ class ImapSession:
 
     async def create(self, folder: str) -> None:
         """CREATE ``folder``; an existing folder is fine."""
-        assert self._client is not None
+        client = self._imap
         name = mailbox_name(await self.resolve(folder))
-        response = await self._run("CREATE", self._client.create(name), check=False)
+        response = await self._run("CREATE", client.create(name), check=False)
         if response.result != "OK" and b"ALREADYEXISTS" not in b" ".join(
             line for line in response.lines if isinstance(line, bytes)
         ):
@@ -802,9 +813,9 @@ class ImapSession:
 
     async def folder_exists(self, folder: str) -> bool:
         """Whether ``folder`` exists and can hold messages (LIST, RFC 3501 §6.3.8)."""
-        assert self._client is not None
+        client = self._imap
         name = mailbox_name(await self.resolve(folder))
-        response = await self._run("LIST", self._client.list('""', name))
+        response = await self._run("LIST", client.list('""', name))
         for line in response.lines[:-1]:  # aioimaplib strips "* LIST"; the last is the tagged one
             if isinstance(line, bytes) and (match := _LIST_FLAGS.match(line)):
                 flags = match.group(1).lower()
@@ -819,19 +830,22 @@ class ImapSession:
         the server has UIDPLUS, or by plain EXPUNGE only when ``expunge`` allows it (a plain
         EXPUNGE also removes other clients' deleted messages).
         """
-        assert self._client is not None
+        client = self._imap
         uids = list(uids)
         target = mailbox_name(await self.resolve(folder))
         verb = "move" if "MOVE" in self.capabilities else "copy"
-        for attempt in (1, 2):
+        retry = Retry(ONCE_MORE)  # RFC 3501 §6.4.7: TRYCREATE, the folder is created first
+        while True:
+            retry.begin()
             response = await self._run(
-                f"UID {verb.upper()}", self._client.uid(verb, uid_set(uids), target), check=False
+                f"UID {verb.upper()}", client.uid(verb, uid_set(uids), target), check=False
             )
             if response.result == "OK":
                 break
-            if attempt == 1 and b"TRYCREATE" in b" ".join(
+            trycreate = b"TRYCREATE" in b" ".join(
                 line for line in response.lines if isinstance(line, bytes)
-            ):
+            )
+            if trycreate and retry.delay() is not None:
                 await self.create(folder)
                 continue
             raise ImapError(f"UID {verb.upper()} to {folder!r} failed: {response_text(response)}")
@@ -850,8 +864,7 @@ class ImapSession:
         the next command ends it with DONE, pipelined when it is a sweep (one round trip
         saved), or waiting for the server's answer to DONE otherwise.
         """
-        assert self._client is not None
-        client = self._client
+        client = self._imap
         if new_mail:
             wake = (*wake, self.new_mail)
         if self._idling is not None:
@@ -880,16 +893,18 @@ class ImapSession:
             await self._end_idle()
 
     async def _end_idle(self) -> None:
-        """DONE, and wait for the server to end the IDLE."""
-        assert self._client is not None and self._idling is not None
+        """DONE, and wait for the server to end the IDLE (when one is open)."""
+        client = self._imap
         idle, self._idling = self._idling, None
-        self._client.idle_done()
+        if idle is None:
+            return
+        client.idle_done()
         await self._run("DONE", idle)
         self._drain_idle_queue()
 
     def _drain_idle_queue(self) -> None:
-        assert self._client is not None
-        queue: asyncio.Queue[Any] = self._client.protocol.idle_queue
+        client = self._imap
+        queue: asyncio.Queue[Any] = client.protocol.idle_queue
         while not queue.empty():  # the pushes were seen by _on_untagged already
             queue.get_nowait()
 

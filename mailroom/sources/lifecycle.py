@@ -4,18 +4,22 @@ A source watches one mailbox and hands each new message to the dispatcher as an 
 What every kind of source shares lives here, once; ``ImapWatcher`` and ``GraphPoller`` add
 only what is IMAP or Graph:
 
-- **Supervision** (``run``): ``_serve`` is one connection's life. Whatever ends it (a lost
-  connection, a refused login, a bug) is logged and retried with capped, jittered backoff, much
-  longer after repeated authentication failures (providers lock accounts after a run of bad
-  logins), and never reaches another mailbox. An unexpected error is logged with its traceback
-  and counted as a restart.
+- **Supervision** (``run``, the one restart loop of a source): ``_serve`` is one connection's
+  life. Whatever ends it (a lost connection, a refused login, a bug) is logged and retried under
+  the kind's ``backoff`` policy (honouring a ``Retry-After`` the error carries), much longer
+  after repeated authentication failures (providers lock accounts after a run of bad logins),
+  and never reaches another mailbox. An unexpected error is logged with its traceback and
+  counted as a restart. ``run`` itself never raises.
+- **State**: one ``SourceState`` (starting, connected, reconnecting, stopped), reported to the
+  ``Monitor`` as it changes.
 - **The in-flight set**: messages handed out and not settled, capped per mailbox (a fairness
   cap, ``max_in_flight``/``max_in_flight_bytes``) and by the process-wide ``Budget``, which a
   source reserves before it fetches.
 - **Settlement**: the dispatcher's ``settle(outcome)`` queues a ``Settlement`` and wakes the
-  source, which applies it on its own connection (``_apply_settlements``). A settle that comes
-  after the source stopped leaves the message as it is: it is found again after a restart, with
-  the same webhook-id.
+  source, which takes them (``_take_settlements``) and applies them its own way, on its own
+  connection, reporting each with ``_settled`` (or ``_requeue``). A settle that comes after the
+  source stopped leaves the message as it is: it is found again after a restart, with the same
+  webhook-id.
 - **Release without settling**: ``release(key)`` takes a message out of the in-flight set and
   gives back its budget, untouched on the server (a UIDVALIDITY change, a refused hand-out).
 
@@ -27,31 +31,34 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import enum
 import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from mailroom.backoff import backoff_delay
+from mailroom.backoff import Backoff
+from mailroom.config import MailboxConfig
 from mailroom.envelope import Envelope, Outcome
 from mailroom.errors import ImapAuthError, SourceError, TokenError
 from mailroom.logs import MailboxLog
-from mailroom.observe.monitor import Monitor
+from mailroom.observe.monitor import AuthFailure, Monitor, SourceState
 from mailroom.sources.budget import Budget
 
-__all__ = ["Activity", "Settlement", "Source", "unlimited_budget"]
+__all__ = ["Settlement", "Source", "unlimited_budget"]
 
-K = TypeVar("K", bound=Hashable)
+C = TypeVar("C", bound=MailboxConfig)  # the kind's config
+K = TypeVar("K", bound=Hashable)  # the source's key for a message: an IMAP UID, a Graph id
+T = TypeVar("T")  # what a settlement needs besides the key (a settlement's tag)
 
 # Backoff starts afresh only after a connection that served this long: one that fails right
 # after login (a search_command the server refuses, say) must not become a login storm.
 SERVED_LONG_S = 60.0
 # After the first refused login in a row, wait this long and more: providers lock accounts
 # after repeated bad logins (Microsoft 365's smart lockout, Gmail's "too many login attempts").
-AUTH_BACKOFF_INITIAL_S = 60.0
-AUTH_BACKOFF_MAX_S = 1800.0
+AUTH_BACKOFF = Backoff(initial_s=60.0, max_s=1800.0)
+# A source's run ending in a bug of its own (not of a connection): the pause before it goes on.
+CRASH_BACKOFF = Backoff(initial_s=1.0, max_s=300.0)
 
 
 def unlimited_budget() -> Budget:
@@ -59,50 +66,33 @@ def unlimited_budget() -> Budget:
     return Budget(messages=2**62, size=2**62)
 
 
-class Activity(enum.Enum):
-    """What a source is doing now (for logs and debugging)."""
-
-    STARTING = "starting"
-    CONNECTING = "connecting"
-    SWEEPING = "sweeping"
-    FETCHING = "fetching"
-    SETTLING = "settling"
-    IDLING = "idling"
-    POLLING = "polling"
-    WAITING = "waiting"  # for a poll time, a settlement, room
-    DRAINING = "draining"
-    BACKING_OFF = "backing off"
-    STOPPED = "stopped"
-
-
 @dataclass(slots=True)
-class Settlement(Generic[K]):
+class Settlement(Generic[K, T]):
     """An outcome the dispatcher decided, waiting to be applied on the server.
 
     ``tag`` is what the source needs besides the key (IMAP: the UIDVALIDITY it was fetched
-    under; Graph: the message's categories); ``epoch`` is the source's ``_epoch`` when the
-    message was handed out."""
+    under and its webhook-id; Graph: the message's categories); ``epoch`` is the source's
+    ``_epoch`` when the message was handed out."""
 
     key: K
     outcome: Outcome
-    tag: Any
+    tag: T
     epoch: int
     done: asyncio.Future[None] = field(repr=False)
 
 
-class Source(abc.ABC, Generic[K]):
-    """The shared lifecycle; subclasses implement ``_serve`` and ``_apply_settlements``."""
+class Source(abc.ABC, Generic[C, K, T]):
+    """The shared lifecycle of a source of kind ``C`` (its config), naming messages by ``K``
+    and keeping a ``T`` beside each until it is settled; a kind implements ``_serve``."""
 
-    kind: ClassVar[str]  # "imap" | "graph": task names and metrics
     max_in_flight: ClassVar[int]  # messages handed out and not settled, per mailbox
     max_in_flight_bytes: ClassVar[int] = 64 * 1024 * 1024
-    retry_initial_s: ClassVar[float] = 1.0
-    retry_max_s: ClassVar[float] = 60.0
+    backoff: ClassVar[Backoff] = Backoff(initial_s=1.0, max_s=60.0)  # between connections
     retrying: ClassVar[str] = "reconnecting"  # what the log says comes after a failure
 
     def __init__(
         self,
-        config: Any,
+        config: C,
         submit: Callable[[Envelope], None],
         *,
         stopping: asyncio.Event,
@@ -111,8 +101,8 @@ class Source(abc.ABC, Generic[K]):
         budget: Budget | None = None,
         logger: logging.Logger,
     ) -> None:
-        self.config = config
-        self.id: str = config.id
+        self.config: C = config
+        self.id = config.id
         self.log = MailboxLog(logger, self.id)
         self._submit = submit
         self._stopping = stopping
@@ -127,12 +117,12 @@ class Source(abc.ABC, Generic[K]):
         # UIDVALIDITY) may name another message by now.
         self._epoch = 0
         self._stuck: set[K] = set()
-        self._settlements: list[Settlement[K]] = []
+        self._settlements: list[Settlement[K, T]] = []
         self._closed = False  # run() ended: settlements can no longer be applied
         self._connected_at: float | None = None
-        self._attempt = 0
+        self._attempt = 0  # connections failed since the last one that served long
         self._auth_failures = 0
-        self.activity = Activity.STARTING
+        self.state = SourceState.STARTING
         self.restarts = 0  # unexpected errors survived
 
     # -- what a kind of source implements ------------------------------------------------------
@@ -141,16 +131,8 @@ class Source(abc.ABC, Generic[K]):
     async def _serve(self) -> None:
         """One connection's life: return once ``finished()``; raise to be retried."""
 
-    @abc.abstractmethod
-    async def _apply_settlements(self, *args: Any) -> None:
-        """Apply ``_take_settlements()`` on the source's own connection."""
-
     async def _close(self) -> None:
         """Release what the source holds (sessions, tokens) after ``run`` ends."""
-
-    def _retry_delay(self, exc: Exception, attempt: int) -> float:
-        """The delay before the next connection after ``exc``."""
-        return backoff_delay(attempt, initial_s=self.retry_initial_s, max_s=self.retry_max_s)
 
     def _on_error(self, exc: Exception) -> None:
         """Called once per failed connection, before the backoff (drop a refused token)."""
@@ -158,24 +140,37 @@ class Source(abc.ABC, Generic[K]):
     # -- supervision ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Watch until stopped and drained. Never raises (cancellation aside)."""
+        """Watch until stopped and drained. Never raises (cancellation aside): whatever goes
+        wrong, in a connection or in this loop, is logged and retried here."""
         self._closed = False
         try:
             while not self.finished():
-                self._connected_at = None
-                self._stuck.clear()
                 try:
-                    await self._serve()
-                except Exception as exc:
-                    if self.finished():
-                        return
-                    await self._after_error(exc)
+                    await self._connection()
+                except Exception:  # a bug in the supervision itself: still stops no one else
+                    self.restarts += 1
+                    self._monitor.restarted(self.id)
+                    delay = CRASH_BACKOFF.delay(self.restarts)
+                    self.log.exception("the source failed; going on in %.1fs", delay)
+                    await self._sleep(delay)
         finally:
             self._closed = True
-            self.activity = Activity.STOPPED
-            self._monitor.disconnected(self.id, "stopped")
-            self._abandon()
-            await self._close()
+            self._set_state(SourceState.STOPPED, "stopped")
+            try:
+                self._abandon()
+                await self._close()
+            except Exception:
+                self.log.exception("could not close the source cleanly")
+
+    async def _connection(self) -> None:
+        """One connection's life; what ends it is logged and waited out (``_after_error``)."""
+        self._connected_at = None
+        self._stuck.clear()
+        try:
+            await self._serve()
+        except Exception as exc:
+            if not self.finished():
+                await self._after_error(exc)
 
     def finished(self) -> bool:
         """Stopped, every delivery drained, and every settlement applied."""
@@ -190,10 +185,9 @@ class Source(abc.ABC, Generic[K]):
         auth = isinstance(exc, ImapAuthError) or (isinstance(exc, TokenError) and exc.code)
         self._auth_failures = self._auth_failures + 1 if auth else 0
         if self._auth_failures > 1:  # the first may be an expired token or a server restart
-            return backoff_delay(
-                self._auth_failures - 1, initial_s=AUTH_BACKOFF_INITIAL_S, max_s=AUTH_BACKOFF_MAX_S
-            )
-        return self._retry_delay(exc, self._attempt)
+            return AUTH_BACKOFF.delay(self._auth_failures - 1)
+        retry_after_s = exc.retry_after_s if isinstance(exc, SourceError) else None
+        return self.backoff.delay(self._attempt, retry_after_s)
 
     async def _after_error(self, exc: Exception) -> None:
         delay = self._delay_after(exc)
@@ -201,9 +195,9 @@ class Source(abc.ABC, Generic[K]):
         auth = self._auth_failures > 0
         self._on_error(exc)
         if isinstance(exc, ImapAuthError):
-            self._monitor.auth_error(self.id, "login")
+            self._monitor.auth_error(self.id, AuthFailure.LOGIN)
         elif isinstance(exc, TokenError):
-            self._monitor.auth_error(self.id, "token")
+            self._monitor.auth_error(self.id, AuthFailure.TOKEN)
         if not expected:
             self.restarts += 1
             self._monitor.restarted(self.id)
@@ -217,10 +211,13 @@ class Source(abc.ABC, Generic[K]):
             delay,
             self._attempt,
             exc_info=not expected,
-            extra={"attempt": self._attempt, "delay_s": round(delay, 3)},
+            extra={
+                "attempt": self._attempt,
+                "error": type(exc).__name__,
+                "delay_s": round(delay, 3),
+            },
         )
-        self._set_disconnected(f"{type(exc).__name__}: {exc}")
-        self.activity = Activity.BACKING_OFF
+        self._set_state(SourceState.RECONNECTING, f"{type(exc).__name__}: {exc}")
         await self._sleep(delay)
 
     def _set_connected(self) -> None:
@@ -228,10 +225,12 @@ class Source(abc.ABC, Generic[K]):
         if self._connected_at is None:
             self._connected_at = time.monotonic()
         self._auth_failures = 0
-        self._monitor.connected(self.id)
+        self._set_state(SourceState.CONNECTED)
 
-    def _set_disconnected(self, reason: str) -> None:
-        self._monitor.disconnected(self.id, reason)
+    def _set_state(self, state: SourceState, reason: str | None = None) -> None:
+        """Now in ``state``; told to the monitor (``CONNECTED`` after every success)."""
+        self.state = state
+        self._monitor.state(self.id, state, reason)
 
     async def _sleep(self, delay_s: float) -> None:
         """A backoff delay, cut short by stop or, once stopping, by the drain.
@@ -276,7 +275,7 @@ class Source(abc.ABC, Generic[K]):
         size: int,
         charged: int,
         too_large: bool,
-        tag: Any,
+        tag: T,
     ) -> None:
         """Hand one fetched message to the dispatcher; ``charged`` bytes of the budget (already
         taken) are given back when it is settled or released."""
@@ -310,6 +309,7 @@ class Source(abc.ABC, Generic[K]):
                 raw=raw,
                 size=size,
                 too_large=too_large,
+                native_id=str(key),
                 _settle=settle,
                 _release=release,
             )
@@ -342,18 +342,18 @@ class Source(abc.ABC, Generic[K]):
 
     # -- settlements ---------------------------------------------------------------------------
 
-    def _take_settlements(self) -> list[Settlement[K]]:
+    def _take_settlements(self) -> list[Settlement[K, T]]:
         batch, self._settlements = self._settlements, []
         return batch
 
-    def _settled(self, settlement: Settlement[K]) -> None:
+    def _settled(self, settlement: Settlement[K, T]) -> None:
         """``settlement`` is applied (or refused for good): the message leaves the set."""
         if settlement.epoch == self._epoch:
             self._forget(settlement.key)
         if not settlement.done.done():
             settlement.done.set_result(None)
 
-    def _requeue(self, batch: list[Settlement[K]]) -> None:
+    def _requeue(self, batch: list[Settlement[K, T]]) -> None:
         """Keep what was not applied for the next connection, in order (settling is safe to
         repeat), or for ``_abandon``."""
         self._settlements[:0] = [s for s in batch if not s.done.done()]

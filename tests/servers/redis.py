@@ -43,7 +43,9 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
 class RedisServer:
     """One redis-server; ``url`` is what mailroom's config names."""
 
-    def __init__(self, *, password: str | None = None, use_tls: bool = False) -> None:
+    def __init__(
+        self, *, password: str | None = None, use_tls: bool = False, unixsocket: Path | None = None
+    ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="mailroom-redis-"))
         self.port = free_port()
         self.password = password
@@ -60,6 +62,8 @@ class RedisServer:
         ]
         if password is not None:
             lines.append(f"requirepass {password}")
+        if unixsocket is not None:  # as the Linux package's Redis listens
+            lines += [f"unixsocket {unixsocket}", "unixsocketperm 777"]
         if use_tls:
             certs = tls.write_server_cert(self.root)
             lines += [
