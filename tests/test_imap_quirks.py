@@ -307,3 +307,49 @@ async def test_pushed_mail_comes_with_its_body_in_one_round_trip_on_every_server
         assert [m.uid for m in await session.search_sizes("ALL")] == [1, 2]
     finally:
         await session.logout()
+
+
+# -- item 1: Cyrus's cap on keywords (built by the `hostile` branch) ----------------------------
+
+DEAD_LETTERS = 300  # Cyrus lets clients create 100 user flags per mailbox
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 21 item 1 (the hostile branch): each dead letter still gets a $MailroomId_ "
+    "keyword, and Cyrus refuses the 100th (NO Too many user flags in mailbox); remove this "
+    "mark when an identity without per-message keywords is merged",
+)
+async def test_300_dead_letters_on_cyrus_are_redriven_under_their_original_ids(
+    cyrus: ImapServer, webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    account = cyrus.add_user()
+    box = mailbox_dict(cyrus, account, failed_folder="Failed", idle_timeout=600)
+    document = config_dict([box], webhook.url)
+    webhook.respond(400)
+    await cyrus.aappend_many(account, [message(n) for n in range(DEAD_LETTERS)])
+    failed = cyrus.folder("Failed")
+    async with running(parse_config(document, env={})):
+        first = await webhook.wait_for(DEAD_LETTERS, timeout=120)
+        await wait_until(
+            lambda: _count(cyrus, account, failed, DEAD_LETTERS), timeout=60, what="all moved"
+        )
+        ids = {r.json()["message_id"]: r.headers["webhook-id"] for r in first}
+        webhook.respond(200)
+        code, out, err = await cli(document, tmp_path)
+        assert code == 0, out + err
+        assert f"{DEAD_LETTERS} with their own webhook-id, 0 with a new one" in out
+        again = (await webhook.wait_for(2 * DEAD_LETTERS, timeout=120))[DEAD_LETTERS:]
+        await wait_until(
+            lambda: _count(cyrus, account, "INBOX", DEAD_LETTERS), timeout=60, what="all back"
+        )
+    assert {r.json()["message_id"]: r.headers["webhook-id"] for r in again} == ids
+    # The watched INBOX still takes a keyword from any other client (mail clients, Sieve).
+    with cyrus.imap(account) as conn:
+        conn.select("INBOX")
+        typ, data = conn.uid("STORE", "1:*", "+FLAGS.SILENT", "($Label1)")
+        assert typ == "OK", data
+
+
+async def _count(server: ImapServer, account: Account, mailbox: str, count: int) -> bool:
+    return len(await server.aflags(account, mailbox)) == count
