@@ -191,7 +191,7 @@ async def test_idle_without_push_is_noticed_once_counted_and_asked_for(
     account = server.add_user()
     port = free_port()
     probe = Probe(session, port)
-    idle_timeout = 20
+    idle_timeout = 12
     box = mailbox_dict(server, account, idle_timeout=idle_timeout)
     document = with_health(config_dict([box], webhook.url), port)
     async with running(parse_config(document, env={})):
@@ -208,7 +208,7 @@ async def test_idle_without_push_is_noticed_once_counted_and_asked_for(
         )
         metrics = await probe.metrics()
         assert value(metrics, "mailroom_idle_without_push_total", mailbox=account.user) == 1
-        # Asked for every second now: well before the next periodic sweep (18-20 s away).
+        # Asked for every second now: well before the next periodic sweep (11-12 s away).
         for n in (10, 11):
             count = len(webhook.requests)
             await server.aappend(account, message(n))

@@ -27,6 +27,8 @@ import pwd
 import secrets
 import signal
 import subprocess
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from tests.servers import tls
@@ -89,6 +91,7 @@ class Courier(ImapServer):
         self.etc.mkdir()
         (self.root / "home").mkdir(mode=0o755)
         self._counter = itertools.count(1)
+        self._deliveries = itertools.count(1)
         self._userdb: dict[str, str] = {}  # user → fields (userdb.dat)
         self._shadow: dict[str, str] = {}  # user → password fields (userdbshadow.dat)
         self._namespace: str | None = None
@@ -193,6 +196,31 @@ class Courier(ImapServer):
         self._accounts[user] = account
         self._write_userdb()
         return account
+
+    def append_many(
+        self, account: Account, raws: Iterable[bytes], mailbox: str = "INBOX"
+    ) -> list[int]:
+        """Many messages into INBOX at once, as an MTA delivers them: files in Maildir/new
+        (Courier has no MULTIAPPEND: one APPEND each would take a round trip each); their
+        UIDs, which Courier gives them on the next look."""
+        if mailbox != "INBOX":
+            return super().append_many(account, raws, mailbox)
+        maildir = self.root / "home" / account.user / "Maildir"
+        count = 0
+        for raw in raws:
+            name = f"{time.time_ns()}.M{next(self._deliveries)}P{os.getpid()}.mailroom-test"
+            tmp = maildir / "tmp" / name
+            tmp.write_bytes(raw.replace(b"\r\n", b"\n"))  # a Maildir holds LF lines
+            os.chown(tmp, *self._mail_ids)
+            tmp.rename(maildir / "new" / name)
+            count += 1
+        with self.imap(account) as conn:
+            conn.select("INBOX")
+            typ, data = conn.uid("SEARCH", "ALL")
+            if typ != "OK":
+                raise RuntimeError(f"UID SEARCH failed: {data!r}")
+        uids = [int(uid) for uid in (data[0] or b"").split()]
+        return uids[len(uids) - count :]
 
     def _write_userdb(self) -> None:
         """userdb.dat and userdbshadow.dat, as ``makeuserdb`` makes them (atomically)."""
