@@ -34,7 +34,7 @@ LABEL org.opencontainers.image.title="mailroom" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="GPL-3.0-or-later" \
       org.opencontainers.image.base.name="${BASE_IMAGE}" \
-      io.mailroom.licenses.note="mailroom is GPL-3.0-or-later. It includes aioimaplib, which is under the GPL v3 (GPL-3.0-only on PyPI), so the image is a combined work under the GPL v3. Other dependencies: aiohttp, prometheus-client (Apache-2.0), msal, aiosmtplib, PyYAML (MIT), cryptography (Apache-2.0 or BSD-3-Clause)."
+      io.mailroom.licenses.note="mailroom is GPL-3.0-or-later. It includes aioimaplib, which is under the GPL v3 (GPL-3.0-only on PyPI), so the image is a combined work under the GPL v3. Other dependencies: aiohttp, prometheus-client (Apache-2.0), msal, aiosmtplib, PyYAML, PyJWT (MIT), cryptography (Apache-2.0 or BSD-3-Clause)."
 # MAILROOM_HEALTH_URL: what the HEALTHCHECK asks; change it with health.listen's port.
 ENV PATH=/opt/mailroom/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-image lint docs lock demo demo-serve demo-send bench debs imap-servers venv clean
+.PHONY: test test-fast test-image lint docs lock demo demo-serve demo-send bench debs imap-servers venv clean
 
 # constraints.txt pins every dependency (made by `make lock` from pyproject.toml): an install
 # next month gets the same versions as CI got today.
@@ -62,6 +62,12 @@ $(IMAP_SERVERS)/.installed: | venv
 
 test: venv debs promtool imap-servers
 	$(BIN)/pytest
+
+# The edit loop: everything but the tests marked slow (replicas, many mailboxes, real
+# processes, the image, long fuzzing): about 1.5 minutes on a 2-core machine. `make test`
+# runs them all.
+test-fast: venv debs promtool imap-servers
+	$(BIN)/pytest -m "not slow"
 
 # The container image, built and run with podman on a base made from Debian's packages (no
 # registry needed): tests/test_image.py (read-only root, uid 10001, the health checks, a

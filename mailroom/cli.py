@@ -52,26 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     checks = commands.add_parser(
         "check", help="check config, mailboxes, webhook and SMTP: one line each, exit 0 if all pass"
     )
-    redrives = commands.add_parser(
-        "redrive",
-        help="put dead letters back (from failed_folder, or flagged $MailroomFailed) to be "
-        "delivered again under their own webhook-id",
-    )
-    redrives.add_argument(
-        "--mailbox",
-        action="append",
-        metavar="ID",
-        help="only this mailbox (repeat for more; default: every mailbox)",
-    )
-    redrives.add_argument(
-        "--since",
-        metavar="DATE",
-        help="only mail received since: 2026-05-01, 2026-05-01T14:30 or 2026-05-01T14:30+02:00 "
-        "(without a zone: local time)",
-    )
-    redrives.add_argument(
-        "--dry-run", action="store_true", help="list what would be redriven; change nothing"
-    )
+    redrives = _redrive_parser(commands)
     for target in (parser, run, checks, redrives):
         target.add_argument("-c", "--config", help="the YAML config file")
         target.add_argument(
@@ -105,6 +86,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     routes.add_argument("message", help="the message as a file (.eml), or - for stdin")
     commands.add_parser("sample-config", help="print a minimal config to start from")
+    _credentials_parser(commands)
+    return parser
+
+
+def _redrive_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """``mailroom redrive`` (the config options are added with run's and check's)."""
+    redrives = commands.add_parser(
+        "redrive",
+        help="put dead letters back (from failed_folder, or flagged $MailroomFailed) to be "
+        "delivered again under their own webhook-id",
+    )
+    redrives.add_argument(
+        "--mailbox",
+        action="append",
+        metavar="ID",
+        help="only this mailbox (repeat for more; default: every mailbox)",
+    )
+    redrives.add_argument(
+        "--since",
+        metavar="DATE",
+        help="only mail received since: 2026-05-01, 2026-05-01T14:30 or 2026-05-01T14:30+02:00 "
+        "(without a zone: local time)",
+    )
+    redrives.add_argument(
+        "--dry-run", action="store_true", help="list what would be redriven; change nothing"
+    )
+    return redrives
+
+
+def _credentials_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``mailroom credentials edit | show | generate-key``."""
     stored = commands.add_parser(
         "credentials", help="the encrypted file of mailbox users and passwords"
     )
@@ -124,7 +138,6 @@ def _parser() -> argparse.ArgumentParser:
         "generate-key", help="make a new random key (printed, or written to --key-file)"
     )
     generate.add_argument("--key-file", help="write it to this new file (mode 0600)")
-    return parser
 
 
 def _source(args: argparse.Namespace) -> tuple[Callable[[], Config], str, Mode] | None:

@@ -14,6 +14,7 @@ from tests.servers.dovecot import Account, Dovecot
 from tests.servers.webhook import WebhookReceiver
 
 
+@pytest.mark.slow
 async def test_a_busy_health_listen_is_one_line_and_exit_2(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:

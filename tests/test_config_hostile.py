@@ -226,6 +226,7 @@ def test_run_exits_2_and_check_prints_its_config_load_line(
     assert WORD not in out + err
 
 
+@pytest.mark.slow
 def test_no_traceback_from_the_real_process(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mailroom", "-c", str(write(tmp_path, "!!int Secret"))],
@@ -475,6 +476,7 @@ def _apply(text: str, edits: list[tuple[int, str, int]]) -> str:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(st.one_of(mutated, generated))
+@pytest.mark.slow
 def test_fuzz_any_yaml_gives_a_config_or_a_config_error_without_the_secret(
     tmp_path: Path, text: str
 ) -> None:

@@ -256,6 +256,7 @@ async def mailroom(
     return proc.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_edit_show_and_check_with_the_commands(
     tmp_path: Path, dovecot: Dovecot, account: Account, webhook: WebhookReceiver
 ) -> None:
@@ -339,6 +340,7 @@ async def test_edit_show_and_check_with_the_commands(
     assert "the key from MAILROOM_CREDENTIALS_KEY has key id" in out
 
 
+@pytest.mark.slow
 async def test_generate_key_prints_one_and_commands_need_the_block(tmp_path: Path) -> None:
     code, out, err = await mailroom("credentials", "generate-key")
     assert code == 0 and len(base64.b64decode(out.strip(), validate=True)) == 32
@@ -350,6 +352,7 @@ async def test_generate_key_prints_one_and_commands_need_the_block(tmp_path: Pat
     assert WHSEC not in err
 
 
+@pytest.mark.slow
 async def test_sigterm_while_editing_removes_the_plain_text(tmp_path: Path) -> None:
     runtime = tmp_path / "run"  # stands for $XDG_RUNTIME_DIR, preferred (RAM) for the temp dir
     runtime.mkdir(mode=0o700)

@@ -17,6 +17,8 @@ import pytest
 
 from tests.helpers import ROOT, wait_until
 
+pytestmark = pytest.mark.slow  # the demo as a real process
+
 
 def test_demo_delivers_the_sample_message() -> None:
     result = subprocess.run(

@@ -17,6 +17,7 @@ from tests.servers.smtp import SmtpServer
 from tests.servers.webhook import WebhookReceiver
 
 
+@pytest.mark.slow
 async def test_a_dry_run_logs_each_decision_and_settles_nothing(
     dovecot: Dovecot,
     account: Account,

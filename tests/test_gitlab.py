@@ -134,6 +134,7 @@ async def test_a_reply_is_routed_by_its_reply_id(
     assert request.headers["X-Mailroom-Key"] == "5f3e9a"
 
 
+@pytest.mark.slow
 async def test_401_keeps_the_message_says_which_secret_file_and_is_not_ready(
     queues_redis: RedisServer, dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -188,6 +189,7 @@ async def test_400_is_dead_lettered_with_gitlabs_message(
     assert any("HTTP 400: This email is too large (30 MB)" in line for line in lines), lines
 
 
+@pytest.mark.slow
 async def test_nothing_is_lost_across_a_restart(
     queues_redis: RedisServer, dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -699,6 +699,7 @@ GITLAB_KEYS = [
     changes=st.dictionaries(st.sampled_from(GITLAB_KEYS), VALUES, max_size=4),
     top=st.dictionaries(st.sampled_from(["gitlab", "shared", "encrypted_settings"]), VALUES),
 )
+@pytest.mark.slow
 def test_any_gitlab_yml_loads_or_is_a_config_error(
     tmp_path_factory: pytest.TempPathFactory, changes: dict[str, Any], top: dict[str, Any]
 ) -> None:
@@ -713,6 +714,7 @@ def test_any_gitlab_yml_loads_or_is_a_config_error(
 
 @settings(max_examples=300, deadline=None)
 @given(entry=VALUES)
+@pytest.mark.slow
 def test_any_redis_entry_is_read_or_refused(entry: Any) -> None:
     try:
         found = parse_entry(entry, source="resque.yml")

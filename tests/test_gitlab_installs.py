@@ -30,7 +30,10 @@ from tests.servers.redis import RedisServer
 
 SECRET = bytes(range(32))
 MAILROOM = str(Path(sys.executable).parent / "mailroom")
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root")
+pytestmark = [
+    pytest.mark.slow,  # mailroom as a process in a mount namespace laid out as each install
+    pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root"),
+]
 
 
 def namespace_script(mounts: list[tuple[str, Path]], workdir: Path) -> str:

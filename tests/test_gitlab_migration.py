@@ -32,6 +32,7 @@ def message_id(raw: bytes) -> str:
     return str(email.message_from_bytes(raw)["Message-ID"])
 
 
+@pytest.mark.slow
 async def test_mailroom_and_mailroom_gem_side_by_side_post_each_message_once(
     redis_server: RedisServer, dovecot: Dovecot, tmp_path: Path
 ) -> None:
@@ -121,6 +122,7 @@ async def test_only_mailroom_gems_own_claims_count_as_taken(redis_server: RedisS
         await store.close()
 
 
+@pytest.mark.slow
 async def test_a_message_mailroom_gem_claimed_is_left_to_it(
     redis_server: RedisServer, dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -153,6 +153,7 @@ async def test_an_installed_app_refresh_token_logs_in(
 
 
 @pytest.mark.parametrize("kind", ["service_account", "installed_app"])
+@pytest.mark.slow
 async def test_a_refused_credential_says_what_to_fix_and_only_its_mailbox_suffers(
     gmail: Dovecot,
     google: GoogleOAuth,
@@ -200,6 +201,7 @@ async def test_a_refused_credential_says_what_to_fix_and_only_its_mailbox_suffer
     assert b"Subject: test 2" in left.raw and "\\Seen" not in left.flags  # untouched
 
 
+@pytest.mark.slow
 async def test_a_token_near_its_expiry_is_replaced_before_the_next_login(
     gmail: Dovecot, google: GoogleOAuth, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -223,6 +225,7 @@ async def _expired(google: GoogleOAuth, token: str) -> bool:
     return google.tokens[token].expires_at < time.monotonic()
 
 
+@pytest.mark.slow
 async def test_a_token_the_server_refuses_is_replaced(
     gmail: Dovecot,
     google: GoogleOAuth,
@@ -335,6 +338,7 @@ async def test_a_token_endpoint_signed_by_an_unknown_ca_is_said_clearly(
     assert google.of_kind("token") == []
 
 
+@pytest.mark.slow
 async def test_mailroom_check_gets_a_token_and_logs_in(
     gmail: Dovecot, google: GoogleOAuth, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:

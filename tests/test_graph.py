@@ -138,7 +138,7 @@ async def test_429_honours_retry_after(
         await webhook.wait_for(1)
     throttled, retried = entra.of_kind("list")[:2]
     assert throttled.status == 429 and retried.status == 200
-    assert 0.95 <= retried.at - throttled.at < 2.0
+    assert retried.at - throttled.at >= 0.95  # not before Retry-After
     assert logged(caplog, "graph: GraphError: GET /v1.0/users/")
     assert "retrying in 1.0s" in caplog.text
 
@@ -234,6 +234,7 @@ async def test_a_malformed_answer_while_settling_is_retried(
     assert len(webhook.requests) == 1
 
 
+@pytest.mark.slow
 async def test_503_and_value_errors_back_off_and_recover(
     entra: EntraGraph, webhook: WebhookReceiver
 ) -> None:
@@ -275,7 +276,7 @@ async def test_token_is_refreshed_before_it_expires(
             lambda: len({r.token for r in entra.of_kind("list")}) >= 2, what="a second token"
         )
     issued = entra.of_kind("token")
-    assert 0.9 < issued[1].at - issued[0].at < 1.9
+    assert issued[1].at - issued[0].at > 0.9  # not before half its life
     assert all(r.status == 200 for r in entra.of_kind("list"))  # never sent an expired one
     assert len({r.token for r in entra.of_kind("list")}) >= 2
 

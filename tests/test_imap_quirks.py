@@ -73,6 +73,7 @@ async def test_failed_folder_means_what_the_user_meant_on_every_server(
 REFUSED = {"dovecot": "~Failed", "cyrus": "user.someone-else.Failed", "courier": "#shared.Failed"}
 
 
+@pytest.mark.slow  # mailroom redrive as a process
 async def test_a_failed_folder_refused_for_good_keeps_dead_letters_in_place_not_ready(
     imap_server: ImapServer,
     imap_account: Account,
@@ -172,6 +173,7 @@ async def test_8_bit_credentials_never_go_in_a_quoted_string(
 NO_PUSH = "the server advertises IDLE but did not push"
 
 
+@pytest.mark.slow  # a whole idle_timeout, 12 s
 @pytest.mark.parametrize("name", ["cyrus", "courier"])
 async def test_idle_without_push_is_noticed_once_counted_and_asked_for(
     name: str,
@@ -220,6 +222,7 @@ def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
+@pytest.mark.slow  # waits for a periodic sweep, 5 s
 async def test_pushing_servers_are_not_taken_for_silent_ones(
     imap_server: ImapServer,
     imap_account: Account,
@@ -320,6 +323,7 @@ DEAD_LETTERS = 300  # Cyrus lets clients create 100 user flags per mailbox
     "keyword, and Cyrus refuses the 100th (NO Too many user flags in mailbox); remove this "
     "mark when an identity without per-message keywords is merged",
 )
+@pytest.mark.slow  # 600 posts and redrive as a process
 async def test_300_dead_letters_on_cyrus_are_redriven_under_their_original_ids(
     cyrus: ImapServer, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:

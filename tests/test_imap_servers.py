@@ -103,6 +103,7 @@ async def test_mailroom_restarted_takes_up_where_it_left(
     assert [r.json()["subject"] for r in webhook.requests[3:]] == ["test 3", "test 4"]
 
 
+@pytest.mark.slow  # mailroom redrive as a process
 @pytest.mark.parametrize("failed_folder", [None, "Failed"])
 async def test_a_permanent_4xx_dead_letters_once_and_redrive_keeps_the_id(
     failed_folder: str | None,
@@ -155,6 +156,7 @@ def processes() -> Iterator[list[Process]]:
         process.kill()
 
 
+@pytest.mark.slow  # mailroom as real processes, killed
 async def test_sigkill_mid_backlog_loses_nothing(
     imap_server: ImapServer,
     imap_account: Account,

@@ -35,3 +35,14 @@ def test_every_stage_says_what_it_owns_and_may_import() -> None:
     for stage in STAGES:
         doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text()))
         assert doc is not None and "May import" in doc, stage
+
+
+def test_no_bare_asserts_in_production_code() -> None:
+    """An invariant is a real check: ``python -O`` strips an assert (issue 19)."""
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Assert)
+    ]
+    assert found == [], "raise an exception that says what broke, or narrow the type without"

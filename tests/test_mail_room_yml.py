@@ -271,6 +271,7 @@ KEYS = [
 
 @settings(max_examples=200, deadline=None)
 @given(mailbox=st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6), top=VALUES)
+@pytest.mark.slow
 def test_any_mail_room_yml_loads_or_is_a_config_error(
     tmp_path_factory: pytest.TempPathFactory, mailbox: dict[str, Any], top: Any
 ) -> None:

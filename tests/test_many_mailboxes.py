@@ -20,6 +20,8 @@ from tests.servers.proxy import TcpServer, pump
 from tests.servers.webhook import WebhookReceiver
 from tests.test_reload import reloadable
 
+pytestmark = pytest.mark.slow  # hundreds of mailboxes, or many at once
+
 
 async def metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     async with (

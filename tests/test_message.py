@@ -7,8 +7,6 @@ import email.feedparser
 import email.utils
 import random
 import re
-import time
-import timeit
 import tracemalloc
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -172,10 +170,7 @@ def test_broken_base64() -> None:
 
 
 def test_nested_200_levels() -> None:
-    started = time.perf_counter()
-    parsed = parse(load("nested_200.eml"))
-    elapsed = time.perf_counter() - started
-    assert elapsed < 1.0
+    parsed = parse(load("nested_200.eml"))  # its time: bench/parse_worst.py, nested_levels
     assert parsed.to == (Address("", KEY_ADDRESS),)
     assert parsed.text is None  # the text part sits below MAX_DEPTH (16): not read
     assert parsed.truncated == ("nesting",)
@@ -187,9 +182,7 @@ def test_nesting_beyond_the_stdlib_parser_is_cut_at_max_depth() -> None:
         f'Content-Type: multipart/mixed; boundary="b{i}"\n\n--b{i}\n' for i in range(depth)
     )
     raw = f"From: a@example.org\nTo: {KEY_ADDRESS}\nSubject: deep\n{body}".encode()
-    started = time.perf_counter()
-    parsed = parse(raw)
-    assert time.perf_counter() - started < 1.0
+    parsed = parse(raw)  # its time: bench/parse_worst.py, nested_levels
     assert parsed.truncated == ("nesting",)
     assert parsed.to == (Address("", KEY_ADDRESS),)
     assert parsed.text is None
@@ -300,18 +293,11 @@ def test_decode_bytes(data: bytes, charset: str | None, expected: str) -> None:
     assert decode_bytes(data, charset) == expected
 
 
-def test_scan_addresses_is_linear() -> None:
-    started = time.perf_counter()
+def test_scan_addresses_on_hostile_text() -> None:
+    # Their time (linear): bench/parse_worst.py, address_scan; an ordinary message's parse
+    # time is the first line it prints.
     assert scan_addresses("a" * 200_000) == []
     assert scan_addresses("<" * 200_000 + "x@y.z>") == ["x@y.z"]
-    assert time.perf_counter() - started < 1.0
-
-
-def test_parse_speed() -> None:
-    raw = load("plain_2k.eml")
-    runs = 500
-    mean_s = min(timeit.repeat(lambda: parse(raw), number=runs, repeat=3)) / runs
-    assert mean_s < 0.001  # generous; about 0.1 ms on the development machine
 
 
 # The fast paths (a header block read without the feed parser, MIME parameters split without

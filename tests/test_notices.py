@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,10 +115,12 @@ def test_parse_authentication_results() -> None:
 
 
 def test_parse_authentication_results_hostile_input() -> None:
-    started = time.perf_counter()
-    for value in ("(" * 100_000, '"' * 100_000, "a=" * 100_000, ";" * 100_000):
+    # Their time (linear): bench/parse_worst.py, auth_results.
+    found = [
         parse_authentication_results(value)
-    assert time.perf_counter() - started < 1.0
+        for value in ("(" * 100_000, '"' * 100_000, "a=" * 100_000, ";" * 100_000)
+    ]
+    assert found == [("", ()), ("", ()), ("a", ()), ("", ())]  # nothing read into them
 
 
 def test_build_notice() -> None:

@@ -15,6 +15,8 @@ from tests.helpers import Process, config_dict, mailbox_dict, message, wait_unti
 from tests.servers.dovecot import Account, Dovecot
 from tests.servers.webhook import WebhookReceiver
 
+pytestmark = pytest.mark.slow  # mailroom as a real process, killed and restarted
+
 
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[list[Process]]:

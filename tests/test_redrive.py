@@ -88,6 +88,7 @@ def append(
 # -- IMAP: the whole flow with a running mailroom -------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_flag_mode_dead_letter_is_delivered_again_under_its_webhook_id(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -122,6 +123,7 @@ async def test_flag_mode_dead_letter_is_delivered_again_under_its_webhook_id(
     assert len(lines) == 2 and account.password not in out + err
 
 
+@pytest.mark.slow
 async def test_failed_folder_dead_letter_moves_back_and_keeps_its_webhook_id(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -190,6 +192,7 @@ def two_mailboxes(dovecot: Dovecot, a: Account, b: Account, url: str) -> dict[st
     return config_dict(boxes, url)
 
 
+@pytest.mark.slow
 async def test_since_and_mailbox_choose_the_dead_letters(
     dovecot: Dovecot, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -233,6 +236,7 @@ async def test_since_and_mailbox_choose_the_dead_letters(
     assert [m.flags for m in dovecot.messages(a, FAILED)] == [{"\\Deleted"}]
 
 
+@pytest.mark.slow
 async def test_a_dry_run_lists_them_and_changes_nothing(
     dovecot: Dovecot, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -255,6 +259,7 @@ async def test_a_dry_run_lists_them_and_changes_nothing(
     )
 
 
+@pytest.mark.slow
 async def test_redrive_deletes_the_dead_letter_markers_of_replicas(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path,
     redis_server: RedisServer,
@@ -280,6 +285,7 @@ async def test_redrive_deletes_the_dead_letter_markers_of_replicas(
 # -- what goes wrong -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_bad_input_exits_2_and_a_mailbox_that_fails_exits_1_without_secrets(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -331,6 +337,7 @@ def graph_document(mock: EntraGraph, url: str, **overrides: Any) -> dict[str, An
 
 
 @pytest.mark.parametrize("failed_folder", [None, "Dead letters"])
+@pytest.mark.slow
 async def test_graph_dead_letter_is_delivered_again_under_its_webhook_id(
     failed_folder: str | None, entra: EntraGraph, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -365,6 +372,7 @@ async def test_graph_dead_letter_is_delivered_again_under_its_webhook_id(
     )
 
 
+@pytest.mark.slow
 async def test_graph_since_dry_run_and_other_categories(
     entra: EntraGraph, webhook: WebhookReceiver, tmp_path: Path
 ) -> None:
@@ -402,6 +410,7 @@ async def test_graph_since_dry_run_and_other_categories(
     ]
 
 
+@pytest.mark.slow
 async def test_a_server_refusing_the_id_keyword_still_gets_its_dead_letters_moved(
     webhook: WebhookReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -422,6 +431,7 @@ async def test_a_server_refusing_the_id_keyword_still_gets_its_dead_letters_move
     assert "moved back to INBOX; a new webhook-id (it carries no $MailroomId keyword)" in out
 
 
+@pytest.mark.slow
 async def test_without_move_a_dead_letter_is_copied_back_and_its_original_deleted(
     webhook: WebhookReceiver, tmp_path: Path
 ) -> None:

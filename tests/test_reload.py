@@ -102,6 +102,7 @@ async def seen(dovecot: Dovecot, account: Account) -> list[bool]:
     return ["\\Seen" in m.flags for m in await dovecot.amessages(account)]
 
 
+@pytest.mark.slow
 async def test_reload_keeps_untouched_restarts_changed_starts_new_stops_removed(
     dovecot_factory: Any, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -180,6 +181,7 @@ async def test_a_stop_during_a_reload_still_closes_the_mailbox_the_reload_was_st
     assert logged_out(dovecot, account, logins(dovecot, account)[0])
 
 
+@pytest.mark.slow
 async def test_with_replicas_a_reload_stops_a_removed_mailbox_before_it_is_done(
     dovecot: Dovecot,
     redis_server: RedisServer,
@@ -211,6 +213,7 @@ async def test_with_replicas_a_reload_stops_a_removed_mailbox_before_it_is_done(
     assert len(logins(dovecot, removed)) == 1
 
 
+@pytest.mark.slow
 async def test_with_replicas_a_lease_lost_while_a_reload_restarts_its_mailbox_stays_lost(
     dovecot: Dovecot,
     account: Account,
@@ -286,6 +289,7 @@ def process(tmp_path: Path) -> Iterator[list[Process]]:
         each.kill()
 
 
+@pytest.mark.slow
 async def test_sighup_reloads_a_real_process_and_refuses_a_broken_file(
     dovecot: Dovecot, webhook: WebhookReceiver, process: list[Process], tmp_path: Path
 ) -> None:

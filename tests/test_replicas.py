@@ -22,6 +22,8 @@ from tests.servers.dovecot import Account, Dovecot, free_port
 from tests.servers.redis import RedisServer
 from tests.servers.webhook import WebhookReceiver
 
+pytestmark = pytest.mark.slow  # replicas as real processes: the longest tests
+
 TTL_S = 3.0  # short leases: failovers within seconds
 
 

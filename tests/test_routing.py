@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -122,15 +121,12 @@ def test_unparsable(name: str) -> None:
     assert route(load(name)) == Reject("unparsable message")
 
 
-def test_pathological_received_routes_in_linear_time() -> None:
+def test_pathological_received_routes() -> None:
     raw = load("key_x_original_to.eml")
     received = "Received: from a by b " + "for <" * 100_000 + "; Mon, 01 Jan 2024 10:00:00 +0000"
     raw = with_header(with_header(raw, received), "Cc: " + "<" * 100_000)
-    started = time.perf_counter()
-    decision = route(raw)
-    elapsed = time.perf_counter() - started
-    assert decision == Deliver("k-xot", "X-Original-To")
-    assert elapsed < 1.0  # about 0.03 s on the development machine
+    # Its time (linear, about 0.03 s): bench/parse_worst.py, received_for.
+    assert route(raw) == Deliver("k-xot", "X-Original-To")
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,23 @@ def test_jwt_with_a_base64_secret_as_gitlab_checks_it(tmp_path: Path) -> None:
     assert set(claims) == {"iss", "iat"}
 
 
+def test_a_key_pyjwt_refuses_is_a_config_error_and_a_short_one_a_warning() -> None:
+    assert "webhook.jwt.secret: is not usable as an HS256 key (HMAC key must not be empty)" in (
+        error({"jwt": {"secret": ""}})
+    )
+    assert "looks like a JWK" in error({"jwt": {"secret": '{"kty": "oct", "k": "c2VjcmV0"}'}})
+    short = config({"jwt": {"secret": "s" * 31}})
+    assert short.warnings == (
+        "webhook.jwt.secret: the key is 31 bytes, and RFC 7518 §3.2 asks for at least 32 for "
+        "HS256; where the receiver allows, use a longer secret (GitLab writes base64 of 32 "
+        "random bytes: head -c 32 /dev/urandom | base64, with secret_encoding: base64)",
+    )
+    # PyJWT's own warning (an error under this suite's filterwarnings) is not raised per token.
+    token = headers(short.webhook)["Gitlab-Mailroom-Api-Request"]
+    assert jwt.decode(token, options={"verify_signature": False})["iss"] == "gitlab-mailroom"
+    assert config({"jwt": {"secret": "s" * 32}}).warnings == ()
+
+
 def test_token_schemes() -> None:
     assert headers(hook(token="t0k"))["Authorization"] == "Bearer t0k"
     token = hook(token='a"b\\c', token_scheme="token")

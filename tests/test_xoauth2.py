@@ -8,7 +8,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import parse_qsl
@@ -76,6 +75,7 @@ async def all_seen(server: Dovecot, account: Account, count: int) -> bool:
     return len(stored) == count and all("\\Seen" in m.flags for m in stored)
 
 
+@pytest.mark.slow
 async def test_xoauth2_login_and_delivery(
     oauth_dovecot: Dovecot, entra: EntraGraph, webhook: WebhookReceiver
 ) -> None:
@@ -92,6 +92,7 @@ async def test_xoauth2_login_and_delivery(
     assert introspected and all(r.status == 200 for r in introspected)
 
 
+@pytest.mark.slow
 async def test_token_the_provider_did_not_issue_is_refused(
     oauth_dovecot: Dovecot, entra: EntraGraph, webhook: WebhookReceiver
 ) -> None:
@@ -102,13 +103,13 @@ async def test_token_the_provider_did_not_issue_is_refused(
     async def forged() -> str:
         return "eyJ0eXAi.forged.sig"
 
-    started = time.monotonic()
+    # ImapAuthError, not ImapConnectionLost after timeout_s: the challenge was answered.
     with pytest.raises(ImapAuthError, match=f"XOAUTH2 as {account.user} refused"):
-        await ImapSession.open(config, token=forged, timeout_s=10)
-    assert time.monotonic() - started < 5  # the failure challenge was answered, no timeout
+        await ImapSession.open(config, token=forged, timeout_s=60)
     assert [r.status for r in entra.of_kind("introspect")] == [200]
 
 
+@pytest.mark.slow
 async def test_token_for_another_mailbox_is_refused_and_said_clearly(
     oauth_dovecot: Dovecot,
     entra: EntraGraph,
@@ -125,6 +126,7 @@ async def test_token_for_another_mailbox_is_refused_and_said_clearly(
     assert entra.clients["app-client"] not in caplog.text
 
 
+@pytest.mark.slow
 async def test_expired_token_leads_to_reauthentication(
     oauth_dovecot: Dovecot,
     entra: EntraGraph,

@@ -62,58 +62,75 @@ async def webhook(
 ) -> None:
     """``label``: the webhook's name (its origin, and a digest where two share one)."""
     target = Target(report, f"webhook[{label or origin(config.url)}]")
-    parts = urlsplit(config.url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    resolved: list[str] = []
-    proxy = proxy_for(config.url, config.proxy)
-    if proxy is not None:  # checked the way deliveries go: through the proxy
-        where = origin(proxy)
+    steps = _WebhookSteps(config, send_test=send_test)
+    if steps.proxy is not None:  # checked the way deliveries go: through the proxy
+        where = origin(steps.proxy)
         target.report.add(target.name, "proxy", Status.OK, f"deliveries go through {where}")
-        host = urlsplit(proxy).hostname or ""
-        port = urlsplit(proxy).port or (443 if proxy.startswith("https:") else 80)
+    await target.run("dns", steps.dns)
+    await target.run("tcp", lambda: tcp(steps.host, steps.port))
+    await target.run("tls", steps.tls)
+    await target.run("test event", steps.test_event)
 
-    async def dns() -> Finding:
+
+class _WebhookSteps:
+    """One webhook's checks, against the host deliveries connect to: the webhook's, or its
+    proxy's. ``dns`` keeps the addresses it found for ``tls``."""
+
+    def __init__(self, config: WebhookConfig, *, send_test: bool) -> None:
+        self.config, self.send_test = config, send_test
+        self.parts = urlsplit(config.url)
+        self.proxy = proxy_for(config.url, config.proxy)
+        through = urlsplit(self.proxy or config.url)
+        self.host = through.hostname or ""
+        self.port = through.port or (443 if through.scheme == "https" else 80)
+        self.resolved: list[str] = []
+
+    async def dns(self) -> Finding:
+        host = self.host
         try:
             ipaddress.ip_address(host)
         except ValueError:
             pass
         else:
-            resolved.append(host)
+            self.resolved.append(host)
             return Status.OK, f"{host} is an IP address (no lookup)"
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = await loop.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            setting = "webhook.url" if proxy is None else "the proxy (webhook.proxy, HTTPS_PROXY)"
+            setting = (
+                "webhook.url" if self.proxy is None else "the proxy (webhook.proxy, HTTPS_PROXY)"
+            )
             raise Failed(f"cannot resolve {host}: {exc.strerror}; check {setting}") from exc
-        resolved.extend(dict.fromkeys(str(info[4][0]) for info in infos))
-        return Status.OK, f"{host} resolves to {', '.join(resolved)}"
+        self.resolved.extend(dict.fromkeys(str(info[4][0]) for info in infos))
+        return Status.OK, f"{host} resolves to {', '.join(self.resolved)}"
 
-    async def tls() -> Finding:
-        if proxy is not None:
+    async def tls(self) -> Finding:
+        if self.proxy is not None:
             return Status.OK, "end to end through the proxy's tunnel (checked by the test event)"
-        if parts.scheme != "https":
-            if all(is_loopback(a) for a in resolved or [host]):
+        if self.parts.scheme != "https":
+            if all(is_loopback(a) for a in self.resolved or [self.host]):
                 return Status.OK, "not used (http:// to this machine)"
             return Status.WARN, (
                 "not used: messages cross the network in clear text; use an https:// URL"
             )
-        _, writer = await open_connection(host, port, _webhook_tls(config), "webhook.")
+        context = _webhook_tls(self.config)
+        _, writer = await open_connection(self.host, self.port, context, "webhook.")
         try:
             return certificate(
-                writer.get_extra_info("ssl_object"), verified=config.tls_verify, how="https"
+                writer.get_extra_info("ssl_object"), verified=self.config.tls_verify, how="https"
             )
         finally:
             await close(writer)
 
-    async def test_event() -> Finding:
-        if not send_test:
+    async def test_event(self) -> Finding:
+        if not self.send_test:
             return (
                 Status.SKIP,
                 'skipped: add --send-test to POST a signed {"type": "mailroom.check"}',
             )
+        config = self.config
         body = json.dumps(TEST_EVENT).encode()
         started = time.monotonic()
         try:
@@ -125,8 +142,8 @@ async def webhook(
                     headers=_test_headers(config, body),
                     timeout=aiohttp.ClientTimeout(total=config.timeout_s),
                     allow_redirects=False,
-                    ssl=_webhook_tls(config) if parts.scheme == "https" else True,
-                    proxy=proxy,
+                    ssl=_webhook_tls(config) if self.parts.scheme == "https" else True,
+                    proxy=self.proxy,
                 ) as response,
             ):
                 status = response.status
@@ -134,22 +151,21 @@ async def webhook(
             raise Failed(f"no answer within {config.timeout_s:g}s (webhook.timeout)") from exc
         except aiohttp.ClientError as exc:
             raise Failed(f"{type(exc).__name__}: the POST did not get an answer") from exc
-        elapsed_ms = (time.monotonic() - started) * 1000
-        if 200 <= status < 300:
-            return Status.OK, f"signed test event answered HTTP {status} in {elapsed_ms:.0f} ms"
-        hint = _STATUS_HINTS.get(status)
-        if hint is None:
-            hint = (
-                "redirects are not followed; set webhook.url to the final URL"
-                if 300 <= status < 400
-                else "the receiver failed; see its logs"
-            )
-        return Status.FAIL, f"HTTP {status} to the signed test event (2xx expected); {hint}"
+        return _answered(status, (time.monotonic() - started) * 1000)
 
-    await target.run("dns", dns)
-    await target.run("tcp", lambda: tcp(host, port))
-    await target.run("tls", tls)
-    await target.run("test event", test_event)
+
+def _answered(status: int, elapsed_ms: float) -> Finding:
+    """What the receiver's answer to the test event says."""
+    if 200 <= status < 300:
+        return Status.OK, f"signed test event answered HTTP {status} in {elapsed_ms:.0f} ms"
+    hint = _STATUS_HINTS.get(status)
+    if hint is None:
+        hint = (
+            "redirects are not followed; set webhook.url to the final URL"
+            if 300 <= status < 400
+            else "the receiver failed; see its logs"
+        )
+    return Status.FAIL, f"HTTP {status} to the signed test event (2xx expected); {hint}"
 
 
 # -- SMTP ------------------------------------------------------------------------------------

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from mailroom.check import route
 from mailroom.check.net import certificate, tcp
 from mailroom.check.report import SESSION_TIMEOUT_S, Failed, Finding, Report, Status, Target
-from mailroom.config import FolderMailboxConfig, GraphMailboxConfig, ImapMailboxConfig
+from mailroom.config import (
+    FolderMailboxConfig,
+    GraphMailboxConfig,
+    ImapMailboxConfig,
+    ImapOAuthConfig,
+)
 from mailroom.errors import MailroomError
 from mailroom.sources.graph_client import (
     GraphClient,
@@ -24,6 +28,7 @@ from mailroom.sources.imap import NO_PUSH_POLL_S, search_criteria
 from mailroom.sources.imap_session import ImapSession
 from mailroom.trust.entra import TokenProvider
 from mailroom.trust.providers import token_provider
+from mailroom.trust.tokens import Tokens
 
 __all__ = ["backlog", "graph", "imap"]
 
@@ -35,59 +40,111 @@ IDLE_PROBE_S = 0.2  # check IDLEs this long to read the server's answer to it
 
 
 async def imap(report: Report, config: ImapMailboxConfig) -> None:
-    target = Target(report, f"imap[{config.id}]")
-    tokens = token_provider(config.oauth, label=config.id) if config.oauth is not None else None
-    session: ImapSession | None = None
+    """The checks of one IMAP mailbox, in the order a watcher meets what they check."""
+    steps = _ImapSteps(config)
+    try:
+        await steps.run(Target(report, f"imap[{config.id}]"))
+    finally:
+        await steps.close()
 
-    async def token() -> Finding:
-        assert tokens is not None and config.oauth is not None
-        await tokens.token()
-        return Status.OK, f"access token for {tokens.scope} acquired ({config.oauth.client})"
 
-    async def connect() -> Finding:
-        nonlocal session
-        session = await ImapSession.connect(
-            config, timeout_s=SESSION_TIMEOUT_S, token=tokens.token if tokens else None
+class _ImapSteps:
+    """One IMAP mailbox's checks; those after ``connect`` use the session it opened (a failed
+    connect is blocking: they are skipped)."""
+
+    def __init__(self, config: ImapMailboxConfig) -> None:
+        self.config = config
+        self.tokens = None
+        if config.oauth is not None:
+            self.tokens = token_provider(config.oauth, label=config.id)
+        self._session: ImapSession | None = None
+
+    @property
+    def session(self) -> ImapSession:
+        if self._session is None:
+            raise Failed("not connected: the connection failed")
+        return self._session
+
+    async def run(self, target: Target) -> None:
+        config = self.config
+        await target.run("tcp", lambda: tcp(config.host, config.port))
+        if self.tokens is not None and config.oauth is not None:
+            token = functools.partial(_token, self.tokens, config.oauth)
+            await target.run("oauth token", token)
+        await target.run("tls" if config.ssl or config.start_tls else "connect", self.connect)
+        await target.run("login", self.login)
+        selected = await target.run("mailbox", self.select, blocking=False)
+        idle = functools.partial(self.idle, selected=bool(selected))
+        await target.run("idle", idle, blocking=False)
+        for name, missing, present in self._capabilities():
+            check = functools.partial(self.capability, name, missing, present)
+            await target.run(name.lower(), check, blocking=False)
+        await target.run("failed_folder", self.failed_folder, blocking=False)
+        if selected or target.blocked is not None:
+            await target.run("unseen", self.unseen, blocking=False)
+        else:
+            target.report.add(target.name, "unseen", Status.SKIP, "skipped: mailbox failed")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.logout()
+        if self.tokens is not None:
+            self.tokens.close()
+
+    async def connect(self) -> Finding:
+        config = self.config
+        self._session = await ImapSession.connect(
+            config,
+            timeout_s=SESSION_TIMEOUT_S,
+            token=self.tokens.token if self.tokens is not None else None,
         )
         if config.ssl or config.start_tls:
             how = "implicit TLS" if config.ssl else "STARTTLS"
-            return certificate(session.tls, verified=config.tls_verify, how=how)
+            return certificate(self._session.tls, verified=config.tls_verify, how=how)
         return Status.WARN, (
             "IMAP greeting on a plain connection: the password crosses the network in clear "
             "text; set ssl: true (port 993) or start_tls: true"
         )
 
-    async def login() -> Finding:
-        assert session is not None
-        await session.login()
-        how = "XOAUTH2" if config.auth == "xoauth2" else "password"
-        return Status.OK, f"logged in as {config.user} ({how})"
+    async def login(self) -> Finding:
+        await self.session.login()
+        how = "XOAUTH2" if self.config.auth == "xoauth2" else "password"
+        return Status.OK, f"logged in as {self.config.user} ({how})"
 
-    async def select() -> Finding:
-        assert session is not None
-        await session.select()
-        return Status.OK, f"{config.mailbox} selected (UIDVALIDITY {session.uidvalidity})"
+    async def select(self) -> Finding:
+        await self.session.select()
+        uidvalidity = self.session.uidvalidity
+        return Status.OK, f"{self.config.mailbox} selected (UIDVALIDITY {uidvalidity})"
 
-    def capability(name: str, missing: str, present: str) -> Callable[[], Awaitable[Finding]]:
-        async def check() -> Finding:
-            assert session is not None
-            if name in session.capabilities:
-                return Status.OK, f"{name} advertised: {present}"
-            return Status.WARN, f"{name} not advertised: {missing}"
+    def _capabilities(self) -> list[tuple[str, str, str]]:
+        """What each capability mailroom uses gives, and what its absence costs."""
+        return [
+            (
+                "UIDPLUS",
+                "deleted messages are expunged only with expunge_deleted: true, and then by "
+                "plain EXPUNGE, which also removes messages other clients marked \\Deleted",
+                "only mailroom's own messages are expunged (UID EXPUNGE)",
+            ),
+            (
+                "MOVE",
+                "dead letters are copied and the originals flagged \\Deleted: not atomic (a "
+                "crash in between leaves a copy in both folders)",
+                "dead letters are moved atomically (UID MOVE)",
+            ),
+        ]
 
-        return check
-
-    async def idle(*, selected: bool) -> Finding:
-        assert session is not None
+    async def idle(self, *, selected: bool) -> Finding:
+        """IDLE advertised, and whether the server pushes where that can be known without
+        writing to the mailbox: Courier's answer to IDLE says which IDLE it runs; no other
+        server's does, so elsewhere the run finds out (``ImapWatcher``)."""
+        session = self.session
         if "IDLE" not in session.capabilities:
             return Status.WARN, (
                 "IDLE not advertised: mail will only be found by the periodic sweep, every "
-                f"{config.idle_timeout_s:g}s (idle_timeout)"
+                f"{self.config.idle_timeout_s:g}s (idle_timeout)"
             )
         if not selected:
             return Status.OK, "IDLE advertised (not tried: the mailbox could not be selected)"
-        # IDLE for a moment (nothing is written to the mailbox): Courier's answer says which
-        # IDLE it runs; no other server's does, so whether it pushes is seen at run time.
         await session.idle([asyncio.Event()], IDLE_PROBE_S)
         await session.end_idle()
         reply = (session.idle_reply or "").lower()
@@ -106,35 +163,39 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
             f"{NO_PUSH_POLL_S:g}s)"
         )
 
-    async def unseen() -> Finding:
-        assert session is not None
+    async def capability(self, name: str, missing: str, present: str) -> Finding:
+        if name in self.session.capabilities:
+            return Status.OK, f"{name} advertised: {present}"
+        return Status.WARN, f"{name} not advertised: {missing}"
+
+    async def unseen(self) -> Finding:
+        config = self.config
         criteria = search_criteria(config)
-        uids = await session.search(criteria)  # what the run searches
+        uids = await self.session.search(criteria)  # what the run searches
         tally = route.Tally()
         for start in range(0, min(len(uids), COUNT_AT_MOST), COUNT_BATCH):
             batch = uids[start : min(start + COUNT_BATCH, COUNT_AT_MOST)]
             # Routing reads only the header block: no bodies are fetched, nothing is marked.
-            for item in await session.fetch(batch, "UID RFC822.SIZE BODY.PEEK[HEADER]"):
+            for item in await self.session.fetch(batch, "UID RFC822.SIZE BODY.PEEK[HEADER]"):
                 tally.add(route.decide(item.body or b"", config, size=item.size))
         search = f"match search_command {config.search_command}"
         if " UNSEEN " in f" {criteria} " and "UNSEEN" not in search.upper():
             search += " and are unseen (mailroom adds UNSEEN)"
         return backlog(tally, len(uids), config, search=search)
 
-    async def failed_folder() -> Finding:
-        assert session is not None
-        folder = config.failed_folder
+    async def failed_folder(self) -> Finding:
+        folder = self.config.failed_folder
         if folder is None:
             return (
                 Status.OK,
                 "not set: dead letters are flagged $MailroomFailed and \\Seen in place",
             )
-        where = await session.resolve(folder)
+        where = await self.session.resolve(folder)  # INBOX.Failed on Cyrus and Courier
         named = repr(folder) if where == folder else f"{folder!r} ({where} on this server)"
-        if await session.folder_exists(folder):
+        if await self.session.folder_exists(folder):
             return Status.OK, f"{named} exists"
         try:
-            await session.create(folder)
+            await self.session.create(folder)
         except MailroomError as exc:
             raise Failed(
                 f"{named} does not exist and cannot be created ({exc}); create it by hand, "
@@ -142,44 +203,10 @@ async def imap(report: Report, config: ImapMailboxConfig) -> None:
             ) from exc
         return Status.OK, f"{named} did not exist; created it (as the first dead letter would)"
 
-    try:
-        await target.run("tcp", lambda: tcp(config.host, config.port))
-        if tokens is not None:
-            await target.run("oauth token", token)
-        await target.run("tls" if config.ssl or config.start_tls else "connect", connect)
-        await target.run("login", login)
-        selected = await target.run("mailbox", select, blocking=False)
-        await target.run("idle", functools.partial(idle, selected=bool(selected)), blocking=False)
-        await target.run(
-            "uidplus",
-            capability(
-                "UIDPLUS",
-                "deleted messages are expunged only with expunge_deleted: true, and then by "
-                "plain EXPUNGE, which also removes messages other clients marked \\Deleted",
-                "only mailroom's own messages are expunged (UID EXPUNGE)",
-            ),
-            blocking=False,
-        )
-        await target.run(
-            "move",
-            capability(
-                "MOVE",
-                "dead letters are copied and the originals flagged \\Deleted: not atomic (a "
-                "crash in between leaves a copy in both folders)",
-                "dead letters are moved atomically (UID MOVE)",
-            ),
-            blocking=False,
-        )
-        await target.run("failed_folder", failed_folder, blocking=False)
-        if selected or target.blocked is not None:
-            await target.run("unseen", unseen, blocking=False)
-        else:
-            report.add(target.name, "unseen", Status.SKIP, "skipped: mailbox failed")
-    finally:
-        if session is not None:
-            await session.logout()
-        if tokens is not None:
-            tokens.close()
+
+async def _token(tokens: Tokens, oauth: ImapOAuthConfig) -> Finding:
+    await tokens.token()
+    return Status.OK, f"access token for {tokens.scope} acquired ({oauth.client})"
 
 
 def backlog(
@@ -217,75 +244,83 @@ def backlog(
 
 
 async def graph(report: Report, config: GraphMailboxConfig) -> None:
+    """The checks of one Microsoft Graph mailbox: the token, the folder, its unread mail, and
+    that the app may change a message (as settling does)."""
     target = Target(report, f"graph[{config.id}]")
-    options = config.inbox_options
-    tokens = TokenProvider(options.oauth, label=config.id)
-    user = user_url(config)
-    folder_url = messages_url(user, config.mailbox)
-    sample: list[tuple[str, list[str]]] = []  # (id, categories) of one unread message
+    tokens = TokenProvider(config.inbox_options.oauth, label=config.id)
+    try:
+        async with GraphClient(config.inbox_options, tokens, label=config.id) as client:
+            steps = _GraphSteps(config, tokens, client)
+            await target.run("token", steps.token)
+            await target.run("folder", steps.folder)
+            await target.run("unread", steps.unread, blocking=False)
+            await target.run("patch", steps.patch)
+    finally:
+        tokens.close()
 
-    async def token() -> Finding:
-        await tokens.token()
-        return Status.OK, f"access token for {tokens.scope} acquired (client {options.client_id})"
 
-    async with GraphClient(options, tokens, label=config.id) as client:
+class _GraphSteps:
+    """One Graph mailbox's checks, through one client; ``folder`` keeps an unread message's
+    id and categories for ``patch``."""
 
-        async def folder() -> Finding:
-            # The poller's own listing, one message long.
-            url = f"{folder_url}?$filter=isRead%20eq%20false&$select=id,categories&$top=1"
-            page = await client.send("GET", url)
-            for item in page.get("value", []):
-                if isinstance(item.get("id"), str):
-                    categories = [c for c in item.get("categories") or [] if isinstance(c, str)]
-                    sample.append((item["id"], categories))
-            unread = "at least one unread message" if sample else "no unread messages"
-            return (
-                Status.OK,
-                f"users/{config.user}/mailFolders/{config.mailbox} readable ({unread})",
+    def __init__(self, config: GraphMailboxConfig, tokens: TokenProvider, client: GraphClient):
+        self.config, self.tokens, self.client = config, tokens, client
+        self.user = user_url(config)
+        self.folder_url = messages_url(self.user, config.mailbox)
+        self.sample: list[tuple[str, list[str]]] = []  # (id, categories) of one unread message
+
+    async def token(self) -> Finding:
+        await self.tokens.token()
+        client_id = self.config.inbox_options.client_id
+        return Status.OK, f"access token for {self.tokens.scope} acquired (client {client_id})"
+
+    async def folder(self) -> Finding:
+        # The poller's own listing, one message long.
+        url = f"{self.folder_url}?$filter=isRead%20eq%20false&$select=id,categories&$top=1"
+        page = await self.client.send("GET", url)
+        for item in page.get("value", []):
+            if isinstance(item.get("id"), str):
+                categories = [c for c in item.get("categories") or [] if isinstance(c, str)]
+                self.sample.append((item["id"], categories))
+        unread = "at least one unread message" if self.sample else "no unread messages"
+        config = self.config
+        return Status.OK, f"users/{config.user}/mailFolders/{config.mailbox} readable ({unread})"
+
+    async def patch(self) -> Finding:
+        if not self.sample:
+            return Status.WARN, (
+                "not tried: no unread message to PATCH without changing it; send the mailbox "
+                "a message and check again"
             )
+        message_id, categories = self.sample[0]
+        # Writes back the categories it has: a real PATCH needing Mail.ReadWrite that changes
+        # nothing a poller relies on (isRead stays as it is).
+        await self.client.send(
+            "PATCH",
+            message_url(self.user, message_id),
+            body={"categories": categories},
+            read=discard,
+        )
+        return Status.OK, "PATCH of a message allowed (Mail.ReadWrite)"
 
-        async def patch() -> Finding:
-            if not sample:
-                return Status.WARN, (
-                    "not tried: no unread message to PATCH without changing it; send the mailbox "
-                    "a message and check again"
-                )
-            message_id, categories = sample[0]
-            # Writes back the categories it has: a real PATCH needing Mail.ReadWrite that
-            # changes nothing a poller relies on (isRead stays as it is).
-            await client.send(
-                "PATCH",
-                message_url(user, message_id),
-                body={"categories": categories},
-                read=discard,
+    async def unread(self) -> Finding:
+        # The poller's own listing, then each message's header block from its $value (read no
+        # further: read_mime with a limit of 0 stops after the headers).
+        url: str | None = f"{self.folder_url}?$filter=isRead%20eq%20false&$select=id&$top=100"
+        ids: list[str] = []
+        for _ in range(GRAPH_PAGES_AT_MOST):
+            if url is None:
+                break
+            page = await self.client.send("GET", url)
+            ids += [i["id"] for i in page.get("value", []) if isinstance(i.get("id"), str)]
+            url = self.client.next_link(page)
+        tally = route.Tally()
+        for message_id in ids[:GRAPH_COUNT_AT_MOST]:
+            mime = f"{self.folder_url}/{quote(message_id, safe='')}/$value"
+            header, size, _ = await self.client.send(
+                "GET", mime, read=lambda response: read_mime(response, 0), accept="*/*"
             )
-            return Status.OK, "PATCH of a message allowed (Mail.ReadWrite)"
-
-        async def unread() -> Finding:
-            # The poller's own listing, then each message's header block from its $value (read
-            # no further: read_mime with a limit of 0 stops after the headers).
-            url: str | None = f"{folder_url}?$filter=isRead%20eq%20false&$select=id&$top=100"
-            ids: list[str] = []
-            for _ in range(GRAPH_PAGES_AT_MOST):
-                if url is None:
-                    break
-                page = await client.send("GET", url)
-                ids += [i["id"] for i in page.get("value", []) if isinstance(i.get("id"), str)]
-                url = client.next_link(page)
-            tally = route.Tally()
-            for message_id in ids[:GRAPH_COUNT_AT_MOST]:
-                mime = f"{folder_url}/{quote(message_id, safe='')}/$value"
-                header, size, _ = await client.send(
-                    "GET", mime, read=lambda response: read_mime(response, 0), accept="*/*"
-                )
-                tally.add(route.decide(header, config, size=size if size > len(header) else None))
-            more = " or more" if url is not None else ""
-            return backlog(tally, len(ids), config, more=more)
-
-        try:
-            await target.run("token", token)
-            await target.run("folder", folder)
-            await target.run("unread", unread, blocking=False)
-            await target.run("patch", patch)
-        finally:
-            tokens.close()
+            size_known = size if size > len(header) else None
+            tally.add(route.decide(header, self.config, size=size_known))
+        more = " or more" if url is not None else ""
+        return backlog(tally, len(ids), self.config, more=more)

@@ -66,15 +66,14 @@ def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
     rules = mailbox.routing
     lines = [f"mailbox:  {mailbox.id} (address {rules.address.template})"]
     parsed = verdict.parsed
-    if verdict.action is Action.DELIVER:
-        assert isinstance(verdict.decision, routing.Deliver)
+    if isinstance(delivered := verdict.decision, routing.Deliver):  # Action.DELIVER
         hook = mailbox.webhook
         lines += [
-            f"matched:  {verdict.decision.matched_header}",
-            f"key:      {verdict.decision.key}",
+            f"matched:  {delivered.matched_header}",
+            f"key:      {delivered.key}",
             f"decision: deliver: POST to {origin(hook.url)} (webhook.url), format {hook.format}",
         ]
-        lines += _payload(parsed, mailbox, verdict.decision)
+        lines += _payload(parsed, mailbox, delivered)
         return lines
     if verdict.action is Action.IGNORE:
         lines.append(

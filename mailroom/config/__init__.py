@@ -10,10 +10,10 @@ contains a secret.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mailroom.config import compat
 from mailroom.config.document import load as load_yaml
@@ -52,7 +52,9 @@ from mailroom.config.sections import (
     parse_arbitration,
     parse_health,
     parse_limits,
+    parse_log,
     parse_reject_notices,
+    parse_reload,
     parse_routing,
     parse_webhook,
 )
@@ -67,6 +69,9 @@ from mailroom.trust.values import (
     OAuthConfig,
     Secret,
 )
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 __all__ = [
     "POLL_GRACE_S",
@@ -127,23 +132,51 @@ def parse_config(
     root = Section(data, "", env, base_dir, offline=offline)
     webhook_raw = root.raw("webhook")
     top_webhook = parse_webhook(root.child(webhook_raw, "webhook"))
+    mailboxes, credentials_settings, advice = _mailboxes(root, webhook_raw)
+    notices, notice_address = None, None
+    if (notices_section := root.section("reject_notices")) is not None:
+        notices, notice_address = parse_reject_notices(notices_section)
+    mailboxes = _with_routing(root, mailboxes, notice_address)
+    config = Config(
+        mailboxes=mailboxes,
+        webhook=top_webhook,
+        reject_notices=notices,
+        log=_block(root, "log", parse_log, LogConfig()),
+        health=_block(root, "health", parse_health, None),
+        limits=_block(root, "limits", parse_limits, LimitsConfig()),
+        arbitration=_block(root, "arbitration", parse_arbitration, ArbitrationConfig()),
+        reload=_block(root, "reload", parse_reload, ReloadConfig()),
+        shutdown_timeout_s=root.number("shutdown_timeout", 20.0, lo=0.1, hi=3600),
+        warnings=deprecations + load_warnings(mailboxes, notices, top_webhook) + tuple(advice),
+        credentials=credentials_settings,
+    )
+    root.done()
+    return config
+
+
+def _block(root: Section, key: str, parse: Callable[[Section], T], absent: U) -> T | U:
+    """``parse`` of the block ``key``, or ``absent`` when it is not there (or null)."""
+    section = root.section(key)
+    return absent if section is None else parse(section)
+
+
+def _mailboxes(
+    root: Section, webhook_raw: dict[str, Any]
+) -> tuple[tuple[MailboxConfig, ...], CredentialsConfig | None, list[str]]:
+    """``mailboxes:``, each with a unique id, and the ``credentials:`` file their logins may
+    come from, with advice about both."""
     raw_mailboxes = root.raw("mailboxes")
     if not isinstance(raw_mailboxes, list) or not raw_mailboxes:
         root.fail("mailboxes", "expected a list with at least one mailbox")
-    credentials_settings, stored = None, None
-    credentials_warnings: list[str] = []
+    settings, stored = None, None
+    advice: list[str] = []
     if (credentials_section := root.section("credentials")) is not None:
-        credentials_settings = _credentials_config(credentials_section)
-        stored, credentials_warnings = _load_credentials(credentials_settings, root.env)
+        settings = _credentials_config(credentials_section)
+        stored, advice = _load_credentials(settings, root.env)
     mailboxes = tuple(
         parse_mailbox(root.child(item, f"mailboxes[{i}]"), webhook_raw, i, stored)
         for i, item in enumerate(raw_mailboxes)
     )
-    credentials_warnings += [
-        f"credentials: the entry {name!r} matches no mailbox id; fix its name or remove it "
-        "(mailroom credentials edit)"
-        for name in sorted(set(stored or {}) - {m.id for m in mailboxes})
-    ]
     seen: set[str] = set()
     for i, mailbox in enumerate(mailboxes):
         if mailbox.id in seen:
@@ -152,10 +185,20 @@ def parse_config(
                 f"{shown(mailbox.id)} is used twice; give each mailbox an id of its own",
             )
         seen.add(mailbox.id)
-    notices, notice_address = None, None
-    if (notices_section := root.section("reject_notices")) is not None:
-        notices, notice_address = parse_reject_notices(notices_section)
-    if notice_address is not None:  # never send a notice to ourselves (nor loop: X-Loop)
+    advice += [
+        f"credentials: the entry {name!r} matches no mailbox id; fix its name or remove it "
+        "(mailroom credentials edit)"
+        for name in sorted(set(stored or {}) - seen)
+    ]
+    return mailboxes, settings, advice
+
+
+def _with_routing(
+    root: Section, mailboxes: tuple[MailboxConfig, ...], notice_address: str | None
+) -> tuple[MailboxConfig, ...]:
+    """The mailboxes with the top-level ``routing:`` block in their rules, and the notices'
+    sender among their own addresses (never send a notice to ourselves, nor loop: X-Loop)."""
+    if notice_address is not None:
         mailboxes = tuple(
             replace(
                 m,
@@ -171,48 +214,7 @@ def parse_config(
             replace(m, routing=replace(m.routing, mode=mode, forward_auto_generated=forward_auto))
             for m in mailboxes
         )
-    log = LogConfig()
-    if (log_section := root.section("log")) is not None:
-        file = log_section.text("file", None)
-        log = LogConfig(
-            format=log_section.choice("format", "json", ("json", "text")),
-            level=log_section.choice("level", "info", ("debug", "info", "warning", "error")),
-            files=() if file is None else (LogFile(path=str(log_section.base_dir / file)),),
-        )
-        log_section.done()
-    health = None
-    if (health_section := root.section("health")) is not None:
-        health = parse_health(health_section)
-    limits = LimitsConfig()
-    if (limits_section := root.section("limits")) is not None:
-        limits = parse_limits(limits_section)
-    arbitration = ArbitrationConfig()
-    if (arbitration_section := root.section("arbitration")) is not None:
-        arbitration = parse_arbitration(arbitration_section)
-    reload = ReloadConfig()
-    if (reload_section := root.section("reload")) is not None:
-        reload = ReloadConfig(
-            watch=reload_section.flag("watch", False),
-            interval_s=reload_section.number("interval", 2.0, lo=0.1, hi=3600),
-        )
-        reload_section.done()
-    config = Config(
-        mailboxes=mailboxes,
-        webhook=top_webhook,
-        log=log,
-        shutdown_timeout_s=root.number("shutdown_timeout", 20.0, lo=0.1, hi=3600),
-        reject_notices=notices,
-        health=health,
-        limits=limits,
-        arbitration=arbitration,
-        reload=reload,
-        warnings=deprecations
-        + load_warnings(mailboxes, notices, top_webhook)
-        + tuple(credentials_warnings),
-        credentials=credentials_settings,
-    )
-    root.done()
-    return config
+    return mailboxes
 
 
 def _credentials_config(section: Section) -> CredentialsConfig:
@@ -250,15 +252,16 @@ def credentials_config(
     """Only the ``credentials:`` block of a config file, for ``mailroom credentials``: it
     must work before the credentials exist, when the whole config cannot load yet."""
     data = read_yaml(Path(path))
-    if not isinstance(data, dict) or data.get("credentials") is None:
+    section = None
+    if isinstance(data, dict):
+        root = Section(data, "", os.environ if env is None else env, Path(path).parent)
+        section = root.section("credentials")
+    if section is None:
         raise ConfigError(
             "credentials",
             f"is not set in {path}; add credentials: {{file: mailroom.credentials, "
             "key_file: mailroom.key}} (or set MAILROOM_CREDENTIALS_KEY instead of key_file)",
         )
-    root = Section(data, "", os.environ if env is None else env, Path(path).parent)
-    section = root.section("credentials")
-    assert section is not None
     return _credentials_config(section)
 
 

@@ -26,7 +26,7 @@ from mailroom.config.sections import parse_webhook
 from mailroom.mail import routing
 from mailroom.redact import WORD
 from mailroom.trust import credentials
-from mailroom.trust.values import Secret
+from mailroom.trust.values import ImapOAuthConfig, Secret
 
 
 def _stored_login(
@@ -83,44 +83,14 @@ def _imap_mailbox(
     login: credentials.StoredLogin | None,
     stored: bool,
 ) -> ImapMailboxConfig:
-    """``inbox_method: imap``: GitLab's ``incoming_email`` keys."""
-    ssl = section.flag("ssl", False)
-    start_tls = section.flag("start_tls", False)
-    if ssl and start_tls:
-        section.fail("start_tls", "ssl (implicit TLS) and start_tls exclude each other; pick one")
-    port = section.number("port", 993 if ssl else 143, lo=1, hi=65535, integer=True)
-    if port == 993 and not ssl:
-        section.fail("port", "993 with ssl: false; set ssl: true or use port 143")
-    if port == 143 and ssl:
-        section.fail("port", "143 with ssl: true; use port 993, or ssl: false with start_tls: true")
+    """``inbox_method: imap``: GitLab's ``incoming_email`` keys; the login from the config or
+    the credentials file."""
+    ssl, start_tls, port = _imap_transport(section)
     auth = section.choice("auth", "password", ("password", "xoauth2"))
     host = section.text("host")
     user = _user(section, login, stored=stored)
     mailbox = section.text("mailbox", "INBOX")
-    from_file = login.password if login is not None else None
-    password = section.secret("password", required=auth == "password" and from_file is None)
-    if password is None and from_file is not None:
-        if auth == "xoauth2":
-            section.fail(
-                "auth",
-                "is xoauth2, but the credentials file gives this mailbox a password; remove it "
-                "there (the token comes from the oauth block)",
-            )
-        password = Secret(from_file)
-    oauth = None
-    if auth == "xoauth2":
-        if password is not None:
-            section.fail("password", "auth: xoauth2 gets its token from the oauth block; remove it")
-        if (oauth_section := section.section("oauth")) is None:
-            section.fail(
-                "oauth",
-                "is required with auth: xoauth2 (Entra ID: tenant_id, client_id, client_secret; "
-                "or provider: google with service_account_file)",
-            )
-        oauth = imap_oauth(oauth_section, user=user)
-        oauth_section.done()
-    elif section.has("oauth"):
-        section.fail("oauth", "is used only with auth: xoauth2; set auth: xoauth2 or remove it")
+    password, oauth = _imap_credentials(section, auth, login, user)
     webhook = _mailbox_webhook(section, webhook_raw)
     return ImapMailboxConfig(
         id=section.text("id", f"{user}@{host}/{mailbox}"),
@@ -147,6 +117,52 @@ def _imap_mailbox(
         ),
         webhook=webhook,
     )
+
+
+def _imap_transport(section: Section) -> tuple[bool, bool, int]:
+    """``ssl``, ``start_tls`` and ``port``, which must agree."""
+    ssl = section.flag("ssl", False)
+    start_tls = section.flag("start_tls", False)
+    if ssl and start_tls:
+        section.fail("start_tls", "ssl (implicit TLS) and start_tls exclude each other; pick one")
+    port = section.number("port", 993 if ssl else 143, lo=1, hi=65535, integer=True)
+    if port == 993 and not ssl:
+        section.fail("port", "993 with ssl: false; set ssl: true or use port 143")
+    if port == 143 and ssl:
+        section.fail("port", "143 with ssl: true; use port 993, or ssl: false with start_tls: true")
+    return ssl, start_tls, port
+
+
+def _imap_credentials(
+    section: Section, auth: str, login: credentials.StoredLogin | None, user: str
+) -> tuple[Secret | None, ImapOAuthConfig | None]:
+    """The password (from the config or the credentials file), or with ``auth: xoauth2`` the
+    ``oauth`` block the token comes from."""
+    from_file = login.password if login is not None else None
+    password = section.secret("password", required=auth == "password" and from_file is None)
+    if password is None and from_file is not None:
+        if auth == "xoauth2":
+            section.fail(
+                "auth",
+                "is xoauth2, but the credentials file gives this mailbox a password; remove it "
+                "there (the token comes from the oauth block)",
+            )
+        password = Secret(from_file)
+    if auth != "xoauth2":
+        if section.has("oauth"):
+            section.fail("oauth", "is used only with auth: xoauth2; set auth: xoauth2 or remove it")
+        return password, None
+    if password is not None:
+        section.fail("password", "auth: xoauth2 gets its token from the oauth block; remove it")
+    if (oauth_section := section.section("oauth")) is None:
+        section.fail(
+            "oauth",
+            "is required with auth: xoauth2 (Entra ID: tenant_id, client_id, client_secret; "
+            "or provider: google with service_account_file)",
+        )
+    oauth = imap_oauth(oauth_section, user=user)
+    oauth_section.done()
+    return None, oauth
 
 
 def _failed_folder(section: Section, mailbox: str, *, imap: bool) -> str | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import abc
 import base64
+import dataclasses
 import hashlib
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
@@ -16,6 +18,7 @@ from mailroom.mail import routing
 from mailroom.redact import origin
 from mailroom.trust.values import (
     ClientCertificate,
+    GoogleOAuthConfig,
     ImapOAuthConfig,
     OAuthConfig,
     Secret,
@@ -466,3 +469,68 @@ class Config:
     reload: ReloadConfig = ReloadConfig()
     warnings: tuple[str, ...] = ()  # advice found at load, "<dotted.path>: ..."; log them
     credentials: CredentialsConfig | None = None  # where user/password came from, if anywhere
+
+
+# -- The keys users write, derived from the model ---------------------------------------------
+# A field of a block is read from the key of its name, less the unit of STYLE 6
+# (idle_timeout_s ← idle_timeout); a Secret also from "<key>_file"; a field that holds a block
+# adds that block's keys. The exceptions are the one table below, so that a new key is
+# declared once, as a field: reader.KEYS (typo suggestions, unknown keys, *_file checks) is
+# derived from it, and tests/test_config.py checks it against the keys the getters read.
+_CERTIFICATE_KEYS = (
+    "client_certificate",
+    "client_certificate_file",
+    "client_certificate_thumbprint",
+)
+FIELD_KEYS: dict[tuple[type, str], tuple[str, ...]] = {
+    (Config, "warnings"): (),  # found at load
+    (LogConfig, "files"): ("file",),  # one file (MailRoom's log_path gives more in GitLab mode)
+    (SidekiqConfig, "redis"): (),  # its keys are the sidekiq block's own, as arbitration's
+    (RejectNoticesConfig, "sender"): ("from",),
+    (RejectNoticesConfig, "sender_address"): (),  # parsed from "from"
+    (HealthConfig, "host"): ("listen",),  # listen: "host:port"
+    (HealthConfig, "port"): ("listen",),
+    (routing.RoutingRules, "address"): ("address",),  # the template: one key, not its parts
+    (OAuthConfig, "client_certificate"): _CERTIFICATE_KEYS,  # a PEM file and its thumbprint
+    (GraphInboxOptions, "client_certificate"): _CERTIFICATE_KEYS,
+    (GoogleOAuthConfig, "subject"): (),  # the mailbox's user
+    # A service account's key, or an installed app's client and refresh token.
+    (GoogleOAuthConfig, "credential"): (
+        *("service_account", "service_account_file", "client_id", "client_secret"),
+        *("client_secret_file", "refresh_token", "refresh_token_file"),
+    ),
+}
+# Keys that choose which block is built (or none), held by no field.
+SWITCH_KEYS = ("inbox_method", "provider", "enabled")
+
+
+def config_keys(root: type = Config) -> frozenset[str]:
+    """Every key any block of the config has, from the model under ``root`` (see FIELD_KEYS)."""
+    keys, seen, todo = set(SWITCH_KEYS), set(), [root]
+    while todo:
+        block = todo.pop()
+        if block in seen:
+            continue
+        seen.add(block)
+        hints = typing.get_type_hints(block)
+        for item in dataclasses.fields(block):
+            named = FIELD_KEYS.get((block, item.name))
+            if named is not None:
+                keys.update(named)
+                continue
+            key = item.name.removesuffix("_s")  # seconds: the only unit a key leaves out
+            keys.add(key)
+            kinds = _kinds(hints[item.name])
+            if Secret in kinds:
+                keys.add(f"{key}_file")
+            todo += [kind for kind in kinds if dataclasses.is_dataclass(kind)]
+        todo += block.__subclasses__()  # a field of a base class holds any kind of it
+    return frozenset(keys)
+
+
+def _kinds(hint: object) -> set[type]:
+    """The classes in a type hint: ``tuple[MailboxConfig, ...]`` → the two mailbox classes."""
+    found = {hint} if isinstance(hint, type) else set()
+    for arg in typing.get_args(hint):
+        found |= _kinds(arg)
+    return found

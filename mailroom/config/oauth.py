@@ -344,23 +344,11 @@ def _google(section: Section, *, user: str) -> GoogleOAuthConfig:
                 "(service_account_file) needs none of client_id, client_secret and "
                 "refresh_token: remove them",
             )
-        key = _written(section, "service_account")
-        try:
-            found = _OFFLINE_ACCOUNT if section.offline else service_account_key(account.reveal())
-        except ValueError as exc:
-            section.fail(key, str(exc))
-        if not re.fullmatch(r"[^@\s]+@[^@\s]+", user):
-            section.fail(
-                key,
-                f"acts as the mailbox's user by domain-wide delegation, and user {shown(user)} "
-                "is not an email address; set user to the mailbox's address",
-            )
+        credential, found_uri = _service_account(section, account, user=user)
         return GoogleOAuthConfig(
-            credential=GoogleServiceAccount(
-                key=account, client_email=found.client_email, client_id=found.client_id
-            ),
+            credential=credential,
             subject=user,
-            token_uri=token_uri or found.token_uri or GOOGLE_TOKEN_URI,
+            token_uri=token_uri or found_uri or GOOGLE_TOKEN_URI,
             ca_file=section.ca_file(),
             tls_verify=section.flag("tls_verify", True),
             proxy=section.proxy(),
@@ -372,24 +360,49 @@ def _google(section: Section, *, user: str) -> GoogleOAuthConfig:
             "with domain-wide delegation), or client_id, client_secret and refresh_token of "
             "an installed app",
         )
-    client_secret = section.secret("client_secret", required=True)
-    refresh_token = section.secret("refresh_token", required=True)
-    assert client_secret is not None and refresh_token is not None
-    if client_secret.reveal().lstrip().startswith("{"):
-        key = _written(section, "client_secret")
-        section.fail(
-            key,
-            "holds JSON (Google's downloaded client file?); give only the client secret, the "
-            "value of its client_secret field",
-        )
     return GoogleOAuthConfig(
-        credential=GoogleRefreshToken(
-            client_id=section.text("client_id"),
-            client_secret=client_secret,
-            refresh_token=refresh_token,
-        ),
+        credential=_refresh_token(section),
         token_uri=token_uri or GOOGLE_TOKEN_URI,
         ca_file=section.ca_file(),
         tls_verify=section.flag("tls_verify", True),
         proxy=section.proxy(),
+    )
+
+
+def _service_account(
+    section: Section, account: Secret, *, user: str
+) -> tuple[GoogleServiceAccount, str | None]:
+    """The service account's key, checked, and the ``token_uri`` it names; it acts as ``user``
+    by domain-wide delegation."""
+    key = _written(section, "service_account")
+    try:
+        found = _OFFLINE_ACCOUNT if section.offline else service_account_key(account.reveal())
+    except ValueError as exc:
+        section.fail(key, str(exc))
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+", user):
+        section.fail(
+            key,
+            f"acts as the mailbox's user by domain-wide delegation, and user {shown(user)} "
+            "is not an email address; set user to the mailbox's address",
+        )
+    credential = GoogleServiceAccount(
+        key=account, client_email=found.client_email, client_id=found.client_id
+    )
+    return credential, found.token_uri
+
+
+def _refresh_token(section: Section) -> GoogleRefreshToken:
+    """An installed app's ``client_id``, ``client_secret`` and ``refresh_token``."""
+    client_secret = section.secret("client_secret", required=True)
+    refresh_token = section.secret("refresh_token", required=True)
+    if client_secret.reveal().lstrip().startswith("{"):
+        section.fail(
+            _written(section, "client_secret"),
+            "holds JSON (Google's downloaded client file?); give only the client secret, the "
+            "value of its client_secret field",
+        )
+    return GoogleRefreshToken(
+        client_id=section.text("client_id"),
+        client_secret=client_secret,
+        refresh_token=refresh_token,
     )

@@ -14,10 +14,11 @@ import re
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn, overload
 from urllib.parse import urlsplit
 
 from mailroom.config.document import walk
+from mailroom.config.model import config_keys
 from mailroom.errors import ConfigError
 from mailroom.redact import WORD, key_name, origin
 from mailroom.trust import tls
@@ -31,34 +32,13 @@ HOST_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 IDLE_TIMEOUT_MAX_S = 1740
 SECRET_FILE_MAX_BYTES = 64 * 1024  # a secret file holds one secret, not /dev/zero
 
-# Every key any block of the config has. A key outside this set that is close to a required
-# key that is missing is reported as the typo it is ("unknown key pasword; did you mean
-# password?"), not as "password: is required". tests/test_config.py checks it against the
-# getters, so a new key cannot be forgotten here.
-_KEY_NAMES = """
-    address algorithm auth azure_ad_endpoint basic ca_file client_id client_secret
-    client_secret_file concurrency connects credentials delete_after_delivery enabled
-    expunge_deleted failed_folder file footer format from give_up_after graph_endpoint header
-    health host id idle_timeout ignore_auto_generated in_flight_bytes in_flight_messages
-    inbox_method inbox_options initial issuer jwt key_file level limits listen log mailbox
-    mailboxes max max_message_bytes oauth own_addresses password password_file poll_interval
-    port ready_when reject_notices reply_host require_authenticated_sender retry scope
-    search_command search_command_exact secret secret_file shutdown_timeout signing_secret
-    signing_secret_file smtp ssl stall_after start_tls tenant_id timeout tls_verify token
-    token_file trusted_authserv_ids url user webhook content_type forward_auto_generated mode
-    nonce routing secret_encoding token_scheme arbitration method db username namespace
-    lease_ttl marker_ttl sentinels master_name sentinel_password sentinel_password_file tls proxy
-    reload watch interval mail_room_claims mail_room_namespace sidekiq queue worker
-    provider client_certificate client_certificate_file client_certificate_thumbprint
-    service_account service_account_file refresh_token refresh_token_file token_uri
-"""
-KEYS = frozenset(_KEY_NAMES.split())
-# The keys read with ``Section.secret`` (each also as ``<key>_file``); tests/test_config.py
-# checks the list against the getters.
-SECRET_KEYS = frozenset({
-    "password", "token", "signing_secret", "secret", "client_secret", "client_certificate",
-    "service_account", "refresh_token", "sentinel_password",
-})  # fmt: skip
+# Every key any block of the config has, derived from the model (model.FIELD_KEYS) once, at
+# import: each kind's config class is in model.py, as IMAP's and Graph's are. A key outside
+# this set that is close to a required key that is missing is reported as the typo it is
+# ("unknown key pasword; did you mean password?"), not as "password: is required".
+KEYS = config_keys()
+# The keys read with ``Section.secret``: those with a ``<key>_file`` form.
+SECRET_KEYS = frozenset(key for key in KEYS if f"{key}_file" in KEYS)
 # What an offline read (``mailroom route``) puts where a secret is given: values that pass every
 # check of their kind (a Standard Webhooks secret; base64 of 32 bytes for the rest).
 _STAND_IN = "A" * 43 + "="
@@ -326,7 +306,13 @@ class Section:
                 self.fail(key, str(exc))  # a file SSL_CERT_FILE or REQUESTS_CA_BUNDLE names
         return path
 
+    @overload
+    def secret(self, key: str, *, required: Literal[True]) -> Secret: ...
+    @overload
+    def secret(self, key: str, *, required: bool) -> Secret | None: ...
     def secret(self, key: str, *, required: bool) -> Secret | None:
+        """``key``, or the text of the file ``<key>_file`` names; None when neither is given
+        (a ConfigError when ``required``)."""
         file_key = f"{key}_file"
         inline, from_file = self.has(key), self.has(file_key)
         if inline and from_file:

@@ -7,6 +7,8 @@ import binascii
 import re
 from typing import Literal, cast
 
+import jwt
+
 from mailroom.config.model import (
     NOTICE_RETRY,
     ArbitrationConfig,
@@ -14,8 +16,11 @@ from mailroom.config.model import (
     HealthConfig,
     JwtConfig,
     LimitsConfig,
+    LogConfig,
+    LogFile,
     MailboxConfig,
     RejectNoticesConfig,
+    ReloadConfig,
     RetryConfig,
     SidekiqConfig,
     SmtpConfig,
@@ -28,6 +33,7 @@ from mailroom.trust.values import Secret
 
 # RFC 9110 §8.3.1: type "/" subtype *( OWS ";" OWS parameter ), parameter = token "=" value.
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+JWT_KEY_BYTES = 32  # RFC 7518 §3.2: an HS256 key at least as long as the hash
 _MEDIA_TYPE = re.compile(rf'{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|"[^"\\\r\n]*"))*')
 
 
@@ -54,7 +60,6 @@ def parse_webhook(section: Section) -> WebhookConfig:
     basic = None
     if (basic_section := section.section("basic")) is not None:
         password = basic_section.secret("password", required=True)
-        assert password is not None
         basic = BasicAuth(user=basic_section.text("user"), password=password)
         basic_section.done()
     token = section.secret("token", required=False)
@@ -150,26 +155,14 @@ def parse_routing(section: Section) -> tuple[routing.RoutingMode, bool]:
 
 
 def _jwt(section: Section) -> JwtConfig:
-    """``webhook.jwt``; a base64 secret must decode (GitLab's secret files hold base64)."""
+    """``webhook.jwt``; a base64 secret must decode (GitLab's secret files hold base64), and
+    PyJWT must take the key for HS256."""
     secret = section.secret("secret", required=True)
-    assert secret is not None
     encoding = section.choice("secret_encoding", "raw", ("raw", "base64"))
     secret_file = None
     if section.has("secret_file"):
         secret_file = str(section.base_dir / section.text("secret_file"))
-    if encoding == "base64":
-        try:
-            key = base64.b64decode(secret.reveal(), validate=True)
-        except binascii.Error:
-            key = b""
-        if not key:
-            where = secret_file or "the secret"
-            section.fail(
-                "secret_file" if secret_file else "secret",
-                f"{where} is not base64 text, as secret_encoding: base64 needs (GitLab's "
-                "secret files hold base64 of 32 random bytes; make one with: head -c 32 "
-                "/dev/urandom | base64); for a plain-text secret set secret_encoding: raw",
-            )
+    where_key = "secret_file" if secret_file else "secret"
     config = JwtConfig(
         header=section.text("header", "Gitlab-Mailroom-Api-Request"),
         issuer=section.text("issuer", "gitlab-mailroom"),
@@ -179,6 +172,25 @@ def _jwt(section: Section) -> JwtConfig:
         nonce=section.flag("nonce", True),
         secret_file=secret_file,
     )
+    try:
+        key = config.key()
+    except binascii.Error:
+        key = b""
+    if encoding == "base64" and not key:
+        section.fail(
+            where_key,
+            f"{secret_file or 'the secret'} is not base64 text, as secret_encoding: base64 needs "
+            "(GitLab's secret files hold base64 of 32 random bytes; make one with: head -c 32 "
+            "/dev/urandom | base64); for a plain-text secret set secret_encoding: raw",
+        )
+    try:
+        jwt.get_algorithm_by_name(config.algorithm).prepare_key(key)
+    except jwt.InvalidKeyError as exc:  # empty, or shaped like a PEM, SSH or JWK key
+        section.fail(
+            where_key,
+            f"is not usable as an {config.algorithm} key ({str(exc).rstrip('.')}); give the "
+            "secret the receiver checks the JWT with (GitLab: base64 of 32 random bytes)",
+        )
     section.done()
     return config
 
@@ -264,7 +276,8 @@ def parse_reject_notices(section: Section) -> tuple[RejectNoticesConfig | None, 
     section.done()
     if not enabled:
         return None, sender_address
-    assert sender is not None and sender_address is not None and smtp is not None
+    if sender_address is None or smtp is None:  # both required when enabled, above
+        section.fail("smtp" if smtp is None else "from", "is required with enabled: true")
     config = RejectNoticesConfig(
         sender=sender,
         sender_address=sender_address,
@@ -304,6 +317,7 @@ def load_warnings(
                 f"webhook's {', '.join(inherited)}; restate them in this mailbox's webhook "
                 "block (null to send none) if that host must not see them"
             )
+    found += _short_jwt_keys(mailboxes, webhook)
     smtp = notices.smtp if notices is not None else None
     if smtp is not None and smtp.user and not (smtp.ssl or smtp.start_tls):
         found.append(
@@ -311,6 +325,46 @@ def load_warnings(
             "set start_tls: true (port 587) or ssl: true (port 465)"
         )
     return tuple(found)
+
+
+def _short_jwt_keys(mailboxes: tuple[MailboxConfig, ...], webhook: WebhookConfig) -> list[str]:
+    """RFC 7518 §3.2: an HS256 key is at least 32 bytes. Said once here; PyJWT would warn on
+    every token."""
+    hooks = {"webhook": webhook} | {
+        f"mailboxes[{i}].webhook": mailbox.webhook
+        for i, mailbox in enumerate(mailboxes)
+        if mailbox.webhook.jwt != webhook.jwt
+    }
+    return [
+        f"{where}.jwt.{'secret_file' if signer.secret_file else 'secret'}: the key is "
+        f"{len(signer.key())} bytes, and RFC 7518 §3.2 asks for at least {JWT_KEY_BYTES} for "
+        f"{signer.algorithm}; where the receiver allows, use a longer secret (GitLab writes base64 "
+        "of 32 random bytes: head -c 32 /dev/urandom | base64, with secret_encoding: base64)"
+        for where, hook in hooks.items()
+        if (signer := hook.jwt) is not None and len(signer.key()) < JWT_KEY_BYTES
+    ]
+
+
+def parse_log(section: Section) -> LogConfig:
+    """``log: {format: json | text, level, file}``."""
+    file = section.text("file", None)
+    config = LogConfig(
+        format=section.choice("format", "json", ("json", "text")),
+        level=section.choice("level", "info", ("debug", "info", "warning", "error")),
+        files=() if file is None else (LogFile(path=str(section.base_dir / file)),),
+    )
+    section.done()
+    return config
+
+
+def parse_reload(section: Section) -> ReloadConfig:
+    """``reload: {watch, interval}``."""
+    config = ReloadConfig(
+        watch=section.flag("watch", False),
+        interval_s=section.number("interval", 2.0, lo=0.1, hi=3600),
+    )
+    section.done()
+    return config
 
 
 def parse_health(section: Section) -> HealthConfig:

@@ -89,8 +89,8 @@ def _evaluate(source: str, line: int, env: Mapping[str, str]) -> str:
 
 def _expression(source: str, line: int, env: Mapping[str, str]) -> tuple[str | None, str]:
     """The value of the expression at the start of ``source``, and what follows it."""
-    head = _HEAD.match(source)
-    assert head is not None  # everything in it is optional
+    if (head := _HEAD.match(source)) is None:  # everything in it is optional: it matches
+        raise ErbError(f"line {line}: <%= {_shown(source)} %> cannot be read")
     call, rest = head.group(1) or "", source[head.end() :]
     value: str | None
     if call.startswith("ERB::Util"):

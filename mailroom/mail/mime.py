@@ -175,9 +175,9 @@ def split_params(value: str) -> tuple[str, list[tuple[str, str]], bool]:
     pos = 0
     while True:
         match = _SEGMENT.match(value, pos)
-        assert match is not None  # the pattern matches the empty string
-        segments.append(value[pos : match.end()])
-        pos = match.end() + 1  # past the ";"
+        end = match.end() if match else pos  # (it always matches: the empty string too)
+        segments.append(value[pos:end])
+        pos = end + 1  # past the ";"
         if pos > len(value):
             break
         if len(segments) > MAX_PARAMS:
@@ -338,7 +338,8 @@ def _feed(data: str | bytes, budget: ParseBudget) -> Part:
             budget.truncated.add("lines")
             break
     root = parser.close()
-    assert isinstance(root, Part)
+    if not isinstance(root, Part):  # every part comes from budget.part
+        raise TypeError(f"the feed parser made a {type(root).__name__}, not a Part")
     return root
 
 

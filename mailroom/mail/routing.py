@@ -304,7 +304,8 @@ _CHECKS: tuple[tuple[str, Callable[[ParsedMessage, RoutingRules], bool]], ...] =
     ("mailer_daemon", _mailer_daemon),
     ("x_loop", _x_loop),
 )
-assert tuple(name for name, _ in _CHECKS) == AUTO_GENERATED_RULES
+if tuple(name for name, _ in _CHECKS) != AUTO_GENERATED_RULES:  # rule names are config keys
+    raise RuntimeError("routing: _CHECKS must check AUTO_GENERATED_RULES, in their order")
 
 
 def auto_generated(

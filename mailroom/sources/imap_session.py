@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.metadata
 import logging
 import re
 import socket
@@ -42,6 +43,57 @@ from mailroom.sources.imap_wire import (
 from mailroom.trust.tls import client_context
 
 __all__ = ["ImapSession"]
+
+# What this adapter uses of aioimaplib beyond its documented API, written against 2.0.3: the
+# classes it subclasses and the methods it overrides or calls are checked here, at import, so
+# that a release that moves one fails at once and not silently at run time. The attributes
+# only an instance has are checked where they are used; tests/test_imap_canary.py names every
+# internal and undocumented behaviour this module relies on, with what it is for.
+INTERNALS = (
+    "Command",
+    "FetchCommand.FETCH_MESSAGE_DATA_RE",
+    "FetchCommand.append_to_resp",
+    "FetchCommand.wait_data",
+    "IMAP4.create_client",
+    "IMAP4.idle_done",
+    "IMAP4.idle_start",
+    "IMAP4ClientProtocol._continuation",
+    "IMAP4ClientProtocol._handle_line",
+    "IMAP4ClientProtocol._handle_responses",
+    "IMAP4ClientProtocol._untagged_response",
+    "IMAP4ClientProtocol.capability",
+    "IMAP4ClientProtocol.execute",
+    "IMAP4ClientProtocol.new_tag",
+    "IMAP4ClientProtocol.search",
+    "IncompleteRead",
+    "SELECTED",
+    "matched_parenthesis",
+)
+
+
+def internals_missing(module: Any = aioimaplib) -> list[str]:
+    """The ``INTERNALS`` that ``module`` (aioimaplib's) lacks."""
+    missing = []
+    for path in INTERNALS:
+        owner = module
+        for name in path.split("."):
+            owner = getattr(owner, name, None)
+        if owner is None:
+            missing.append(path)
+    return missing
+
+
+def internals_moved(what: str) -> RuntimeError:
+    """The error for an aioimaplib internal that is gone: it names this adapter."""
+    return RuntimeError(
+        f"aioimaplib {importlib.metadata.version('aioimaplib')} has no {what}, which "
+        "mailroom/sources/imap_session.py relies on (written against aioimaplib 2.0.3): port "
+        "the adapter, or pin aioimaplib==2.0.3; tests/test_imap_canary.py says what each is for"
+    )
+
+
+if _missing := internals_missing():
+    raise internals_moved(", ".join(_missing))
 
 log = logging.getLogger("mailroom.imap")
 # aioimaplib's DEBUG lines contain whole messages and, for some commands, credentials: never
@@ -158,6 +210,19 @@ class _LoginCommand(aioimaplib.Command):  # type: ignore[misc]
 
 
 class _Client(aioimaplib.IMAP4):  # type: ignore[misc]
+    """aioimaplib's client, speaking through ``_Protocol``."""
+
+    protocol: _Protocol
+
+    @property
+    def idle_waiter(self) -> asyncio.TimerHandle | None:
+        """The timer ``idle_start`` arms to stop waiting for pushes (None before the first)."""
+        try:
+            waiter: asyncio.TimerHandle | None = self._idle_waiter
+        except AttributeError:
+            raise internals_moved("IMAP4._idle_waiter") from None
+        return waiter
+
     def create_client(
         self,
         host: str,
@@ -281,6 +346,8 @@ class ImapSession:
                 conn_lost_cb=self._on_lost,
                 ssl_context=context if config.ssl else None,
             )
+            if not isinstance(client.protocol, _Protocol):  # IMAP4.__init__ calls create_client
+                raise internals_moved("IMAP4.__init__ calling create_client")
             client.protocol.session = self
             self._client = client
             await client.wait_hello_from_server()
@@ -440,12 +507,12 @@ class ImapSession:
             task.cancel()
 
     def _cancel_idle(self) -> None:
-        """An open IDLE ends with the connection: its task, and aioimaplib's timer for it."""
+        """An open IDLE ends with the connection: its task, and aioimaplib's timer for it
+        (``IMAP4._idle_waiter``, which idle_start arms: None before the first IDLE)."""
         if self._idling is not None:
             self._idling.cancel()
-        waiter = getattr(self._client, "_idle_waiter", None)
-        if waiter is not None:
-            waiter.cancel()
+        if self._client is not None and self._client.idle_waiter is not None:
+            self._client.idle_waiter.cancel()
 
     @property
     def token_expired(self) -> bool:

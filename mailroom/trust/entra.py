@@ -141,7 +141,8 @@ def _credential(config: OAuthConfig) -> str | dict[str, str]:
             "private_key": certificate.private_key.reveal(),
             "thumbprint": certificate.thumbprint,
         }
-    assert config.client_secret is not None  # one of the two, checked at load
+    if config.client_secret is None:  # the config gives one of the two (checked at load)
+        raise TokenError(f"{config.client}: neither a client secret nor a certificate given")
     return config.client_secret.reveal()
 
 
