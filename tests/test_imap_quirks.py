@@ -95,7 +95,7 @@ async def test_a_failed_folder_refused_for_good_keeps_dead_letters_in_place_not_
         await wait_until(probe.not_ready, what="/readyz 503")
         _, body = await probe.get("/readyz")
         refused = body["mailboxes"][imap_account.user]["failed_folder_refused"]
-        assert refused.startswith(f"failed_folder {folder}")
+        assert refused.startswith(f"failed_folder {folder!r} refused: ")
         assert "dead letters are flagged $MailroomFailed in INBOX instead" in refused
         assert value(
             await probe.metrics(), "mailroom_dead_letters_kept_in_place_total",

@@ -190,8 +190,7 @@ class _ImapSteps:
                 Status.OK,
                 "not set: dead letters are flagged $MailroomFailed and \\Seen in place",
             )
-        where = await self.session.resolve(folder)  # INBOX.Failed on Cyrus and Courier
-        named = repr(folder) if where == folder else f"{folder!r} ({where} on this server)"
+        named = await self.session.named(folder)  # INBOX.Failed on Cyrus and Courier
         if await self.session.folder_exists(folder):
             return Status.OK, f"{named} exists"
         try:

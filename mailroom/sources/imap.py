@@ -68,6 +68,11 @@ NO_PUSH_POLL_S = 5.0  # then each IDLE lasts this long, until a push is seen
 _TRANSIENT = re.compile(r"\[(?:UNAVAILABLE|INUSE|SERVERBUG|LIMIT)\b", re.IGNORECASE)
 
 
+def _may_pass(exc: ImapError) -> bool:
+    """A lost connection, or a refusal that may pass: not a verdict on the folder."""
+    return isinstance(exc, ImapConnectionLost) or _TRANSIENT.search(str(exc)) is not None
+
+
 def idempotency_key(mailbox_id: str, uidvalidity: int, uid: int) -> str:
     """The ``webhook-id``: stable for one message across restarts and replicas."""
     digest = hashlib.sha256(f"{mailbox_id}\0{uidvalidity}\0{uid}".encode()).hexdigest()
@@ -523,36 +528,25 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         elif config.failed_folder is None:  # _action chooses MOVE only with a failed_folder
             raise ImapError("cannot move to failed_folder: none is configured")
         else:
-            await self._move_to_failed_folder(session, uids)
+            await self._move_to_failed_folder(session, uids, config.failed_folder)
 
-    async def _move_to_failed_folder(self, session: ImapSession, uids: list[int]) -> None:
-        """Move dead letters to failed_folder (``ImapSession.move``), creating it when missing
-        even where the server says no ``[TRYCREATE]`` (Cyrus). Refused for good, a configuration
-        problem (a folder the server cannot hold or create, no right to it): they are flagged
-        ``$MailroomFailed`` and ``\\Seen`` where they are instead, so they are never posted
-        again, and the mailbox is not ready until a move succeeds (issue 21)."""
-        folder, expunge = self.config.failed_folder, self.config.expunge_deleted
-        assert folder is not None
+    async def _move_to_failed_folder(
+        self, session: ImapSession, uids: list[int], folder: str
+    ) -> None:
+        """Move dead letters to failed_folder (``_move_creating``). Refused for good, a
+        configuration problem (a folder the server cannot hold or create, no right to it): they
+        are flagged ``$MailroomFailed`` and ``\\Seen`` where they are instead, so they are never
+        posted again, and the mailbox is not ready until a move succeeds (issue 21)."""
         try:
-            try:
-                await session.move(uids, folder, expunge=expunge)
-            except ImapError as exc:
-                if isinstance(exc, ImapConnectionLost) or _TRANSIENT.search(str(exc)):
-                    raise
-                if await session.folder_exists(folder):
-                    raise
-                await session.create(folder)
-                await session.move(uids, folder, expunge=expunge)
+            await self._move_creating(session, uids, folder)
         except ImapError as exc:
-            if isinstance(exc, ImapConnectionLost) or _TRANSIENT.search(str(exc)):
+            if _may_pass(exc):
                 raise
             await session.store(uids, f"{FAILED_KEYWORD} \\Seen")
-            where = await session.resolve(folder)
-            named = folder if where == folder else f"{folder} ({where} on this server)"
             refused = (
-                f"failed_folder {named} refused: {exc}; dead letters are flagged "
-                f"{FAILED_KEYWORD} in {self.config.mailbox} instead. Create the folder (or give "
-                "the user the right to), or fix failed_folder; then `mailroom redrive`"
+                f"failed_folder {await session.named(folder)} refused: {exc}; dead letters are "
+                f"flagged {FAILED_KEYWORD} in {self.config.mailbox} instead. Create the folder "
+                "(or give the user the right to), or fix failed_folder; then `mailroom redrive`"
             )
             if refused != self._folder_refused:
                 self.log.error("%s", refused)
@@ -561,6 +555,18 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
             self._monitor.failed_folder(self.id, refused, kept=len(uids))
             return
         self._folder_accepted()
+
+    async def _move_creating(self, session: ImapSession, uids: list[int], folder: str) -> None:
+        """``ImapSession.move``, and when the folder is missing, CREATE and once more: also
+        where the server says no ``[TRYCREATE]`` (Cyrus: ``NO Mailbox does not exist``)."""
+        expunge = self.config.expunge_deleted
+        try:
+            await session.move(uids, folder, expunge=expunge)
+        except ImapError as exc:
+            if _may_pass(exc) or await session.folder_exists(folder):
+                raise
+            await session.create(folder)
+            await session.move(uids, folder, expunge=expunge)
 
     def _folder_accepted(self) -> None:
         if self._folder_refused is not None:

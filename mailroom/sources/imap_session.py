@@ -850,6 +850,11 @@ class ImapSession:
             self._hierarchy = await self._ask_hierarchy()
         return self._hierarchy.resolve(folder)
 
+    async def named(self, folder: str) -> str:
+        """``folder`` as a message names it: ``'Failed' (INBOX.Failed on this server)``."""
+        where = await self.resolve(folder)
+        return repr(folder) if where == folder else f"{folder!r} ({where} on this server)"
+
     async def _ask_hierarchy(self) -> Hierarchy:
         client = self._imap
         protocol = client.protocol
