@@ -789,7 +789,7 @@ class ImapSession:
                     elif token.isdigit():
                         bad += 1
         if bad:
-            self._malformed_item(f"{bad} numbers out of range in a SEARCH answer")
+            self._malformed_item(f"{bad} UIDs out of range in a SEARCH answer")
         return sorted(found)
 
     def _many_limits(self, *, line: bool) -> Limits:
