@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test test-fast test-image lint docs lock demo demo-serve demo-send bench debs venv clean
+.PHONY: test test-fast test-image lint docs lock demo demo-serve demo-send bench debs imap-servers venv clean
 
 # constraints.txt pins every dependency (made by `make lock` from pyproject.toml): an install
 # next month gets the same versions as CI got today.
@@ -73,13 +73,35 @@ exim: venv
 	@id Debian-exim >/dev/null 2>&1 || useradd --system --user-group --no-create-home \
 	  --home-dir /nonexistent --shell /usr/sbin/nologin Debian-exim
 
-test: venv debs promtool postfix exim
+
+# Cyrus IMAP and Courier-IMAP, the other IMAP servers the suite runs against
+# (tests/servers/cyrus.py, tests/servers/courier.py). Their packages conflict with dovecot-imapd
+# (each provides imap-server), so they are never installed: `apt-get download`ed and unpacked
+# into $(IMAP_SERVERS) (Courier's compiled-in paths are met in a private mount namespace, see
+# courier.py). Only the libraries they link, which conflict with nothing, are apt-get installed.
+IMAP_SERVERS := $(VENV)/imap-servers
+SERVER_DEBS  := cyrus-common cyrus-imapd sasl2-bin courier-base courier-imap courier-authlib \
+  courier-authdaemon courier-authlib-userdb
+imap-servers: $(IMAP_SERVERS)/.installed
+$(IMAP_SERVERS)/.installed: | venv
+	@rm -rf $(IMAP_SERVERS) && mkdir -p $(IMAP_SERVERS)/debs && cd $(IMAP_SERVERS)/debs \
+	  && { apt-get download -qq $(SERVER_DEBS) 2>/dev/null \
+	       || { apt-get update -qq && apt-get download -qq $(SERVER_DEBS) 2>/dev/null; }; } \
+	  && libs="$$(for deb in *.deb; do dpkg-deb -f $$deb Depends; done | tr ',' '\n' \
+	       | sed 's/|.*//; s/(.*//; s/ //g' | grep '^lib' | sort -u)" \
+	  && { dpkg -s $$libs >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive \
+	       apt-get install -y -qq --no-install-recommends $$libs >/dev/null; } \
+	  && for deb in *.deb; do dpkg-deb -x $$deb ../root; done && cd .. && rm -rf debs \
+	  && touch .installed
+
+
+test: venv debs promtool postfix exim imap-servers
 	$(BIN)/pytest
 
 # The edit loop: everything but the tests marked slow (replicas, many mailboxes, real
 # processes, the image, long fuzzing): about 1.5 minutes on a 2-core machine. `make test`
 # runs them all.
-test-fast: venv debs promtool
+test-fast: venv debs promtool imap-servers
 	$(BIN)/pytest -m "not slow"
 
 # The container image, built and run with podman on a base made from Debian's packages (no

@@ -1,4 +1,5 @@
-"""IMAP benchmarks on one private Dovecot (loopback only). Prints three numbers:
+"""IMAP benchmarks on one private Dovecot (loopback only), or the push latency alone on Cyrus
+or Courier (``--server cyrus --only latency``). Prints these numbers:
 
 1. the server's own IDLE floor: APPEND OK → ``* n EXISTS`` on a bare IDLE client;
 2. mailroom's APPEND OK → webhook arrival (median, p99) for 50 messages, one at a time,
@@ -12,13 +13,16 @@
 5. the Python heap peak (tracemalloc) while delivering a 10,000-message backlog, against the
    size of the mail itself: the backlog must not be held in memory at once.
 
-Run with ``make bench``. Arrival times are ``time.monotonic()`` in the receiver process,
+Run with ``make bench``; ``--server`` and ``--only floor,latency`` pick a server and a part.
+Arrival times are ``time.monotonic()`` in the receiver process,
 comparable with this process's on Linux (CLOCK_MONOTONIC is system-wide).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import imaplib
 import json
 import logging
@@ -27,6 +31,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -42,7 +47,13 @@ from mailroom.config import parse_config  # noqa: E402
 from mailroom.kinds import KINDS  # noqa: E402
 from mailroom.runtime import supervisor  # noqa: E402
 from tests.helpers import config_dict, mailbox_dict, message  # noqa: E402
-from tests.servers.dovecot import Account, Dovecot, free_port  # noqa: E402
+from tests.servers.courier import Courier  # noqa: E402
+from tests.servers.cyrus import Cyrus  # noqa: E402
+from tests.servers.dovecot import Dovecot  # noqa: E402
+from tests.servers.imap import Account, ImapServer, free_port  # noqa: E402
+
+SERVERS: dict[str, type[ImapServer]] = {"dovecot": Dovecot, "cyrus": Cyrus, "courier": Courier}
+PARTS = ("floor", "latency", "round-trips", "backlog", "memory")
 
 SAMPLES = 50
 BACKLOG = 1000
@@ -65,7 +76,7 @@ def describe(name: str, values: list[float]) -> str:
     )
 
 
-def idle_floor(dovecot: Dovecot, account: Account) -> list[float]:
+def idle_floor(dovecot: ImapServer, account: Account) -> list[float]:
     """A bare client: LOGIN, SELECT, IDLE; another connection APPENDs; time to EXISTS."""
     sock = socket.create_connection((dovecot.host, dovecot.port), timeout=STEP_TIMEOUT_S)
     reader = sock.makefile("rb")
@@ -80,7 +91,7 @@ def idle_floor(dovecot: Dovecot, account: Account) -> list[float]:
         raise RuntimeError(f"no line starting with {prefix!r}")
 
     until(b"* OK")
-    sock.sendall(f"a LOGIN {account.user} {account.password}\r\n".encode())
+    sock.sendall(f'a LOGIN "{account.user}" "{account.password}"\r\n'.encode())
     until(b"a OK")
     sock.sendall(b"b SELECT INBOX\r\n")
     until(b"b OK")
@@ -102,7 +113,7 @@ def idle_floor(dovecot: Dovecot, account: Account) -> list[float]:
     return samples
 
 
-def round_trips(dovecot: Dovecot, account: Account) -> tuple[list[float], list[float]]:
+def round_trips(dovecot: ImapServer, account: Account) -> tuple[list[float], list[float]]:
     """NOOP round trips on a logged-in connection: back to back, and each after 100 ms idle."""
     with dovecot.imap(account) as conn:
 
@@ -153,13 +164,62 @@ def settle_and_idle(conn: imaplib.IMAP4) -> None:
     time.sleep(0.05)
 
 
-def mailroom_latency(dovecot: Dovecot, workdir: Path) -> list[float]:
+class SlowLink:
+    """A loopback relay that holds every chunk ``delay_s`` in each direction (a WAN's round
+    trip of twice that), in a thread of its own: what each IMAP round trip costs shows."""
+
+    def __init__(self, host: str, port: int, delay_s: float) -> None:
+        self.target, self.delay_s = (host, port), delay_s
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.ready.wait(STEP_TIMEOUT_S)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        )
+        self.ready.set()
+        self.loop.run_forever()
+        server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def send() -> None:
+            while (item := await queue.get())[1]:
+                await asyncio.sleep(max(0.0, item[0] - time.monotonic()))
+                sink.write(item[1])
+
+        sender = asyncio.create_task(send())
+        with contextlib.suppress(ConnectionError):
+            while data := await source.read(65536):
+                queue.put_nowait((time.monotonic() + self.delay_s, data))
+        queue.put_nowait((0.0, b""))
+        await sender
+        sink.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(STEP_TIMEOUT_S)
+
+
+def mailroom_latency(dovecot: ImapServer, workdir: Path, rtt_ms: float = 0) -> list[float]:
     account = dovecot.add_user()
     port = free_port()
     hook = receiver(port)
     assert hook.stdout is not None
+    link = SlowLink(dovecot.host, dovecot.port, rtt_ms / 2000) if rtt_ms else None
+    imap_port = link.port if link is not None else dovecot.port
     config = config_dict(
-        [mailbox_dict(dovecot, account, port=dovecot.port, ssl=False, ca_file=None)],
+        [mailbox_dict(dovecot, account, port=imap_port, ssl=False, ca_file=None)],
         f"http://127.0.0.1:{port}/",
     )
     config["log"] = {"level": "warning"}
@@ -188,6 +248,8 @@ def mailroom_latency(dovecot: Dovecot, workdir: Path) -> list[float]:
         mailroom.wait(STEP_TIMEOUT_S)
         hook.kill()
         hook.wait(STEP_TIMEOUT_S)
+        if link is not None:
+            link.close()
     return samples
 
 
@@ -199,7 +261,7 @@ class BacklogRun:
     heap_peak_mib: float | None  # with trace_memory
 
 
-async def deliver_backlog(dovecot: Dovecot, count: int, *, trace_memory: bool) -> BacklogRun:
+async def deliver_backlog(dovecot: ImapServer, count: int, *, trace_memory: bool) -> BacklogRun:
     """Append ``count`` 2 KB messages, run mailroom in this process until a receiver in
     another process has them all."""
     account = dovecot.add_user()
@@ -241,7 +303,7 @@ async def deliver_backlog(dovecot: Dovecot, count: int, *, trace_memory: bool) -
     )
 
 
-async def backlog(dovecot: Dovecot) -> tuple[float, float]:
+async def backlog(dovecot: ImapServer) -> tuple[float, float]:
     run = await deliver_backlog(dovecot, BACKLOG, trace_memory=False)
     return run.total_s, run.spread_s
 
@@ -252,33 +314,48 @@ def spread(values: list[float]) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--server", choices=sorted(SERVERS), default="dovecot")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"of {','.join(PARTS)}")
+    parser.add_argument(
+        "--rtt-ms", type=float, default=0, help="latency: mailroom's IMAP link as slow as a WAN"
+    )
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
     logging.basicConfig(level=logging.WARNING)
     workdir = Path(os.environ.get("TMPDIR", "/tmp"))
-    with Dovecot() as dovecot:
-        dovecot.start()
-        floor = idle_floor(dovecot, dovecot.add_user())
-        print(describe("Dovecot IDLE floor (APPEND OK -> * EXISTS, bare client)", floor))
-        latency = mailroom_latency(dovecot, workdir)
-        print(describe("mailroom APPEND OK -> webhook arrival", latency))
-        print(
-            f"  median over the floor: "
-            f"{(statistics.median(latency) - statistics.median(floor)) * 1000:+.1f} ms"
-        )
-        busy, idle = round_trips(dovecot, dovecot.add_user())
-        print(describe("NOOP round trip, back to back", busy))
-        print(describe("NOOP round trip, after 100 ms idle", idle))
-        runs = [asyncio.run(backlog(dovecot)) for _ in range(BACKLOG_RUNS)]
-        print(
-            f"{BACKLOG}-message backlog of 2 KB, {BACKLOG_RUNS} runs: start to last arrival "
-            f"{spread([total for total, _ in runs])}; first to last arrival "
-            f"{spread([first_to_last for _, first_to_last in runs])}"
-        )
-        big = asyncio.run(deliver_backlog(dovecot, BIG_BACKLOG, trace_memory=True))
-        print(
-            f"{BIG_BACKLOG}-message backlog ({big.mail_mib:.1f} MiB of mail): Python heap peak "
-            f"{big.heap_peak_mib:.1f} MiB while delivering, "
-            f"{BIG_BACKLOG / big.total_s:.0f} messages/s (under tracemalloc)"
-        )
+    name = args.server.capitalize()
+    with SERVERS[args.server]() as dovecot:
+        if "floor" in parts:
+            floor = idle_floor(dovecot, dovecot.add_user())
+            print(describe(f"{name} IDLE floor (APPEND OK -> * EXISTS, bare client)", floor))
+        if "latency" in parts:
+            latency = mailroom_latency(dovecot, workdir, args.rtt_ms)
+            link = f", {args.rtt_ms:g} ms round trip to IMAP" if args.rtt_ms else ""
+            print(describe(f"mailroom APPEND OK -> webhook arrival ({name}{link})", latency))
+            if "floor" in parts:
+                print(
+                    f"  median over the floor: "
+                    f"{(statistics.median(latency) - statistics.median(floor)) * 1000:+.1f} ms"
+                )
+        if "round-trips" in parts:
+            busy, idle = round_trips(dovecot, dovecot.add_user())
+            print(describe("NOOP round trip, back to back", busy))
+            print(describe("NOOP round trip, after 100 ms idle", idle))
+        if "backlog" in parts:
+            runs = [asyncio.run(backlog(dovecot)) for _ in range(BACKLOG_RUNS)]
+            print(
+                f"{BACKLOG}-message backlog of 2 KB, {BACKLOG_RUNS} runs: start to last arrival "
+                f"{spread([total for total, _ in runs])}; first to last arrival "
+                f"{spread([first_to_last for _, first_to_last in runs])}"
+            )
+        if "memory" in parts:
+            big = asyncio.run(deliver_backlog(dovecot, BIG_BACKLOG, trace_memory=True))
+            print(
+                f"{BIG_BACKLOG}-message backlog ({big.mail_mib:.1f} MiB of mail): Python heap "
+                f"peak {big.heap_peak_mib:.1f} MiB while delivering, "
+                f"{BIG_BACKLOG / big.total_s:.0f} messages/s (under tracemalloc)"
+            )
 
 
 if __name__ == "__main__":

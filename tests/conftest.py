@@ -1,5 +1,5 @@
-"""Shared fixtures: a session-wide Dovecot, fresh accounts, extra Dovecots, a webhook receiver,
-SMTP servers."""
+"""Shared fixtures: a session-wide Dovecot, fresh accounts, extra Dovecots, the same for Cyrus
+and Courier (``imap_server``: each test once per server), a webhook receiver, SMTP servers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 
+from tests.servers.courier import Courier
+from tests.servers.cyrus import Cyrus
 from tests.servers.dovecot import DOVECOT, Account, Dovecot
+from tests.servers.imap import ImapServer
 from tests.servers.redis import REDIS_SERVER, RedisServer
 from tests.servers.smtp import SmtpServer
 from tests.servers.webhook import WebhookReceiver
@@ -68,6 +71,64 @@ def dovecot_factory() -> Iterator[Callable[..., Dovecot]]:
     as an oauth2 passdb); all are removed at teardown."""
     _require(DOVECOT, "dovecot-imapd")
     yield from _factory(Dovecot, Dovecot.close)
+
+
+SERVERS: dict[str, type[ImapServer]] = {"dovecot": Dovecot, "cyrus": Cyrus, "courier": Courier}
+
+
+def _start(kind: type[ImapServer]) -> Iterator[ImapServer]:
+    server = kind()
+    try:
+        if (missing := server.missing()) is not None:
+            pytest.fail(
+                f"{missing} is missing: run `make test` (it unpacks Debian's {kind.name} "
+                "packages into .venv/imap-servers)",
+                pytrace=False,
+            )
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def cyrus() -> Iterator[ImapServer]:
+    """One private Cyrus IMAP (with idled: it pushes) for the whole session."""
+    yield from _start(Cyrus)
+
+
+@pytest.fixture(scope="session")
+def courier() -> Iterator[ImapServer]:
+    """One private Courier-IMAP (IMAP_ENHANCEDIDLE=1: it pushes) for the whole session."""
+    yield from _start(Courier)
+
+
+@pytest.fixture(params=list(SERVERS))
+def imap_server(request: pytest.FixtureRequest) -> ImapServer:
+    """The session's Dovecot, Cyrus and Courier in turn: a test using it runs on each."""
+    server: ImapServer = request.getfixturevalue(request.param)
+    return server
+
+
+@pytest.fixture
+def imap_account(imap_server: ImapServer) -> Account:
+    """A fresh user with an empty INBOX on ``imap_server``."""
+    return imap_server.add_user()
+
+
+@pytest.fixture
+def server_factory() -> Iterator[Callable[..., ImapServer]]:
+    """Start extra private servers: ``server_factory("cyrus", push=False)``; all are removed
+    at teardown."""
+
+    def make(name: str, **kwargs: Any) -> ImapServer:
+        server = SERVERS[name](**kwargs)
+        if (missing := server.missing()) is not None:
+            server.close()
+            pytest.fail(f"{missing} is missing: run `make test`", pytrace=False)
+        return server
+
+    yield from _factory(make, ImapServer.close)
 
 
 @pytest.fixture

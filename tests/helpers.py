@@ -20,21 +20,22 @@ import yaml
 from mailroom.config import Config, parse_config
 from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
-from tests.servers.dovecot import Account, Dovecot
+from tests.servers.imap import Account, ImapServer
 
 WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def mailbox_dict(dovecot: Dovecot, account: Account, **overrides: Any) -> dict[str, Any]:
-    """One mailbox on ``dovecot`` over implicit TLS, trusting the test CA."""
+def mailbox_dict(server: ImapServer, account: Account, **overrides: Any) -> dict[str, Any]:
+    """One mailbox on ``server`` (Dovecot, Cyrus, Courier) over implicit TLS, trusting the
+    test CA."""
     box: dict[str, Any] = {
         "id": account.user,
         "address": "incoming+%{key}@example.com",
-        "host": dovecot.host,
-        "port": dovecot.tls_port,
+        "host": server.host,
+        "port": server.tls_port,
         "ssl": True,
-        "ca_file": str(dovecot.ca_file),
+        "ca_file": str(server.ca_file),
         "user": account.user,
         "password": account.password,
         "idle_timeout": 60,
@@ -65,7 +66,7 @@ def config_dict(
 
 
 def make_config(
-    dovecot: Dovecot,
+    server: ImapServer,
     account: Account,
     webhook_url: str,
     *,
@@ -75,7 +76,7 @@ def make_config(
 ) -> Config:
     return parse_config(
         config_dict(
-            [mailbox_dict(dovecot, account, **mailbox)],
+            [mailbox_dict(server, account, **mailbox)],
             webhook_url,
             reject_notices=reject_notices,
             **(webhook or {}),

@@ -152,6 +152,8 @@ async def test_metrics_after_known_traffic_are_exact(
     assert value(metrics, "mailroom_in_flight_messages") == 0
     assert value(metrics, "mailroom_in_flight_limit_messages") == 2048
     assert value(metrics, "mailroom_reconnects_total", mailbox=box) == 0
+    assert value(metrics, "mailroom_dead_letters_kept_in_place_total", mailbox=box) == 0
+    assert value(metrics, "mailroom_idle_without_push_total", mailbox=box) == 0
     assert value(metrics, "mailroom_connected", mailbox=box) == 1
     assert value(metrics, "mailroom_mailbox_ready", mailbox=box) == 1
     assert value(metrics, "mailroom_unsettled", mailbox=box) == 0
@@ -168,6 +170,7 @@ async def test_metrics_after_known_traffic_are_exact(
         "webhook": hook,
         "last_ok_age_s": 0,
         "reconnects": 0,
+        "failed_folder_refused": None,
         "unsettled": 0,
         "oldest_unsettled_age_s": 0,
     }

@@ -122,7 +122,7 @@ async def greet(peer: Peer, capabilities: str = CAPABILITIES) -> None:
 
 
 async def log_in(peer: Peer, capabilities: str = CAPABILITIES) -> None:
-    tag = await peer.expect('LOGIN u@example.com "pw"')
+    tag = await peer.expect('LOGIN "u@example.com" "pw"')  # both quoted (login_segments)
     peer.send(f"{tag} OK logged in")
     tag = await peer.expect("CAPABILITY")
     peer.send(f"* CAPABILITY {capabilities}", f"{tag} OK done")
@@ -362,7 +362,7 @@ async def pipeline() -> None:
     async with session() as (opened, peer):
         sizing = asyncio.create_task(opened.search_sizes("UNSEEN"))
         searched = await peer.expect("UID SEARCH RETURN (SAVE) UNSEEN")
-        fetched = await peer.expect("UID FETCH $ (UID RFC822.SIZE)")
+        fetched = await peer.expect("UID FETCH $ (UID RFC822.SIZE INTERNALDATE)")
         peer.send(f"{searched} OK searched", "* 1 FETCH (UID 7 RFC822.SIZE 100)")
         peer.send(f"{fetched} OK fetched")
         assert await sizing == [FetchedMessage(7, 100, None)]

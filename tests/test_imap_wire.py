@@ -14,11 +14,15 @@ from mailroom.sources.imap_wire import (
     BodyLimits,
     FetchedMessage,
     Framer,
+    Hierarchy,
     fetch_flags,
     id_keyword,
     literal_slack,
+    login_segments,
     mailbox_name,
     parse_fetch,
+    parse_list_delimiter,
+    parse_namespace,
     uid_set,
 )
 from tests.servers.hostile_imap import MESSAGE, MODES, stream
@@ -277,3 +281,111 @@ def test_every_hostile_mode_is_refused_or_harmless(mode: str) -> None:
     for item in parse_fetch([*lines, b"OK"], malformed=skipped.append):
         assert item.uid == 1
     assert bool(skipped) == (mode == "bignum@fetch")
+
+
+# -- folder names against the server's hierarchy (issue 21 item 3) -------------------------------
+
+CYRUS_NAMESPACE = b'(("INBOX." ".")) (("user." ".")) (("" "."))'
+COURIER_NAMESPACE = b'(("INBOX." ".")) NIL (("#shared." ".")("shared." "."))'
+DOVECOT_NAMESPACE = b'(("" "/")) NIL NIL'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (CYRUS_NAMESPACE, Hierarchy(".", "INBOX.", ("user.", ""))),
+        (COURIER_NAMESPACE, Hierarchy(".", "INBOX.", ("#shared.", "shared."))),
+        (DOVECOT_NAMESPACE, Hierarchy("/")),
+        (b'(("" NIL)) NIL NIL', Hierarchy(None)),  # a flat server
+        (b'(("" "/" "X-PARAM" ("a" "b"))) NIL NIL', Hierarchy("/")),  # RFC 2342 extensions
+        (b'(("Pers\\"o\\\\nal/" "/")) NIL NIL', Hierarchy("/", 'Pers"o\\nal/')),
+        (b"NIL NIL NIL", None),  # no personal namespace: LIST "" "" decides
+        (b'(("" "/")) NIL', None),
+        (b'(("" "/"))) NIL NIL', None),
+        (b"{5}\r\n", None),  # a literal: not worth parsing
+        (b"", None),
+    ],
+)
+def test_parse_namespace(text: bytes, expected: Hierarchy | None) -> None:
+    assert parse_namespace(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "dovecot", "cyrus"),
+    [
+        ("Failed", "Failed", "INBOX.Failed"),
+        ("INBOX/Failed", "INBOX/Failed", "INBOX.Failed"),
+        ("INBOX.Failed", "INBOX/Failed", "INBOX.Failed"),
+        ("inbox.Failed.Sub", "INBOX/Failed/Sub", "INBOX.Failed.Sub"),
+        ("Failed/Mailroom", "Failed/Mailroom", "INBOX.Failed.Mailroom"),
+        ("Failed.2026", "Failed.2026", "INBOX.Failed.2026"),  # "." is Cyrus's separator
+        ("/Failed//x/", "Failed/x", "INBOX.Failed.x"),
+        ("user.bob.Failed", "user.bob.Failed", "user.bob.Failed"),  # another namespace
+        ("Entwürfe", "Entwürfe", "INBOX.Entwürfe"),
+        ("inbox", "inbox", "inbox"),  # INBOX is INBOX, however spelled
+    ],
+)
+def test_folder_names_resolve_against_the_hierarchy(name: str, dovecot: str, cyrus: str) -> None:
+    assert parse_namespace(DOVECOT_NAMESPACE).resolve(name) == dovecot  # type: ignore[union-attr]
+    assert parse_namespace(CYRUS_NAMESPACE).resolve(name) == cyrus  # type: ignore[union-attr]
+    assert Hierarchy(None).resolve(name) == name
+
+
+def test_a_personal_prefix_spelled_in_lower_case_still_means_inbox() -> None:
+    assert Hierarchy(".", "inbox.").resolve("Failed") == "INBOX.Failed"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b'(\\Noselect) "/" ""', (True, "/")),
+        (b'(\\Noselect) "." ""', (True, ".")),
+        (b'(\\Noselect) "\\\\" ""', (True, "\\")),
+        (b'(\\Noselect) NIL ""', (True, None)),
+        (b"List completed.", (False, None)),
+    ],
+)
+def test_parse_list_delimiter(line: bytes, expected: tuple[bool, str | None]) -> None:
+    assert parse_list_delimiter(line) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"(", b")", b" ", b"NIL", b'"', b"\\", b'"INBOX."', b'"."', b"x", b"{3}"]),
+        max_size=60,
+    ),
+    st.text(max_size=40),
+)
+def test_namespace_and_names_from_strangers_never_raise(parts: list[bytes], name: str) -> None:
+    found = parse_namespace(b"".join(parts))
+    resolved = (found or Hierarchy("/")).resolve(name)
+    assert isinstance(resolved, str)
+    parse_list_delimiter(b"".join(parts))
+
+
+def test_parse_namespace_of_a_megabyte() -> None:
+    """A megabyte of namespace descriptions parses (its time is bench/parse_worst.py's)."""
+    described = b'("p' + b"x" * 50 + b'" ".")'
+    text = b"(" + described * 20_000 + b") NIL NIL"  # 1 MB
+    assert parse_namespace(text) == Hierarchy(".", "p" + "x" * 50)
+
+
+# -- credentials on the wire (issue 21 item 4) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "literal_plus", "expected"),
+    [
+        ("alice", "s3cret", False, ['LOGIN "alice" "s3cret"']),
+        ("a b", 'p"a\\ss', False, ['LOGIN "a b" "p\\"a\\\\ss"']),
+        ("alice", "pässwörd", False, ['LOGIN "alice" {10}', "pässwörd"]),
+        ("alice", "pässwörd", True, ['LOGIN "alice" {10+}\r\npässwörd']),
+        ("jörg", "pässwörd", False, ["LOGIN {5}", "jörg {10}", "pässwörd"]),
+        ("alice", "tab\there", False, ['LOGIN "alice" {8}', "tab\there"]),  # not printable
+    ],
+)
+def test_login_segments_never_quote_8_bit(
+    user: str, password: str, literal_plus: bool, expected: list[str]
+) -> None:
+    assert login_segments(user, password, literal_plus=literal_plus) == expected

@@ -25,6 +25,7 @@ from mailroom.config import (
 from tests.helpers import ROOT, running, wait_until
 from tests.servers import tls
 from tests.servers.dovecot import DOVECOT, Dovecot
+from tests.servers.imap import Account, ImapServer
 from tests.servers.webhook import WebhookReceiver
 from tests.test_examples import env_used, with_secret_files
 
@@ -66,6 +67,8 @@ IMAP = {
         "password",
         "incoming+%{key}@gitlab.example.com",
     ),
+    "cyrus.yml": ("mail.example.com", 993, "password", "incoming+%{key}@gitlab.example.com"),
+    "courier.yml": ("mail.example.com", 993, "password", "incoming+%{key}@gitlab.example.com"),
 }
 # recipe → (azure_ad_endpoint, graph_endpoint), as docs/microsoft.md's national clouds table has
 # them.
@@ -278,3 +281,46 @@ async def test_a_message_postfix_delivered_reaches_the_webhook_through_the_recip
     assert (body["key"], body["matched_header"]) == ("5e1f0a9c", "Delivered-To")
     assert body["subject"] == "Re: the build is red"
     assert body["text"].strip() == "It is green again."
+
+
+# -- Cyrus and Courier -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cyrus", "courier"])
+async def test_the_cyrus_and_courier_recipes_deliver_and_dead_letter_on_their_servers(
+    name: str, request: pytest.FixtureRequest, webhook: WebhookReceiver, tmp_path: Path
+) -> None:
+    """The recipe as written, only the server's address, CA and the account put in: a message
+    is posted and expunged, a refused one lands in failed_folder (INBOX.mailroom-failed)."""
+    server: ImapServer = request.getfixturevalue(name)  # the session's Cyrus or Courier
+    account = server.add_user()
+    raw = data(f"{name}.yml")
+    (box,) = raw["mailboxes"]
+    box.update(host=server.host, port=server.tls_port, ca_file=str(server.ca_file))
+    box.update(user=account.user, password=account.password)
+    del box["password_file"]
+    raw["webhook"] = {"url": webhook.url, "retry": {"initial": 0.05, "max": 0.2}}
+    del raw["health"]
+    config = build(raw, tmp_path)
+    to = "incoming+key1@gitlab.example.com"
+    webhook.fail_next(1, status=400)
+    for n in (1, 2):
+        await server.aappend(account, message_to(n, to))
+    async with running(config):
+        await webhook.wait_for(2, timeout=30)
+        failed = server.folder("mailroom-failed")
+        assert failed == "INBOX.mailroom-failed"
+        await wait_until(
+            lambda: _moved(server, account, failed), what="one expunged, one dead-lettered"
+        )
+
+
+async def _moved(server: ImapServer, account: Account, failed: str) -> bool:
+    return await server.aflags(account) == [] and len(await server.aflags(account, failed)) == 1
+
+
+def message_to(n: int, to: str) -> bytes:
+    return (
+        f"From: a@example.org\r\nTo: {to}\r\nSubject: {n}\r\nMessage-ID: <{n}.{time.time_ns()}"
+        "@example.org>\r\n\r\nHello\r\n"
+    ).encode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from urllib.parse import quote
 
@@ -23,7 +24,7 @@ from mailroom.sources.graph_client import (
     read_mime,
     user_url,
 )
-from mailroom.sources.imap import search_criteria
+from mailroom.sources.imap import NO_PUSH_POLL_S, search_criteria
 from mailroom.sources.imap_session import ImapSession
 from mailroom.trust.entra import TokenProvider
 from mailroom.trust.providers import token_provider
@@ -35,6 +36,7 @@ COUNT_AT_MOST = 1000  # messages whose headers `unseen` reads to count the decis
 COUNT_BATCH = 200
 GRAPH_COUNT_AT_MOST = 100  # one request each: fewer than over IMAP
 GRAPH_PAGES_AT_MOST = 10
+IDLE_PROBE_S = 0.2  # check IDLEs this long to read the server's answer to it
 
 
 async def imap(report: Report, config: ImapMailboxConfig) -> None:
@@ -72,6 +74,8 @@ class _ImapSteps:
         await target.run("tls" if config.ssl or config.start_tls else "connect", self.connect)
         await target.run("login", self.login)
         selected = await target.run("mailbox", self.select, blocking=False)
+        idle = functools.partial(self.idle, selected=bool(selected))
+        await target.run("idle", idle, blocking=False)
         for name, missing, present in self._capabilities():
             check = functools.partial(self.capability, name, missing, present)
             await target.run(name.lower(), check, blocking=False)
@@ -114,13 +118,7 @@ class _ImapSteps:
 
     def _capabilities(self) -> list[tuple[str, str, str]]:
         """What each capability mailroom uses gives, and what its absence costs."""
-        every = f"{self.config.idle_timeout_s:g}s"
         return [
-            (
-                "IDLE",
-                f"mail will only be found by the periodic sweep, every {every} (idle_timeout)",
-                "new mail is pushed",
-            ),
             (
                 "UIDPLUS",
                 "deleted messages are expunged only with expunge_deleted: true, and then by "
@@ -134,6 +132,36 @@ class _ImapSteps:
                 "dead letters are moved atomically (UID MOVE)",
             ),
         ]
+
+    async def idle(self, *, selected: bool) -> Finding:
+        """IDLE advertised, and whether the server pushes where that can be known without
+        writing to the mailbox: Courier's answer to IDLE says which IDLE it runs; no other
+        server's does, so elsewhere the run finds out (``ImapWatcher``)."""
+        session = self.session
+        if "IDLE" not in session.capabilities:
+            return Status.WARN, (
+                "IDLE not advertised: mail will only be found by the periodic sweep, every "
+                f"{self.config.idle_timeout_s:g}s (idle_timeout)"
+            )
+        if not selected:
+            return Status.OK, "IDLE advertised (not tried: the mailbox could not be selected)"
+        await session.idle([asyncio.Event()], IDLE_PROBE_S)
+        await session.end_idle()
+        reply = (session.idle_reply or "").lower()
+        if "entering idle mode" in reply:
+            return Status.WARN, (
+                "IDLE advertised, but Courier looks for new mail during IDLE only every "
+                "IMAP_IDLE_TIMEOUT (IMAP_ENHANCEDIDLE=0): set IMAP_ENHANCEDIDLE=1 in Courier's "
+                "imapd config, or a shorter idle_timeout; mailroom asks every "
+                f"{NO_PUSH_POLL_S:g}s once it sees no push"
+            )
+        if "enhanced idle mode" in reply:
+            return Status.OK, "IDLE advertised, and new mail is pushed (Courier's enhanced IDLE)"
+        return Status.OK, (
+            "IDLE advertised (whether the server pushes is seen at run time: without push, a "
+            "warning, mailroom_idle_without_push, and mailroom asks for new mail every "
+            f"{NO_PUSH_POLL_S:g}s)"
+        )
 
     async def capability(self, name: str, missing: str, present: str) -> Finding:
         if name in self.session.capabilities:
@@ -162,16 +190,17 @@ class _ImapSteps:
                 Status.OK,
                 "not set: dead letters are flagged $MailroomFailed and \\Seen in place",
             )
+        named = await self.session.named(folder)  # INBOX.Failed on Cyrus and Courier
         if await self.session.folder_exists(folder):
-            return Status.OK, f"{folder!r} exists"
+            return Status.OK, f"{named} exists"
         try:
             await self.session.create(folder)
         except MailroomError as exc:
             raise Failed(
-                f"{folder!r} does not exist and cannot be created ({exc}); create it by hand, "
+                f"{named} does not exist and cannot be created ({exc}); create it by hand, "
                 "or fix failed_folder"
             ) from exc
-        return Status.OK, f"{folder!r} did not exist; created it (as the first dead letter would)"
+        return Status.OK, f"{named} did not exist; created it (as the first dead letter would)"
 
 
 async def _token(tokens: Tokens, oauth: ImapOAuthConfig) -> Finding:

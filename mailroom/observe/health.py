@@ -13,6 +13,9 @@ each mailbox's ``readiness`` rule (``config.Readiness``: its kind says which):
   connection (shutdown, restart or crash: the kernel sends FIN or RST) is noticed at once; a peer
   that vanishes without a word (a dead NAT, a pulled cable) within about 30 s by TCP keepalive
   (15 s idle, then 3 probes 5 s apart), and a command without an answer within its timeout.
+  It is not ready either while its server refuses for good to take dead letters into
+  ``failed_folder`` (a configuration problem: they are flagged ``$MailroomFailed`` where they
+  are instead; ``failed_folder_refused`` in the body says why) until a move succeeds.
 - a Microsoft Graph mailbox (a poller) is ready while its last successful poll is at most
   ``2 * poll_interval + 30 s`` old; one failed poll (a 429, say) does not flip it.
 - an LMTP listener is ready while it listens (``/readyz`` also shows its open sessions).
@@ -81,6 +84,7 @@ class _MailboxState:
     reason: str | None = None
     last_ok: float | None = None  # the last time it reported CONNECTED (a connect, a poll)
     reconnects: int = 0
+    refused: str | None = None  # IMAP: failed_folder refused for good (Monitor.failed_folder)
     unsettled: dict[int, float] = field(default_factory=dict)  # token → accepted at (in order)
     settled: int = 0  # outcomes not yet followed by their finished()
     sessions: int | None = None  # a listener's open sessions; None: not a listener
@@ -167,7 +171,7 @@ class Health(Monitor):
         """A source task for ``mailbox`` is being started (again, after a reload)."""
         if (source := self.sources.get(mailbox)) is not None:
             self._set_state(mailbox, source, SourceState.STARTING, None)
-            source.last_ok, source.settled = None, 0
+            source.last_ok, source.settled, source.refused = None, 0, None
             source.unsettled.clear()  # the new source task fetches them again
 
     def stopping(self, mailbox: str | None = None) -> None:
@@ -229,6 +233,20 @@ class Health(Monitor):
     def malformed(self, mailbox: str) -> None:
         if mailbox in self.sources:
             self.metrics.malformed.labels(mailbox).inc()
+
+    def failed_folder(self, mailbox: str, refused: str | None, kept: int = 0) -> None:
+        if (source := self.sources.get(mailbox)) is None:
+            return
+        if kept:
+            self.metrics.kept_in_place.labels(mailbox).inc(kept)
+        if refused != source.refused:
+            source.refused = refused
+            if refused is None:
+                log.info("%s: failed_folder accepts dead letters again", mailbox)
+
+    def idle_without_push(self, mailbox: str) -> None:
+        if mailbox in self.sources:
+            self.metrics.idle_without_push.labels(mailbox).inc()
 
     def accepted(self, mailbox: str) -> int:
         token = next(self._tokens)
@@ -335,7 +353,7 @@ class Health(Monitor):
             return False
         within_s = source.readiness.within_s
         if within_s is None:
-            return source.state is SourceState.CONNECTED
+            return source.state is SourceState.CONNECTED and source.refused is None
         return source.last_ok is not None and now - source.last_ok <= within_s
 
     def webhook_states(self, now: float) -> dict[str, WebhookState]:
@@ -383,6 +401,8 @@ class Health(Monitor):
             if not ready:
                 stalled = _stalled(source, webhooks)
                 why = f"webhook {source.webhook} stalled" if stalled else source.state.value
+                if not stalled and source.refused is not None:
+                    why = "failed_folder refused: dead letters kept in place"
                 not_ready.append(f"{mailbox_id} {why}")
             mailboxes[mailbox_id] = _mailbox_body(source, ready, now)
         needed = self._needed(len(expected))
@@ -481,6 +501,7 @@ def _mailbox_body(source: _MailboxState, ready: bool, now: float) -> dict[str, A
         "webhook": source.webhook,
         "last_ok_age_s": None if source.last_ok is None else round(now - source.last_ok, 3),
         "reconnects": source.reconnects,
+        "failed_folder_refused": source.refused,
         "unsettled": len(source.unsettled),
         "oldest_unsettled_age_s": round(now - oldest, 3),
     }

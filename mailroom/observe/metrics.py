@@ -87,6 +87,14 @@ class Metrics:
         self.restarts = counter(
             "mailroom_source_restarts", "Sources restarted after an unexpected error (a bug)."
         )
+        self.kept_in_place = counter(
+            "mailroom_dead_letters_kept_in_place",
+            "Dead letters flagged $MailroomFailed where they are: failed_folder was refused.",
+        )
+        self.idle_without_push = counter(
+            "mailroom_idle_without_push",
+            "Sweeps that found mail no IDLE push had announced (the server does not push).",
+        )
         self.marker_hits = counter(
             "mailroom_marker_hits",
             "Messages another replica had already brought to an outcome: settled, not posted.",
@@ -135,6 +143,8 @@ class Metrics:
         yield self.violations, (mailbox,)
         yield self.malformed, (mailbox,)
         yield self.marker_hits, (mailbox,)
+        yield self.kept_in_place, (mailbox,)
+        yield self.idle_without_push, (mailbox,)
         for outcome in Outcome:
             yield self.settled, (mailbox, outcome.value)
         for rule in routing.AUTO_GENERATED_RULES:

@@ -87,6 +87,15 @@ class Monitor:
     def restarted(self, mailbox: str) -> None:
         """The source survived an unexpected error (a bug): logged, counted, restarted."""
 
+    def failed_folder(self, mailbox: str, refused: str | None, kept: int = 0) -> None:
+        """IMAP: the server refused for good to move dead letters to ``failed_folder``
+        (``refused`` says why and what to do), so ``kept`` of them were flagged
+        ``$MailroomFailed`` where they are instead; None: a move to it succeeded."""
+
+    def idle_without_push(self, mailbox: str) -> None:
+        """IMAP: a sweep found mail that had waited well into an IDLE that no push announced
+        (the server advertises IDLE but does not push)."""
+
     def accepted(self, mailbox: str) -> int:
         """The dispatcher took a fetched message; returns the token for ``finished``."""
         return 0

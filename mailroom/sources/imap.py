@@ -15,6 +15,12 @@ The loop, on one connection (supervision, the in-flight set and settlement are t
 4. Nothing to do, or no room: IDLE until EXISTS, a settlement, room, stop, or about
    ``idle_timeout`` (jittered, so a thousand mailboxes do not sweep in step).
 
+A server can advertise IDLE and never push (Cyrus without idled, Courier with
+IMAP_ENHANCEDIDLE=0): then a periodic sweep finds mail that arrived well before it, during an
+IDLE no push interrupted. The watcher warns once, counts it (``mailroom_idle_without_push``) and,
+until a push is seen, ends each IDLE after ``NO_PUSH_POLL_S``: the server reports new mail in
+its answer to DONE, and the sweep follows at once (issue 21).
+
 Every EXISTS seen on the connection, during any command, sets ``new_mail``; the loop searches
 again before it idles, so a message that lands between a SEARCH and the IDLE never waits.
 Settlements queued while the connection was down are applied after the reconnect when
@@ -25,9 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import enum
 import logging
 import random
+import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -54,6 +63,18 @@ PUSH_BODY_BYTES = 1024 * 1024  # a longer body comes with a push cut short, then
 IDLE_JITTER = 0.1  # each IDLE lasts idle_timeout minus up to this fraction of it
 MAX_LEARNED_SIZES = 1024  # messages remembered as larger than the server announced
 DIGEST_ON_LOOP_BYTES = 1024 * 1024  # a larger message is hashed in a worker thread
+
+# IDLE without push: mail found by a periodic sweep that arrived at least this long before it,
+# during an IDLE no push interrupted, was not announced (server clocks are assumed within this).
+PUSH_GRACE_S = 10.0
+NO_PUSH_POLL_S = 5.0  # then each IDLE lasts this long, until a push is seen
+# A refusal that may pass (RFC 5530 response codes): the dead letters wait for the next try.
+_TRANSIENT = re.compile(r"\[(?:UNAVAILABLE|INUSE|SERVERBUG|LIMIT)\b", re.IGNORECASE)
+
+
+def _may_pass(exc: ImapError) -> bool:
+    """A lost connection, or a refusal that may pass: not a verdict on the folder."""
+    return isinstance(exc, ImapConnectionLost) or _TRANSIENT.search(str(exc)) is not None
 
 
 def message_key(raw: bytes, *, too_large: bool) -> str:
@@ -128,6 +149,11 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         self._uidvalidity = 0
         self._reserved: tuple[Reservation, list[FetchedMessage]] | None = None
         self._sizes: dict[int, int] = {}  # uid → the size its literal announced (``_learn``)
+        self._folder_refused: str | None = None  # why failed_folder refused dead letters for good
+        self._push: bool | None = None  # the server pushed (True), did not (False), not known
+        self._warned_no_push = False
+        self._quiet_since: datetime.datetime | None = None  # start of an IDLE without a push
+        self._last_sweep = 0.0  # monotonic time of the last periodic (full) sweep
 
     # -- one connection ------------------------------------------------------------------------
 
@@ -196,6 +222,14 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         )
 
     async def _loop(self, session: ImapSession) -> None:
+        folder = self.config.failed_folder
+        # failed_folder refused before: fixed on the server meanwhile? Then it is ready again.
+        if (
+            self._folder_refused is not None
+            and folder is not None
+            and await session.folder_exists(folder)
+        ):
+            self._folder_accepted()
         backlog: deque[FetchedMessage] = deque()
         session.new_mail.set()  # sweep after every (re)connect
         self._full_sweep = True
@@ -244,9 +278,23 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         comes (measured: 16 CPU-seconds per 1,000 messages after an outage across 1,000
         mailboxes, bench/many_mailboxes.py)."""
         timeout_s = self.config.idle_timeout_s * (1 - random.uniform(0, IDLE_JITTER))
-        if await session.idle((self._wake, self._stopping), timeout_s, new_mail=new_mail):
-            session.new_mail.set()  # periodic sweep: also finds mail no push announced
-            self._full_sweep = True
+        if self._push is False:  # ask at every DONE instead (the module docstring)
+            timeout_s = min(timeout_s, NO_PUSH_POLL_S)
+        started, pushes = datetime.datetime.now(datetime.UTC), session.pushes
+        timed_out = await session.idle((self._wake, self._stopping), timeout_s, new_mail=new_mail)
+        if session.pushes != pushes and self._push is not True:
+            if self._push is False:
+                self.log.info("the server pushed new mail during IDLE: idling for idle_timeout")
+            self._push = True
+        if not timed_out:
+            return
+        periodic = self.config.idle_timeout_s * (1 - IDLE_JITTER)
+        if self._push is False and time.monotonic() - self._last_sweep < periodic:
+            return  # the next idle() ends this one: its DONE brings what is new
+        session.new_mail.set()  # periodic sweep: also finds mail no push announced
+        self._full_sweep = True
+        if session.pushes == pushes and "IDLE" in session.capabilities:
+            self._quiet_since = started
 
     async def _wait(self, session: ImapSession, event: asyncio.Event) -> None:
         await wait_any((self._wake, event, session.lost))
@@ -275,7 +323,9 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
             if found is None:
                 self._full_sweep = False
                 self.log.debug("sweeping the whole mailbox")
+                self._last_sweep = time.monotonic()
                 found = await session.search_sizes(criteria)
+                self._unannounced(found)
             else:
                 self.log.debug("the push brought %d new messages", len(found))
             backlog: deque[FetchedMessage] = deque()
@@ -303,6 +353,40 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
             # IDLE again (the loop does the dispatcher's tasks in order of creation).
             await asyncio.sleep(0)
         return backlog
+
+    def _unannounced(self, found: list[FetchedMessage]) -> None:
+        """After an IDLE that ran out without a push: did this sweep find new mail that came
+        well into it (INTERNALDATE)? Then the server does not push."""
+        quiet_since, self._quiet_since = self._quiet_since, None
+        if quiet_since is None:
+            return
+        now = datetime.datetime.now(datetime.UTC)
+        earliest = quiet_since.replace(microsecond=0)  # INTERNALDATE has whole seconds
+        latest = now - datetime.timedelta(seconds=PUSH_GRACE_S)
+        waited = [
+            item
+            for item in found
+            if item.internal_date is not None
+            and earliest <= item.internal_date <= latest
+            and item.uid not in self._pending
+        ]
+        if not waited:
+            return
+        self._monitor.idle_without_push(self.id)
+        self._push = False
+        if not self._warned_no_push:
+            self._warned_no_push = True
+            oldest = min(item.internal_date for item in waited if item.internal_date)
+            self.log.warning(
+                "the server advertises IDLE but did not push: %d message(s) waited up to "
+                "%.0fs for the periodic sweep (idle_timeout %gs). Turn push on in the server "
+                "(Cyrus: run idled; Courier: IMAP_ENHANCEDIDLE=1) or set a shorter "
+                "idle_timeout; until a push is seen, mailroom asks for new mail every %gs",
+                len(waited),
+                (now - oldest).total_seconds(),
+                self.config.idle_timeout_s,
+                NO_PUSH_POLL_S,
+            )
 
     def _reserve(self, backlog: deque[FetchedMessage]) -> None:
         """Take the next batch off ``backlog`` and reserve room for it in the budget."""
@@ -473,7 +557,50 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         elif config.failed_folder is None:  # _action chooses MOVE only with a failed_folder
             raise ImapError("cannot move to failed_folder: none is configured")
         else:
-            await session.move(uids, config.failed_folder, expunge=config.expunge_deleted)
+            await self._move_to_failed_folder(session, uids, config.failed_folder)
+
+    async def _move_to_failed_folder(
+        self, session: ImapSession, uids: list[int], folder: str
+    ) -> None:
+        """Move dead letters to failed_folder (``_move_creating``). Refused for good, a
+        configuration problem (a folder the server cannot hold or create, no right to it): they
+        are flagged ``$MailroomFailed`` and ``\\Seen`` where they are instead, so they are never
+        posted again, and the mailbox is not ready until a move succeeds (issue 21)."""
+        try:
+            await self._move_creating(session, uids, folder)
+        except ImapError as exc:
+            if _may_pass(exc):
+                raise
+            await session.store(uids, f"{FAILED_KEYWORD} \\Seen")
+            refused = (
+                f"failed_folder {await session.named(folder)} refused: {exc}; dead letters are "
+                f"flagged {FAILED_KEYWORD} in {self.config.mailbox} instead. Create the folder "
+                "(or give the user the right to), or fix failed_folder; then `mailroom redrive`"
+            )
+            if refused != self._folder_refused:
+                self.log.error("%s", refused)
+            self.log.info("uids %s dead-lettered in place", uids)
+            self._folder_refused = refused
+            self._monitor.failed_folder(self.id, refused, kept=len(uids))
+            return
+        self._folder_accepted()
+
+    async def _move_creating(self, session: ImapSession, uids: list[int], folder: str) -> None:
+        """``ImapSession.move``, and when the folder is missing, CREATE and once more: also
+        where the server says no ``[TRYCREATE]`` (Cyrus: ``NO Mailbox does not exist``)."""
+        expunge = self.config.expunge_deleted
+        try:
+            await session.move(uids, folder, expunge=expunge)
+        except ImapError as exc:
+            if _may_pass(exc) or await session.folder_exists(folder):
+                raise
+            await session.create(folder)
+            await session.move(uids, folder, expunge=expunge)
+
+    def _folder_accepted(self) -> None:
+        if self._folder_refused is not None:
+            self._folder_refused = None
+            self._monitor.failed_folder(self.id, None)
 
 
 async def _message_key(body: bytes, too_large: bool) -> str:

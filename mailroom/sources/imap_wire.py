@@ -1,6 +1,8 @@
 """Pure IMAP wire details: what a server sends, split into lines and literals within bounds
-(``Framer``, ``Limits``), sequence sets, mailbox names, FETCH responses (RFC 3501), and the
-keyword older versions kept a dead letter's webhook-id in (``id_keyword``).
+(``Framer``, ``Limits``), sequence sets, mailbox names, FETCH responses (RFC 3501), folder
+names against the server's hierarchy (``Hierarchy``: NAMESPACE, RFC 2342), LOGIN's arguments
+(``login_segments``), and the keyword older versions kept a dead letter's webhook-id in
+(``id_keyword``).
 
 No I/O and no aioimaplib here; ``imap_session`` feeds the framer the bytes it receives and
 these functions the lines aioimaplib produced. Every number a server sends is checked before it
@@ -29,13 +31,17 @@ __all__ = [
     "Event",
     "FetchedMessage",
     "Framer",
+    "Hierarchy",
     "Limits",
     "fetch_flags",
     "id_keyword",
     "literal_slack",
+    "login_segments",
     "mailbox_name",
     "number",
     "parse_fetch",
+    "parse_list_delimiter",
+    "parse_namespace",
     "response_text",
     "uid_set",
 ]
@@ -304,6 +310,124 @@ def mailbox_name(name: str) -> str:
     flush()
     encoded = "".join(out).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{encoded}"'
+
+
+@dataclass(frozen=True, slots=True)
+class Hierarchy:
+    """How a server names folders: its hierarchy delimiter (None: a flat server) and the
+    prefixes of its namespaces (RFC 2342): ``personal`` is ``""`` on Dovecot, Exchange and
+    Gmail, ``"INBOX."`` on Cyrus and Courier, whose folders all live under INBOX."""
+
+    delimiter: str | None
+    personal: str = ""
+    others: tuple[str, ...] = ()  # other users' and shared namespaces' prefixes
+
+    def resolve(self, name: str) -> str:
+        """The server's name for the folder a user configured as ``name``.
+
+        ``/`` always separates levels (the config's own syntax, as in ``Failed/Mailroom``), so
+        does the server's delimiter, and so does ``.`` after a leading ``INBOX`` (the habit of
+        Cyrus and Courier users): ``Failed``, ``INBOX/Failed`` and ``INBOX.Failed`` mean a
+        folder Failed at the top of the user's folders, or under INBOX, on every server. A name
+        at the top gets the personal namespace's prefix (``Failed`` is ``INBOX.Failed`` on
+        Cyrus); a name in another namespace (``user.bob.Failed``, ``#shared.x``) is taken as
+        written. Levels are joined with the server's delimiter.
+        """
+        if name.upper() == "INBOX" or self.delimiter is None:
+            return name
+        if any(prefix and name.startswith(prefix) for prefix in self.others):
+            return name
+        levels = [level for level in re.split(f"[/{re.escape(self.delimiter)}]", name) if level]
+        if levels and levels[0].upper().startswith("INBOX."):
+            levels[:1] = [level for level in levels[0].split(".") if level]
+        if not levels:
+            return name
+        if levels[0].upper() == "INBOX":
+            return self.delimiter.join(["INBOX", *levels[1:]])
+        personal = self.personal
+        if personal.upper().removesuffix(self.delimiter) == "INBOX":
+            personal = "INBOX" + self.delimiter  # however the server spells it
+        return personal + self.delimiter.join(levels)
+
+
+_NAMESPACE_TOKEN = re.compile(rb'\s*(?:(\()|(\))|(NIL)|"((?:[^"\\]|\\.)*)")', re.IGNORECASE)
+_QUOTED_PAIR = re.compile(rb"\\(.)")
+
+
+def parse_namespace(text: bytes) -> Hierarchy | None:
+    """The NAMESPACE response's data (RFC 2342 §5: three lists, personal, other users',
+    shared, each NIL or descriptions ``(prefix delimiter extensions...)``), or None when it is
+    not one (a literal, say) or names no personal namespace. Only the first personal namespace
+    counts; linear in ``text``."""
+    groups: list[list[tuple[str, str | None]]] = [[], [], []]
+    group = depth = 0
+    atoms: list[str | None] = []  # the current description's prefix and delimiter
+    position = 0
+    text = text.strip()
+    while position < len(text):
+        match = _NAMESPACE_TOKEN.match(text, position)
+        if match is None or group > 2:
+            return None
+        position = match.end()
+        opening, closing, nil, quoted = match.groups()
+        if opening:
+            depth += 1
+            if depth == 2:
+                atoms = []
+        elif closing:
+            if depth == 2 and len(atoms) >= 2 and atoms[0] is not None:
+                groups[group].append((atoms[0], atoms[1]))
+            depth -= 1
+            if depth < 0:
+                return None
+            if depth == 0:
+                group += 1
+        else:
+            atom = None if nil else _QUOTED_PAIR.sub(rb"\1", quoted).decode("utf-8", "replace")
+            if depth == 0:
+                group += 1  # NIL: no namespace of this kind
+            elif depth == 2:
+                atoms.append(atom)
+    if group != 3 or depth != 0 or not groups[0]:
+        return None
+    (prefix, delimiter), others = groups[0][0], groups[1] + groups[2]
+    return Hierarchy(delimiter=delimiter, personal=prefix, others=tuple(p for p, _ in others))
+
+
+_LIST_DELIMITER = re.compile(rb'^\([^)]*\) (?:"((?:[^"\\]|\\.)*)"|NIL) ', re.IGNORECASE)
+
+
+def parse_list_delimiter(line: bytes) -> tuple[bool, str | None]:
+    """``(\\Noselect) "/" ""``, the answer to ``LIST "" ""`` (RFC 3501 §6.3.8): whether
+    ``line`` is one, and the hierarchy delimiter (None: NIL, a flat server)."""
+    match = _LIST_DELIMITER.match(line)
+    if match is None:
+        return False, None
+    if match.group(1) is None:
+        return True, None
+    return True, _QUOTED_PAIR.sub(rb"\1", match.group(1)).decode("utf-8", "replace")
+
+
+def login_segments(user: str, password: str, *, literal_plus: bool) -> list[str]:
+    """``LOGIN user password`` (after the tag) in the pieces a client sends, each followed by
+    CRLF: the command line up to its first synchronising literal, then what follows each
+    continuation request (RFC 3501 §7.5).
+
+    An argument of printable ASCII is a quoted string; anything else (8-bit, control
+    characters) a literal, never a quoted string (RFC 3501 §4.3, §9: ``QUOTED-CHAR`` is 7-bit).
+    With LITERAL+ (RFC 7888) a literal needs no continuation: one piece.
+    """
+    segments = ["LOGIN"]
+    for value in (user, password):
+        if all(" " <= char <= "~" for char in value):
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+            segments[-1] += f' "{escaped}"'
+        elif literal_plus:
+            segments[-1] += f" {{{len(value.encode())}+}}\r\n{value}"
+        else:
+            segments[-1] += f" {{{len(value.encode())}}}"
+            segments.append(value)
+    return segments
 
 
 def response_text(response: Any) -> str:

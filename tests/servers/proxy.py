@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-__all__ = ["HttpProxy", "TcpServer", "pump"]
+__all__ = ["HttpProxy", "TcpRelay", "TcpServer", "pump"]
 
 
 class TcpServer:
@@ -89,6 +89,21 @@ class HttpProxy(TcpServer):
             )
             upstream_writer.write(f"{method} {path} {version}\r\n{headers}".encode("latin-1"))
         self.spawn(pump(reader, upstream_writer))
+        self.spawn(pump(upstream_reader, writer))
+
+
+class TcpRelay(TcpServer):
+    """Relays each connection to ``host:port``; ``sent`` records what the clients sent, to
+    look at the wire (an IMAP client's commands on a plain connection)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__()
+        self.target = (host, port)
+        self.sent = bytearray()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        self.spawn(pump(reader, upstream_writer, self.sent.extend))
         self.spawn(pump(upstream_reader, writer))
 
 
