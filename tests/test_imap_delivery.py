@@ -30,6 +30,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.servers.dovecot import Account, Dovecot
+from tests.servers.proxy import TcpRelay
 from tests.servers.webhook import WebhookReceiver
 
 PUSH_ONLY_S = 1740  # idle_timeout: no periodic sweep within a test, only IDLE pushes
@@ -146,6 +147,32 @@ async def test_tls_connections_share_one_read_buffer_and_each_reads_its_own(
 
     await asyncio.gather(*(session(n) for n in range(40)))
     assert len(views) == 1  # one buffer for the whole loop
+
+
+async def test_a_bursts_outcomes_are_settled_in_one_command_without_idling_between(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    """Issue 23: each outcome used to end an IDLE (DONE), go out alone (UID STORE) and IDLE
+    again; now the watcher awaits the outcomes of what it handed out without IDLE, and
+    settles them together."""
+    await dovecot.aappend_many(account, [message(n) for n in range(10)])
+    webhook.stall()  # the deliveries wait, as behind a slow webhook
+    async with TcpRelay(dovecot.host, dovecot.port) as relay:
+        box = mailbox_dict(dovecot, account, port=relay.port, ssl=False, ca_file=None)
+        async with running(parse_config(config_dict([box], webhook.url), env={})):
+            await webhook.wait_for(8)  # webhook.concurrency: eight wait on the webhook
+            fetched = bytes(relay.sent).count(b"BODY.PEEK[]")
+            webhook.release()
+            await webhook.wait_for(10)
+            await wait_until(lambda: all_seen(dovecot, account, 10), what="delivered and seen")
+            await wait_until(
+                lambda: bytes(relay.sent).count(b" IDLE\r\n") >= 1, what="idling again"
+            )
+    sent = bytes(relay.sent)
+    assert fetched == 1, sent  # the ten in one UID FETCH
+    before_outcomes, _, after = sent.partition(b" UID STORE ")
+    assert b" IDLE\r\n" not in before_outcomes, sent  # not while the outcomes were due
+    assert after.count(b" UID STORE ") <= 1, sent  # one, two on a slow machine
 
 
 async def test_mail_during_idle_arrives_by_push(
