@@ -291,7 +291,8 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         now = time.monotonic()
         if not self._settle_by:
             self._settle_by = now + SETTLE_LINGER_S
-        due = len(self._settlements) < self.pending
+        # Enough to free a FETCH window in a backlog; every outcome due otherwise.
+        due = len(self._settlements) < min(self.pending, FETCH_BATCH)
         if not due or now >= self._settle_by or self._stopping.is_set():
             self._settle_by = 0.0
             return False
