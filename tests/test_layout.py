@@ -4,6 +4,8 @@ names, and each stage's package says in its docstring what it owns and may impor
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import mailroom
@@ -46,3 +48,17 @@ def test_no_bare_asserts_in_production_code() -> None:
         if isinstance(node, ast.Assert)
     ]
     assert found == [], "raise an exception that says what broke, or narrow the type without"
+
+
+def test_the_command_line_starts_without_what_only_some_configs_use() -> None:
+    """msal (Graph) and PyJWT (webhook.jwt) are imported where they are first used: 3.5 MiB
+    of a start-up that an IMAP-only config never needs (issue 23)."""
+    code = (
+        "import sys, mailroom.cli, mailroom.kinds, mailroom.runtime.supervisor\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules}))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    for lazy in ("msal", "jwt"):
+        assert f"'{lazy}'" not in found, lazy

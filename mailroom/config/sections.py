@@ -7,8 +7,6 @@ import binascii
 import re
 from typing import Literal, cast
 
-import jwt
-
 from mailroom.config.model import (
     NOTICE_RETRY,
     ArbitrationConfig,
@@ -184,6 +182,8 @@ def _jwt(section: Section) -> JwtConfig:
             "(GitLab's secret files hold base64 of 32 random bytes; make one with: head -c 32 "
             "/dev/urandom | base64); for a plain-text secret set secret_encoding: raw",
         )
+    import jwt  # noqa: PLC0415  # here: 2 MiB at start where no webhook.jwt is set
+
     try:
         jwt.get_algorithm_by_name(config.algorithm).prepare_key(key)
     except jwt.InvalidKeyError as exc:  # empty, or shaped like a PEM, SSH or JWK key

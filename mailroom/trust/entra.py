@@ -24,7 +24,6 @@ import logging
 import time
 from typing import Any
 
-import msal
 import requests
 
 from mailroom.errors import TokenError
@@ -93,6 +92,8 @@ class TokenProvider(CachedToken):
         config = self._config
         self.close()
         self._session = HttpSession(config, HTTP_TIMEOUT_S)
+        import msal  # noqa: PLC0415  # here: 6.7 MiB at start that IMAP alone never needs
+
         return msal.ConfidentialClientApplication(
             config.client_id,
             client_credential=_credential(config),
