@@ -143,10 +143,14 @@ ARGS ?=
 demo-send: venv
 	$(BIN)/python examples/demo.py send $(ARGS)
 
-# bench/many_mailboxes.py: 1,000 mailboxes, plain IMAP (all phases, about 5 minutes), then the
-# start, RSS and idle CPU over TLS.
+# bench/backlog.py: one mailbox's 1,000-message backlog on loopback and at a 50 ms round trip
+# (bench/delay_proxy.py); bench/many_mailboxes.py: 1,000 mailboxes, plain IMAP (all phases,
+# about 5 minutes), then the start, RSS and idle CPU over TLS. py-spy (the bench extra) adds
+# wall-time profiles to the CPU-time ones of --profile DIR.
 bench: venv debs
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'
 	$(BIN)/python bench/imap_latency.py
+	$(BIN)/python bench/backlog.py
 	$(BIN)/python bench/parse_worst.py
 	$(BIN)/python bench/many_mailboxes.py
 	$(BIN)/python bench/many_mailboxes.py --tls --skip load,outage,big
