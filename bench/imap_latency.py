@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import imaplib
 import json
 import logging
@@ -31,7 +30,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.delay_proxy import DelayProxy  # noqa: E402
 from mailroom.config import parse_config  # noqa: E402
 from mailroom.kinds import KINDS  # noqa: E402
 from mailroom.runtime import supervisor  # noqa: E402
@@ -164,59 +163,12 @@ def settle_and_idle(conn: imaplib.IMAP4) -> None:
     time.sleep(0.05)
 
 
-class SlowLink:
-    """A loopback relay that holds every chunk ``delay_s`` in each direction (a WAN's round
-    trip of twice that), in a thread of its own: what each IMAP round trip costs shows."""
-
-    def __init__(self, host: str, port: int, delay_s: float) -> None:
-        self.target, self.delay_s = (host, port), delay_s
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        self.ready.wait(STEP_TIMEOUT_S)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        )
-        self.ready.set()
-        self.loop.run_forever()
-        server.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-        async def send() -> None:
-            while (item := await queue.get())[1]:
-                await asyncio.sleep(max(0.0, item[0] - time.monotonic()))
-                sink.write(item[1])
-
-        sender = asyncio.create_task(send())
-        with contextlib.suppress(ConnectionError):
-            while data := await source.read(65536):
-                queue.put_nowait((time.monotonic() + self.delay_s, data))
-        queue.put_nowait((0.0, b""))
-        await sender
-        sink.close()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(STEP_TIMEOUT_S)
-
-
 def mailroom_latency(dovecot: ImapServer, workdir: Path, rtt_ms: float = 0) -> list[float]:
     account = dovecot.add_user()
     port = free_port()
     hook = receiver(port)
     assert hook.stdout is not None
-    link = SlowLink(dovecot.host, dovecot.port, rtt_ms / 2000) if rtt_ms else None
+    link = DelayProxy(dovecot.host, dovecot.port, rtt_ms) if rtt_ms else None
     imap_port = link.port if link is not None else dovecot.port
     config = config_dict(
         [mailbox_dict(dovecot, account, port=imap_port, ssl=False, ca_file=None)],

@@ -94,49 +94,16 @@ class YamlBomb(yaml.YAMLError):
     """A document whose aliases expand beyond ``MAX_EXPANDED_NODES``, or refer to themselves."""
 
 
-class _Careful:
-    """What both loaders do: keep going where a value cannot be constructed (an ``Invalid``
-    instead), so that the error can name the path of that value, and refuse a document whose
+class _Loader(yaml.SafeLoader):
+    """``SafeLoader`` that keeps going where a value cannot be constructed (an ``Invalid``
+    instead), so that the error can name the path of that value, and refuses a document whose
     aliases would expand it beyond ``MAX_EXPANDED_NODES`` values (``YamlBomb``)."""
 
-    constructed_objects: dict[Any, Any]
-    recursive_objects: dict[Any, Any]
-    deep_construct: bool
-
     def get_single_node(self) -> Any:
-        node = super().get_single_node()  # type: ignore[misc]
+        node = super().get_single_node()
         if node is not None:
             _expanded_size(node)
         return node
-
-    def construct_object(self, node: Any, deep: bool = False) -> Any:
-        if node in self.constructed_objects:
-            return self.constructed_objects[node]
-        nested = node in self.recursive_objects
-        deep_before = self.deep_construct
-        try:
-            return super().construct_object(node, deep)  # type: ignore[misc]
-        except Exception as exc:
-            # Constructors raise what they meet, with the value in the message: int('Secret'),
-            # an unknown tag '!Secret', AttributeError from !!timestamp Secret. Keep neither,
-            # only what kind of value it was meant to be.
-            self.deep_construct = deep_before
-            invalid = Invalid(_reason(node, exc), node.start_mark.line + 1)
-            if not nested:
-                self.recursive_objects.pop(node, None)
-                self.constructed_objects[node] = invalid
-            return invalid
-
-
-# libyaml's parser, where PyYAML has it: 1,000 mailboxes took 0.76 s of the start-up to read in
-# Python, 0.04 s so (issue 23). A document it cannot read is read again by ``_Loader``, whose
-# errors name the path and the line.
-_FAST = getattr(yaml, "CSafeLoader", None) if yaml.__with_libyaml__ else None
-
-
-class _Loader(_Careful, yaml.SafeLoader):
-    """``SafeLoader`` with ``_Careful``, and an alias whose anchor is not defined read as a
-    value that cannot be constructed (so that its path is told)."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         # An alias whose anchor is not defined: `password: *Secret` (a password starting
@@ -148,8 +115,23 @@ class _Loader(_Careful, yaml.SafeLoader):
                 return yaml.ScalarNode(_UNDEFINED_ALIAS, "", event.start_mark, event.end_mark)
         return super().compose_node(parent, index)
 
-
-_FastLoader: type | None = type("_FastLoader", (_Careful, _FAST), {}) if _FAST else None
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        if node in self.constructed_objects:
+            return self.constructed_objects[node]
+        nested = node in self.recursive_objects
+        deep_before = self.deep_construct
+        try:
+            return super().construct_object(node, deep)
+        except Exception as exc:
+            # Constructors raise what they meet, with the value in the message: int('Secret'),
+            # an unknown tag '!Secret', AttributeError from !!timestamp Secret. Keep neither,
+            # only what kind of value it was meant to be.
+            self.deep_construct = deep_before
+            invalid = Invalid(_reason(node, exc), node.start_mark.line + 1)
+            if not nested:
+                self.recursive_objects.pop(node, None)
+                self.constructed_objects[node] = invalid
+            return invalid
 
 
 def _reason(node: Any, exc: Exception) -> str:
@@ -165,33 +147,6 @@ def _reason(node: Any, exc: Exception) -> str:
 
 def load(text: str, name: str) -> Any:
     """The YAML document in ``text`` (from file ``name``) as plain values, or ``ConfigError``."""
-    data = _fast(text)
-    if data is None:
-        data = _careful(text, name)
-    for path, value in walk(data):
-        if isinstance(value, Invalid):
-            raise ConfigError(
-                path, f"{value.reason} ({name}, line {value.line}); put the value in quotes"
-            )
-    return data
-
-
-def _fast(text: str) -> Any:
-    """The document read by libyaml, or None when it cannot be (``_careful`` tells why)."""
-    # PyYAML refuses tabs in places where libyaml takes them (found by the fuzz test).
-    if _FastLoader is None or "\t" in text:
-        return None
-    loader = _FastLoader(text)
-    try:
-        data = loader.get_single_data()
-    except (yaml.YAMLError, RecursionError, ValueError):
-        return None
-    finally:
-        loader.dispose()
-    return data
-
-
-def _careful(text: str, name: str) -> Any:
     try:
         loader = _Loader(text)
     except yaml.reader.ReaderError as exc:
@@ -214,6 +169,11 @@ def _careful(text: str, name: str) -> Any:
         raise ConfigError("", f"{name}: nested too deeply to be a mailroom config") from None
     finally:
         loader.dispose()
+    for path, value in walk(data):
+        if isinstance(value, Invalid):
+            raise ConfigError(
+                path, f"{value.reason} ({name}, line {value.line}); put the value in quotes"
+            )
     return data
 
 
