@@ -577,6 +577,7 @@ async def test_mailroom_check_speaks_lhlo_and_tries_recipients(
         ({"listen": "example.com:24"}, "'example.com' is not a loopback address"),
         ({"listen": "2424"}, "mailboxes[0].listen: '2424' is not host:port"),
         ({"listen": "::1:24"}, "'::1:24' is not host:port"),
+        ({"listen": "127.0.0.1:99999"}, "listen: port 99999 is out of range; use a value from 0"),
         ({"listen": "unix:run/lmtp.sock"}, "is not an absolute path"),
         ({"listen": "127.0.0.1:24", "socket_mode": "0660"}, "socket_mode: is for a unix socket"),
         ({"host": "imap.example.com"}, "mailboxes[0].host: is a setting of a mailbox on a server"),
