@@ -191,7 +191,22 @@ def test_duplicate_ids_and_empty_documents() -> None:
     data["mailboxes"].append(dict(data["mailboxes"][0]))
     assert error_of(data).startswith("mailboxes[1].id: 'a' is used twice")
     assert error_of({"webhook": {"url": "https://x"}}).startswith("mailboxes: is required")
-    assert error_of(["not", "a", "mapping"]).startswith("expected a mapping of keys, got a list")
+
+
+def test_a_wrong_shape_says_what_to_write_instead() -> None:
+    assert error_of(["not", "a", "mapping"]) == (
+        "expected a mapping of keys, got a list; a config is key: value lines, mailboxes: and "
+        "webhook: among them (`mailroom sample-config` writes one)"
+    )
+    assert error_of({**minimal(), "health": {"listen": "127.0.0.1:99999"}}) == (
+        "health.listen: port 99999 is out of range; use a value from 0 to 65535"
+    )
+    assert error_of({**minimal(), "health": {"listen": "8080"}}).startswith(
+        "health.listen: '8080' is not host:port"
+    )
+    assert error_of({**minimal(), "webhook": "https://app.example.com/in"}) == (
+        "webhook: expected a mapping of keys, got str; write key: value lines, indented under it"
+    )
 
 
 def test_load_config_reports_yaml_syntax(tmp_path: Path) -> None:

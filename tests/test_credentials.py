@@ -82,8 +82,12 @@ def test_wrong_key_is_told_apart_from_a_changed_file(tmp_path: Path, key: creden
         credentials.read(path, other)
     assert str(wrong.value) == (
         f"wrong key for {path}: it was encrypted with key id {key.id}, the key from key file k2 "
-        f"has key id {other.id}"
+        f"has key id {other.id}; give the key it was encrypted with (--key-file, "
+        "MAILROOM_CREDENTIALS_KEY or credentials.key_file)"
     )
+    from_env = credentials.Key(other.value, "MAILROOM_CREDENTIALS_KEY")
+    with pytest.raises(CredentialsError, match=r"wins over credentials\.key_file: unset it"):
+        credentials.read(path, from_env)
 
     header, body = path.read_text().strip().rsplit(":", 1)
     raw = bytearray(base64.b64decode(body))

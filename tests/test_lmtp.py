@@ -20,6 +20,7 @@ import smtplib
 import socket
 import ssl
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -577,6 +578,7 @@ async def test_mailroom_check_speaks_lhlo_and_tries_recipients(
         ({"listen": "example.com:24"}, "'example.com' is not a loopback address"),
         ({"listen": "2424"}, "mailboxes[0].listen: '2424' is not host:port"),
         ({"listen": "::1:24"}, "'::1:24' is not host:port"),
+        ({"listen": "127.0.0.1:99999"}, "listen: port 99999 is out of range; use a value from 0"),
         ({"listen": "unix:run/lmtp.sock"}, "is not an absolute path"),
         ({"listen": "127.0.0.1:24", "socket_mode": "0660"}, "socket_mode: is for a unix socket"),
         ({"host": "imap.example.com"}, "mailboxes[0].host: is a setting of a mailbox on a server"),
@@ -766,3 +768,49 @@ async def test_a_unix_socket_something_listens_on_is_not_taken_over(
         f"mailboxes[mx].listen: something already listens on unix:{path} (another "
         "mailroom?); stop it, or choose another path"
     )
+
+
+async def test_the_by_hand_script_prints_every_recipients_reply(webhook: WebhookReceiver) -> None:
+    """examples/lmtp/send.py (docs/lmtp.md, "Try it by hand"): where smtplib.LMTP's sendmail
+    reads only the first reply after DATA, it prints one per recipient, and its exit status
+    says whether all were taken; the envelope sender defaults to the message's From."""
+    webhook.respond_for("k2", 422, REJECT, JSON)
+    port = free_port()
+    script = str(ROOT / "examples" / "lmtp" / "send.py")
+    raw = message(1)  # the same bytes twice: the same webhook-id for k1
+
+    async def run(*args: str) -> tuple[int, list[str]]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            script,
+            f"127.0.0.1:{port}",
+            "-",
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            out, _ = await process.communicate(raw)
+        return await process.wait(), out.decode().splitlines()
+
+    async with listening(lmtp_config(webhook.url, f"127.0.0.1:{port}"), port):
+        status, lines = await run("--to", address("k1"))
+        assert status == 0
+        mixed, more = await run(
+            "--to", address("k1"), "--to", "stranger@example.com", "--to", address("k2")
+        )
+    webhook_id = webhook.requests[0].headers["webhook-id"]
+    assert lines == [
+        f"RCPT <{address('k1')}>: 250 2.1.5 recipient ok",
+        f"DATA <{address('k1')}>: 250 2.0.0 {webhook_id} delivered",
+    ]
+    assert webhook.requests[0].json()["from"]["address"] == "sender1@example.org"
+    assert raw_of(webhook.requests[0]).startswith(b"Return-Path: <sender1@example.org>\r\n")
+    assert mixed == 1
+    assert more == [
+        f"RCPT <{address('k1')}>: 250 2.1.5 recipient ok",
+        "RCPT <stranger@example.com>: 550 5.1.1 <stranger@example.com>: no such recipient here",
+        f"RCPT <{address('k2')}>: 250 2.1.5 recipient ok",
+        f"DATA <{address('k1')}>: 250 2.0.0 {webhook_id} delivered",
+        f"DATA <{address('k2')}>: 550 5.7.1 no such project",
+    ]

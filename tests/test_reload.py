@@ -18,6 +18,8 @@ import redis.asyncio as aioredis
 import yaml
 
 from mailroom.config import Config, load_config, parse_config
+from mailroom.delivery.dispatch import Dispatcher
+from mailroom.envelope import Envelope, Outcome
 from mailroom.kinds import KINDS
 from mailroom.runtime import supervisor
 from tests.helpers import Process, config_dict, mailbox_dict, message, wait_until
@@ -377,3 +379,60 @@ async def test_reload_watch_follows_a_kubernetes_configmap_swap(
 
 async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in record.getMessage() for record in caplog.records)
+
+
+async def test_a_reload_that_fixes_the_webhook_url_takes_the_messages_waiting_to_retry() -> None:
+    """The newcomer's mistake: a wrong webhook.url (404, "retrying until fixed"), fixed by a
+    reload. Messages waiting for their next attempt, or for the open circuit, go to the new
+    URL at once, under the same webhook-id, not to the old one until a restart; those of a
+    mailbox the reload removed are left for the next run."""
+    box = {
+        "id": "incoming",
+        "address": "incoming+%{key}@example.com",
+        "host": "127.0.0.1",
+        "user": "incoming",
+        "password": "secret",
+    }
+    async with WebhookReceiver() as wrong, WebhookReceiver() as right:
+        wrong.respond(404)
+        gone = {**box, "id": "gone", "user": "gone", "webhook": {"url": f"{wrong.url}gone"}}
+        data = config_dict([box, gone], wrong.url)
+        data["webhook"]["retry"] = {"initial": 600, "max": 600}  # no retry comes by itself
+        settled: dict[str, asyncio.Future[Outcome]] = {}
+        released: list[bool] = []
+
+        def envelope(mailbox: str, n: int) -> Envelope:
+            done = settled[f"msg_{n:032x}"] = asyncio.get_running_loop().create_future()
+
+            async def settle(outcome: Outcome, why: str) -> None:
+                done.set_result(outcome)
+
+            raw = message(n)
+            return Envelope(
+                mailbox=mailbox,
+                ref=f"uid {n}",
+                idempotency_key=f"msg_{n:032x}",
+                raw=raw,
+                size=len(raw),
+                _settle=settle,
+                _release=released.append,
+            )
+
+        async with Dispatcher(parse_config(copy.deepcopy(data), env={})) as dispatcher:
+            # Five failures in a row open the circuit: the first messages wait out their retry
+            # delay (600 s), the others the circuit's next probe.
+            for n in range(1, 7):
+                dispatcher.submit(envelope("incoming", n))
+            dispatcher.submit(envelope("gone", 7))
+            await wrong.wait_for(7)
+            fixed = copy.deepcopy(data)
+            fixed["webhook"]["url"] = right.url
+            fixed["mailboxes"] = [box]
+            dispatcher.apply(dispatcher.prepare(parse_config(fixed, env={})))
+            async with asyncio.timeout(30):
+                outcomes = await asyncio.gather(*list(settled.values())[:6])
+            assert await dispatcher.drain(30) == 0
+        assert outcomes == [Outcome.DELIVERED] * 6
+        assert sorted(right.delivered()) == sorted(settled)[:6]  # each once, under its own id
+        assert len(wrong.requests) == 7
+        assert released == [False] and not settled[f"msg_{7:032x}"].done()

@@ -205,3 +205,18 @@ def test_route_still_needs_what_routing_reads(
     path.write_text(yaml.safe_dump(config_data(address="${INCOMING_ADDRESS}")))
     assert cli.main(["route", "-c", str(path), str(EML / "key_to.eml")]) == 2
     assert "environment variable INCOMING_ADDRESS is not set" in capsys.readouterr().err
+
+
+def test_forward_all_says_that_nothing_matched_and_it_is_posted_all_the_same() -> None:
+    """GitLab's routing: forward_all posts what matches no address too: no "None" shown."""
+    data = {**config_data(address="other+%{key}@elsewhere.example.com"), "routing": {}}
+    data["routing"]["mode"] = "forward_all"
+    config = parse_config(data, env={})
+    lines = route.describe((EML / "key_to.eml").read_bytes(), config.mailboxes[0], config)
+    assert lines[1:4] == [
+        "matched:  nothing fits other+%{key}@elsewhere.example.com; routing: forward_all posts "
+        "it all the same (the application matches it)",
+        "key:      none",
+        "decision: deliver: POST to https://app.example.com:443 (webhook.url), format json",
+    ]
+    assert json.loads("\n".join(lines[5:]))["key"] is None

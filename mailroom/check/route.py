@@ -68,11 +68,17 @@ def describe(raw: bytes, mailbox: MailboxConfig, config: Config) -> list[str]:
     parsed = verdict.parsed
     if isinstance(delivered := verdict.decision, routing.Deliver):  # Action.DELIVER
         hook = mailbox.webhook
-        lines += [
-            f"matched:  {delivered.matched_header}",
-            f"key:      {delivered.key}",
-            f"decision: deliver: POST to {origin(hook.url)} (webhook.url), format {hook.format}",
-        ]
+        if delivered.matched_header is None:  # routing: forward_all, and no address matched
+            lines += [
+                f"matched:  nothing fits {rules.address.template}; routing: forward_all posts "
+                "it all the same (the application matches it)",
+                "key:      none",
+            ]
+        else:
+            lines += [f"matched:  {delivered.matched_header}", f"key:      {delivered.key}"]
+        lines.append(
+            f"decision: deliver: POST to {origin(hook.url)} (webhook.url), format {hook.format}"
+        )
         lines += _payload(parsed, mailbox, delivered)
         return lines
     if verdict.action is Action.IGNORE:

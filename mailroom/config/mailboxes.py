@@ -340,8 +340,10 @@ def _listen(section: Section, allow_remote: bool) -> Listen:
     host, _, port = text.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     host = host.removeprefix("[").removesuffix("]")
-    if not host or not port.isdigit() or int(port) > 65535 or (":" in host and not bracketed):
+    if not host or not port.isdigit() or (":" in host and not bracketed):
         section.fail("listen", f"{shown(text)} is not host:port; write {_LISTEN_EXAMPLE}")
+    if int(port) > 65535:
+        section.fail("listen", f"port {port} is out of range; use a value from 0 to 65535")
     if not allow_remote and not _loopback(host):
         section.fail(
             "listen",

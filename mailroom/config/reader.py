@@ -143,7 +143,16 @@ class Section:
         offline: bool = False,
     ) -> None:
         if not isinstance(data, dict):
-            self._fail(path, f"expected a mapping of keys, got {kind(data)}")
+            self._fail(
+                path,
+                f"expected a mapping of keys, got {kind(data)}; "
+                + (
+                    "write key: value lines, indented under it"
+                    if path
+                    else "a config is key: value lines, mailboxes: and webhook: among them "
+                    "(`mailroom sample-config` writes one)"
+                ),
+            )
         self.data: dict[Any, Any] = data
         self.path = path
         self.env = env

@@ -9,7 +9,7 @@ __all__ = ["SAMPLE", "SAMPLE_HINT"]
 SAMPLE_HINT = "`mailroom sample-config > mailroom.yml` writes a minimal one to start from"
 
 SAMPLE = """\
-# mailroom: one IMAP mailbox, one webhook. Every option: examples/mailroom.yml.
+# mailroom: one IMAP mailbox, one webhook. Every option: examples/mailroom.yml in the clone.
 mailboxes:
   - id: incoming
     address: "incoming+%{key}@example.com"  # %{key}: the part the webhook gets as "key"

@@ -391,8 +391,10 @@ def parse_health(section: Section) -> HealthConfig:
     listen = str(section.text("listen", "127.0.0.1:8080"))
     host, _, port = listen.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")  # [::1]:8080
-    if not host or not port.isdigit() or int(port) > 65535:
+    if not host or not port.isdigit():
         section.fail("listen", f"{shown(listen)} is not host:port; write it like 127.0.0.1:8080")
+    if int(port) > 65535:
+        section.fail("listen", f"port {port} is out of range; use a value from 0 to 65535")
     config = HealthConfig(
         host=host,
         port=int(port),

@@ -29,7 +29,7 @@ from mailroom.config import ArbitrationConfig, Config, MailboxConfig, WebhookCon
 from mailroom.delivery import notices
 from mailroom.delivery.claims import Claim, Claims, MailRoomClaims
 from mailroom.delivery.markers import UNKNOWN, Markers, Shared
-from mailroom.delivery.posting import Deferred, Webhook, Webhooks
+from mailroom.delivery.posting import Deferred, Superseded, Webhook, Webhooks
 from mailroom.delivery.reject import Notifier
 from mailroom.delivery.sidekiq import JobQueue
 from mailroom.delivery.webhook import Rejected, payload_body
@@ -115,11 +115,12 @@ class Dispatcher:
     def apply(self, prepared: Prepared) -> None:
         """Take a (re)loaded config: new deliveries use its mailboxes, webhooks and notices.
 
-        Deliveries already under way finish with the settings they started with.
+        A delivery waiting to try a webhook again that the new config changed is decided again
+        under it (``Superseded``); the others finish with the settings they started with.
         """
         self._config = prepared.config
         self._mailboxes = {m.id: m for m in prepared.config.mailboxes}
-        self._webhooks.by_config = prepared.webhooks
+        self._webhooks.use(prepared.webhooks)
         self._notifier = prepared.notifier
 
     def submit(self, envelope: Envelope) -> None:
@@ -218,6 +219,25 @@ class Dispatcher:
         """Decide, deliver and settle ``envelope``."""
         try:
             outcome = await self._decide(envelope, mailbox, fields)
+            while isinstance(outcome, Superseded):  # once per reload that changed its webhook
+                current = self._mailboxes.get(envelope.mailbox)
+                if current is None:  # the reload removed its mailbox, which is stopping
+                    log.info(
+                        "%s: %s: its mailbox is no longer configured; left for the next run",
+                        envelope.mailbox,
+                        envelope.ref,
+                        extra=fields,
+                    )
+                    envelope.release(hold=False)
+                    self._monitor.released(envelope.mailbox)
+                    return
+                log.info(
+                    "%s: %s: the reload changed its webhook; deciding again with the new config",
+                    envelope.mailbox,
+                    envelope.ref,
+                    extra=fields,
+                )
+                outcome = await self._decide(envelope, current, fields)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -274,10 +294,10 @@ class Dispatcher:
 
     async def _decide(
         self, envelope: Envelope, mailbox: MailboxConfig, fields: dict[str, Any]
-    ) -> Outcome | Deferred | None:
+    ) -> Outcome | Deferred | Superseded | None:
         """The outcome of ``envelope`` (``fields["why"]``: its reason, for a refusal); None in
         a dry run (nothing is to be settled); ``Deferred`` when a push source's deadline came
-        first."""
+        first; ``Superseded`` when a reload replaced its webhook before it got an answer."""
         parsed = await _off_loop(len(envelope.raw), message.parse, envelope.raw)
         fields["message_id"] = parsed.message_id
         verdict = decide(

@@ -7,6 +7,11 @@ answer means (``webhook.classify``). Each webhook has a circuit breaker (``mailr
 during an outage one probe request goes at a time and the other messages wait without sending
 or logging. Requests go through the proxy ``mailroom.proxies`` names for the URL.
 
+A reload that changes a webhook retires the old one (``Webhooks.use``): a message waiting
+there for its next attempt, or for an open circuit, stops waiting and is answered
+``Superseded``, and the dispatcher decides it again under the new config. A request already
+sent is not interrupted.
+
 A push source's message has a deadline (``Envelope.deadline``): its sender waits for the reply.
 It does not wait for an open circuit (unless it may be the probe), no request runs past the
 deadline and no retry is scheduled beyond it: the answer is ``Deferred`` instead, and the
@@ -19,9 +24,9 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -47,7 +52,7 @@ from mailroom.redact import error_text
 from mailroom.trust.proxies import proxy_for
 from mailroom.trust.tls import client_context
 
-__all__ = ["Deferred", "Webhook", "Webhooks"]
+__all__ = ["Deferred", "Superseded", "Webhook", "Webhooks"]
 
 log = logging.getLogger("mailroom.delivery.dispatch")
 
@@ -55,6 +60,7 @@ log = logging.getLogger("mailroom.delivery.dispatch")
 # transport copied a 25 MB message's 33 MB body twice over (measured by
 # bench/many_mailboxes.py), and aiohttp warns about raw bytes over 1 MiB.
 SLICED_BODY_BYTES = 1024 * 1024
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,15 @@ class Deferred:
     """Not now: a push source's deadline comes first (``why`` says what the webhook did)."""
 
     why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Superseded:
+    """Not here: a reload replaced the webhook while the message waited for its next attempt
+    (the dispatcher decides it again under the new config)."""
+
+
+SUPERSEDED = Superseded()
 
 
 class Webhook:
@@ -83,6 +98,8 @@ class Webhook:
         # Looked up once, from the environment as it is when the webhook is first configured
         # (a reload with another proxy: makes a new webhook), not for every request.
         self.proxy = proxy_for(config.url, config.proxy)
+        # Set when a reload leaves this webhook out: its waiting messages go to the new one.
+        self.retired = asyncio.Event()
 
     def headers(self, envelope: Envelope, key: str | None, body: bytes) -> dict[str, str]:
         headers = request_headers(
@@ -129,6 +146,15 @@ class Webhooks:
             for hook, label in named.items()
         }
 
+    def use(self, webhooks: dict[WebhookConfig, Webhook]) -> None:
+        """Take the webhooks ``prepare`` made; retire those left out, so that no message keeps
+        retrying a URL the config no longer names (a wrong one, fixed by a reload)."""
+        kept = {id(webhook) for webhook in webhooks.values()}
+        for webhook in self.by_config.values():
+            if id(webhook) not in kept:
+                webhook.retired.set()
+        self.by_config = webhooks
+
     def _queue(self, hook: WebhookConfig) -> JobQueue | None:
         if hook.sidekiq is None:
             return None
@@ -143,17 +169,24 @@ class Webhooks:
         config: WebhookConfig,
         body: bytes,
         fields: dict[str, Any],
-    ) -> Outcome | Rejected | Deferred:
+    ) -> Outcome | Rejected | Deferred | Superseded:
         """Post ``body`` until the webhook gives an answer that settles it (or, with a
-        deadline, until the deadline: ``Deferred``). ``fields["why"]`` says why a message was
-        refused for good."""
+        deadline, until the deadline: ``Deferred``; or until a reload retires the webhook:
+        ``Superseded``). ``fields["why"]`` says why a message was refused for good."""
         webhook = self.by_config[config]
         circuit = webhook.circuit
         retry = Retry(config.retry.backoff)
         deadline = envelope.deadline
         last = "no attempt yet"
         while True:
-            if not await circuit.admit(retry.left_s if deadline is None else 0.0):
+            if webhook.retired.is_set():
+                return SUPERSEDED
+            admit = circuit.admit(retry.left_s if deadline is None else 0.0)
+            # An open circuit may keep it waiting for minutes: a reload must be able to end that.
+            admitted = await _unless_retired(webhook, admit) if circuit.is_open else await admit
+            if admitted is SUPERSEDED:
+                return SUPERSEDED
+            if not admitted:
                 if deadline is not None:
                     return Deferred(f"the webhook's circuit is open (last: {last})")
                 return _give_up(envelope, retry, "the webhook's circuit is open", fields)
@@ -191,7 +224,7 @@ class Webhooks:
                     return _give_up(envelope, retry, last, fields)
                 if deadline is not None and time.monotonic() + delay >= deadline:
                     return Deferred(last)
-                await retry.wait(
+                waited = retry.wait(
                     log,
                     logging.ERROR if exc.misconfigured else logging.WARNING,
                     f"{envelope.mailbox}: {envelope.ref}: webhook",
@@ -199,6 +232,8 @@ class Webhooks:
                     delay_s=delay,
                     fields=fields,
                 )
+                if await _unless_retired(webhook, waited) is SUPERSEDED:
+                    return SUPERSEDED
             except BaseException:
                 circuit.abandoned()
                 raise
@@ -287,6 +322,31 @@ async def _off_thread(size: int, function: Callable[..., str], *args: Any) -> st
     if size <= 64 * 1024:
         return function(*args)
     return await asyncio.to_thread(function, *args)
+
+
+async def _unless_retired(webhook: Webhook, waiting: Coroutine[Any, Any, T]) -> T | Superseded:
+    """``await waiting``, unless a reload retires ``webhook`` first: then ``waiting`` is
+    cancelled and the answer is ``SUPERSEDED``. An admission the circuit granted that is not
+    used (the webhook retired meanwhile, or this delivery cancelled) is given back."""
+    task = asyncio.ensure_future(waiting)
+    retired = asyncio.ensure_future(webhook.retired.wait())
+    used = False
+    try:
+        await asyncio.wait((task, retired), return_when=asyncio.FIRST_COMPLETED)
+        if task.done() and not webhook.retired.is_set():
+            used = True
+            return task.result()
+        return SUPERSEDED
+    finally:
+        retired.cancel()
+        if not used:
+            task.cancel()  # nothing, if it is done
+            task.add_done_callback(lambda done: _give_back(webhook, done))
+
+
+def _give_back(webhook: Webhook, done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is None and done.result() is True:
+        webhook.circuit.abandoned()  # the circuit let it through, perhaps as its probe
 
 
 async def _slot(webhook: Webhook, deadline: float | None) -> bool:

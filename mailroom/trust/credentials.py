@@ -187,9 +187,14 @@ def decrypt(data: bytes, key: Key, *, name: str) -> bytes:
             f"{name} has format {version!r}; this mailroom reads {VERSION}: upgrade mailroom"
         )
     if key_id != key.id:
+        where = (
+            f"{KEY_ENV} is set and wins over credentials.key_file: unset it to use the file"
+            if key.source == KEY_ENV
+            else f"--key-file, {KEY_ENV} or credentials.key_file"
+        )
         raise CredentialsError(
             f"wrong key for {name}: it was encrypted with key id {key_id}, the key from "
-            f"{key.source} has key id {key.id}"
+            f"{key.source} has key id {key.id}; give the key it was encrypted with ({where})"
         )
     try:
         raw = base64.b64decode(body, validate=True)
