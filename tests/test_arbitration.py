@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailroom.arbitration import RedisStore
+from mailroom.arbitration.store import RedisStore
 from mailroom.config import ArbitrationConfig, ConfigError, ImapMailboxConfig, parse_config
 from mailroom.errors import ArbitrationError
 from mailroom.sources.imap import webhook_id

@@ -20,7 +20,7 @@ from yarl import URL
 
 from mailroom.config import parse_config
 from mailroom.redact import error_text
-from mailroom.trust.tokens import ANSWER_MAX_BYTES, HttpSession
+from mailroom.trust.http import ANSWER_MAX_BYTES, HttpSession
 from mailroom.trust.values import OAuthConfig
 from tests.helpers import config_dict, logged, mailbox_dict, message, running, wait_until
 from tests.servers import tls

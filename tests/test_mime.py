@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import email.message
 import email.utils
 import re
@@ -207,3 +208,12 @@ def test_nesting_is_capped() -> None:
 )
 def test_decode_bytes_only_with_mail_charsets(data: bytes, charset: str, expected: str) -> None:
     assert decode_bytes(data, charset) == expected
+
+
+def test_the_mail_charsets_are_the_names_python_gives_their_codecs() -> None:
+    """Written out rather than looked up at import (70 codec modules, issue 23): each must be a
+    codec's own name, or a declared charset of it would never match."""
+    assert len(mime._MAIL_CODECS) == 63
+    assert sorted(n for n in mime._MAIL_CODECS if codecs.lookup(n).name != n) == []
+    labels = ("ISO-8859-2", "EUC-JP", "Shift-JIS-2004", "ISO-2022-KR", "utf-16le", "latin2")
+    assert {codecs.lookup(label).name for label in labels} <= mime._MAIL_CODECS

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailroom import cli
-from mailroom.arbitration import RedisStore
+from mailroom.arbitration.store import RedisStore
 from mailroom.config import parse_config
 from tests.helpers import Process, config_dict, mailbox_dict, message, wait_until
 from tests.servers.dovecot import Account, Dovecot, free_port

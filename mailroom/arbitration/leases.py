@@ -44,11 +44,14 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from mailroom.arbitration.store import KEY_DIGITS, Lease, RedisStore
 from mailroom.config import Config, MailboxConfig
 from mailroom.errors import ArbitrationError
 from mailroom.observe.monitor import LeaseChange, Monitor
+
+if TYPE_CHECKING:  # the store (and redis) is imported only where replicas are configured
+    from mailroom.arbitration.store import Lease, RedisStore
 
 __all__ = ["Coordinator", "conflicts"]
 
@@ -59,8 +62,7 @@ TICK_MAX_S = 1.0
 
 def _foreign(config: MailboxConfig, lease: Lease | None) -> bool:
     """``lease`` (of ``config``'s id) is held for another mailbox."""
-    key = lease.mailbox_key if lease is not None else None
-    return key is not None and key != config.identity[:KEY_DIGITS]
+    return lease is not None and lease.held_for_another(config.identity)
 
 
 def _conflict(config: MailboxConfig, lease: Lease, namespace: str) -> str:

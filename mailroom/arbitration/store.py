@@ -49,7 +49,6 @@ from mailroom.trust import tls
 __all__ = [
     "COMMAND_TIMEOUT_S",
     "MAIL_ROOM_CLAIM_S",
-    "JobQueues",
     "Lease",
     "RedisQueue",
     "RedisStore",
@@ -143,6 +142,11 @@ class Lease:
         """The mailbox key the holder gave (None: a lease of a version before 0.2)."""
         holder = self.value.rpartition(" ")[0]
         return holder.partition("/")[0] if "/" in holder else None
+
+    def held_for_another(self, key: str) -> bool:
+        """Held for a mailbox other than the one whose ``identity.mailbox_key`` is ``key``."""
+        mine = self.mailbox_key
+        return mine is not None and mine != key[:KEY_DIGITS]
 
 
 def _tls_connection(base: type[Any], context: ssl.SSLContext) -> type[Any]:
@@ -393,21 +397,3 @@ class RedisQueue:
         for client in (self._redis, *self._sentinels):
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await client.aclose()
-
-
-class JobQueues:
-    """The Sidekiq Redis of each config, built once (two mailboxes on one Redis share it)."""
-
-    def __init__(self) -> None:
-        self._queues: dict[ArbitrationConfig, RedisQueue] = {}
-
-    def __call__(self, config: ArbitrationConfig) -> RedisQueue:
-        queue = self._queues.get(config)
-        if queue is None:
-            queue = self._queues[config] = RedisQueue(config)
-        return queue
-
-    async def close(self) -> None:
-        for queue in self._queues.values():
-            await queue.close()
-        self._queues.clear()

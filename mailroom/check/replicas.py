@@ -4,10 +4,14 @@ Sidekiq queues of ``delivery_method: sidekiq`` (they answer; how many jobs wait)
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from mailroom import arbitration
 from mailroom.check.report import Finding, Report, Status, Target
 from mailroom.config import Config, webhook_labels
+
+if TYPE_CHECKING:
+    from mailroom.arbitration.store import RedisQueue
 
 __all__ = ["run", "sidekiq"]
 
@@ -22,9 +26,7 @@ async def sidekiq(report: Report, config: Config) -> None:
                 continue
             queue = queues(settings.redis)
 
-            async def waiting(
-                queue: arbitration.RedisQueue = queue, key: str = settings.key
-            ) -> Finding:
+            async def waiting(queue: RedisQueue = queue, key: str = settings.key) -> Finding:
                 count = await queue.length(key)
                 return Status.OK, f"Redis answers; {count} job(s) waiting in {key}"
 
@@ -38,7 +40,7 @@ async def run(report: Report, config: Config) -> None:
     settings = config.arbitration
     if not settings.enabled:
         return
-    store = arbitration.store(settings)
+    store = arbitration.redis_store(settings)
     target = Target(report, f"arbitration[{settings.describe()}]")
     ids = [m.id for m in config.mailboxes if m.leased]  # a listener runs on every replica
 

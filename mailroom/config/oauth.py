@@ -18,11 +18,6 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-
 from mailroom.config.reader import Section, shown
 from mailroom.trust.values import (
     GOOGLE_TOKEN_URI,
@@ -178,6 +173,12 @@ def load_private_key(pem: str, *, with_certificate: bool = False) -> tuple[str, 
 
     ``ValueError`` says what is wrong in words of its own: never a part of ``pem``.
     """
+    # here: cryptography's x509 and RSA, 10 MiB at start that configs without a key never need
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
     data = pem.encode("utf-8", "replace")
     what = "the app's private key and its certificate" if with_certificate else "a private key"
     try:

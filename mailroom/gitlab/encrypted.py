@@ -32,9 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from mailroom.config.document import load as load_yaml
 from mailroom.config.reader import read_regular
 from mailroom.errors import ConfigError
@@ -77,6 +74,10 @@ def _parts(data: bytes, name: str) -> tuple[bytes, bytes, bytes]:
 def decrypt(data: bytes, base_keys: Sequence[str], *, name: str) -> str:
     """The YAML text in ``data`` (the content of the file ``name``), decrypted with the first of
     ``base_keys`` (the current key, then the rotated ones) that authenticates it."""
+    # here: cryptography, 9 MiB at start where no encrypted settings are read
+    from cryptography.exceptions import InvalidTag  # noqa: PLC0415
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
     ciphertext, iv, tag = _parts(data, name)
     for base_key in base_keys:
         if len(base_key) < MIN_BASE_KEY:

@@ -101,18 +101,19 @@ _CHARSET_ALIASES: Mapping[str, str | None] = {
 # Text charsets that mail declares (IANA names, the WHATWG Encoding Standard's list, the ISO 2022
 # forms). Anything else Python knows (unicode-escape, raw-unicode-escape, punycode, idna, the
 # bytes-to-bytes codecs base64/zlib/rot13...) is not a mail charset: it is read as UTF-8 or
-# Windows-1252 instead. UTF-7 (RFC 2152) stays; its lone surrogates are scrubbed.
+# Windows-1252 instead. UTF-7 (RFC 2152) stays; its lone surrogates are scrubbed. Each is the
+# ``codecs.lookup(label).name`` of its codec (tests/test_mime.py checks), written out: looking
+# them up here would import 70 codec modules, 1.7 MiB, at start (issue 23).
 _MAIL_CODECS = frozenset(
-    codecs.lookup(name).name
-    for name in (  # noqa: SIM905 (a list, one name per line, would be 60 lines)
+    (  # noqa: SIM905 (a list, one name per line, would be 60 lines)
         "utf-8 utf-16 utf-16-le utf-16-be utf-32 utf-32-le utf-32-be utf-7 "
-        "iso-8859-2 iso-8859-3 iso-8859-4 iso-8859-5 iso-8859-6 iso-8859-7 iso-8859-8 "
-        "iso-8859-9 iso-8859-10 iso-8859-11 iso-8859-13 iso-8859-14 iso-8859-15 iso-8859-16 "
+        "iso8859-2 iso8859-3 iso8859-4 iso8859-5 iso8859-6 iso8859-7 iso8859-8 "
+        "iso8859-9 iso8859-10 iso8859-11 iso8859-13 iso8859-14 iso8859-15 iso8859-16 "
         "cp1250 cp1251 cp1252 cp1253 cp1254 cp1255 cp1256 cp1257 cp1258 cp874 tis-620 "
         "koi8-r koi8-u mac-roman mac-cyrillic cp437 cp850 cp852 cp866 ptcp154 kz1048 "
-        "gbk gb18030 hz big5 big5hkscs cp950 euc-jp shift_jis cp932 euc-jis-2004 "
-        "shift-jis-2004 iso-2022-jp iso-2022-jp-1 iso-2022-jp-2 iso-2022-jp-3 iso-2022-jp-ext "
-        "euc-kr cp949 iso-2022-kr johab"
+        "gbk gb18030 hz big5 big5hkscs cp950 euc_jp shift_jis cp932 euc_jis_2004 "
+        "shift_jis_2004 iso2022_jp iso2022_jp_1 iso2022_jp_2 iso2022_jp_3 iso2022_jp_ext "
+        "euc_kr cp949 iso2022_kr johab"
     ).split()
 )
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")

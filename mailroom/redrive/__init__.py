@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from mailroom.arbitration import store
+from mailroom.arbitration import redis_store
 from mailroom.config import Config, FolderMailboxConfig, MailboxConfig
 from mailroom.errors import MailroomError
 from mailroom.redrive.job import Job, Options, Stopped, parse_since
@@ -77,7 +77,7 @@ async def run(
     failed. The last line printed is the summary."""
     markers = None
     if config.arbitration.enabled and not options.dry_run:
-        markers = store(config.arbitration)
+        markers = redis_store(config.arbitration)
     job = Job(options, out, markers)
     ok = True
     try:

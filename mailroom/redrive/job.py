@@ -6,10 +6,13 @@ from __future__ import annotations
 import datetime
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mailroom.arbitration import RedisStore
 from mailroom.errors import MailroomError
 from mailroom.redact import printable
+
+if TYPE_CHECKING:
+    from mailroom.arbitration.store import RedisStore
 
 __all__ = ["Job", "Letter", "Options", "Stopped", "parse_since", "printable", "utc_text"]
 

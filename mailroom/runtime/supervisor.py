@@ -37,10 +37,11 @@ import resource
 import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailroom import arbitration as replicas
 from mailroom import logs
-from mailroom.arbitration import Coordinator, RedisStore
+from mailroom.arbitration import Coordinator
 from mailroom.config import Config
 from mailroom.delivery.dispatch import Dispatcher
 from mailroom.errors import ArbitrationError, ConfigError
@@ -49,6 +50,9 @@ from mailroom.runtime.health_server import HealthServer
 from mailroom.runtime.resources import Resources, SourceKinds
 from mailroom.runtime.running import Running
 from mailroom.sources.lifecycle import wait_any
+
+if TYPE_CHECKING:
+    from mailroom.arbitration.store import RedisStore
 
 __all__ = ["run"]
 
@@ -118,7 +122,7 @@ def raise_open_files() -> int:
     return int(soft)
 
 
-async def _refuse_shared_namespace(config: Config, store: replicas.RedisStore) -> None:
+async def _refuse_shared_namespace(config: Config, store: RedisStore) -> None:
     """A lease of one of our mailbox ids held for another mailbox: another deployment uses the
     same namespace, and would lose mail to us (or we to it). A config error (exit 2); Redis
     out of reach is no error here (the leases wait for it)."""
@@ -240,7 +244,7 @@ async def run(
     if config.health is not None:
         server = HealthServer(health, config.health, config.metrics)
     shared = config.arbitration.enabled and not dry_run
-    store = replicas.store(config.arbitration) if shared else None
+    store = replicas.redis_store(config.arbitration) if shared else None
     queues = replicas.JobQueues()  # delivery_method: sidekiq (GitLab's, deprecated)
     finished = asyncio.Event()
     abandoned = 0

@@ -33,7 +33,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from mailroom.backoff import Backoff
 from mailroom.config import LmtpMailboxConfig
@@ -44,9 +44,11 @@ from mailroom.observe.monitor import Monitor
 from mailroom.sources import lmtp_wire as wire
 from mailroom.sources.budget import Budget, Reservation
 from mailroom.sources.lifecycle import Source, wait_any
-from mailroom.sources.lmtp_session import LmtpSession
 from mailroom.sources.lmtp_socket import BACKLOG, BoundSocket
 from mailroom.trust import tls
+
+if TYPE_CHECKING:
+    from mailroom.sources.lmtp_session import LmtpSession
 
 __all__ = ["LmtpListener"]
 
@@ -239,6 +241,9 @@ class LmtpListener(Source[LmtpMailboxConfig, Key, str]):
     # -- serving -------------------------------------------------------------------------------
 
     def _session(self, tls_context: object) -> LmtpSession:
+        # here: aiosmtpd, 2 MiB at start where no LMTP listener is configured (issue 23)
+        from mailroom.sources.lmtp_session import LmtpSession  # noqa: PLC0415
+
         config = self.config
         return LmtpSession(
             self,

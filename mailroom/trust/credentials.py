@@ -34,8 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mailroom.errors import CredentialsError
 from mailroom.redact import key_name
@@ -164,6 +162,8 @@ def _header(key: Key) -> str:
 
 def encrypt(plaintext: bytes, key: Key) -> bytes:
     """The file content for ``plaintext``, under a fresh nonce."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415  # here: 9 MiB, see decrypt
+
     header = _header(key)
     nonce = os.urandom(NONCE_BYTES)
     sealed = AESGCM(key.value).encrypt(nonce, plaintext, header.encode("ascii"))
@@ -202,6 +202,10 @@ def decrypt(data: bytes, key: Key, *, name: str) -> bytes:
         raw = b""
     if len(raw) < NONCE_BYTES + 16:
         raise CredentialsError(f"{name} is damaged (truncated or not base64); restore it")
+    # here, not at start: cryptography, 9 MiB that a config without a credentials file never needs
+    from cryptography.exceptions import InvalidTag  # noqa: PLC0415
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
     try:
         return AESGCM(key.value).decrypt(
             raw[:NONCE_BYTES], raw[NONCE_BYTES:], f"{MAGIC}:{version}:{key_id}".encode("ascii")

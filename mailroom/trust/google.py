@@ -13,7 +13,7 @@ The caching is ``auth.TokenProvider``'s, shared (``auth.CachedToken``): a token 
 five minutes before it expires (or half its lifetime when that is shorter); ``invalidate()``
 after the server refused one makes the next ``token()`` ask anew. google-auth is synchronous:
 its calls run under a timeout on the token thread pool of ``tokens``, through
-``tokens.HttpSession`` (trust from ``tls``, no environment, no .netrc). Google's ``error``
+``http.HttpSession`` (trust from ``tls``, no environment, no .netrc). Google's ``error``
 and ``error_description`` (RFC 6749 §5.2) become a ``TokenError`` that says what to fix; secrets
 and tokens are never logged nor part of one.
 """
@@ -35,7 +35,8 @@ import requests
 
 from mailroom.errors import TokenError
 from mailroom.redact import origin, printable
-from mailroom.trust.tokens import ACQUIRE_TIMEOUT_S, HTTP_TIMEOUT_S, CachedToken, HttpSession
+from mailroom.trust.http import HttpSession
+from mailroom.trust.tokens import ACQUIRE_TIMEOUT_S, HTTP_TIMEOUT_S, CachedToken
 from mailroom.trust.values import GoogleOAuthConfig, GoogleServiceAccount
 
 __all__ = ["GoogleTokenProvider", "refusal"]
