@@ -7,6 +7,10 @@ in each direction, in order. Bandwidth is not limited and nothing is buffered be
 in transit: what it shows is what each round trip costs a client, as a cloud mailbox across a
 real network does (issue 23: MailRoom pipelines nothing either, but its Ruby drained a backlog
 at a 50 ms round trip faster than mailroom's one round trip per FETCH window).
+
+With ``DELAY_PROXY_TRACE=FILE`` in its environment it writes a line for each chunk as it comes
+in: the seconds since the first, the direction (``>`` client to server), its length, and the
+IMAP command lines (``>``) or tagged responses (``<``) in it: where a client's round trips go.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,13 +28,37 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+_COMMAND = re.compile(rb"(?m)^([A-Za-z]*\d+ [A-Za-z]+(?: [A-Za-z0-9]+)?|DONE)")
+_TAGGED = re.compile(rb"(?m)^([A-Za-z]*\d+ (?:OK|NO|BAD))")
+
+
+class _Trace:
+    """``DELAY_PROXY_TRACE``'s lines (the module docstring)."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "w", buffering=1)  # noqa: SIM115 (open while the proxy runs)
+        self._start: float | None = None
+
+    def chunk(self, upstream: bool, data: bytes) -> None:
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        found = (_COMMAND if upstream else _TAGGED).findall(data)
+        names = " | ".join(f.decode("ascii", "replace") for f in found[:8])
+        more = f" (+{len(found) - 8})" if len(found) > 8 else ""
+        direction = ">" if upstream else "<"
+        self._file.write(f"{now - self._start:9.4f} {direction} {len(data):7d} {names}{more}\n")
+
+
+_trace = _Trace(path) if (path := os.environ.get("DELAY_PROXY_TRACE")) else None
 
 
 class _Leg(asyncio.Protocol):
     """One side of a relayed connection: what it receives goes to ``peer`` after ``delay_s``."""
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self, delay_s: float, *, upstream: bool = True) -> None:
         self.delay_s = delay_s
+        self.upstream = upstream  # receives from the client
         self.peer: _Leg | None = None
         self.transport: asyncio.Transport | None = None
         self._due: collections.deque[tuple[float, bytes | None]] = collections.deque()
@@ -40,6 +70,8 @@ class _Leg(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if _trace is not None:
+            _trace.chunk(self.upstream, data)
         self._later(data)
 
     def eof_received(self) -> bool:
@@ -82,7 +114,9 @@ async def serve(port: int, target: tuple[str, int], rtt_ms: float) -> None:
 
     async def relay(client: _Leg) -> None:
         try:
-            _, upstream = await loop.create_connection(lambda: _Leg(delay_s), *target)
+            _, upstream = await loop.create_connection(
+                lambda: _Leg(delay_s, upstream=False), *target
+            )
         except OSError:
             if client.transport is not None:
                 client.transport.close()

@@ -34,7 +34,7 @@ from mailroom.config import ImapMailboxConfig, parse_config
 from mailroom.errors import ImapAuthError, ImapConnectionLost
 from mailroom.sources import imap_session
 from mailroom.sources.imap_session import ImapSession
-from mailroom.sources.imap_wire import FetchedMessage
+from mailroom.sources.imap_wire import FetchedMessage, Limits
 from tests.helpers import ROOT, wait_until
 
 VERSION = importlib.metadata.version("aioimaplib")
@@ -366,6 +366,31 @@ async def pipeline() -> None:
         peer.send(f"{searched} OK searched", "* 1 FETCH (UID 7 RFC822.SIZE 100)")
         peer.send(f"{fetched} OK fetched")
         assert await sizing == [FetchedMessage(7, 100, None)]
+        assert client(opened).protocol.pending_async_commands == {}
+
+
+@relies_on(
+    "Command(untagged_resp_name=...)",
+    "store_and_fetch pipelines UID STORE and UID FETCH: aioimaplib files a UID STORE's "
+    "untagged lines under FETCH, so the STORE is registered under a name of its own and an "
+    "unsolicited FETCH (flags) goes to the FETCH, which passes over what holds no body",
+)
+async def store_and_fetch() -> None:
+    async with session() as (opened, peer):
+        both = asyncio.create_task(
+            opened.store_and_fetch(
+                [3], "\\Seen", [5], "UID RFC822.SIZE BODY.PEEK[]", limits=Limits()
+            )
+        )
+        stored = await peer.expect("UID STORE 3 +FLAGS.SILENT (\\Seen)")
+        fetched = await peer.expect("UID FETCH 5 (UID RFC822.SIZE BODY.PEEK[])")
+        peer.send("* 2 FETCH (UID 3 FLAGS (\\Seen))", f"{stored} NO [SERVERBUG] not now")
+        peer.writer.write(b"* 3 FETCH (UID 5 RFC822.SIZE 5 BODY[] {5}\r\nhello")
+        await peer.writer.drain()
+        peer.send(")", f"{fetched} OK fetched")
+        refused, found = await both
+        assert "UID STORE failed: NO" in str(refused)
+        assert found == [FetchedMessage(5, 5, b"hello")]
         assert client(opened).protocol.pending_async_commands == {}
 
 

@@ -175,6 +175,35 @@ async def test_a_bursts_outcomes_are_settled_in_one_command_without_idling_betwe
     assert after.count(b" UID STORE ") <= 1, sent  # one, two on a slow machine
 
 
+async def test_in_a_backlog_a_settlement_and_the_next_fetch_window_go_in_one_round_trip(
+    dovecot: Dovecot, account: Account, webhook: WebhookReceiver
+) -> None:
+    """Issue 23: with this mailbox's in-flight cap full, the watcher sent UID STORE, waited for
+    its answer, then sent the next UID FETCH: two round trips a window (1.1 s for 1,000
+    messages at a 50 ms round trip). Now the FETCH goes with the STORE, reserved in the room
+    the STORE frees; every message is still posted once and settled."""
+    from mailroom.sources.imap import MAX_IN_FLIGHT  # noqa: PLC0415
+
+    count = MAX_IN_FLIGHT + 100
+    await dovecot.aappend_many(account, [message(n) for n in range(count)])
+    async with TcpRelay(dovecot.host, dovecot.port) as relay:
+        box = mailbox_dict(dovecot, account, port=relay.port, ssl=False, ca_file=None)
+        async with running(parse_config(config_dict([box], webhook.url), env={})):
+            await webhook.wait_for(count, timeout=60)
+            await wait_until(
+                lambda: all_seen(dovecot, account, count), what="delivered and seen", timeout=60
+            )
+    assert len({r.headers["webhook-id"] for r in webhook.requests}) == count
+    turns = [bytes(data) for client, data in relay.turns if client]
+    together = [
+        turn
+        for turn in turns
+        if b" UID STORE " in turn and b" UID FETCH " in turn.split(b" UID STORE ")[1]
+    ]
+    assert together, turns  # sent before the STORE's answer came
+    assert all(b"BODY.PEEK[]" in turn for turn in together), together
+
+
 async def test_mail_during_idle_arrives_by_push(
     dovecot: Dovecot, account: Account, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -3,7 +3,9 @@
 The loop, on one connection (supervision, the in-flight set and settlement are the shared
 ``Source`` lifecycle):
 
-1. Apply queued settlements (one UID STORE/MOVE per kind, batched).
+1. Apply queued settlements (one UID STORE/MOVE per kind, batched). In a backlog that waits
+   for the room they free, the next FETCH window goes with their UID STORE, pipelined: one
+   round trip for both (``_fetch_ahead``).
 2. When the server said EXISTS (or after a (re)connect or an IDLE timeout): ``UID SEARCH``, then
    ``UID FETCH (RFC822.SIZE)`` for the new UIDs. The result is the backlog.
    After a push of a few messages, the sweep is narrower and quicker: the pushed messages
@@ -60,7 +62,12 @@ log = logging.getLogger("mailroom.imap")
 MAX_IN_FLIGHT = 256  # messages handed to the dispatcher and not yet settled on the server
 FETCH_BATCH = 128  # messages per UID FETCH BODY.PEEK[]
 FIRST_FETCH_BATCH = 16  # a backlog starts small, so the first POST goes out at once
+# Each next batch this many times larger, up to FETCH_BATCH: 16, then 128 (doubling took five
+# round trips to the first 256 messages: 16, 32, 64, 128, 16; issue 23).
+BATCH_GROWTH = 8
 FETCH_BATCH_BYTES = 8 * 1024 * 1024
+BODY_ITEMS = "UID RFC822.SIZE FLAGS BODY.PEEK[]"  # each body at most its announced size (plus
+# slack, ``BodyLimits``): a server cannot fill memory with a message it said was small (issue 18)
 PUSH_MAX = 8  # at most this many new messages are fetched with their push (fetch_pushed)
 PUSH_BODY_BYTES = 1024 * 1024  # a longer body comes with a push cut short, then fetched again
 IDLE_JITTER = 0.1  # each IDLE lasts idle_timeout minus up to this fraction of it
@@ -120,6 +127,13 @@ class SettleAction(enum.Enum):
 
 
 Tag = int  # what a settlement needs: the UIDVALIDITY it was fetched under
+# The flags a settlement stores (DELETE: \\Seen as well, so that with expunge_deleted off the
+# message does not match the next UNSEEN sweep).
+_STORE_FLAGS = {
+    SettleAction.MARK_SEEN: "\\Seen",
+    SettleAction.DELETE: "\\Seen \\Deleted",
+    SettleAction.FLAG: f"{FAILED_KEYWORD} \\Seen",
+}
 
 
 class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
@@ -257,7 +271,7 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
             )
             if self._settlements and not fetch_first:
                 if not await self._linger(session):
-                    await self._apply_settlements(session)
+                    await self._apply_settlements(session, backlog)
                 continue
             if self._stopping.is_set():
                 self._unreserve(backlog)
@@ -435,17 +449,19 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
                 NO_PUSH_POLL_S,
             )
 
-    def _reserve(self, backlog: deque[FetchedMessage]) -> None:
-        """Take the next batch off ``backlog`` and reserve room for it in the budget."""
+    def _reserve(self, backlog: deque[FetchedMessage], freed: tuple[int, int] = (0, 0)) -> None:
+        """Take the next batch off ``backlog`` and reserve room for it in the budget; ``freed``:
+        (messages, bytes) of this mailbox's cap that settlements about to be applied free."""
         room, room_bytes = self._room()
+        room, room_bytes = room + freed[0], room_bytes + freed[1]
         shared, shared_bytes = self._budget.room()
         budget = min(FETCH_BATCH_BYTES, room_bytes, shared_bytes)
-        # The first batch of a sweep is small and each next one twice as large: the
+        # The first batch of a sweep is small and each next one BATCH_GROWTH times larger: the
         # dispatcher starts posting while the rest of a backlog is still being fetched.
         # No larger than the shared budget has room for now: with none, one message waits
         # its turn (a large request at the head of the queue would hold up every mailbox).
         limit = min(room, self._batch, max(1, shared))
-        self._batch = min(self._batch * 2, FETCH_BATCH)
+        self._batch = min(self._batch * BATCH_GROWTH, FETCH_BATCH)
         batch: list[FetchedMessage] = []
         taken = 0
         while backlog and len(batch) < limit:
@@ -475,18 +491,22 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
                 backlog.extendleft(reversed(batch))
 
     async def _fetch_reserved(
-        self, session: ImapSession, reservation: Reservation, batch: list[FetchedMessage]
+        self,
+        session: ImapSession,
+        reservation: Reservation,
+        batch: list[FetchedMessage],
+        fetched_small: list[FetchedMessage] | None = None,
     ) -> None:
+        """Fetch ``batch`` and hand it out; ``fetched_small``: what came already of its
+        messages within max_message_bytes (``_store_and_fetch``)."""
         cap = self.config.max_message_bytes
         small = {item.uid: item.size for item in batch if item.size <= cap}
         large = [item.uid for item in batch if item.size > cap]
         handed: list[tuple[FetchedMessage, bytes, bool]] = []
         if small:
-            # Each body at most its announced size (plus slack): a server cannot fill memory
-            # with a message it said was small (issue 18).
-            fetched = await session.fetch(
-                small, "UID RFC822.SIZE FLAGS BODY.PEEK[]", limits=BodyLimits(cap, small)
-            )
+            fetched = fetched_small
+            if fetched is None:
+                fetched = await session.fetch(small, BODY_ITEMS, limits=BodyLimits(cap, small))
             handed += [(item, body, False) for item, body in self._received(list(small), fetched)]
         if large:
             # RFC822.SIZE told us before fetching: only the header block, for the notice, and
@@ -547,8 +567,12 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
 
     # -- settlements ---------------------------------------------------------------------------
 
-    async def _apply_settlements(self, session: ImapSession) -> None:
-        """Apply the queued settlements, one command per action for the whole batch."""
+    async def _apply_settlements(
+        self, session: ImapSession, backlog: deque[FetchedMessage] | None = None
+    ) -> None:
+        """Apply the queued settlements, one command per action for the whole batch; with a
+        ``backlog`` waiting for the room they free, the next FETCH window goes with them
+        (``_fetch_ahead``)."""
         batch = self._take_settlements()
         current = [s for s in batch if s.tag == session.uidvalidity]
         for stale in (s for s in batch if s.tag != session.uidvalidity):
@@ -556,6 +580,10 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         groups: dict[SettleAction, list[Settlement[int, Tag]]] = {}
         for settlement in current:
             groups.setdefault(self._action(settlement.outcome), []).append(settlement)
+        if (ahead := self._fetch_ahead(groups, backlog)) is not None:
+            ((action, group),) = groups.items()
+            await self._store_and_fetch(session, action, group, *ahead)
+            return
         for action, group in groups.items():
             uids = [s.key for s in group]
             try:
@@ -570,6 +598,67 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
                 raise
             for settlement in group:
                 self._settled(settlement)
+
+    def _fetch_ahead(
+        self,
+        groups: dict[SettleAction, list[Settlement[int, Tag]]],
+        backlog: deque[FetchedMessage] | None,
+    ) -> tuple[Reservation, list[FetchedMessage]] | None:
+        """The next FETCH window of ``backlog``, reserved counting the room that ``groups``
+        frees: sent with their one ``UID STORE``, it costs no round trip of its own (issue
+        23: a backlog at a 50 ms round trip went STORE, wait, FETCH, wait). None where that
+        does not apply: no backlog, another action than a STORE (a MOVE, an EXPUNGE: sequence
+        numbers move), a message over max_message_bytes, no room at once, or stopping."""
+        if not backlog or self._reserved is not None or self._stopping.is_set():
+            return None
+        if len(groups) != 1:
+            return None
+        ((action, group),) = groups.items()
+        expunges = action is SettleAction.DELETE and self.config.expunge_deleted
+        if action is SettleAction.MOVE or expunges:
+            return None
+        freed = sum(self._pending.get(s.key, 0) for s in group)
+        self._reserve(backlog, freed=(len(group), freed))
+        reserved = self._reserved
+        if reserved is None:
+            return None
+        reservation, batch = reserved
+        cap = self.config.max_message_bytes
+        if not batch or not reservation.done() or any(item.size > cap for item in batch):
+            self._unreserve(backlog)  # the loop reserves it again, and waits for the budget
+            return None
+        return reserved
+
+    async def _store_and_fetch(
+        self,
+        session: ImapSession,
+        action: SettleAction,
+        group: list[Settlement[int, Tag]],
+        reservation: Reservation,
+        batch: list[FetchedMessage],
+    ) -> None:
+        """The one STORE of ``group`` and the FETCH of ``batch``, in one round trip; the
+        fetched messages are handed out once the STORE's answer has freed their room."""
+        uids = [s.key for s in group]
+        sizes = {item.uid: item.size for item in batch}
+        try:
+            refused, fetched = await session.store_and_fetch(
+                uids,
+                _STORE_FLAGS[action],
+                sizes,
+                BODY_ITEMS,
+                limits=BodyLimits(self.config.max_message_bytes, sizes),
+            )
+        except BaseException:  # lost, or cancelled: nothing may be dropped unresolved
+            self._requeue(group)
+            raise
+        if refused is not None:
+            self._refused(action, uids, refused)
+        for settlement in group:
+            self._settled(settlement)  # the room the FETCH was reserved in
+        if isinstance(fetched, ImapError):
+            raise fetched  # as a FETCH on its own: the connection starts over
+        await self._fetch_reserved(session, reservation, batch, fetched_small=fetched)
 
     def _refused(self, action: SettleAction, uids: list[int], exc: ImapError) -> None:
         what = action.value

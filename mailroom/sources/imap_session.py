@@ -1052,6 +1052,48 @@ class ImapSession:
         change = "-FLAGS.SILENT" if remove else "+FLAGS.SILENT"
         await self._run("UID STORE", client.uid("store", uid_set(uids), change, f"({flags})"))
 
+    async def store_and_fetch(
+        self, uids: Iterable[int], flags: str, fetch: Iterable[int], items: str, *, limits: Limits
+    ) -> tuple[ImapError | None, list[FetchedMessage] | ImapError]:
+        """``UID STORE uids +FLAGS.SILENT (flags)`` and ``UID FETCH fetch (items)``, pipelined
+        (RFC 3501 §5.5: the two name different messages): one round trip where a settlement
+        and the next FETCH window took two (issue 23). The STORE's refusal (None: OK), and what
+        the FETCH brought or its refusal: each answer stands on its own.
+
+        aioimaplib routes untagged responses by kind and counts a STORE's as FETCH responses:
+        the STORE here takes none, so an unsolicited FETCH (flags another client changed, or a
+        server that answers a ``.SILENT`` STORE anyway) goes to the FETCH, which passes over
+        what holds no body (``parse_fetch``)."""
+        protocol = self._imap.protocol
+        store = aioimaplib.Command(
+            "STORE",
+            protocol.new_tag(),
+            uid_set(uids),
+            "+FLAGS.SILENT",
+            f"({flags})",
+            prefix="UID",
+            untagged_resp_name="STORE",  # none come: see above
+            loop=protocol.loop,
+        )
+        command = _FetchCommand(
+            protocol.new_tag(),
+            uid_set(fetch),
+            f"({items})",
+            prefix="UID",
+            loop=protocol.loop,
+            timeout=self.timeout_s,
+        )
+        stored, fetched = await self._pipeline(
+            "UID STORE + UID FETCH", [store, command], timeout_s=self.timeout_s * 10, limits=limits
+        )
+        refused = None
+        if stored.result != "OK":
+            refused = ImapError(f"UID STORE failed: {stored.result} {response_text(stored)}")
+        if fetched.result != "OK":
+            failed = ImapError(f"UID FETCH failed: {fetched.result} {response_text(fetched)}")
+            return refused, failed
+        return refused, parse_fetch(fetched.lines, malformed=self._malformed_item)
+
     async def expunge(self, uids: Iterable[int]) -> None:
         """``UID EXPUNGE`` (RFC 4315) when the server has UIDPLUS, else plain EXPUNGE."""
         client = self._imap

@@ -94,17 +94,29 @@ class HttpProxy(TcpServer):
 
 class TcpRelay(TcpServer):
     """Relays each connection to ``host:port``; ``sent`` records what the clients sent, to
-    look at the wire (an IMAP client's commands on a plain connection)."""
+    look at the wire (an IMAP client's commands on a plain connection), and ``turns`` both
+    directions in the order they came: (True: from the client, its bytes), one entry for what
+    one side sent before the other answered."""
 
     def __init__(self, host: str, port: int) -> None:
         super().__init__()
         self.target = (host, port)
         self.sent = bytearray()
+        self.turns: list[tuple[bool, bytearray]] = []
+
+    def _turn(self, client: bool, data: bytes) -> None:
+        if not self.turns or self.turns[-1][0] != client:
+            self.turns.append((client, bytearray()))
+        self.turns[-1][1].extend(data)
+
+    def _from_client(self, data: bytes) -> None:
+        self.sent.extend(data)
+        self._turn(True, data)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
-        self.spawn(pump(reader, upstream_writer, self.sent.extend))
-        self.spawn(pump(upstream_reader, writer))
+        self.spawn(pump(reader, upstream_writer, self._from_client))
+        self.spawn(pump(upstream_reader, writer, lambda data: self._turn(False, data)))
 
 
 async def pump(
