@@ -127,8 +127,8 @@ class SettleAction(enum.Enum):
 
 
 Tag = int  # what a settlement needs: the UIDVALIDITY it was fetched under
-# The flags a settlement stores (DELETE: \\Seen as well, so that with expunge_deleted off the
-# message does not match the next UNSEEN sweep).
+# What each settlement but a MOVE stores (DELETE: \\Seen as well: with expunge_deleted off the
+# message stays, and must not match the next UNSEEN sweep).
 _STORE_FLAGS = {
     SettleAction.MARK_SEEN: "\\Seen",
     SettleAction.DELETE: "\\Seen \\Deleted",
@@ -680,16 +680,10 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
 
     async def _apply(self, session: ImapSession, action: SettleAction, uids: list[int]) -> None:
         config = self.config
-        if action is SettleAction.MARK_SEEN:
-            await session.store(uids, "\\Seen")
-        elif action is SettleAction.DELETE:
-            # \Seen as well: with expunge_deleted off the message stays, and must not match
-            # the next UNSEEN sweep.
-            await session.store(uids, "\\Seen \\Deleted")
-            if config.expunge_deleted:
+        if (flags := _STORE_FLAGS.get(action)) is not None:
+            await session.store(uids, flags)
+            if action is SettleAction.DELETE and config.expunge_deleted:
                 await session.expunge(uids)
-        elif action is SettleAction.FLAG:
-            await session.store(uids, f"{FAILED_KEYWORD} \\Seen")
         elif config.failed_folder is None:  # _action chooses MOVE only with a failed_folder
             raise ImapError("cannot move to failed_folder: none is configured")
         else:
@@ -707,7 +701,7 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         except ImapError as exc:
             if _may_pass(exc):
                 raise
-            await session.store(uids, f"{FAILED_KEYWORD} \\Seen")
+            await session.store(uids, _STORE_FLAGS[SettleAction.FLAG])
             refused = (
                 f"failed_folder {await session.named(folder)} refused: {exc}; dead letters are "
                 f"flagged {FAILED_KEYWORD} in {self.config.mailbox} instead. Create the folder "
