@@ -683,3 +683,22 @@ async def test_command_output_exit_codes_and_no_secrets(
     first, second = out.splitlines()
     assert first.startswith("FAIL config load: unknown key surprise; known keys here: ")
     assert second == "mailroom check: the config does not load; nothing else was checked"
+
+
+async def test_a_plain_connection_to_a_tls_port_says_to_set_ssl(
+    dovecot: Dovecot,
+    account: Account,
+    webhook: WebhookReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each side waits for the other to speak first: no greeting, and a hint at ssl.
+    monkeypatch.setattr("mailroom.check.mailboxes.SESSION_TIMEOUT_S", 1.0)
+    box = mailbox_dict(dovecot, account, ssl=False, ca_file=None)
+    assert box["port"] == dovecot.tls_port
+    results = await run_check(build([box], webhook.url))
+    target = f"imap[{account.user}]"
+    assert statuses(results, target)["connect"] == "FAIL"
+    assert results[target, "connect"].detail == (
+        f"no IMAP greeting from 127.0.0.1:{dovecot.tls_port} in 1s; if this is a TLS port "
+        "(993), set ssl: true (start_tls is for a plain port, 143)"
+    )

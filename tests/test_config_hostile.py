@@ -97,6 +97,17 @@ def test_syntax_errors_name_the_path_and_the_line_not_the_value(
     assert ", line " in text and text.endswith("; fix the YAML syntax")
 
 
+@pytest.mark.parametrize("opener", ["[Secret", "{x: Secret", '"Secret'])
+def test_an_unclosed_bracket_or_quote_is_named_where_it_was_opened(
+    tmp_path: Path, opener: str
+) -> None:
+    # The parser gives up lines below, at the next mapping or at the end of the file: the
+    # path and line to look at are the ones where the value began.
+    text = error_of(write(tmp_path, opener))
+    assert text.startswith("mailboxes[0].password: while ")
+    assert "mailroom.yml, line 6, column 15 where it opens; YAML gave up at line " in text
+
+
 def test_a_real_date_or_number_as_a_password_is_refused_not_guessed(tmp_path: Path) -> None:
     assert error_of(write(tmp_path, "2024-01-31")) == (
         "mailboxes[0].password: expected a string, got date; put the value in quotes"

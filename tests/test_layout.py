@@ -39,6 +39,21 @@ def test_every_stage_says_what_it_owns_and_may_import() -> None:
         assert doc is not None and "May import" in doc, stage
 
 
+def test_the_architecture_map_names_every_module() -> None:
+    """docs/architecture.md's table is how a maintainer finds the way: a new module gets its
+    line there (by file name, or by ``name`` in backquotes)."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "__init__.py"
+        and path.name not in text
+        and f"`{path.stem}`" not in text
+        and f"{path.stem}." not in text
+    ]
+    assert missing == [], "name these modules in docs/architecture.md's map"
+
+
 def test_no_bare_asserts_in_production_code() -> None:
     """An invariant is a real check: ``python -O`` strips an assert (issue 19)."""
     found = [

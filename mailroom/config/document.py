@@ -183,8 +183,24 @@ def _syntax_error(text: str, name: str, exc: yaml.MarkedYAMLError, mark: Any) ->
     parts = [exc.context, exc.problem]
     problem = ", ".join(_without_quotes(p) for p in parts if p) or "invalid YAML"
     where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    opened = exc.context_mark if _unclosed(exc) else None
+    if opened is not None and mark is not None and opened.line != mark.line:
+        # An unclosed [ { or quote is found where the document goes on (or ends), often far
+        # below: the path and line where it was opened are the ones to look at.
+        where = (
+            f", line {opened.line + 1}, column {opened.column + 1} where it opens; YAML gave up "
+            f"at line {mark.line + 1}, column {mark.column + 1}"
+        )
+        mark = opened
     path = _path_at(text, mark.index if mark is not None else None)
     return ConfigError(path, f"{problem} ({name}{where}); fix the YAML syntax")
+
+
+def _unclosed(exc: yaml.MarkedYAMLError) -> bool:
+    """Whether the error's context is something opened and never closed (a flow collection, a
+    quoted scalar): what to point at is where it began, not where the parser gave up."""
+    context = exc.context or ""
+    return exc.context_mark is not None and ("flow" in context or "quoted scalar" in context)
 
 
 def _without_quotes(text: str) -> str:

@@ -105,7 +105,8 @@ class Metrics:
         )
         self.replies = counter(
             "mailroom_lmtp_replies",
-            "LMTP replies to a recipient, by code (at RCPT, before DATA, or after it).",
+            "The LMTP reply that settles each recipient, by code: a refusal at RCPT or before "
+            "DATA, or the reply after DATA (an accepted RCPT's 250 is not counted).",
             "code",
         )
         self.reply_time = Histogram(

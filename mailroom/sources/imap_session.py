@@ -130,6 +130,13 @@ _LIST_FLAGS = re.compile(rb"^\(([^)]*)\) ")
 
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+# What a silent server most often means: implicit TLS and a plain connection talking past each
+# other (each waits for the other to speak first), by the value of ``ssl``.
+_GREETING_HINT = {
+    False: "if this is a TLS port (993), set ssl: true (start_tls is for a plain port, 143)",
+    True: "is the server up, and is this its IMAP port?",
+}
 _CAPABILITY_SETS: dict[frozenset[str], frozenset[str]] = {}
 
 
@@ -496,7 +503,8 @@ class ImapSession:
             ) from exc
         except TimeoutError as exc:
             raise ImapConnectionLost(
-                f"no IMAP greeting from {where} in {self.timeout_s:g}s"
+                f"no IMAP greeting from {where} in {self.timeout_s:g}s; "
+                + _GREETING_HINT[config.ssl]
             ) from exc
         except OSError as exc:
             raise ImapConnectionLost(f"cannot connect to {where}: {exc.strerror or exc}") from exc
