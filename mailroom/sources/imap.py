@@ -16,9 +16,10 @@ The loop, on one connection (supervision, the in-flight set and settlement are t
    a 10,000-message backlog is never held in memory at once.
 4. Nothing to do, or no room: IDLE until EXISTS, a settlement, room, stop, or about
    ``idle_timeout`` (jittered, so a thousand mailboxes do not sweep in step). While messages
-   handed out await their outcomes, not IDLE but wait for them (up to ``OUTCOMES_WAIT_S``),
-   and apply the settlements of a burst together (``SETTLE_LINGER_S``): an IDLE ended for each
-   settlement cost DONE, the command and IDLE again.
+   handed out await their outcomes, or a reservation waits for the budget, not IDLE but wait
+   for them (up to ``OUTCOMES_WAIT_S``), and apply the settlements of a burst together
+   (``SETTLE_LINGER_S``): an IDLE ended for each settlement, or for the grant, cost DONE, the
+   command and IDLE again.
 
 A server can advertise IDLE and never push (Cyrus without idled, Courier with
 IMAP_ENHANCEDIDLE=0): then a periodic sweep finds mail that arrived well before it, during an
@@ -281,8 +282,10 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
                 continue
             if (reserved := self._reserved) is not None:
                 if reserved[0].done():
+                    self._outcomes_until = 0.0  # the outcomes of this batch get a wait of their own
                     await self._fetch_reserved(session, *reserved)
-                else:  # the budget is spent elsewhere: IDLE until room comes
+                elif not await self._await_outcomes(session, room=True):
+                    # The budget is spent elsewhere: IDLE until room comes.
                     await self._idle(session, new_mail=False)
                 continue
             if session.new_mail.is_set() and not backlog:
@@ -313,12 +316,16 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
         await self._wait(session, self._stopping, timeout_s=self._settle_by - now)
         return True
 
-    async def _await_outcomes(self, session: ImapSession) -> bool:
+    async def _await_outcomes(self, session: ImapSession, *, room: bool = False) -> bool:
         """With messages in flight and nothing else to do, wait for their outcomes without
         IDLE (up to ``OUTCOMES_WAIT_S`` in all; new mail is seen in the answer to the next
-        command then); False: IDLE instead."""
+        command then); False: IDLE instead. ``room``: wait so for the budget to grant a
+        reservation (new mail cannot be fetched before it anyway): in a burst across 1,000
+        mailboxes most wait for it a moment, and an IDLE ended by the grant cost IDLE, DONE
+        and two round trips each (issue 23)."""
         now = time.monotonic()
-        if not self.pending or self._stopping.is_set() or session.new_mail.is_set():
+        waiting = room or (self.pending and not session.new_mail.is_set())
+        if not waiting or self._stopping.is_set():
             self._outcomes_until = 0.0
             return False
         if not self._outcomes_until:
