@@ -17,8 +17,39 @@ from mailroom.errors import ImapAuthError, ImapConnectionLost, TokenError
 from mailroom.observe.monitor import AuthFailure, Monitor
 from mailroom.sources.budget import Budget
 from mailroom.sources.imap import search_criteria
-from mailroom.sources.lifecycle import AUTH_BACKOFF, Source
+from mailroom.sources.lifecycle import AUTH_BACKOFF, Source, wait_any
 from tests.helpers import config_dict
+
+# -- wait_any ---------------------------------------------------------------------------------
+
+
+async def test_wait_any_wakes_on_any_event_future_or_the_time_and_leaves_no_waiter() -> None:
+    first, second, lost = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    events = (first, second, lost)
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.ensure_future(wait_any(events, timeout_s=60))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    second.set()
+    assert await asyncio.wait_for(waiting, 10) is False  # woken, not timed out
+    assert [len(e._waiters) for e in events] == [0, 0, 0]
+    assert await wait_any(events) is False  # one is set already: at once
+    second.clear()
+    assert await wait_any(events, timeout_s=0.01) is True  # nothing came: timed out
+    future: asyncio.Future[None] = loop.create_future()
+    waiting = asyncio.ensure_future(wait_any(events, futures=(future,), timeout_s=60))
+    await asyncio.sleep(0)
+    future.set_result(None)
+    assert await asyncio.wait_for(waiting, 10) is False
+    waiting = asyncio.ensure_future(wait_any(events, futures=(future2 := loop.create_future(),)))
+    await asyncio.sleep(0)
+    waiting.cancel()  # cancelled while waiting: neither the events nor the future keep it
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert [len(e._waiters) for e in events] == [0, 0, 0] and not future2.cancelled()
+    first.set()  # and a later set() finds no stale waiter to resolve
+    assert not future2.done()
+
 
 # -- the budget -------------------------------------------------------------------------------
 

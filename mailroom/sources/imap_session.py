@@ -50,6 +50,7 @@ from mailroom.sources.imap_wire import (
     response_text,
     uid_set,
 )
+from mailroom.sources.lifecycle import wait_any
 from mailroom.trust.tls import client_context
 
 __all__ = ["ImapSession"]
@@ -1267,12 +1268,4 @@ class ImapSession:
 
     async def _wait_any(self, wake: Iterable[asyncio.Event], timeout_s: float) -> bool:
         """Wait for any of ``wake`` or a loss; True when ``timeout_s`` ran out."""
-        waiters = [asyncio.ensure_future(event.wait()) for event in (*wake, self.lost)]
-        try:
-            done, _ = await asyncio.wait(
-                waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-        return not done
+        return await wait_any((*wake, self.lost), timeout_s=timeout_s)
