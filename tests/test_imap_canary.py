@@ -395,6 +395,32 @@ async def store_and_fetch() -> None:
 
 
 @relies_on(
+    "IMAP4ClientProtocol._response_done(line) and IMAP4ClientProtocol._idle_event",
+    "store_then_idle writes UID STORE and IDLE at once, the IDLE aioimaplib's pending sync "
+    "command from the start: _Protocol._response_done sends the STORE's tagged answer to the "
+    "STORE by its tag (aioimaplib's would take it for the IDLE's), and the server's "
+    "continuation sets _idle_event (idle_acknowledged), as for idle_start's IDLE",
+)
+async def store_then_idle() -> None:
+    async with session() as (opened, peer):
+        both = asyncio.create_task(opened.store_then_idle([3], "\\Seen"))
+        stored = await peer.expect("UID STORE 3 +FLAGS.SILENT (\\Seen)")
+        idle = await peer.expect("IDLE")
+        peer.send("* 2 FETCH (UID 3 FLAGS (\\Seen))", f"{stored} NO [SERVERBUG] not now")
+        peer.send("+ idling")
+        assert "UID STORE failed: NO" in str(await both)
+        waiting = asyncio.create_task(opened.idle([], 30))  # the IDLE open already: no other
+        peer.send("* 4 EXISTS")
+        assert await waiting is False
+        assert client(opened).protocol.pending_async_commands == {}
+        ending = asyncio.create_task(opened.end_idle())
+        assert await peer.line() == "DONE"
+        peer.send(f"{idle} OK idle done")
+        await ending
+        assert client(opened).protocol.pending_sync_command is None
+
+
+@relies_on(
     "IMAP4.idle_start(timeout) and IMAP4.idle_done()",
     "ImapSession.idle leaves the IDLE open: idle_start returns the IDLE command's future, "
     "the next command calls idle_done (which writes DONE) and awaits that future",

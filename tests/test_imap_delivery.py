@@ -154,7 +154,8 @@ async def test_a_bursts_outcomes_are_settled_in_one_command_without_idling_betwe
 ) -> None:
     """Issue 23: each outcome used to end an IDLE (DONE), go out alone (UID STORE) and IDLE
     again; now the watcher awaits the outcomes of what it handed out without IDLE, and
-    settles them together."""
+    settles them together, the IDLE that follows in the same write as the UID STORE
+    (``store_then_idle``: one round trip where there were two)."""
     await dovecot.aappend_many(account, [message(n) for n in range(10)])
     webhook.stall()  # the deliveries wait, as behind a slow webhook
     async with TcpRelay(dovecot.host, dovecot.port) as relay:
@@ -173,6 +174,9 @@ async def test_a_bursts_outcomes_are_settled_in_one_command_without_idling_betwe
     before_outcomes, _, after = sent.partition(b" UID STORE ")
     assert b" IDLE\r\n" not in before_outcomes, sent  # not while the outcomes were due
     assert after.count(b" UID STORE ") <= 1, sent  # one, two on a slow machine
+    turns = [bytes(data) for client, data in relay.turns if client]
+    last_store = next(turn for turn in reversed(turns) if b" UID STORE " in turn)
+    assert last_store.split(b" UID STORE ")[-1].endswith(b" IDLE\r\n"), turns  # before its OK
 
 
 async def test_in_a_backlog_a_settlement_and_the_next_fetch_window_go_in_one_round_trip(

@@ -591,6 +591,10 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
             ((action, group),) = groups.items()
             await self._store_and_fetch(session, action, group, *ahead)
             return
+        if self._idles_next(session, groups, backlog):
+            ((action, group),) = groups.items()
+            await self._store_then_idle(session, action, group)
+            return
         for action, group in groups.items():
             uids = [s.key for s in group]
             try:
@@ -635,6 +639,41 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
             self._unreserve(backlog)  # the loop reserves it again, and waits for the budget
             return None
         return reserved
+
+    def _idles_next(
+        self,
+        session: ImapSession,
+        groups: dict[SettleAction, list[Settlement[int, Tag]]],
+        backlog: deque[FetchedMessage] | None,
+    ) -> bool:
+        """Whether IDLE is all that follows ``groups``: one STORE that settles everything in
+        flight, with no backlog, no new mail and no stop. Then the IDLE goes with the STORE
+        (``store_then_idle``): a burst's settlement went STORE, wait, IDLE, wait (issue 23)."""
+        if len(groups) != 1 or backlog is None or backlog or self._reserved is not None:
+            return False
+        if self._stopping.is_set() or session.new_mail.is_set():
+            return False
+        if "IDLE" not in session.capabilities:
+            return False
+        ((action, group),) = groups.items()
+        expunges = action is SettleAction.DELETE and self.config.expunge_deleted
+        if action is SettleAction.MOVE or expunges:
+            return False
+        return self.pending == len(group)
+
+    async def _store_then_idle(
+        self, session: ImapSession, action: SettleAction, group: list[Settlement[int, Tag]]
+    ) -> None:
+        uids = [s.key for s in group]
+        try:
+            refused = await session.store_then_idle(uids, _STORE_FLAGS[action])
+        except BaseException:  # lost, or cancelled: nothing may be dropped unresolved
+            self._requeue(group)
+            raise
+        if refused is not None:
+            self._refused(action, uids, refused)
+        for settlement in group:
+            self._settled(settlement)
 
     async def _store_and_fetch(
         self,

@@ -71,6 +71,7 @@ INTERNALS = (
     "IMAP4.idle_done",
     "IMAP4.idle_start",
     "IMAP4ClientProtocol._continuation",
+    "IMAP4ClientProtocol._response_done",
     "IMAP4ClientProtocol._handle_line",
     "IMAP4ClientProtocol._untagged_response",
     "IMAP4ClientProtocol.capability",
@@ -194,6 +195,7 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
 
     session: ImapSession | None = None
     current_command: Any
+    pending_sync_command: Any
     quickack: Any = None  # the TCP socket, once connected (Linux: TCP_QUICKACK)
 
     def ack_quickly(self) -> None:
@@ -338,6 +340,29 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):  # type: ignore[misc]
             # client response before its tagged NO (RFC 7628 §3.2.3); aioimaplib sends nothing.
             self.transport.write(b"\r\n")
 
+    @property
+    def idle_acknowledged(self) -> asyncio.Event:
+        """Set by the server's continuation to an IDLE (aioimaplib's ``_idle_event``)."""
+        try:
+            event: asyncio.Event = self._idle_event
+        except AttributeError:
+            raise internals_moved("IMAP4ClientProtocol._idle_event") from None
+        return event
+
+    def _response_done(self, line: bytes) -> None:
+        """aioimaplib takes any tagged answer to be the pending sync command's while there is
+        one; an IDLE pipelined behind a UID STORE (``store_then_idle``) is pending before the
+        STORE's answer comes: that answer goes to the STORE, by its tag."""
+        sync = self.pending_sync_command
+        if sync is None or line.split(b" ", 1)[0] == sync.tag.encode():
+            super()._response_done(line)
+            return
+        self.pending_sync_command = None
+        try:
+            super()._response_done(line)
+        finally:
+            self.pending_sync_command = sync
+
 
 class _LoginCommand(aioimaplib.Command):  # type: ignore[misc]
     """LOGIN with its arguments as ``login_segments`` made them: aioimaplib's own login sends
@@ -405,6 +430,7 @@ class ImapSession:
         self.exists = 0  # the server's message count, from EXISTS and EXPUNGE responses
         self._expunges = 0  # EXPUNGE responses seen so far
         self._idling: asyncio.Future[Any] | None = None  # an IDLE not yet ended by DONE
+        self._idle_ahead: asyncio.Future[Any] | None = None  # started by store_then_idle
         self._idle_base = 0  # messages 1.._idle_base were swept before the IDLE began
         self.pushes = 0  # EXISTS growths announced during an IDLE (a push), ever
         self.idle_reply: str | None = None  # the server's "+ ..." to the last IDLE
@@ -1103,6 +1129,64 @@ class ImapSession:
             return refused, failed
         return refused, parse_fetch(fetched.lines, malformed=self._malformed_item)
 
+    async def store_then_idle(self, uids: Iterable[int], flags: str) -> ImapError | None:
+        """``UID STORE uids +FLAGS.SILENT (flags)`` and IDLE, pipelined: where a burst's
+        settlement is all there is to do before idling, one write and one round trip where
+        there were two (issue 23). The STORE's refusal, or None. The IDLE is left open for the
+        next ``idle()`` to wait in; a server that refuses it gets the next one the usual way.
+
+        The IDLE is aioimaplib's pending sync command from the start (``_Protocol`` sends the
+        STORE's tagged answer to the STORE, and untagged lines meanwhile go where an IDLE's
+        go); everything up to the current message count was swept, as ``idle()`` requires."""
+        protocol = self._imap.protocol
+        if self._idling is not None:
+            await self._end_idle()
+        store = aioimaplib.Command(
+            "STORE",
+            protocol.new_tag(),
+            uid_set(uids),
+            "+FLAGS.SILENT",
+            f"({flags})",
+            prefix="UID",
+            untagged_resp_name="STORE",  # none come (.SILENT): see store_and_fetch
+            loop=protocol.loop,
+        )
+        idle = aioimaplib.IdleCommand(protocol.new_tag(), protocol.idle_queue, loop=protocol.loop)
+        started: asyncio.Future[Any] = asyncio.ensure_future(idle.wait())  # the IDLE's life
+        pending: dict[str, Any] = protocol.pending_async_commands
+
+        async def run() -> Any:
+            if pending.get("STORE") is not None or protocol.pending_sync_command is not None:
+                raise RuntimeError("store_then_idle: a command is pending already")
+            pending["STORE"] = store
+            protocol.pending_sync_command = idle
+            protocol.idle_acknowledged.clear()
+            self._idle_base = self.exists
+            protocol.transport.write(f"{store!r}\r\n{idle!r}\r\n".encode())
+            protocol.ack_quickly()
+            try:
+                await store.wait()
+            finally:
+                if pending.get("STORE") is store:
+                    del pending["STORE"]
+            # "+ idling", or refused
+            await wait_any((protocol.idle_acknowledged,), futures=(started,))
+            return store.response
+
+        try:
+            stored = await self._run("UID STORE + IDLE", run(), check=False)
+        except BaseException:
+            started.cancel()
+            raise
+        if protocol.pending_sync_command is idle and not started.done():
+            self._idling = self._idle_ahead = started
+        else:
+            started.cancel()
+            log.info("%s: the server refused IDLE after UID STORE: %s", self.id, idle.response)
+        if stored.result != "OK":
+            return ImapError(f"UID STORE failed: {stored.result} {response_text(stored)}")
+        return None
+
     async def expunge(self, uids: Iterable[int]) -> None:
         """``UID EXPUNGE`` (RFC 4315) when the server has UIDPLUS, else plain EXPUNGE."""
         client = self._imap
@@ -1210,7 +1294,8 @@ class ImapSession:
         client = self._imap
         if new_mail:
             wake = (*wake, self.new_mail)
-        if self._idling is not None:
+        ahead, self._idle_ahead = self._idle_ahead, None
+        if self._idling is not None and self._idling is not ahead:
             await self._end_idle()
             if new_mail and self.new_mail.is_set():  # announced during the DONE: sweep first
                 return False
@@ -1219,13 +1304,14 @@ class ImapSession:
             timed_out = await self._wait_any(wake, timeout_s)
             self._raise_if_lost("waiting")
             return timed_out
-        # Everything up to here was swept (new mail is checked for before idling, with no
-        # await in between): what lies beyond is what a push announces.
-        self._idle_base = self.exists
-        # idle_start() can hang when the server answers BYE (aioimaplib#110): bound it.
-        self._idling = await self._run(
-            "IDLE", client.idle_start(timeout=timeout_s + 60), check=False
-        )
+        if self._idling is None:
+            # Everything up to here was swept (new mail is checked for before idling, with no
+            # await in between): what lies beyond is what a push announces.
+            self._idle_base = self.exists
+            # idle_start() can hang when the server answers BYE (aioimaplib#110): bound it.
+            self._idling = await self._run(
+                "IDLE", client.idle_start(timeout=timeout_s + 60), check=False
+            )
         timed_out = await self._wait_any(wake, timeout_s)
         self._raise_if_lost("IDLE")
         return timed_out
