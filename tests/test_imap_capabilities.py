@@ -11,8 +11,11 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-from tests.helpers import make_config, message, running, wait_until
+from mailroom.config import ImapMailboxConfig, parse_config
+from mailroom.sources.imap_session import ImapSession
+from tests.helpers import config_dict, mailbox_dict, make_config, message, running, wait_until
 from tests.servers.dovecot import Account, Dovecot
+from tests.servers.proxy import TcpRelay
 from tests.servers.webhook import WebhookReceiver
 
 
@@ -35,6 +38,27 @@ def flags_are(
         return await flags(dovecot, account) == expected
 
     return check
+
+
+async def test_capabilities_told_by_the_greeting_and_the_login_are_not_asked_for(
+    bare_dovecot: Dovecot,
+) -> None:
+    """Issue 23: Dovecot tells its capabilities in its greeting and in the answer to LOGIN
+    (RFC 3501 §7.1), and mailroom asked for them after each all the same: two round trips of
+    five before SELECT, for each of 1,000 mailboxes at start. What the login told is what
+    counts: here the list ``imap_capability`` sets, not the longer one before login."""
+    account = bare_dovecot.add_user()
+    async with TcpRelay(bare_dovecot.host, bare_dovecot.port) as relay:
+        box = mailbox_dict(bare_dovecot, account, port=relay.port, ssl=False, ca_file=None)
+        config = parse_config(config_dict([box], "http://127.0.0.1:9/"), env={}).mailboxes[0]
+        assert isinstance(config, ImapMailboxConfig)
+        session = await ImapSession.open(config, timeout_s=10)
+        try:
+            assert session.capabilities == {"IMAP4REV1", "LITERAL+", "ENABLE"}
+        finally:
+            await session.logout()
+    commands = [line.split(b" ")[1] for line in bytes(relay.sent).splitlines() if b" " in line]
+    assert commands == [b"LOGIN", b"SELECT", b"LOGOUT"], relay.sent
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from mailroom.sources.imap_wire import (
     FetchedMessage,
     Framer,
     Hierarchy,
+    capability_code,
     fetch_flags,
     id_keyword,
     literal_slack,
@@ -23,6 +24,7 @@ from mailroom.sources.imap_wire import (
     parse_fetch,
     parse_list_delimiter,
     parse_namespace,
+    told_capabilities,
     uid_set,
 )
 from tests.servers.hostile_imap import MESSAGE, MODES, stream
@@ -389,3 +391,25 @@ def test_login_segments_never_quote_8_bit(
     user: str, password: str, literal_plus: bool, expected: list[str]
 ) -> None:
     assert login_segments(user, password, literal_plus=literal_plus) == expected
+
+
+def test_capabilities_told_in_a_greeting_or_an_answer_are_read() -> None:
+    greeting = b"* OK [CAPABILITY IMAP4rev1 IDLE AUTH=PLAIN] Dovecot ready."
+    assert capability_code(greeting) == {"IMAP4rev1", "IDLE", "AUTH=PLAIN"}
+    assert capability_code(b"* OK [CAPABILITY IDLE] no IMAP4rev1") is None  # then asked
+    assert capability_code(b"* OK ready") is None
+    login = [b"CAPABILITY IMAP4rev1 OLD", b"[CAPABILITY imap4rev1 MOVE] Logged in"]
+    assert told_capabilities(login) == {"imap4rev1", "MOVE"}  # the last told counts
+    assert told_capabilities([b"CAPABILITY IMAP4rev1 X", b"Logged in"]) == {"IMAP4rev1", "X"}
+    assert told_capabilities([b"Logged in"]) is None
+    many = b"[CAPABILITY " * 100_000  # no closing bracket: one pass, not one per "["
+    assert capability_code(many) is None
+
+
+@given(
+    st.lists(st.sampled_from([b"[", b"]", b" ", b"CAPABILITY ", b"IMAP4rev1", b"x"]), max_size=80)
+)
+def test_fuzz_capability_codes_never_fail_and_stay_linear(parts: list[bytes]) -> None:
+    line = b"".join(parts)
+    for told in (capability_code(line), told_capabilities([line, bytearray(line)])):
+        assert told is None or "IMAP4REV1" in {word.upper() for word in told}

@@ -33,6 +33,7 @@ __all__ = [
     "Framer",
     "Hierarchy",
     "Limits",
+    "capability_code",
     "fetch_flags",
     "id_keyword",
     "literal_slack",
@@ -43,9 +44,12 @@ __all__ = [
     "parse_list_delimiter",
     "parse_namespace",
     "response_text",
+    "told_capabilities",
     "uid_set",
 ]
 
+# Up to the next bracket either way: linear in the line, however many "[" it holds.
+_CAPABILITY_CODE = re.compile(rb"\[CAPABILITY ([^\]\[]*)\]", re.IGNORECASE)
 UID_MAX = 2**32 - 1  # RFC 3501 §9: nz-number, a 32-bit unsigned integer
 SIZE_MAX = 2**63 - 1  # RFC 9051 §9: number64
 
@@ -499,6 +503,31 @@ def parse_fetch(
         for sequence, item in items.items()
         if "uid" in item and "size" in item and sequence not in bad
     ]
+
+
+def told_capabilities(lines: list[Any]) -> set[str] | None:
+    """The capabilities an answer's ``lines`` (aioimaplib's) told, in a ``[CAPABILITY ...]``
+    code of its tagged line or an untagged ``CAPABILITY`` line (RFC 3501 §7.1, §7.2.1), when
+    they name IMAP4rev1; else None: then they are asked for."""
+    told = None
+    for line in lines:
+        if isinstance(line, bytes):
+            told = capability_code(line, untagged=True) or told
+    return told
+
+
+def capability_code(line: bytes, *, untagged: bool = False) -> set[str] | None:
+    """The capabilities of a ``[CAPABILITY ...]`` code in ``line`` (a greeting, a tagged OK), or
+    of the line itself, an untagged ``CAPABILITY`` response without its ``* `` (``untagged``),
+    when they name IMAP4rev1; else None."""
+    if untagged and line[:11].upper() == b"CAPABILITY ":
+        words = line[11:].split()
+    elif match := _CAPABILITY_CODE.search(line, 0, LINE_BYTES):
+        words = match.group(1).split()
+    else:
+        return None
+    told = {word.decode("ascii", "replace") for word in words}
+    return told if "IMAP4REV1" in {word.upper() for word in told} else None
 
 
 def fetch_flags(line: bytes) -> frozenset[bytes] | None:
