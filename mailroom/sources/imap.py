@@ -664,6 +664,7 @@ class ImapWatcher(Source[ImapMailboxConfig, int, Tag]):
     async def _store_then_idle(
         self, session: ImapSession, action: SettleAction, group: list[Settlement[int, Tag]]
     ) -> None:
+        """The one STORE of ``group`` with the IDLE that follows it (``_idles_next``)."""
         uids = [s.key for s in group]
         try:
             refused = await session.store_then_idle(uids, _STORE_FLAGS[action])
