@@ -1106,6 +1106,25 @@ class ImapSession:
         change = "-FLAGS.SILENT" if remove else "+FLAGS.SILENT"
         await self._run("UID STORE", client.uid("store", uid_set(uids), change, f"({flags})"))
 
+    def _silent_store(self, uids: Iterable[int], flags: str) -> aioimaplib.Command:
+        """``UID STORE uids +FLAGS.SILENT (flags)`` to pipeline with another command.
+
+        aioimaplib routes untagged responses by kind and counts a STORE's as FETCH responses:
+        the STORE here takes none (``.SILENT``), so an unsolicited FETCH (flags another client
+        changed, or a server that answers a ``.SILENT`` STORE anyway) goes to the command beside
+        it."""
+        protocol = self._imap.protocol
+        return aioimaplib.Command(
+            "STORE",
+            protocol.new_tag(),
+            uid_set(uids),
+            "+FLAGS.SILENT",
+            f"({flags})",
+            prefix="UID",
+            untagged_resp_name="STORE",
+            loop=protocol.loop,
+        )
+
     async def store_and_fetch(
         self, uids: Iterable[int], flags: str, fetch: Iterable[int], items: str, *, limits: Limits
     ) -> tuple[ImapError | None, list[FetchedMessage] | ImapError]:
@@ -1114,21 +1133,10 @@ class ImapSession:
         and the next FETCH window took two (issue 23). The STORE's refusal (None: OK), and what
         the FETCH brought or its refusal: each answer stands on its own.
 
-        aioimaplib routes untagged responses by kind and counts a STORE's as FETCH responses:
-        the STORE here takes none, so an unsolicited FETCH (flags another client changed, or a
-        server that answers a ``.SILENT`` STORE anyway) goes to the FETCH, which passes over
+        An unsolicited FETCH meanwhile (``_silent_store``) goes to the FETCH, which passes over
         what holds no body (``parse_fetch``)."""
         protocol = self._imap.protocol
-        store = aioimaplib.Command(
-            "STORE",
-            protocol.new_tag(),
-            uid_set(uids),
-            "+FLAGS.SILENT",
-            f"({flags})",
-            prefix="UID",
-            untagged_resp_name="STORE",  # none come: see above
-            loop=protocol.loop,
-        )
+        store = self._silent_store(uids, flags)
         command = _FetchCommand(
             protocol.new_tag(),
             uid_set(fetch),
@@ -1160,16 +1168,7 @@ class ImapSession:
         protocol = self._imap.protocol
         if self._idling is not None:
             await self._end_idle()
-        store = aioimaplib.Command(
-            "STORE",
-            protocol.new_tag(),
-            uid_set(uids),
-            "+FLAGS.SILENT",
-            f"({flags})",
-            prefix="UID",
-            untagged_resp_name="STORE",  # none come (.SILENT): see store_and_fetch
-            loop=protocol.loop,
-        )
+        store = self._silent_store(uids, flags)
         idle = aioimaplib.IdleCommand(protocol.new_tag(), protocol.idle_queue, loop=protocol.loop)
         started: asyncio.Future[Any] = asyncio.ensure_future(idle.wait())  # the IDLE's life
         pending: dict[str, Any] = protocol.pending_async_commands
