@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+import smtplib
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, wait_until
+from tests.servers.imap import free_port
 
 pytestmark = pytest.mark.slow  # the demo as a real process
 
@@ -228,3 +230,41 @@ def test_demo_send_says_what_to_do_without_a_running_demo(tmp_path: Path) -> Non
     )
     assert result.returncode == 1
     assert "is `make demo-serve` running, and is this the config it wrote?" in result.stderr
+
+
+async def test_the_smtp_sink_prints_what_it_is_sent_as_its_docstring_says() -> None:
+    """examples/smtp_sink.py on its own, as its docstring runs it: a UTF-8 message over SMTP is
+    printed (envelope, From, Subject, the first 12 body lines), answered 250, and SIGTERM
+    stops it cleanly."""
+    port = free_port()
+    sink = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "examples" / "smtp_sink.py"), "--port", str(port),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert sink.stdout is not None
+    seen: list[str] = []
+    try:
+        await _read_until(sink.stdout, f"SMTP sink listening on 127.0.0.1:{port}", seen)
+        body = "".join(f"line {n} é\r\n" for n in range(1, 16))
+        message = (
+            "From: Grace <grace@sender.example>\r\nTo: x@demo.example\r\n"
+            "Subject: =?utf-8?q?Caf=C3=A9?=\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Transfer-Encoding: 8bit\r\n\r\n{body}"
+        ).encode()
+
+        def send() -> dict[str, tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                return smtp.sendmail("<>", ["grace@sender.example"], message)
+
+        assert await asyncio.to_thread(send) == {}
+        await _read_until(sink.stdout, "(3 more lines)", seen)
+        text = "".join(seen)
+        assert "── mail to grace@sender.example  (MAIL FROM:<>)" in text
+        assert "   from:    Grace <grace@sender.example>" in text
+        assert "   subject: Café" in text
+        assert "   | line 12 é" in text and "line 13" not in text
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            await sink.wait()
+    assert sink.returncode == 0, "".join(seen)
