@@ -79,7 +79,8 @@ async def test_the_second_tenant_refuses_to_start_while_the_first_holds_the_id(
     first = Replica(tenant(dovecot, a, redis_server, webhook.url), tmp_path / "a")
     first.start()
     try:
-        await wait_until(lambda: _ready(first), timeout=30, what="the first tenant ready")
+        # Ready is not enough: a replica is ready before it takes its first lease.
+        await wait_until(lambda: _holds_its_lease(first), timeout=30, what="the first's lease")
         (tmp_path / "b").mkdir()
         second = Process(tenant(dovecot, b, redis_server, webhook.url), tmp_path / "b")
         second.start()
@@ -167,8 +168,8 @@ async def _leased(redis: RedisServer) -> bool:
         await client.aclose()
 
 
-async def _ready(replica: Replica) -> bool:
-    return await replica.ready() == 200
+async def _holds_its_lease(replica: Replica) -> bool:
+    return await replica.ready() == 200 and await replica.metric("mailroom_leases_held") == 1
 
 
 async def _conflict(readyz: Any) -> bool:
